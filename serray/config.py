@@ -1,0 +1,331 @@
+"""Typed configuration for every serray stage.
+
+The schema is a tree of dataclasses (one per section, named after the stage that consumes it);
+``configs/base.yaml`` holds the same keys with their documented defaults. A run's config is
+``schema <- YAML file <- key=value overrides`` merged with OmegaConf, so an unknown or misspelt key
+or a value of the wrong type is a :class:`~serray.errors.ConfigError` that names the key (and the
+closest valid key). Every run saves its fully resolved config next to its outputs
+(:func:`save_config`).
+
+Public keys that scripts rely on (keep them stable): ``output_dir``, ``data.root``,
+``encoder.name``, ``features.dir``, ``adapter.mask_ratio``, ``adapter.ema_decay``,
+``adapter.ema_decay_end``, ``adapter.num_clusters``, ``adapter.num_layers``, ``adapter.d_model``.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, List, Optional, Sequence
+
+from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from serray.errors import ConfigError
+
+BASE_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "base.yaml"
+
+
+@dataclass
+class RayConfig:
+    """How to reach Ray. ``address`` None starts a local Ray (or joins $RAY_ADDRESS)."""
+
+    address: Optional[str] = None
+    num_cpus: Optional[int] = None  # logical CPUs of a local Ray; None = all cores
+    progress_bars: Optional[bool] = None  # Ray Data progress bars; None = on unless $CI is set
+
+
+@dataclass
+class DataConfig:
+    """The IEMOCAP corpus and its manifest."""
+
+    root: str = "${output_dir}/synthetic/IEMOCAP_full_release"
+    manifest: str = "${output_dir}/manifest.parquet"
+    merge_excited: bool = True  # the standard 4-class setup merges excited into happy
+    sessions: List[int] = field(default_factory=lambda: [1, 2, 3, 4, 5])
+
+
+@dataclass
+class SyntheticConfig:
+    """The built-in synthetic corpus (IEMOCAP layout, learnable emotions)."""
+
+    enabled: bool = True  # `serray pipeline` writes it to data.root when that does not exist
+    seed: int = 0
+    dialogs_per_session: int = 4
+    utterances_per_dialog: int = 10
+    min_duration: float = 1.0
+    max_duration: float = 2.5
+    sample_rate: int = 16000
+    drop_fraction: float = 0.15
+    excited_fraction: float = 0.3
+
+
+@dataclass
+class EncoderConfig:
+    """The frozen upstream: ``fbank`` or a Hugging Face HuBERT / wav2vec2 / WavLM name or directory."""
+
+    name: str = "fbank"
+    layers: List[int] = field(default_factory=list)  # hidden_states indices to keep; [] = last layer
+    sample_rate: int = 16000
+    num_mel_bins: int = 80  # fbank only
+    local_files_only: bool = False  # Hugging Face: never touch the network
+    device: str = "auto"  # auto | cpu | cuda
+
+
+@dataclass
+class FeaturesConfig:
+    """Featurization with Ray Data (audio -> frozen encoder -> partitioned Parquet)."""
+
+    dir: str = "${output_dir}/features"
+    batch_size: int = 8  # utterances per encoder forward (length-bucketed)
+    concurrency: int = 1  # encoder actors
+    num_cpus: float = 1.0  # per encoder actor
+    num_gpus: float = 0.0  # per encoder actor (use 1 on a GPU node)
+    min_seconds: float = 0.1  # shorter audio is skipped and reported
+    cache_max_mb: float = 512.0  # training: feature sets below this size are cached in the Ray object store
+
+
+@dataclass
+class AdapterConfig:
+    """The adapter: WAP-Transformer student/teacher, masking, EMA and local attributes (k-means)."""
+
+    d_model: int = 96
+    num_layers: int = 3  # Transformer layers (3 in the paper)
+    num_heads: int = 4
+    ff_dim: int = 192
+    dropout: float = 0.1
+    mask_ratio: float = 0.5  # share of valid frames the student sees masked
+    mask_span: int = 5  # frames per mask span
+    ema_decay: float = 0.996  # teacher EMA decay at step 0 ...
+    ema_decay_end: float = 0.9999  # ... rising to this by a cosine schedule (DINO / data2vec)
+    num_clusters: int = 32  # K local attributes
+    kmeans_decay: float = 0.99  # online k-means centroid EMA
+    w_mask: float = 1.0  # mask prediction loss weight (0 disables it)
+    w_distill: float = 1.0  # self-distillation loss weight
+    w_cluster: float = 1.0  # local-attribute (cluster id) loss weight
+    distill_top_k: int = 1  # 1: distil the teacher's WAP output; k>1: mean of its last k layers
+
+
+@dataclass
+class TrainerConfig:
+    """What every Ray Train stage shares: optimisation, scaling and fault tolerance."""
+
+    epochs: int = 10
+    batch_size: int = 16
+    lr: float = 1e-3
+    lr_end: float = 0.0
+    weight_decay: float = 0.01
+    warmup_frac: float = 0.1
+    grad_clip: float = 1.0
+    max_frames: Optional[int] = 300  # random crop for training (None: whole utterances)
+    shuffle_buffer: int = 64  # local shuffle buffer of the streaming batches (0: off)
+    bf16: bool = True  # bf16 autocast on GPU
+    num_workers: int = 1  # Ray Train workers (DDP when > 1)
+    use_gpu: bool = False
+    cpus_per_worker: float = 0.5  # fractional, so Ray Data keeps CPUs to read with
+    gpus_per_worker: float = 1.0
+    max_failures: int = 1  # FailureConfig: worker-group restarts from the latest checkpoint
+    keep_checkpoints: int = 2
+    fail_at_step: Optional[int] = None  # fault injection (tests): one worker fails once at this step
+
+
+@dataclass
+class PretrainConfig(TrainerConfig):
+    """Task-agnostic adapter pre-training (labels are never read)."""
+
+    dir: str = "${output_dir}/pretrain"
+    sessions: List[int] = field(default_factory=lambda: [1, 2, 3, 4, 5])
+    epochs: int = 10
+    lr: float = 1e-3
+
+
+@dataclass
+class FinetuneConfig(TrainerConfig):
+    """SER fine-tuning with SAP, 5-fold leave-one-session-out."""
+
+    dir: str = "${output_dir}/finetune"
+    mode: str = "frozen"  # frozen: adapter fixed | finetune: adapter trained too | none: no adapter (baseline)
+    branch: str = "teacher"  # adapter branch used downstream (DINO evaluates the teacher)
+    init_from: str = "${pretrain.dir}/adapter"  # pre-trained adapter directory (ignored when mode=none)
+    folds: List[int] = field(default_factory=lambda: [1, 2, 3, 4, 5])  # test sessions to run
+    val_fraction: float = 0.15  # validation part, drawn from the training sessions only
+    class_weighting: str = "loss"  # loss: inverse-frequency weighted cross-entropy | none
+    max_concurrent_folds: int = 2  # folds run as parallel Tune trials
+    attention_dim: int = 64  # SAP attention size
+    hidden_dim: int = 128  # classifier MLP
+    head_dropout: float = 0.1
+    epochs: int = 15
+    lr: float = 1e-3
+    max_frames: Optional[int] = None
+    keep_checkpoints: int = 1
+
+
+@dataclass
+class SerrayConfig:
+    """The root of the configuration tree."""
+
+    output_dir: str = "runs/default"
+    seed: int = 0
+    ray: RayConfig = field(default_factory=RayConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+    encoder: EncoderConfig = field(default_factory=EncoderConfig)
+    features: FeaturesConfig = field(default_factory=FeaturesConfig)
+    adapter: AdapterConfig = field(default_factory=AdapterConfig)
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+
+
+def _schema() -> DictConfig:
+    return OmegaConf.structured(SerrayConfig)
+
+
+def _all_keys(node: Any, prefix: str = "") -> List[str]:
+    keys = []
+    if isinstance(node, DictConfig):
+        for k in node.keys():
+            full = f"{prefix}{k}"
+            keys.append(full)
+            keys.extend(_all_keys(node._get_node(k), f"{full}."))
+    return keys
+
+
+def _unknown_keys(schema: DictConfig, user: Any, prefix: str = "") -> List[str]:
+    """Return every dotted key of ``user`` that the schema does not have."""
+    unknown = []
+    if not isinstance(user, DictConfig):
+        return unknown
+    for k in user.keys():
+        full = f"{prefix}{k}"
+        if k not in schema:
+            unknown.append(full)
+            continue
+        sub = schema._get_node(k)
+        if isinstance(sub, DictConfig) and not sub._is_none():
+            unknown.extend(_unknown_keys(sub, user._get_node(k), f"{full}."))
+    return unknown
+
+
+def _explain_unknown(unknown: Sequence[str], valid: Sequence[str], where: str) -> str:
+    lines = []
+    for key in unknown:
+        close = difflib.get_close_matches(key, valid, n=1, cutoff=0.6)
+        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        lines.append(f"  unknown config key '{key}'{hint}")
+    return f"invalid configuration in {where}:\n" + "\n".join(lines)
+
+
+def load_config(path: Optional[str | os.PathLike] = None, overrides: Sequence[str] = ()) -> DictConfig:
+    """Build a run's config: schema defaults <- YAML file <- ``key=value`` overrides.
+
+    Args:
+        path: a YAML file; None uses ``configs/base.yaml``.
+        overrides: OmegaConf dotlist, e.g. ``["data.root=/data/IEMOCAP_full_release", "seed=1"]``.
+
+    Returns:
+        The merged, interpolation-resolved, read-only config.
+
+    Raises:
+        ConfigError: missing file, unknown keys (all of them listed, with suggestions), bad values.
+    """
+    schema = _schema()
+    valid = _all_keys(schema)
+    layers = []
+    cfg_path = Path(path) if path is not None else BASE_CONFIG
+    if not cfg_path.is_file():
+        raise ConfigError(f"config file not found: {cfg_path}")
+    try:
+        file_cfg = OmegaConf.load(cfg_path)
+    except Exception as e:  # YAML syntax errors come in many types
+        raise ConfigError(f"cannot parse config file {cfg_path}: {e}") from None
+    if not isinstance(file_cfg, DictConfig):
+        raise ConfigError(f"config file {cfg_path} must hold a mapping of sections, not {type(file_cfg).__name__}")
+    layers.append((file_cfg, str(cfg_path)))
+    bad = [o for o in overrides if "=" not in o]
+    if bad:
+        raise ConfigError(f"overrides must look like key=value, got: {' '.join(bad)}")
+    try:
+        dot = OmegaConf.from_dotlist(list(overrides))
+    except OmegaConfBaseException as e:
+        raise ConfigError(f"cannot parse overrides {list(overrides)}: {e}") from None
+    layers.append((dot, "command-line overrides"))
+    for user, where in layers:
+        unknown = _unknown_keys(schema, user)
+        if unknown:
+            raise ConfigError(_explain_unknown(unknown, valid, where))
+    try:
+        cfg = OmegaConf.merge(schema, *[u for u, _ in layers])
+        OmegaConf.resolve(cfg)
+    except OmegaConfBaseException as e:
+        key = getattr(e, "full_key", None)
+        raise ConfigError(f"invalid value for config key '{key}': {str(e).splitlines()[0]}") from None
+    _validate(cfg)
+    OmegaConf.set_readonly(cfg, True)
+    return cfg
+
+
+def _validate(cfg: DictConfig) -> None:
+    """Value checks that types alone cannot express."""
+    problems = []
+    for s in cfg.data.sessions:
+        if s not in (1, 2, 3, 4, 5):
+            problems.append(f"data.sessions: {s} is not an IEMOCAP session (1-5)")
+    if cfg.features.batch_size < 1:
+        problems.append("features.batch_size must be >= 1")
+    if cfg.features.concurrency < 1:
+        problems.append("features.concurrency must be >= 1")
+    if cfg.encoder.device not in ("auto", "cpu", "cuda"):
+        problems.append(f"encoder.device must be auto, cpu or cuda, got '{cfg.encoder.device}'")
+    if not 0.0 <= cfg.adapter.mask_ratio < 1.0:
+        problems.append(f"adapter.mask_ratio must be in [0, 1), got {cfg.adapter.mask_ratio}")
+    for key in ("ema_decay", "ema_decay_end"):
+        if not 0.0 <= cfg.adapter[key] <= 1.0:
+            problems.append(f"adapter.{key} must be in [0, 1], got {cfg.adapter[key]}")
+    if cfg.adapter.num_clusters < 2:
+        problems.append("adapter.num_clusters must be >= 2")
+    if cfg.adapter.d_model % cfg.adapter.num_heads:
+        problems.append(f"adapter.d_model ({cfg.adapter.d_model}) must be divisible by adapter.num_heads ({cfg.adapter.num_heads})")
+    if cfg.finetune.mode not in ("frozen", "finetune", "none"):
+        problems.append(f"finetune.mode must be frozen, finetune or none, got '{cfg.finetune.mode}'")
+    if cfg.finetune.branch not in ("teacher", "student"):
+        problems.append(f"finetune.branch must be teacher or student, got '{cfg.finetune.branch}'")
+    if cfg.finetune.class_weighting not in ("loss", "none"):
+        problems.append(f"finetune.class_weighting must be loss or none, got '{cfg.finetune.class_weighting}'")
+    if not 0.0 < cfg.finetune.val_fraction < 0.5:
+        problems.append(f"finetune.val_fraction must be in (0, 0.5), got {cfg.finetune.val_fraction}")
+    for s in cfg.finetune.folds:
+        if s not in cfg.data.sessions:
+            problems.append(f"finetune.folds: session {s} is not in data.sessions {list(cfg.data.sessions)}")
+    if problems:
+        raise ConfigError("invalid configuration:\n  " + "\n  ".join(problems))
+
+
+def to_yaml(cfg: DictConfig) -> str:
+    """The resolved config as YAML text."""
+    return OmegaConf.to_yaml(cfg, resolve=True)
+
+
+def save_config(cfg: DictConfig, directory: str | os.PathLike, name: str = "config.yaml") -> Path:
+    """Write the fully resolved config beside a run's outputs and return its path."""
+    out = Path(directory)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / name
+    path.write_text(to_yaml(cfg))
+    return path
+
+
+def section_hash(cfg: DictConfig, *keys: str) -> str:
+    """A short stable hash of some config sections (used to tell whether stored outputs still match)."""
+    payload = {k: as_dict(OmegaConf.select(cfg, k)) for k in keys}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def as_dict(node: Any) -> Any:
+    """A plain-Python copy of a config node (for Ray, JSON, checkpoints)."""
+    if isinstance(node, (DictConfig, ListConfig)):
+        return OmegaConf.to_container(node, resolve=True)
+    return node

@@ -1,0 +1,113 @@
+"""Reading stored features for training: Ray Datasets per session and the padding collate.
+
+Training never loads the corpus into one process: a :func:`feature_dataset` is a lazy Ray Dataset
+over the session partitions, consumed on each Train worker with ``iter_torch_batches`` and
+:class:`PadCollate`, which decodes the float16 bytes, optionally crops long utterances, pads to the
+longest one in the batch and builds the padding mask.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Dict, Iterable, List, Optional, Sequence
+
+import numpy as np
+import torch
+from ray.data.collate_fn import NumpyBatchCollateFn
+
+from serray.data.featurize import decode_feature, parquet_files, read_meta
+from serray.data.iemocap import LABELS
+from serray.errors import DataError
+
+TRAIN_COLUMNS = ["utt_id", "label", "speaker", "num_frames", "dim", "num_layers", "feat"]
+LABEL_INDEX = {label: i for i, label in enumerate(LABELS)}
+
+
+def session_paths(features_dir: str | Path, sessions: Iterable[int]) -> List[str]:
+    """Parquet files of the given sessions; a clear error when there are none."""
+    meta = read_meta(features_dir)  # raises when the directory is not a feature store
+    files = [str(f) for f in parquet_files(features_dir) if int(f.parent.name.split("=", 1)[1]) in set(sessions)]
+    if not files:
+        raise DataError(f"no feature files for sessions {sorted(set(sessions))} in {features_dir} "
+                        f"(it holds sessions {sorted(meta.get('rows_per_session', {}))})")
+    return files
+
+
+def feature_dataset(features_dir: str | Path, sessions: Iterable[int], utt_ids: Optional[Sequence[str]] = None,
+                    cache_max_mb: float = 0.0):
+    """A Ray Dataset of the training columns of some sessions (optionally some utterances).
+
+    Args:
+        features_dir: a directory written by ``serray featurize``.
+        sessions: IEMOCAP sessions to read.
+        utt_ids: keep only these utterances (e.g. a validation split).
+        cache_max_mb: when the selected Parquet files are smaller than this, the dataset is
+            materialized once in the Ray object store (each epoch then skips the Parquet read and its
+            task start-up); larger selections stream from Parquet every epoch.
+    """
+    import ray.data
+    from ray.data.expressions import col
+
+    files = session_paths(features_dir, sessions)
+    ds = ray.data.read_parquet(files, columns=TRAIN_COLUMNS, partitioning=None)
+    if utt_ids is not None:
+        ds = ds.filter(expr=col("utt_id").is_in(list(utt_ids)))  # pushed down into the Parquet read
+    size_mb = sum(Path(f).stat().st_size for f in files) / 2**20
+    return ds.materialize() if size_mb <= cache_max_mb else ds
+
+
+def pad_features(feats: Sequence[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stack [T, D] (or [L, T, D]) arrays into a zero-padded float32 batch plus a padding mask.
+
+    Returns:
+        ``x`` [B, T, D] or [B, L, T, D] and ``padding_mask`` bool [B, T] (True = padded).
+    """
+    lengths = [f.shape[-2] for f in feats]
+    t_max = max(lengths)
+    shape = (len(feats),) + feats[0].shape[:-2] + (t_max, feats[0].shape[-1])
+    x = np.zeros(shape, dtype=np.float32)
+    for i, f in enumerate(feats):
+        x[i, ..., : f.shape[-2], :] = f
+    lengths_t = torch.tensor(lengths)
+    mask = torch.arange(t_max)[None, :] >= lengths_t[:, None]
+    return torch.from_numpy(x), mask
+
+
+class PadCollate(NumpyBatchCollateFn):
+    """Ray Data collate: stored rows -> ``{"x", "padding_mask", "labels"}`` tensors.
+
+    Args:
+        max_frames: crop longer utterances to this many frames (None: no crop).
+        random_crop: pick the crop window at random (training) or take the centre (evaluation).
+        seed: seed of the crop RNG.
+    """
+
+    def __init__(self, max_frames: Optional[int] = None, random_crop: bool = True, seed: int = 0):
+        self.max_frames = max_frames
+        self.random_crop = random_crop
+        self.rng = np.random.default_rng(seed)
+
+    def _crop(self, f: np.ndarray) -> np.ndarray:
+        t = f.shape[-2]
+        if self.max_frames is None or t <= self.max_frames:
+            return f
+        start = int(self.rng.integers(0, t - self.max_frames + 1)) if self.random_crop else (t - self.max_frames) // 2
+        return f[..., start : start + self.max_frames, :]
+
+    def __call__(self, batch: Dict[str, np.ndarray]) -> Dict[str, torch.Tensor]:
+        feats = [
+            self._crop(decode_feature(b, int(t), int(d), int(l)))
+            for b, t, d, l in zip(batch["feat"], batch["num_frames"], batch["dim"], batch["num_layers"])
+        ]
+        x, mask = pad_features(feats)
+        labels = torch.tensor([LABEL_INDEX[str(l)] for l in batch["label"]], dtype=torch.long)
+        return {"x": x, "padding_mask": mask, "labels": labels}
+
+
+def read_rows(features_dir: str | Path, sessions: Iterable[int], columns: Sequence[str] = ("utt_id", "label", "speaker")):
+    """Small metadata columns of some sessions as a pandas frame (no features)."""
+    import pyarrow.parquet as pq
+    import pandas as pd
+
+    frames = [pq.read_table(f, columns=list(columns)).to_pandas() for f in session_paths(features_dir, sessions)]
+    return pd.concat(frames, ignore_index=True)

@@ -1,0 +1,232 @@
+"""Featurization with Ray Data: manifest -> audio -> frozen encoder -> Parquet partitioned by session.
+
+Pipeline (one Ray Data job): the pending manifest rows, sorted by duration and cut into blocks so
+each encoder batch holds utterances of similar length -> ``map_batches`` with :class:`EncodeBatch`
+(a callable class: the encoder is loaded once per actor; CPU or GPU actors) -> ``write_parquet``
+partitioned by ``session``.
+
+Each stored row has the manifest columns plus ``num_frames`` (T), ``dim`` (D), ``num_layers`` (L)
+and ``feat``: the float16 features as raw bytes of shape [T, D] (or [L, T, D]); binary + shape
+columns read back about twice as fast as nested lists (see ``shared/ray-notes.md``).
+
+Resumable and idempotent: utterances already stored are not recomputed, so an interrupted run or a
+deleted partition is completed by running the same command again, without duplicate rows. Files
+left half-written by an interruption are detected and removed first. Audio that cannot be used is
+skipped, logged and counted (``_skipped.csv``), never a crash.
+
+``_serray_features.json`` beside the Parquet records the encoder identity (name, layers, dim,
+frame rate), the config hash, and the row count; later stages check it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import numpy as np
+import pandas as pd
+import pyarrow.parquet as pq
+from omegaconf import OmegaConf
+
+from serray.config import as_dict, save_config, section_hash
+from serray.data.audio import load_audio
+from serray.data.encoders import build_encoder, check_identity, describe_encoder
+from serray.data.iemocap import MANIFEST_COLUMNS, read_manifest
+from serray.errors import AudioError, DataError
+
+log = logging.getLogger(__name__)
+
+META_FILE = "_serray_features.json"
+SKIPPED_FILE = "_skipped.csv"
+FEATURE_COLUMNS = ["num_frames", "dim", "num_layers", "feat"]
+
+
+class EncodeBatch:
+    """Ray Data callable class: a batch of manifest rows -> the same rows with their features.
+
+    Rows whose audio cannot be used are dropped here (and logged); the driver reconciles the
+    counts afterwards.
+    """
+
+    def __init__(self, encoder_cfg: dict, min_seconds: float):
+        self.encoder = build_encoder(OmegaConf.create(encoder_cfg))
+        self.min_seconds = min_seconds
+
+    def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
+        keep, wavs = [], []
+        for i, path in enumerate(batch["path"]):
+            try:
+                wav = load_audio(path, self.encoder.sample_rate, self.min_seconds)
+            except AudioError as e:
+                log.warning("skipping %s: %s", batch["utt_id"].iloc[i], e)
+                continue
+            if self.encoder.num_frames(len(wav)) < 1:
+                log.warning("skipping %s: shorter than one encoder frame", batch["utt_id"].iloc[i])
+                continue
+            keep.append(i)
+            wavs.append(wav)
+        out = batch.iloc[keep].reset_index(drop=True)
+        feats = self.encoder.encode(wavs) if wavs else []
+        out["num_frames"] = np.array([f.shape[-2] for f in feats], dtype=np.int64)
+        out["dim"] = np.full(len(feats), self.encoder.dim, dtype=np.int64)
+        out["num_layers"] = np.full(len(feats), self.encoder.num_layers, dtype=np.int64)
+        out["feat"] = [np.ascontiguousarray(f, dtype=np.float16).tobytes() for f in feats]
+        return out
+
+
+def decode_feature(buf: bytes, num_frames: int, dim: int, num_layers: int = 1) -> np.ndarray:
+    """The stored bytes of one row -> float16 array [T, D] (or [L, T, D] when L > 1)."""
+    arr = np.frombuffer(buf, dtype=np.float16)
+    return arr.reshape(num_frames, dim) if num_layers == 1 else arr.reshape(num_layers, num_frames, dim)
+
+
+def read_meta(features_dir: str | Path) -> dict:
+    """The metadata of a feature directory; a clear error when there is none."""
+    d = Path(features_dir)
+    meta = d / META_FILE
+    if not meta.is_file():
+        what = "does not exist" if not d.exists() else f"holds no {META_FILE}"
+        raise DataError(f"no features in {d}: the directory {what} (run `serray featurize` first)")
+    return json.loads(meta.read_text())
+
+
+def feature_identity(meta: dict) -> dict:
+    """The encoder identity part of feature metadata (what checkpoints record and check)."""
+    return {k: meta[k] for k in ("encoder", "layers", "dim", "num_layers", "frame_rate", "sample_rate")}
+
+
+def parquet_files(features_dir: str | Path) -> List[Path]:
+    """The feature Parquet files under ``features_dir`` (all partitions), sorted."""
+    return sorted(Path(features_dir).glob("session=*/*.parquet"))
+
+
+def _remove_broken_files(features_dir: Path) -> int:
+    """Delete Parquet files an interrupted write left unreadable; return how many."""
+    broken = 0
+    for f in parquet_files(features_dir):
+        try:
+            pq.read_metadata(f)
+        except Exception:  # truncated file: no footer
+            log.warning("removing half-written feature file %s", f)
+            f.unlink()
+            broken += 1
+    return broken
+
+
+def stored_utterances(features_dir: str | Path) -> pd.DataFrame:
+    """utt_id and session of every stored row (reads one column, not the features)."""
+    frames = []
+    for f in parquet_files(features_dir):
+        t = pq.read_table(f, columns=["utt_id"]).to_pandas()
+        t["session"] = int(f.parent.name.split("=", 1)[1])
+        frames.append(t)
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame({"utt_id": [], "session": []})
+
+
+def _bucketed_blocks(df: pd.DataFrame, batch_size: int, min_blocks: int) -> List[pd.DataFrame]:
+    """Sort rows by duration and cut them into blocks of whole batches (length bucketing)."""
+    df = df.sort_values(["duration", "utt_id"], ignore_index=True)
+    batches = max(1, math.ceil(len(df) / batch_size))
+    per_block = max(1, math.ceil(batches / max(1, min_blocks))) * batch_size
+    return [df.iloc[i : i + per_block] for i in range(0, len(df), per_block)]
+
+
+def _skip_reason(path: str, sample_rate: int, min_seconds: float) -> str:
+    try:
+        load_audio(path, sample_rate, min_seconds)
+    except AudioError as e:
+        return str(e)
+    return "shorter than one encoder frame or failed in the encoder (see worker log)"
+
+
+def _write_meta(features_dir: Path, meta: dict) -> None:
+    tmp = features_dir / (META_FILE + ".tmp")
+    tmp.write_text(json.dumps(meta, indent=2))
+    tmp.replace(features_dir / META_FILE)
+
+
+def featurize(cfg, overwrite: bool = False) -> Dict[str, object]:
+    """Featurize the manifest ``cfg.data.manifest`` into ``cfg.features.dir`` with Ray Data.
+
+    Args:
+        cfg: the run config (sections data, encoder, features, ray).
+        overwrite: allow replacing features made with another encoder/config.
+
+    Returns:
+        A summary dict: rows written now, total stored, skipped utterances, seconds, per session.
+
+    Raises:
+        DataError: manifest missing, or stored features made with another encoder/config.
+    """
+    import ray
+
+    from serray.ray_utils import init_ray
+
+    out_dir = Path(cfg.features.dir)
+    manifest = read_manifest(cfg.data.manifest)
+    manifest = manifest[manifest["session"].isin(list(cfg.data.sessions))]
+    if manifest.empty:
+        raise DataError(f"manifest {cfg.data.manifest} has no utterances in sessions {list(cfg.data.sessions)}")
+    config_hash = section_hash(cfg, "encoder", "data.merge_excited")
+    if (out_dir / META_FILE).is_file():
+        old = read_meta(out_dir)
+        if old.get("config_hash") != config_hash:
+            if not overwrite:
+                raise DataError(
+                    f"{out_dir} holds features made with encoder '{old.get('encoder')}' (config hash "
+                    f"{old.get('config_hash')}), but this config asks for encoder '{cfg.encoder.name}' "
+                    f"(hash {config_hash}); choose another features.dir or pass --overwrite"
+                )
+            import shutil
+
+            shutil.rmtree(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    broken = _remove_broken_files(out_dir)
+    done = stored_utterances(out_dir)
+    pending = manifest[~manifest["utt_id"].isin(set(done["utt_id"]))]
+    log.info("featurize: %d utterances in manifest, %d already stored, %d to do", len(manifest), len(done), len(pending))
+
+    encoder_meta = describe_encoder(cfg.encoder)
+    if (out_dir / META_FILE).is_file():  # same hash: the identity must agree as well
+        check_identity(read_meta(out_dir), encoder_meta, f"features in {out_dir}", "the config's encoder")
+    start = time.time()
+    if len(pending):
+        init_ray(cfg)
+        blocks = _bucketed_blocks(pending[MANIFEST_COLUMNS], cfg.features.batch_size, 4 * cfg.features.concurrency)
+        ds = ray.data.from_pandas(blocks).map_batches(
+            EncodeBatch,
+            fn_constructor_kwargs={"encoder_cfg": as_dict(cfg.encoder), "min_seconds": cfg.features.min_seconds},
+            batch_size=cfg.features.batch_size,
+            batch_format="pandas",
+            compute=ray.data.ActorPoolStrategy(size=cfg.features.concurrency),
+            num_cpus=cfg.features.num_cpus,
+            num_gpus=cfg.features.num_gpus,
+        )
+        ds.write_parquet(str(out_dir), partition_cols=["session"])
+    stored = stored_utterances(out_dir)
+    dup = int(stored["utt_id"].duplicated().sum())
+    if dup:
+        raise DataError(f"{out_dir} holds {dup} duplicate utterances; delete the directory and featurize again")
+    skipped = pending[~pending["utt_id"].isin(set(stored["utt_id"]))]
+    if len(skipped):
+        reasons = [_skip_reason(p, cfg.encoder.sample_rate, cfg.features.min_seconds) for p in skipped["path"]]
+        skipped = skipped.assign(reason=reasons)[["utt_id", "session", "path", "reason"]]
+        skipped.to_csv(out_dir / SKIPPED_FILE, index=False)
+        for row in skipped.itertuples():
+            log.warning("skipped %s: %s", row.utt_id, row.reason)
+    elif (out_dir / SKIPPED_FILE).exists():
+        (out_dir / SKIPPED_FILE).unlink()
+    if stored.empty:
+        raise DataError(f"featurization wrote no rows to {out_dir}: every utterance was skipped (see {SKIPPED_FILE})")
+    meta = {**encoder_meta, "dtype": "float16", "config_hash": config_hash, "num_rows": int(len(stored)),
+            "rows_per_session": {str(k): int(v) for k, v in stored.groupby("session").size().items()},
+            "labels": ["neu", "hap", "sad", "ang"], "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    _write_meta(out_dir, meta)
+    save_config(cfg, out_dir, name="_config.yaml")  # '_' so Parquet readers skip it
+    return {"written": int(len(stored) - len(done)), "stored": int(len(stored)), "skipped": int(len(skipped)),
+            "removed_broken_files": broken, "seconds": round(time.time() - start, 2),
+            "rows_per_session": meta["rows_per_session"], "features_dir": str(out_dir), "encoder": meta}

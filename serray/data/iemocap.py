@@ -1,0 +1,209 @@
+"""IEMOCAP manifest: parse an ``IEMOCAP_full_release`` tree into one row per labelled utterance.
+
+Facts of the release this parser relies on (and only these):
+
+* labels live in ``Session{n}/dialog/EmoEvaluation/<dialog>.txt``; an utterance line is
+  ``[start - end]<TAB>utt_id<TAB>label<TAB>[V, A, D]``; the evaluator lines below it (``C-E1:``,
+  ``A-F2:`` ...) and the ``%`` header are not utterances;
+* the utterance audio is ``Session{n}/sentences/wav/<dialog>/<utt_id>.wav``;
+* the speaker is the session plus the gender letter of the utterance id's *last* field
+  (``Ses01F_impro02_M000`` is the male actor of session 1, although the dialog name says F);
+* the release also holds macOS ``._*`` AppleDouble files, whole-dialog wavs in ``dialog/wav/`` and
+  extra annotation folders (``Categorical/``, ``Attribute/`` ...) under ``EmoEvaluation/``: none of
+  them are utterances, so nothing here globs ``*.wav``.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple
+
+import pandas as pd
+
+from serray.errors import DataError
+
+log = logging.getLogger(__name__)
+
+LABELS: Tuple[str, ...] = ("neu", "hap", "sad", "ang")
+"""The standard 4-class label set, in class-index order."""
+
+_UTT_LINE = re.compile(
+    r"^\[(?P<start>\d+(?:\.\d+)?)\s*-\s*(?P<end>\d+(?:\.\d+)?)\]\t(?P<utt>\S+)\t(?P<label>\S+)\t"
+    r"\[(?P<v>[-\d.]+),\s*(?P<a>[-\d.]+),\s*(?P<d>[-\d.]+)\]\s*$"
+)
+_UTT_ID = re.compile(r"^Ses(?P<session>0[1-5])(?P<lead>[FM])_(?P<method>impro|script)\w*_(?P<gender>[FM])\d+$")
+
+MANIFEST_COLUMNS = [
+    "utt_id", "session", "dialog", "method", "speaker", "gender", "raw_label", "label",
+    "valence", "activation", "dominance", "start", "end", "duration", "path",
+]
+
+
+@dataclass
+class ManifestReport:
+    """What the parser kept, dropped and could not find."""
+
+    kept: pd.DataFrame
+    dropped: Dict[Tuple[int, str], int] = field(default_factory=dict)  # (session, raw_label) -> count
+    missing_wav: List[str] = field(default_factory=list)  # label lines whose wav does not exist
+    malformed: List[str] = field(default_factory=list)  # "file:line: text" of unparseable utterance lines
+
+    def summary(self) -> str:
+        """A per-session x class table of kept utterances plus the drop / missing counts."""
+        df = self.kept
+        lines = ["IEMOCAP manifest: kept utterances per session x class"]
+        if len(df):
+            table = pd.crosstab(df["session"], df["label"]).reindex(columns=list(LABELS), fill_value=0)
+            table["total"] = table.sum(axis=1)
+            table.loc["total"] = table.sum(axis=0)
+            lines.append(table.to_string())
+        else:
+            lines.append("  (none)")
+        if self.dropped:
+            drop = pd.Series(self.dropped).unstack(fill_value=0)
+            drop.index.name, drop.columns.name = "session", "dropped"
+            drop["total"] = drop.sum(axis=1)
+            lines.append(f"dropped (label outside the 4-class setup): {int(drop['total'].sum())}")
+            lines.append(drop.to_string())
+        if self.missing_wav:
+            shown = ", ".join(self.missing_wav[:5]) + (" ..." if len(self.missing_wav) > 5 else "")
+            lines.append(f"label lines whose wav is missing (skipped): {len(self.missing_wav)}: {shown}")
+        if self.malformed:
+            lines.append(f"malformed utterance lines (skipped): {len(self.malformed)}: {self.malformed[0]}")
+        return "\n".join(lines)
+
+
+def label_map(merge_excited: bool = True) -> Dict[str, str]:
+    """Raw IEMOCAP label -> 4-class label; labels absent from the map are dropped."""
+    mapping = {"neu": "neu", "hap": "hap", "sad": "sad", "ang": "ang"}
+    if merge_excited:
+        mapping["exc"] = "hap"
+    return mapping
+
+
+def check_layout(root: Path, sessions: Sequence[int]) -> None:
+    """Raise a :class:`DataError` that says what is missing when ``root`` is not an IEMOCAP tree."""
+    if not root.exists():
+        raise DataError(f"IEMOCAP root not found: {root} (set data.root or --root to the IEMOCAP_full_release directory)")
+    if not root.is_dir():
+        raise DataError(f"IEMOCAP root is not a directory: {root}")
+    missing = []
+    for s in sessions:
+        for sub in ("", "dialog/EmoEvaluation", "sentences/wav"):
+            p = root / f"Session{s}" / sub
+            if not p.is_dir():
+                missing.append(str(p.relative_to(root)))
+    if missing:
+        found = sorted(p.name for p in root.iterdir())[:10]
+        nested = [p for p in root.iterdir() if p.is_dir() and (p / "Session1").is_dir()]
+        hint = f"; did you mean {nested[0]}?" if nested else ""
+        raise DataError(
+            f"{root} is not an IEMOCAP_full_release tree: missing {', '.join(missing[:6])}"
+            f"{' ...' if len(missing) > 6 else ''} (found: {', '.join(found) or 'nothing'}){hint}"
+        )
+
+
+def _annotation_files(root: Path, session: int) -> List[Path]:
+    folder = root / f"Session{session}" / "dialog" / "EmoEvaluation"
+    # only the top-level <dialog>.txt files; sub-folders (Categorical/, Attribute/ ...) and
+    # macOS AppleDouble companions (._*) are not utterance annotations.
+    return sorted(p for p in folder.glob("*.txt") if p.is_file() and not p.name.startswith("._"))
+
+
+def _parse_annotation(path: Path) -> Iterable[Tuple[int, Optional[re.Match], str]]:
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for lineno, line in enumerate(f, 1):
+            if line.startswith("["):
+                yield lineno, _UTT_LINE.match(line.rstrip("\n")), line.strip()
+
+
+def build_manifest(
+    root: str | Path, sessions: Sequence[int] = (1, 2, 3, 4, 5), merge_excited: bool = True
+) -> ManifestReport:
+    """Parse an IEMOCAP tree into a manifest of the 4-class utterances.
+
+    Args:
+        root: the ``IEMOCAP_full_release`` directory (it holds ``Session1`` ... ``Session5``).
+        sessions: which sessions to read.
+        merge_excited: map ``exc`` to ``hap`` (the standard setup); otherwise ``exc`` is dropped.
+
+    Returns:
+        A :class:`ManifestReport` whose ``kept`` frame has :data:`MANIFEST_COLUMNS`, sorted by
+        ``utt_id``, plus the dropped / missing-wav / malformed counts.
+
+    Raises:
+        DataError: the root is missing or is not an IEMOCAP layout.
+    """
+    root = Path(root).expanduser().resolve()
+    check_layout(root, sessions)
+    mapping = label_map(merge_excited)
+    rows, dropped, missing, malformed = [], {}, [], []
+    for session in sessions:
+        files = _annotation_files(root, session)
+        if not files:
+            raise DataError(f"{root}/Session{session}/dialog/EmoEvaluation holds no <dialog>.txt annotation files")
+        for ann in files:
+            dialog = ann.stem
+            for lineno, m, text in _parse_annotation(ann):
+                if m is None:
+                    malformed.append(f"{ann}:{lineno}: {text[:80]}")
+                    continue
+                utt, raw = m["utt"], m["label"]
+                ident = _UTT_ID.match(utt)
+                if ident is None or int(ident["session"]) != session:
+                    malformed.append(f"{ann}:{lineno}: unexpected utterance id {utt!r}")
+                    continue
+                if raw not in mapping:
+                    dropped[(session, raw)] = dropped.get((session, raw), 0) + 1
+                    continue
+                wav = root / f"Session{session}" / "sentences" / "wav" / dialog / f"{utt}.wav"
+                if not wav.is_file():
+                    missing.append(utt)
+                    continue
+                start, end = float(m["start"]), float(m["end"])
+                rows.append({
+                    "utt_id": utt,
+                    "session": session,
+                    "dialog": dialog,
+                    "method": ident["method"],
+                    "speaker": f"Ses{ident['session']}_{ident['gender']}",
+                    "gender": ident["gender"],
+                    "raw_label": raw,
+                    "label": mapping[raw],
+                    "valence": float(m["v"]),
+                    "activation": float(m["a"]),
+                    "dominance": float(m["d"]),
+                    "start": start,
+                    "end": end,
+                    "duration": round(end - start, 4),
+                    "path": str(wav),
+                })
+    if missing:
+        log.warning("%d label lines have no wav (skipped), e.g. %s", len(missing), missing[0])
+    kept = pd.DataFrame(rows, columns=MANIFEST_COLUMNS)
+    kept = kept.drop_duplicates("utt_id").sort_values("utt_id", ignore_index=True)
+    kept["session"] = kept["session"].astype("int64")
+    return ManifestReport(kept=kept, dropped=dropped, missing_wav=missing, malformed=malformed)
+
+
+def write_manifest(df: pd.DataFrame, path: str | Path) -> Path:
+    """Write a manifest frame to Parquet (parent directories created)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    df.to_parquet(path, index=False)
+    return path
+
+
+def read_manifest(path: str | Path) -> pd.DataFrame:
+    """Read a manifest written by :func:`write_manifest`, checking its columns."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"manifest not found: {path} (run `serray manifest` first)")
+    df = pd.read_parquet(path)
+    missing = [c for c in MANIFEST_COLUMNS if c not in df.columns]
+    if missing:
+        raise DataError(f"{path} is not a serray manifest: missing columns {missing}")
+    return df

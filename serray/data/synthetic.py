@@ -1,0 +1,485 @@
+"""Synthetic speech-emotion corpus in the exact layout of ``IEMOCAP_full_release``.
+
+IEMOCAP is licensed, so tests, CI and demos run on a small generated stand-in that a correct
+IEMOCAP parser reads exactly like the real thing::
+
+    <root>/Session1 ... <root>/Session5
+        sentences/wav/<dialog>/<utt_id>.wav        utterance audio, 16 kHz mono PCM_16
+        dialog/EmoEvaluation/<dialog>.txt          per-utterance labels and V/A/D
+        dialog/EmoEvaluation/Categorical/...       (noise: per-evaluator files)
+        dialog/EmoEvaluation/Attribute/...         (noise)
+        dialog/EmoEvaluation/Self-evaluation/...   (noise: .anvil XML)
+        dialog/transcriptions/<dialog>.txt         (noise: also has non-utterance turns)
+        dialog/wav/<dialog>.wav                    (noise: whole-dialog audio, shortened)
+        ._<name>                                   (noise: macOS AppleDouble junk, not audio)
+
+Both actors of a session speak in every dialog: ``Ses01F_impro01_M000`` is the *male* actor of
+session 1 although the dialog name says ``F``. The speaker is ``Ses0N`` + the letter of the last
+field of the utterance id.
+
+The audio is a numpy source-filter synthesis (Rosenberg glottal pulses on a continuously varying
+f0 contour, aspiration noise, per-syllable vowel formant resonators, syllable envelopes, pauses,
+consonant noise bursts, spectral tilt, background noise). Emotion changes the prosody and voice
+quality (pitch level/range, energy, speaking rate, spectral tilt, jitter/shimmer, breathiness)
+with a large per-utterance spread, and every one of the 10 speakers has its own voice (base f0,
+vocal-tract length, loudness, tilt), so emotion is learnable from audio alone, on unseen
+speakers, but not trivially.
+
+Everything is deterministic from ``seed``: speaker voices from ``(seed, session, gender)``,
+labels from ``(seed, session)``, each utterance's audio from ``(seed, utterance index)`` only.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import soundfile as sf
+from scipy.signal import lfilter, sosfilt
+
+from serray.errors import ConfigError
+
+__all__ = ["LABELS_KEPT", "LABELS_DROPPED", "N_SESSIONS", "make_corpus"]
+
+#: Labels a SER parser keeps (``exc`` is merged into ``hap``).
+LABELS_KEPT = ("neu", "hap", "exc", "sad", "ang")
+#: Labels present in the annotations that a 4-class SER parser drops.
+LABELS_DROPPED = ("fru", "sur", "fea", "dis", "oth", "xxx")
+N_SESSIONS = 5
+
+_BASE_CLASSES = ("neu", "hap", "sad", "ang")
+_DROPPED_P = {"fru": 0.40, "xxx": 0.20, "sur": 0.10, "oth": 0.10, "fea": 0.10, "dis": 0.10}
+# Dropped labels sound like a random mixture of two base classes.
+_DROPPED_MIX = {"fru": ("ang", "neu"), "sur": ("hap", "ang"), "fea": ("sad", "hap"),
+                "dis": ("ang", "sad"), "oth": None, "xxx": None}
+
+# Words used in the evaluator lines of EmoEvaluation/<dialog>.txt, as in the real release.
+_CAT_WORD = {"neu": "Neutral", "hap": "Happiness", "exc": "Excited", "sad": "Sadness",
+             "ang": "Anger", "fru": "Frustration", "sur": "Surprise", "fea": "Fear",
+             "dis": "Disgust", "oth": "Other"}
+# Mean (valence, activation, dominance) on IEMOCAP's 1..5 scale.
+_VAD_MEAN = {"neu": (3.0, 2.4, 2.6), "hap": (4.0, 3.0, 3.0), "exc": (3.8, 3.7, 3.3),
+             "sad": (2.0, 2.2, 2.3), "ang": (1.8, 3.9, 3.9), "fru": (2.0, 3.3, 3.3),
+             "sur": (3.3, 3.6, 2.9), "fea": (2.1, 3.4, 2.2), "dis": (1.8, 3.1, 3.3),
+             "oth": (3.0, 3.0, 3.0), "xxx": (2.7, 3.0, 3.0)}
+
+# Class-dependent synthesis means.
+#   pitch: semitones relative to the speaker's base f0     range: f0 movement (semitones)
+#   energy: dB relative to the speaker's loudness           rate: syllables per second
+#   bright: spectral tilt (>0 brighter, <0 darker)          jitter/shimmer/rough: voice quality
+#   breath: aspiration-noise ratio                           oq: glottal open quotient
+#   pause: probability of a pause after a syllable
+_CLASS = {
+    "neu": dict(pitch=0.0, range=2.0, energy=0.0, rate=4.2, bright=0.0, jitter=0.006,
+                shimmer=0.04, rough=0.00, breath=0.10, oq=0.62, pause=0.12),
+    "hap": dict(pitch=3.5, range=4.5, energy=3.5, rate=5.0, bright=0.30, jitter=0.008,
+                shimmer=0.05, rough=0.00, breath=0.07, oq=0.55, pause=0.08),
+    "exc": dict(pitch=4.0, range=5.0, energy=4.5, rate=5.3, bright=0.40, jitter=0.010,
+                shimmer=0.06, rough=0.02, breath=0.06, oq=0.52, pause=0.07),
+    "sad": dict(pitch=-2.0, range=1.2, energy=-6.0, rate=3.2, bright=-0.50, jitter=0.010,
+                shimmer=0.06, rough=0.00, breath=0.28, oq=0.72, pause=0.22),
+    "ang": dict(pitch=2.0, range=3.0, energy=6.0, rate=5.3, bright=0.65, jitter=0.030,
+                shimmer=0.12, rough=0.10, breath=0.05, oq=0.45, pause=0.06),
+}
+# Per-utterance spread: ("add", sd) adds N(0, sd); ("mul", sd) multiplies by lognormal(0, sd).
+_SPREAD = {"pitch": ("add", 1.6), "range": ("mul", 0.30), "energy": ("add", 2.5),
+           "rate": ("mul", 0.13), "bright": ("add", 0.25), "jitter": ("mul", 0.35),
+           "shimmer": ("mul", 0.30), "rough": ("mul", 0.30), "breath": ("mul", 0.35),
+           "oq": ("add", 0.04), "pause": ("mul", 0.2)}
+
+# Peterson & Barney-like adult-male vowel formants (F1, F2, F3), Hz.
+_VOWELS = np.array([[270, 2290, 3010], [390, 1990, 2550], [530, 1840, 2480], [660, 1720, 2410],
+                    [730, 1090, 2440], [570, 840, 2410], [440, 1020, 2240], [300, 870, 2240],
+                    [640, 1190, 2390], [490, 1350, 1690]], dtype=np.float64)
+_F4 = 3500.0
+_BANDWIDTHS = np.array([80.0, 100.0, 150.0, 250.0])
+
+_WORDS = ("I", "you", "we", "it", "that", "know", "just", "what", "really", "not", "going",
+          "can't", "here", "now", "well", "okay", "yeah", "no", "why", "believe", "think",
+          "told", "time", "right", "about", "home", "again", "never", "always", "so", "the",
+          "job", "letter", "money", "car", "tomorrow", "sure", "mean", "look", "want")
+
+_APPLEDOUBLE = (b"\x00\x05\x16\x07\x00\x02\x00\x00Mac OS X        \x00\x02\x00\x00\x00\t"
+                b"\x00\x00\x002\x00\x00\x0e\xb0\x00\x00\x00\x02\x00\x00\x0e\xe2\x00\x00\x01\x1e")
+
+
+@dataclass(frozen=True)
+class _Speaker:
+    f0: float          # base f0, Hz
+    vt: float          # formant scale (shorter vocal tract -> higher)
+    loud_db: float     # loudness offset
+    bright: float      # tilt offset
+    rate: float        # speaking-rate factor
+    breath: float      # breathiness factor
+    range: float       # pitch-range factor
+
+
+@dataclass
+class _Utt:
+    index: int         # global utterance index (seeds the audio)
+    session: int
+    dialog: str
+    utt_id: str
+    gender: str        # "F" | "M": the speaker, from the utterance id
+    label: str
+    n_samples: int
+    start: float = 0.0
+
+
+def _speaker(seed: int, session: int, gender: str) -> _Speaker:
+    rng = np.random.default_rng([seed, 0x5BEA, session, 0 if gender == "F" else 1])
+    if gender == "F":
+        f0, vt = rng.uniform(170.0, 240.0), rng.uniform(1.10, 1.24)
+    else:
+        f0, vt = rng.uniform(90.0, 140.0), rng.uniform(0.92, 1.06)
+    return _Speaker(f0=float(f0), vt=float(vt), loud_db=float(rng.normal(0.0, 2.0)),
+                    bright=float(rng.normal(0.0, 0.15)), rate=float(rng.lognormal(0.0, 0.08)),
+                    breath=float(rng.lognormal(0.0, 0.25)), range=float(rng.lognormal(0.0, 0.15)))
+
+
+def _dialog_names(session: int, count: int) -> list[str]:
+    """F-led impro, M-led impro, F-led script, M-led script, then the next numbers."""
+    names = []
+    for k in range(count):
+        j, r = divmod(k, 4)
+        lead = "FM"[r % 2]
+        if r < 2:
+            names.append(f"Ses{session:02d}{lead}_impro{j + 1:02d}")
+        else:
+            names.append(f"Ses{session:02d}{lead}_script{j // 2 + 1:02d}_{j % 2 + 1}")
+    return names
+
+
+def _session_labels(seed: int, session: int, n: int, drop_fraction: float,
+                    excited_fraction: float) -> list[str]:
+    rng = np.random.default_rng([seed, 0x1ABE, session])
+    n_drop = int(round(drop_fraction * n))
+    n_keep = n - n_drop
+    order = [_BASE_CLASSES[i] for i in rng.permutation(4)]   # who gets the remainder
+    kept = [order[i % 4] for i in range(n_keep)]
+    hap = [i for i, lab in enumerate(kept) if lab == "hap"]
+    n_exc = int(round(excited_fraction * len(hap)))
+    for i in rng.choice(hap, size=n_exc, replace=False) if n_exc else []:
+        kept[int(i)] = "exc"
+    names = list(_DROPPED_P)
+    p = np.array([_DROPPED_P[k] for k in names])
+    dropped = [names[i] for i in rng.choice(len(names), size=n_drop, p=p / p.sum())]
+    labels = kept + dropped
+    return [labels[i] for i in rng.permutation(len(labels))]
+
+
+def _class_params(rng: np.random.Generator, label: str, spk: _Speaker) -> dict:
+    if label in _CLASS:
+        mean = dict(_CLASS[label])
+    else:
+        pair = _DROPPED_MIX[label]
+        if pair is None:
+            pair = tuple(rng.choice(_BASE_CLASSES, size=2, replace=False))
+        w = rng.uniform(0.3, 0.7)
+        mean = {k: w * _CLASS[pair[0]][k] + (1 - w) * _CLASS[pair[1]][k] for k in _CLASS["neu"]}
+    out = {}
+    for k, v in mean.items():
+        kind, sd = _SPREAD[k]
+        out[k] = v + rng.normal(0.0, sd) if kind == "add" else v * rng.lognormal(0.0, sd)
+    out["range"] *= spk.range
+    out["rate"] *= spk.rate
+    out["bright"] += spk.bright
+    out["breath"] *= spk.breath
+    out["energy"] += spk.loud_db
+    out["oq"] = float(np.clip(out["oq"], 0.35, 0.85))
+    return out
+
+
+def _moving_average(x: np.ndarray, width: int) -> np.ndarray:
+    if width <= 1:
+        return x
+    pad = width // 2
+    xp = np.concatenate([np.full(pad, x[0]), x, np.full(width - pad, x[-1])])
+    c = np.cumsum(xp)
+    return (c[width:] - c[:-width])[: len(x)] / width
+
+
+def _resonator_sos(freqs: np.ndarray, sr: int) -> np.ndarray:
+    """Cascade of unity-DC-gain 2nd-order resonators as an (n, 6) sos array."""
+    freqs = np.minimum(freqs, 0.45 * sr)
+    r = np.exp(-np.pi * _BANDWIDTHS[: len(freqs)] / sr)
+    c = -2.0 * r * np.cos(2.0 * np.pi * freqs / sr)
+    gain = 1.0 + c + r * r
+    z = np.zeros_like(r)
+    return np.stack([gain, z, z, np.ones_like(r), c, r * r], axis=1)
+
+
+def _synthesize(rng: np.random.Generator, n: int, sr: int, spk: _Speaker, label: str) -> np.ndarray:
+    p = _class_params(rng, label, spk)
+
+    # --- syllable / pause plan (a short Python loop over ~10 syllables; samples are vectorised)
+    lead = int(rng.uniform(0.03, 0.10) * sr)
+    trail = int(rng.uniform(0.03, 0.10) * sr)
+    end = max(lead + 1, n - trail)
+    sylls = []                                    # (start, length)
+    pos = lead
+    while pos < end:
+        length = int(sr / p["rate"] * rng.lognormal(0.0, 0.25))
+        length = min(max(length, int(0.06 * sr)), end - pos)
+        if length < int(0.05 * sr) and sylls:
+            break
+        sylls.append((pos, max(length, 2)))
+        pos += length
+        if rng.random() < p["pause"]:
+            pos += int(rng.uniform(0.08, 0.30) * sr)
+    if not sylls:
+        sylls = [(0, n)]
+    n_syl = len(sylls)
+
+    voiced_env = np.zeros(n)
+    cons_env = np.zeros(n)
+    cons_frac = np.where(rng.random(n_syl) < 0.7, rng.uniform(0.12, 0.35, n_syl), 0.0)
+    voiced_spans = []
+    for (a, length), cf in zip(sylls, cons_frac):
+        c = int(cf * length)
+        if c > 1:
+            cons_env[a:a + c] = np.hanning(c)
+        v = length - c
+        x = (np.arange(v) + 0.5) / v
+        voiced_env[a + c:a + length] = np.sin(np.pi * x) ** 0.6
+        voiced_spans.append((a + c, v))
+
+    # --- f0 contour: syllable accents + declination, smoothed, plus jitter per glottal cycle
+    centres = np.array([a + v / 2.0 for a, v in voiced_spans])
+    decl = np.linspace(0.5, -0.5, n_syl) if n_syl > 1 else np.zeros(1)
+    accents = p["range"] * (decl + rng.normal(0.0, 0.55, n_syl))
+    knots_x = np.concatenate([[0.0], centres, [n - 1.0]])
+    knots_y = np.concatenate([[accents[0]], accents, [accents[-1]]])
+    st = np.interp(np.arange(n), knots_x, knots_y)
+    st = _moving_average(st, int(0.05 * sr))
+    f0 = np.clip(spk.f0 * 2.0 ** ((p["pitch"] + st) / 12.0), 55.0, 520.0)
+
+    cycle0 = np.floor(np.cumsum(f0 / sr)).astype(np.int64)
+    n_cyc = int(cycle0[-1]) + 2
+    f0 = f0 * (1.0 + p["jitter"] * rng.standard_normal(n_cyc))[cycle0]
+    phase = np.cumsum(f0 / sr)
+    cycle = np.floor(phase).astype(np.int64)
+    phi = phase - cycle
+    n_cyc = int(cycle[-1]) + 2
+
+    # --- Rosenberg glottal pulse, its derivative (lip radiation), shimmer and roughness
+    tp, tn = 0.6 * p["oq"], 0.4 * p["oq"]
+    g = np.where(phi < tp, 0.5 * (1.0 - np.cos(np.pi * phi / tp)),
+                 np.where(phi < tp + tn, np.cos(0.5 * np.pi * (phi - tp) / tn), 0.0))
+    dg = np.diff(g, prepend=g[0])
+    amp = 1.0 + p["shimmer"] * rng.standard_normal(n_cyc)
+    amp += p["rough"] * np.where(np.arange(n_cyc) % 2 == 0, 1.0, -1.0)   # period doubling
+    dg = dg * np.maximum(amp, 0.05)[cycle]
+    dg /= np.sqrt(np.mean(dg[voiced_env > 0.3] ** 2)) + 1e-12 if np.any(voiced_env > 0.3) else 1.0
+    aspiration = rng.standard_normal(n) * p["breath"] * (0.4 + 0.6 * g)
+    source = (dg + aspiration) * voiced_env
+
+    # --- vowel formants, piecewise per syllable, filtered with overlap-added tails
+    tail = int(0.025 * sr)
+    y = np.zeros(n + tail)
+    vowels = rng.integers(0, len(_VOWELS), n_syl)
+    for (a, length), vi in zip(sylls, vowels):
+        freqs = np.append(_VOWELS[vi] * rng.uniform(0.94, 1.06, 3), _F4) * spk.vt
+        seg = np.concatenate([source[a:a + length], np.zeros(tail)])
+        y[a:a + length + tail] += sosfilt(_resonator_sos(freqs, sr), seg)
+    y = y[:n]
+
+    # --- consonant bursts (high-passed noise, not shaped by the vowel)
+    y_rms = np.sqrt(np.mean(y[voiced_env > 0.3] ** 2)) if np.any(voiced_env > 0.3) else 1.0
+    burst = np.diff(rng.standard_normal(n + 1)) * cons_env
+    y += burst * y_rms * rng.uniform(0.08, 0.25)
+
+    # --- spectral tilt
+    b = p["bright"]
+    if b > 0:
+        y = lfilter([1.0, -min(0.95, b)], [1.0], y)
+    elif b < 0:
+        pole = min(0.92, -b)
+        y = lfilter([1.0 - pole], [1.0, -pole], y)
+
+    # --- level: active-speech RMS at the class/speaker target, no clipping
+    active = (voiced_env > 0.3) | (cons_env > 0.3)
+    rms = np.sqrt(np.mean(y[active] ** 2)) if np.any(active) else np.sqrt(np.mean(y ** 2))
+    y *= 10.0 ** ((-27.0 + p["energy"]) / 20.0) / (rms + 1e-12)
+    peak = np.max(np.abs(y))
+    if peak > 0.9:
+        y *= 0.9 / peak
+    y += rng.standard_normal(n) * 10.0 ** ((-62.0 + rng.normal(0.0, 3.0)) / 20.0)
+    return np.clip(y, -0.98, 0.98)
+
+
+def _fmt_vad(v: np.ndarray) -> str:
+    return f"[{v[0]:.4f}, {v[1]:.4f}, {v[2]:.4f}]"
+
+
+def _annotation_block(rng: np.random.Generator, u: _Utt, end: float) -> tuple[list[str], dict]:
+    """The EmoEvaluation block of one utterance, plus per-evaluator values for other files."""
+    lab = u.label
+    n_eval = 3
+    if lab == "xxx":                 # no majority: evaluators disagree
+        words = list(rng.choice(["Neutral", "Frustration", "Anger", "Sadness", "Happiness",
+                                 "Excited", "Surprise", "Other"], size=n_eval, replace=False))
+    else:
+        words = [_CAT_WORD[lab]] * n_eval
+        others = [w for w in _CAT_WORD.values() if w != _CAT_WORD[lab]]
+        if rng.random() < 0.6:      # one dissenting evaluator, majority still holds
+            words[int(rng.integers(n_eval))] = str(rng.choice(others))
+    mean = np.array(_VAD_MEAN[lab])
+    evals = np.clip(np.rint(mean + rng.normal(0.0, 0.6, (2, 3))), 1, 5).astype(int)   # A-E*
+    own = np.clip(np.rint(mean + rng.normal(0.0, 0.7, 3)), 1, 5).astype(int)           # self
+    vad = evals.mean(axis=0)
+    ev_ids = sorted(rng.choice([1, 2, 3, 4, 5, 6], size=n_eval, replace=False).tolist())
+    self_id = f"{u.gender}1"
+    lines = [f"[{u.start:.4f} - {end:.4f}]\t{u.utt_id}\t{lab}\t{_fmt_vad(vad)}"]
+    for e, w in zip(ev_ids, words):
+        extra = f" {_CAT_WORD['fru']};" if rng.random() < 0.1 and w != _CAT_WORD["fru"] else ""
+        lines.append(f"C-E{e}:\t{w};{extra}\t()")
+    self_word = words[0] if lab != "xxx" else "Other"
+    note = str(rng.choice(["", "", "", "curious", "tense", "calm", "annoyed"]))
+    lines.append(f"C-{self_id}:\t{self_word};\t({note})")
+    for e, (v, a, d) in zip(ev_ids[:2], evals):
+        lines.append(f"A-E{e}:\tval {v}; act {a}; dom  {d};\t()")
+    lines.append(f"A-{self_id}:\tval {own[0]}; act {own[1]}; dom  {own[2]};\t()")
+    return lines, {"ev_ids": ev_ids, "words": words, "evals": evals}
+
+
+def _write_text(path: Path, lines: list[str]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+
+def _write_wav(path: Path, audio: np.ndarray, sr: int) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sf.write(str(path), audio, sr, subtype="PCM_16", format="WAV")
+
+
+def _validate(dialogs_per_session, utterances_per_dialog, min_duration, max_duration,
+              sample_rate, drop_fraction, excited_fraction) -> None:
+    if int(dialogs_per_session) < 1:
+        raise ConfigError(f"dialogs_per_session must be >= 1, got {dialogs_per_session}")
+    if int(utterances_per_dialog) < 2:
+        raise ConfigError(f"utterances_per_dialog must be >= 2 (both actors speak in every "
+                          f"dialog), got {utterances_per_dialog}")
+    if not 0.2 <= float(min_duration) <= float(max_duration) <= 60.0:
+        raise ConfigError("need 0.2 <= min_duration <= max_duration <= 60 seconds, got "
+                          f"min_duration={min_duration}, max_duration={max_duration}")
+    if not 8000 <= int(sample_rate) <= 48000:
+        raise ConfigError(f"sample_rate must be in [8000, 48000] Hz, got {sample_rate}")
+    if not 0.0 <= float(drop_fraction) < 1.0:
+        raise ConfigError(f"drop_fraction must be in [0, 1), got {drop_fraction}")
+    if not 0.0 <= float(excited_fraction) <= 1.0:
+        raise ConfigError(f"excited_fraction must be in [0, 1], got {excited_fraction}")
+
+
+def make_corpus(out_dir, *, seed: int = 0, dialogs_per_session: int = 4,
+                utterances_per_dialog: int = 10, min_duration: float = 1.0,
+                max_duration: float = 2.5, sample_rate: int = 16000,
+                drop_fraction: float = 0.15, excited_fraction: float = 0.3,
+                progress: bool = False) -> Path:
+    """Write a synthetic IEMOCAP-layout corpus under ``out_dir`` and return ``Path(out_dir)``.
+
+    ``out_dir`` becomes the IEMOCAP root (``out_dir/Session1`` ... ``out_dir/Session5``).
+    Existing files with the same names are overwritten; nothing else is removed. The result is
+    byte-identical for the same arguments. Size: 5 * ``dialogs_per_session`` *
+    ``utterances_per_dialog`` utterances, about ``drop_fraction`` of them with a dropped label
+    (fru, sur, fea, dis, oth, xxx), the rest balanced over neu/hap/sad/ang with
+    ``excited_fraction`` of the happy ones labelled ``exc``.
+    """
+    _validate(dialogs_per_session, utterances_per_dialog, min_duration, max_duration,
+              sample_rate, drop_fraction, excited_fraction)
+    seed, sr = int(seed), int(sample_rate)
+    dialogs_per_session, utterances_per_dialog = int(dialogs_per_session), int(utterances_per_dialog)
+    root = Path(out_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    _write_text(root / "README.txt", [
+        "Synthetic speech-emotion corpus in the IEMOCAP_full_release layout,",
+        f"generated by serray.data.synthetic.make_corpus(seed={seed}).",
+        "The audio is synthetic: it is not IEMOCAP and contains no real speech."])
+
+    index = 0
+    for session in range(1, N_SESSIONS + 1):
+        speakers = {g: _speaker(seed, session, g) for g in "FM"}
+        dialogs = _dialog_names(session, dialogs_per_session)
+        labels = _session_labels(seed, session, dialogs_per_session * utterances_per_dialog,
+                                 float(drop_fraction), float(excited_fraction))
+        sess_dir = root / f"Session{session}"
+        emo_dir = sess_dir / "dialog" / "EmoEvaluation"
+        n_written = 0
+        for d, dialog in enumerate(dialogs):
+            drng = np.random.default_rng([seed, 0xD1A, session, d])
+            lead = dialog[5]
+            other = "M" if lead == "F" else "F"
+            # turns: the lead starts, the other answers, then alternating-ish
+            genders = [lead, other]
+            for _ in range(utterances_per_dialog - 2):
+                genders.append(genders[-1] if drng.random() < 0.25 else
+                               ("M" if genders[-1] == "F" else "F"))
+            counters = {"F": 0, "M": 0}
+            utts: list[_Utt] = []
+            t = float(drng.uniform(0.5, 4.0))
+            for k, g in enumerate(genders):
+                urng = np.random.default_rng([seed, 0x077, index, 0])
+                dur = float(urng.uniform(float(min_duration), float(max_duration)))
+                u = _Utt(index=index, session=session, dialog=dialog,
+                         utt_id=f"{dialog}_{g}{counters[g]:03d}", gender=g,
+                         label=labels[d * utterances_per_dialog + k],
+                         n_samples=int(round(dur * sr)), start=round(t, 4))
+                counters[g] += 1
+                index += 1
+                utts.append(u)
+                t = u.start + u.n_samples / sr + float(drng.uniform(0.2, 2.5))
+
+            emo = ["% [START_TIME - END_TIME] TURN_NAME EMOTION [V, A, D]", ""]
+            cat, atr, trans = [], [], []
+            first_audio = []
+            wav_dir = sess_dir / "sentences" / "wav" / dialog
+            for u in utts:
+                arng = np.random.default_rng([seed, 0x077, u.index, 1])
+                audio = _synthesize(arng, u.n_samples, sr, speakers[u.gender], u.label)
+                _write_wav(wav_dir / f"{u.utt_id}.wav", audio, sr)
+                if len(first_audio) < 2:
+                    first_audio.append(audio)
+                end = u.start + u.n_samples / sr
+                block, ev = _annotation_block(drng, u, end)
+                emo += block + [""]
+                cat.append(f"{u.utt_id} :{ev['words'][0].replace('Neutral', 'Neutral state')}; ()")
+                v, a, dm = ev["evals"][0]
+                atr.append(f"{u.utt_id} :act {a}; val {v}; dom  {dm}; ()")
+                n_words = max(1, int(round((end - u.start) * drng.uniform(1.5, 3.0))))
+                text = " ".join(drng.choice(_WORDS, size=n_words)).capitalize() + "."
+                trans.append(f"{u.utt_id} [{u.start:08.4f}-{end:08.4f}]: {text}")
+                n_written += 1
+            # a non-utterance turn (breathing/laughter), as in the real transcriptions
+            last_end = utts[-1].start + utts[-1].n_samples / sr
+            trans.append(f"{dialog}_{lead}XX0 [{last_end + 0.1:08.4f}-{last_end + 0.6:08.4f}]: "
+                         "[LAUGHTER]")
+
+            _write_text(emo_dir / f"{dialog}.txt", emo)
+            _write_text(emo_dir / "Categorical" / f"{dialog}_e1_cat.txt", cat)
+            _write_text(emo_dir / "Attribute" / f"{dialog}_e1_atr.txt", atr)
+            _write_text(emo_dir / "Self-evaluation" / f"{dialog}.anvil", [
+                '<?xml version="1.0" encoding="ISO-8859-1"?>',
+                "<annotation>",
+                f'  <head><video src="{dialog}.avi"/></head>',
+                "  <body>",
+                *(f'    <el index="{i}" start="{u.start:.4f}" end="{u.start + u.n_samples / sr:.4f}">'
+                  f'<attribute name="utterance">{u.utt_id}</attribute></el>'
+                  for i, u in enumerate(utts)),
+                "  </body>",
+                "</annotation>"])
+            _write_text(sess_dir / "dialog" / "transcriptions" / f"{dialog}.txt", trans)
+            gap = np.zeros(int(0.2 * sr))
+            _write_wav(sess_dir / "dialog" / "wav" / f"{dialog}.wav",
+                       np.concatenate([first_audio[0], gap, first_audio[1]]), sr)
+            # macOS AppleDouble junk beside real files (not audio, not annotations)
+            (wav_dir / f"._{utts[0].utt_id}.wav").write_bytes(_APPLEDOUBLE)
+            if d == 0:
+                (emo_dir / f"._{dialog}.txt").write_bytes(_APPLEDOUBLE)
+                (sess_dir / "sentences" / "wav" / f"._{dialog}").write_bytes(_APPLEDOUBLE)
+                (sess_dir / "dialog" / "wav" / f"._{dialog}.wav").write_bytes(_APPLEDOUBLE)
+        if progress:
+            print(f"[synthetic] Session{session}: {len(dialogs)} dialogs, {n_written} utterances",
+                  file=sys.stderr, flush=True)
+    return root

@@ -1,0 +1,175 @@
+"""Weighted-average-pooling (WAP) Transformer used as adapter student/teacher.
+
+The network maps frozen speech-encoder features ``[B, T, D]`` (or a stack of
+``L`` encoder layers ``[B, L, T, D]``) to ``[B, T, d_model]``. Its output is a
+softmax-weighted sum over the per-layer-normalised outputs of its own
+Transformer layers (one ``LayerNorm`` per layer, ``out_norms[l]``).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+
+def _zero_padded(x: Tensor, padding_mask: Tensor | None) -> Tensor:
+    """Set padded frames (``padding_mask`` True) of ``x`` [B, T, ...] to zero."""
+    if padding_mask is None:
+        return x
+    return x.masked_fill(padding_mask[..., None], 0.0)
+
+
+class WAPTransformer(nn.Module):
+    """Pre-LN Transformer whose output is a learned weighted sum of its layers.
+
+    Args:
+        input_dim: Feature dimension ``D`` of the frozen encoder features.
+        d_model: Transformer width.
+        num_layers: Number of Transformer encoder layers.
+        num_heads: Attention heads per layer.
+        ff_dim: Feed-forward hidden size.
+        dropout: Dropout used after the input projection and inside layers.
+        num_input_layers: Number ``L`` of stacked encoder layers in the input;
+            when > 1 the input ``[B, L, T, D]`` is reduced with
+            ``softmax(input_layer_logits)``.
+    """
+
+    def __init__(
+        self,
+        input_dim: int,
+        d_model: int = 256,
+        num_layers: int = 3,
+        num_heads: int = 4,
+        ff_dim: int = 1024,
+        dropout: float = 0.1,
+        num_input_layers: int = 1,
+    ) -> None:
+        super().__init__()
+        if num_layers < 1 or num_input_layers < 1:
+            raise ValueError("num_layers and num_input_layers must be >= 1")
+        self.input_dim = input_dim
+        self.d_model = d_model
+        self.num_layers = num_layers
+        self.num_input_layers = num_input_layers
+        # Only trainable when there is something to weight (keeps DDP free of
+        # unused parameters for single-layer inputs).
+        self.input_layer_logits = nn.Parameter(
+            torch.zeros(num_input_layers), requires_grad=num_input_layers > 1
+        )
+        self.layer_logits = nn.Parameter(torch.zeros(num_layers))
+        self.input_norm = nn.LayerNorm(input_dim)
+        self.input_proj = nn.Linear(input_dim, d_model)
+        self.input_dropout = nn.Dropout(dropout)
+        self.layers = nn.ModuleList(
+            nn.TransformerEncoderLayer(
+                d_model,
+                num_heads,
+                dim_feedforward=ff_dim,
+                dropout=dropout,
+                activation="gelu",
+                batch_first=True,
+                norm_first=True,
+            )
+            for _ in range(num_layers)
+        )
+        self.out_norms = nn.ModuleList(nn.LayerNorm(d_model) for _ in range(num_layers))
+
+    def input_layer_weights(self) -> Tensor:
+        """Return the softmax weights over stacked input encoder layers.
+
+        Returns:
+            Float tensor ``[num_input_layers]`` summing to 1.
+        """
+        return torch.softmax(self.input_layer_logits.float(), dim=0)
+
+    def layer_weights(self) -> Tensor:
+        """Return the softmax weights over this model's Transformer layers.
+
+        Returns:
+            Float tensor ``[num_layers]`` summing to 1.
+        """
+        return torch.softmax(self.layer_logits.float(), dim=0)
+
+    def _reduce_input_layers(self, x: Tensor) -> Tensor:
+        """Collapse ``[B, L, T, D]`` to ``[B, T, D]`` with the input weights."""
+        if x.dim() == 3:
+            return x
+        if x.dim() != 4 or x.shape[1] != self.num_input_layers:
+            raise ValueError(
+                f"expected [B, {self.num_input_layers}, T, {self.input_dim}] input, "
+                f"got {tuple(x.shape)}"
+            )
+        w = self.input_layer_weights().to(x.dtype)
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            return torch.einsum("l,bltd->btd", w, x)
+
+    def embed(self, x: Tensor) -> Tensor:
+        """Project encoder features to the model width.
+
+        Args:
+            x: ``[B, T, D]`` or ``[B, L, T, D]`` with ``L == num_input_layers``.
+
+        Returns:
+            ``[B, T, d_model]`` = dropout(Linear(LayerNorm(weighted sum over L))).
+        """
+        h = self._reduce_input_layers(x)
+        return self.input_dropout(self.input_proj(self.input_norm(h)))
+
+    def layer_outputs(self, h: Tensor, padding_mask: Tensor | None) -> list[Tensor]:
+        """Run the Transformer layers one by one.
+
+        Args:
+            h: ``[B, T, d_model]`` embedded input.
+            padding_mask: bool ``[B, T]``, True = padded frame, or None.
+
+        Returns:
+            List of ``num_layers`` raw layer outputs ``[B, T, d_model]``
+            (before ``out_norms``; padded positions are unspecified).
+        """
+        out = []
+        h = _zero_padded(h, padding_mask)
+        for layer in self.layers:
+            h = layer(h, src_key_padding_mask=padding_mask)
+            out.append(h)
+        return out
+
+    def combine(self, layers: list[Tensor], padding_mask: Tensor | None) -> Tensor:
+        """Weighted sum of per-layer-normalised layer outputs.
+
+        Args:
+            layers: Output of :meth:`layer_outputs`.
+            padding_mask: bool ``[B, T]``, True = padded frame, or None.
+
+        Returns:
+            ``[B, T, d_model]`` = sum_l w_l * out_norms[l](X_l); padded frames 0.
+        """
+        w = self.layer_weights()
+        out = sum(w[i] * norm(x) for i, (norm, x) in enumerate(zip(self.out_norms, layers)))
+        return _zero_padded(out, padding_mask)
+
+    def encode(self, h: Tensor, padding_mask: Tensor | None) -> Tensor:
+        """Encode embedded frames.
+
+        Args:
+            h: ``[B, T, d_model]`` embedded input (see :meth:`embed`).
+            padding_mask: bool ``[B, T]``, True = padded frame, or None.
+
+        Returns:
+            ``[B, T, d_model]`` WAP output with padded frames set to 0.
+        """
+        return self.combine(self.layer_outputs(h, padding_mask), padding_mask)
+
+    def forward(self, x: Tensor, padding_mask: Tensor | None = None) -> Tensor:
+        """Embed and encode encoder features.
+
+        Args:
+            x: ``[B, T, D]`` or ``[B, L, T, D]`` encoder features.
+            padding_mask: bool ``[B, T]``, True = padded frame, or None.
+
+        Returns:
+            ``[B, T, d_model]`` features, zero at padded frames.
+        """
+        return self.encode(self.embed(x), padding_mask)
+
+
+__all__ = ["WAPTransformer"]

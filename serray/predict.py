@@ -1,0 +1,107 @@
+"""Offline prediction from a classifier checkpoint: stored features, feature arrays or audio files.
+
+The same :class:`Predictor` scores the held-out session of every fold, runs ``serray predict`` and
+backs the Serve deployment, so the preprocessing (mono mix-down, 16 kHz resampling, the frozen
+encoder) and the model are identical everywhere.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterable, List, Optional, Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+
+from serray.data.features import pad_features
+from serray.data.featurize import decode_feature
+from serray.data.iemocap import LABELS
+from serray.errors import DataError
+from serray.models.classifier import EmotionClassifier
+from serray.train.checkpoint import MODEL_KEY, load_checkpoint
+
+
+class Predictor:
+    """A trained :class:`EmotionClassifier` plus its label set and feature identity."""
+
+    def __init__(self, model: EmotionClassifier, meta: dict, device: str | torch.device = "cpu"):
+        self.device = torch.device(device)
+        self.model = model.to(self.device).eval()
+        self.meta = meta
+        self.labels: List[str] = list(meta.get("labels", LABELS))
+        self.features = meta["features"]
+        self._encoder = None
+
+    @classmethod
+    def from_checkpoint(cls, directory: str | Path, device: str | torch.device = "cpu") -> "Predictor":
+        """Rebuild the classifier from a checkpoint directory (weights-only load)."""
+        state, meta = load_checkpoint(directory)
+        if meta.get("kind") != "classifier":
+            raise DataError(f"{directory} holds a '{meta.get('kind')}' checkpoint, not a classifier")
+        model = EmotionClassifier(**meta["model"])
+        model.load_state_dict(state[MODEL_KEY])
+        return cls(model, meta, device)
+
+    @torch.no_grad()
+    def predict_arrays(self, feats: Sequence[np.ndarray], batch_size: int = 16) -> np.ndarray:
+        """Class probabilities [N, C] for feature arrays [T, D] (or [L, T, D])."""
+        probs = []
+        order = np.argsort([f.shape[-2] for f in feats])  # similar lengths per batch
+        for i in range(0, len(feats), batch_size):
+            idx = order[i : i + batch_size]
+            x, mask = pad_features([np.asarray(feats[j], dtype=np.float32) for j in idx])
+            logits = self.model(x.to(self.device), mask.to(self.device))
+            probs.append((idx, torch.softmax(logits.float(), dim=-1).cpu().numpy()))
+        out = np.zeros((len(feats), len(self.labels)), dtype=np.float32)
+        for idx, p in probs:
+            out[idx] = p
+        return out
+
+    def predict_parquet(self, files: Iterable[str | Path], batch_rows: int = 64) -> pd.DataFrame:
+        """Predict every row of stored feature files (streamed in record batches)."""
+        import pyarrow.parquet as pq
+
+        frames = []
+        cols = ["utt_id", "label", "speaker", "num_frames", "dim", "num_layers", "feat"]
+        for f in files:
+            for rb in pq.ParquetFile(f).iter_batches(batch_size=batch_rows, columns=cols):
+                d = rb.to_pydict()
+                feats = [decode_feature(b, t, dm, l) for b, t, dm, l in zip(d["feat"], d["num_frames"], d["dim"], d["num_layers"])]
+                p = self.predict_arrays(feats)
+                df = pd.DataFrame({"utt_id": d["utt_id"], "speaker": d["speaker"], "label": d["label"],
+                                   "pred": [self.labels[i] for i in p.argmax(1)]})
+                for j, name in enumerate(self.labels):
+                    df[f"p_{name}"] = p[:, j]
+                frames.append(df)
+        return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+
+    def encoder(self):
+        """The frozen encoder the features were made with (built on first use)."""
+        if self._encoder is None:
+            from omegaconf import OmegaConf
+
+            from serray.data.encoders import build_encoder
+
+            f = self.features
+            cfg = OmegaConf.create({"name": f["encoder"], "layers": list(f.get("layers") or []),
+                                    "sample_rate": int(f.get("sample_rate", 16000)), "num_mel_bins": int(f["dim"]),
+                                    "local_files_only": True, "device": "cpu" if self.device.type == "cpu" else "cuda"})
+            self._encoder = build_encoder(cfg)
+        return self._encoder
+
+    def predict_waveforms(self, wavs: Sequence[np.ndarray]) -> np.ndarray:
+        """Probabilities [N, C] for mono 16 kHz waveforms."""
+        return self.predict_arrays(self.encoder().encode(list(wavs)))
+
+    def predict_files(self, paths: Sequence[str | Path], min_seconds: float = 0.1) -> pd.DataFrame:
+        """Label and probabilities for audio files (WAV/FLAC, any channels / sample rate)."""
+        from serray.data.audio import load_audio
+
+        sr = int(self.features.get("sample_rate", 16000))
+        wavs = [load_audio(p, sr, min_seconds) for p in paths]
+        probs = self.predict_waveforms(wavs)
+        df = pd.DataFrame({"path": [str(p) for p in paths], "label": [self.labels[i] for i in probs.argmax(1)]})
+        for j, name in enumerate(self.labels):
+            df[f"p_{name}"] = probs[:, j]
+        return df

@@ -1,0 +1,103 @@
+"""Leave-one-session-out results: metrics.json, a Markdown table, predictions CSV and PNG plots."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Dict, List
+
+import numpy as np
+import pandas as pd
+
+from serray.data.features import LABEL_INDEX
+from serray.data.iemocap import LABELS
+from serray.train.metrics import confusion
+
+METRICS = ("ua", "wa", "macro_f1")
+FOLD_KEYS = ("fold", "test_session", "ua", "wa", "macro_f1", "n_test", "n_train", "n_val", "best_epoch", "val_ua",
+             "classes_in_test")
+
+
+def summarise(folds: List[Dict[str, Any]]) -> Dict[str, Any]:
+    """Per-fold metrics plus mean and (population) standard deviation over folds."""
+    table = {k: np.array([f[k] for f in folds], dtype=float) for k in METRICS}
+    return {"folds": [{k: f[k] for k in FOLD_KEYS if k in f} for f in folds],
+            "mean": {k: float(np.nanmean(v)) for k, v in table.items()},
+            "std": {k: float(np.nanstd(v)) for k, v in table.items()}}
+
+
+def markdown_table(summary: Dict[str, Any], title: str = "") -> str:
+    """A paper-style table in percent: one row per fold and a mean ± std row."""
+    lines = [f"### {title}", ""] if title else []
+    lines += ["| fold (test session) | n_test | UA % | WA % | macro-F1 % |", "|---|---:|---:|---:|---:|"]
+    for f in summary["folds"]:
+        lines.append(f"| {f['fold']} | {f['n_test']} | {100 * f['ua']:.2f} | {100 * f['wa']:.2f} | {100 * f['macro_f1']:.2f} |")
+    m, s = summary["mean"], summary["std"]
+    lines.append("| **mean ± std** | {} | {:.2f} ± {:.2f} | {:.2f} ± {:.2f} | {:.2f} ± {:.2f} |".format(
+        sum(f["n_test"] for f in summary["folds"]), 100 * m["ua"], 100 * s["ua"], 100 * m["wa"], 100 * s["wa"],
+        100 * m["macro_f1"], 100 * s["macro_f1"]))
+    return "\n".join(lines) + "\n"
+
+
+def write_results(folds: List[Dict[str, Any]], out_dir: str | Path, extra: Dict[str, Any]) -> Dict[str, Any]:
+    """Write metrics.json, results.md, predictions.csv, confusion_matrix.png and learning_curves.png."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    summary = {**summarise(folds), **extra}
+    (out / "metrics.json").write_text(json.dumps(summary, indent=2))
+    (out / "results.md").write_text(markdown_table(summary, extra.get("title", "")))
+    preds = pd.concat([pd.read_csv(out / f"fold{f['fold']}" / "predictions.csv") for f in folds], ignore_index=True)
+    preds.to_csv(out / "predictions.csv", index=False)
+    cm = confusion([LABEL_INDEX[l] for l in preds["label"]], [LABEL_INDEX[l] for l in preds["pred"]], len(LABELS))
+    _plot_confusion(cm, out / "confusion_matrix.png", summary)
+    _plot_curves(folds, out / "learning_curves.png")
+    return summary
+
+
+def _plot_confusion(cm: np.ndarray, path: Path, summary: Dict[str, Any]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    norm = cm / np.maximum(cm.sum(axis=1, keepdims=True), 1)
+    fig, ax = plt.subplots(figsize=(4.2, 3.8))
+    im = ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
+    ax.set_xticks(range(len(LABELS)), LABELS)
+    ax.set_yticks(range(len(LABELS)), LABELS)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    for i in range(len(LABELS)):
+        for j in range(len(LABELS)):
+            ax.text(j, i, f"{norm[i, j]:.2f}\n({cm[i, j]})", ha="center", va="center", fontsize=7,
+                    color="white" if norm[i, j] > 0.5 else "black")
+    m = summary["mean"]
+    ax.set_title(f"LOSO, all folds: UA {100 * m['ua']:.1f}  WA {100 * m['wa']:.1f}  F1 {100 * m['macro_f1']:.1f}", fontsize=8)
+    fig.colorbar(im, ax=ax, fraction=0.046)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _plot_curves(folds: List[Dict[str, Any]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(8, 3))
+    for f in folds:
+        h = pd.DataFrame(f.get("history", []))
+        if h.empty:
+            continue
+        axes[0].plot(h["epoch"], h["loss"], label=f"fold {f['fold']}")
+        axes[1].plot(h["epoch"], h["val_ua"], label=f"fold {f['fold']}")
+    axes[0].set_title("train loss", fontsize=9)
+    axes[1].set_title("validation UA", fontsize=9)
+    for ax in axes:
+        ax.set_xlabel("epoch")
+        ax.grid(alpha=0.3)
+    axes[1].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

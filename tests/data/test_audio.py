@@ -1,0 +1,243 @@
+"""Tests for serray.data.audio.load_audio: formats, resampling, and every way audio can be unusable."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+from serray.data.audio import load_audio, to_mono_resampled
+from serray.errors import AudioError
+
+SR = 16000
+
+
+def tone(seconds: float = 1.0, sr: int = SR, freq: float = 220.0, amp: float = 0.5) -> np.ndarray:
+    t = np.arange(int(round(seconds * sr))) / sr
+    return (amp * np.sin(2 * np.pi * freq * t)).astype(np.float32)
+
+
+def wav_bytes(data: np.ndarray, sr: int = SR, subtype: str = "PCM_16", fmt: str = "WAV") -> bytes:
+    buf = io.BytesIO()
+    sf.write(buf, data, sr, subtype=subtype, format=fmt)
+    return buf.getvalue()
+
+
+def write(tmp_path, name: str, data: np.ndarray, sr: int = SR, subtype: str = "PCM_16", fmt: str = "WAV"):
+    p = tmp_path / name
+    sf.write(str(p), data, sr, subtype=subtype, format=fmt)
+    return p
+
+
+# ---------------------------------------------------------------- formats
+
+
+@pytest.mark.parametrize("subtype, atol", [
+    ("PCM_16", 1 / 32768 + 1e-6),
+    ("PCM_U8", 1 / 128 + 1e-6),
+    ("PCM_32", 1e-6),
+    ("FLOAT", 0.0),
+])
+def test_wav_subtypes_same_rate(tmp_path, subtype, atol):
+    x = tone(1.0)
+    p = write(tmp_path, f"{subtype}.wav", x, subtype=subtype)
+    assert sf.info(str(p)).subtype == subtype
+    y = load_audio(p)
+    assert y.dtype == np.float32 and y.ndim == 1
+    assert len(y) == len(x)
+    np.testing.assert_allclose(y, x, atol=atol, rtol=0)
+
+
+def test_str_path_accepted(tmp_path):
+    x = tone(0.5)
+    p = write(tmp_path, "a.wav", x)
+    np.testing.assert_allclose(load_audio(str(p)), x, atol=1e-4)
+
+
+def test_flac(tmp_path):
+    x = tone(1.0)
+    p = write(tmp_path, "a.flac", x, subtype="PCM_16", fmt="FLAC")
+    y = load_audio(p)
+    assert len(y) == len(x)
+    np.testing.assert_allclose(y, x, atol=1 / 32768 + 1e-6)
+
+
+def test_stereo_is_mixed_down(tmp_path):
+    left, right = tone(1.0, freq=220), tone(1.0, freq=330, amp=0.25)
+    p = write(tmp_path, "st.wav", np.stack([left, right], axis=1), subtype="FLOAT")
+    assert sf.info(str(p)).channels == 2
+    y = load_audio(p)
+    assert y.ndim == 1 and len(y) == len(left)
+    np.testing.assert_allclose(y, (left + right) / 2, atol=1e-6)
+
+
+@pytest.mark.parametrize("sr", [8000, 44100, 22050, 48000])
+def test_resampled_to_16k(tmp_path, sr):
+    seconds = 1.3
+    x = tone(seconds, sr=sr, freq=300)
+    p = write(tmp_path, f"{sr}.wav", x, sr=sr)
+    y = load_audio(p)
+    expected = len(x) * SR / sr
+    assert abs(len(y) - expected) <= 1, (len(y), expected)
+    # a 300 Hz tone stays a 300 Hz tone of about the same level
+    spec = np.abs(np.fft.rfft(y))
+    peak_hz = np.argmax(spec) * SR / len(y)
+    assert abs(peak_hz - 300) < 5
+    assert np.sqrt(np.mean(y[1000:-1000] ** 2)) == pytest.approx(0.5 / np.sqrt(2), rel=0.05)
+
+
+def test_stereo_44k1(tmp_path):
+    x = tone(1.0, sr=44100)
+    p = write(tmp_path, "st44.wav", np.stack([x, x], axis=1), sr=44100)
+    y = load_audio(p)
+    assert y.ndim == 1 and abs(len(y) - len(x) * SR / 44100) <= 1
+
+
+def test_target_rate_parameter(tmp_path):
+    x = tone(1.0)
+    y = load_audio(write(tmp_path, "a.wav", x), target_sr=8000)
+    assert abs(len(y) - 8000) <= 1
+
+
+def test_bytes_input():
+    x = tone(0.7)
+    y = load_audio(wav_bytes(x))
+    np.testing.assert_allclose(y, x, atol=1 / 32768 + 1e-6)
+    y2 = load_audio(bytearray(wav_bytes(x, fmt="FLAC")))
+    np.testing.assert_allclose(y2, x, atol=1 / 32768 + 1e-6)
+    y3 = load_audio(wav_bytes(x, sr=8000))
+    assert abs(len(y3) - 2 * len(x)) <= 1
+
+
+def test_to_mono_resampled_1d_and_2d():
+    x = tone(0.5)
+    np.testing.assert_array_equal(to_mono_resampled(x, SR, SR), x)
+    np.testing.assert_array_equal(to_mono_resampled(x[:, None], SR, SR), x)
+
+
+def test_synthetic_corpus_file_loads(synthetic_root):
+    wav = next(synthetic_root.glob("Session1/sentences/wav/*/Ses*.wav"))
+    y = load_audio(wav)
+    assert len(y) == sf.info(str(wav)).frames
+    assert np.isfinite(y).all() and np.abs(y).max() <= 1.0
+
+
+# ---------------------------------------------------------------- errors
+
+
+def test_missing_file(tmp_path):
+    p = tmp_path / "nope.wav"
+    with pytest.raises(AudioError) as e:
+        load_audio(p)
+    assert "not found" in str(e.value) and str(p) in str(e.value)
+
+
+def test_directory_is_not_a_file(tmp_path):
+    with pytest.raises(AudioError, match="not found"):
+        load_audio(tmp_path)
+
+
+def test_empty_bytes():
+    with pytest.raises(AudioError, match="empty"):
+        load_audio(b"")
+
+
+def test_empty_file(tmp_path):
+    p = tmp_path / "empty.wav"
+    p.write_bytes(b"")
+    with pytest.raises(AudioError) as e:
+        load_audio(p)
+    assert str(p) in str(e.value)
+
+
+def test_non_audio_bytes(tmp_path):
+    junk = b"this is definitely not a RIFF file\n" * 20
+    with pytest.raises(AudioError, match="cannot decode audio bytes"):
+        load_audio(junk)
+    p = tmp_path / "junk.wav"
+    p.write_bytes(junk)
+    with pytest.raises(AudioError) as e:
+        load_audio(p)
+    assert "cannot decode" in str(e.value) and str(p) in str(e.value)
+
+
+def test_appledouble_file_is_not_audio(synthetic_root):
+    junk = next(synthetic_root.glob("Session1/sentences/wav/*/._*.wav"))
+    with pytest.raises(AudioError, match="cannot decode"):
+        load_audio(junk)
+
+
+def test_wav_with_no_samples():
+    with pytest.raises(AudioError, match="no samples"):
+        load_audio(wav_bytes(np.zeros(0, np.float32)))
+
+
+def test_truncated_header():
+    full = wav_bytes(tone(1.0))
+    with pytest.raises(AudioError, match="cannot decode"):
+        load_audio(full[:20])  # cut inside the fmt chunk
+
+
+def test_truncated_header_only():
+    """Header intact, data chunk cut to nothing: soundfile reads 0 frames -> 'no samples'."""
+    full = wav_bytes(tone(1.0))
+    assert full[36:40] == b"data"
+    with pytest.raises(AudioError, match="no samples"):
+        load_audio(full[:44])
+
+
+@pytest.mark.parametrize("keep_fraction", [0.5, 0.1])
+def test_truncated_in_the_middle_reads_what_is_there(keep_fraction):
+    """A data chunk cut mid-way is not an error for libsndfile: it returns the samples present."""
+    x = tone(1.0)
+    full = wav_bytes(x)
+    n_bytes = 44 + int(keep_fraction * (len(full) - 44))
+    y = load_audio(full[:n_bytes])
+    n = (n_bytes - 44) // 2
+    assert len(y) == n
+    np.testing.assert_allclose(y, x[:n], atol=1 / 32768 + 1e-6)
+
+
+def test_truncated_file_too_short_after_cut(tmp_path):
+    """...but the length checks see the real (short) length."""
+    full = wav_bytes(tone(1.0))
+    p = tmp_path / "cut.wav"
+    p.write_bytes(full[: 44 + 2 * 800])  # 50 ms left
+    with pytest.raises(AudioError, match="too short"):
+        load_audio(p, min_seconds=0.1)
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_non_finite_samples(tmp_path, bad):
+    x = tone(0.5)
+    x[100] = bad
+    p = write(tmp_path, "nan.wav", x, subtype="FLOAT")
+    with pytest.raises(AudioError, match="NaN or infinite"):
+        load_audio(p)
+
+
+def test_too_short():
+    x = tone(0.05)
+    with pytest.raises(AudioError) as e:
+        load_audio(wav_bytes(x), min_seconds=0.1)
+    assert "too short" in str(e.value) and "0.050" in str(e.value)
+    assert len(load_audio(wav_bytes(x), min_seconds=0.05)) == len(x)  # the boundary is allowed
+
+
+def test_too_long():
+    x = tone(2.0)
+    with pytest.raises(AudioError) as e:
+        load_audio(wav_bytes(x), max_seconds=1.5)
+    assert "too long" in str(e.value) and "1.5" in str(e.value)
+    assert len(load_audio(wav_bytes(x), max_seconds=2.0)) == len(x)
+
+
+def test_length_limits_use_source_rate():
+    """Limits are in seconds of the source, whatever its sample rate."""
+    x = tone(0.5, sr=8000)
+    with pytest.raises(AudioError, match="too short"):
+        load_audio(wav_bytes(x, sr=8000), min_seconds=0.6)
+    with pytest.raises(AudioError, match="too long"):
+        load_audio(wav_bytes(x, sr=8000), max_seconds=0.4)

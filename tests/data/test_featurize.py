@@ -1,0 +1,292 @@
+"""Tests for serray.data.featurize (Ray Data): layout, dtype, metadata, resumability, bad audio.
+
+Every Ray Data run costs several seconds, so the modifying tests work on *copies* of the shared
+``featurized`` output and only recompute one partition / one session.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow.parquet as pq
+import pytest
+import soundfile as sf
+
+from serray.cli import main
+from serray.data.encoders import FbankEncoder
+from serray.data.featurize import (FEATURE_COLUMNS, META_FILE, SKIPPED_FILE, decode_feature, featurize,
+                                   parquet_files, read_meta, stored_utterances)
+from serray.data.audio import load_audio
+from serray.data.iemocap import MANIFEST_COLUMNS, build_manifest, read_manifest, write_manifest
+from serray.errors import DataError
+
+
+def load_features(features_dir) -> pd.DataFrame:
+    """Every stored row, with ``session`` taken from the partition directory."""
+    frames = []
+    for f in parquet_files(features_dir):
+        t = pq.read_table(f).to_pandas()
+        t["session"] = int(f.parent.name.split("=", 1)[1])
+        t["file"] = str(f)
+        frames.append(t)
+    return pd.concat(frames, ignore_index=True)
+
+
+@pytest.fixture(scope="module")
+def manifest(featurized) -> pd.DataFrame:
+    return read_manifest(featurized.data.manifest)
+
+
+@pytest.fixture(scope="module")
+def stored(featurized) -> pd.DataFrame:
+    return load_features(featurized.features.dir)
+
+
+def copy_features(featurized, tmp_path) -> Path:
+    dest = tmp_path / "features"
+    shutil.copytree(featurized.features.dir, dest)
+    return dest
+
+
+# ---------------------------------------------------------------- the shared fbank output
+
+
+@pytest.mark.ray
+def test_rows_match_manifest(manifest, stored):
+    assert len(stored) == len(manifest)
+    assert stored["utt_id"].is_unique
+    assert set(stored["utt_id"]) == set(manifest["utt_id"])
+    m = manifest.set_index("utt_id")
+    s = stored.set_index("utt_id").loc[m.index]
+    assert (s["session"] == m["session"]).all()
+    for c in ("label", "raw_label", "speaker", "path", "dialog"):
+        assert (s[c] == m[c]).all(), c
+    assert set(MANIFEST_COLUMNS + FEATURE_COLUMNS) <= set(stored.columns)
+
+
+@pytest.mark.ray
+def test_float16_bytes(stored):
+    assert (stored["dim"] == 80).all() and (stored["num_layers"] == 1).all()
+    for row in stored.itertuples():
+        assert len(row.feat) == row.num_frames * row.dim * 2
+        f = decode_feature(row.feat, row.num_frames, row.dim, row.num_layers)
+        assert f.dtype == np.float16 and f.shape == (row.num_frames, 80)
+        assert np.isfinite(f).all()
+
+
+@pytest.mark.ray
+def test_num_frames_match_duration(stored):
+    fb = FbankEncoder()
+    for row in stored.itertuples():
+        # Kaldi frames (snip_edges): T = 1 + (n - 400) // 160 = duration * 100 - 1.5 - [0, 1)
+        assert abs(row.num_frames - (row.duration * fb.frame_rate - 1.5)) <= 1, row.utt_id
+        assert abs(row.num_frames - row.duration * fb.frame_rate) <= 2.5, row.utt_id
+        n = sf.info(row.path).frames
+        assert row.num_frames == 1 + (n - 400) // 160
+
+
+@pytest.mark.ray
+def test_features_equal_direct_encoding(stored):
+    """A stored row is the float16 of what the encoder computes in-process."""
+    fb = FbankEncoder()
+    for row in stored.sample(3, random_state=0).itertuples():
+        direct = fb.encode([load_audio(row.path)])[0]
+        got = decode_feature(row.feat, row.num_frames, row.dim)
+        np.testing.assert_array_equal(got, direct.astype(np.float16))
+
+
+@pytest.mark.ray
+def test_partitions(featurized, manifest):
+    out = Path(featurized.features.dir)
+    parts = sorted(p.name for p in out.iterdir() if p.is_dir())
+    assert parts == [f"session={s}" for s in range(1, 6)]
+    for s in range(1, 6):
+        files = list((out / f"session={s}").glob("*.parquet"))
+        assert files
+        assert sum(pq.read_metadata(f).num_rows for f in files) == int((manifest["session"] == s).sum())
+    # "session" is the partition key, not a column inside the files
+    assert "session" not in pq.read_schema(files[0]).names
+
+
+@pytest.mark.ray
+def test_metadata(featurized, manifest):
+    out = Path(featurized.features.dir)
+    meta = json.loads((out / META_FILE).read_text())
+    assert meta == read_meta(out)
+    assert meta["encoder"] == "fbank" and meta["layers"] == [] and meta["dim"] == 80
+    assert meta["num_layers"] == 1 and meta["frame_rate"] == 100.0 and meta["dtype"] == "float16"
+    assert isinstance(meta["config_hash"], str) and len(meta["config_hash"]) == 16
+    assert meta["num_rows"] == len(manifest)
+    assert meta["rows_per_session"] == {str(k): int(v) for k, v in manifest.groupby("session").size().items()}
+    assert (out / "_config.yaml").is_file()
+    assert not (out / SKIPPED_FILE).exists()
+
+
+@pytest.mark.ray
+def test_rerun_is_noop(featurized, manifest):
+    before = sorted(str(p) for p in parquet_files(featurized.features.dir))
+    s = featurize(featurized)
+    assert s["written"] == 0 and s["stored"] == len(manifest) and s["skipped"] == 0
+    assert s["removed_broken_files"] == 0
+    assert sorted(str(p) for p in parquet_files(featurized.features.dir)) == before
+
+
+# ---------------------------------------------------------------- resuming (on copies)
+
+
+@pytest.mark.ray
+def test_deleted_partition_is_restored(featurized, make_cfg, stored, tmp_path):
+    feats = copy_features(featurized, tmp_path)
+    cfg = make_cfg(tmp_path, f"data.manifest={featurized.data.manifest}", f"features.dir={feats}")
+    shutil.rmtree(feats / "session=3")
+    n3 = int((stored["session"] == 3).sum())
+    s = featurize(cfg)
+    assert s["written"] == n3 and s["stored"] == len(stored) and s["skipped"] == 0
+    again = load_features(feats)
+    assert again["utt_id"].is_unique and len(again) == len(stored)
+    assert int((again["session"] == 3).sum()) == n3
+    old = stored[stored["session"] == 3].set_index("utt_id")
+    new = again[again["session"] == 3].set_index("utt_id")
+    for utt in old.index[:3]:
+        assert new.loc[utt, "feat"] == old.loc[utt, "feat"]
+        assert new.loc[utt, "num_frames"] == old.loc[utt, "num_frames"]
+    assert read_meta(feats)["num_rows"] == len(stored)
+
+
+@pytest.mark.ray
+def test_half_written_file_is_replaced(featurized, make_cfg, stored, tmp_path):
+    feats = copy_features(featurized, tmp_path)
+    cfg = make_cfg(tmp_path, f"data.manifest={featurized.data.manifest}", f"features.dir={feats}")
+    victim = sorted((feats / "session=2").glob("*.parquet"))[0]
+    lost = set(pq.read_table(victim, columns=["utt_id"]).column("utt_id").to_pylist())
+    assert lost
+    data = victim.read_bytes()
+    victim.write_bytes(data[: len(data) // 2])  # no footer any more
+    s = featurize(cfg)
+    assert s["removed_broken_files"] == 1
+    assert s["written"] == len(lost) and s["stored"] == len(stored)
+    assert not victim.exists()
+    again = load_features(feats)
+    assert again["utt_id"].is_unique and set(again["utt_id"]) == set(stored["utt_id"])
+    for f in parquet_files(feats):
+        pq.read_metadata(f)  # every file is readable now
+
+
+@pytest.mark.ray
+def test_unreadable_audio_is_skipped(synthetic_root, featurized, make_cfg, sessions_overrides, tmp_path, capsys):
+    """A wav that turned to junk after the manifest was built: skipped, listed, counted; no crash."""
+    root = tmp_path / "IEMOCAP_full_release"
+    shutil.copytree(synthetic_root / "Session1", root / "Session1")
+    cfg = make_cfg(tmp_path, f"data.root={root}", *sessions_overrides([1]))
+    report = build_manifest(root, [1])
+    write_manifest(report.kept, cfg.data.manifest)
+    victim = report.kept.iloc[5]
+    Path(victim["path"]).write_bytes(b"\x00\x01junk, not a RIFF header" * 50)
+
+    rc = main(["featurize", f"output_dir={tmp_path}", f"data.root={root}", *sessions_overrides([1]),
+               "ray.progress_bars=false"])
+    assert rc == 0
+    out = capsys.readouterr().out
+    assert f"features: {len(report.kept) - 1} utterances" in out
+    assert "1 skipped" in out
+
+    feats = Path(cfg.features.dir)
+    skipped = pd.read_csv(feats / SKIPPED_FILE)
+    assert list(skipped["utt_id"]) == [victim["utt_id"]]
+    assert list(skipped.columns) == ["utt_id", "session", "path", "reason"]
+    assert "cannot decode" in skipped["reason"].iloc[0]
+    assert victim["utt_id"] not in set(stored_utterances(feats)["utt_id"])
+    assert read_meta(feats)["num_rows"] == len(report.kept) - 1
+
+
+# ---------------------------------------------------------------- encoder identity
+
+
+@pytest.mark.ray
+def test_other_encoder_on_same_dir_is_refused(featurized, make_cfg, tiny_hubert, tmp_path):
+    cfg = make_cfg(tmp_path, f"data.manifest={featurized.data.manifest}",
+                   f"features.dir={featurized.features.dir}", f"encoder.name={tiny_hubert}",
+                   "encoder.local_files_only=true")
+    before = sorted(str(p) for p in parquet_files(featurized.features.dir))
+    with pytest.raises(DataError) as e:
+        featurize(cfg)
+    msg = str(e.value)
+    assert "'fbank'" in msg and str(tiny_hubert) in msg and "--overwrite" in msg
+    assert sorted(str(p) for p in parquet_files(featurized.features.dir)) == before
+
+    other_bins = make_cfg(tmp_path, f"data.manifest={featurized.data.manifest}",
+                          f"features.dir={featurized.features.dir}", "encoder.num_mel_bins=40")
+    with pytest.raises(DataError, match="config hash"):
+        featurize(other_bins)
+
+
+@pytest.mark.ray
+def test_hf_encoder_two_layers(featurized, make_cfg, sessions_overrides, tiny_hubert, tmp_path):
+    from transformers import HubertConfig
+
+    cfg = make_cfg(tmp_path, f"data.manifest={featurized.data.manifest}", *sessions_overrides([1]),
+                   f"encoder.name={tiny_hubert}", "encoder.layers=[0,2]", "encoder.local_files_only=true",
+                   "encoder.device=cpu")
+    s = featurize(cfg)
+    manifest = read_manifest(featurized.data.manifest)
+    n1 = int((manifest["session"] == 1).sum())
+    assert s["written"] == n1 and s["skipped"] == 0
+    meta = read_meta(cfg.features.dir)
+    assert meta["encoder"] == str(tiny_hubert)
+    assert meta["layers"] == [0, 2] and meta["num_layers"] == 2 and meta["dim"] == 32
+    assert meta["frame_rate"] == 50.0 and meta["num_rows"] == n1
+    rows = load_features(cfg.features.dir)
+    assert set(rows["session"]) == {1}
+    assert (rows["num_layers"] == 2).all() and (rows["dim"] == 32).all()
+    stride = int(np.prod(HubertConfig.from_pretrained(str(tiny_hubert)).conv_stride))
+    assert stride == 320
+    for row in rows.itertuples():
+        assert len(row.feat) == 2 * row.num_frames * 32 * 2
+        f = decode_feature(row.feat, row.num_frames, row.dim, row.num_layers)
+        assert f.shape == (2, row.num_frames, 32) and f.dtype == np.float16
+        assert abs(row.num_frames - row.duration * 50) <= 2
+
+
+# ---------------------------------------------------------------- user errors (no Ray job starts)
+
+
+def test_missing_manifest(make_cfg, tmp_path):
+    cfg = make_cfg(tmp_path)
+    with pytest.raises(DataError, match="manifest not found"):
+        featurize(cfg)
+
+
+def test_manifest_without_the_sessions(synthetic_root, make_cfg, sessions_overrides, tmp_path):
+    cfg = make_cfg(tmp_path, *sessions_overrides([2]))
+    write_manifest(build_manifest(synthetic_root, [1]).kept, cfg.data.manifest)
+    with pytest.raises(DataError, match="no utterances in sessions"):
+        featurize(cfg)
+
+
+def test_read_meta_errors(tmp_path):
+    with pytest.raises(DataError, match="does not exist"):
+        read_meta(tmp_path / "nope")
+    with pytest.raises(DataError, match=META_FILE):
+        read_meta(tmp_path)
+
+
+# ---------------------------------------------------------------- the main job, end to end
+
+
+@pytest.mark.ray
+def test_pipeline_cli(ray_session, tmp_path, capsys):
+    rc = main(["pipeline", f"output_dir={tmp_path}", "synthetic.dialogs_per_session=1",
+               "synthetic.utterances_per_dialog=2", "synthetic.max_duration=1.2", "ray.progress_bars=false"])
+    assert rc == 0
+    out = capsys.readouterr().out
+    assert "[3/3]" in out and "features:" in out
+    assert (tmp_path / "config.yaml").is_file()
+    assert (tmp_path / "synthetic" / "IEMOCAP_full_release" / "Session5").is_dir()
+    meta = read_meta(tmp_path / "features")
+    manifest = read_manifest(tmp_path / "manifest.parquet")
+    assert meta["num_rows"] == len(manifest) == 10
+    assert sorted(meta["rows_per_session"]) == ["1", "2", "3", "4", "5"]

@@ -1,0 +1,297 @@
+"""Adapter pre-training on Ray Train (``serray.train.pretrain``).
+
+Ray fits are expensive (~20 s each on 2 cores), so they are shared: one 2-worker run (module
+fixture) serves the artefact, DDP-sync, metric, checkpoint-fidelity and skip tests; the resume test
+makes two more (1 worker). Bad-input tests fail before any fit.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import shutil
+import signal
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from serray.config import load_config
+from serray.errors import DataError
+from serray.models.adapter import Adapter
+from serray.train.checkpoint import (CONFIG_FILE, META_FILE, MODEL_KEY, OPTIMIZER_KEY, STATE_FILE, STEP_KEY,
+                                     load_checkpoint)
+from serray.train.pretrain import ADAPTER_DIR, PretrainTask, pretrain_hash, run_pretrain
+
+MASK_RATIO = 0.5
+TINY = ["pretrain.epochs=2", "adapter.d_model=32", "adapter.ff_dim=64", "adapter.num_layers=2",
+        "adapter.num_clusters=8", "pretrain.max_frames=100", "pretrain.batch_size=16",
+        f"adapter.mask_ratio={MASK_RATIO}"]
+LOSS_KEYS = ("loss", "loss_mask", "loss_distill", "loss_cluster")
+
+
+def _cfg(featurized, out: Path, *overrides: str):
+    """A tiny pre-training config over the shared (read-only) fbank features, writing under ``out``."""
+    return load_config(None, [f"output_dir={out}", f"data.root={featurized.data.root}", "ray.progress_bars=false",
+                              f"features.dir={featurized.features.dir}", *TINY, *overrides])
+
+
+def _checkpoints(cfg) -> list[Path]:
+    """Ray Train's checkpoint directories (not its ``checkpoint_manager_snapshot.json``)."""
+    return sorted(p for p in (Path(cfg.pretrain.dir) / "ray" / "pretrain").glob("checkpoint_*") if p.is_dir())
+
+
+@contextlib.contextmanager
+def _deadline(seconds: int):
+    """Fail (instead of hanging the whole suite) when the block runs longer than ``seconds``."""
+
+    def _raise(signum, frame):
+        raise TimeoutError(f"still running after {seconds} s (hang?)")
+
+    old = signal.signal(signal.SIGALRM, _raise)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
+
+
+# ---------------------------------------------------------------- plain PyTorch (no Ray)
+
+
+def test_config_keys_exist() -> None:
+    cfg = load_config(None, ["adapter.mask_ratio=0.4", "adapter.ema_decay=0.99", "adapter.ema_decay_end=0.999",
+                             "adapter.num_clusters=16", "adapter.num_layers=2", "adapter.d_model=64"])
+    assert (cfg.adapter.mask_ratio, cfg.adapter.ema_decay, cfg.adapter.ema_decay_end) == (0.4, 0.99, 0.999)
+    assert (cfg.adapter.num_clusters, cfg.adapter.num_layers, cfg.adapter.d_model) == (16, 2, 64)
+    base = load_config()
+    for key in ("mask_ratio", "ema_decay", "ema_decay_end", "num_clusters", "num_layers", "d_model"):
+        assert key in base.adapter, key
+
+
+def test_pretrain_hash_tracks_training_sections() -> None:
+    base = load_config(None, ["output_dir=/tmp/x"])
+    assert pretrain_hash(base) == pretrain_hash(load_config(None, ["output_dir=/tmp/x"]))
+    for change in ("pretrain.lr=0.01", "adapter.num_clusters=16", "encoder.num_mel_bins=40", "seed=3"):
+        assert pretrain_hash(load_config(None, ["output_dir=/tmp/x", change])) != pretrain_hash(base), change
+    # featurization knobs that do not change what is trained do not invalidate the adapter
+    assert pretrain_hash(load_config(None, ["output_dir=/tmp/x", "features.batch_size=4"])) == pretrain_hash(base)
+
+
+def test_ema_schedule_of_after_step_goes_from_ema_decay_to_ema_decay_end() -> None:
+    """PretrainTask.after_step: the returned decay follows a rising cosine and is what the teacher used."""
+    torch.manual_seed(0)
+    base, end, total = 0.9, 0.999, 20
+    task = PretrainTask({"ema_decay": base, "ema_decay_end": end})
+    model = Adapter(8, d_model=16, num_layers=1, num_heads=2, ff_dim=32, num_clusters=4)
+    decays = []
+    for step in range(total + 1):
+        with torch.no_grad():  # move the student so every EMA update is visible
+            for p in model.student.parameters():
+                p.add_(torch.randn_like(p))
+        before_t = [p.detach().clone() for p in model.teacher.parameters()]
+        student = [p.detach().clone() for p in model.student.parameters()]
+        m = task.after_step(model, step, total)["ema_decay"]
+        decays.append(m)
+        for pt, t0, ps in zip(model.teacher.parameters(), before_t, student):
+            torch.testing.assert_close(pt, m * t0 + (1 - m) * ps, rtol=0, atol=1e-6)
+    assert decays[0] == pytest.approx(base)
+    assert decays[-1] == pytest.approx(end)
+    assert all(b >= a for a, b in zip(decays, decays[1:]))
+    assert decays[total // 2] == pytest.approx((base + end) / 2)
+
+
+# ---------------------------------------------------------------- bad input (no fit)
+
+
+@pytest.mark.ray
+def test_feature_dim_mismatch_names_both_dims(featurized, tmp_path) -> None:
+    cfg = _cfg(featurized, tmp_path, "encoder.num_mel_bins=40")
+    with pytest.raises(DataError) as e:
+        run_pretrain(cfg)
+    msg = str(e.value)
+    assert "dim" in msg and "80" in msg and "40" in msg, msg
+    assert not (Path(cfg.pretrain.dir) / ADAPTER_DIR).exists()
+
+
+@pytest.mark.ray
+def test_empty_features_dir_fails_fast(featurized, tmp_path) -> None:
+    empty = tmp_path / "empty_features"
+    empty.mkdir()
+    cfg = _cfg(featurized, tmp_path, f"features.dir={empty}")
+    t0 = time.monotonic()
+    with _deadline(60), pytest.raises(DataError, match="no features"):
+        run_pretrain(cfg)
+    assert time.monotonic() - t0 < 30
+
+
+@pytest.mark.ray
+def test_metadata_without_parquet_fails_fast(featurized, tmp_path) -> None:
+    """Metadata that promises rows but no Parquet files: an error before any Train run, not a hang."""
+    from serray.data.featurize import META_FILE as FEATURES_META
+
+    broken = tmp_path / "features"
+    broken.mkdir()
+    shutil.copy(Path(featurized.features.dir) / FEATURES_META, broken / FEATURES_META)
+    cfg = _cfg(featurized, tmp_path, f"features.dir={broken}")
+    t0 = time.monotonic()
+    with _deadline(60), pytest.raises(DataError, match="no feature files"):
+        run_pretrain(cfg)
+    assert time.monotonic() - t0 < 30
+    assert not (Path(cfg.pretrain.dir) / "ray").exists()
+
+
+# ---------------------------------------------------------------- one 2-worker run, shared
+
+
+@pytest.fixture(scope="module")
+def two_worker_run(featurized, tmp_path_factory):
+    cfg = _cfg(featurized, tmp_path_factory.mktemp("pretrain2w"), "pretrain.num_workers=2",
+               "pretrain.cpus_per_worker=0.5")
+    t0 = time.monotonic()
+    summary = run_pretrain(cfg)
+    return cfg, summary, time.monotonic() - t0
+
+
+@pytest.mark.ray
+def test_two_worker_run_writes_checkpoints_and_export(two_worker_run) -> None:
+    cfg, summary, _ = two_worker_run
+    out = Path(cfg.pretrain.dir)
+    assert summary["reused"] is False
+    ckpts = _checkpoints(cfg)
+    assert 1 <= len(ckpts) <= cfg.pretrain.keep_checkpoints + 1, ckpts
+    for c in ckpts:
+        for f in (STATE_FILE, META_FILE, CONFIG_FILE):
+            assert (c / f).is_file(), c / f
+    export = Path(summary["adapter"])
+    assert export == (out / ADAPTER_DIR).resolve()
+    state = torch.load(export / STATE_FILE, map_location="cpu", weights_only=True)
+    assert OPTIMIZER_KEY not in state  # the export drops the optimiser
+    meta = json.loads((export / META_FILE).read_text())
+    assert meta["kind"] == "adapter"
+    assert meta["config_hash"] == pretrain_hash(cfg)
+    assert meta["epoch"] == cfg.pretrain.epochs - 1
+    assert meta["step"] == state[STEP_KEY]
+    assert meta["features"]["dim"] == 80 and meta["features"]["encoder"] == "fbank"
+    assert meta["model"]["d_model"] == 32 and meta["model"]["num_layers"] == 2
+    assert meta["model"]["num_clusters"] == 8 and meta["model"]["input_dim"] == 80
+    assert "ema_decay" not in meta["model"]
+    assert meta["final_metrics"]["epoch"] == cfg.pretrain.epochs - 1
+    saved = load_config(export / CONFIG_FILE)  # the resolved run config reloads through the schema
+    assert saved.adapter.d_model == 32 and saved.pretrain.num_workers == 2
+    assert not (out / (ADAPTER_DIR + ".tmp")).exists()
+    for f in ("history.csv", "history.json", "curves.png"):
+        assert (out / f).is_file() and (out / f).stat().st_size > 0, f
+    assert Path(summary["curves"]) == out.resolve() / "curves.png"
+    assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    import pandas as pd
+
+    csv = pd.read_csv(out / "history.csv")
+    assert list(csv["epoch"]) == list(range(cfg.pretrain.epochs))
+
+
+@pytest.mark.ray
+def test_two_worker_metrics(two_worker_run) -> None:
+    cfg, summary, _ = two_worker_run
+    history = json.loads((Path(cfg.pretrain.dir) / "history.json").read_text())
+    assert [h["epoch"] for h in history] == list(range(cfg.pretrain.epochs))
+    for h in history:
+        # all-gathered k-means centroids are bit-identical on both workers
+        assert h["centroid_sync_diff"] == 0.0, h
+        for k in LOSS_KEYS:
+            assert math.isfinite(h[k]), (k, h)
+        assert abs(h["mask_ratio"] - MASK_RATIO) <= 0.03, h
+        assert h["frames_per_s"] > 0
+        assert cfg.adapter.ema_decay <= h["ema_decay"] <= cfg.adapter.ema_decay_end
+    steps = [h["step"] for h in history]
+    assert steps[0] > 0 and steps[1] == 2 * steps[0]
+    assert summary["metrics"]["centroid_sync_diff"] == 0.0
+    assert summary["metrics"]["step"] == steps[-1]
+
+
+@pytest.mark.ray
+def test_checkpoint_restores_identical_weights_centroids_and_step(two_worker_run) -> None:
+    """What a resume does (load_state_dict into a fresh Adapter + AdamW) reproduces the saved state exactly."""
+    cfg, _, _ = two_worker_run
+    latest = max(_checkpoints(cfg), key=lambda c: json.loads((c / META_FILE).read_text())["step"])
+    state, meta = load_checkpoint(latest)
+    saved = state[MODEL_KEY]
+    model = Adapter(**meta["model"])
+    assert not torch.equal(model.kmeans.centroids, saved["kmeans.centroids"])  # a fresh model differs ...
+    model.load_state_dict(saved, strict=True)
+    restored = model.state_dict()
+    assert set(restored) == set(saved)
+    for k, v in saved.items():  # ... and is identical after loading
+        assert restored[k].dtype == v.dtype and torch.equal(restored[k], v), k
+    assert any(k.startswith("student.") for k in saved) and any(k.startswith("teacher.") for k in saved)
+    assert bool(model.kmeans.initialized) and model.kmeans.centroids.abs().sum() > 0
+    assert not all(torch.equal(saved[k], saved["teacher." + k[len("student."):]])
+                   for k in saved if k.startswith("student."))  # EMA teacher lags the student
+    # the optimiser state maps onto the rebuilt model's trainable parameters
+    opt = torch.optim.AdamW(model.trainable_parameters(), lr=1e-3)
+    opt.load_state_dict(state[OPTIMIZER_KEY])
+    for i, s in state[OPTIMIZER_KEY]["state"].items():
+        assert torch.equal(opt.state_dict()["state"][i]["exp_avg"], s["exp_avg"])
+    assert state[STEP_KEY] == meta["step"] > 0
+    assert meta["step"] == json.loads((Path(cfg.pretrain.dir) / "history.json").read_text())[-1]["step"]
+    # the exported adapter holds the same tensors as the latest checkpoint
+    export = torch.load(Path(cfg.pretrain.dir) / ADAPTER_DIR / STATE_FILE, weights_only=True)
+    for k in ("kmeans.centroids", *[k for k in saved if k.startswith(("student.", "teacher."))]):
+        assert torch.equal(export[MODEL_KEY][k], saved[k]), k
+
+
+@pytest.mark.ray
+def test_unchanged_config_is_reused_without_training(two_worker_run, featurized) -> None:
+    cfg, _, fit_s = two_worker_run
+    before = _checkpoints(cfg)
+    state_mtime = (Path(cfg.pretrain.dir) / ADAPTER_DIR / STATE_FILE).stat().st_mtime_ns
+    t0 = time.monotonic()
+    again = run_pretrain(cfg)
+    assert again["reused"] is True
+    assert time.monotonic() - t0 < min(5.0, fit_s / 2)
+    assert again["metrics"]["centroid_sync_diff"] == 0.0
+    # a change outside the hashed sections still reuses the adapter
+    other = load_config(None, [f"output_dir={Path(cfg.output_dir)}", f"data.root={featurized.data.root}",
+                               "ray.progress_bars=false", f"features.dir={featurized.features.dir}", *TINY,
+                               "pretrain.num_workers=2", "pretrain.cpus_per_worker=0.5", "features.batch_size=4"])
+    assert run_pretrain(other)["reused"] is True
+    assert _checkpoints(cfg) == before
+    assert (Path(cfg.pretrain.dir) / ADAPTER_DIR / STATE_FILE).stat().st_mtime_ns == state_mtime
+
+
+# ---------------------------------------------------------------- resume (two 1-worker fits)
+
+
+@pytest.mark.ray
+def test_rerun_with_more_epochs_resumes_from_checkpoint(featurized, tmp_path) -> None:
+    first = _cfg(featurized, tmp_path, "pretrain.epochs=1", "pretrain.num_workers=1")
+    s1 = run_pretrain(first)
+    h1 = json.loads((Path(first.pretrain.dir) / "history.json").read_text())
+    assert [h["epoch"] for h in h1] == [0]
+    steps0 = h1[0]["step"]
+    state1 = torch.load(Path(s1["adapter"]) / STATE_FILE, weights_only=True)
+    assert state1[STEP_KEY] == steps0 > 0
+
+    second = _cfg(featurized, tmp_path, "pretrain.epochs=2", "pretrain.num_workers=1")
+    assert second.pretrain.dir == first.pretrain.dir
+    s2 = run_pretrain(second, force=True)
+    assert s2["reused"] is False
+    h2 = json.loads((Path(second.pretrain.dir) / "history.json").read_text())
+    assert [h["epoch"] for h in h2] == [0, 1]
+    # epoch 0 was not re-run: its record (wall-clock throughput included) came back from the checkpoint
+    assert h2[0] == h1[0]
+    assert h2[1]["step"] == 2 * steps0
+    state2 = torch.load(Path(s2["adapter"]) / STATE_FILE, weights_only=True)
+    assert state2[STEP_KEY] == 2 * steps0
+    meta2 = json.loads((Path(s2["adapter"]) / META_FILE).read_text())
+    assert meta2["epoch"] == 1 and meta2["step"] == 2 * steps0
+    assert meta2["config_hash"] == pretrain_hash(second) != pretrain_hash(first)
+    for k, v in state1[MODEL_KEY].items():
+        assert state2[MODEL_KEY][k].shape == v.shape, k
+    # training went on from the restored weights: student and teacher moved during epoch 1
+    for k in ("student.layers.0.linear1.weight", "teacher.layers.0.linear1.weight", "kmeans.centroids"):
+        assert not torch.equal(state1[MODEL_KEY][k], state2[MODEL_KEY][k]), k
+    assert len(_checkpoints(second)) >= 2
