@@ -63,11 +63,11 @@ def cmd_featurize(args) -> int:
 
     cfg = _cfg(args)
     summary = featurize(cfg, overwrite=args.overwrite)
-    print(_featurize_summary(summary))
+    print(featurize_summary(summary))
     return 0
 
 
-def _featurize_summary(s: dict) -> str:
+def featurize_summary(s: dict) -> str:
     enc = s["encoder"]
     per = ", ".join(f"S{k}: {v}" for k, v in sorted(s["rows_per_session"].items()))
     return (f"features: {s['stored']} utterances in {s['features_dir']} ({per}); "
@@ -79,11 +79,11 @@ def cmd_pretrain(args) -> int:
     from serray.train.pretrain import run_pretrain
 
     cfg = _cfg(args)
-    print(_pretrain_summary(run_pretrain(cfg, force=args.force)))
+    print(pretrain_summary(run_pretrain(cfg, force=args.force)))
     return 0
 
 
-def _pretrain_summary(s: dict) -> str:
+def pretrain_summary(s: dict) -> str:
     m = s.get("metrics") or {}
     keys = ("epoch", "loss", "loss_mask", "loss_distill", "loss_cluster", "cos_ts", "cluster_entropy", "dead_clusters")
     shown = ", ".join(f"{k}={m[k]:.4g}" for k in keys if isinstance(m.get(k), (int, float)))
@@ -103,26 +103,17 @@ def cmd_finetune(args) -> int:
 
 
 def cmd_pipeline(args) -> int:
-    """The main job: (synthetic corpus) -> manifest -> featurize -> summary."""
-    from serray.data.featurize import featurize
-    from serray.data.iemocap import build_manifest, write_manifest
+    """The main job: (synthetic corpus) -> manifest -> featurize -> pretrain -> LOSO fine-tune -> table."""
+    from serray.pipeline import run_pipeline
 
-    cfg = _cfg(args)
-    save_config(cfg, cfg.output_dir)
-    root = Path(cfg.data.root)
-    if cfg.synthetic.enabled and not root.exists():
-        from serray.data.synthetic import make_corpus
+    run_pipeline(_cfg(args), echo=print)
+    return 0
 
-        print(f"[1/3] making the synthetic corpus in {root}")
-        make_corpus(root, **_synthetic_kwargs(cfg), progress=True)
-    else:
-        print(f"[1/3] corpus: {root}")
-    report = build_manifest(root, cfg.data.sessions, cfg.data.merge_excited)
-    write_manifest(report.kept, cfg.data.manifest)
-    print(f"[2/3] manifest: {len(report.kept)} utterances -> {cfg.data.manifest}")
-    print(report.summary())
-    print(f"[3/3] featurizing with {cfg.encoder.name} on Ray Data")
-    print(_featurize_summary(featurize(cfg)))
+
+def cmd_ablate(args) -> int:
+    from serray.train.ablation import run_ablation
+
+    run_ablation(_cfg(args), echo=print)
     return 0
 
 
@@ -137,6 +128,7 @@ COMMANDS: Dict[str, tuple[Callable, str]] = {
     "featurize": (cmd_featurize, "frozen-encoder features with Ray Data -> Parquet partitioned by session"),
     "pretrain": (cmd_pretrain, "pre-train the adapter (teacher-student, EMA, local attributes) on Ray Train"),
     "finetune": (cmd_finetune, "SAP + classifier, 5-fold leave-one-session-out (folds as parallel Tune trials)"),
+    "ablate": (cmd_ablate, "ablation on the same folds: no adapter / adapter w/o local attributes / full"),
     "pipeline": (cmd_pipeline, "the main job, end to end"),
     "config": (cmd_config, "print the resolved config"),
 }

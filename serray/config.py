@@ -20,7 +20,7 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -164,6 +164,64 @@ class FinetuneConfig(TrainerConfig):
     keep_checkpoints: int = 1
 
 
+def _default_search_space() -> Dict[str, Any]:
+    return {"adapter": {"mask_ratio": {"choice": [0.3, 0.5, 0.7]}, "ema_decay": {"choice": [0.99, 0.996]},
+                        "num_clusters": {"choice": [8, 32]}}}
+
+
+@dataclass
+class TuneConfig:
+    """Ray Tune sweep: one trial = pre-training + leave-one-session-out fine-tuning on ``folds``."""
+
+    dir: str = "${output_dir}/tune"
+    name: str = "sweep"  # rerunning the same name resumes the sweep (Tuner.restore)
+    # Any config key, nested like the config itself; a leaf is one of
+    # {choice: [...]}, {grid: [...]}, {uniform: [lo, hi]}, {loguniform: [lo, hi]}, {randint: [lo, hi]}.
+    search_space: Dict[str, Any] = field(default_factory=_default_search_space)
+    num_samples: int = 4  # samples of the random forms (grid forms multiply it)
+    metric: str = "ua"  # objective: mean test UA over `folds` (also: wa, macro_f1)
+    mode: str = "max"
+    folds: List[int] = field(default_factory=lambda: [1])  # LOSO folds per trial (a subset, for speed)
+    scheduler: str = "asha"  # asha | fifo
+    scheduler_metric: str = "val_ua"  # intermediate metric reported every fine-tuning epoch
+    grace_period: int = 2  # ASHA: epochs before a trial can be stopped
+    reduction_factor: int = 2
+    max_concurrent_trials: int = 2
+    cpus_per_trial: float = 0.0  # the trial driver itself; its Ray Train workers take {pre,fine}tune.cpus_per_worker
+    gpus_per_trial: float = 0.0
+    register_best: bool = True  # put the best trial into the model registry
+
+
+@dataclass
+class RegistryConfig:
+    """Selected models (what Serve loads)."""
+
+    dir: str = "${output_dir}/registry"
+
+
+@dataclass
+class ServeConfig:
+    """Ray Serve HTTP endpoint."""
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+    model: Optional[str] = None  # registry entry id (None: the best entry)
+    checkpoint: Optional[str] = None  # or a classifier checkpoint directory (wins over `model`)
+    route_prefix: str = "/"
+    batching: bool = True  # @serve.batch: group concurrent requests into one padded forward
+    max_batch_size: int = 16
+    batch_wait_timeout_s: float = 0.01
+    num_replicas: int = 1
+    autoscaling: bool = False  # when true: min_replicas..max_replicas by ongoing requests
+    min_replicas: int = 1
+    max_replicas: int = 2
+    num_cpus: float = 0.5  # per replica
+    num_gpus: float = 0.0  # per replica
+    max_body_mb: float = 10.0  # larger bodies get 413
+    min_seconds: float = 0.25  # shorter audio gets 400
+    max_seconds: float = 30.0  # longer audio gets 400
+
+
 @dataclass
 class SerrayConfig:
     """The root of the configuration tree."""
@@ -178,10 +236,17 @@ class SerrayConfig:
     adapter: AdapterConfig = field(default_factory=AdapterConfig)
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    tune: TuneConfig = field(default_factory=TuneConfig)
+    registry: RegistryConfig = field(default_factory=RegistryConfig)
+    serve: ServeConfig = field(default_factory=ServeConfig)
 
 
 def _schema() -> DictConfig:
     return OmegaConf.structured(SerrayConfig)
+
+
+#: Free-form mappings inside the schema (their keys are checked by the stage that reads them).
+OPEN_SECTIONS = ("tune.search_space",)
 
 
 def _all_keys(node: Any, prefix: str = "") -> List[str]:
@@ -205,7 +270,12 @@ def _unknown_keys(schema: DictConfig, user: Any, prefix: str = "") -> List[str]:
             unknown.append(full)
             continue
         sub = schema._get_node(k)
+        if full in OPEN_SECTIONS:  # free-form mapping (validated by its consumer)
+            continue
         if isinstance(sub, DictConfig) and not sub._is_none():
+            if not isinstance(user._get_node(k), DictConfig):
+                raise ConfigError(f"config key '{full}' is a section of keys, not a value "
+                                  f"(set its keys instead, e.g. {full}.{next(iter(sub.keys()), 'key')}=...)")
             unknown.extend(_unknown_keys(sub, user._get_node(k), f"{full}."))
     return unknown
 
@@ -264,8 +334,46 @@ def load_config(path: Optional[str | os.PathLike] = None, overrides: Sequence[st
         key = getattr(e, "full_key", None)
         raise ConfigError(f"invalid value for config key '{key}': {str(e).splitlines()[0]}") from None
     _validate(cfg)
+    _absolute_paths(cfg)
     OmegaConf.set_readonly(cfg, True)
     return cfg
+
+
+#: Path keys made absolute at load time: Ray Tune trials and Ray jobs do not run in the caller's cwd.
+PATH_KEYS = ("output_dir", "data.root", "data.manifest", "features.dir", "pretrain.dir", "finetune.dir",
+             "finetune.init_from", "tune.dir", "registry.dir", "serve.checkpoint")
+
+
+def _absolute_paths(cfg: DictConfig) -> None:
+    for key in PATH_KEYS:
+        value = OmegaConf.select(cfg, key)
+        if isinstance(value, str) and value and "://" not in value and not os.path.isabs(value):
+            OmegaConf.update(cfg, key, os.path.abspath(os.path.expanduser(value)))
+
+
+def derive(cfg: DictConfig, overrides: Sequence[str]) -> DictConfig:
+    """A resolved config with some keys changed (same checks as :func:`load_config`).
+
+    The input is already resolved, so keys derived by interpolation (e.g. ``finetune.init_from`` from
+    ``pretrain.dir``) must be overridden explicitly.
+    """
+    schema = _schema()
+    try:
+        dot = OmegaConf.from_dotlist(list(overrides))
+    except OmegaConfBaseException as e:
+        raise ConfigError(f"cannot parse overrides {list(overrides)}: {e}") from None
+    unknown = _unknown_keys(schema, dot)
+    if unknown:
+        raise ConfigError(_explain_unknown(unknown, _all_keys(schema), "overrides"))
+    try:
+        out = OmegaConf.merge(schema, OmegaConf.to_container(cfg, resolve=True), dot)
+        OmegaConf.resolve(out)
+    except OmegaConfBaseException as e:
+        raise ConfigError(f"invalid value for config key '{getattr(e, 'full_key', None)}': {str(e).splitlines()[0]}") from None
+    _validate(out)
+    _absolute_paths(out)
+    OmegaConf.set_readonly(out, True)
+    return out
 
 
 def _validate(cfg: DictConfig) -> None:
@@ -318,9 +426,19 @@ def save_config(cfg: DictConfig, directory: str | os.PathLike, name: str = "conf
     return path
 
 
-def section_hash(cfg: DictConfig, *keys: str) -> str:
-    """A short stable hash of some config sections (used to tell whether stored outputs still match)."""
-    payload = {k: as_dict(OmegaConf.select(cfg, k)) for k in keys}
+#: Keys of a training section that change how a run is executed, not what it computes.
+OPERATIONAL_KEYS = ("dir", "max_failures", "fail_at_step", "keep_checkpoints", "cpus_per_worker", "gpus_per_worker")
+
+
+def section_hash(cfg: DictConfig, *keys: str, exclude: Sequence[str] = ()) -> str:
+    """A short stable hash of some config sections (used to tell whether stored outputs still match).
+
+    ``exclude`` names keys dropped from every hashed section (e.g. :data:`OPERATIONAL_KEYS`).
+    """
+    payload = {}
+    for k in keys:
+        v = as_dict(OmegaConf.select(cfg, k))
+        payload[k] = {kk: vv for kk, vv in v.items() if kk not in exclude} if isinstance(v, dict) else v
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 

@@ -134,8 +134,6 @@ def test_wrong_type_in_file_names_the_key(tmp_path):
     assert "features.batch_size" in str(e.value)
 
 
-@pytest.mark.xfail(reason="bug in serray/config.py load_config: a scalar assigned to a whole section "
-                          "(data=5) reports key 'None' (the merge error has no full_key)", strict=True)
 def test_wrong_type_for_a_section_names_the_section():
     with pytest.raises(ConfigError) as e:
         load_config(None, ["data=5"])

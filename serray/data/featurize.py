@@ -15,7 +15,9 @@ left half-written by an interruption are detected and removed first. Audio that 
 skipped, logged and counted (``_skipped.csv``), never a crash.
 
 ``_serray_features.json`` beside the Parquet records the encoder identity (name, layers, dim,
-frame rate), the config hash, and the row count; later stages check it.
+frame rate), the config hash, the row count, and per-session frame statistics (count, sum and sum
+of squares per feature dimension). Training standardises its input with the statistics of exactly
+the sessions it trains on (:func:`feature_stats`), so no test session leaks into a fold.
 """
 
 from __future__ import annotations
@@ -143,6 +145,34 @@ def _skip_reason(path: str, sample_rate: int, min_seconds: float) -> str:
     return "shorter than one encoder frame or failed in the encoder (see worker log)"
 
 
+def _session_stats(features_dir: Path, session: int) -> dict:
+    """Frame count, per-dimension sum and sum of squares ([L, D], float64) of one stored session."""
+    total, s1, s2 = 0, None, None
+    for f in sorted((features_dir / f"session={session}").glob("*.parquet")):
+        for batch in pq.ParquetFile(f).iter_batches(batch_size=64, columns=FEATURE_COLUMNS):
+            cols = batch.to_pydict()
+            for b, t, d, l in zip(cols["feat"], cols["num_frames"], cols["dim"], cols["num_layers"]):
+                x = decode_feature(b, t, d, l).astype(np.float64).reshape(l, t, d)
+                s1 = x.sum(1) if s1 is None else s1 + x.sum(1)
+                s2 = (x * x).sum(1) if s2 is None else s2 + (x * x).sum(1)
+                total += t
+    return {"frames": int(total), "sum": s1.tolist(), "sumsq": s2.tolist()}
+
+
+def feature_stats(meta: dict, sessions) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and standard deviation ([L, D] float32) of the stored frames of ``sessions``."""
+    stats = meta.get("stats") or {}
+    missing = [s for s in sessions if str(s) not in stats]
+    if missing:
+        raise DataError(f"the feature metadata has no statistics for sessions {missing}; run `serray featurize` again")
+    n = sum(stats[str(s)]["frames"] for s in sessions)
+    s1 = sum(np.asarray(stats[str(s)]["sum"]) for s in sessions)
+    s2 = sum(np.asarray(stats[str(s)]["sumsq"]) for s in sessions)
+    mean = s1 / max(n, 1)
+    std = np.sqrt(np.maximum(s2 / max(n, 1) - mean**2, 0.0)) + 1e-5
+    return mean.astype(np.float32), std.astype(np.float32)
+
+
 def _write_meta(features_dir: Path, meta: dict) -> None:
     tmp = features_dir / (META_FILE + ".tmp")
     tmp.write_text(json.dumps(meta, indent=2))
@@ -222,9 +252,14 @@ def featurize(cfg, overwrite: bool = False) -> Dict[str, object]:
         (out_dir / SKIPPED_FILE).unlink()
     if stored.empty:
         raise DataError(f"featurization wrote no rows to {out_dir}: every utterance was skipped (see {SKIPPED_FILE})")
+    rows_per_session = {str(k): int(v) for k, v in stored.groupby("session").size().items()}
+    old_meta = read_meta(out_dir) if (out_dir / META_FILE).is_file() else {}
+    old_stats, old_rows = old_meta.get("stats") or {}, old_meta.get("rows_per_session") or {}
+    stats = {s: (old_stats[s] if s in old_stats and old_rows.get(s) == n else _session_stats(out_dir, int(s)))
+             for s, n in rows_per_session.items()}
     meta = {**encoder_meta, "dtype": "float16", "config_hash": config_hash, "num_rows": int(len(stored)),
-            "rows_per_session": {str(k): int(v) for k, v in stored.groupby("session").size().items()},
-            "labels": ["neu", "hap", "sad", "ang"], "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
+            "rows_per_session": rows_per_session, "labels": ["neu", "hap", "sad", "ang"],
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S"), "stats": stats}
     _write_meta(out_dir, meta)
     save_config(cfg, out_dir, name="_config.yaml")  # '_' so Parquet readers skip it
     return {"written": int(len(stored) - len(done)), "stored": int(len(stored)), "skipped": int(len(skipped)),

@@ -5,7 +5,7 @@ A student :class:`WAPTransformer` sees span-masked embeddings; an EMA teacher
 (same architecture, frozen, eval mode) sees the unmasked input. At masked,
 non-padded frames the student is trained to
 
-* ``mask``: reconstruct the layer-normalised input frames (``recon_head``),
+* ``mask``: reconstruct the standardised (CMVN) input frames (``recon_head``),
 * ``distill``: regress the instance-normalised teacher output (``distill_head``),
 * ``cluster``: classify the online k-means id of the normalised teacher frame
   (``cluster_head``), i.e. the local attribute of the frame.
@@ -147,6 +147,11 @@ class Adapter(nn.Module):
         self.teacher.eval()
         return self
 
+    def set_feature_stats(self, mean, std) -> None:
+        """Input standardisation statistics ([L, D]) of the pre-training data, for both branches."""
+        self.student.input_norm.set_stats(mean, std)
+        self.teacher.input_norm.set_stats(mean, std)
+
     def trainable_parameters(self) -> list[nn.Parameter]:
         """Parameters with ``requires_grad`` (student, mask embedding, heads)."""
         return [p for p in self.parameters() if p.requires_grad]
@@ -173,10 +178,11 @@ class Adapter(nn.Module):
         return t, _norm(top).masked_fill(padding_mask[..., None], 0.0)
 
     def _input_targets(self, x: Tensor, sel: Tensor) -> Tensor:
-        """Layer-normalised input frames (mean over L for stacked input) at ``sel``."""
+        """Standardised input frames (the student's CMVN; mean over L for stacked input) at ``sel``."""
+        x = self.student.input_norm(x.float())
         if x.dim() == 4:
-            x = x.float().mean(1)
-        return _norm(x[sel])
+            x = x.mean(1)
+        return x[sel]
 
     def _cluster_loss(
         self, s_m: Tensor, target: Tensor, valid: Tensor, mask: Tensor

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from serray.models.sap import SAPClassifier
-from serray.models.wap import WAPTransformer
+from serray.models.wap import FeatureNorm, WAPTransformer
 
 
 class EmotionClassifier(nn.Module):
@@ -47,7 +47,7 @@ class EmotionClassifier(nn.Module):
         else:
             self.body = None
             self.layer_logits = nn.Parameter(torch.zeros(num_input_layers), requires_grad=num_input_layers > 1)
-            self.input_norm = nn.LayerNorm(input_dim)
+            self.input_norm = FeatureNorm(input_dim, num_input_layers)
             feat_dim = input_dim
         self.head = SAPClassifier(feat_dim, num_classes, attention_dim=attention_dim, hidden_dim=hidden_dim,
                                   dropout=dropout)
@@ -65,14 +65,20 @@ class EmotionClassifier(nn.Module):
                 with torch.no_grad():
                     return self.body(x, padding_mask)
             return self.body(x, padding_mask)
+        x = self.input_norm(x)
         if x.dim() == 4:
             w = torch.softmax(self.layer_logits, dim=0).to(x.dtype)
             x = (w[None, :, None, None] * x).sum(dim=1)
-        return self.input_norm(x)
+        return x
 
     def forward(self, x: Tensor, padding_mask: Optional[Tensor] = None) -> Tensor:
         """Logits [B, num_classes] for features [B, T, D] / [B, L, T, D]."""
         return self.head(self.features(x, padding_mask), padding_mask)
+
+    def set_feature_stats(self, mean, std) -> None:
+        """Input standardisation statistics (of the no-adapter baseline; a body brings its own)."""
+        if self.body is None:
+            self.input_norm.set_stats(mean, std)
 
     def trainable_parameters(self) -> list:
         return [p for p in self.parameters() if p.requires_grad]

@@ -19,6 +19,34 @@ def _zero_padded(x: Tensor, padding_mask: Tensor | None) -> Tensor:
     return x.masked_fill(padding_mask[..., None], 0.0)
 
 
+class FeatureNorm(nn.Module):
+    """Fixed per-dimension standardisation of encoder features (global CMVN).
+
+    ``mean``/``std`` are buffers ``[L, D]`` (one row per stacked encoder layer), set from the
+    statistics of the training sessions (:meth:`set_stats`) and saved in every checkpoint, so a
+    served model normalises exactly as it was trained. Unlike a per-frame LayerNorm it keeps the
+    frame-level energy and spectral-level differences that carry emotion (loudness, tilt).
+    Identity until statistics are set.
+    """
+
+    def __init__(self, input_dim: int, num_input_layers: int = 1) -> None:
+        super().__init__()
+        self.register_buffer("mean", torch.zeros(num_input_layers, input_dim))
+        self.register_buffer("std", torch.ones(num_input_layers, input_dim))
+
+    @torch.no_grad()
+    def set_stats(self, mean, std) -> None:
+        """Set the statistics (array-likes broadcastable to ``[L, D]``)."""
+        self.mean.copy_(torch.as_tensor(mean, dtype=self.mean.dtype).reshape_as(self.mean))
+        self.std.copy_(torch.as_tensor(std, dtype=self.std.dtype).reshape_as(self.std))
+
+    def forward(self, x: Tensor) -> Tensor:
+        """``(x - mean) / std`` for ``[B, T, D]`` or ``[B, L, T, D]`` features."""
+        if x.dim() == 4:
+            return (x - self.mean[None, :, None, :]) / self.std[None, :, None, :]
+        return (x - self.mean[0]) / self.std[0]
+
+
 class WAPTransformer(nn.Module):
     """Pre-LN Transformer whose output is a learned weighted sum of its layers.
 
@@ -57,7 +85,7 @@ class WAPTransformer(nn.Module):
             torch.zeros(num_input_layers), requires_grad=num_input_layers > 1
         )
         self.layer_logits = nn.Parameter(torch.zeros(num_layers))
-        self.input_norm = nn.LayerNorm(input_dim)
+        self.input_norm = FeatureNorm(input_dim, num_input_layers)
         self.input_proj = nn.Linear(input_dim, d_model)
         self.input_dropout = nn.Dropout(dropout)
         self.layers = nn.ModuleList(
@@ -91,14 +119,15 @@ class WAPTransformer(nn.Module):
         return torch.softmax(self.layer_logits.float(), dim=0)
 
     def _reduce_input_layers(self, x: Tensor) -> Tensor:
-        """Collapse ``[B, L, T, D]`` to ``[B, T, D]`` with the input weights."""
+        """Standardise, then collapse ``[B, L, T, D]`` to ``[B, T, D]`` with the input weights."""
         if x.dim() == 3:
-            return x
+            return self.input_norm(x)
         if x.dim() != 4 or x.shape[1] != self.num_input_layers:
             raise ValueError(
                 f"expected [B, {self.num_input_layers}, T, {self.input_dim}] input, "
                 f"got {tuple(x.shape)}"
             )
+        x = self.input_norm(x)
         w = self.input_layer_weights().to(x.dtype)
         with torch.autocast(device_type=x.device.type, enabled=False):
             return torch.einsum("l,bltd->btd", w, x)
@@ -110,10 +139,10 @@ class WAPTransformer(nn.Module):
             x: ``[B, T, D]`` or ``[B, L, T, D]`` with ``L == num_input_layers``.
 
         Returns:
-            ``[B, T, d_model]`` = dropout(Linear(LayerNorm(weighted sum over L))).
+            ``[B, T, d_model]`` = dropout(Linear(weighted sum over L of CMVN(x))).
         """
         h = self._reduce_input_layers(x)
-        return self.input_dropout(self.input_proj(self.input_norm(h)))
+        return self.input_dropout(self.input_proj(h))
 
     def layer_outputs(self, h: Tensor, padding_mask: Tensor | None) -> list[Tensor]:
         """Run the Transformer layers one by one.
@@ -172,4 +201,4 @@ class WAPTransformer(nn.Module):
         return self.encode(self.embed(x), padding_mask)
 
 
-__all__ = ["WAPTransformer"]
+__all__ = ["FeatureNorm", "WAPTransformer"]

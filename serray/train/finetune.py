@@ -22,7 +22,7 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
-from serray.config import as_dict, section_hash, to_yaml
+from serray.config import OPERATIONAL_KEYS, as_dict, section_hash, to_yaml
 from serray.data.features import LABEL_INDEX, PadCollate, feature_dataset, read_rows, session_paths
 from serray.data.iemocap import LABELS
 from serray.errors import DataError
@@ -30,7 +30,7 @@ from serray.models.classifier import EmotionClassifier, body_state_from_adapter
 from serray.train.checkpoint import META_FILE, MODEL_KEY, load_checkpoint
 from serray.train.loop import fit, steps_per_epoch
 from serray.train.metrics import classification_metrics
-from serray.data.featurize import feature_identity
+from serray.data.featurize import feature_identity, feature_stats
 from serray.train.pretrain import check_features
 
 log = logging.getLogger(__name__)
@@ -49,6 +49,7 @@ class FinetuneTask:
 
     def build_model(self) -> EmotionClassifier:
         model = EmotionClassifier(**self.config["model"])
+        model.set_feature_stats(*self.config["feature_stats"])  # baseline; an adapter body brings its own
         if self.config["init_from"]:
             state, _ = load_checkpoint(self.config["init_from"])
             model.body.load_state_dict(body_state_from_adapter(state[MODEL_KEY], self.config["branch"]))
@@ -106,8 +107,7 @@ def finetune_hash(cfg) -> str:
     keys = ["encoder", "finetune", "seed", "data.merge_excited"]
     if cfg.finetune.mode != "none":
         keys += ["adapter", "pretrain"]
-    h = section_hash(cfg, *keys)
-    return h
+    return section_hash(cfg, *keys, exclude=OPERATIONAL_KEYS + ("folds", "max_concurrent_folds", "init_from"))
 
 
 def split_fold(rows: pd.DataFrame, test_session: int, val_fraction: float, seed: int) -> Dict[str, pd.DataFrame]:
@@ -177,6 +177,7 @@ def run_fold(cfg, fold: int, callbacks: Optional[list] = None) -> Dict[str, Any]
     loop_config = {
         "task": "finetune", "seed": cfg.seed, "fold": fold, "mode": tcfg.mode, "branch": tcfg.branch,
         "config_yaml": to_yaml(cfg), "config_hash": fhash, "features": feature_identity(feat_meta),
+        "feature_stats": [a.tolist() for a in feature_stats(feat_meta, train_sessions)],
         "model": _model_kwargs(cfg, feat_meta),
         "init_from": str(Path(tcfg.init_from).resolve()) if tcfg.mode != "none" else "",
         "class_weights": _class_weights(split["train"]["label"], tcfg.class_weighting),

@@ -14,10 +14,10 @@ from typing import Any, Dict
 
 import torch
 
-from serray.config import as_dict, section_hash, to_yaml
+from serray.config import OPERATIONAL_KEYS, as_dict, section_hash, to_yaml
 from serray.data.encoders import check_identity, describe_encoder
 from serray.data.features import PadCollate, feature_dataset
-from serray.data.featurize import feature_identity, read_meta
+from serray.data.featurize import feature_identity, feature_stats, read_meta
 from serray.errors import DataError
 from serray.models.adapter import Adapter
 from serray.train.checkpoint import META_FILE
@@ -39,7 +39,9 @@ class PretrainTask:
         self.config = config
 
     def build_model(self) -> Adapter:
-        return Adapter(**self.config["model"])
+        model = Adapter(**self.config["model"])
+        model.set_feature_stats(*self.config["feature_stats"])
+        return model
 
     def trainable_parameters(self, model: Adapter) -> list:
         return model.trainable_parameters()
@@ -84,7 +86,7 @@ class PretrainTask:
 
 def pretrain_hash(cfg) -> str:
     """What makes two pre-trainings the same: encoder, adapter and the pre-training section."""
-    return section_hash(cfg, "encoder", "adapter", "pretrain", "seed")
+    return section_hash(cfg, "encoder", "adapter", "pretrain", "seed", exclude=OPERATIONAL_KEYS)
 
 
 def check_features(cfg) -> dict:
@@ -122,6 +124,7 @@ def run_pretrain(cfg, force: bool = False) -> Dict[str, Any]:
     loop_config = {
         "task": "pretrain", "seed": cfg.seed, "config_yaml": to_yaml(cfg), "config_hash": phash,
         "features": feature_identity(feat_meta),
+        "feature_stats": [a.tolist() for a in feature_stats(feat_meta, sessions)],
         "model": {"input_dim": feat_meta["dim"], "num_input_layers": feat_meta["num_layers"],
                   **{k: v for k, v in as_dict(cfg.adapter).items() if k not in ("ema_decay", "ema_decay_end")}},
         "ema_decay": cfg.adapter.ema_decay, "ema_decay_end": cfg.adapter.ema_decay_end,

@@ -40,7 +40,7 @@ def _cfg(featurized, out: Path, *overrides: str):
 
 def _checkpoints(cfg) -> list[Path]:
     """Ray Train's checkpoint directories (not its ``checkpoint_manager_snapshot.json``)."""
-    return sorted(p for p in (Path(cfg.pretrain.dir) / "ray" / "pretrain").glob("checkpoint_*") if p.is_dir())
+    return sorted(p for p in (Path(cfg.pretrain.dir) / "ray" / f"pretrain-{pretrain_hash(cfg)[:8]}").glob("checkpoint_*") if p.is_dir())
 
 
 @contextlib.contextmanager
@@ -262,36 +262,29 @@ def test_unchanged_config_is_reused_without_training(two_worker_run, featurized)
     assert (Path(cfg.pretrain.dir) / ADAPTER_DIR / STATE_FILE).stat().st_mtime_ns == state_mtime
 
 
-# ---------------------------------------------------------------- resume (two 1-worker fits)
+# ---------------------------------------------------------------- resume after an interruption
 
 
 @pytest.mark.ray
-def test_rerun_with_more_epochs_resumes_from_checkpoint(featurized, tmp_path) -> None:
-    first = _cfg(featurized, tmp_path, "pretrain.epochs=1", "pretrain.num_workers=1")
-    s1 = run_pretrain(first)
-    h1 = json.loads((Path(first.pretrain.dir) / "history.json").read_text())
-    assert [h["epoch"] for h in h1] == [0]
-    steps0 = h1[0]["step"]
-    state1 = torch.load(Path(s1["adapter"]) / STATE_FILE, weights_only=True)
-    assert state1[STEP_KEY] == steps0 > 0
+def test_interrupted_run_resumes_from_its_checkpoint(featurized, tmp_path) -> None:
+    """A run killed after epoch 0 (no retries left) is continued by the same command, not restarted."""
+    from serray.train.loop import steps_per_epoch
 
-    second = _cfg(featurized, tmp_path, "pretrain.epochs=2", "pretrain.num_workers=1")
-    assert second.pretrain.dir == first.pretrain.dir
-    s2 = run_pretrain(second, force=True)
-    assert s2["reused"] is False
-    h2 = json.loads((Path(second.pretrain.dir) / "history.json").read_text())
-    assert [h["epoch"] for h in h2] == [0, 1]
-    # epoch 0 was not re-run: its record (wall-clock throughput included) came back from the checkpoint
-    assert h2[0] == h1[0]
-    assert h2[1]["step"] == 2 * steps0
-    state2 = torch.load(Path(s2["adapter"]) / STATE_FILE, weights_only=True)
-    assert state2[STEP_KEY] == 2 * steps0
-    meta2 = json.loads((Path(s2["adapter"]) / META_FILE).read_text())
-    assert meta2["epoch"] == 1 and meta2["step"] == 2 * steps0
-    assert meta2["config_hash"] == pretrain_hash(second) != pretrain_hash(first)
-    for k, v in state1[MODEL_KEY].items():
-        assert state2[MODEL_KEY][k].shape == v.shape, k
-    # training went on from the restored weights: student and teacher moved during epoch 1
-    for k in ("student.layers.0.linear1.weight", "teacher.layers.0.linear1.weight", "kmeans.centroids"):
-        assert not torch.equal(state1[MODEL_KEY][k], state2[MODEL_KEY][k]), k
-    assert len(_checkpoints(second)) >= 2
+    cfg = _cfg(featurized, tmp_path, "pretrain.num_workers=1")
+    steps0 = steps_per_epoch(sum(json.loads((Path(cfg.features.dir) / "_serray_features.json").read_text())
+                                 ["rows_per_session"].values()), cfg.pretrain.batch_size, 1)
+    failing = _cfg(featurized, tmp_path, "pretrain.num_workers=1", "pretrain.max_failures=0",
+                   f"pretrain.fail_at_step={steps0 + 1}")
+    assert pretrain_hash(failing) == pretrain_hash(cfg)  # operational keys do not change the hash
+    with pytest.raises(Exception):
+        run_pretrain(failing)
+    assert not (Path(failing.pretrain.dir) / ADAPTER_DIR).exists()
+    ckpts = _checkpoints(failing)
+    assert ckpts, "epoch 0 must have left a checkpoint"
+    # the same command again: the fault marker exists, so it runs through, from epoch 1
+    again = run_pretrain(failing)
+    h = json.loads((Path(failing.pretrain.dir) / "history.json").read_text())
+    assert [r["epoch"] for r in h] == [0, 1]
+    assert [r["step"] for r in h] == [steps0, 2 * steps0]
+    state = torch.load(Path(again["adapter"]) / STATE_FILE, weights_only=True)
+    assert state[STEP_KEY] == 2 * steps0

@@ -1,0 +1,14 @@
+"""Ray job entrypoint: `serray finetune` (see README, "Running on a Ray cluster").
+
+    ray job submit --working-dir . -- python jobs/finetune.py --config configs/base.yaml key=value ...
+"""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the working dir of `ray job submit`
+
+from serray.cli import main  # noqa: E402
+
+if __name__ == "__main__":
+    sys.exit(main(["finetune", *sys.argv[1:]]))

@@ -1,0 +1,68 @@
+"""The main job: corpus -> manifest -> featurize -> pre-train -> leave-one-session-out fine-tune.
+
+Every stage is skipped when its output exists and matches the config (features resume, the
+pre-trained adapter and each finished fold carry a config hash), so rerunning the same command after
+an interruption continues where it stopped, locally or as a Ray job on a cluster.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any, Callable, Dict
+
+from serray.config import as_dict, save_config
+
+
+def _synthetic_kwargs(cfg) -> dict:
+    kw = as_dict(cfg.synthetic)
+    kw.pop("enabled", None)
+    return kw
+
+
+def prepare_corpus(cfg, echo: Callable[[str], Any] = print):
+    """Make the synthetic corpus when enabled and missing; build and write the manifest."""
+    from serray.data.iemocap import build_manifest, write_manifest
+
+    root = Path(cfg.data.root)
+    if cfg.synthetic.enabled and not root.exists():
+        from serray.data.synthetic import make_corpus
+
+        echo(f"making the synthetic corpus in {root}")
+        make_corpus(root, **_synthetic_kwargs(cfg), progress=True)
+    report = build_manifest(root, cfg.data.sessions, cfg.data.merge_excited)
+    write_manifest(report.kept, cfg.data.manifest)
+    echo(f"manifest: {len(report.kept)} utterances -> {cfg.data.manifest}")
+    echo(report.summary())
+    return report
+
+
+def run_pipeline(cfg, echo: Callable[[str], Any] = print) -> Dict[str, Any]:
+    """Run every stage; return a summary with the fine-tuning results."""
+    from serray.cli import featurize_summary, pretrain_summary
+    from serray.data.featurize import featurize
+    from serray.train.finetune import run_finetune
+    from serray.train.pretrain import run_pretrain
+    from serray.train.results import markdown_table
+
+    t0 = time.time()
+    save_config(cfg, cfg.output_dir)
+    echo(f"[1/4] corpus and manifest ({cfg.data.root})")
+    prepare_corpus(cfg, echo)
+    echo(f"[2/4] featurizing with {cfg.encoder.name} on Ray Data")
+    echo(featurize_summary(featurize(cfg)))
+    pre = None
+    if cfg.finetune.mode != "none":
+        echo("[3/4] pre-training the adapter on Ray Train")
+        pre = run_pretrain(cfg)
+        echo(pretrain_summary(pre))
+    else:
+        echo("[3/4] finetune.mode=none: no adapter to pre-train")
+    echo(f"[4/4] leave-one-session-out fine-tuning, folds {list(cfg.finetune.folds)}")
+    results = run_finetune(cfg)
+    echo(markdown_table(results, results.get("title", "")))
+    out = Path(cfg.finetune.dir)
+    echo(f"results: {out / 'metrics.json'}, {out / 'results.md'}, {out / 'predictions.csv'}, "
+         f"{out / 'confusion_matrix.png'}, {out / 'learning_curves.png'}")
+    echo(f"pipeline finished in {time.time() - t0:.0f} s")
+    return {"results": results, "pretrain": pre, "seconds": time.time() - t0}

@@ -1,0 +1,119 @@
+"""The model registry: selected classifiers under ``registry.dir`` (what Serve loads).
+
+An entry is a directory ``<registry.dir>/<id>/`` with
+
+* ``model/`` — a classifier checkpoint (``state.pt`` weights-only, ``meta.json``, ``config.yaml``):
+  frozen adapter branch + SAP head, its input statistics, the feature (encoder) identity and labels;
+* ``entry.json`` — id (version), creation time, source (``finetune`` or ``tune``), metrics, encoder
+  identity, label set, the hyper-parameters that were swept (if any), the config hash;
+* ``config.yaml`` — the fully resolved run config that produced it.
+
+A leave-one-session-out run yields one model per fold; the entry holds the fold model with the best
+validation UA (chosen on training-session data only), and the run's LOSO test metrics.
+``best`` is the entry with the highest ``metrics.ua``.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+import uuid
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+from serray.errors import DataError
+
+ENTRY_FILE = "entry.json"
+MODEL_DIR = "model"
+
+
+def register(registry_dir: str | Path, model_dir: str | Path, *, metrics: Dict[str, Any], config_yaml: str,
+             source: str, hyperparameters: Optional[Dict[str, Any]] = None, extra: Optional[Dict[str, Any]] = None
+             ) -> Dict[str, Any]:
+    """Copy a classifier checkpoint into a new registry entry; return the entry record."""
+    from serray.train.checkpoint import load_checkpoint
+
+    _, meta = load_checkpoint(model_dir)  # validates the checkpoint
+    if meta.get("kind") != "classifier":
+        raise DataError(f"{model_dir} holds a '{meta.get('kind')}' checkpoint, not a classifier")
+    root = Path(registry_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    created = time.strftime("%Y-%m-%dT%H:%M:%S")
+    entry_id = time.strftime("%Y%m%d-%H%M%S") + "-" + uuid.uuid4().hex[:6]
+    tmp = root / f".{entry_id}.tmp"
+    shutil.copytree(model_dir, tmp / MODEL_DIR)
+    (tmp / "config.yaml").write_text(config_yaml)
+    record = {"id": entry_id, "created": created, "source": source,
+              "metrics": {k: v for k, v in metrics.items()},
+              "encoder": meta["features"], "labels": meta.get("labels"), "mode": meta.get("mode"),
+              "hyperparameters": hyperparameters or {}, **(extra or {})}
+    (tmp / ENTRY_FILE).write_text(json.dumps(record, indent=2))
+    tmp.rename(root / entry_id)  # an entry appears complete or not at all
+    return record
+
+
+def list_entries(registry_dir: str | Path) -> List[Dict[str, Any]]:
+    """Every complete entry, oldest first."""
+    root = Path(registry_dir)
+    if not root.is_dir():
+        return []
+    entries = []
+    for d in sorted(root.iterdir()):
+        f = d / ENTRY_FILE
+        if d.is_dir() and not d.name.startswith(".") and f.is_file():
+            rec = json.loads(f.read_text())
+            rec["path"] = str(d.resolve())
+            entries.append(rec)
+    return sorted(entries, key=lambda r: (r["created"], r["id"]))
+
+
+def best_entry(registry_dir: str | Path, metric: str = "ua") -> Dict[str, Any]:
+    """The entry with the highest ``metrics[metric]`` (ties: the newest)."""
+    entries = list_entries(registry_dir)
+    if not entries:
+        raise DataError(f"the model registry {registry_dir} is empty: run `serray finetune` or `serray tune` first")
+    return max(entries, key=lambda r: (float(r["metrics"].get(metric, float("-inf"))), r["created"], r["id"]))
+
+
+def get_entry(registry_dir: str | Path, entry_id: Optional[str] = None) -> Dict[str, Any]:
+    """One entry by id (a unique prefix is enough), or the best one when ``entry_id`` is None."""
+    if entry_id is None or entry_id == "best":
+        return best_entry(registry_dir)
+    entries = list_entries(registry_dir)
+    hits = [e for e in entries if e["id"] == entry_id] or [e for e in entries if e["id"].startswith(entry_id)]
+    if len(hits) != 1:
+        known = ", ".join(e["id"] for e in entries) or "none"
+        what = "is ambiguous" if hits else "does not exist"
+        raise DataError(f"registry entry '{entry_id}' {what} in {registry_dir} (entries: {known})")
+    return hits[0]
+
+
+def model_dir(entry: Dict[str, Any]) -> Path:
+    """The classifier checkpoint directory of an entry."""
+    return Path(entry["path"]) / MODEL_DIR
+
+
+def resolve_model(cfg) -> tuple[Path, Dict[str, Any]]:
+    """What ``serray serve`` / ``serray predict`` load: ``serve.checkpoint`` or the registry entry
+    ``serve.model`` (default: the best). Returns (checkpoint dir, entry record or a minimal card)."""
+    if cfg.serve.checkpoint:
+        path = Path(cfg.serve.checkpoint)
+        if not (path / "meta.json").is_file():
+            raise DataError(f"serve.checkpoint={path} is not a classifier checkpoint directory (no meta.json)")
+        return path, {"id": path.name, "source": "checkpoint", "path": str(path.resolve()), "metrics": {}}
+    entry = get_entry(cfg.registry.dir, cfg.serve.model)
+    return model_dir(entry), entry
+
+
+def format_entries(entries: List[Dict[str, Any]]) -> str:
+    """A table for ``serray models list``."""
+    if not entries:
+        return "(no registered models)"
+    lines = [f"{'id':<24} {'created':<20} {'source':<9} {'UA %':>6} {'WA %':>6} {'F1 %':>6}  encoder"]
+    for e in entries:
+        m = e["metrics"]
+        pct = lambda k: f"{100 * m[k]:6.2f}" if isinstance(m.get(k), (int, float)) else f"{'-':>6}"  # noqa: E731
+        lines.append(f"{e['id']:<24} {e['created']:<20} {e['source']:<9} {pct('ua')} {pct('wa')} {pct('macro_f1')}  "
+                     f"{e['encoder'].get('encoder')}")
+    return "\n".join(lines)
