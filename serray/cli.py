@@ -117,6 +117,48 @@ def cmd_ablate(args) -> int:
     return 0
 
 
+def cmd_tune(args) -> int:
+    from serray.tune import run_sweep
+
+    run_sweep(_cfg(args), echo=print)
+    return 0
+
+
+def cmd_models(args) -> int:
+    from serray.registry import format_entries, get_entry, list_entries
+
+    cfg = _cfg(args)
+    if args.action == "list":
+        print(format_entries(list_entries(cfg.registry.dir)))
+        return 0
+    entry = get_entry(cfg.registry.dir, args.id)
+    print(json.dumps(entry, indent=2))
+    return 0
+
+
+def cmd_predict(args) -> int:
+    from serray.predict import Predictor
+    from serray.registry import resolve_model
+
+    cfg = _cfg(args)
+    path, entry = resolve_model(cfg)
+    predictor = Predictor.from_checkpoint(path)
+    df = predictor.predict_files(args.files, min_seconds=cfg.serve.min_seconds, max_seconds=cfg.serve.max_seconds)
+    if args.json:
+        print(df.to_json(orient="records", indent=2))
+    else:
+        print(f"model {entry['id']} ({path})")
+        print(df.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+    return 0
+
+
+def cmd_serve(args) -> int:
+    from serray.serve.app import run_server
+
+    run_server(_cfg(args), blocking=True)
+    return 0
+
+
 def cmd_config(args) -> int:
     print(to_yaml(_cfg(args)), end="")
     return 0
@@ -130,6 +172,10 @@ COMMANDS: Dict[str, tuple[Callable, str]] = {
     "finetune": (cmd_finetune, "SAP + classifier, 5-fold leave-one-session-out (folds as parallel Tune trials)"),
     "ablate": (cmd_ablate, "ablation on the same folds: no adapter / adapter w/o local attributes / full"),
     "pipeline": (cmd_pipeline, "the main job, end to end"),
+    "tune": (cmd_tune, "Ray Tune sweep (ASHA) over adapter hyper-parameters; registers the best trial"),
+    "models": (cmd_models, "the model registry: `serray models list`, `serray models show ID`"),
+    "predict": (cmd_predict, "predict emotions of audio files with a registered model"),
+    "serve": (cmd_serve, "Ray Serve HTTP endpoint for a registered model (blocks until Ctrl-C)"),
     "config": (cmd_config, "print the resolved config"),
 }
 
@@ -140,7 +186,6 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     for name, (_, help_) in COMMANDS.items():
         p = sub.add_parser(name, help=help_, description=help_)
-        _add_common(p)
         if name == "make-corpus":
             p.add_argument("--out", help="corpus root to create (default: data.root)")
         if name == "manifest":
@@ -148,13 +193,46 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--out", help="manifest Parquet file (default: data.manifest)")
         if name == "featurize":
             p.add_argument("--overwrite", action="store_true", help="replace features made with another encoder")
+        if name == "models":
+            p.add_argument("action", choices=("list", "show"))
+            p.add_argument("id", nargs="?", default=None, help="entry id for `show` (default: the best)")
+        if name == "predict":
+            p.add_argument("files", nargs="+", help="WAV/FLAC files")
+            p.add_argument("--json", action="store_true", help="print JSON records")
         if name in ("pretrain",):
             p.add_argument("--force", action="store_true", help="train again even if the output matches the config")
+        if name == "models":
+            p.add_argument("--config", default=None, help="YAML config (default: configs/base.yaml)")
+        else:
+            _add_common(p)
     return parser
 
 
+def _split_positionals(args: argparse.Namespace) -> None:
+    """``predict``/``models`` mix their own positionals with ``key=value`` overrides: sort them out."""
+    if args.command == "predict":
+        items = list(args.files)
+        args.files = [a for a in items if "=" not in a or Path(a).exists()]
+        args.overrides = [a for a in items if a not in args.files]
+    elif args.command == "models":
+        extra = list(getattr(args, "overrides", []) or [])
+        if args.id is not None and "=" in args.id:
+            extra.insert(0, args.id)
+            args.id = None
+        ids = [a for a in extra if "=" not in a]
+        if ids:
+            args.id = ids[0]
+        args.overrides = [a for a in extra if "=" in a]
+
+
 def main(argv: Optional[List[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, rest = parser.parse_known_args(argv)
+    if args.command == "models":
+        args.overrides = rest
+    elif rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    _split_positionals(args)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     try:

@@ -162,6 +162,7 @@ class FinetuneConfig(TrainerConfig):
     lr: float = 1e-3
     max_frames: Optional[int] = None
     keep_checkpoints: int = 1
+    register: bool = True  # put the result into the model registry (the fold model with the best val UA)
 
 
 def _default_search_space() -> Dict[str, Any]:
@@ -327,6 +328,8 @@ def load_config(path: Optional[str | os.PathLike] = None, overrides: Sequence[st
         unknown = _unknown_keys(schema, user)
         if unknown:
             raise ConfigError(_explain_unknown(unknown, valid, where))
+    if OmegaConf.select(file_cfg, "tune.search_space", default=None) is not None:
+        schema.tune.search_space = {}  # a file's search space replaces the default one (overrides merge into it)
     try:
         cfg = OmegaConf.merge(schema, *[u for u, _ in layers])
         OmegaConf.resolve(cfg)

@@ -94,12 +94,13 @@ class Predictor:
         """Probabilities [N, C] for mono 16 kHz waveforms."""
         return self.predict_arrays(self.encoder().encode(list(wavs)))
 
-    def predict_files(self, paths: Sequence[str | Path], min_seconds: float = 0.1) -> pd.DataFrame:
+    def predict_files(self, paths: Sequence[str | Path], min_seconds: float = 0.1,
+                      max_seconds: Optional[float] = None) -> pd.DataFrame:
         """Label and probabilities for audio files (WAV/FLAC, any channels / sample rate)."""
         from serray.data.audio import load_audio
 
         sr = int(self.features.get("sample_rate", 16000))
-        wavs = [load_audio(p, sr, min_seconds) for p in paths]
+        wavs = [load_audio(p, sr, min_seconds, max_seconds) for p in paths]
         probs = self.predict_waveforms(wavs)
         df = pd.DataFrame({"path": [str(p) for p in paths], "label": [self.labels[i] for i in probs.argmax(1)]})
         for j, name in enumerate(self.labels):

@@ -8,6 +8,9 @@ longest one in the batch and builds the padding mask.
 
 from __future__ import annotations
 
+import functools
+import math
+
 from pathlib import Path
 from typing import Dict, Iterable, List, Optional, Sequence
 
@@ -41,19 +44,49 @@ def feature_dataset(features_dir: str | Path, sessions: Iterable[int], utt_ids: 
         features_dir: a directory written by ``serray featurize``.
         sessions: IEMOCAP sessions to read.
         utt_ids: keep only these utterances (e.g. a validation split).
-        cache_max_mb: when the selected Parquet files are smaller than this, the dataset is
-            materialized once in the Ray object store (each epoch then skips the Parquet read and its
-            task start-up); larger selections stream from Parquet every epoch.
+        cache_max_mb: when the selected Parquet files are smaller than this (and we are not inside a
+            Tune trial), the rows are read once with pyarrow and put into the Ray object store
+            (``from_arrow``): epochs then skip the Parquet read and its task start-up. Larger
+            selections stay lazy and stream from Parquet every epoch.
     """
     import ray.data
     from ray.data.expressions import col
 
     files = session_paths(features_dir, sessions)
-    ds = ray.data.read_parquet(files, columns=TRAIN_COLUMNS, partitioning=None)
+    size_mb = sum(Path(f).stat().st_size for f in files) / 2**20
+    if size_mb <= cache_max_mb and not _inside_placement_group():
+        import pyarrow as pa
+        import pyarrow.compute as pc
+
+        table = _read_table(tuple(files))
+        if utt_ids is not None:
+            table = table.filter(pc.is_in(table["utt_id"], value_set=pa.array(list(utt_ids), pa.string())))
+        rows_per_block = max(1, math.ceil(table.num_rows / 8))
+        return ray.data.from_arrow([table.slice(i, rows_per_block) for i in range(0, table.num_rows, rows_per_block)]
+                                   or [table])
+    # fractional CPUs: reads must fit beside Train workers and other folds on small machines
+    ds = ray.data.read_parquet(files, columns=TRAIN_COLUMNS, partitioning=None, num_cpus=0.25)
     if utt_ids is not None:
         ds = ds.filter(expr=col("utt_id").is_in(list(utt_ids)))  # pushed down into the Parquet read
-    size_mb = sum(Path(f).stat().st_size for f in files) / 2**20
-    return ds.materialize() if size_mb <= cache_max_mb else ds
+    return ds
+
+
+@functools.lru_cache(maxsize=4)
+def _read_table(files: tuple):
+    """The training columns of some feature files as one Arrow table (cached: folds share it)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    return pa.concat_tables([pq.read_table(f, columns=TRAIN_COLUMNS, partitioning=None) for f in files])
+
+
+def _inside_placement_group() -> bool:
+    """True inside a Tune trial: Ray Data tasks started here would be captured by the trial's
+    placement group (whose bundle has no CPU) and never run, so nothing is executed in the trial
+    driver; the Train run executes the dataset with its own resources."""
+    from ray.util import get_current_placement_group
+
+    return get_current_placement_group() is not None
 
 
 def pad_features(feats: Sequence[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -161,19 +161,37 @@ def check_adapter(cfg, feat_meta: dict) -> None:
     check_identity(feat_meta, ameta["features"], f"features in {cfg.features.dir}", f"adapter checkpoint {path}")
 
 
-def run_fold(cfg, fold: int, callbacks: Optional[list] = None) -> Dict[str, Any]:
-    """Train, select and test one leave-one-session-out fold; write its directory; return its result."""
+def fold_split(cfg, fold: int) -> Dict[str, pd.DataFrame]:
+    """The train / val / test rows of one fold (metadata only)."""
+    rows = read_rows(cfg.features.dir, cfg.data.sessions, columns=("utt_id", "label", "speaker"))
+    rows["session"] = rows["speaker"].str.slice(3, 5).astype(int)
+    return split_fold(rows, fold, cfg.finetune.val_fraction, cfg.seed)
+
+
+def fold_datasets(cfg, fold: int, split: Optional[Dict[str, pd.DataFrame]] = None) -> Dict[str, Any]:
+    """Ray Datasets of a fold's training and validation parts (materialized when small, see
+    :func:`serray.data.features.feature_dataset`)."""
+    split = split if split is not None else fold_split(cfg, fold)
+    train_sessions = [s for s in cfg.data.sessions if s != fold]
+    cache = cfg.features.cache_max_mb
+    return {"train": feature_dataset(cfg.features.dir, train_sessions, split["train"]["utt_id"], cache),
+            "val": feature_dataset(cfg.features.dir, train_sessions, split["val"]["utt_id"], cache)}
+
+
+def run_fold(cfg, fold: int, callbacks: Optional[list] = None, datasets: Optional[Dict[str, Any]] = None
+             ) -> Dict[str, Any]:
+    """Train, select and test one leave-one-session-out fold; write its directory; return its result.
+
+    ``datasets`` (train/val) may be prepared by the caller, e.g. materialized by the driver before
+    the fold runs as a Tune trial (inside a trial, Ray Data cannot execute in the driver).
+    """
     feat_meta = check_features(cfg)
     check_adapter(cfg, feat_meta)
     tcfg, fhash = cfg.finetune, finetune_hash(cfg)
     fold_dir = Path(tcfg.dir).resolve() / f"fold{fold}"
-    rows = read_rows(cfg.features.dir, cfg.data.sessions, columns=("utt_id", "label", "speaker"))
-    rows["session"] = rows["speaker"].str.slice(3, 5).astype(int)
-    split = split_fold(rows, fold, tcfg.val_fraction, cfg.seed)
+    split = fold_split(cfg, fold)
     train_sessions = [s for s in cfg.data.sessions if s != fold]
-    cache = cfg.features.cache_max_mb
-    datasets = {"train": feature_dataset(cfg.features.dir, train_sessions, split["train"]["utt_id"], cache),
-                "val": feature_dataset(cfg.features.dir, train_sessions, split["val"]["utt_id"], cache)}
+    datasets = datasets or fold_datasets(cfg, fold, split)
     loop_config = {
         "task": "finetune", "seed": cfg.seed, "fold": fold, "mode": tcfg.mode, "branch": tcfg.branch,
         "config_yaml": to_yaml(cfg), "config_hash": fhash, "features": feature_identity(feat_meta),
@@ -245,7 +263,10 @@ def run_folds(cfg) -> List[Dict[str, Any]]:
     if pending:
         init_ray(cfg)
         cfg_dict = as_dict(cfg)
-        trainable = tune.with_resources(tune.with_parameters(_fold_trial, cfg_dict=cfg_dict),
+        # read once here, outside any placement group; small sets are materialized in the object
+        # store so no fold re-reads Parquet (and starts read tasks) every epoch
+        datasets = {f: fold_datasets(cfg, f) for f in pending}
+        trainable = tune.with_resources(tune.with_parameters(_fold_trial, cfg_dict=cfg_dict, datasets=datasets),
                                         {"cpu": 0, "memory": 64 * 1024**2})
         tuner = tune.Tuner(
             trainable,
@@ -265,13 +286,14 @@ def run_folds(cfg) -> List[Dict[str, Any]]:
     return results
 
 
-def _fold_trial(config: Dict[str, Any], cfg_dict: Dict[str, Any]) -> None:
+def _fold_trial(config: Dict[str, Any], cfg_dict: Dict[str, Any], datasets: Dict[int, Dict[str, Any]]) -> None:
     """One Tune trial = one fold (a Ray Train run, then the test on the held-out session)."""
     import ray.tune
     from omegaconf import OmegaConf
 
     cfg = OmegaConf.create(cfg_dict)
-    res = run_fold(cfg, int(config["fold"]))
+    fold = int(config["fold"])
+    res = run_fold(cfg, fold, datasets=datasets.get(fold))
     ray.tune.report({k: v for k, v in res.items() if isinstance(v, (int, float))})
 
 
@@ -284,5 +306,26 @@ def run_finetune(cfg) -> Dict[str, Any]:
     out = Path(cfg.finetune.dir)
     save_config(cfg, out)
     title = f"leave-one-session-out, mode={cfg.finetune.mode}, encoder={cfg.encoder.name}"
-    return write_results(folds, out, {"mode": cfg.finetune.mode, "encoder": cfg.encoder.name,
-                                      "config_hash": finetune_hash(cfg), "title": title})
+    summary = write_results(folds, out, {"mode": cfg.finetune.mode, "encoder": cfg.encoder.name,
+                                         "config_hash": finetune_hash(cfg), "title": title})
+    if cfg.finetune.register:
+        summary["registered"] = register_result(cfg, summary, source="finetune")["id"]
+    return summary
+
+
+def register_result(cfg, summary: Dict[str, Any], source: str, hyperparameters: Optional[Dict[str, Any]] = None
+                    ) -> Dict[str, Any]:
+    """Register a finished LOSO run: the fold model with the best validation UA, with the run's LOSO
+    test metrics (an entry with the same config hash is reused, not duplicated)."""
+    from serray.registry import list_entries, register
+
+    fhash = finetune_hash(cfg)
+    for entry in list_entries(cfg.registry.dir):
+        if entry.get("config_hash") == fhash and entry.get("folds") == list(cfg.finetune.folds):
+            return entry
+    best = max(summary["folds"], key=lambda f: (f.get("val_ua", 0.0), -f["fold"]))
+    model = Path(cfg.finetune.dir).resolve() / f"fold{best['fold']}" / "model"
+    return register(cfg.registry.dir, model, metrics=dict(summary["mean"]), config_yaml=to_yaml(cfg), source=source,
+                    hyperparameters=hyperparameters,
+                    extra={"config_hash": fhash, "folds": list(cfg.finetune.folds), "model_fold": best["fold"],
+                           "std": dict(summary["std"]), "finetune_dir": str(Path(cfg.finetune.dir).resolve())})

@@ -1,0 +1,75 @@
+"""A servable model without training, and synthetic clips: for the Serve tests, the bench and smoke tests.
+
+:func:`make_demo_checkpoint` writes a random-init classifier checkpoint in the same format as
+``serray finetune`` (``meta.json`` as :meth:`FinetuneTask.checkpoint_meta` writes it, fbank
+features), optionally with a frozen WAP-Transformer adapter body of the default size. Its
+predictions are meaningless; its compute and its code path are the real ones.
+"""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+
+
+def make_demo_checkpoint(directory: str | Path, *, adapter: bool = False, seed: int = 0, cfg=None) -> Path:
+    """Write a random-init classifier checkpoint to ``directory`` and return it.
+
+    Args:
+        adapter: include a frozen adapter body (``finetune.mode=frozen`` shape, sizes from
+            ``cfg.adapter``) instead of the no-adapter baseline (``mode=none``).
+        cfg: the config whose encoder / adapter / finetune sections shape the model (default: base.yaml).
+    """
+    import torch
+
+    from serray.config import load_config, to_yaml
+    from serray.data.encoders import describe_encoder
+    from serray.data.iemocap import LABELS
+    from serray.models.classifier import EmotionClassifier
+    from serray.train.checkpoint import MODEL_KEY, save_checkpoint
+
+    cfg = cfg if cfg is not None else load_config()
+    features = describe_encoder(cfg.encoder)
+    body = None
+    if adapter:
+        a = cfg.adapter
+        body = {"input_dim": features["dim"], "d_model": a.d_model, "num_layers": a.num_layers,
+                "num_heads": a.num_heads, "ff_dim": a.ff_dim, "dropout": a.dropout,
+                "num_input_layers": features["num_layers"]}
+    torch.manual_seed(seed)
+    ft = cfg.finetune
+    model = EmotionClassifier(input_dim=features["dim"], num_classes=len(LABELS), num_input_layers=features["num_layers"],
+                              body=body, freeze_body=adapter, attention_dim=ft.attention_dim, hidden_dim=ft.hidden_dim,
+                              dropout=ft.head_dropout)
+    meta = {"kind": "classifier", "model": model.config, "features": features, "labels": list(LABELS),
+            "fold": None, "test_session": None, "mode": "frozen" if adapter else "none",
+            "config_hash": "demo", "step": 0, "epoch": 0}
+    return save_checkpoint(directory, {MODEL_KEY: model.state_dict(), "step": 0, "epoch": 0}, meta, to_yaml(cfg))
+
+
+def synthetic_clip(seconds: float = 1.5, sample_rate: int = 16000, seed: int = 0, channels: int = 1) -> np.ndarray:
+    """A voiced-sounding clip: a gliding harmonic tone with an amplitude envelope and a little noise."""
+    rng = np.random.default_rng(seed)
+    n = int(round(seconds * sample_rate))
+    t = np.arange(n) / sample_rate
+    f0 = 120 + 60 * rng.random() + 30 * np.sin(2 * np.pi * 0.7 * t)
+    phase = 2 * np.pi * np.cumsum(f0) / sample_rate
+    x = sum(np.sin(k * phase) / k for k in range(1, 6))
+    x *= 0.5 * (1 - np.cos(2 * np.pi * np.minimum(t / max(seconds, 1e-3), 1.0))) * 0.3
+    x = x + 0.01 * rng.standard_normal(n)
+    x = x.astype(np.float32)
+    if channels > 1:
+        x = np.stack([x * (1 - 0.1 * c) for c in range(channels)], axis=1)
+    return x
+
+
+def encode_audio(data: np.ndarray, sample_rate: int = 16000, fmt: str = "WAV", subtype: Optional[str] = None) -> bytes:
+    """Samples -> the bytes of a WAV/FLAC file (``subtype`` e.g. PCM_16, PCM_U8, PCM_32, FLOAT)."""
+    import soundfile as sf
+
+    buf = io.BytesIO()
+    sf.write(buf, data, sample_rate, format=fmt, subtype=subtype or "PCM_16")
+    return buf.getvalue()

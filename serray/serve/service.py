@@ -1,0 +1,164 @@
+"""What a Serve replica holds and does, without Ray: the model of a registry entry, decoding, inference.
+
+:class:`SERService` wraps a :class:`~serray.predict.Predictor` (frozen encoder + classifier + labels),
+so an HTTP prediction runs exactly the offline code path: ``load_audio`` -> ``encoder.encode`` ->
+``predict_arrays`` (``Predictor.predict_waveforms``). It also keeps the replica's counters
+(requests, errors by status, batch sizes) that ``GET /stats`` and ``GET /info`` report.
+"""
+
+from __future__ import annotations
+
+import re
+import struct
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence
+
+import numpy as np
+
+from serray.data.audio import load_audio
+from serray.errors import AudioError
+from serray.serve.parsing import AUDIO_TYPES, MULTIPART
+
+
+def check_complete_wav(data: bytes) -> None:
+    """Refuse a RIFF/WAVE file whose ``data`` chunk declares more bytes than the file holds.
+
+    libsndfile decodes such a file (an upload cut short) as the shorter audio it finds; a
+    prediction on part of the clip is not what the client asked for. A declared size of 0 or
+    0xFFFFFFFF (writers that stream without seeking back) means "unknown" and is accepted; other
+    formats (FLAC, RF64, W64) are left to the decoder, which detects their truncation itself.
+    """
+    if len(data) < 12 or data[:4] not in (b"RIFF", b"RIFX") or data[8:12] != b"WAVE":
+        return
+    order = "<" if data[:4] == b"RIFF" else ">"
+    pos = 12
+    while pos + 8 <= len(data):
+        chunk, size = data[pos:pos + 4], struct.unpack(order + "I", data[pos + 4:pos + 8])[0]
+        if chunk == b"data":
+            present = len(data) - pos - 8
+            if size not in (0, 0xFFFFFFFF) and size > present:
+                raise AudioError(f"truncated WAV: its data chunk declares {size} bytes but only {present} are present")
+            return
+        pos += 8 + size + (size & 1)
+
+
+class SERService:
+    """The model card, the predictor and the counters of one replica.
+
+    Args:
+        checkpoint: classifier checkpoint directory (a registry entry's ``model/``).
+        card: the registry entry record (id, created, source, metrics, ...).
+        settings: the ``serve`` config section as a plain dict.
+        device: torch device of the classifier and encoder.
+    """
+
+    def __init__(self, checkpoint: str | Path, card: Dict[str, Any], settings: Dict[str, Any], device: str = "cpu"):
+        from serray.predict import Predictor
+
+        self.checkpoint = Path(checkpoint)
+        self.card = dict(card)
+        self.settings = dict(settings)
+        self.predictor = Predictor.from_checkpoint(self.checkpoint, device=device)
+        self.predictor.encoder()  # build the frozen encoder now, not on the first request
+        self.version = str(self.card.get("id") or self.checkpoint.name)
+        self.sample_rate = int(self.predictor.features.get("sample_rate", 16000))
+        self.max_body_bytes = int(float(settings["max_body_mb"]) * 2**20)
+        self._lock = threading.Lock()
+        self.started = time.time()
+        self.requests = 0
+        self.predictions = 0
+        self.errors: Counter = Counter()
+        self.batches = 0
+        self.batch_sizes: Counter = Counter()
+        self.infer_s = 0.0  # time in the encoder + classifier
+
+    # ------------------------------------------------------------------ work
+
+    def decode(self, audio: bytes) -> np.ndarray:
+        """Encoded WAV/FLAC bytes -> mono float32 at the model's rate (raises AudioError)."""
+        check_complete_wav(audio)
+        try:
+            return load_audio(audio, self.sample_rate, float(self.settings["min_seconds"]),
+                              float(self.settings["max_seconds"]))
+        except AudioError as e:  # libsndfile names the buffer object; the client knows it as its upload
+            raise AudioError(re.sub(r"Error opening <_io\.BytesIO object at 0x[0-9a-fA-F]+>: ", "", str(e))) from None
+
+    def infer(self, wavs: Sequence[np.ndarray]) -> List[Dict[str, Any]]:
+        """One padded forward for a batch of waveforms -> one response dict per waveform."""
+        t0 = time.perf_counter()
+        probs = self.predictor.predict_waveforms(list(wavs))
+        spent = time.perf_counter() - t0
+        labels = self.predictor.labels
+        with self._lock:
+            self.infer_s += spent
+            self.batches += 1
+            self.batch_sizes[len(wavs)] += 1
+            self.predictions += len(wavs)
+        return [{"label": labels[int(np.argmax(p))],
+                 "probabilities": {name: float(v) for name, v in zip(labels, p)},
+                 "version": self.version,
+                 "duration_s": round(len(w) / self.sample_rate, 4),
+                 "batch_size": len(wavs)}
+                for w, p in zip(wavs, probs)]
+
+    # ------------------------------------------------------------------ bookkeeping
+
+    def count_request(self) -> None:
+        with self._lock:
+            self.requests += 1
+
+    def count_error(self, status: int) -> None:
+        with self._lock:
+            self.errors[int(status)] += 1
+
+    def stats(self) -> Dict[str, Any]:
+        """This replica's counters (one replica's view when several run)."""
+        with self._lock:
+            sizes = dict(sorted(self.batch_sizes.items()))
+            return {"requests": self.requests, "predictions": self.predictions,
+                    "errors": {str(k): v for k, v in sorted(self.errors.items())},
+                    "batches": self.batches, "max_batch_size_seen": max(sizes, default=0),
+                    "mean_batch_size": round(self.predictions / self.batches, 3) if self.batches else 0.0,
+                    "batch_sizes": {str(k): v for k, v in sizes.items()},
+                    "infer_s": round(self.infer_s, 4),
+                    "infer_ms_per_prediction": round(1e3 * self.infer_s / self.predictions, 3) if self.predictions else 0.0,
+                    "uptime_s": round(time.time() - self.started, 1)}
+
+    def training_config(self) -> Optional[Dict[str, Any]]:
+        """The resolved run config that produced the model (the checkpoint's ``config.yaml``)."""
+        import yaml
+
+        path = self.checkpoint / "config.yaml"
+        try:
+            cfg = yaml.safe_load(path.read_text()) if path.is_file() else None
+        except yaml.YAMLError:
+            return None
+        return cfg if isinstance(cfg, dict) else None
+
+    def info(self) -> Dict[str, Any]:
+        """The model card: version, encoder, classifier, labels, metrics, config, serving settings."""
+        meta = self.predictor.meta
+        card = self.card
+        s = self.settings
+        return {
+            "version": self.version,
+            "model": {k: card.get(k) for k in ("id", "created", "source", "path") if k in card},
+            "labels": list(self.predictor.labels),
+            "metrics": card.get("metrics", {}),
+            "hyperparameters": card.get("hyperparameters", {}),
+            "encoder": dict(self.predictor.features),
+            "classifier": meta.get("model"),
+            "mode": meta.get("mode"),
+            "fold": meta.get("fold"),
+            "config": self.training_config(),
+            "serving": {"batching": bool(s["batching"]), "max_batch_size": int(s["max_batch_size"]),
+                        "batch_wait_timeout_s": float(s["batch_wait_timeout_s"]),
+                        "max_body_mb": float(s["max_body_mb"]), "min_seconds": float(s["min_seconds"]),
+                        "max_seconds": float(s["max_seconds"]), "sample_rate": self.sample_rate,
+                        "content_types": [*AUDIO_TYPES, MULTIPART],
+                        "device": str(self.predictor.device)},
+            "stats": self.stats(),
+        }

@@ -1,0 +1,305 @@
+"""Ray Tune sweeps over the adapter's hyper-parameters, with early stopping and the model registry.
+
+One trial = pre-training followed by leave-one-session-out fine-tuning on ``tune.folds``, with the
+same Ray Train code as ``serray pretrain`` / ``serray finetune`` (each stage is a TorchTrainer run
+inside the trial function, as Ray 2.60 requires). Every fine-tuning epoch reaches Tune through
+``TuneReportCallback``, so ASHA stops poor trials on ``tune.scheduler_metric`` (validation UA); a
+finished trial reports its objective ``tune.metric`` (mean test UA over its folds).
+
+The search space lives in ``tune.search_space``, nested like the config; a leaf is one of
+``{choice: [...]}``, ``{grid: [...]}``, ``{uniform: [lo, hi]}``, ``{loguniform: [lo, hi]}``,
+``{randint: [lo, hi]}``. It is validated before any trial starts. Rerunning the same command with the
+same ``tune.name`` resumes the sweep (``Tuner.restore``): finished trials are not rerun.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Tuple
+
+from omegaconf import OmegaConf
+
+from serray.config import _all_keys, _schema, as_dict, derive
+from serray.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+FORMS = ("choice", "grid", "uniform", "loguniform", "randint")
+SPACE_FILE = "_serray_search_space.json"
+TRIAL_KEY_PREFIX = "cfg/"  # param_space keys are "cfg/<dotted config key>"
+
+
+# ---------------------------------------------------------------- search space
+
+
+def flatten_space(space: Dict[str, Any], prefix: str = "") -> Dict[str, Tuple[str, list]]:
+    """``{"adapter": {"mask_ratio": {"choice": [...]}}}`` -> ``{"adapter.mask_ratio": ("choice", [...])}``."""
+    out: Dict[str, Tuple[str, list]] = {}
+    for k, v in (space or {}).items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and len(v) == 1 and next(iter(v)) in FORMS:
+            form, args = next(iter(v.items()))
+            out[key] = (form, list(args) if isinstance(args, (list, tuple)) else args)
+        elif isinstance(v, dict) and v and all(isinstance(x, dict) for x in v.values()):
+            out.update(flatten_space(v, f"{key}."))
+        elif isinstance(v, dict) and len(v) == 1:
+            raise ConfigError(f"tune.search_space.{key}: unknown distribution form '{next(iter(v))}' "
+                              f"(use one of: {', '.join(FORMS)})")
+        else:
+            raise ConfigError(f"tune.search_space.{key}: a leaf must be one form, e.g. {{choice: [a, b]}} "
+                              f"(forms: {', '.join(FORMS)}); got {v!r}")
+    return out
+
+
+def validate_space(cfg) -> Dict[str, Tuple[str, list]]:
+    """The flattened search space, checked against the schema and the value rules; errors are ConfigError."""
+    import difflib
+
+    flat = flatten_space(as_dict(cfg.tune.search_space))
+    if not flat:
+        raise ConfigError("tune.search_space is empty: give at least one key, e.g. "
+                          "tune.search_space.adapter.mask_ratio.choice=[0.3,0.5]")
+    schema = _schema()
+    valid = [k for k in _all_keys(schema) if not k.startswith(("tune.", "ray.", "serve.", "registry."))]
+    for key, (form, args) in flat.items():
+        if key not in valid or isinstance(OmegaConf.select(schema, key), (dict, type(schema))):
+            close = difflib.get_close_matches(key, valid, n=1, cutoff=0.6)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            raise ConfigError(f"tune.search_space: unknown config key '{key}'{hint}")
+        if not isinstance(args, list) or not args:
+            raise ConfigError(f"tune.search_space.{key}: {form} needs a non-empty list, got {args!r}")
+        if form in ("uniform", "loguniform", "randint"):
+            if len(args) != 2 or not all(isinstance(a, (int, float)) for a in args) or not args[0] < args[1]:
+                raise ConfigError(f"tune.search_space.{key}: {form} needs [low, high] with low < high, got {args}")
+            if form == "loguniform" and args[0] <= 0:
+                raise ConfigError(f"tune.search_space.{key}: loguniform needs low > 0, got {args}")
+            probes = [args[0], args[1] - 1 if form == "randint" else args[1]]
+        else:
+            probes = args
+        for value in probes:  # every value must make a valid config (types, ranges)
+            derive(cfg, [_override(key, value)])
+    return flat
+
+
+def _override(key: str, value: Any) -> str:
+    return f"{key}={json.dumps(value) if isinstance(value, (list, dict, bool)) or value is None else value}"
+
+
+def param_space(flat: Dict[str, Tuple[str, list]]) -> Dict[str, Any]:
+    from ray import tune
+
+    make = {"choice": tune.choice, "grid": tune.grid_search, "uniform": lambda a: tune.uniform(*a),
+            "loguniform": lambda a: tune.loguniform(*a), "randint": lambda a: tune.randint(*a)}
+    return {TRIAL_KEY_PREFIX + k: make[form](args) for k, (form, args) in flat.items()}
+
+
+def trial_hyperparameters(config: Dict[str, Any]) -> Dict[str, Any]:
+    return {k[len(TRIAL_KEY_PREFIX):]: v for k, v in config.items() if k.startswith(TRIAL_KEY_PREFIX)}
+
+
+def trial_config(cfg, hyper: Dict[str, Any], trial_dir: Path):
+    """The run config of one trial: the swept values, its own directories, the sweep's folds."""
+    trial_dir = Path(trial_dir)
+    return derive(cfg, [*[_override(k, v) for k, v in hyper.items()],
+                        f"pretrain.dir={trial_dir / 'pretrain'}", f"finetune.dir={trial_dir / 'finetune'}",
+                        f"finetune.init_from={trial_dir / 'pretrain' / 'adapter'}",
+                        f"finetune.folds={json.dumps(list(cfg.tune.folds))}", "finetune.register=false"])
+
+
+# ---------------------------------------------------------------- the trial
+
+
+def _trial(config: Dict[str, Any], cfg_dict: Dict[str, Any]) -> None:
+    """One Tune trial: pre-train, fine-tune the folds (each epoch reported to Tune), report the objective."""
+    import ray.tune
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from serray.train.finetune import _fold_done, run_fold
+    from serray.train.pretrain import run_pretrain
+    from serray.train.results import write_results
+
+    cfg = OmegaConf.create(cfg_dict)
+    trial_id = ray.tune.get_context().get_trial_id()
+    trial_dir = Path(cfg.tune.dir) / cfg.tune.name / "trials" / trial_id
+    hyper = trial_hyperparameters(config)
+    tcfg = trial_config(cfg, hyper, trial_dir)
+    trial_dir.mkdir(parents=True, exist_ok=True)
+    with open(trial_dir / "attempts.log", "a") as f:  # how often this trial ran (tests of resuming)
+        f.write(time.strftime("%Y-%m-%dT%H:%M:%S") + "\n")
+    if tcfg.finetune.mode != "none":
+        run_pretrain(tcfg)
+    folds = []
+    for fold in tcfg.finetune.folds:
+        folds.append(_fold_done(tcfg, fold) or run_fold(tcfg, fold, callbacks=[TuneReportCallback()]))
+    summary = write_results(folds, tcfg.finetune.dir, {"mode": tcfg.finetune.mode, "hyperparameters": hyper,
+                                                        "title": f"trial {trial_id}"})
+    val = sum(f["val_ua"] for f in folds) / len(folds)
+    ray.tune.report({**summary["mean"], "val_ua": val, "trial_dir": str(trial_dir), "done_trial": 1})
+
+
+# ---------------------------------------------------------------- the sweep
+
+
+def _space_hash(flat) -> str:
+    return hashlib.sha256(json.dumps(flat, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _scheduler(cfg):
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+
+    t = cfg.tune
+    if t.scheduler == "fifo":
+        return FIFOScheduler()
+    if t.scheduler == "asha":
+        max_t = max(t.grace_period + 1, cfg.finetune.epochs * len(t.folds) + 1)
+        return ASHAScheduler(metric=t.scheduler_metric, mode=t.mode, time_attr="training_iteration", max_t=max_t,
+                             grace_period=t.grace_period, reduction_factor=t.reduction_factor)
+    raise ConfigError(f"tune.scheduler must be asha or fifo, got '{t.scheduler}'")
+
+
+def run_sweep(cfg, echo: Callable[[str], Any] = print) -> Dict[str, Any]:
+    """Run (or resume) the sweep; write the trial table and plots; register the best trial."""
+    import ray.tune as tune
+
+    from serray.pipeline import prepare_corpus
+    from serray.ray_utils import init_ray
+    from serray.train.pretrain import check_features
+
+    if cfg.tune.metric not in ("ua", "wa", "macro_f1"):
+        raise ConfigError(f"tune.metric must be ua, wa or macro_f1, got '{cfg.tune.metric}'")
+    if cfg.tune.mode not in ("max", "min"):
+        raise ConfigError(f"tune.mode must be max or min, got '{cfg.tune.mode}'")
+    bad = [f for f in cfg.tune.folds if f not in cfg.data.sessions]
+    if bad or not cfg.tune.folds:
+        raise ConfigError(f"tune.folds must be a non-empty subset of data.sessions {list(cfg.data.sessions)}, got "
+                          f"{list(cfg.tune.folds)}")
+    flat = validate_space(cfg)
+    scheduler = _scheduler(cfg)
+    if not (Path(cfg.features.dir) / "_serray_features.json").is_file():
+        from serray.data.featurize import featurize
+
+        prepare_corpus(cfg, echo)
+        featurize(cfg)
+    check_features(cfg)
+    exp_dir = Path(cfg.tune.dir) / cfg.tune.name
+    space_file = exp_dir / SPACE_FILE
+    init_ray(cfg)
+    resources = {"cpu": cfg.tune.cpus_per_trial, "memory": 64 * 1024**2}
+    if cfg.tune.gpus_per_trial:
+        resources["gpu"] = cfg.tune.gpus_per_trial
+    trainable = tune.with_resources(tune.with_parameters(_trial, cfg_dict=as_dict(cfg)), resources)
+    if tune.Tuner.can_restore(str(exp_dir)):
+        stored = json.loads(space_file.read_text()) if space_file.is_file() else {}
+        if stored.get("hash") not in (None, _space_hash(flat)):
+            raise ConfigError(f"the sweep {exp_dir} exists with another search space ({stored.get('space')}); "
+                              "choose another tune.name to start a new sweep")
+        echo(f"resuming the sweep in {exp_dir} (finished trials are kept)")
+        tuner = tune.Tuner.restore(str(exp_dir), trainable=trainable, resume_unfinished=True, resume_errored=True)
+    else:
+        echo(f"sweep {cfg.tune.name}: {len(flat)} hyper-parameters, {cfg.tune.num_samples} samples, "
+             f"scheduler {cfg.tune.scheduler}, folds {list(cfg.tune.folds)}")
+        tuner = tune.Tuner(
+            trainable, param_space=param_space(flat),
+            tune_config=tune.TuneConfig(num_samples=cfg.tune.num_samples, scheduler=scheduler,
+                                        max_concurrent_trials=cfg.tune.max_concurrent_trials),
+            run_config=tune.RunConfig(storage_path=str(Path(cfg.tune.dir)), name=cfg.tune.name, verbose=1),
+        )
+    exp_dir.mkdir(parents=True, exist_ok=True)
+    space_file.write_text(json.dumps({"hash": _space_hash(flat), "space": {k: list(v) for k, v in flat.items()}}))
+    grid = tuner.fit()
+    return summarise_sweep(cfg, grid, flat, echo)
+
+
+def summarise_sweep(cfg, grid, flat, echo: Callable[[str], Any] = print) -> Dict[str, Any]:
+    """trials.csv / trials.md / plots; registers the best finished trial."""
+    import pandas as pd
+
+    from serray.train.finetune import register_result
+
+    exp_dir = Path(cfg.tune.dir) / cfg.tune.name
+    rows = []
+    for r in grid:
+        m = r.metrics or {}
+        hyper = trial_hyperparameters(r.config or {})
+        status = "ERROR" if r.error is not None else ("finished" if m.get("done_trial") else "stopped early")
+        rows.append({"trial_id": m.get("trial_id", Path(r.path).name), **hyper, "status": status,
+                     **{k: m.get(k) for k in ("ua", "wa", "macro_f1", "val_ua", "training_iteration")},
+                     "time_s": m.get("time_total_s"), "trial_dir": m.get("trial_dir")})
+    df = pd.DataFrame(rows)
+    df.to_csv(exp_dir / "trials.csv", index=False)
+    (exp_dir / "trials.md").write_text(_markdown(df, list(flat)))
+    _plots(df, list(flat), cfg.tune.metric, cfg.tune.mode, exp_dir)
+    echo(_markdown(df, list(flat)))
+    errors = [r.error for r in grid if r.error is not None]
+    finished = df[df["status"] == "finished"]
+    out: Dict[str, Any] = {"trials": rows, "dir": str(exp_dir), "errors": len(errors)}
+    if errors:
+        echo(f"{len(errors)} trial(s) failed (first: {str(errors[0]).splitlines()[0][:300]}); "
+             "rerun the same command to resume the sweep")
+    if finished.empty:
+        if errors:
+            from serray.errors import SerrayError
+
+            raise SerrayError(f"no trial of the sweep {exp_dir} finished; {len(errors)} failed")
+        return out
+    best = finished.sort_values(cfg.tune.metric, ascending=cfg.tune.mode == "min").iloc[0]
+    out["best"] = best.to_dict()
+    echo(f"best trial {best['trial_id']}: {cfg.tune.metric}={best[cfg.tune.metric]:.4f} "
+         + " ".join(f"{k}={best[k]}" for k in flat))
+    if cfg.tune.register_best:
+        hyper = {k: _plain(best[k]) for k in flat}
+        tcfg = trial_config(cfg, hyper, Path(best["trial_dir"]))
+        summary = json.loads((Path(tcfg.finetune.dir) / "metrics.json").read_text())
+        entry = register_result(tcfg, summary, source="tune", hyperparameters=hyper)
+        out["registered"] = entry["id"]
+        echo(f"registered as {entry['id']} in {cfg.registry.dir}")
+    if errors:
+        from serray.errors import SerrayError
+
+        raise SerrayError(f"{len(errors)} trial(s) of the sweep failed; rerun the same command to resume")
+    return out
+
+
+def _plain(v: Any) -> Any:
+    return v.item() if hasattr(v, "item") else v
+
+
+def _markdown(df, keys: List[str]) -> str:
+    cols = ["trial_id", *keys, "status", "ua", "wa", "macro_f1", "val_ua", "training_iteration"]
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for _, r in df.iterrows():
+        cells = []
+        for c in cols:
+            v = r.get(c)
+            cells.append(f"{100 * v:.2f}" if c in ("ua", "wa", "macro_f1", "val_ua") and isinstance(v, float) and v == v
+                         else ("-" if v is None or (isinstance(v, float) and v != v) else str(v)))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _plots(df, keys: List[str], metric: str, mode: str, out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    done = df[df["status"] == "finished"]
+    fig, axes = plt.subplots(1, len(keys) + 1, figsize=(4 * (len(keys) + 1), 3.2), squeeze=False)
+    for ax, k in zip(axes[0], keys):
+        ax.scatter([str(v) if not isinstance(v, (int, float)) else v for v in done[k]], done[metric])
+        ax.set_xlabel(k)
+        ax.set_ylabel(metric)
+    ax = axes[0][-1]
+    if not done.empty:
+        vals = list(done[metric])
+        best = [max(vals[: i + 1]) if mode == "max" else min(vals[: i + 1]) for i in range(len(vals))]
+        ax.plot(range(1, len(vals) + 1), best, marker="o")
+    ax.set_xlabel("finished trials")
+    ax.set_ylabel(f"best {metric} so far")
+    fig.tight_layout()
+    fig.savefig(out / "sweep.png", dpi=100)
+    plt.close(fig)

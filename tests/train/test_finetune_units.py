@@ -1,0 +1,116 @@
+"""Fine-tuning pieces that need no Ray: metrics vs scikit-learn, LOSO folds, input statistics."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from sklearn.metrics import accuracy_score, f1_score, recall_score
+
+from serray.data.featurize import feature_stats
+from serray.models.classifier import EmotionClassifier, body_state_from_adapter
+from serray.models.adapter import Adapter
+from serray.models.wap import FeatureNorm
+from serray.train.finetune import split_fold
+from serray.train.metrics import classification_metrics
+from serray.train.results import markdown_table, summarise
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_metrics_equal_sklearn_on_random_labels(seed):
+    rng = np.random.default_rng(seed)
+    y, p = rng.integers(0, 4, 200), rng.integers(0, 4, 200)
+    m = classification_metrics(y, p)
+    assert m["ua"] == pytest.approx(recall_score(y, p, average="macro"))
+    assert m["wa"] == pytest.approx(accuracy_score(y, p))
+    assert m["macro_f1"] == pytest.approx(f1_score(y, p, average="macro"))
+    # UA is the mean per-class recall, computed by hand too
+    assert m["ua"] == pytest.approx(np.mean([(p[y == c] == c).mean() for c in range(4)]))
+
+
+def test_metrics_when_the_test_session_lacks_a_class():
+    """Documented: UA and macro-F1 average over the classes present in the test labels."""
+    y = np.array([0, 0, 1, 1, 2, 2])  # no class 3 (angry)
+    p = np.array([0, 3, 1, 1, 2, 0])
+    m = classification_metrics(y, p)
+    assert all(np.isfinite(v) for v in m.values())
+    assert m["ua"] == pytest.approx(np.mean([0.5, 1.0, 0.5]))
+    assert m["macro_f1"] == pytest.approx(f1_score(y, p, labels=[0, 1, 2], average="macro"))
+    assert m["wa"] == pytest.approx(4 / 6)
+
+
+def _rows(n_per_speaker=12, seed=0):
+    rng = np.random.default_rng(seed)
+    rows = []
+    for s in range(1, 6):
+        for g in "FM":
+            for i in range(n_per_speaker):
+                rows.append({"utt_id": f"Ses0{s}{g}_impro01_{g}{i:03d}", "speaker": f"Ses0{s}_{g}", "session": s,
+                             "label": ["neu", "hap", "sad", "ang"][rng.integers(0, 4)]})
+    return pd.DataFrame(rows)
+
+
+def test_folds_have_no_speaker_leakage_and_test_every_utterance_once():
+    rows = _rows()
+    tested = []
+    for fold in range(1, 6):
+        sp = split_fold(rows, fold, 0.15, seed=0)
+        assert set(sp["test"]["session"]) == {fold}
+        test_speakers = set(sp["test"]["speaker"])
+        assert test_speakers == {f"Ses0{fold}_F", f"Ses0{fold}_M"}
+        assert not test_speakers & (set(sp["train"]["speaker"]) | set(sp["val"]["speaker"]))
+        assert not set(sp["train"]["utt_id"]) & set(sp["val"]["utt_id"])
+        assert len(sp["train"]) + len(sp["val"]) + len(sp["test"]) == len(rows)
+        assert len(sp["val"]) == pytest.approx(0.15 * (len(rows) - len(sp["test"])), abs=1)
+        tested += list(sp["test"]["utt_id"])
+    assert sorted(tested) == sorted(rows["utt_id"])  # every utterance exactly once as test
+
+
+def test_leaking_speaker_is_caught():
+    rows = _rows()
+    rows.loc[rows.index[0], "speaker"] = "Ses02_F"  # a session-1 row claims a session-2 speaker
+    with pytest.raises(AssertionError, match="speaker"):
+        split_fold(rows, 2, 0.15, seed=0)
+
+
+def test_summary_mean_std_and_table():
+    folds = [{"fold": i, "test_session": i, "ua": u, "wa": w, "macro_f1": f, "n_test": 10}
+             for i, (u, w, f) in enumerate([(0.5, 0.6, 0.4), (0.7, 0.8, 0.6)], start=1)]
+    s = summarise(folds)
+    assert s["mean"] == pytest.approx({"ua": 0.6, "wa": 0.7, "macro_f1": 0.5})
+    assert s["std"]["ua"] == pytest.approx(np.std([0.5, 0.7]))
+    table = markdown_table(s)
+    assert "60.00 ± 10.00" in table and table.count("\n") == 5
+
+
+def test_feature_stats_combine_sessions_exactly():
+    rng = np.random.default_rng(0)
+    frames = {s: rng.normal(s, s, size=(50 * s, 3)) for s in (1, 2, 3)}
+    meta = {"stats": {str(s): {"frames": len(x), "sum": [x.sum(0).tolist()], "sumsq": [(x * x).sum(0).tolist()]}
+                      for s, x in frames.items()}}
+    mean, std = feature_stats(meta, [1, 3])
+    both = np.concatenate([frames[1], frames[3]])
+    assert mean.shape == (1, 3)
+    np.testing.assert_allclose(mean[0], both.mean(0), rtol=1e-5)
+    np.testing.assert_allclose(std[0], both.std(0), rtol=1e-4)
+    with pytest.raises(Exception, match="statistics"):
+        feature_stats(meta, [4])
+
+
+def test_feature_norm_standardises_and_travels_in_the_state_dict():
+    x = torch.randn(2, 7, 5) * 3 + 2
+    norm = FeatureNorm(5)
+    assert torch.equal(norm(x), x)  # identity until statistics are set
+    norm.set_stats(x.reshape(-1, 5).mean(0), x.reshape(-1, 5).std(0, unbiased=False))
+    y = norm(x).reshape(-1, 5)
+    assert torch.allclose(y.mean(0), torch.zeros(5), atol=1e-5)
+    assert torch.allclose(y.std(0, unbiased=False), torch.ones(5), atol=1e-4)
+    # the classifier built from a pre-trained adapter branch gets the adapter's statistics
+    ad = Adapter(input_dim=5, d_model=8, num_layers=1, num_heads=2, ff_dim=16, num_clusters=4)
+    ad.set_feature_stats(np.full((1, 5), 2.0), np.full((1, 5), 3.0))
+    clf = EmotionClassifier(5, 4, body=dict(input_dim=5, d_model=8, num_layers=1, num_heads=2, ff_dim=16),
+                            attention_dim=4, hidden_dim=8)
+    clf.body.load_state_dict(body_state_from_adapter(ad.state_dict(), "teacher"))
+    assert torch.equal(clf.body.input_norm.mean, torch.full((1, 5), 2.0))
+    assert torch.equal(clf.state_dict()["body.input_norm.std"], torch.full((1, 5), 3.0))

@@ -1,0 +1,130 @@
+"""Ray Tune sweeps (``serray.tune``): search-space validation, a tiny sweep, resume, the registry."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from serray.config import load_config
+from serray.errors import ConfigError, SerrayError
+from serray.registry import best_entry, list_entries
+from serray.tune import flatten_space, validate_space
+
+TINY = ["pretrain.epochs=1", "finetune.epochs=3", "adapter.d_model=32", "adapter.ff_dim=64", "adapter.num_layers=1",
+        "adapter.num_clusters=4", "finetune.attention_dim=16", "finetune.hidden_dim=32", "pretrain.max_failures=0",
+        "tune.folds=[1]", "tune.grace_period=2", "tune.max_concurrent_trials=2", "tune.num_samples=1"]
+
+
+def _space_file(tmp_path: Path, space: str) -> Path:
+    f = tmp_path / "sweep.yaml"
+    f.write_text("tune:\n  search_space:\n" + space)
+    return f
+
+
+def _cfg(featurized, tmp_path, space: str, *overrides):
+    return load_config(_space_file(tmp_path, space),
+                       [f"output_dir={tmp_path}", f"data.root={featurized.data.root}", "ray.progress_bars=false",
+                        f"features.dir={featurized.features.dir}", f"data.manifest={featurized.data.manifest}",
+                        *TINY, *overrides])
+
+
+def test_flatten_nested_and_forms():
+    flat = flatten_space({"adapter": {"mask_ratio": {"uniform": [0.2, 0.6]}, "num_clusters": {"grid": [4, 8]}},
+                          "finetune": {"lr": {"loguniform": [1e-4, 1e-2]}}})
+    assert flat == {"adapter.mask_ratio": ("uniform", [0.2, 0.6]), "adapter.num_clusters": ("grid", [4, 8]),
+                    "finetune.lr": ("loguniform", [1e-4, 1e-2])}
+
+
+def test_a_file_search_space_replaces_the_default(tmp_path):
+    cfg = load_config(_space_file(tmp_path, "    finetune:\n      lr: {choice: [0.001]}\n"))
+    assert flatten_space(dict(cfg.tune.search_space)) == {"finetune.lr": ("choice", [0.001])}
+
+
+@pytest.mark.parametrize("space, needle", [
+    ("    adapter:\n      mask_ration: {choice: [0.3]}\n", "unknown config key 'adapter.mask_ration' (did you mean 'adapter.mask_ratio'?)"),
+    ("    adapter:\n      mask_ratio: {unifrom: [0.1, 0.5]}\n", "unknown distribution form 'unifrom'"),
+    ("    adapter:\n      mask_ratio: {uniform: [0.5, 0.1]}\n", "low < high"),
+    ("    adapter:\n      mask_ratio: {choice: [0.3, 1.5]}\n", "adapter.mask_ratio must be in [0, 1)"),
+    ("    adapter:\n      mask_ratio: 0.3\n", "a leaf must be one form"),
+    ("    {}\n", "tune.search_space is empty"),
+])
+def test_bad_search_space_is_a_clear_error_before_any_trial(tmp_path, space, needle):
+    cfg = load_config(_space_file(tmp_path, space), [f"output_dir={tmp_path}"])
+    with pytest.raises(ConfigError) as e:
+        validate_space(cfg)
+    assert needle in str(e.value)
+
+
+def test_cli_misspelt_search_space_key_exits_2(tmp_path, capsys):
+    from serray.cli import main
+
+    rc = main(["tune", f"output_dir={tmp_path}", "tune.search_space.adapter.num_cluster.choice=[4]"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "unknown config key 'adapter.num_cluster'" in err
+    assert not (tmp_path / "tune").exists()  # nothing started
+
+
+SPACE = ("    adapter:\n      mask_ratio: {grid: [0.3, 0.6]}\n"
+         "    pretrain:\n      fail_at_step: {grid: [null, 2]}\n")
+
+
+@pytest.fixture(scope="module")
+def sweep(featurized, tmp_path_factory):
+    """4 trials; the two with fail_at_step=2 crash once (max_failures=0): an interrupted sweep."""
+    from serray.tune import run_sweep
+
+    tmp = tmp_path_factory.mktemp("sweep")
+    cfg = _cfg(featurized, tmp, SPACE)
+    with pytest.raises(SerrayError, match="rerun the same command"):
+        run_sweep(cfg, echo=lambda *_: None)
+    first = pd.read_csv(Path(cfg.tune.dir) / cfg.tune.name / "trials.csv")
+    entries_first = list_entries(cfg.registry.dir)
+    second = run_sweep(cfg, echo=lambda *_: None)
+    return cfg, first, entries_first, second
+
+
+def _attempts(trial_dir) -> int:
+    return len((Path(trial_dir) / "attempts.log").read_text().splitlines())
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_interrupted_sweep_registers_best_finished_trial(sweep):
+    cfg, first, entries_first, _ = sweep
+    assert len(first) == 4
+    assert (first["status"] == "ERROR").sum() == 2
+    assert set(first.loc[first["status"] == "ERROR", "pretrain.fail_at_step"]) == {2}
+    ok = first[first["status"] != "ERROR"]
+    finished = ok[ok["status"] == "finished"]
+    assert len(finished) >= 1
+    assert len(entries_first) == 1
+    best = finished.sort_values("ua", ascending=False).iloc[0]
+    assert entries_first[0]["metrics"]["ua"] == pytest.approx(best["ua"])
+    # the registered config reproduces the trial's hyper-parameters
+    from serray.config import load_config as load
+
+    reg_cfg = load(Path(entries_first[0]["path"]) / "config.yaml")
+    assert reg_cfg.adapter.mask_ratio == pytest.approx(best["adapter.mask_ratio"])
+    assert entries_first[0]["hyperparameters"]["adapter.mask_ratio"] == pytest.approx(best["adapter.mask_ratio"])
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_restored_sweep_does_not_rerun_finished_trials(sweep):
+    cfg, first, _, second = sweep
+    table = pd.read_csv(Path(cfg.tune.dir) / cfg.tune.name / "trials.csv")
+    assert len(table) == 4 and not (table["status"] == "ERROR").any()
+    for _, row in first.iterrows():
+        d = Path(cfg.tune.dir) / cfg.tune.name / "trials" / row["trial_id"]
+        expected = 2 if row["status"] == "ERROR" else 1
+        assert _attempts(d) == expected, (row["trial_id"], row["status"])
+    # the registry's best entry is the best finished trial over the whole sweep
+    fin = table[table["status"] == "finished"]
+    best = best_entry(cfg.registry.dir)
+    assert best["metrics"]["ua"] == pytest.approx(fin["ua"].max())
+    assert second["best"]["ua"] == pytest.approx(fin["ua"].max())
+    for f in ("trials.csv", "trials.md", "sweep.png"):
+        assert (Path(cfg.tune.dir) / cfg.tune.name / f).stat().st_size > 0
