@@ -33,17 +33,11 @@ def cmd_make_corpus(args) -> int:
     from serray.data.synthetic import make_corpus
 
     cfg = _cfg(args, [f"data.root={args.out}"] if args.out else None)
-    root = make_corpus(cfg.data.root, **_synthetic_kwargs(cfg), progress=True)
+    from serray.pipeline import synthetic_kwargs
+
+    root = make_corpus(cfg.data.root, **synthetic_kwargs(cfg), progress=True)
     print(f"synthetic IEMOCAP-layout corpus written to {root}")
     return 0
-
-
-def _synthetic_kwargs(cfg) -> dict:
-    from serray.config import as_dict
-
-    kw = as_dict(cfg.synthetic)
-    kw.pop("enabled", None)
-    return kw
 
 
 def cmd_manifest(args) -> int:

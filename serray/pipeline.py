@@ -14,7 +14,8 @@ from typing import Any, Callable, Dict
 from serray.config import as_dict, save_config
 
 
-def _synthetic_kwargs(cfg) -> dict:
+def synthetic_kwargs(cfg) -> dict:
+    """``make_corpus`` keyword arguments from the ``synthetic`` section."""
     kw = as_dict(cfg.synthetic)
     kw.pop("enabled", None)
     return kw
@@ -29,7 +30,7 @@ def prepare_corpus(cfg, echo: Callable[[str], Any] = print):
         from serray.data.synthetic import make_corpus
 
         echo(f"making the synthetic corpus in {root}")
-        make_corpus(root, **_synthetic_kwargs(cfg), progress=True)
+        make_corpus(root, **synthetic_kwargs(cfg), progress=True)
     report = build_manifest(root, cfg.data.sessions, cfg.data.merge_excited)
     write_manifest(report.kept, cfg.data.manifest)
     echo(f"manifest: {len(report.kept)} utterances -> {cfg.data.manifest}")

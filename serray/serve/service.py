@@ -9,7 +9,6 @@ so an HTTP prediction runs exactly the offline code path: ``load_audio`` -> ``en
 from __future__ import annotations
 
 import re
-import struct
 import threading
 import time
 from collections import Counter
@@ -19,30 +18,15 @@ from typing import Any, Dict, List, Optional, Sequence
 import numpy as np
 
 from serray.data.audio import load_audio
+from serray.data.audio import check_complete_wav as _check_complete_wav
 from serray.errors import AudioError
 from serray.serve.parsing import AUDIO_TYPES, MULTIPART
 
 
 def check_complete_wav(data: bytes) -> None:
-    """Refuse a RIFF/WAVE file whose ``data`` chunk declares more bytes than the file holds.
-
-    libsndfile decodes such a file (an upload cut short) as the shorter audio it finds; a
-    prediction on part of the clip is not what the client asked for. A declared size of 0 or
-    0xFFFFFFFF (writers that stream without seeking back) means "unknown" and is accepted; other
-    formats (FLAC, RF64, W64) are left to the decoder, which detects their truncation itself.
-    """
-    if len(data) < 12 or data[:4] not in (b"RIFF", b"RIFX") or data[8:12] != b"WAVE":
-        return
-    order = "<" if data[:4] == b"RIFF" else ">"
-    pos = 12
-    while pos + 8 <= len(data):
-        chunk, size = data[pos:pos + 4], struct.unpack(order + "I", data[pos + 4:pos + 8])[0]
-        if chunk == b"data":
-            present = len(data) - pos - 8
-            if size not in (0, 0xFFFFFFFF) and size > present:
-                raise AudioError(f"truncated WAV: its data chunk declares {size} bytes but only {present} are present")
-            return
-        pos += 8 + size + (size & 1)
+    """Refuse a WAV whose data chunk declares more bytes than the body holds (see
+    :func:`serray.data.audio.check_complete_wav`, which ``load_audio`` applies offline too)."""
+    _check_complete_wav(data[:65536], len(data))
 
 
 class SERService:

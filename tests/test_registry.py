@@ -1,0 +1,75 @@
+"""The model registry and the commands that read it (no Ray)."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+from serray.cli import main
+from serray.errors import DataError
+from serray.registry import best_entry, get_entry, list_entries, model_dir, register
+from serray.serve.demo import make_demo_checkpoint, synthetic_clip
+
+
+@pytest.fixture
+def registry(tmp_path):
+    reg = tmp_path / "registry"
+    ids = []
+    for i, ua in enumerate([0.55, 0.71, 0.62]):
+        ck = make_demo_checkpoint(tmp_path / f"ck{i}", seed=i)
+        rec = register(reg, ck, metrics={"ua": ua, "wa": ua, "macro_f1": ua}, config_yaml="seed: 0\n", source="test",
+                       hyperparameters={"adapter.mask_ratio": 0.1 * i})
+        ids.append(rec["id"])
+        time.sleep(0.01)
+    return reg, ids
+
+
+def test_entries_are_complete_and_best_is_highest_ua(registry):
+    reg, ids = registry
+    entries = list_entries(reg)
+    assert [e["id"] for e in entries] == ids
+    for e in entries:
+        d = Path(e["path"])
+        assert (d / "entry.json").is_file() and (d / "config.yaml").is_file()
+        assert (model_dir(e) / "state.pt").is_file() and (model_dir(e) / "meta.json").is_file()
+        assert e["labels"] == ["neu", "hap", "sad", "ang"] and e["encoder"]["encoder"] == "fbank"
+        assert e["created"] and e["source"] == "test"
+    assert best_entry(reg)["id"] == ids[1]
+    assert get_entry(reg, ids[2][:-2])["id"] == ids[2]  # a unique prefix is enough
+    assert get_entry(reg)["id"] == ids[1]
+
+
+def test_unknown_entry_and_empty_registry_are_clear_errors(registry, tmp_path):
+    reg, ids = registry
+    with pytest.raises(DataError, match="does not exist"):
+        get_entry(reg, "nope")
+    with pytest.raises(DataError, match="empty"):
+        best_entry(tmp_path / "none")
+    with pytest.raises(DataError, match="not a serray checkpoint"):
+        register(reg, tmp_path, metrics={}, config_yaml="", source="x")
+
+
+def test_cli_models_list_show_and_predict(registry, tmp_path, capsys):
+    reg, ids = registry
+    assert main(["models", "list", f"registry.dir={reg}"]) == 0
+    out = capsys.readouterr().out
+    assert all(i in out for i in ids) and "71.00" in out
+    assert main(["models", "show", ids[0], f"registry.dir={reg}"]) == 0
+    shown = json.loads(capsys.readouterr().out)
+    assert shown["id"] == ids[0] and shown["hyperparameters"] == {"adapter.mask_ratio": 0.0}
+    wav = tmp_path / "clip.wav"
+    sf.write(wav, synthetic_clip(1.2, channels=2), 44100)  # stereo, 44.1 kHz: converted
+    assert main(["predict", str(wav), f"registry.dir={reg}", "--json"]) == 0
+    rec = json.loads(capsys.readouterr().out)[0]
+    probs = np.array([rec[f"p_{k}"] for k in ("neu", "hap", "sad", "ang")])
+    assert rec["label"] in ("neu", "hap", "sad", "ang") and probs.sum() == pytest.approx(1.0, abs=1e-5)
+    # the same file with the model picked by id gives the same numbers (the best entry here)
+    assert main(["predict", str(wav), f"registry.dir={reg}", f"serve.model={ids[1]}", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)[0]["p_neu"] == pytest.approx(rec["p_neu"])
+    assert main(["predict", str(tmp_path / "missing.wav"), f"registry.dir={reg}"]) == 2
+    assert "audio file not found" in capsys.readouterr().err
