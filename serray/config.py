@@ -148,7 +148,7 @@ class FinetuneConfig(TrainerConfig):
     """SER fine-tuning with SAP, 5-fold leave-one-session-out."""
 
     dir: str = "${output_dir}/finetune"
-    mode: str = "frozen"  # frozen: adapter fixed | finetune: adapter trained too | none: no adapter (baseline)
+    mode: str = "finetune"  # frozen: adapter fixed | finetune: adapter trained too | none: no adapter (baseline)
     branch: str = "teacher"  # adapter branch used downstream (DINO evaluates the teacher)
     init_from: str = "${pretrain.dir}/adapter"  # pre-trained adapter directory (ignored when mode=none)
     folds: List[int] = field(default_factory=lambda: [1, 2, 3, 4, 5])  # test sessions to run
@@ -158,7 +158,7 @@ class FinetuneConfig(TrainerConfig):
     attention_dim: int = 64  # SAP attention size
     hidden_dim: int = 128  # classifier MLP
     head_dropout: float = 0.1
-    epochs: int = 15
+    epochs: int = 10
     lr: float = 1e-3
     max_frames: Optional[int] = None
     keep_checkpoints: int = 1

@@ -27,7 +27,7 @@ import time
 import traceback
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parents[2])]  # helpers, this serray
 import ray_isolation  # noqa: E402
 
 REPO = ray_isolation.REPO
@@ -38,19 +38,27 @@ EXCLUDES = [".venv", "runs", ".git", "**/__pycache__", "*.egg-info", ".pytest_ca
 JOB_TIMEOUT_S = float(os.environ.get("SERRAY_JOB_TIMEOUT_S", 540))
 
 
-def start_head(tmpdir: str, log: Path) -> dict:
-    """``ray start --head`` on free ports; returns the ports and the dashboard URL."""
-    ports = {name: ray_isolation.free_port() for name in
-             ("port", "dashboard-port", "dashboard-agent-listen-port", "ray-client-server-port")}
+def start_head(tmpdir: str, log: Path, attempts: int = 3) -> dict:
+    """``ray start --head`` on free ports; returns the ports and the dashboard URL.
+
+    A head that fails to come up (Ray gives a node a fixed 30 s to register, too short at load
+    average 60 on 2 cores) is stopped and started again on new ports.
+    """
     ray_bin = shutil.which("ray", path=os.path.dirname(sys.executable)) or "ray"
-    cmd = [ray_bin, "start", "--head", "--num-cpus=2", "--dashboard-host=127.0.0.1", "--include-dashboard=true",
-           "--disable-usage-stats", f"--temp-dir={tmpdir}/ray", *[f"--{k}={v}" for k, v in ports.items()]]
     t0 = time.time()
-    with log.open("w") as f:
-        subprocess.run(cmd, env=os.environ.copy(), stdout=f, stderr=subprocess.STDOUT, check=True, timeout=180,
-                       start_new_session=True)  # a signal to our process group must not hit the head
-    return {"cmd": cmd, "ports": ports, "address": f"http://127.0.0.1:{ports['dashboard-port']}",
-            "start_s": round(time.time() - t0, 1)}
+    for attempt in range(1, attempts + 1):
+        ports = {name: ray_isolation.free_port() for name in
+                 ("port", "dashboard-port", "dashboard-agent-listen-port", "ray-client-server-port")}
+        cmd = [ray_bin, "start", "--head", "--num-cpus=2", "--dashboard-host=127.0.0.1", "--include-dashboard=true",
+               "--disable-usage-stats", f"--temp-dir={tmpdir}/ray", *[f"--{k}={v}" for k, v in ports.items()]]
+        with log.open("a") as f:
+            rc = subprocess.run(cmd, env=os.environ.copy(), stdout=f, stderr=subprocess.STDOUT, timeout=180,
+                                start_new_session=True).returncode  # our process group's signals must not hit it
+        if rc == 0:
+            return {"cmd": cmd, "ports": ports, "address": f"http://127.0.0.1:{ports['dashboard-port']}",
+                    "start_s": round(time.time() - t0, 1), "attempts": attempt}
+        ray_isolation.kill_private_ray(tmpdir)
+    raise RuntimeError(f"`ray start --head` failed {attempts} times:\n{ray_isolation.tail(log, 30)}")
 
 
 def client(address: str, timeout_s: float = 60.0):

@@ -118,23 +118,33 @@ def pids_of_private_ray(tmpdir: str) -> List[int]:
     return sorted(out)
 
 
-def kill_private_ray(tmpdir: str, grace_s: float = 10.0) -> Dict[str, List[int]]:
+def kill_private_ray(tmpdir: str, grace_s: float = 5.0, kill_wait_s: float = 20.0) -> Dict[str, List[int]]:
     """SIGTERM every process of the private Ray under ``tmpdir``, then SIGKILL what is left.
+
+    ``gcs_server`` and the autoscaler monitor outlive a SIGTERM by more than 12 s (seen), so the
+    grace period is short; call this only once the work is done (outputs are written by then).
+    Processes that appear meanwhile (a raylet starting workers) are signalled too, and a killed
+    process may take seconds to vanish on a loaded machine, hence the polling.
 
     Returns the pids signalled and the pids still alive at the end (should be empty).
     """
-    pids = pids_of_private_ray(tmpdir)
-    for pid in pids:
-        _signal(pid, signal.SIGTERM)
+    signalled: set = set()
     deadline = time.time() + grace_s
-    alive = pids
+    alive = pids_of_private_ray(tmpdir)
     while alive and time.time() < deadline:
+        for pid in set(alive) - signalled:
+            _signal(pid, signal.SIGTERM)
+        signalled.update(alive)
         time.sleep(0.2)
         alive = pids_of_private_ray(tmpdir)
-    for pid in alive:
-        _signal(pid, signal.SIGKILL)
-    time.sleep(0.5)
-    return {"signalled": pids, "left": pids_of_private_ray(tmpdir)}
+    deadline = time.time() + kill_wait_s
+    while alive and time.time() < deadline:
+        for pid in alive:
+            _signal(pid, signal.SIGKILL)
+        signalled.update(alive)
+        time.sleep(0.5)
+        alive = pids_of_private_ray(tmpdir)
+    return {"signalled": sorted(signalled), "left": alive}
 
 
 def _signal(pid: int, sig: int) -> None:

@@ -4,7 +4,7 @@ The harness starts its own ``ray start --head`` (private ``RAY_TMPDIR``, private
 ports), submits a tiny pipeline and a misspelt-key one with ``runtime_env={"working_dir": <repo>}``,
 and stops that head by its own processes (never ``ray stop``, which would also kill pytest's session
 Ray). It runs as a subprocess so this process keeps its single ``ray.init``. One run (module
-fixture, ~80 s on an idle 2-core machine) serves every test.
+fixture) serves every test.
 """
 
 from __future__ import annotations

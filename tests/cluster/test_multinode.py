@@ -2,7 +2,7 @@
 
 The cluster runs in a subprocess with a private ``RAY_TMPDIR``: pytest keeps its single ``ray.init``
 (the session fixture), and that Ray is neither joined nor stopped (checked below). One subprocess
-run (module fixture, ~40 s on an idle 2-core machine) serves every assertion.
+run (module fixture) serves every assertion.
 """
 
 from __future__ import annotations

@@ -1,8 +1,8 @@
 """Leave-one-session-out fine-tuning, results files, the ablation command and registration (Ray).
 
 One module fixture runs ``run_ablation`` on the shared synthetic features: (a) no adapter, (b) the
-adapter without local attributes, (c) the full adapter, each on all five folds with a short
-schedule. Its outputs serve every test below.
+adapter without local attributes, (c) the full adapter, each with a short
+schedule, on folds 1-3 (to keep the suite short). Its outputs serve every test below.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ UA_FLOOR = 0.5
 
 SHORT = ["pretrain.epochs=4", "finetune.epochs=8", "adapter.d_model=48", "adapter.ff_dim=96",
          "adapter.num_layers=2", "adapter.num_clusters=16", "finetune.attention_dim=32", "finetune.hidden_dim=64",
-         "finetune.max_concurrent_folds=2"]
+         "finetune.max_concurrent_folds=2", "finetune.folds=[1,2,3]"]
 
 
 def _cfg(featurized, out, *overrides):
@@ -53,7 +53,7 @@ def test_ablation_has_three_rows_and_files(ablation):
     assert table.count("| (") == 3
     for v in data["variants"]:
         assert set(v["mean"]) == {"ua", "wa", "macro_f1"}
-        assert [f["fold"] for f in v["folds"]] == [1, 2, 3, 4, 5]
+        assert [f["fold"] for f in v["folds"]] == [1, 2, 3]
     # the variant without local attributes was pre-trained with the cluster loss switched off
     meta = json.loads((Path(cfg.output_dir) / "ablation/no_local_attributes/pretrain/adapter/meta.json").read_text())
     assert meta["model"]["w_cluster"] == 0.0
@@ -82,7 +82,8 @@ def test_results_files_and_metrics_equal_sklearn(ablation):
         assert {"fold", "test_session", "ua", "wa", "macro_f1", "n_test"} <= set(f)
     preds = pd.read_csv(out / "predictions.csv")
     rows = pd.read_parquet(cfg.data.manifest)
-    # every kept utterance is a test utterance exactly once, in the fold of its session
+    rows = rows[rows["session"].isin(list(cfg.finetune.folds))]
+    # every kept utterance of the tested sessions is a test utterance exactly once, in its session's fold
     assert sorted(preds["utt_id"]) == sorted(rows["utt_id"])
     assert (preds["fold"] == preds["utt_id"].str.slice(4, 5).astype(int)).all()
     for f in m["folds"]:
