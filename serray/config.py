@@ -128,6 +128,7 @@ class TrainerConfig:
     use_gpu: bool = False
     cpus_per_worker: float = 0.5  # fractional, so Ray Data keeps CPUs to read with
     gpus_per_worker: float = 1.0
+    placement_strategy: str = "PACK"  # Ray Train workers: PACK | SPREAD (one per node) | STRICT_PACK | STRICT_SPREAD
     max_failures: int = 1  # FailureConfig: worker-group restarts from the latest checkpoint
     keep_checkpoints: int = 2
     fail_at_step: Optional[int] = None  # fault injection (tests): one worker fails once at this step
@@ -406,6 +407,10 @@ def _validate(cfg: DictConfig) -> None:
         problems.append(f"finetune.branch must be teacher or student, got '{cfg.finetune.branch}'")
     if cfg.finetune.class_weighting not in ("loss", "none"):
         problems.append(f"finetune.class_weighting must be loss or none, got '{cfg.finetune.class_weighting}'")
+    for section in ("pretrain", "finetune"):
+        strategy = cfg[section].placement_strategy
+        if strategy not in ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"):
+            problems.append(f"{section}.placement_strategy must be PACK, SPREAD, STRICT_PACK or STRICT_SPREAD, got '{strategy}'")
     if not 0.0 < cfg.finetune.val_fraction < 0.5:
         problems.append(f"finetune.val_fraction must be in (0, 0.5), got {cfg.finetune.val_fraction}")
     for s in cfg.finetune.folds:
@@ -430,7 +435,8 @@ def save_config(cfg: DictConfig, directory: str | os.PathLike, name: str = "conf
 
 
 #: Keys of a training section that change how a run is executed, not what it computes.
-OPERATIONAL_KEYS = ("dir", "max_failures", "fail_at_step", "keep_checkpoints", "cpus_per_worker", "gpus_per_worker")
+OPERATIONAL_KEYS = ("dir", "max_failures", "fail_at_step", "keep_checkpoints", "cpus_per_worker", "gpus_per_worker",
+                    "placement_strategy")
 
 
 def section_hash(cfg: DictConfig, *keys: str, exclude: Sequence[str] = ()) -> str:

@@ -41,7 +41,8 @@ def ray_session():
 
     started = False
     if not ray.is_initialized():
-        ray.init(num_cpus=2, runtime_env={"env_vars": dict(RAY_ENV_VARS)})
+        # address="local": never join a `ray start` head left running on the machine
+        ray.init(address="local", num_cpus=2, runtime_env={"env_vars": dict(RAY_ENV_VARS)})
         started = True
     DataContext.get_current().enable_progress_bars = False
     yield ray

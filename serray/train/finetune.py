@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import shutil
 from collections import Counter
 from pathlib import Path
@@ -120,7 +121,11 @@ def split_fold(rows: pd.DataFrame, test_session: int, val_fraction: float, seed:
 
     test = rows[rows["session"] == test_session]
     rest = rows[rows["session"] != test_session]
-    strat = rest["label"] if rest["label"].value_counts().min() >= 2 else None
+    n_val = math.ceil(val_fraction * len(rest))  # sklearn's rounding of a float test_size
+    counts = rest["label"].value_counts()
+    # stratify when sklearn can: >= 2 rows per class, and room for every class in both parts
+    stratified = counts.min() >= 2 and n_val >= len(counts) and len(rest) - n_val >= len(counts)
+    strat = rest["label"] if stratified else None
     train, val = train_test_split(rest, test_size=val_fraction, random_state=seed + test_session, stratify=strat)
     leak = set(test["speaker"]) & (set(train["speaker"]) | set(val["speaker"]))
     assert not leak, f"speaker leakage into fold {test_session}: {sorted(leak)}"

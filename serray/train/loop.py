@@ -176,7 +176,8 @@ def fit(loop_config: Dict[str, Any], datasets: Dict[str, Any], trainer_cfg, stor
         train_loop_per_worker,
         train_loop_config={**loop_config, "num_workers": trainer_cfg.num_workers},
         scaling_config=ScalingConfig(num_workers=trainer_cfg.num_workers, use_gpu=trainer_cfg.use_gpu,
-                                     resources_per_worker=resources),
+                                     resources_per_worker=resources,
+                                     placement_strategy=trainer_cfg.placement_strategy),
         datasets=datasets,
         dataset_config=DataConfig(datasets_to_split=["train"], execution_options=options),
         run_config=RunConfig(

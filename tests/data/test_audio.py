@@ -189,24 +189,26 @@ def test_truncated_header_only():
 
 
 @pytest.mark.parametrize("keep_fraction", [0.5, 0.1])
-def test_truncated_in_the_middle_reads_what_is_there(keep_fraction):
-    """A data chunk cut mid-way is not an error for libsndfile: it returns the samples present."""
-    x = tone(1.0)
-    full = wav_bytes(x)
-    n_bytes = 44 + int(keep_fraction * (len(full) - 44))
-    y = load_audio(full[:n_bytes])
-    n = (n_bytes - 44) // 2
-    assert len(y) == n
-    np.testing.assert_allclose(y, x[:n], atol=1 / 32768 + 1e-6)
-
-
-def test_truncated_file_too_short_after_cut(tmp_path):
-    """...but the length checks see the real (short) length."""
+def test_truncated_in_the_middle_is_refused(keep_fraction, tmp_path):
+    """libsndfile would return the samples present; serray refuses a clip cut short (bytes and files),
+    so offline prediction and the HTTP endpoint agree."""
     full = wav_bytes(tone(1.0))
+    cut = full[: 44 + int(keep_fraction * (len(full) - 44))]
+    with pytest.raises(AudioError, match="truncated WAV: its data chunk declares 32000 bytes"):
+        load_audio(cut)
     p = tmp_path / "cut.wav"
-    p.write_bytes(full[: 44 + 2 * 800])  # 50 ms left
-    with pytest.raises(AudioError, match="too short"):
-        load_audio(p, min_seconds=0.1)
+    p.write_bytes(cut)
+    with pytest.raises(AudioError, match="truncated WAV"):
+        load_audio(p)
+
+
+def test_streamed_wav_with_unknown_data_size_is_accepted():
+    """Writers that stream without seeking back leave the data size 0 or 0xFFFFFFFF: not truncation."""
+    x = tone(0.5)
+    full = bytearray(wav_bytes(x))
+    full[40:44] = b"\xff\xff\xff\xff"
+    y = load_audio(bytes(full))
+    assert len(y) == len(x)
 
 
 @pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
