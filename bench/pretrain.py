@@ -21,8 +21,13 @@ Set-up (not timed): a synthetic corpus in IEMOCAP layout, its manifest and fbank
   and the same number of steps. Rows are shuffled per epoch with a seeded permutation (Ray uses a local
   shuffle buffer of ``pretrain.shuffle_buffer`` rows, so the batch composition differs; the frame
   count per epoch is identical). torch threads are set to what a Ray Train worker has (probed with a
-  tiny TorchTrainer on the same ScalingConfig); the plain loop is also run with the process default
-  thread count when that differs, for reference.
+  tiny TorchTrainer on the same ScalingConfig); ``--plain-default-threads`` also runs the plain loop
+  with the process's default thread count, for reference.
+
+Other people's load on the machine is shown per phase (CPU used by this process and everything it
+started vs by the rest of the box, from /proc), and a CPU-normalised ratio (frames per CPU-second of
+the RayTrainWorker process over the whole fit vs of the plain process) is printed as a check that does
+not depend on that load.
 
 Frames are counted as in ``serray.train.loop``: non-padded frames after the crop. The ratio uses the
 steady-state epochs only (epoch 0 skipped on both paths: first Ray Data execution, first-step
@@ -433,8 +438,9 @@ def main(argv=None) -> int:
     p.add_argument("--num-cpus", type=int, default=None, help="ray.num_cpus (default: all cores)")
     p.add_argument("--plain-threads", type=int, default=None,
                    help="torch threads of the plain loop used for the ratio (default: probed from a Ray Train worker)")
-    p.add_argument("--no-plain-default", action="store_true",
-                   help="skip the reference plain run with the process's default torch thread count")
+    p.add_argument("--plain-default-threads", action="store_true",
+                   help="also run the plain loop with the process's default torch thread count (reference only; "
+                        "slow on a busy machine: OpenMP threads spin while waiting for a descheduled sibling)")
     p.add_argument("--no-probe", action="store_true", help="skip the worker thread probe (assume OMP_NUM_THREADS=1)")
     p.add_argument("--gpu-d-model", type=int, default=1024, help="width of the CUDA step bench")
     p.add_argument("--gpu-batch", type=int, default=32)
@@ -512,7 +518,7 @@ def main(argv=None) -> int:
             res_plain = run_plain(loop_config, rows, worker_threads)
         print(f"# plain, {worker_threads} thread(s): {mon_plain.line()}", flush=True)
         res_plain_default = None
-        if default_threads != worker_threads and not args.no_plain_default:
+        if default_threads != worker_threads and args.plain_default_threads:
             with LoadMonitor() as mon:
                 res_plain_default = run_plain(loop_config, rows, default_threads)
             print(f"# plain, {default_threads} threads (reference): {mon.line()}", flush=True)

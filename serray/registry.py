@@ -44,7 +44,7 @@ def register(registry_dir: str | Path, model_dir: str | Path, *, metrics: Dict[s
     tmp = root / f".{entry_id}.tmp"
     shutil.copytree(model_dir, tmp / MODEL_DIR)
     (tmp / "config.yaml").write_text(config_yaml)
-    record = {"id": entry_id, "created": created, "source": source,
+    record = {"id": entry_id, "created": created, "created_ns": time.time_ns(), "source": source,
               "metrics": {k: v for k, v in metrics.items()},
               "encoder": meta["features"], "labels": meta.get("labels"), "mode": meta.get("mode"),
               "hyperparameters": hyperparameters or {}, **(extra or {})}
@@ -65,7 +65,7 @@ def list_entries(registry_dir: str | Path) -> List[Dict[str, Any]]:
             rec = json.loads(f.read_text())
             rec["path"] = str(d.resolve())
             entries.append(rec)
-    return sorted(entries, key=lambda r: (r["created"], r["id"]))
+    return sorted(entries, key=lambda r: (r.get("created_ns", 0), r["created"], r["id"]))
 
 
 def best_entry(registry_dir: str | Path, metric: str = "ua") -> Dict[str, Any]:
@@ -73,7 +73,7 @@ def best_entry(registry_dir: str | Path, metric: str = "ua") -> Dict[str, Any]:
     entries = list_entries(registry_dir)
     if not entries:
         raise DataError(f"the model registry {registry_dir} is empty: run `serray finetune` or `serray tune` first")
-    return max(entries, key=lambda r: (float(r["metrics"].get(metric, float("-inf"))), r["created"], r["id"]))
+    return max(entries, key=lambda r: (float(r["metrics"].get(metric, float("-inf"))), r.get("created_ns", 0), r["id"]))
 
 
 def get_entry(registry_dir: str | Path, entry_id: Optional[str] = None) -> Dict[str, Any]:

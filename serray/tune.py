@@ -38,15 +38,18 @@ TRIAL_KEY_PREFIX = "cfg/"  # param_space keys are "cfg/<dotted config key>"
 
 def flatten_space(space: Dict[str, Any], prefix: str = "") -> Dict[str, Tuple[str, list]]:
     """``{"adapter": {"mask_ratio": {"choice": [...]}}}`` -> ``{"adapter.mask_ratio": ("choice", [...])}``."""
+    from collections.abc import Mapping
+
+    schema_keys = set(_all_keys(_schema()))
     out: Dict[str, Tuple[str, list]] = {}
     for k, v in (space or {}).items():
         key = f"{prefix}{k}"
-        if isinstance(v, dict) and len(v) == 1 and next(iter(v)) in FORMS:
+        if isinstance(v, Mapping) and len(v) == 1 and next(iter(v)) in FORMS:
             form, args = next(iter(v.items()))
-            out[key] = (form, list(args) if isinstance(args, (list, tuple)) else args)
-        elif isinstance(v, dict) and v and all(isinstance(x, dict) for x in v.values()):
+            out[key] = (form, list(args) if not isinstance(args, (str, bytes)) and hasattr(args, "__iter__") else args)
+        elif isinstance(v, Mapping) and v and all(isinstance(x, Mapping) for x in v.values()):
             out.update(flatten_space(v, f"{key}."))
-        elif isinstance(v, dict) and len(v) == 1:
+        elif isinstance(v, Mapping) and len(v) == 1 and f"{key}.{next(iter(v))}" not in schema_keys:
             raise ConfigError(f"tune.search_space.{key}: unknown distribution form '{next(iter(v))}' "
                               f"(use one of: {', '.join(FORMS)})")
         else:

@@ -92,6 +92,7 @@ def _attempts(trial_dir) -> int:
 
 @pytest.mark.ray
 @pytest.mark.slow
+@pytest.mark.sweep
 def test_interrupted_sweep_registers_best_finished_trial(sweep):
     cfg, first, entries_first, _ = sweep
     assert len(first) == 4
@@ -113,6 +114,7 @@ def test_interrupted_sweep_registers_best_finished_trial(sweep):
 
 @pytest.mark.ray
 @pytest.mark.slow
+@pytest.mark.sweep
 def test_restored_sweep_does_not_rerun_finished_trials(sweep):
     cfg, first, _, second = sweep
     table = pd.read_csv(Path(cfg.tune.dir) / cfg.tune.name / "trials.csv")
