@@ -108,10 +108,10 @@ def _descendants(pid: int) -> list:
 
 class LoadMonitor:
     """How much of the machine a phase got: CPU used by this process and everything it started
-    (Ray processes included; sampled every 0.5 s, so short-lived processes are partly missed) vs
+    (Ray processes included; sampled every second, so short-lived processes are partly missed) vs
     CPU used by everyone else on the box. Other people's load shows up as ``others`` cores."""
 
-    def __init__(self, period: float = 0.5):
+    def __init__(self, period: float = 1.0):
         self.period, self.cpu, self.cmd = period, {}, {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -149,6 +149,16 @@ class LoadMonitor:
     def cpu_of(self, prefix: str) -> float:
         """CPU-seconds used during the phase by our processes whose name starts with ``prefix``."""
         return sum(c - self.cpu0.get(pid, 0.0) for pid, c in self.cpu.items() if self.cmd.get(pid, "").startswith(prefix))
+
+    def breakdown(self, top: int = 8) -> str:
+        """CPU-seconds of our processes during the phase, summed by process name, largest first."""
+        by: dict = {}
+        for pid, c in self.cpu.items():
+            name = self.cmd.get(pid, "?")
+            name = name.split("/")[-1] if not name.startswith("ray::") else name
+            by[name] = by.get(name, 0.0) + c - self.cpu0.get(pid, 0.0)
+        items = sorted(by.items(), key=lambda kv: -kv[1])[:top]
+        return ", ".join(f"{k} {v:.1f}" for k, v in items if v >= 0.05)
 
     def line(self) -> str:
         others = max(0.0, self.busy - self.own) / max(1e-9, self.wall)
@@ -502,6 +512,7 @@ def main(argv=None) -> int:
         with LoadMonitor() as mon_ray:
             res_ray = run_ray(cfg)
         print(f"# ray: ray.init {init_s:.1f} s (not timed); run_pretrain: {mon_ray.line()}", flush=True)
+        print(f"# ray: CPU-s by process during run_pretrain: {mon_ray.breakdown()}", flush=True)
         probe = None
         if not args.no_probe:
             try:
