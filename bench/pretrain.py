@@ -14,13 +14,15 @@ Set-up (not timed): a synthetic corpus in IEMOCAP layout, its manifest and fbank
   of the last step: includes each epoch's Ray Data execution start-up and the collate, excludes the
   checkpoint/report), and the wall clock of the whole ``run_pretrain`` call (trainer and worker
   start-up, every epoch, checkpoints, export) turned into frames/s over all epochs' frames.
-* **plain**: one process, no Ray: the same rows read once into memory with pyarrow, the same
+* **plain**: one process, no Ray running: the same batches held in memory (every epoch's raw batches
+  taken beforehand from the same Ray Dataset with the worker's batch size and local-shuffle seed, see
+  :func:`raw_batches`), the same
   ``Adapter`` (``PretrainTask(loop_config).build_model()``, kwargs and CMVN statistics built exactly as
   ``run_pretrain`` builds them), AdamW + warm-up/cosine LR + grad clip + EMA teacher schedule, the same
   ``PadCollate`` (same batch size, ``max_frames`` crop and crop seed), the same span-mask generator seeds
-  and the same number of steps. Rows are shuffled per epoch with a seeded permutation (Ray uses a local
-  shuffle buffer of ``pretrain.shuffle_buffer`` rows, so the batch composition differs; the frame
-  count per epoch is identical). torch threads are set to what a Ray Train worker has (probed with a
+  and the same number of steps, so both paths do identical arithmetic (the final-epoch losses match;
+  with a fresh permutation instead, the padding per batch changes and with it the cost of a frame by
+  ~10%, because the stored rows are sorted by duration). torch threads are set to what a Ray Train worker has (probed with a
   tiny TorchTrainer on the same ScalingConfig); ``--plain-default-threads`` also runs the plain loop
   with the process's default thread count, for reference.
 
@@ -106,6 +108,27 @@ def _descendants(pid: int) -> list:
     return out
 
 
+def _proc_name(argv: list, is_self: bool) -> str:
+    """A short name: ray::<actor>, the program, or for Python the script/module it runs."""
+    if is_self:
+        return "bench driver"
+    if not argv:
+        return ""
+    if argv[0].startswith("ray::"):
+        return argv[0].split()[0]
+    prog = argv[0].rsplit("/", 1)[-1]
+    if prog.startswith("python") and len(argv) > 1:
+        rest = argv[1:]
+        if rest[0] == "-m" and len(rest) > 1:
+            return rest[1]
+        if rest[0] in ("-B", "-u") and len(rest) > 1:
+            rest = rest[1:]
+        if rest[0] == "-c":
+            return "python -c " + (rest[1][:30] if len(rest) > 1 else "")
+        return rest[0].rsplit("/", 1)[-1]
+    return prog
+
+
 class LoadMonitor:
     """How much of the machine a phase got: CPU used by this process and everything it started
     (Ray processes included; sampled every second, so short-lived processes are partly missed) vs
@@ -122,9 +145,10 @@ class LoadMonitor:
             self.cpu[pid] = max(self.cpu.get(pid, 0.0), c)
             try:  # a Ray worker renames itself (ray::IDLE -> ray::<actor or task>); keep the last real name
                 with open(f"/proc/{pid}/cmdline", "rb") as f:
-                    name = f.read().split(b"\0")[0].decode(errors="replace")
+                    argv = [a.decode(errors="replace") for a in f.read().split(b"\0") if a]
             except OSError:
                 continue
+            name = _proc_name(argv, pid == me)
             if name and (name != "ray::IDLE" or pid not in self.cmd):
                 self.cmd[pid] = name
 
@@ -155,7 +179,6 @@ class LoadMonitor:
         by: dict = {}
         for pid, c in self.cpu.items():
             name = self.cmd.get(pid, "?")
-            name = name.split("/")[-1] if not name.startswith("ray::") else name
             by[name] = by.get(name, 0.0) + c - self.cpu0.get(pid, 0.0)
         items = sorted(by.items(), key=lambda kv: -kv[1])[:top]
         return ", ".join(f"{k} {v:.1f}" for k, v in items if v >= 0.05)
@@ -207,22 +230,27 @@ def loop_config_like_run_pretrain(cfg) -> dict:
     }
 
 
-def load_rows(cfg) -> dict:
-    """Every training row of the pre-training sessions, in memory, as Ray's numpy batch format has them."""
+def raw_batches(cfg, epochs: int) -> list:
+    """Every epoch's raw batches, exactly as the Ray Train worker gets them, held in memory.
+
+    The same Ray Dataset ``run_pretrain`` trains on (``feature_dataset``, materialized when small),
+    iterated in the driver with the worker's batch size, ``local_shuffle_buffer_size`` and
+    ``local_shuffle_seed`` (seed + epoch) and numpy batch format (what ``NumpyBatchCollateFn`` receives),
+    then deep-copied out of the object store. Built before the clock: the plain loop only collates and
+    trains. Equal final losses on both paths confirm the batches (and the numerics) are the same.
+    """
     import numpy as np
-    import pyarrow as pa
-    import pyarrow.parquet as pq
 
-    from serray.data.features import TRAIN_COLUMNS, session_paths
+    from serray.data.features import feature_dataset
 
-    table = pa.concat_tables([pq.read_table(f, columns=TRAIN_COLUMNS)
-                              for f in session_paths(cfg.features.dir, list(cfg.pretrain.sessions))])
-    cols = table.to_pydict()
-    out = {k: np.asarray(cols[k]) for k in ("num_frames", "dim", "num_layers")}
-    for k in ("feat", "label", "utt_id"):
-        arr = np.empty(len(cols[k]), dtype=object)
-        arr[:] = cols[k]
-        out[k] = arr
+    t = cfg.pretrain
+    ds = feature_dataset(cfg.features.dir, list(t.sessions), cache_max_mb=cfg.features.cache_max_mb)
+    out = []
+    for epoch in range(epochs):
+        it = ds.iter_batches(batch_size=t.batch_size, batch_format="numpy",
+                             local_shuffle_buffer_size=t.shuffle_buffer or None,
+                             local_shuffle_seed=cfg.seed + epoch if t.shuffle_buffer else None)
+        out.append([{k: np.array(v, copy=True) for k, v in b.items()} for b in it])
     return out
 
 
@@ -292,13 +320,7 @@ def run_ray(cfg) -> dict:
 # ---------------------------------------------------------------------------- plain path
 
 
-def _batches(rows: dict, order, batch_size: int):
-    for i in range(0, len(order), batch_size):
-        idx = order[i: i + batch_size]
-        yield {k: v[idx] for k, v in rows.items()}
-
-
-def run_plain(loop_config: dict, rows: dict, threads: int) -> dict:
+def run_plain(loop_config: dict, epoch_batches: list, threads: int) -> dict:
     """The Ray Train worker loop (``serray.train.loop.train_loop_per_worker``, 1 worker, CPU) without Ray."""
     from collections import defaultdict
 
@@ -323,14 +345,12 @@ def run_plain(loop_config: dict, rows: dict, threads: int) -> dict:
         total_steps = config["epochs"] * config["steps_per_epoch"]
         warmup = int(config["warmup_frac"] * total_steps)
         amp = device.type == "cuda" and config.get("bf16", True)
-        n = len(rows["feat"])
         step, history = 0, []
         for epoch in range(config["epochs"]):
             model.train()
             acc, frames, t0, c0 = defaultdict(list), 0, time.perf_counter(), time.process_time()
-            order = np.random.default_rng(config["seed"] + epoch).permutation(n)
             collate = task.collate(train=True, epoch=epoch)
-            for raw in _batches(rows, order, config["batch_size"]):
+            for raw in epoch_batches[epoch]:
                 batch = collate(raw)
                 batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
                 lr = cosine_schedule(config["lr"], config.get("lr_end", 0.0), total_steps, warmup, step)
@@ -491,11 +511,11 @@ def main(argv=None) -> int:
         report = prepare_corpus(cfg, echo=_quiet)
         featurize(cfg)
         loop_config = loop_config_like_run_pretrain(cfg)
-        rows = load_rows(cfg)
+        epoch_batches = raw_batches(cfg, cfg.pretrain.epochs)
         max_frames = cfg.pretrain.max_frames
-        lengths = rows["num_frames"].astype(int)
+        lengths = [int(t_) for b in epoch_batches[0] for t_ in b["num_frames"]]
         frames_per_epoch = int(sum(min(t_, max_frames) if max_frames else t_ for t_ in lengths))
-        feat_mb = sum(len(b) for b in rows["feat"]) / 2**20
+        feat_mb = sum(len(x) for b in epoch_batches[0] for x in b["feat"]) / 2**20
         mcfg = loop_config["model"]
         print(f"# set-up {time.perf_counter() - t:.1f} s: {len(report.kept)} utterances, {len(lengths)} rows, "
               f"{feat_mb:.1f} MB of float16 features (D={mcfg['input_dim']}), {frames_per_epoch} frames/epoch "
@@ -526,12 +546,12 @@ def main(argv=None) -> int:
 
         # --- plain (Ray is shut down: nothing else of ours runs)
         with LoadMonitor() as mon_plain:
-            res_plain = run_plain(loop_config, rows, worker_threads)
+            res_plain = run_plain(loop_config, epoch_batches, worker_threads)
         print(f"# plain, {worker_threads} thread(s): {mon_plain.line()}", flush=True)
         res_plain_default = None
         if default_threads != worker_threads and args.plain_default_threads:
             with LoadMonitor() as mon:
-                res_plain_default = run_plain(loop_config, rows, default_threads)
+                res_plain_default = run_plain(loop_config, epoch_batches, default_threads)
             print(f"# plain, {default_threads} threads (reference): {mon.line()}", flush=True)
     finally:
         if ray.is_initialized():

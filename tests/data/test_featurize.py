@@ -278,15 +278,18 @@ def test_read_meta_errors(tmp_path):
 
 
 @pytest.mark.ray
-def test_pipeline_cli(ray_session, tmp_path, capsys):
-    rc = main(["pipeline", f"output_dir={tmp_path}", "synthetic.dialogs_per_session=1",
-               "synthetic.utterances_per_dialog=2", "synthetic.max_duration=1.2", "ray.progress_bars=false"])
-    assert rc == 0
+def test_cli_corpus_manifest_featurize(ray_session, tmp_path, capsys):
+    """The first stages of the main job through the CLI (the whole pipeline runs in tests/cluster)."""
+    common = [f"output_dir={tmp_path}", "synthetic.dialogs_per_session=1", "synthetic.utterances_per_dialog=2",
+              "synthetic.max_duration=1.2", "ray.progress_bars=false"]
+    assert main(["make-corpus", *common]) == 0
+    assert main(["manifest", *common]) == 0
+    assert main(["featurize", *common]) == 0
     out = capsys.readouterr().out
-    assert "[3/3]" in out and "features:" in out
-    assert (tmp_path / "config.yaml").is_file()
+    assert "features:" in out and "float16" in out
     assert (tmp_path / "synthetic" / "IEMOCAP_full_release" / "Session5").is_dir()
     meta = read_meta(tmp_path / "features")
     manifest = read_manifest(tmp_path / "manifest.parquet")
     assert meta["num_rows"] == len(manifest) == 10
     assert sorted(meta["rows_per_session"]) == ["1", "2", "3", "4", "5"]
+    assert sorted(meta["stats"]) == ["1", "2", "3", "4", "5"]  # per-session CMVN statistics
