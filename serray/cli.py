@@ -14,7 +14,8 @@ import sys
 from pathlib import Path
 from typing import Callable, Dict, List, Optional
 
-from serray.config import load_config, save_config, to_yaml
+from serray import storage
+from serray.config import load_config, to_yaml
 from serray.errors import SerrayError
 
 log = logging.getLogger("serray")
@@ -92,7 +93,7 @@ def cmd_finetune(args) -> int:
     cfg = _cfg(args)
     summary = run_finetune(cfg)
     print(markdown_table(summary, summary.get("title", "")))
-    print(f"results in {Path(cfg.finetune.dir)}: metrics.json, results.md, predictions.csv, confusion_matrix.png")
+    print(f"results in {storage.describe(cfg.finetune.dir)}: metrics.json, results.md, predictions.csv, confusion_matrix.png")
     return 0
 
 

@@ -18,6 +18,7 @@ import difflib
 import hashlib
 import json
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
@@ -348,9 +349,22 @@ PATH_KEYS = ("output_dir", "data.root", "data.manifest", "features.dir", "pretra
              "finetune.init_from", "tune.dir", "registry.dir", "serve.checkpoint")
 
 
+#: Storage keys that also accept a pyarrow filesystem URI (s3://, gs://, hdfs://, file://); see
+#: :mod:`serray.storage`. The other path keys are local (or a shared mount).
+URI_KEYS = ("features.dir", "pretrain.dir", "finetune.dir", "finetune.init_from", "registry.dir", "serve.checkpoint")
+
+
 def _absolute_paths(cfg: DictConfig) -> None:
     for key in PATH_KEYS:
         value = OmegaConf.select(cfg, key)
+        if isinstance(value, str) and "://" in value and key not in URI_KEYS:
+            raise ConfigError(f"{key}={value.split('?', 1)[0]} must be a local path (or a shared mount); storage URIs "
+                              f"are accepted by {', '.join(URI_KEYS)}")
+        if isinstance(value, str) and "://" in value:
+            # an interpolation such as ${pretrain.dir}/adapter appends after a URI's query string
+            m = re.match(r"^([^?]*)\?([^/]*)(/.*)$", value)
+            if m:
+                OmegaConf.update(cfg, key, f"{m.group(1).rstrip('/')}{m.group(3)}?{m.group(2)}")
         if isinstance(value, str) and value and "://" not in value and not os.path.isabs(value):
             OmegaConf.update(cfg, key, os.path.abspath(os.path.expanduser(value)))
 

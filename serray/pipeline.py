@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Dict
 
+from serray import storage
 from serray.config import as_dict, save_config
 
 
@@ -62,8 +63,7 @@ def run_pipeline(cfg, echo: Callable[[str], Any] = print) -> Dict[str, Any]:
     echo(f"[4/4] leave-one-session-out fine-tuning, folds {list(cfg.finetune.folds)}")
     results = run_finetune(cfg)
     echo(markdown_table(results, results.get("title", "")))
-    out = Path(cfg.finetune.dir)
-    echo(f"results: {out / 'metrics.json'}, {out / 'results.md'}, {out / 'predictions.csv'}, "
-         f"{out / 'confusion_matrix.png'}, {out / 'learning_curves.png'}")
+    out = storage.describe(cfg.finetune.dir)
+    echo(f"results in {out}: metrics.json, results.md, predictions.csv, confusion_matrix.png, learning_curves.png")
     echo(f"pipeline finished in {time.time() - t0:.0f} s")
     return {"results": results, "pretrain": pre, "seconds": time.time() - t0}

@@ -60,12 +60,12 @@ class Predictor:
 
     def predict_parquet(self, files: Iterable[str | Path], batch_rows: int = 64) -> pd.DataFrame:
         """Predict every row of stored feature files (streamed in record batches)."""
-        import pyarrow.parquet as pq
+        from serray import storage
 
         frames = []
         cols = ["utt_id", "label", "speaker", "num_frames", "dim", "num_layers", "feat"]
         for f in files:
-            for rb in pq.ParquetFile(f).iter_batches(batch_size=batch_rows, columns=cols):
+            for rb in storage.parquet_file(f).iter_batches(batch_size=batch_rows, columns=cols):
                 d = rb.to_pydict()
                 feats = [decode_feature(b, t, dm, l) for b, t, dm, l in zip(d["feat"], d["num_frames"], d["dim"], d["num_layers"])]
                 p = self.predict_arrays(feats)

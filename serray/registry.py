@@ -22,6 +22,7 @@ import uuid
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
+from serray import storage
 from serray.errors import DataError
 
 ENTRY_FILE = "entry.json"
@@ -31,39 +32,47 @@ MODEL_DIR = "model"
 def register(registry_dir: str | Path, model_dir: str | Path, *, metrics: Dict[str, Any], config_yaml: str,
              source: str, hyperparameters: Optional[Dict[str, Any]] = None, extra: Optional[Dict[str, Any]] = None
              ) -> Dict[str, Any]:
-    """Copy a classifier checkpoint into a new registry entry; return the entry record."""
+    """Copy a classifier checkpoint into a new registry entry; return the entry record.
+
+    ``registry_dir`` and ``model_dir`` may be local paths or storage URIs. An entry appears complete or
+    not at all: locally it is renamed into place; on object storage ``entry.json`` is written last.
+    """
     from serray.train.checkpoint import load_checkpoint
 
     _, meta = load_checkpoint(model_dir)  # validates the checkpoint
     if meta.get("kind") != "classifier":
         raise DataError(f"{model_dir} holds a '{meta.get('kind')}' checkpoint, not a classifier")
-    root = Path(registry_dir)
-    root.mkdir(parents=True, exist_ok=True)
     created = time.strftime("%Y-%m-%dT%H:%M:%S")
     entry_id = time.strftime("%Y%m%d-%H%M%S") + "-" + uuid.uuid4().hex[:6]
-    tmp = root / f".{entry_id}.tmp"
-    shutil.copytree(model_dir, tmp / MODEL_DIR)
-    (tmp / "config.yaml").write_text(config_yaml)
     record = {"id": entry_id, "created": created, "created_ns": time.time_ns(), "source": source,
               "metrics": {k: v for k, v in metrics.items()},
               "encoder": meta["features"], "labels": meta.get("labels"), "mode": meta.get("mode"),
               "hyperparameters": hyperparameters or {}, **(extra or {})}
-    (tmp / ENTRY_FILE).write_text(json.dumps(record, indent=2))
-    tmp.rename(root / entry_id)  # an entry appears complete or not at all
+    entry_json = json.dumps(record, indent=2)
+    if storage.is_uri(registry_dir):
+        with storage.staged(storage.join(registry_dir, entry_id)) as tmp:
+            shutil.copytree(storage.local_copy(model_dir), tmp / MODEL_DIR)
+            (tmp / "config.yaml").write_text(config_yaml)
+        storage.write_text(storage.join(registry_dir, entry_id, ENTRY_FILE), entry_json)
+        return record
+    root = Path(registry_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = root / f".{entry_id}.tmp"
+    shutil.copytree(storage.local_copy(model_dir), tmp / MODEL_DIR)
+    (tmp / "config.yaml").write_text(config_yaml)
+    (tmp / ENTRY_FILE).write_text(entry_json)
+    tmp.rename(root / entry_id)
     return record
 
 
 def list_entries(registry_dir: str | Path) -> List[Dict[str, Any]]:
     """Every complete entry, oldest first."""
-    root = Path(registry_dir)
-    if not root.is_dir():
-        return []
     entries = []
-    for d in sorted(root.iterdir()):
-        f = d / ENTRY_FILE
-        if d.is_dir() and not d.name.startswith(".") and f.is_file():
-            rec = json.loads(f.read_text())
-            rec["path"] = str(d.resolve())
+    for d in storage.listdir(registry_dir):
+        f = storage.join(d, ENTRY_FILE)
+        if not storage.name(d).startswith(".") and storage.is_file(f):
+            rec = json.loads(storage.read_text(f))
+            rec["path"] = d if storage.is_uri(d) else str(Path(d).resolve())
             entries.append(rec)
     return sorted(entries, key=lambda r: (r.get("created_ns", 0), r["created"], r["id"]))
 
@@ -72,7 +81,7 @@ def best_entry(registry_dir: str | Path, metric: str = "ua") -> Dict[str, Any]:
     """The entry with the highest ``metrics[metric]`` (ties: the newest)."""
     entries = list_entries(registry_dir)
     if not entries:
-        raise DataError(f"the model registry {registry_dir} is empty: run `serray finetune` or `serray tune` first")
+        raise DataError(f"the model registry {storage.describe(registry_dir)} is empty: run `serray finetune` or `serray tune` first")
     return max(entries, key=lambda r: (float(r["metrics"].get(metric, float("-inf"))), r.get("created_ns", 0), r["id"]))
 
 
@@ -85,23 +94,26 @@ def get_entry(registry_dir: str | Path, entry_id: Optional[str] = None) -> Dict[
     if len(hits) != 1:
         known = ", ".join(e["id"] for e in entries) or "none"
         what = "is ambiguous" if hits else "does not exist"
-        raise DataError(f"registry entry '{entry_id}' {what} in {registry_dir} (entries: {known})")
+        raise DataError(f"registry entry '{entry_id}' {what} in {storage.describe(registry_dir)} (entries: {known})")
     return hits[0]
 
 
 def model_dir(entry: Dict[str, Any]) -> Path:
-    """The classifier checkpoint directory of an entry."""
-    return Path(entry["path"]) / MODEL_DIR
+    """The classifier checkpoint directory of an entry, local (an entry on object storage is
+    downloaded into the local cache, see :func:`serray.storage.local_copy`)."""
+    return storage.local_copy(storage.join(entry["path"], MODEL_DIR))
 
 
 def resolve_model(cfg) -> tuple[Path, Dict[str, Any]]:
     """What ``serray serve`` / ``serray predict`` load: ``serve.checkpoint`` or the registry entry
     ``serve.model`` (default: the best). Returns (checkpoint dir, entry record or a minimal card)."""
     if cfg.serve.checkpoint:
-        path = Path(cfg.serve.checkpoint)
-        if not (path / "meta.json").is_file():
-            raise DataError(f"serve.checkpoint={path} is not a classifier checkpoint directory (no meta.json)")
-        return path, {"id": path.name, "source": "checkpoint", "path": str(path.resolve()), "metrics": {}}
+        given = str(cfg.serve.checkpoint)
+        if not storage.is_file(storage.join(given, "meta.json")):
+            raise DataError(f"serve.checkpoint={storage.describe(given)} is not a classifier checkpoint directory (no meta.json)")
+        path = storage.local_copy(given)
+        return path, {"id": storage.name(given), "source": "checkpoint", "path": given if storage.is_uri(given)
+                      else str(path.resolve()), "metrics": {}}
     entry = get_entry(cfg.registry.dir, cfg.serve.model)
     return model_dir(entry), entry
 

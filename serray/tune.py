@@ -23,6 +23,7 @@ from typing import Any, Callable, Dict, List, Tuple
 
 from omegaconf import OmegaConf
 
+from serray import storage
 from serray.config import _all_keys, _schema, as_dict, derive
 from serray.errors import ConfigError
 
@@ -182,7 +183,7 @@ def run_sweep(cfg, echo: Callable[[str], Any] = print) -> Dict[str, Any]:
                           f"{list(cfg.tune.folds)}")
     flat = validate_space(cfg)
     scheduler = _scheduler(cfg)
-    if not (Path(cfg.features.dir) / "_serray_features.json").is_file():
+    if not storage.is_file(storage.join(cfg.features.dir, "_serray_features.json")):
         from serray.data.featurize import featurize
 
         prepare_corpus(cfg, echo)
@@ -224,10 +225,11 @@ def summarise_sweep(cfg, grid, flat, echo: Callable[[str], Any] = print) -> Dict
     from serray.train.finetune import register_result
 
     exp_dir = Path(cfg.tune.dir) / cfg.tune.name
-    rows = []
+    rows, hypers = [], []
     for r in grid:
         m = r.metrics or {}
         hyper = trial_hyperparameters(r.config or {})
+        hypers.append(hyper)
         status = "ERROR" if r.error is not None else ("finished" if m.get("done_trial") else "stopped early")
         rows.append({"trial_id": m.get("trial_id", Path(r.path).name), **hyper, "status": status,
                      **{k: m.get(k) for k in ("ua", "wa", "macro_f1", "val_ua", "training_iteration")},
@@ -254,7 +256,7 @@ def summarise_sweep(cfg, grid, flat, echo: Callable[[str], Any] = print) -> Dict
     echo(f"best trial {best['trial_id']}: {cfg.tune.metric}={best[cfg.tune.metric]:.4f} "
          + " ".join(f"{k}={best[k]}" for k in flat))
     if cfg.tune.register_best:
-        hyper = {k: _plain(best[k]) for k in flat}
+        hyper = hypers[best.name]  # the trial's own values (a table cell turns None into NaN)
         tcfg = trial_config(cfg, hyper, Path(best["trial_dir"]))
         summary = json.loads((Path(tcfg.finetune.dir) / "metrics.json").read_text())
         entry = register_result(tcfg, summary, source="tune", hyperparameters=hyper)
@@ -265,10 +267,6 @@ def summarise_sweep(cfg, grid, flat, echo: Callable[[str], Any] = print) -> Dict
 
         raise SerrayError(f"{len(errors)} trial(s) of the sweep failed; rerun the same command to resume")
     return out
-
-
-def _plain(v: Any) -> Any:
-    return v.item() if hasattr(v, "item") else v
 
 
 def _markdown(df, keys: List[str]) -> str:

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from ray.data.collate_fn import NumpyBatchCollateFn
 
+from serray import storage
 from serray.data.featurize import decode_feature, parquet_files, read_meta
 from serray.data.iemocap import LABELS
 from serray.errors import DataError
@@ -29,9 +30,9 @@ LABEL_INDEX = {label: i for i, label in enumerate(LABELS)}
 def session_paths(features_dir: str | Path, sessions: Iterable[int]) -> List[str]:
     """Parquet files of the given sessions; a clear error when there are none."""
     meta = read_meta(features_dir)  # raises when the directory is not a feature store
-    files = [str(f) for f in parquet_files(features_dir) if int(f.parent.name.split("=", 1)[1]) in set(sessions)]
+    files = [f for s in sorted(set(sessions)) for f in parquet_files(features_dir, s)]
     if not files:
-        raise DataError(f"no feature files for sessions {sorted(set(sessions))} in {features_dir} "
+        raise DataError(f"no feature files for sessions {sorted(set(sessions))} in {storage.describe(features_dir)} "
                         f"(it holds sessions {sorted(meta.get('rows_per_session', {}))})")
     return files
 
@@ -41,7 +42,7 @@ def feature_dataset(features_dir: str | Path, sessions: Iterable[int], utt_ids: 
     """A Ray Dataset of the training columns of some sessions (optionally some utterances).
 
     Args:
-        features_dir: a directory written by ``serray featurize``.
+        features_dir: a directory written by ``serray featurize`` (local or a storage URI).
         sessions: IEMOCAP sessions to read.
         utt_ids: keep only these utterances (e.g. a validation split).
         cache_max_mb: when the selected Parquet files are smaller than this (and we are not inside a
@@ -53,7 +54,7 @@ def feature_dataset(features_dir: str | Path, sessions: Iterable[int], utt_ids: 
     from ray.data.expressions import col
 
     files = session_paths(features_dir, sessions)
-    size_mb = sum(Path(f).stat().st_size for f in files) / 2**20
+    size_mb = sum(storage.size(f) for f in files) / 2**20
     if size_mb <= cache_max_mb and not _inside_placement_group():
         import pyarrow as pa
         import pyarrow.compute as pc
@@ -65,7 +66,8 @@ def feature_dataset(features_dir: str | Path, sessions: Iterable[int], utt_ids: 
         return ray.data.from_arrow([table.slice(i, rows_per_block) for i in range(0, table.num_rows, rows_per_block)]
                                    or [table])
     # fractional CPUs: reads must fit beside Train workers and other folds on small machines
-    ds = ray.data.read_parquet(files, columns=TRAIN_COLUMNS, partitioning=None, num_cpus=0.25)
+    paths, fs = storage.ray_paths(files)
+    ds = ray.data.read_parquet(paths, filesystem=fs, columns=TRAIN_COLUMNS, partitioning=None, num_cpus=0.25)
     if utt_ids is not None:
         ds = ds.filter(expr=col("utt_id").is_in(list(utt_ids)))  # pushed down into the Parquet read
     return ds
@@ -75,9 +77,8 @@ def feature_dataset(features_dir: str | Path, sessions: Iterable[int], utt_ids: 
 def _read_table(files: tuple):
     """The training columns of some feature files as one Arrow table (cached: folds share it)."""
     import pyarrow as pa
-    import pyarrow.parquet as pq
 
-    return pa.concat_tables([pq.read_table(f, columns=TRAIN_COLUMNS, partitioning=None) for f in files])
+    return pa.concat_tables([storage.parquet_file(f).read(columns=TRAIN_COLUMNS) for f in files])
 
 
 def _inside_placement_group() -> bool:
@@ -139,8 +140,7 @@ class PadCollate(NumpyBatchCollateFn):
 
 def read_rows(features_dir: str | Path, sessions: Iterable[int], columns: Sequence[str] = ("utt_id", "label", "speaker")):
     """Small metadata columns of some sessions as a pandas frame (no features)."""
-    import pyarrow.parquet as pq
     import pandas as pd
 
-    frames = [pq.read_table(f, columns=list(columns)).to_pandas() for f in session_paths(features_dir, sessions)]
+    frames = [storage.parquet_file(f).read(columns=list(columns)).to_pandas() for f in session_paths(features_dir, sessions)]
     return pd.concat(frames, ignore_index=True)

@@ -28,13 +28,14 @@ import math
 import time
 from pathlib import Path
 from typing import Dict, List, Optional
+from urllib.parse import urlsplit
 
 import numpy as np
 import pandas as pd
-import pyarrow.parquet as pq
 from omegaconf import OmegaConf
 
-from serray.config import as_dict, save_config, section_hash
+from serray import storage
+from serray.config import as_dict, section_hash, to_yaml
 from serray.data.audio import load_audio
 from serray.data.encoders import build_encoder, check_identity, describe_encoder
 from serray.data.iemocap import MANIFEST_COLUMNS, read_manifest
@@ -87,13 +88,13 @@ def decode_feature(buf: bytes, num_frames: int, dim: int, num_layers: int = 1) -
 
 
 def read_meta(features_dir: str | Path) -> dict:
-    """The metadata of a feature directory; a clear error when there is none."""
-    d = Path(features_dir)
-    meta = d / META_FILE
-    if not meta.is_file():
-        what = "does not exist" if not d.exists() else f"holds no {META_FILE}"
-        raise DataError(f"no features in {d}: the directory {what} (run `serray featurize` first)")
-    return json.loads(meta.read_text())
+    """The metadata of a feature directory (local or a storage URI); a clear error when there is none."""
+    meta = storage.join(features_dir, META_FILE)
+    if not storage.is_file(meta):
+        what = "does not exist" if not storage.exists(features_dir) else f"holds no {META_FILE}"
+        raise DataError(f"no features in {storage.describe(features_dir)}: the directory {what} "
+                        "(run `serray featurize` first)")
+    return json.loads(storage.read_text(meta))
 
 
 def feature_identity(meta: dict) -> dict:
@@ -101,20 +102,28 @@ def feature_identity(meta: dict) -> dict:
     return {k: meta[k] for k in ("encoder", "layers", "dim", "num_layers", "frame_rate", "sample_rate")}
 
 
-def parquet_files(features_dir: str | Path) -> List[Path]:
-    """The feature Parquet files under ``features_dir`` (all partitions), sorted."""
-    return sorted(Path(features_dir).glob("session=*/*.parquet"))
+def parquet_files(features_dir: str | Path, session: Optional[int] = None) -> List[str]:
+    """The feature Parquet files under ``features_dir`` (all partitions, or one session), sorted; local
+    paths or URIs, like ``features_dir``."""
+    files = [f for f in storage.find_files(features_dir, ".parquet") if _partition(f) is not None]
+    return [f for f in files if session is None or _partition(f) == session]
 
 
-def _remove_broken_files(features_dir: Path) -> int:
+def _partition(path: str) -> Optional[int]:
+    """The session of a file under ``session=<n>/``."""
+    key, _, value = Path(urlsplit(path).path if storage.is_uri(path) else path).parent.name.partition("=")
+    return int(value) if key == "session" and value.isdigit() else None
+
+
+def _remove_broken_files(features_dir: str) -> int:
     """Delete Parquet files an interrupted write left unreadable; return how many."""
     broken = 0
     for f in parquet_files(features_dir):
         try:
-            pq.read_metadata(f)
+            storage.parquet_file(f).metadata
         except Exception:  # truncated file: no footer
-            log.warning("removing half-written feature file %s", f)
-            f.unlink()
+            log.warning("removing half-written feature file %s", storage.describe(f))
+            storage.remove(f)
             broken += 1
     return broken
 
@@ -123,8 +132,8 @@ def stored_utterances(features_dir: str | Path) -> pd.DataFrame:
     """utt_id and session of every stored row (reads one column, not the features)."""
     frames = []
     for f in parquet_files(features_dir):
-        t = pq.read_table(f, columns=["utt_id"]).to_pandas()
-        t["session"] = int(f.parent.name.split("=", 1)[1])
+        t = storage.parquet_file(f).read(columns=["utt_id"]).to_pandas()
+        t["session"] = _partition(f)
         frames.append(t)
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame({"utt_id": [], "session": []})
 
@@ -145,11 +154,11 @@ def _skip_reason(path: str, sample_rate: int, min_seconds: float) -> str:
     return "shorter than one encoder frame or failed in the encoder (see worker log)"
 
 
-def _session_stats(features_dir: Path, session: int) -> dict:
+def _session_stats(features_dir: str, session: int) -> dict:
     """Frame count, per-dimension sum and sum of squares ([L, D], float64) of one stored session."""
     total, s1, s2 = 0, None, None
-    for f in sorted((features_dir / f"session={session}").glob("*.parquet")):
-        for batch in pq.ParquetFile(f).iter_batches(batch_size=64, columns=FEATURE_COLUMNS):
+    for f in parquet_files(features_dir, session):
+        for batch in storage.parquet_file(f).iter_batches(batch_size=64, columns=FEATURE_COLUMNS):
             cols = batch.to_pydict()
             for b, t, d, l in zip(cols["feat"], cols["num_frames"], cols["dim"], cols["num_layers"]):
                 x = decode_feature(b, t, d, l).astype(np.float64).reshape(l, t, d)
@@ -173,10 +182,8 @@ def feature_stats(meta: dict, sessions) -> tuple[np.ndarray, np.ndarray]:
     return mean.astype(np.float32), std.astype(np.float32)
 
 
-def _write_meta(features_dir: Path, meta: dict) -> None:
-    tmp = features_dir / (META_FILE + ".tmp")
-    tmp.write_text(json.dumps(meta, indent=2))
-    tmp.replace(features_dir / META_FILE)
+def _write_meta(features_dir: str, meta: dict) -> None:
+    storage.write_text(storage.join(features_dir, META_FILE), json.dumps(meta, indent=2))
 
 
 def featurize(cfg, overwrite: bool = False) -> Dict[str, object]:
@@ -196,33 +203,34 @@ def featurize(cfg, overwrite: bool = False) -> Dict[str, object]:
 
     from serray.ray_utils import init_ray
 
-    out_dir = Path(cfg.features.dir)
+    out_dir = str(cfg.features.dir)
+    where = storage.describe(out_dir)
+    meta_path = storage.join(out_dir, META_FILE)
+    skipped_path = storage.join(out_dir, SKIPPED_FILE)
     manifest = read_manifest(cfg.data.manifest)
     manifest = manifest[manifest["session"].isin(list(cfg.data.sessions))]
     if manifest.empty:
         raise DataError(f"manifest {cfg.data.manifest} has no utterances in sessions {list(cfg.data.sessions)}")
     config_hash = section_hash(cfg, "encoder", "data.merge_excited")
-    if (out_dir / META_FILE).is_file():
+    if storage.is_file(meta_path):
         old = read_meta(out_dir)
         if old.get("config_hash") != config_hash:
             if not overwrite:
                 raise DataError(
-                    f"{out_dir} holds features made with encoder '{old.get('encoder')}' (config hash "
+                    f"{where} holds features made with encoder '{old.get('encoder')}' (config hash "
                     f"{old.get('config_hash')}), but this config asks for encoder '{cfg.encoder.name}' "
                     f"(hash {config_hash}); choose another features.dir or pass --overwrite"
                 )
-            import shutil
-
-            shutil.rmtree(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+            storage.remove(out_dir)
+    storage.makedirs(out_dir)
     broken = _remove_broken_files(out_dir)
     done = stored_utterances(out_dir)
     pending = manifest[~manifest["utt_id"].isin(set(done["utt_id"]))]
     log.info("featurize: %d utterances in manifest, %d already stored, %d to do", len(manifest), len(done), len(pending))
 
     encoder_meta = describe_encoder(cfg.encoder)
-    if (out_dir / META_FILE).is_file():  # same hash: the identity must agree as well
-        check_identity(read_meta(out_dir), encoder_meta, f"features in {out_dir}", "the config's encoder")
+    if storage.is_file(meta_path):  # same hash: the identity must agree as well
+        check_identity(read_meta(out_dir), encoder_meta, f"features in {where}", "the config's encoder")
     start = time.time()
     if len(pending):
         init_ray(cfg)
@@ -236,24 +244,25 @@ def featurize(cfg, overwrite: bool = False) -> Dict[str, object]:
             num_cpus=cfg.features.num_cpus,
             num_gpus=cfg.features.num_gpus,
         )
-        ds.write_parquet(str(out_dir), partition_cols=["session"])
+        (path,), fs = storage.ray_paths([out_dir])
+        ds.write_parquet(path, filesystem=fs, partition_cols=["session"])
     stored = stored_utterances(out_dir)
     dup = int(stored["utt_id"].duplicated().sum())
     if dup:
-        raise DataError(f"{out_dir} holds {dup} duplicate utterances; delete the directory and featurize again")
+        raise DataError(f"{where} holds {dup} duplicate utterances; delete the directory and featurize again")
     skipped = pending[~pending["utt_id"].isin(set(stored["utt_id"]))]
     if len(skipped):
         reasons = [_skip_reason(p, cfg.encoder.sample_rate, cfg.features.min_seconds) for p in skipped["path"]]
         skipped = skipped.assign(reason=reasons)[["utt_id", "session", "path", "reason"]]
-        skipped.to_csv(out_dir / SKIPPED_FILE, index=False)
+        storage.write_text(skipped_path, skipped.to_csv(index=False))
         for row in skipped.itertuples():
             log.warning("skipped %s: %s", row.utt_id, row.reason)
-    elif (out_dir / SKIPPED_FILE).exists():
-        (out_dir / SKIPPED_FILE).unlink()
+    elif storage.exists(skipped_path):
+        storage.remove(skipped_path)
     if stored.empty:
-        raise DataError(f"featurization wrote no rows to {out_dir}: every utterance was skipped (see {SKIPPED_FILE})")
+        raise DataError(f"featurization wrote no rows to {where}: every utterance was skipped (see {SKIPPED_FILE})")
     rows_per_session = {str(k): int(v) for k, v in stored.groupby("session").size().items()}
-    old_meta = read_meta(out_dir) if (out_dir / META_FILE).is_file() else {}
+    old_meta = read_meta(out_dir) if storage.is_file(meta_path) else {}
     old_stats, old_rows = old_meta.get("stats") or {}, old_meta.get("rows_per_session") or {}
     stats = {s: (old_stats[s] if s in old_stats and old_rows.get(s) == n else _session_stats(out_dir, int(s)))
              for s, n in rows_per_session.items()}
@@ -261,7 +270,7 @@ def featurize(cfg, overwrite: bool = False) -> Dict[str, object]:
             "rows_per_session": rows_per_session, "labels": ["neu", "hap", "sad", "ang"],
             "created": time.strftime("%Y-%m-%dT%H:%M:%S"), "stats": stats}
     _write_meta(out_dir, meta)
-    save_config(cfg, out_dir, name="_config.yaml")  # '_' so Parquet readers skip it
+    storage.write_text(storage.join(out_dir, "_config.yaml"), to_yaml(cfg))  # '_' so Parquet readers skip it
     return {"written": int(len(stored) - len(done)), "stored": int(len(stored)), "skipped": int(len(skipped)),
             "removed_broken_files": broken, "seconds": round(time.time() - start, 2),
-            "rows_per_session": meta["rows_per_session"], "features_dir": str(out_dir), "encoder": meta}
+            "rows_per_session": meta["rows_per_session"], "features_dir": out_dir, "encoder": meta}

@@ -12,6 +12,7 @@ import json
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Tuple
 
+from serray import storage
 from serray.config import derive
 
 ABLATION_DIR = "ablation"
@@ -52,7 +53,7 @@ def run_ablation(cfg, echo: Callable[[str], Any] = print) -> Dict[str, Any]:
     from serray.train.finetune import run_finetune
     from serray.train.pretrain import run_pretrain
 
-    if not (Path(cfg.features.dir) / "_serray_features.json").is_file():
+    if not storage.is_file(storage.join(cfg.features.dir, "_serray_features.json")):
         from serray.data.featurize import featurize
 
         prepare_corpus(cfg, echo)

@@ -28,11 +28,15 @@ def save_checkpoint(directory: str | Path, state: Dict[str, Any], meta: Dict[str
 
 
 def load_checkpoint(directory: str | Path, map_location: str | torch.device = "cpu") -> tuple[Dict[str, Any], Dict[str, Any]]:
-    """Read ``(state, meta)`` from a checkpoint directory (weights only, never arbitrary pickles)."""
+    """Read ``(state, meta)`` from a checkpoint directory, local or a storage URI (weights only, never
+    arbitrary pickles)."""
+    import io
+
+    from serray import storage
     from serray.errors import DataError
 
-    d = Path(directory)
-    if not (d / STATE_FILE).is_file() or not (d / META_FILE).is_file():
-        raise DataError(f"not a serray checkpoint: {d} (expected {STATE_FILE} and {META_FILE})")
-    state = torch.load(d / STATE_FILE, map_location=map_location, weights_only=True)
-    return state, json.loads((d / META_FILE).read_text())
+    state_path, meta_path = storage.join(directory, STATE_FILE), storage.join(directory, META_FILE)
+    if not storage.is_file(state_path) or not storage.is_file(meta_path):
+        raise DataError(f"not a serray checkpoint: {storage.describe(directory)} (expected {STATE_FILE} and {META_FILE})")
+    state = torch.load(io.BytesIO(storage.read_bytes(state_path)), map_location=map_location, weights_only=True)
+    return state, json.loads(storage.read_text(meta_path))

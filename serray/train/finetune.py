@@ -28,6 +28,7 @@ from serray.data.features import LABEL_INDEX, PadCollate, feature_dataset, read_
 from serray.data.iemocap import LABELS
 from serray.errors import DataError
 from serray.models.classifier import EmotionClassifier, body_state_from_adapter
+from serray import storage
 from serray.train.checkpoint import META_FILE, MODEL_KEY, load_checkpoint
 from serray.train.loop import fit, steps_per_epoch
 from serray.train.metrics import classification_metrics
@@ -154,16 +155,17 @@ def check_adapter(cfg, feat_meta: dict) -> None:
     """The pre-trained adapter must exist and match the features (a clear error naming both)."""
     if cfg.finetune.mode == "none":
         return
-    path = Path(cfg.finetune.init_from)
-    if not (path / META_FILE).is_file():
-        raise DataError(f"no pre-trained adapter at finetune.init_from={path} (run `serray pretrain` first, "
+    path = str(cfg.finetune.init_from)
+    if not storage.is_file(storage.join(path, META_FILE)):
+        raise DataError(f"no pre-trained adapter at finetune.init_from={storage.describe(path)} (run `serray pretrain` first, "
                         "or use finetune.mode=none for the no-adapter baseline)")
     _, ameta = load_checkpoint(path)
     if ameta.get("kind") != "adapter":
-        raise DataError(f"finetune.init_from={path} holds a '{ameta.get('kind')}' checkpoint, not a pre-trained adapter")
+        raise DataError(f"finetune.init_from={storage.describe(path)} holds a '{ameta.get('kind')}' checkpoint, not a pre-trained adapter")
     from serray.data.encoders import check_identity
 
-    check_identity(feat_meta, ameta["features"], f"features in {cfg.features.dir}", f"adapter checkpoint {path}")
+    check_identity(feat_meta, ameta["features"], f"features in {storage.describe(cfg.features.dir)}",
+                   f"adapter checkpoint {storage.describe(path)}")
 
 
 def fold_split(cfg, fold: int) -> Dict[str, pd.DataFrame]:
@@ -193,7 +195,7 @@ def run_fold(cfg, fold: int, callbacks: Optional[list] = None, datasets: Optiona
     feat_meta = check_features(cfg)
     check_adapter(cfg, feat_meta)
     tcfg, fhash = cfg.finetune, finetune_hash(cfg)
-    fold_dir = Path(tcfg.dir).resolve() / f"fold{fold}"
+    fold_dir = _fold_path(cfg, fold)
     split = fold_split(cfg, fold)
     train_sessions = [s for s in cfg.data.sessions if s != fold]
     datasets = datasets or fold_datasets(cfg, fold, split)
@@ -202,20 +204,20 @@ def run_fold(cfg, fold: int, callbacks: Optional[list] = None, datasets: Optiona
         "config_yaml": to_yaml(cfg), "config_hash": fhash, "features": feature_identity(feat_meta),
         "feature_stats": [a.tolist() for a in feature_stats(feat_meta, train_sessions)],
         "model": _model_kwargs(cfg, feat_meta),
-        "init_from": str(Path(tcfg.init_from).resolve()) if tcfg.mode != "none" else "",
+        "init_from": storage.absolute(tcfg.init_from) if tcfg.mode != "none" else "",
         "class_weights": _class_weights(split["train"]["label"], tcfg.class_weighting),
         **{k: v for k, v in as_dict(tcfg).items() if k in TRAIN_KEYS},
         "steps_per_epoch": steps_per_epoch(len(split["train"]), tcfg.batch_size, tcfg.num_workers),
-        "fault_marker": str(fold_dir / "fault_injected.marker"),
+        "fault_marker": storage.join(fold_dir, "fault_injected.marker"),
     }
-    result = fit(loop_config, datasets, tcfg, storage_path=str(Path(tcfg.dir).resolve() / "ray"),
+    result = fit(loop_config, datasets, tcfg, storage_path=storage.join(storage.absolute(tcfg.dir), "ray"),
                  name=f"fold{fold}-{fhash[:8]}", score=("val_ua", "max"), callbacks=callbacks)
     best_ckpt, best_metrics = max(result.best_checkpoints, key=lambda cm: cm[1]["val_ua"])
-    fold_dir.mkdir(parents=True, exist_ok=True)
-    model_dir = fold_dir / "model"
-    shutil.rmtree(model_dir, ignore_errors=True)
-    best_ckpt.to_directory(str(model_dir))
-    return _test_fold(cfg, fold, fold_dir, model_dir, split, best_metrics, fhash)
+    with storage.staged(fold_dir) as local:  # a URI: written locally, uploaded when the fold is complete
+        model_dir = local / "model"
+        shutil.rmtree(model_dir, ignore_errors=True)
+        best_ckpt.to_directory(str(model_dir))
+        return _test_fold(cfg, fold, local, model_dir, split, best_metrics, fhash)
 
 
 TRAIN_KEYS = ("epochs", "batch_size", "lr", "lr_end", "weight_decay", "warmup_frac", "grad_clip", "max_frames",
@@ -244,13 +246,23 @@ def _test_fold(cfg, fold: int, fold_dir: Path, model_dir: Path, split, best_metr
     return result
 
 
+def _fold_path(cfg, fold: int) -> str:
+    return storage.join(storage.absolute(cfg.finetune.dir), f"fold{fold}")
+
+
 def _fold_done(cfg, fold: int) -> Optional[Dict[str, Any]]:
-    path = Path(cfg.finetune.dir).resolve() / f"fold{fold}" / FOLD_RESULT
-    if path.is_file():
-        res = json.loads(path.read_text())
+    path = storage.join(_fold_path(cfg, fold), FOLD_RESULT)
+    if storage.is_file(path):
+        res = json.loads(storage.read_text(path))
         if res.get("config_hash") == finetune_hash(cfg):
             return res
     return None
+
+
+def _tune_storage(path: str) -> Dict[str, Any]:
+    """``storage_path`` (+ ``storage_filesystem`` for a URI) of a Tune ``RunConfig``."""
+    p, fs = storage.train_storage(path)
+    return {"storage_path": p, "storage_filesystem": fs}
 
 
 def run_folds(cfg) -> List[Dict[str, Any]]:
@@ -277,7 +289,7 @@ def run_folds(cfg) -> List[Dict[str, Any]]:
             trainable,
             param_space={"fold": tune.grid_search(pending)},
             tune_config=tune.TuneConfig(max_concurrent_trials=cfg.finetune.max_concurrent_folds),
-            run_config=tune.RunConfig(storage_path=str(Path(cfg.finetune.dir).resolve() / "tune"),
+            run_config=tune.RunConfig(**_tune_storage(storage.join(storage.absolute(cfg.finetune.dir), "tune")),
                                       name=f"folds-{finetune_hash(cfg)[:8]}", verbose=0),
         )
         grid = tuner.fit()
@@ -308,11 +320,12 @@ def run_finetune(cfg) -> Dict[str, Any]:
     from serray.train.results import write_results
 
     folds = run_folds(cfg)
-    out = Path(cfg.finetune.dir)
-    save_config(cfg, out)
     title = f"leave-one-session-out, mode={cfg.finetune.mode}, encoder={cfg.encoder.name}"
-    summary = write_results(folds, out, {"mode": cfg.finetune.mode, "encoder": cfg.encoder.name,
-                                         "config_hash": finetune_hash(cfg), "title": title})
+    with storage.staged(cfg.finetune.dir) as out:
+        save_config(cfg, out)
+        summary = write_results(folds, out, {"mode": cfg.finetune.mode, "encoder": cfg.encoder.name,
+                                             "config_hash": finetune_hash(cfg), "title": title},
+                                folds_dir=storage.absolute(cfg.finetune.dir))
     if cfg.finetune.register:
         summary["registered"] = register_result(cfg, summary, source="finetune")["id"]
     return summary
@@ -329,8 +342,8 @@ def register_result(cfg, summary: Dict[str, Any], source: str, hyperparameters: 
         if entry.get("config_hash") == fhash and entry.get("folds") == list(cfg.finetune.folds):
             return entry
     best = max(summary["folds"], key=lambda f: (f.get("val_ua", 0.0), -f["fold"]))
-    model = Path(cfg.finetune.dir).resolve() / f"fold{best['fold']}" / "model"
+    model = storage.join(_fold_path(cfg, best["fold"]), "model")
     return register(cfg.registry.dir, model, metrics=dict(summary["mean"]), config_yaml=to_yaml(cfg), source=source,
                     hyperparameters=hyperparameters,
                     extra={"config_hash": fhash, "folds": list(cfg.finetune.folds), "model_fold": best["fold"],
-                           "std": dict(summary["std"]), "finetune_dir": str(Path(cfg.finetune.dir).resolve())})
+                           "std": dict(summary["std"]), "finetune_dir": storage.absolute(cfg.finetune.dir)})

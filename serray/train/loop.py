@@ -17,15 +17,14 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import tempfile
 import time
 from collections import defaultdict
-from pathlib import Path
-from typing import Any, Callable, Dict, Optional
+from typing import Any, Dict, Optional
 
 import torch
 
+from serray import storage
 from serray.train.checkpoint import (EPOCH_KEY, MODEL_KEY, OPTIMIZER_KEY, STEP_KEY, load_checkpoint,
                                      save_checkpoint)
 from serray.train.schedules import cosine_schedule
@@ -62,9 +61,8 @@ def _maybe_inject_fault(config: Dict[str, Any], step: int, rank: int) -> None:
     if fail_at is None or step != fail_at or marker is None:
         return
     world = config.get("num_workers", 1)
-    if rank == world - 1 and not os.path.exists(marker):
-        Path(marker).parent.mkdir(parents=True, exist_ok=True)
-        Path(marker).write_text(f"failed at step {step}\n")
+    if rank == world - 1 and not storage.exists(marker):
+        storage.write_text(marker, f"failed at step {step}\n")
         raise InjectedFault(f"injected worker failure at step {step} (rank {rank})")
 
 
@@ -163,10 +161,11 @@ def fit(loop_config: Dict[str, Any], datasets: Dict[str, Any], trainer_cfg, stor
         score: (metric, "min"|"max") used to rank checkpoints.
         callbacks: Ray Train user callbacks (e.g. Tune's ``TuneReportCallback``).
     """
-    from ray.data import DataContext, ExecutionOptions
+    from ray.data import ExecutionOptions
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
+    storage_path, storage_fs = storage.train_storage(storage_path)
     resources = {"CPU": trainer_cfg.cpus_per_worker}
     if trainer_cfg.use_gpu:
         resources["GPU"] = trainer_cfg.gpus_per_worker
@@ -181,7 +180,7 @@ def fit(loop_config: Dict[str, Any], datasets: Dict[str, Any], trainer_cfg, stor
         datasets=datasets,
         dataset_config=DataConfig(datasets_to_split=["train"], execution_options=options),
         run_config=RunConfig(
-            storage_path=storage_path if "://" in storage_path else os.path.abspath(storage_path), name=name,
+            storage_path=storage_path, storage_filesystem=storage_fs, name=name,
             failure_config=FailureConfig(max_failures=trainer_cfg.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=trainer_cfg.keep_checkpoints,
                                                checkpoint_score_attribute=score[0], checkpoint_score_order=score[1]),

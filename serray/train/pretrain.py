@@ -14,6 +14,7 @@ from typing import Any, Dict
 
 import torch
 
+from serray import storage
 from serray.config import OPERATIONAL_KEYS, as_dict, section_hash, to_yaml
 from serray.data.encoders import check_identity, describe_encoder
 from serray.data.features import PadCollate, feature_dataset
@@ -104,21 +105,22 @@ def run_pretrain(cfg, force: bool = False) -> Dict[str, Any]:
     """
     from serray.ray_utils import init_ray
 
-    out = Path(cfg.pretrain.dir).resolve()
-    export = out / ADAPTER_DIR
-    phash = pretrain_hash(cfg)
-    if not force and (export / META_FILE).is_file():
-        import json
+    import json
 
-        meta = json.loads((export / META_FILE).read_text())
+    out = str(cfg.pretrain.dir) if storage.is_uri(cfg.pretrain.dir) else str(Path(cfg.pretrain.dir).resolve())
+    export = storage.join(out, ADAPTER_DIR)
+    phash = pretrain_hash(cfg)
+    if not force and storage.is_file(storage.join(export, META_FILE)):
+        meta = json.loads(storage.read_text(storage.join(export, META_FILE)))
         if meta.get("config_hash") == phash:
-            log.info("pre-trained adapter in %s matches the config; skipping (use --force to retrain)", export)
-            return {"adapter": str(export), "reused": True, "metrics": meta.get("final_metrics", {})}
+            log.info("pre-trained adapter in %s matches the config; skipping (use --force to retrain)",
+                     storage.describe(export))
+            return {"adapter": export, "reused": True, "metrics": meta.get("final_metrics", {})}
     feat_meta = check_features(cfg)
     sessions = list(cfg.pretrain.sessions)
     num_rows = sum(int(feat_meta["rows_per_session"].get(str(s), 0)) for s in sessions)
     if num_rows == 0:
-        raise DataError(f"no stored features for pre-training sessions {sessions} in {cfg.features.dir}")
+        raise DataError(f"no stored features for pre-training sessions {sessions} in {storage.describe(cfg.features.dir)}")
     init_ray(cfg)
     tcfg = cfg.pretrain
     loop_config = {
@@ -130,25 +132,27 @@ def run_pretrain(cfg, force: bool = False) -> Dict[str, Any]:
         "ema_decay": cfg.adapter.ema_decay, "ema_decay_end": cfg.adapter.ema_decay_end,
         **{k: v for k, v in as_dict(tcfg).items() if k not in ("dir", "sessions")},
         "steps_per_epoch": steps_per_epoch(num_rows, tcfg.batch_size, tcfg.num_workers),
-        "fault_marker": str(out / "fault_injected.marker"),
+        "fault_marker": storage.join(out, "fault_injected.marker"),
     }
     name = f"pretrain-{phash[:8]}"  # a rerun with the same config resumes this run's latest checkpoint
+    ray_dir = storage.join(out, "ray")
     if force:
-        shutil.rmtree(out / "ray" / name, ignore_errors=True)
-        Path(loop_config["fault_marker"]).unlink(missing_ok=True)
+        storage.remove(storage.join(ray_dir, name))
+        storage.remove(loop_config["fault_marker"])
     result = fit(loop_config, {"train": feature_dataset(cfg.features.dir, sessions, cache_max_mb=cfg.features.cache_max_mb)}, tcfg,
-                 storage_path=str(out / "ray"), name=name, score=("loss", "min"))
+                 storage_path=ray_dir, name=name, score=("loss", "min"))
     if result.checkpoint is None:
-        raise DataError(f"pre-training in {out} reported no checkpoint")
-    tmp = out / (ADAPTER_DIR + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    result.checkpoint.to_directory(str(tmp))
-    history = _finalise_export(tmp, result.metrics)
-    shutil.rmtree(export, ignore_errors=True)
-    os.replace(tmp, export)
-    curves = write_history(history, out, PRETRAIN_KEYS, "adapter pre-training")
-    return {"adapter": str(export), "reused": False, "metrics": result.metrics, "curves": str(curves),
-            "ray_dir": str(out / "ray" / name)}
+        raise DataError(f"pre-training in {storage.describe(out)} reported no checkpoint")
+    with storage.staged(out) as local:  # the export appears complete (local: renamed; URI: uploaded at the end)
+        tmp = local / (ADAPTER_DIR + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        result.checkpoint.to_directory(str(tmp))
+        history = _finalise_export(tmp, result.metrics)
+        shutil.rmtree(local / ADAPTER_DIR, ignore_errors=True)
+        os.replace(tmp, local / ADAPTER_DIR)
+        curves = write_history(history, local, PRETRAIN_KEYS, "adapter pre-training")
+    return {"adapter": export, "reused": False, "metrics": result.metrics, "curves": storage.join(out, curves.name),
+            "ray_dir": storage.join(ray_dir, name)}
 
 
 def _finalise_export(directory: Path, final_metrics: Dict[str, Any]) -> list:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Optional
 
 import numpy as np
 import pandas as pd
@@ -39,14 +39,24 @@ def markdown_table(summary: Dict[str, Any], title: str = "") -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_results(folds: List[Dict[str, Any]], out_dir: str | Path, extra: Dict[str, Any]) -> Dict[str, Any]:
-    """Write metrics.json, results.md, predictions.csv, confusion_matrix.png and learning_curves.png."""
+def write_results(folds: List[Dict[str, Any]], out_dir: str | Path, extra: Dict[str, Any],
+                  folds_dir: Optional[str] = None) -> Dict[str, Any]:
+    """Write metrics.json, results.md, predictions.csv, confusion_matrix.png and learning_curves.png.
+
+    The folds' ``fold<k>/predictions.csv`` are read from ``folds_dir`` (default ``out_dir``; a local
+    path or a storage URI)."""
+    import io
+
+    from serray import storage
+
     out = Path(out_dir)
+    src = folds_dir or str(out)
     out.mkdir(parents=True, exist_ok=True)
     summary = {**summarise(folds), **extra}
     (out / "metrics.json").write_text(json.dumps(summary, indent=2))
     (out / "results.md").write_text(markdown_table(summary, extra.get("title", "")))
-    preds = pd.concat([pd.read_csv(out / f"fold{f['fold']}" / "predictions.csv") for f in folds], ignore_index=True)
+    preds = pd.concat([pd.read_csv(io.StringIO(storage.read_text(storage.join(src, f"fold{f['fold']}", "predictions.csv"))))
+                       for f in folds], ignore_index=True)
     preds.to_csv(out / "predictions.csv", index=False)
     cm = confusion([LABEL_INDEX[l] for l in preds["label"]], [LABEL_INDEX[l] for l in preds["pred"]], len(LABELS))
     _plot_confusion(cm, out / "confusion_matrix.png", summary)

@@ -30,7 +30,7 @@ def load_features(features_dir) -> pd.DataFrame:
     frames = []
     for f in parquet_files(features_dir):
         t = pq.read_table(f).to_pandas()
-        t["session"] = int(f.parent.name.split("=", 1)[1])
+        t["session"] = int(Path(f).parent.name.split("=", 1)[1])
         t["file"] = str(f)
         frames.append(t)
     return pd.concat(frames, ignore_index=True)

@@ -1,0 +1,261 @@
+"""Storage paths: a local directory or a pyarrow filesystem URI.
+
+``features.dir``, ``pretrain.dir``, ``finetune.dir`` (Ray Train checkpoints included) and
+``registry.dir`` accept either a local path (a shared mount such as EFS on a cluster) or a URI that
+:func:`pyarrow.fs.FileSystem.from_uri` understands: ``s3://bucket/prefix``, ``gs://bucket/prefix``,
+``hdfs://host/path``, ``file:///abs/path``. Query parameters pass through to pyarrow, e.g.
+``s3://bucket/run?region=eu-west-1`` or, for an S3-compatible server,
+``s3://bucket/run?endpoint_override=host:9000&scheme=http``. Credentials come from the usual
+places (``AWS_*`` environment variables, instance roles, ``GOOGLE_APPLICATION_CREDENTIALS``).
+
+How each kind of output uses it:
+
+* Parquet features are read and written *in place* by Ray Data and pyarrow (any node, no copy);
+* Ray Train / Tune checkpoints go straight to the URI (``storage_filesystem``);
+* small outputs (an exported adapter, a fold's model and predictions, metrics, plots, a registry
+  entry) are written to a local staging directory and uploaded when complete (:func:`staged`);
+  readers download them into a local cache (:func:`local_copy`), keyed by URI.
+
+Paths keep the form they were given in: functions that list or join return URIs for URIs (query
+string kept) and plain paths for plain paths.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import shutil
+import tempfile
+from functools import lru_cache
+from pathlib import Path
+from typing import Iterator, List, Tuple
+from urllib.parse import urlsplit, urlunsplit
+
+import pyarrow.fs as pafs
+
+from serray.errors import DataError
+
+CACHE_ENV = "SERRAY_CACHE_DIR"
+
+
+def is_uri(path) -> bool:
+    """True for ``scheme://...`` (``file://`` included), False for plain paths."""
+    return "://" in str(path)
+
+
+@lru_cache(maxsize=32)
+def _filesystem(base: str) -> pafs.FileSystem:
+    try:
+        return pafs.FileSystem.from_uri(base)[0]
+    except (ValueError, OSError) as e:  # pyarrow.ArrowInvalid is a ValueError
+        raise DataError(f"cannot open the storage URI {base}: {e}") from None
+
+
+def resolve(path) -> Tuple[pafs.FileSystem, str]:
+    """``(filesystem, path inside it)`` for a URI or a local path."""
+    path = str(path)
+    if not is_uri(path):
+        return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(path))
+    parts = urlsplit(path)
+    base = urlunsplit((parts.scheme, parts.netloc, "/", parts.query, ""))
+    fs = _filesystem(base)
+    if parts.scheme == "file":
+        return fs, parts.path
+    return fs, (parts.netloc.rpartition("@")[2] + parts.path).rstrip("/")  # bucket/key, without credentials
+
+
+def absolute(path) -> str:
+    """A URI unchanged; a local path made absolute."""
+    return str(path) if is_uri(path) else os.path.abspath(os.path.expanduser(str(path)))
+
+
+def join(path, *parts: str) -> str:
+    """``path/part/...`` keeping a URI's query string at the end."""
+    path = str(path)
+    if not is_uri(path):
+        return str(Path(path, *parts))
+    u = urlsplit(path)
+    tail = "/".join(p.strip("/") for p in parts)
+    return urlunsplit((u.scheme, u.netloc, u.path.rstrip("/") + "/" + tail, u.query, ""))
+
+
+def name(path) -> str:
+    """The last path component."""
+    return (urlsplit(str(path)).path if is_uri(path) else str(path)).rstrip("/").rsplit("/", 1)[-1]
+
+
+def _same_form(template: str, fs_path: str) -> str:
+    """A path inside the filesystem of ``template``, written like ``template`` (URI or plain)."""
+    if not is_uri(template):
+        return fs_path
+    u = urlsplit(template)
+    if u.scheme == "file":
+        return urlunsplit((u.scheme, u.netloc, fs_path, u.query, ""))
+    bucket, _, rest = fs_path.partition("/")
+    user = u.netloc.rpartition("@")[0]
+    return urlunsplit((u.scheme, f"{user}@{bucket}" if user else bucket, "/" + rest, u.query, ""))
+
+
+def describe(path) -> str:
+    """A path for messages (a URI without credentials or query string)."""
+    if not is_uri(path):
+        return str(path)
+    u = urlsplit(str(path))
+    return urlunsplit((u.scheme, u.hostname or "", u.path, "", ""))
+
+
+def exists(path) -> bool:
+    fs, p = resolve(path)
+    return fs.get_file_info(p).type != pafs.FileType.NotFound
+
+
+def is_file(path) -> bool:
+    fs, p = resolve(path)
+    return fs.get_file_info(p).type == pafs.FileType.File
+
+
+def is_dir(path) -> bool:
+    fs, p = resolve(path)
+    return fs.get_file_info(p).type == pafs.FileType.Directory
+
+
+def size(path) -> int:
+    fs, p = resolve(path)
+    return int(fs.get_file_info(p).size or 0)
+
+
+def read_bytes(path) -> bytes:
+    fs, p = resolve(path)
+    with fs.open_input_stream(p) as f:
+        return f.read()
+
+
+def read_text(path) -> str:
+    return read_bytes(path).decode()
+
+
+def write_text(path, text: str) -> None:
+    """Write a whole file (local: atomically, through a temporary file)."""
+    fs, p = resolve(path)
+    if isinstance(fs, pafs.LocalFileSystem):
+        Path(p).parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(p).with_name(Path(p).name + ".tmp")
+        tmp.write_text(text)
+        tmp.replace(p)
+        return
+    with fs.open_output_stream(p) as f:  # object stores: a PUT is all-or-nothing
+        f.write(text.encode())
+
+
+def makedirs(path) -> None:
+    fs, p = resolve(path)
+    fs.create_dir(p, recursive=True)
+
+
+def remove(path) -> None:
+    """Delete a file or a directory tree; nothing if it does not exist."""
+    fs, p = resolve(path)
+    t = fs.get_file_info(p).type
+    if t == pafs.FileType.Directory:
+        fs.delete_dir(p)
+    elif t == pafs.FileType.File:
+        fs.delete_file(p)
+
+
+def listdir(path) -> List[str]:
+    """The direct children of a directory (full paths in the form of ``path``), sorted; [] if absent."""
+    fs, p = resolve(path)
+    if fs.get_file_info(p).type != pafs.FileType.Directory:
+        return []
+    infos = fs.get_file_info(pafs.FileSelector(p, recursive=False))
+    return sorted(_same_form(str(path), i.path) for i in infos)
+
+
+def find_files(path, suffix: str) -> List[str]:
+    """Every file under ``path`` (recursive) whose name ends with ``suffix``, sorted."""
+    fs, p = resolve(path)
+    if fs.get_file_info(p).type != pafs.FileType.Directory:
+        return []
+    infos = fs.get_file_info(pafs.FileSelector(p, recursive=True))
+    return sorted(_same_form(str(path), i.path) for i in infos
+                  if i.type == pafs.FileType.File and i.base_name.endswith(suffix))
+
+
+def parquet_file(path):
+    """A :class:`pyarrow.parquet.ParquetFile` for a local or remote file."""
+    import pyarrow.parquet as pq
+
+    fs, p = resolve(path)
+    return pq.ParquetFile(fs.open_input_file(p))
+
+
+def ray_paths(paths: List[str]) -> Tuple[List[str], pafs.FileSystem | None]:
+    """Paths and filesystem to hand to ``ray.data.read_parquet`` / ``write_parquet``."""
+    if not paths or not is_uri(paths[0]):
+        return list(paths), None
+    fs = resolve(paths[0])[0]
+    return [resolve(p)[1] for p in paths], fs
+
+
+def train_storage(path) -> Tuple[str, pafs.FileSystem | None]:
+    """``(storage_path, storage_filesystem)`` for Ray Train / Tune ``RunConfig``."""
+    if not is_uri(path):
+        return os.path.abspath(str(path)), None
+    fs, p = resolve(path)
+    return p, fs
+
+
+def upload(local_dir, path) -> None:
+    """Copy a local directory tree into ``path`` (files are overwritten, others kept)."""
+    fs, p = resolve(path)
+    fs.create_dir(p, recursive=True)
+    pafs.copy_files(str(Path(local_dir).resolve()), p, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
+
+
+def cache_dir(path) -> Path:
+    """The local cache directory of a URI (``$SERRAY_CACHE_DIR`` or ``~/.cache/serray/storage``)."""
+    root = Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "serray" / "storage")
+    key = hashlib.sha256(str(path).encode()).hexdigest()[:16]
+    return root / f"{name(path) or 'root'}-{key}"
+
+
+def local_copy(path, refresh: bool = True) -> Path:
+    """A local directory with the contents of ``path``: itself when local, else a downloaded copy."""
+    if not is_uri(path):
+        return Path(path)
+    fs, p = resolve(path)
+    if fs.get_file_info(p).type != pafs.FileType.Directory:
+        raise DataError(f"{describe(path)} does not exist")
+    dest = cache_dir(path)
+    if refresh or not dest.is_dir():
+        tmp = Path(tempfile.mkdtemp(prefix=".dl-", dir=_mkparent(dest)))
+        pafs.copy_files(p, str(tmp), source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
+        shutil.rmtree(dest, ignore_errors=True)
+        os.replace(tmp, dest)
+    return dest
+
+
+def _mkparent(p: Path) -> str:
+    p.parent.mkdir(parents=True, exist_ok=True)
+    return str(p.parent)
+
+
+@contextlib.contextmanager
+def staged(path) -> Iterator[Path]:
+    """A local directory to write the outputs for ``path`` into.
+
+    Local paths are used directly (created). For a URI, a fresh temporary directory is yielded and
+    uploaded into ``path`` when the block finishes without an error (existing files at ``path`` that
+    were not rewritten are kept), then removed.
+    """
+    if not is_uri(path):
+        Path(path).mkdir(parents=True, exist_ok=True)
+        yield Path(path)
+        return
+    tmp = Path(tempfile.mkdtemp(prefix="serray-stage-"))
+    try:
+        yield tmp
+        upload(tmp, path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
