@@ -98,10 +98,17 @@ def get_entry(registry_dir: str | Path, entry_id: Optional[str] = None) -> Dict[
     return hits[0]
 
 
+def model_source(entry: Dict[str, Any]) -> str:
+    """Where the classifier checkpoint of an entry lives (a local path or a storage URI)."""
+    if entry.get("source") == "checkpoint":
+        return entry["path"]
+    return storage.join(entry["path"], MODEL_DIR)
+
+
 def model_dir(entry: Dict[str, Any]) -> Path:
     """The classifier checkpoint directory of an entry, local (an entry on object storage is
     downloaded into the local cache, see :func:`serray.storage.local_copy`)."""
-    return storage.local_copy(storage.join(entry["path"], MODEL_DIR))
+    return storage.local_copy(storage.join(entry["path"], MODEL_DIR), refresh=False)  # entries never change
 
 
 def resolve_model(cfg) -> tuple[Path, Dict[str, Any]]:

@@ -221,7 +221,8 @@ def cache_dir(path) -> Path:
 
 
 def local_copy(path, refresh: bool = True) -> Path:
-    """A local directory with the contents of ``path``: itself when local, else a downloaded copy."""
+    """A local directory with the contents of ``path``: itself when local, else a downloaded copy
+    (``refresh=False``: reuse an earlier download, for immutable things such as registry entries)."""
     if not is_uri(path):
         return Path(path)
     fs, p = resolve(path)
@@ -232,7 +233,10 @@ def local_copy(path, refresh: bool = True) -> Path:
         tmp = Path(tempfile.mkdtemp(prefix=".dl-", dir=_mkparent(dest)))
         pafs.copy_files(p, str(tmp), source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
         shutil.rmtree(dest, ignore_errors=True)
-        os.replace(tmp, dest)
+        try:
+            os.replace(tmp, dest)  # the copy appears complete or not at all
+        except OSError:  # another process (e.g. a second replica on this node) was faster
+            shutil.rmtree(tmp, ignore_errors=True)
     return dest
 
 

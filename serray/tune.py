@@ -218,6 +218,13 @@ def run_sweep(cfg, echo: Callable[[str], Any] = print) -> Dict[str, Any]:
     return summarise_sweep(cfg, grid, flat, echo)
 
 
+def _tune_statuses(grid) -> List[Tuple[str, str]]:
+    """(trial id, Tune status) per result, in the grid's order (ResultGrid is built from these
+    trials in order); empty when this Ray does not expose them."""
+    trials = getattr(getattr(grid, "_experiment_analysis", None), "trials", None) or []
+    return [(t.trial_id, str(t.status)) for t in trials] if len(trials) == len(grid) else []
+
+
 def summarise_sweep(cfg, grid, flat, echo: Callable[[str], Any] = print) -> Dict[str, Any]:
     """trials.csv / trials.md / plots; registers the best finished trial."""
     import pandas as pd
@@ -226,12 +233,15 @@ def summarise_sweep(cfg, grid, flat, echo: Callable[[str], Any] = print) -> Dict
 
     exp_dir = Path(cfg.tune.dir) / cfg.tune.name
     rows, hypers = [], []
-    for r in grid:
+    tune_status = _tune_statuses(grid)
+    for i, r in enumerate(grid):
         m = r.metrics or {}
         hyper = trial_hyperparameters(r.config or {})
         hypers.append(hyper)
-        status = "ERROR" if r.error is not None else ("finished" if m.get("done_trial") else "stopped early")
-        rows.append({"trial_id": m.get("trial_id", Path(r.path).name), **hyper, "status": status,
+        trial_id, state = tune_status[i] if i < len(tune_status) else (m.get("trial_id", Path(r.path).name), "TERMINATED")
+        status = ("ERROR" if r.error is not None else "finished" if m.get("done_trial")
+                  else "stopped early" if state == "TERMINATED" else "interrupted")
+        rows.append({"trial_id": m.get("trial_id", trial_id), **hyper, "status": status,
                      **{k: m.get(k) for k in ("ua", "wa", "macro_f1", "val_ua", "training_iteration")},
                      "time_s": m.get("time_total_s"), "trial_dir": m.get("trial_dir")})
     df = pd.DataFrame(rows)
@@ -242,6 +252,12 @@ def summarise_sweep(cfg, grid, flat, echo: Callable[[str], Any] = print) -> Dict
     errors = [r.error for r in grid if r.error is not None]
     finished = df[df["status"] == "finished"]
     out: Dict[str, Any] = {"trials": rows, "dir": str(exp_dir), "errors": len(errors)}
+    interrupted = int((df["status"] == "interrupted").sum())
+    if interrupted:  # Ctrl-C / a stopped driver: nothing is registered from a partial sweep
+        from serray.errors import SerrayError
+
+        raise SerrayError(f"the sweep {exp_dir} was interrupted with {interrupted} trial(s) unfinished; "
+                          "rerun the same command to resume it")
     if errors:
         echo(f"{len(errors)} trial(s) failed (first: {str(errors[0]).splitlines()[0][:300]}); "
              "rerun the same command to resume the sweep")

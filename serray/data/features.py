@@ -45,17 +45,17 @@ def feature_dataset(features_dir: str | Path, sessions: Iterable[int], utt_ids: 
         features_dir: a directory written by ``serray featurize`` (local or a storage URI).
         sessions: IEMOCAP sessions to read.
         utt_ids: keep only these utterances (e.g. a validation split).
-        cache_max_mb: when the selected Parquet files are smaller than this (and we are not inside a
-            Tune trial), the rows are read once with pyarrow and put into the Ray object store
-            (``from_arrow``): epochs then skip the Parquet read and its task start-up. Larger
-            selections stay lazy and stream from Parquet every epoch.
+        cache_max_mb: when the selected Parquet files are smaller than this, the rows are read once
+            with pyarrow in this process and put into the Ray object store (``from_arrow``, no Ray
+            task, so it also works inside a Tune trial): epochs then skip the Parquet read and its
+            task start-up. Larger selections stay lazy and stream from Parquet every epoch.
     """
     import ray.data
     from ray.data.expressions import col
 
     files = session_paths(features_dir, sessions)
     size_mb = sum(storage.size(f) for f in files) / 2**20
-    if size_mb <= cache_max_mb and not _inside_placement_group():
+    if size_mb <= cache_max_mb:  # no Ray task runs here (safe inside a Tune trial's placement group too)
         import pyarrow as pa
         import pyarrow.compute as pc
 
@@ -79,15 +79,6 @@ def _read_table(files: tuple):
     import pyarrow as pa
 
     return pa.concat_tables([storage.parquet_file(f).read(columns=TRAIN_COLUMNS) for f in files])
-
-
-def _inside_placement_group() -> bool:
-    """True inside a Tune trial: Ray Data tasks started here would be captured by the trial's
-    placement group (whose bundle has no CPU) and never run, so nothing is executed in the trial
-    driver; the Train run executes the dataset with its own resources."""
-    from ray.util import get_current_placement_group
-
-    return get_current_placement_group() is not None
 
 
 def pad_features(feats: Sequence[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -76,6 +76,9 @@ class SERDeployment:
         num_cpus = float(settings.get("num_cpus") or 1.0)
         torch.set_num_threads(max(1, int(num_cpus)))
         use_gpu = float(settings.get("num_gpus") or 0.0) > 0 and torch.cuda.is_available()
+        from serray import storage
+
+        checkpoint = str(storage.local_copy(checkpoint, refresh=False))  # a URI: download once per node
         self.service = SERService(checkpoint, card, settings, device="cuda" if use_gpu else "cpu")
         self.batching = bool(settings["batching"])
         self.predict_batch.set_max_batch_size(int(settings["max_batch_size"]))
@@ -199,7 +202,8 @@ def build_app(cfg):
     Resolves and checks the model on the caller's side, so an empty registry, an unknown id or a
     non-classifier checkpoint is a clear :class:`SerrayError` before any replica starts.
     """
-    from serray.registry import resolve_model
+    from serray import storage
+    from serray.registry import model_source, resolve_model
 
     settings = _settings(cfg)
     check_settings(settings)
@@ -211,7 +215,9 @@ def build_app(cfg):
     if kind != "classifier":
         raise DataError(f"{checkpoint} holds a '{kind}' checkpoint, not a classifier")
     card = json.loads(json.dumps(entry, default=str))  # plain JSON types for the replica
-    return SERDeployment.options(**deployment_options(settings)).bind(str(Path(checkpoint).resolve()), card, settings)
+    # a model on object storage is fetched by each replica (on its own node); a local one is used in place
+    source = model_source(entry) if storage.is_uri(entry.get("path", "")) else str(Path(checkpoint).resolve())
+    return SERDeployment.options(**deployment_options(settings)).bind(source, card, settings)
 
 
 def app_builder(args: Optional[Dict[str, Any]] = None):

@@ -103,7 +103,7 @@ def test_pipeline_stages_on_s3(featurized, s3_base, cache, tmp_path):
     from serray.data.featurize import featurize, read_meta
     from serray.data.features import feature_dataset
     from serray.predict import Predictor
-    from serray.registry import list_entries, resolve_model
+    from serray.registry import list_entries, model_source, resolve_model
     from serray.train.finetune import run_finetune
     from serray.train.pretrain import run_pretrain
 
@@ -148,6 +148,7 @@ def test_pipeline_stages_on_s3(featurized, s3_base, cache, tmp_path):
     assert len(entries) == 1 and entries[0]["path"].startswith("s3://")
     model, entry = resolve_model(cfg)
     assert model.is_relative_to(cache) and entry["id"] == entries[0]["id"]
+    assert model_source(entry) == storage.join(entries[0]["path"], "model")  # what a Serve replica downloads
     preds = Predictor.from_checkpoint(model).predict_parquet(storage.find_files(storage.join(run, "features", "session=1"), ".parquet"))
     assert len(preds) == summary["rows_per_session"]["1"]
     # nothing of those stages was written under the local output_dir
