@@ -293,7 +293,8 @@ def _markdown(df, keys: List[str]) -> str:
         for c in cols:
             v = r.get(c)
             cells.append(f"{100 * v:.2f}" if c in ("ua", "wa", "macro_f1", "val_ua") and isinstance(v, float) and v == v
-                         else ("-" if v is None or (isinstance(v, float) and v != v) else str(v)))
+                         else "-" if v is None or (isinstance(v, float) and v != v)
+                         else f"{v:g}" if isinstance(v, float) else str(v))  # a column with gaps is float: 2.0 -> 2
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
