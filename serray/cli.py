@@ -65,7 +65,7 @@ def cmd_featurize(args) -> int:
 def featurize_summary(s: dict) -> str:
     enc = s["encoder"]
     per = ", ".join(f"S{k}: {v}" for k, v in sorted(s["rows_per_session"].items()))
-    return (f"features: {s['stored']} utterances in {s['features_dir']} ({per}); "
+    return (f"features: {s['stored']} utterances in {storage.describe(s['features_dir'])} ({per}); "
             f"{s['written']} computed now in {s['seconds']} s, {s['skipped']} skipped\n"
             f"encoder: {enc['encoder']} layers={enc['layers']} dim={enc['dim']} frame_rate={enc['frame_rate']} Hz, float16")
 
@@ -83,7 +83,7 @@ def pretrain_summary(s: dict) -> str:
     keys = ("epoch", "loss", "loss_mask", "loss_distill", "loss_cluster", "cos_ts", "cluster_entropy", "dead_clusters")
     shown = ", ".join(f"{k}={m[k]:.4g}" for k in keys if isinstance(m.get(k), (int, float)))
     how = "reused (config unchanged)" if s.get("reused") else "trained"
-    return f"pre-trained adapter {how}: {s['adapter']}\n  final epoch: {shown}"
+    return f"pre-trained adapter {how}: {storage.describe(s['adapter'])}\n  final epoch: {shown}"
 
 
 def cmd_finetune(args) -> int:

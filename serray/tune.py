@@ -277,7 +277,7 @@ def summarise_sweep(cfg, grid, flat, echo: Callable[[str], Any] = print) -> Dict
         summary = json.loads((Path(tcfg.finetune.dir) / "metrics.json").read_text())
         entry = register_result(tcfg, summary, source="tune", hyperparameters=hyper)
         out["registered"] = entry["id"]
-        echo(f"registered as {entry['id']} in {cfg.registry.dir}")
+        echo(f"registered as {entry['id']} in {storage.describe(cfg.registry.dir)}")
     if errors:
         from serray.errors import SerrayError
 

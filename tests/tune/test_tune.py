@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pandas as pd
@@ -130,3 +129,34 @@ def test_restored_sweep_does_not_rerun_finished_trials(sweep):
     assert second["best"]["ua"] == pytest.approx(fin["ua"].max())
     for f in ("trials.csv", "trials.md", "sweep.png"):
         assert (Path(cfg.tune.dir) / cfg.tune.name / f).stat().st_size > 0
+
+
+def _fake_grid(rows):
+    """A stand-in for Tune's ResultGrid: (trial_id, tune status, metrics, error) per trial."""
+    from types import SimpleNamespace
+
+    results = [SimpleNamespace(metrics=m, config={"cfg/adapter.mask_ratio": 0.3 + 0.1 * i}, error=e,
+                               path=f"/x/_trial_{tid}") for i, (tid, _, m, e) in enumerate(rows)]
+
+    class Grid(list):
+        pass
+
+    grid = Grid(results)
+    grid._experiment_analysis = SimpleNamespace(trials=[SimpleNamespace(trial_id=tid, status=st) for tid, st, _, _ in rows])
+    return grid
+
+
+def test_interrupted_sweep_registers_nothing(tmp_path):
+    from serray.tune import summarise_sweep
+
+    cfg = load_config(None, [f"output_dir={tmp_path}"])
+    (Path(cfg.tune.dir) / cfg.tune.name).mkdir(parents=True)
+    done = {"ua": 0.6, "wa": 0.6, "macro_f1": 0.6, "val_ua": 0.5, "done_trial": 1, "trial_id": "t0", "trial_dir": "/x"}
+    grid = _fake_grid([("t0", "TERMINATED", done, None),
+                       ("t1", "TERMINATED", {"val_ua": 0.2, "trial_id": "t1"}, None),   # ASHA stopped it
+                       ("t2", "PENDING", {"val_ua": 0.4, "trial_id": "t2"}, None)])     # Ctrl-C while running
+    with pytest.raises(SerrayError, match="interrupted with 1 trial.*rerun the same command"):
+        summarise_sweep(cfg, grid, {"adapter.mask_ratio": ("choice", [0.3, 0.4, 0.5])}, echo=lambda *_: None)
+    table = pd.read_csv(Path(cfg.tune.dir) / cfg.tune.name / "trials.csv")
+    assert list(table["status"]) == ["finished", "stopped early", "interrupted"]
+    assert list_entries(cfg.registry.dir) == []
