@@ -86,7 +86,6 @@ class FeaturesConfig:
     concurrency: int = 1  # encoder actors
     num_cpus: float = 1.0  # per encoder actor
     num_gpus: float = 0.0  # per encoder actor (use 1 on a GPU node)
-    torch_threads: Optional[int] = None  # CPU threads per encoder actor (null: ceil(num_cpus))
     min_seconds: float = 0.1  # shorter audio is skipped and reported
     cache_max_mb: float = 512.0  # training: feature sets below this size are cached in the Ray object store
 

@@ -55,11 +55,7 @@ class EncodeBatch:
     counts afterwards.
     """
 
-    def __init__(self, encoder_cfg: dict, min_seconds: float, torch_threads: Optional[int] = None):
-        if torch_threads:  # Ray starts actors with OMP_NUM_THREADS=1; use the CPUs the actor reserved
-            import torch
-
-            torch.set_num_threads(int(torch_threads))
+    def __init__(self, encoder_cfg: dict, min_seconds: float):
         self.encoder = build_encoder(OmegaConf.create(encoder_cfg))
         self.min_seconds = min_seconds
 
@@ -140,11 +136,6 @@ def stored_utterances(features_dir: str | Path) -> pd.DataFrame:
         t["session"] = _partition(f)
         frames.append(t)
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame({"utt_id": [], "session": []})
-
-
-def encoder_threads(cfg) -> int:
-    """Torch CPU threads of an encoder actor: ``features.torch_threads`` or ceil(``features.num_cpus``)."""
-    return int(cfg.features.torch_threads or max(1, math.ceil(cfg.features.num_cpus)))
 
 
 def _bucketed_blocks(df: pd.DataFrame, batch_size: int, min_blocks: int) -> List[pd.DataFrame]:
@@ -246,8 +237,7 @@ def featurize(cfg, overwrite: bool = False) -> Dict[str, object]:
         blocks = _bucketed_blocks(pending[MANIFEST_COLUMNS], cfg.features.batch_size, 4 * cfg.features.concurrency)
         ds = ray.data.from_pandas(blocks).map_batches(
             EncodeBatch,
-            fn_constructor_kwargs={"encoder_cfg": as_dict(cfg.encoder), "min_seconds": cfg.features.min_seconds,
-                                   "torch_threads": encoder_threads(cfg)},
+            fn_constructor_kwargs={"encoder_cfg": as_dict(cfg.encoder), "min_seconds": cfg.features.min_seconds},
             batch_size=cfg.features.batch_size,
             batch_format="pandas",
             compute=ray.data.ActorPoolStrategy(size=cfg.features.concurrency),
