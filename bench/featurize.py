@@ -4,6 +4,7 @@
     python bench/featurize.py            # corpus sizes 10 and 30 utterances/dialog (200 / 600 utterances)
     python bench/featurize.py --quick    # sizes 4 and 10
     python bench/featurize.py --encoder /models/hubert-large [--gpu]   # also an HF model (local dir)
+    python bench/featurize.py --quick --encoder random-hubert-base      # ... or a random-init HuBERT-base
 
 For every corpus size (a synthetic corpus in IEMOCAP layout, made in a temp dir, plus its manifest):
 
@@ -254,6 +255,20 @@ def fmt_row(label: str, r: dict) -> str:
     return f"{label:<22} {r['path']:<6} {r['rows']:>5} {r['audio_s']:>8.1f} {r['seconds']:>8.2f} {rate:>9.1f}  {mem}; {extra}"
 
 
+RANDOM_HUBERT = "random-hubert-base"
+
+
+def make_random_hubert(path: Path) -> str:
+    """A random-init HuBERT with base sizes (12 x 768) and large-style layer norm (batchable with an
+    attention mask), saved with ``save_pretrained``: the same compute as the real model, no download."""
+    import torch
+    from transformers import HubertConfig, HubertModel
+
+    torch.manual_seed(0)
+    HubertModel(HubertConfig(feat_extract_norm="layer", do_stable_layer_norm=True)).eval().save_pretrained(path)
+    return str(path)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="small corpora (4 and 10 utterances per dialog)")
@@ -263,7 +278,8 @@ def main(argv=None) -> int:
     p.add_argument("--batch-size", type=int, default=None, help="features.batch_size (default: config's)")
     p.add_argument("--concurrency", type=int, default=None, help="features.concurrency (encoder actors)")
     p.add_argument("--actor-cpus", type=float, default=None, help="features.num_cpus per encoder actor")
-    p.add_argument("--encoder", default=None, help="also bench this Hugging Face model (local directory)")
+    p.add_argument("--encoder", default=None, help="also bench this Hugging Face model (local directory, or "
+                   f"'{RANDOM_HUBERT}': a random-init HuBERT-base made here)")
     p.add_argument("--gpu", action="store_true", help="run --encoder on CUDA (features.num_gpus=1)")
     p.add_argument("--override", action="append", default=[], help="extra config override key=value")
     p.add_argument("--verbose", action="store_true")
@@ -318,6 +334,8 @@ def main(argv=None) -> int:
             ratios[size] = ratio
             lines.append(f"{'':<22} ratio ray/plain = {ratio:.3f}")
             print("\n".join(lines[-3:]), flush=True)
+        if args.encoder == RANDOM_HUBERT:
+            args.encoder = make_random_hubert(Path(tmp) / RANDOM_HUBERT)
         if args.encoder:
             size = sizes[-1]
             root = Path(tmp) / f"upd{size}" / "IEMOCAP_full_release"
