@@ -49,19 +49,22 @@ def register(registry_dir: str | Path, model_dir: str | Path, *, metrics: Dict[s
               "encoder": meta["features"], "labels": meta.get("labels"), "mode": meta.get("mode"),
               "hyperparameters": hyperparameters or {}, **(extra or {})}
     entry_json = json.dumps(record, indent=2)
+
+    def fill(d: Path) -> None:
+        shutil.copytree(storage.local_copy(model_dir), d / MODEL_DIR)
+        (d / "config.yaml").write_text(config_yaml)
+
     if storage.is_uri(registry_dir):
         with storage.staged(storage.join(registry_dir, entry_id)) as tmp:
-            shutil.copytree(storage.local_copy(model_dir), tmp / MODEL_DIR)
-            (tmp / "config.yaml").write_text(config_yaml)
-        storage.write_text(storage.join(registry_dir, entry_id, ENTRY_FILE), entry_json)
+            fill(tmp)
+        storage.write_text(storage.join(registry_dir, entry_id, ENTRY_FILE), entry_json)  # last: now it is listed
         return record
     root = Path(registry_dir)
     root.mkdir(parents=True, exist_ok=True)
     tmp = root / f".{entry_id}.tmp"
-    shutil.copytree(storage.local_copy(model_dir), tmp / MODEL_DIR)
-    (tmp / "config.yaml").write_text(config_yaml)
+    fill(tmp)
     (tmp / ENTRY_FILE).write_text(entry_json)
-    tmp.rename(root / entry_id)
+    tmp.rename(root / entry_id)  # listed only once complete
     return record
 
 
