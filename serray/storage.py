@@ -56,7 +56,7 @@ def resolve(path) -> Tuple[pafs.FileSystem, str]:
     """``(filesystem, path inside it)`` for a URI or a local path."""
     path = str(path)
     if not is_uri(path):
-        return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(path))
+        return pafs.LocalFileSystem(), absolute(path)
     parts = urlsplit(path)
     base = urlunsplit((parts.scheme, parts.netloc, "/", parts.query, ""))
     fs = _filesystem(base)
@@ -200,10 +200,8 @@ def ray_paths(paths: List[str]) -> Tuple[List[str], pafs.FileSystem | None]:
 
 def train_storage(path) -> Tuple[str, pafs.FileSystem | None]:
     """``(storage_path, storage_filesystem)`` for Ray Train / Tune ``RunConfig``."""
-    if not is_uri(path):
-        return os.path.abspath(str(path)), None
     fs, p = resolve(path)
-    return p, fs
+    return p, (fs if is_uri(path) else None)
 
 
 def upload(local_dir, path) -> None:

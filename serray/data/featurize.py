@@ -105,8 +105,8 @@ def feature_identity(meta: dict) -> dict:
 def parquet_files(features_dir: str | Path, session: Optional[int] = None) -> List[str]:
     """The feature Parquet files under ``features_dir`` (all partitions, or one session), sorted; local
     paths or URIs, like ``features_dir``."""
-    files = [f for f in storage.find_files(features_dir, ".parquet") if _partition(f) is not None]
-    return [f for f in files if session is None or _partition(f) == session]
+    parts = [(f, _partition(f)) for f in storage.find_files(features_dir, ".parquet")]
+    return [f for f, s in parts if s is not None and (session is None or s == session)]
 
 
 def _partition(path: str) -> Optional[int]:

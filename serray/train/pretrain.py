@@ -107,7 +107,7 @@ def run_pretrain(cfg, force: bool = False) -> Dict[str, Any]:
 
     import json
 
-    out = str(cfg.pretrain.dir) if storage.is_uri(cfg.pretrain.dir) else str(Path(cfg.pretrain.dir).resolve())
+    out = storage.absolute(cfg.pretrain.dir)
     export = storage.join(out, ADAPTER_DIR)
     phash = pretrain_hash(cfg)
     if not force and storage.is_file(storage.join(export, META_FILE)):
