@@ -1,0 +1,486 @@
+"""Statistics for ablations: per-run metrics, descriptive summaries and paired significance tests.
+
+Everything here is pure numpy / scipy / pandas (no Ray, no torch) and works on **predictions
+frames**: one pandas DataFrame per (arm, mode, label fraction) with the columns
+
+* ``seed`` -- the training seed of the run,
+* ``fold`` -- the leave-one-session-out fold (the held-out session),
+* ``utt_id`` -- the test utterance,
+* ``label`` -- its true class name (one of :data:`serray.data.iemocap.LABELS`),
+* ``pred`` -- the predicted class name,
+
+one row per test utterance per seed per fold. A *run* is one (seed, fold) pair.
+
+Test sets are small (20-130 utterances per fold), so a claim that arm A beats arm B rests on a
+*paired* comparison over the same seeds, folds and test utterances: :func:`paired_bootstrap` (the
+primary test) resamples the test utterances, :func:`wilcoxon_runs` (reported alongside) pairs the
+per-run metrics. All metric values are fractions in [0, 1] returned as plain Python floats (never
+NaN: an undefined value is ``None``), so every result is JSON-serialisable as is.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Any, Dict, Hashable, List, Mapping, Optional, Sequence, Tuple
+
+import numpy as np
+import pandas as pd
+from scipy import stats as sps
+
+from serray.data.iemocap import LABELS
+from serray.train.metrics import classification_metrics
+
+PRED_COLUMNS: Tuple[str, ...] = ("seed", "fold", "utt_id", "label", "pred")
+"""The columns every predictions frame must have."""
+
+METRICS: Tuple[str, ...] = ("ua", "wa", "macro_f1")
+"""The metrics these functions know (UA, WA, macro-F1; see :mod:`serray.train.metrics`)."""
+
+BOOTSTRAP_TEST = "paired bootstrap over test utterances"
+WILCOXON_TEST = "Wilcoxon signed-rank over seed x fold"
+
+_KEY = ["seed", "fold", "utt_id"]
+
+
+# --------------------------------------------------------------------------------------------- helpers
+
+
+def _py(x: Any) -> Any:
+    """A numpy scalar as the matching plain Python value (other values unchanged)."""
+    return x.item() if isinstance(x, np.generic) else x
+
+
+def _float_or_none(x: Optional[float]) -> Optional[float]:
+    """``x`` as a plain float, or ``None`` when it is ``None`` or not finite."""
+    if x is None:
+        return None
+    x = float(x)
+    return x if math.isfinite(x) else None
+
+
+def _check_metric(metric: str) -> None:
+    if metric not in METRICS:
+        raise ValueError(f"unknown metric {metric!r}; expected one of {list(METRICS)}")
+
+
+def _check_preds(preds: pd.DataFrame, labels: Sequence[str], name: str = "predictions") -> None:
+    """Raise ``ValueError`` unless ``preds`` is a well-formed predictions frame."""
+    if not isinstance(preds, pd.DataFrame):
+        raise ValueError(f"{name}: expected a pandas DataFrame, got {type(preds).__name__}")
+    missing = [c for c in PRED_COLUMNS if c not in preds.columns]
+    if missing:
+        raise ValueError(f"{name}: missing column(s) {missing}; a predictions frame needs {list(PRED_COLUMNS)}")
+    if len(preds) == 0:
+        raise ValueError(f"{name}: no rows")
+    if preds[list(PRED_COLUMNS)].isna().any().any():
+        raise ValueError(f"{name}: missing values in {list(PRED_COLUMNS)}")
+    known = set(labels)
+    for col in ("label", "pred"):
+        unknown = sorted(set(map(str, preds[col].unique())) - known)
+        if unknown:
+            raise ValueError(f"{name}: unknown class name(s) {unknown} in column {col!r}; expected {list(labels)}")
+    dup = preds.duplicated(subset=_KEY)
+    if dup.any():
+        first = preds.loc[dup, _KEY].iloc[0].tolist()
+        raise ValueError(f"{name}: {int(dup.sum())} duplicate (seed, fold, utt_id) row(s), e.g. {first}")
+
+
+def _encode(values: pd.Series, labels: Sequence[str]) -> np.ndarray:
+    """Class names -> class indices in ``labels`` order."""
+    index = {name: i for i, name in enumerate(labels)}
+    return np.fromiter((index[str(v)] for v in values), dtype=np.int64, count=len(values))
+
+
+# ----------------------------------------------------------------------------------------- per run
+
+
+def run_metrics(preds: pd.DataFrame, labels: Sequence[str] = LABELS) -> List[Dict[str, Any]]:
+    """UA, WA and macro-F1 of every run (seed, fold) of a predictions frame.
+
+    The metrics are those of :func:`serray.train.metrics.classification_metrics` (UA and
+    macro-F1 over the classes present in the fold's test labels).
+
+    Args:
+        preds: A predictions frame (columns ``seed, fold, utt_id, label, pred``).
+        labels: The class names in class-index order.
+
+    Returns:
+        One dict ``{"seed", "fold", "ua", "wa", "macro_f1", "n_test"}`` per run, sorted by seed,
+        then fold; metric values are fractions (plain floats), ``n_test`` the number of test
+        utterances of the run.
+
+    Raises:
+        ValueError: If ``preds`` is not a well-formed predictions frame.
+    """
+    _check_preds(preds, labels)
+    y = _encode(preds["label"], labels)
+    p = _encode(preds["pred"], labels)
+    out = []
+    for (seed, fold), idx in preds.groupby(["seed", "fold"], sort=True).indices.items():
+        with warnings.catch_warnings():
+            # expected: a prediction of a class absent from the fold's labels (left out of UA / F1)
+            warnings.filterwarnings("ignore", message="y_pred contains classes not in y_true")
+            m = classification_metrics(y[idx], p[idx])
+        out.append({"seed": _py(seed), "fold": _py(fold), **{k: _float_or_none(m[k]) for k in METRICS},
+                    "n_test": int(len(idx))})
+    out.sort(key=lambda r: (r["seed"], r["fold"]))
+    return out
+
+
+def summarise_runs(runs: Sequence[Mapping[str, Any]], metric: str) -> Dict[str, Any]:
+    """Mean, sample sd and a 95% t-interval of one metric over runs (seed x fold).
+
+    The interval is ``mean ± t(0.975, n-1) * sd / sqrt(n)`` over the ``n`` runs. It treats the runs
+    as independent draws, which they are not: runs of one seed share their initialisation, and the
+    leave-one-session-out folds share most of their training data with each other and differ in
+    their (small) test sets. Read the interval as a description of the spread of the runs, not as
+    a test; compare arms with :func:`paired_bootstrap` instead.
+
+    Args:
+        runs: Run dicts as returned by :func:`run_metrics` (only ``runs[i][metric]`` is read;
+            ``None`` / NaN values are left out).
+        metric: ``"ua"``, ``"wa"`` or ``"macro_f1"``.
+
+    Returns:
+        ``{"mean": float, "sd": float, "ci95": [lo, hi]}`` as fractions. ``sd`` is 0.0 and the
+        interval ``[None, None]`` for a single run; everything is ``None`` without runs.
+    """
+    _check_metric(metric)
+    values = np.array([float(r[metric]) for r in runs if _float_or_none(r.get(metric)) is not None], dtype=float)
+    n = len(values)
+    if n == 0:
+        return {"mean": None, "sd": None, "ci95": [None, None]}
+    mean = float(values.mean())
+    if n == 1:
+        return {"mean": mean, "sd": 0.0, "ci95": [None, None]}
+    sd = float(values.std(ddof=1))
+    half = float(sps.t.ppf(0.975, n - 1)) * sd / math.sqrt(n)
+    return {"mean": mean, "sd": sd, "ci95": [mean - half, mean + half]}
+
+
+# --------------------------------------------------------------------------------- fast metrics
+
+
+def fast_metrics(y_true: np.ndarray, y_pred: np.ndarray, num_classes: int = len(LABELS),
+                 weights: Optional[np.ndarray] = None) -> Dict[str, np.ndarray]:
+    """UA, WA and macro-F1 from confusion counts, batched over rows of ``weights``.
+
+    The same definitions as :func:`serray.train.metrics.classification_metrics` (UA = mean recall
+    and macro-F1 over the classes with a positive weighted count in ``y_true``, zero division -> 0),
+    computed with numpy only. ``weights[b, i]`` is how often utterance ``i`` occurs in bootstrap
+    replicate ``b`` (an integer count); without ``weights`` every utterance counts once (B = 1).
+
+    Args:
+        y_true: True class indices, shape (n,).
+        y_pred: Predicted class indices, shape (n,) or (S, n) for S runs on the same utterances.
+        num_classes: Number of classes.
+        weights: Utterance counts per replicate, shape (B, n); default all ones with B = 1.
+
+    Returns:
+        ``{"ua", "wa", "macro_f1"}``, each an array of shape (B, S) (S = 1 for 1-D ``y_pred``).
+    """
+    y_true = np.asarray(y_true, dtype=np.int64)
+    y_pred = np.asarray(y_pred, dtype=np.int64)
+    if y_pred.ndim == 1:
+        y_pred = y_pred[None, :]
+    n = y_true.shape[0]
+    w = np.ones((1, n)) if weights is None else np.asarray(weights, dtype=float)
+    s_runs = y_pred.shape[0]
+    true_oh = np.eye(num_classes)[y_true]  # (n, C)
+    pred_oh = np.eye(num_classes)[y_pred]  # (S, n, C)
+    correct = y_pred == y_true[None, :]  # (S, n)
+    # tp[b, s, c] = sum_i w[b, i] * [y_i = c] * [pred_si = y_i]; pred counts alike.
+    tp = (w @ (correct[:, :, None] * true_oh[None]).transpose(1, 0, 2).reshape(n, -1)).reshape(-1, s_runs, num_classes)
+    n_pred = (w @ pred_oh.transpose(1, 0, 2).reshape(n, -1)).reshape(-1, s_runs, num_classes)
+    n_true = (w @ true_oh)[:, None, :]  # (B, 1, C)
+    present = n_true > 0
+    n_present = present.sum(axis=2)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        recall = np.where(present, tp / np.where(present, n_true, 1.0), 0.0)
+        denom = n_true + n_pred
+        f1 = np.where(present & (denom > 0), 2.0 * tp / np.where(denom > 0, denom, 1.0), 0.0)
+        total = w.sum(axis=1)[:, None]
+        return {
+            "ua": recall.sum(axis=2) / n_present,
+            "wa": tp.sum(axis=2) / total,
+            "macro_f1": f1.sum(axis=2) / n_present,
+        }
+
+
+# ------------------------------------------------------------------------------------- pairing
+
+
+def _fold_arrays(preds_a: pd.DataFrame, preds_b: pd.DataFrame, labels: Sequence[str]
+                 ) -> List[Tuple[Hashable, np.ndarray, np.ndarray, np.ndarray]]:
+    """Per fold: (fold, y (n,), pred_a (S, n), pred_b (S, n)), utterances and seeds in one order.
+
+    Raises ``ValueError`` unless both frames cover the same (seed, fold, utt_id) set with the same
+    true labels, every utterance of a fold has one label, and within a fold every seed has the
+    same test utterances (the bootstrap resamples one set of utterance ids per fold).
+    """
+    _check_preds(preds_a, labels, "preds_a")
+    _check_preds(preds_b, labels, "preds_b")
+    a = preds_a[list(PRED_COLUMNS)].copy()
+    b = preds_b[list(PRED_COLUMNS)].copy()
+    for df in (a, b):
+        df["label"] = df["label"].astype(str)
+        df["pred"] = df["pred"].astype(str)
+    merged = a.merge(b, on=_KEY, how="outer", suffixes=("_a", "_b"), indicator=True)
+    only = merged["_merge"] != "both"
+    if only.any():
+        n_a = int((merged["_merge"] == "left_only").sum())
+        n_b = int((merged["_merge"] == "right_only").sum())
+        ex = merged.loc[only, _KEY].iloc[0].tolist()
+        raise ValueError(
+            "the two predictions frames do not cover the same (seed, fold, utt_id) set: "
+            f"{n_a} row(s) only in preds_a, {n_b} only in preds_b (e.g. {ex}); a paired comparison "
+            "needs the same seeds, folds and test utterances in both arms")
+    differ = merged["label_a"] != merged["label_b"]
+    if differ.any():
+        ex = merged.loc[differ, _KEY + ["label_a", "label_b"]].iloc[0].tolist()
+        raise ValueError(f"the true labels differ between the two frames in {int(differ.sum())} row(s), e.g. {ex}")
+    # Per fold, rows sorted by seed then utterance: with no duplicate keys, a fold whose every seed
+    # has all of the fold's utterances holds exactly n_seeds * n_utts rows and reshapes to (S, n).
+    fold_codes, fold_values = pd.factorize(merged["fold"], sort=True)
+    seed_codes, seed_values = pd.factorize(merged["seed"], sort=True)
+    utt_codes, utt_values = pd.factorize(merged["utt_id"].astype(str), sort=True)
+    y_all = _encode(merged["label_a"], labels)
+    pa_all = _encode(merged["pred_a"], labels)
+    pb_all = _encode(merged["pred_b"], labels)
+    order = np.lexsort((utt_codes, seed_codes, fold_codes))
+    bounds = np.flatnonzero(np.diff(fold_codes[order])) + 1
+    out = []
+    for rows in np.split(order, bounds):
+        fold = _py(fold_values[fold_codes[rows[0]]])
+        seeds, per_seed = np.unique(seed_codes[rows], return_counts=True)
+        n_utts = len(np.unique(utt_codes[rows]))
+        if (per_seed != n_utts).any():
+            bad = int(np.flatnonzero(per_seed != n_utts)[0])
+            raise ValueError(f"fold {fold!r}: seed {_py(seed_values[seeds[bad]])!r} has {int(per_seed[bad])} of "
+                             f"the fold's {n_utts} test utterances; every seed of a fold must be tested on "
+                             "the same utterances")
+        shape = (len(seeds), n_utts)
+        y = y_all[rows].reshape(shape)
+        if (y != y[0]).any():
+            col = int(np.flatnonzero((y != y[0]).any(axis=0))[0])
+            raise ValueError(f"fold {fold!r}: utterance {utt_values[utt_codes[rows[col]]]!r} has different true "
+                             "labels in different seeds")
+        out.append((fold, y[0].copy(), pa_all[rows].reshape(shape), pb_all[rows].reshape(shape)))
+    return out
+
+
+def _stratified_weights(y: np.ndarray, n_boot: int, rng: np.random.Generator) -> np.ndarray:
+    """Utterance counts (n_boot, n) of a stratified resample with replacement.
+
+    Within each class present in ``y`` the class's ``m`` utterances are drawn ``m`` times with
+    replacement, so every replicate keeps the class sizes of the fold (every class stays present).
+    """
+    n = len(y)
+    w = np.zeros((n_boot, n))
+    for c in np.unique(y):
+        members = np.flatnonzero(y == c)
+        m = len(members)
+        draws = rng.integers(0, m, size=(n_boot, m))
+        counts = np.bincount((draws + (np.arange(n_boot) * m)[:, None]).ravel(), minlength=n_boot * m)
+        w[:, members] = counts.reshape(n_boot, m)
+    return w
+
+
+# -------------------------------------------------------------------------- significance tests
+
+
+def paired_bootstrap(preds_a: pd.DataFrame, preds_b: pd.DataFrame, metric: str = "ua", n_boot: int = 2000,
+                     seed: int = 0, labels: Sequence[str] = LABELS) -> Dict[str, Any]:
+    """Paired bootstrap over test utterances of the difference of one metric between two arms.
+
+    ``delta`` is the mean over runs (seed, fold) of ``metric(a) - metric(b)``, computed exactly
+    from the predictions (it equals the difference of the :func:`run_metrics` means).
+
+    Each bootstrap replicate resamples the test utterances of every fold with replacement,
+    *stratified by true class within the fold* (each class's utterances are drawn as many times as
+    the class has utterances, so every class stays present and UA / macro-F1 stay defined over the
+    same classes). The same resampled utterance ids serve both arms and every seed of the fold --
+    that is the pairing -- and the replicate's delta is recomputed over all runs. Seeds are not
+    resampled: the interval describes the uncertainty due to the finite test sets, given these
+    trained models.
+
+    ``ci95`` is the percentile interval (2.5 %, 97.5 %) of the replicate deltas. The two-sided
+    p-value is ``min(1, 2 * min((#{d <= 0} + 1) / (n_boot + 1), (#{d >= 0} + 1) / (n_boot + 1)))``,
+    i.e. twice the bootstrap mass on the far side of 0 (roughly the smallest level at which a
+    percentile interval excludes 0); it cannot go below ``2 / (n_boot + 1)``.
+
+    Args:
+        preds_a: Predictions frame of arm A.
+        preds_b: Predictions frame of arm B (same seeds, folds, utterances and true labels).
+        metric: ``"ua"``, ``"wa"`` or ``"macro_f1"``.
+        n_boot: Number of bootstrap replicates (>= 1).
+        seed: Seed of the resampling (the result is deterministic given it).
+        labels: The class names in class-index order.
+
+    Returns:
+        ``{"delta", "ci95": [lo, hi], "p_value", "test", "n_boot", "n_runs"}`` with delta and
+        interval as fractions (multiply by 100 for points).
+
+    Raises:
+        ValueError: If the frames do not cover the same (seed, fold, utt_id) set, their true labels
+            differ, a fold's seeds were tested on different utterances, or an argument is invalid.
+    """
+    return _paired_bootstrap(preds_a, preds_b, metric, n_boot, seed, labels)[0]
+
+
+def _paired_bootstrap(preds_a: pd.DataFrame, preds_b: pd.DataFrame, metric: str, n_boot: int, seed: int,
+                      labels: Sequence[str]) -> Tuple[Dict[str, Any], List[Dict[str, Any]], List[Dict[str, Any]]]:
+    """:func:`paired_bootstrap`, plus both arms' :func:`run_metrics` (reused by :func:`compare`)."""
+    _check_metric(metric)
+    if int(n_boot) < 1:
+        raise ValueError(f"n_boot must be >= 1, got {n_boot}")
+    n_boot = int(n_boot)
+    folds = _fold_arrays(preds_a, preds_b, labels)
+    runs_a, runs_b = run_metrics(preds_a, labels), run_metrics(preds_b, labels)
+    n_runs = len(runs_a)
+    delta = float(np.mean([r[metric] for r in runs_a]) - np.mean([r[metric] for r in runs_b]))
+
+    rng = np.random.default_rng(seed)
+    total = np.zeros(n_boot)
+    num_classes = len(labels)
+    for _fold, y, pa, pb in folds:
+        w = _stratified_weights(y, n_boot, rng)
+        ma = fast_metrics(y, pa, num_classes, w)[metric]  # (B, S)
+        mb = fast_metrics(y, pb, num_classes, w)[metric]
+        total += (ma - mb).sum(axis=1)
+    d = total / n_runs
+    lo, hi = np.percentile(d, [2.5, 97.5])
+    below = (int(np.sum(d <= 0)) + 1) / (n_boot + 1)
+    above = (int(np.sum(d >= 0)) + 1) / (n_boot + 1)
+    p = min(1.0, 2.0 * min(below, above))
+    return ({"delta": delta, "ci95": [float(lo), float(hi)], "p_value": float(p), "test": BOOTSTRAP_TEST,
+             "n_boot": n_boot, "n_runs": n_runs}, runs_a, runs_b)
+
+
+def _paired_values(runs_a: Sequence[Mapping[str, Any]], runs_b: Sequence[Mapping[str, Any]], metric: str
+                   ) -> Tuple[np.ndarray, np.ndarray]:
+    """The metric of both arms, paired by (seed, fold) in sorted order."""
+    ka = {(r["seed"], r["fold"]): r[metric] for r in runs_a}
+    kb = {(r["seed"], r["fold"]): r[metric] for r in runs_b}
+    if len(ka) != len(runs_a) or len(kb) != len(runs_b):
+        raise ValueError("duplicate (seed, fold) runs")
+    if set(ka) != set(kb):
+        only_a, only_b = sorted(set(ka) - set(kb)), sorted(set(kb) - set(ka))
+        raise ValueError(f"the two arms have different (seed, fold) runs: only in a {only_a}, only in b {only_b}")
+    keys = sorted(ka)
+    return np.array([ka[k] for k in keys], dtype=float), np.array([kb[k] for k in keys], dtype=float)
+
+
+def wilcoxon_runs(runs_a: Sequence[Mapping[str, Any]], runs_b: Sequence[Mapping[str, Any]],
+                  metric: str = "ua") -> Dict[str, Any]:
+    """Wilcoxon signed-rank test of one metric between two arms, paired by (seed, fold).
+
+    Uses :func:`scipy.stats.wilcoxon` (two-sided, zero differences dropped -- scipy's default
+    ``zero_method="wilcox"``). The runs are not independent (see :func:`summarise_runs`), so this
+    p-value is a secondary check next to :func:`paired_bootstrap`.
+
+    Args:
+        runs_a: Run dicts of arm A (see :func:`run_metrics`).
+        runs_b: Run dicts of arm B, with the same (seed, fold) pairs.
+        metric: ``"ua"``, ``"wa"`` or ``"macro_f1"``.
+
+    Returns:
+        ``{"delta", "p_value", "test", "n"}``: the mean paired difference (fraction), the p-value
+        (1.0 when every difference is zero; ``None`` without runs) and the number of pairs.
+
+    Raises:
+        ValueError: If the arms do not have the same (seed, fold) runs or the metric is unknown.
+    """
+    _check_metric(metric)
+    a, b = _paired_values(runs_a, runs_b, metric)
+    n = int(len(a))
+    if n == 0:
+        return {"delta": None, "p_value": None, "test": WILCOXON_TEST, "n": 0}
+    diff = a - b
+    delta = float(diff.mean())
+    if np.all(diff == 0):
+        p = 1.0
+    else:
+        p = _float_or_none(sps.wilcoxon(a, b).pvalue)
+    return {"delta": delta, "p_value": p, "test": WILCOXON_TEST, "n": n}
+
+
+def compare(preds_a: pd.DataFrame, preds_b: pd.DataFrame, a: str, b: str, mode: str, label_fraction: float,
+            metric: str = "ua", n_boot: int = 2000, seed: int = 0, labels: Sequence[str] = LABELS
+            ) -> Dict[str, Any]:
+    """Compare arm ``a`` with arm ``b`` (same mode and label fraction) on one metric.
+
+    The paired bootstrap (:func:`paired_bootstrap`) is the primary test; the Wilcoxon signed-rank
+    p-value over runs (:func:`wilcoxon_runs`) goes alongside.
+
+    Args:
+        preds_a: Predictions frame of arm ``a``.
+        preds_b: Predictions frame of arm ``b``.
+        a: Name of arm A (e.g. ``"full"``).
+        b: Name of arm B (e.g. ``"random_init"``).
+        mode: The mode both arms ran in (``"finetune"`` / ``"frozen"``).
+        label_fraction: The label fraction both arms trained with.
+        metric: ``"ua"``, ``"wa"`` or ``"macro_f1"``.
+        n_boot: Bootstrap replicates.
+        seed: Bootstrap seed.
+        labels: The class names in class-index order.
+
+    Returns:
+        ``{"a", "b", "mode", "label_fraction", "metric", "delta", "ci95", "p_value", "test",
+        "wilcoxon_p", "n_boot", "n_runs"}`` (delta and interval as fractions).
+
+    Raises:
+        ValueError: As :func:`paired_bootstrap`.
+    """
+    boot, runs_a, runs_b = _paired_bootstrap(preds_a, preds_b, metric, n_boot, seed, labels)
+    wil = wilcoxon_runs(runs_a, runs_b, metric=metric)
+    return {"a": a, "b": b, "mode": mode, "label_fraction": float(label_fraction), "metric": metric,
+            "delta": boot["delta"], "ci95": boot["ci95"], "p_value": boot["p_value"], "test": boot["test"],
+            "wilcoxon_p": wil["p_value"], "n_boot": boot["n_boot"], "n_runs": boot["n_runs"]}
+
+
+# ------------------------------------------------------------------------------------ labels
+
+
+def subsample_labels(df: pd.DataFrame, fraction: float, seed: int, label_col: str = "label") -> pd.DataFrame:
+    """Keep ``fraction`` of the rows of every class (for label-efficiency runs).
+
+    Per class with ``n`` rows, ``max(1, floor(fraction * n + 0.5))`` rows are kept (rounded half up,
+    at least one, so every class present stays present), drawn without replacement with
+    ``numpy.random.default_rng(seed)``; classes are visited in sorted order, so the result depends
+    only on the frame (its rows in their order), ``fraction`` and ``seed``. The kept rows keep their order and index.
+
+    Args:
+        df: The rows to subsample (e.g. a training manifest).
+        fraction: Fraction in (0, 1]; 1 keeps every row.
+        seed: Seed of the draw.
+        label_col: The class column.
+
+    Returns:
+        The kept rows (a new frame).
+
+    Raises:
+        ValueError: If ``fraction`` is not in (0, 1], ``label_col`` is missing or has missing values.
+    """
+    try:
+        fraction = float(fraction)
+    except (TypeError, ValueError):
+        raise ValueError(f"fraction must be a number in (0, 1], got {fraction!r}") from None
+    if not (0.0 < fraction <= 1.0):
+        raise ValueError(f"fraction must be in (0, 1], got {fraction!r}")
+    if label_col not in df.columns:
+        raise ValueError(f"no column {label_col!r} in the frame")
+    labels = df[label_col]
+    if labels.isna().any():
+        raise ValueError(f"column {label_col!r} has {int(labels.isna().sum())} missing value(s)")
+    if fraction == 1.0:
+        return df.copy()
+    rng = np.random.default_rng(seed)
+    values = labels.to_numpy()
+    keep = np.zeros(len(df), dtype=bool)
+    for c in sorted(pd.unique(values), key=lambda v: (type(v).__name__, v)):
+        members = np.flatnonzero(values == c)
+        k = max(1, int(math.floor(fraction * len(members) + 0.5)))
+        keep[rng.choice(members, size=k, replace=False)] = True
+    return df.iloc[np.flatnonzero(keep)].copy()
