@@ -46,7 +46,8 @@ def cmd_manifest(args) -> int:
 
     extra = ([f"data.root={args.root}"] if args.root else []) + ([f"data.manifest={args.out}"] if args.out else [])
     cfg = _cfg(args, extra)
-    report = build_manifest(cfg.data.root, cfg.data.sessions, cfg.data.merge_excited)
+    report = build_manifest(cfg.data.root, cfg.data.sessions, cfg.data.merge_excited,
+                            keep_unlabelled=cfg.pretrain.use_unlabelled)
     path = write_manifest(report.kept, cfg.data.manifest)
     print(report.summary())
     print(f"manifest: {len(report.kept)} utterances -> {path}")

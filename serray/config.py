@@ -143,6 +143,8 @@ class PretrainConfig(TrainerConfig):
     sessions: List[int] = field(default_factory=lambda: [1, 2, 3, 4, 5])
     epochs: int = 10
     lr: float = 1e-3
+    use_unlabelled: bool = True  # manifest keeps every utterance whatever its label (fine-tuning: the 4 classes)
+    extra_audio: List[str] = field(default_factory=list)  # audio dirs or .csv/.tsv/.txt/.lst manifests; pre-training only
 
 
 @dataclass
@@ -367,6 +369,9 @@ def _absolute_paths(cfg: DictConfig) -> None:
                 OmegaConf.update(cfg, key, f"{m.group(1).rstrip('/')}{m.group(3)}?{m.group(2)}")
         if isinstance(value, str) and value and "://" not in value and not os.path.isabs(value):
             OmegaConf.update(cfg, key, os.path.abspath(os.path.expanduser(value)))
+    extra = OmegaConf.select(cfg, "pretrain.extra_audio")
+    if extra:  # local paths only (checked by _validate)
+        OmegaConf.update(cfg, "pretrain.extra_audio", [os.path.abspath(os.path.expanduser(p)) for p in extra], merge=False)
 
 
 def derive(cfg: DictConfig, overrides: Sequence[str]) -> DictConfig:
@@ -430,6 +435,11 @@ def _validate(cfg: DictConfig) -> None:
     for s in cfg.finetune.folds:
         if s not in cfg.data.sessions:
             problems.append(f"finetune.folds: session {s} is not in data.sessions {list(cfg.data.sessions)}")
+    for p in cfg.pretrain.extra_audio:  # cheap existence check; contents are checked when featurizing
+        if "://" in p:
+            problems.append(f"pretrain.extra_audio: {p.split('?', 1)[0]} must be a local path (or a shared mount)")
+        elif not os.path.exists(os.path.expanduser(p)):
+            problems.append(f"pretrain.extra_audio: {p} does not exist (an audio directory or a manifest file)")
     if problems:
         raise ConfigError("invalid configuration:\n  " + "\n  ".join(problems))
 

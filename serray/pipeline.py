@@ -32,7 +32,7 @@ def prepare_corpus(cfg, echo: Callable[[str], Any] = print):
 
         echo(f"making the synthetic corpus in {root}")
         make_corpus(root, **synthetic_kwargs(cfg), progress=True)
-    report = build_manifest(root, cfg.data.sessions, cfg.data.merge_excited)
+    report = build_manifest(root, cfg.data.sessions, cfg.data.merge_excited, keep_unlabelled=cfg.pretrain.use_unlabelled)
     write_manifest(report.kept, cfg.data.manifest)
     echo(f"manifest: {len(report.kept)} utterances -> {cfg.data.manifest}")
     echo(report.summary())

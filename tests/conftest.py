@@ -5,7 +5,9 @@ Fixture names are a contract other test modules rely on (keep them):
 * ``ray_session``  (session) -- one local Ray for the whole test session (2 CPUs, dashboard on).
 * ``synthetic_root`` (session) -- a small synthetic corpus in IEMOCAP_full_release layout.
 * ``make_cfg``     (function) -- ``make_cfg(tmp_path, *overrides) -> cfg`` on ``synthetic_root``.
-* ``featurized``   (session) -- manifest + fbank features of ``synthetic_root``; returns the cfg.
+* ``featurized``   (session) -- manifest + fbank features of ``synthetic_root``; returns the cfg. With
+  ``pretrain.use_unlabelled`` (the default) the manifest and features hold every labelled utterance,
+  those outside the 4 classes with ``label == ""``; no extra audio (no ``session=0``).
   Treat its directories as read-only: copy them (``shutil.copytree``) before modifying anything.
 * ``sessions_overrides`` (function) -- ``sessions_overrides([1])``: the overrides that restrict a
   run to some sessions (``data.sessions`` and the keys validated against it).
@@ -107,7 +109,8 @@ def make_cfg(synthetic_root):
 
 @pytest.fixture(scope="session")
 def featurized(ray_session, synthetic_root, tmp_path_factory):
-    """Manifest + fbank featurization of ``synthetic_root`` in a session tmp dir; returns the cfg.
+    """Manifest (every labelled utterance: ``pretrain.use_unlabelled``) + fbank featurization of
+    ``synthetic_root`` in a session tmp dir; returns the cfg.
 
     The cfg's ``data.manifest`` and ``features.dir`` are shared by every test: do not modify them.
     """
@@ -116,10 +119,14 @@ def featurized(ray_session, synthetic_root, tmp_path_factory):
 
     out = tmp_path_factory.mktemp("featurized")
     cfg = _make_cfg(synthetic_root, out)
-    report = build_manifest(cfg.data.root, cfg.data.sessions, cfg.data.merge_excited)
+    report = build_manifest(cfg.data.root, cfg.data.sessions, cfg.data.merge_excited,
+                            keep_unlabelled=cfg.pretrain.use_unlabelled)
     write_manifest(report.kept, cfg.data.manifest)
     summary = featurize(cfg)
-    assert summary["written"] == len(report.kept), summary
+    assert summary["written"] == len(report.kept), summary  # 4-class and unlabelled rows
+    labelled = report.kept[report.kept["label"] != ""]
+    assert cfg.pretrain.use_unlabelled and len(labelled) < len(report.kept)
+    assert summary["labelled_rows_per_session"] == {str(k): int(v) for k, v in labelled.groupby("session").size().items()}
     return cfg
 
 

@@ -25,6 +25,7 @@ from serray.errors import DataError
 
 TRAIN_COLUMNS = ["utt_id", "label", "speaker", "num_frames", "dim", "num_layers", "feat"]
 LABEL_INDEX = {label: i for i, label in enumerate(LABELS)}
+UNLABELLED = -1  # label index of rows without a 4-class label (label "")
 
 
 def session_paths(features_dir: str | Path, sessions: Iterable[int]) -> List[str]:
@@ -99,7 +100,7 @@ def pad_features(feats: Sequence[np.ndarray]) -> tuple[torch.Tensor, torch.Tenso
 
 
 class PadCollate(NumpyBatchCollateFn):
-    """Ray Data collate: stored rows -> ``{"x", "padding_mask", "labels"}`` tensors.
+    """Ray Data collate: stored rows -> ``{"x", "padding_mask", "labels"}`` tensors (label "" -> -1).
 
     Args:
         max_frames: crop longer utterances to this many frames (None: no crop).
@@ -125,7 +126,9 @@ class PadCollate(NumpyBatchCollateFn):
             for b, t, d, l in zip(batch["feat"], batch["num_frames"], batch["dim"], batch["num_layers"])
         ]
         x, mask = pad_features(feats)
-        labels = torch.tensor([LABEL_INDEX[str(l)] for l in batch["label"]], dtype=torch.long)
+        # "" = no 4-class label (pre-training rows): -1
+        labels = torch.tensor([UNLABELLED if str(l) == "" else LABEL_INDEX[str(l)] for l in batch["label"]],
+                              dtype=torch.long)
         return {"x": x, "padding_mask": mask, "labels": labels}
 
 

@@ -9,25 +9,32 @@ Each stored row has the manifest columns plus ``num_frames`` (T), ``dim`` (D), `
 and ``feat``: the float16 features as raw bytes of shape [T, D] (or [L, T, D]); binary + shape
 columns read back about twice as fast as nested lists (see ``shared/ray-notes.md``).
 
+The extra unlabelled audio of ``pretrain.extra_audio`` (:mod:`serray.data.extra_audio`) is featurized
+with the same encoder into the partition ``session=0``; rows of sources no longer listed are removed
+from it, so adding or removing a source later only computes (or drops) the rows that changed.
+
 Resumable and idempotent: utterances already stored are not recomputed, so an interrupted run or a
 deleted partition is completed by running the same command again, without duplicate rows. Files
 left half-written by an interruption are detected and removed first. Audio that cannot be used is
 skipped, logged and counted (``_skipped.csv``), never a crash.
 
 ``_serray_features.json`` beside the Parquet records the encoder identity (name, layers, dim,
-frame rate), the config hash, the row count, and per-session frame statistics (count, sum and sum
-of squares per feature dimension). Training standardises its input with the statistics of exactly
-the sessions it trains on (:func:`feature_stats`), so no test session leaks into a fold.
+frame rate), the config hash, the row count, rows per session (``"0"``: the extra audio) and of
+them the 4-class rows (``labelled_rows_per_session``), the extra-audio sources, and per-session
+frame statistics (count, sum and sum of squares per feature dimension). Training standardises its
+input with the statistics of exactly the sessions it trains on (:func:`feature_stats`), so no test
+session leaks into a fold.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
 import time
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Sequence
 from urllib.parse import urlsplit
 
 import numpy as np
@@ -38,12 +45,15 @@ from serray import storage
 from serray.config import as_dict, section_hash, to_yaml
 from serray.data.audio import load_audio
 from serray.data.encoders import build_encoder, check_identity, describe_encoder
-from serray.data.iemocap import MANIFEST_COLUMNS, read_manifest
+from serray.data.extra_audio import EXTRA_SESSION, extra_audio_manifest
+from serray.data.iemocap import LABELS, MANIFEST_COLUMNS, read_manifest
 from serray.errors import AudioError, DataError
 
 log = logging.getLogger(__name__)
 
 META_FILE = "_serray_features.json"
+#: Config keys whose change changes the stored rows (a mismatch needs another features.dir or --overwrite).
+FEATURE_HASH_KEYS = ("encoder", "data.merge_excited", "pretrain.use_unlabelled")
 SKIPPED_FILE = "_skipped.csv"
 FEATURE_COLUMNS = ["num_frames", "dim", "num_layers", "feat"]
 
@@ -128,14 +138,56 @@ def _remove_broken_files(features_dir: str) -> int:
     return broken
 
 
-def stored_utterances(features_dir: str | Path) -> pd.DataFrame:
-    """utt_id and session of every stored row (reads one column, not the features)."""
+def stored_utterances(features_dir: str | Path, columns: Sequence[str] = ("utt_id",)) -> pd.DataFrame:
+    """``columns`` (default utt_id) and session of every stored row (small columns, not the features)."""
     frames = []
     for f in parquet_files(features_dir):
-        t = storage.parquet_file(f).read(columns=["utt_id"]).to_pandas()
+        t = storage.parquet_file(f).read(columns=list(columns)).to_pandas()
         t["session"] = _partition(f)
         frames.append(t)
-    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame({"utt_id": [], "session": []})
+    return (pd.concat(frames, ignore_index=True) if frames
+            else pd.DataFrame({**{c: [] for c in columns}, "session": []}))
+
+
+def _prune_session(features_dir: str, session: int, keep: set) -> int:
+    """Remove the stored rows of one session whose utt_id is not in ``keep``; return how many.
+
+    A file is rewritten under a temporary name (not ``*.parquet``, so readers ignore it), the old one
+    removed, then the new one moved into place: an interruption can lose rows (the next run computes
+    them again) but never duplicate them.
+    """
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import pyarrow.fs as pafs
+    import pyarrow.parquet as pq
+
+    for tmp in storage.find_files(features_dir, ".pruning"):  # left by an interrupted prune
+        fs, p = storage.resolve(tmp)
+        final = p[: -len(".pruning")] + ".parquet"
+        if fs.get_file_info(final).type == pafs.FileType.NotFound:
+            fs.move(p, final)  # the old file was already deleted: the pruned one is complete
+        else:
+            fs.delete_file(p)
+    removed = 0
+    for f in parquet_files(features_dir, session):
+        ids = storage.parquet_file(f).read(columns=["utt_id"]).column("utt_id").to_pylist()
+        stale = sum(1 for u in ids if u not in keep)
+        if not stale:
+            continue
+        removed += stale
+        fs, p = storage.resolve(f)
+        if stale < len(ids):
+            table = storage.parquet_file(f).read()
+            table = table.filter(pc.is_in(table["utt_id"], value_set=pa.array(sorted(keep), pa.string())))
+            tmp = p[: -len(".parquet")] + ".pruning"
+            pq.write_table(table, tmp, filesystem=fs)
+            fs.delete_file(p)
+            fs.move(tmp, p)
+        else:
+            fs.delete_file(p)
+    if removed:
+        log.info("removed %d stored rows of session %d that are no longer wanted", removed, session)
+    return removed
 
 
 def _bucketed_blocks(df: pd.DataFrame, batch_size: int, min_blocks: int) -> List[pd.DataFrame]:
@@ -154,6 +206,11 @@ def _skip_reason(path: str, sample_rate: int, min_seconds: float) -> str:
     return "shorter than one encoder frame or failed in the encoder (see worker log)"
 
 
+def _utt_digest(utt_ids) -> str:
+    """A short hash of a set of utterance ids (tells whether a session's stored rows changed)."""
+    return hashlib.sha256("\n".join(sorted(utt_ids)).encode()).hexdigest()[:16]
+
+
 def _session_stats(features_dir: str, session: int) -> dict:
     """Frame count, per-dimension sum and sum of squares ([L, D], float64) of one stored session."""
     total, s1, s2 = 0, None, None
@@ -169,11 +226,19 @@ def _session_stats(features_dir: str, session: int) -> dict:
 
 
 def feature_stats(meta: dict, sessions) -> tuple[np.ndarray, np.ndarray]:
-    """Mean and standard deviation ([L, D] float32) of the stored frames of ``sessions``."""
+    """Mean and standard deviation ([L, D] float32) of the stored frames of ``sessions``.
+
+    Session 0 is the extra audio; it is ignored when the metadata says none is stored (no extra
+    audio configured, or every file of it skipped).
+    """
     stats = meta.get("stats") or {}
+    no_extra = "extra_audio" in meta and str(EXTRA_SESSION) not in (meta.get("rows_per_session") or {})
+    sessions = [s for s in sessions if not (int(s) == EXTRA_SESSION and no_extra and str(s) not in stats)]
     missing = [s for s in sessions if str(s) not in stats]
     if missing:
         raise DataError(f"the feature metadata has no statistics for sessions {missing}; run `serray featurize` again")
+    if not sessions:
+        raise DataError("no stored features for feature statistics: the selected sessions are empty")
     n = sum(stats[str(s)]["frames"] for s in sessions)
     s1 = sum(np.asarray(stats[str(s)]["sum"]) for s in sessions)
     s2 = sum(np.asarray(stats[str(s)]["sumsq"]) for s in sessions)
@@ -189,15 +254,20 @@ def _write_meta(features_dir: str, meta: dict) -> None:
 def featurize(cfg, overwrite: bool = False) -> Dict[str, object]:
     """Featurize the manifest ``cfg.data.manifest`` into ``cfg.features.dir`` with Ray Data.
 
+    The manifest's rows of ``cfg.data.sessions`` (with ``pretrain.use_unlabelled`` false, only its
+    4-class rows) plus the extra audio of ``pretrain.extra_audio`` (partition ``session=0``).
+
     Args:
-        cfg: the run config (sections data, encoder, features, ray).
+        cfg: the run config (sections data, encoder, features, pretrain, ray).
         overwrite: allow replacing features made with another encoder/config.
 
     Returns:
-        A summary dict: rows written now, total stored, skipped utterances, seconds, per session.
+        A summary dict: rows written now, total stored, skipped utterances, seconds, per session
+        (``rows_per_session``, ``labelled_rows_per_session``), extra-audio rows stored and removed.
 
     Raises:
         DataError: manifest missing, or stored features made with another encoder/config.
+        ConfigError: an extra-audio source is missing, holds no audio or lists missing files.
     """
     import ray
 
@@ -211,30 +281,44 @@ def featurize(cfg, overwrite: bool = False) -> Dict[str, object]:
     manifest = manifest[manifest["session"].isin(list(cfg.data.sessions))]
     if manifest.empty:
         raise DataError(f"manifest {cfg.data.manifest} has no utterances in sessions {list(cfg.data.sessions)}")
-    config_hash = section_hash(cfg, "encoder", "data.merge_excited")
+    if not cfg.pretrain.use_unlabelled:  # a manifest built with keep_unlabelled: store what the config asks for
+        manifest = manifest[manifest["label"].isin(LABELS)]
+    extra_sources = [str(p) for p in cfg.pretrain.extra_audio]
+    extra = extra_audio_manifest(extra_sources) if extra_sources else pd.DataFrame(columns=MANIFEST_COLUMNS)
+    wanted = pd.concat([manifest[MANIFEST_COLUMNS], extra], ignore_index=True) if len(extra) else manifest
+    # what changes the stored rows (extra_audio only adds or removes session-0 rows: not hashed)
+    hashed = {k: as_dict(OmegaConf.select(cfg, k)) for k in FEATURE_HASH_KEYS}
+    config_hash = section_hash(cfg, *FEATURE_HASH_KEYS)
     if storage.is_file(meta_path):
         old = read_meta(out_dir)
         if old.get("config_hash") != config_hash:
             if not overwrite:
+                differ = [k for k in FEATURE_HASH_KEYS if k in (old.get("hashed") or {}) and old["hashed"][k] != hashed[k]]
+                what = f"; they differ in {', '.join(differ)}" if differ else ""
                 raise DataError(
                     f"{where} holds features made with encoder '{old.get('encoder')}' (config hash "
                     f"{old.get('config_hash')}), but this config asks for encoder '{cfg.encoder.name}' "
-                    f"(hash {config_hash}); choose another features.dir or pass --overwrite"
+                    f"(hash {config_hash}){what}; choose another features.dir or pass --overwrite"
                 )
             storage.remove(out_dir)
-    storage.makedirs(out_dir)
-    broken = _remove_broken_files(out_dir)
-    done = stored_utterances(out_dir)
-    pending = manifest[~manifest["utt_id"].isin(set(done["utt_id"]))]
-    log.info("featurize: %d utterances in manifest, %d already stored, %d to do", len(manifest), len(done), len(pending))
-
     encoder_meta = describe_encoder(cfg.encoder)
     if storage.is_file(meta_path):  # same hash: the identity must agree as well
         check_identity(read_meta(out_dir), encoder_meta, f"features in {where}", "the config's encoder")
+    storage.makedirs(out_dir)
+    broken = _remove_broken_files(out_dir)
+    pruned = _prune_session(out_dir, EXTRA_SESSION, set(extra["utt_id"]))  # sources no longer listed
+    done = stored_utterances(out_dir)
+    pending = wanted[~wanted["utt_id"].isin(set(done["utt_id"]))]
+    log.info("featurize: %d utterances wanted (%d extra audio), %d already stored, %d to do",
+             len(wanted), len(extra), len(done), len(pending))
+
     start = time.time()
-    if len(pending):
+    # extra audio whose header says it is too short (or unreadable) is skipped without a Ray job
+    header_skip = (pending["session"] == EXTRA_SESSION) & ~(pending["duration"] >= cfg.features.min_seconds)
+    to_encode = pending[~header_skip]
+    if len(to_encode):
         init_ray(cfg)
-        blocks = _bucketed_blocks(pending[MANIFEST_COLUMNS], cfg.features.batch_size, 4 * cfg.features.concurrency)
+        blocks = _bucketed_blocks(to_encode[MANIFEST_COLUMNS], cfg.features.batch_size, 4 * cfg.features.concurrency)
         ds = ray.data.from_pandas(blocks).map_batches(
             EncodeBatch,
             fn_constructor_kwargs={"encoder_cfg": as_dict(cfg.encoder), "min_seconds": cfg.features.min_seconds},
@@ -246,7 +330,7 @@ def featurize(cfg, overwrite: bool = False) -> Dict[str, object]:
         )
         (path,), fs = storage.ray_paths([out_dir])
         ds.write_parquet(path, filesystem=fs, partition_cols=["session"])
-    stored = stored_utterances(out_dir)
+    stored = stored_utterances(out_dir, columns=("utt_id", "label"))
     dup = int(stored["utt_id"].duplicated().sum())
     if dup:
         raise DataError(f"{where} holds {dup} duplicate utterances; delete the directory and featurize again")
@@ -261,16 +345,23 @@ def featurize(cfg, overwrite: bool = False) -> Dict[str, object]:
         storage.remove(skipped_path)
     if stored.empty:
         raise DataError(f"featurization wrote no rows to {where}: every utterance was skipped (see {SKIPPED_FILE})")
-    rows_per_session = {str(k): int(v) for k, v in stored.groupby("session").size().items()}
+    by_session = stored.groupby("session")
+    rows_per_session = {str(k): int(v) for k, v in by_session.size().items()}
+    labelled = {str(k): int(g["label"].isin(LABELS).sum()) for k, g in by_session}
+    digests = {str(k): _utt_digest(g["utt_id"]) for k, g in by_session}
     old_meta = read_meta(out_dir) if storage.is_file(meta_path) else {}
-    old_stats, old_rows = old_meta.get("stats") or {}, old_meta.get("rows_per_session") or {}
-    stats = {s: (old_stats[s] if s in old_stats and old_rows.get(s) == n else _session_stats(out_dir, int(s)))
-             for s, n in rows_per_session.items()}
-    meta = {**encoder_meta, "dtype": "float16", "config_hash": config_hash, "num_rows": int(len(stored)),
-            "rows_per_session": rows_per_session, "labels": ["neu", "hap", "sad", "ang"],
+    old_stats = old_meta.get("stats") or {}
+    stats = {s: (old_stats[s] if old_stats.get(s, {}).get("utt_digest") == digests[s]
+                 else {**_session_stats(out_dir, int(s)), "utt_digest": digests[s]})
+             for s in rows_per_session}
+    meta = {**encoder_meta, "dtype": "float16", "config_hash": config_hash, "hashed": hashed,
+            "num_rows": int(len(stored)), "rows_per_session": rows_per_session,
+            "labelled_rows_per_session": labelled, "extra_audio": extra_sources, "labels": list(LABELS),
             "created": time.strftime("%Y-%m-%dT%H:%M:%S"), "stats": stats}
     _write_meta(out_dir, meta)
     storage.write_text(storage.join(out_dir, "_config.yaml"), to_yaml(cfg))  # '_' so Parquet readers skip it
     return {"written": int(len(stored) - len(done)), "stored": int(len(stored)), "skipped": int(len(skipped)),
             "removed_broken_files": broken, "seconds": round(time.time() - start, 2),
-            "rows_per_session": meta["rows_per_session"], "features_dir": out_dir, "encoder": meta}
+            "rows_per_session": meta["rows_per_session"], "labelled_rows_per_session": labelled,
+            "extra_rows": int(rows_per_session.get(str(EXTRA_SESSION), 0)), "removed_extra_rows": pruned,
+            "features_dir": out_dir, "encoder": meta}

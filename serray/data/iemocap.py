@@ -1,5 +1,8 @@
 """IEMOCAP manifest: parse an ``IEMOCAP_full_release`` tree into one row per labelled utterance.
 
+By default only the 4-class utterances are kept; with ``keep_unlabelled`` every labelled utterance is
+kept, those outside the 4-class map with ``label == ""`` (pre-training only).
+
 Facts of the release this parser relies on (and only these):
 
 * labels live in ``Session{n}/dialog/EmoEvaluation/<dialog>.txt``; an utterance line is
@@ -50,11 +53,13 @@ class ManifestReport:
     dropped: Dict[Tuple[int, str], int] = field(default_factory=dict)  # (session, raw_label) -> count
     missing_wav: List[str] = field(default_factory=list)  # label lines whose wav does not exist
     malformed: List[str] = field(default_factory=list)  # "file:line: text" of unparseable utterance lines
+    unlabelled_kept: bool = False  # the `dropped` utterances are in `kept` with label "" (pre-training only)
 
     def summary(self) -> str:
-        """A per-session x class table of kept utterances plus the drop / missing counts."""
+        """A per-session x class table of kept 4-class utterances plus the drop / missing counts."""
         df = self.kept
         lines = ["IEMOCAP manifest: kept utterances per session x class"]
+        df = df[df["label"].isin(LABELS)]  # the table counts the 4 classes only
         if len(df):
             table = pd.crosstab(df["session"], df["label"]).reindex(columns=list(LABELS), fill_value=0)
             table["total"] = table.sum(axis=1)
@@ -66,7 +71,11 @@ class ManifestReport:
             drop = pd.Series(self.dropped).unstack(fill_value=0)
             drop.index.name, drop.columns.name = "session", "dropped"
             drop["total"] = drop.sum(axis=1)
-            lines.append(f"dropped (label outside the 4-class setup): {int(drop['total'].sum())}")
+            if self.unlabelled_kept:
+                lines.append(f"label outside the 4-class setup: {int(drop['total'].sum())}, "
+                             "kept with no 4-class label (pre-training only)")
+            else:
+                lines.append(f"dropped (label outside the 4-class setup): {int(drop['total'].sum())}")
             lines.append(drop.to_string())
         if self.missing_wav:
             shown = ", ".join(self.missing_wav[:5]) + (" ..." if len(self.missing_wav) > 5 else "")
@@ -77,7 +86,7 @@ class ManifestReport:
 
 
 def label_map(merge_excited: bool = True) -> Dict[str, str]:
-    """Raw IEMOCAP label -> 4-class label; labels absent from the map are dropped."""
+    """Raw IEMOCAP label -> 4-class label; labels absent from the map are dropped (or kept unlabelled)."""
     mapping = {"neu": "neu", "hap": "hap", "sad": "sad", "ang": "ang"}
     if merge_excited:
         mapping["exc"] = "hap"
@@ -121,14 +130,18 @@ def _parse_annotation(path: Path) -> Iterable[Tuple[int, Optional[re.Match], str
 
 
 def build_manifest(
-    root: str | Path, sessions: Sequence[int] = (1, 2, 3, 4, 5), merge_excited: bool = True
+    root: str | Path, sessions: Sequence[int] = (1, 2, 3, 4, 5), merge_excited: bool = True,
+    keep_unlabelled: bool = False,
 ) -> ManifestReport:
-    """Parse an IEMOCAP tree into a manifest of the 4-class utterances.
+    """Parse an IEMOCAP tree into a manifest of the 4-class utterances (or of every labelled one).
 
     Args:
         root: the ``IEMOCAP_full_release`` directory (it holds ``Session1`` ... ``Session5``).
         sessions: which sessions to read.
-        merge_excited: map ``exc`` to ``hap`` (the standard setup); otherwise ``exc`` is dropped.
+        merge_excited: map ``exc`` to ``hap`` (the standard setup); otherwise ``exc`` is outside the map.
+        keep_unlabelled: keep the utterances whose raw label is outside the 4-class map too, with
+            ``label == ""`` and their ``raw_label`` (for pre-training; ``pretrain.use_unlabelled``).
+            They are still counted in ``dropped`` (label outside the 4-class setup).
 
     Returns:
         A :class:`ManifestReport` whose ``kept`` frame has :data:`MANIFEST_COLUMNS`, sorted by
@@ -158,7 +171,8 @@ def build_manifest(
                     continue
                 if raw not in mapping:
                     dropped[(session, raw)] = dropped.get((session, raw), 0) + 1
-                    continue
+                    if not keep_unlabelled:
+                        continue
                 wav = root / f"Session{session}" / "sentences" / "wav" / dialog / f"{utt}.wav"
                 if not wav.is_file():
                     missing.append(utt)
@@ -172,7 +186,7 @@ def build_manifest(
                     "speaker": f"Ses{ident['session']}_{ident['gender']}",
                     "gender": ident["gender"],
                     "raw_label": raw,
-                    "label": mapping[raw],
+                    "label": mapping.get(raw, ""),
                     "valence": float(m["v"]),
                     "activation": float(m["a"]),
                     "dominance": float(m["d"]),
@@ -186,7 +200,8 @@ def build_manifest(
     kept = pd.DataFrame(rows, columns=MANIFEST_COLUMNS)
     kept = kept.drop_duplicates("utt_id").sort_values("utt_id", ignore_index=True)
     kept["session"] = kept["session"].astype("int64")
-    return ManifestReport(kept=kept, dropped=dropped, missing_wav=missing, malformed=malformed)
+    return ManifestReport(kept=kept, dropped=dropped, missing_wav=missing, malformed=malformed,
+                          unlabelled_kept=keep_unlabelled)
 
 
 def write_manifest(df: pd.DataFrame, path: str | Path) -> Path:

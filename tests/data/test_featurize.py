@@ -1,4 +1,4 @@
-"""Tests for serray.data.featurize (Ray Data): layout, dtype, metadata, resumability, bad audio.
+"""Tests for serray.data.featurize (Ray Data): layout, dtype, metadata, resumability, bad audio, extra audio.
 
 Every Ray Data run costs several seconds, so the modifying tests work on *copies* of the shared
 ``featurized`` output and only recompute one partition / one session.
@@ -18,11 +18,11 @@ import soundfile as sf
 
 from serray.cli import main
 from serray.data.encoders import FbankEncoder
-from serray.data.featurize import (FEATURE_COLUMNS, META_FILE, SKIPPED_FILE, decode_feature, featurize,
-                                   parquet_files, read_meta, stored_utterances)
+from serray.data.featurize import (FEATURE_COLUMNS, META_FILE, SKIPPED_FILE, decode_feature, feature_stats,
+                                   featurize, parquet_files, read_meta, stored_utterances)
 from serray.data.audio import load_audio
 from serray.data.iemocap import MANIFEST_COLUMNS, build_manifest, read_manifest, write_manifest
-from serray.errors import DataError
+from serray.errors import ConfigError, DataError
 
 
 def load_features(features_dir) -> pd.DataFrame:
@@ -293,3 +293,111 @@ def test_cli_corpus_manifest_featurize(ray_session, tmp_path, capsys):
     assert meta["num_rows"] == len(manifest) == 10
     assert sorted(meta["rows_per_session"]) == ["1", "2", "3", "4", "5"]
     assert sorted(meta["stats"]) == ["1", "2", "3", "4", "5"]  # per-session CMVN statistics
+
+
+# ---------------------------------------------------------------- unlabelled rows and extra audio (session 0)
+
+
+def _tone_tree(root: Path, files: dict) -> Path:
+    """Audio files ``{relative path: seconds}`` (16 kHz tones) under ``root``."""
+    for i, (rel, seconds) in enumerate(files.items()):
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        t = np.arange(int(seconds * 16000)) / 16000
+        sf.write(root / rel, (0.1 * np.sin(2 * np.pi * (150 + 40 * i) * t)).astype(np.float32), 16000)
+    return root
+
+
+@pytest.mark.ray
+def test_shared_features_hold_unlabelled_rows(featurized, manifest, stored):
+    unlabelled = manifest[manifest["label"] == ""]
+    assert len(unlabelled) > 0 and set(unlabelled["raw_label"]).isdisjoint({"neu", "hap", "exc", "sad", "ang"})
+    assert set(unlabelled["utt_id"]) <= set(stored["utt_id"])
+    assert (stored.set_index("utt_id").loc[unlabelled["utt_id"], "label"] == "").all()
+    meta = read_meta(featurized.features.dir)
+    labelled = manifest[manifest["label"] != ""].groupby("session").size()
+    assert meta["labelled_rows_per_session"] == {str(k): int(v) for k, v in labelled.items()}
+    assert meta["extra_audio"] == [] and "0" not in meta["rows_per_session"]
+    assert meta["hashed"]["pretrain.use_unlabelled"] is True
+    # no extra audio: session 0 adds nothing to the statistics
+    for a, b in zip(feature_stats(meta, [0, 2]), feature_stats(meta, [2])):
+        np.testing.assert_array_equal(a, b)
+
+
+def _expected_stats(rows: pd.DataFrame) -> dict:
+    x = np.concatenate([decode_feature(r.feat, r.num_frames, r.dim).astype(np.float64) for r in rows.itertuples()])
+    return {"frames": len(x), "sum": x.sum(0), "sumsq": (x * x).sum(0)}
+
+
+@pytest.mark.ray
+def test_extra_audio_session0_incremental(featurized, make_cfg, stored, tmp_path):
+    """Extra audio goes to session=0; adding a source computes only its files, removing one drops its rows."""
+    feats = copy_features(featurized, tmp_path)
+    a = _tone_tree(tmp_path / "libri_a", {"19/198/19-198-0000.flac": 0.6, "19/198/19-198-0001.flac": 0.9,
+                                           "26/495/26-495-0000.flac": 0.5, "26/495/26-495-0001.wav": 0.05})  # < min_seconds
+    b = _tone_tree(tmp_path / "libri_b", {"32/21/32-21-0000.flac": 0.7, "32/21/32-21-0001.flac": 0.4})
+
+    def run(*sources):
+        cfg = make_cfg(tmp_path, f"data.manifest={featurized.data.manifest}", f"features.dir={feats}",
+                       f"pretrain.extra_audio=[{','.join(str(s) for s in sources)}]")
+        return featurize(cfg), read_meta(feats), load_features(feats)
+
+    old_meta = read_meta(featurized.features.dir)
+    s, meta, rows = run(a)
+    extra = rows[rows["session"] == 0]
+    assert s["written"] == 3 and s["skipped"] == 1 and s["extra_rows"] == 3 and s["removed_extra_rows"] == 0
+    assert sorted(extra["path"]) == sorted(str(p) for p in a.rglob("*.flac"))
+    assert extra["utt_id"].str.startswith("extra/libri_a-").all() and (extra["label"] == "").all()
+    assert sorted(set(extra["speaker"])) == ["extra:19", "extra:26"]
+    assert rows["utt_id"].is_unique and len(rows) == len(stored) + 3
+    skipped = pd.read_csv(feats / SKIPPED_FILE)
+    assert list(skipped["session"]) == [0] and "too short" in skipped["reason"].iloc[0]
+    assert skipped["path"].iloc[0].endswith("26-495-0001.wav")
+    assert meta["rows_per_session"]["0"] == 3 and meta["labelled_rows_per_session"]["0"] == 0
+    assert {k: v for k, v in meta["labelled_rows_per_session"].items() if k != "0"} == old_meta["labelled_rows_per_session"]
+    assert meta["extra_audio"] == [str(a)] and meta["num_rows"] == len(stored) + 3
+    exp = _expected_stats(extra)
+    assert meta["stats"]["0"]["frames"] == exp["frames"] == int(extra["num_frames"].sum())
+    np.testing.assert_allclose(np.asarray(meta["stats"]["0"]["sum"])[0], exp["sum"], rtol=1e-9)
+    np.testing.assert_allclose(np.asarray(meta["stats"]["0"]["sumsq"])[0], exp["sumsq"], rtol=1e-9)
+    assert all(meta["stats"][k] == old_meta["stats"][k] for k in old_meta["stats"])  # sessions 1-5 reused
+    mean, std = feature_stats(meta, [0, 1])
+    both = _expected_stats(rows[rows["session"].isin([0, 1])])
+    np.testing.assert_allclose(mean[0], both["sum"] / both["frames"], rtol=1e-5, atol=1e-5)
+    assert std.shape == (1, 80) and (std > 0).all()
+    files_a = {str(f): f.read_bytes() for f in (feats / "session=0").glob("*.parquet")}
+
+    # another source later: only its 2 files are computed, the stored rows are untouched
+    s, meta, rows = run(a, b)
+    assert s["written"] == 2 and s["extra_rows"] == 5 and s["skipped"] == 1 and s["removed_extra_rows"] == 0
+    assert all(Path(f).read_bytes() == data for f, data in files_a.items())
+    assert sorted(rows.loc[rows["session"] == 0, "path"]) == sorted(str(p) for p in [*a.rglob("*.flac"), *b.rglob("*.flac")])
+    assert meta["rows_per_session"]["0"] == 5 and meta["extra_audio"] == [str(a), str(b)]
+    assert meta["stats"]["0"]["frames"] == int(rows.loc[rows["session"] == 0, "num_frames"].sum())
+
+    # a source removed: its rows leave session 0 (no Ray job), the statistics follow
+    s, meta, rows = run(b)
+    assert s["written"] == 0 and s["removed_extra_rows"] == 3 and s["extra_rows"] == 2 and s["skipped"] == 0
+    extra = rows[rows["session"] == 0]
+    assert sorted(extra["path"]) == sorted(str(p) for p in b.rglob("*.flac")) and rows["utt_id"].is_unique
+    assert meta["rows_per_session"]["0"] == 2 and meta["stats"]["0"]["frames"] == int(extra["num_frames"].sum())
+    assert not list(feats.rglob("*.pruning"))
+    assert len(rows) == len(stored) + 2 and set(rows.loc[rows["session"] > 0, "utt_id"]) == set(stored["utt_id"])
+
+
+def test_extra_audio_checked_before_any_work(synthetic_root, make_cfg, sessions_overrides, tmp_path):
+    src = _tone_tree(tmp_path / "extra", {"s/1.flac": 0.5})
+    cfg = make_cfg(tmp_path, *sessions_overrides([1]), f"pretrain.extra_audio=[{src}]")
+    write_manifest(build_manifest(synthetic_root, [1], keep_unlabelled=True).kept, cfg.data.manifest)
+    (src / "s" / "1.flac").unlink()  # valid when the config was loaded, empty now
+    with pytest.raises(ConfigError, match="holds no audio files"):
+        featurize(cfg)
+    assert not Path(cfg.features.dir).exists()
+
+
+def test_use_unlabelled_changes_the_config_hash(featurized, make_cfg, tmp_path):
+    cfg = make_cfg(tmp_path, f"data.manifest={featurized.data.manifest}", f"features.dir={featurized.features.dir}",
+                   "pretrain.use_unlabelled=false")
+    before = sorted(str(p) for p in parquet_files(featurized.features.dir))
+    with pytest.raises(DataError, match="they differ in pretrain.use_unlabelled; .* --overwrite"):
+        featurize(cfg)
+    assert sorted(str(p) for p in parquet_files(featurized.features.dir)) == before

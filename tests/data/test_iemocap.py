@@ -110,6 +110,41 @@ def test_dropped_counts_match_annotations(report, raw):
     assert f"dropped (label outside the 4-class setup): {len(dropped)}" in s
 
 
+def test_keep_unlabelled_keeps_every_labelled_utterance(synthetic_root, report, raw):
+    r = build_manifest(synthetic_root, keep_unlabelled=True)
+    outside = raw[~raw["raw"].isin(KEEP)]
+    assert len(outside) > 0 and len(r.kept) == len(raw) == len(report.kept) + len(outside)
+    assert set(r.kept["utt_id"]) == set(raw["utt_id"])
+    assert list(r.kept.columns) == MANIFEST_COLUMNS and r.kept["utt_id"].is_monotonic_increasing
+    got = r.kept.set_index("utt_id")
+    # outside the 4-class map: kept with no 4-class label, the raw one kept
+    out = got.loc[outside["utt_id"]]
+    assert (out["label"] == "").all()
+    assert list(out["raw_label"]) == list(outside["raw"])
+    assert set(out["raw_label"]) & {"fru", "sur", "xxx", "oth", "fea", "dis"}
+    assert (out["speaker"].str.match(r"^Ses0\d_[FM]$")).all() and out["path"].map(lambda p: Path(p).is_file()).all()
+    # the 4-class rows are exactly the default manifest
+    labelled = r.kept[r.kept["label"] != ""].reset_index(drop=True)
+    pd.testing.assert_frame_equal(labelled, report.kept)
+    # still reported as outside the 4-class setup, per session and label
+    assert r.dropped == report.dropped == dict(Counter(zip(outside["session"], outside["raw"])))
+    s = r.summary()
+    assert f"label outside the 4-class setup: {len(outside)}, kept with no 4-class label (pre-training only)" in s
+    assert "dropped (" not in s
+    # the per-class table counts the 4 classes only: same table as the default
+    assert s.split("label outside")[0] == report.summary().split("dropped (")[0]
+    # the default is unchanged
+    assert "" not in set(report.kept["label"]) and not report.unlabelled_kept
+
+
+def test_keep_unlabelled_without_merge_excited(synthetic_root, raw):
+    r = build_manifest(synthetic_root, merge_excited=False, keep_unlabelled=True)
+    assert len(r.kept) == len(raw)
+    exc = r.kept[r.kept["raw_label"] == "exc"]
+    assert len(exc) > 0 and (exc["label"] == "").all()
+    assert (r.kept.loc[r.kept["raw_label"] == "hap", "label"] == "hap").all()
+
+
 def test_speaker_from_last_field(report):
     df = report.kept
     # a male utterance in a female-led dialog: the speaker is the male actor
@@ -279,21 +314,32 @@ def test_malformed_line_is_reported(synthetic_root, tmp_path):
 # ---------------------------------------------------------------- CLI
 
 
-def test_cli_manifest(synthetic_root, report, tmp_path, capsys):
+def test_cli_manifest(synthetic_root, report, raw, tmp_path, capsys):
+    """pretrain.use_unlabelled (default true): every labelled utterance; the table counts the 4 classes."""
     out = tmp_path / "m" / "manifest.parquet"
     rc = main(["manifest", "--root", str(synthetic_root), "--out", str(out), f"output_dir={tmp_path}"])
     assert rc == 0
     assert out.is_file()
     df = read_manifest(out)
-    assert len(df) == len(report.kept)
+    assert len(df) == len(raw) > len(report.kept)
+    assert int((df["label"] != "").sum()) == len(report.kept)
     stdout = capsys.readouterr().out
     assert "kept utterances per session x class" in stdout
-    assert f"manifest: {len(report.kept)} utterances -> {out}" in stdout
+    assert f"manifest: {len(raw)} utterances -> {out}" in stdout
+    assert f"label outside the 4-class setup: {len(raw) - len(report.kept)}, kept" in stdout
     # the table: header with the 4 classes and a total row
     header = next(line for line in stdout.splitlines() if "neu" in line and "ang" in line)
     assert header.split()[-5:] == ["neu", "hap", "sad", "ang", "total"]
     total_line = next(line for line in stdout.splitlines() if line.startswith("total"))
     assert int(total_line.split()[-1]) == len(report.kept)
+
+
+def test_cli_manifest_without_unlabelled(synthetic_root, report, tmp_path, capsys):
+    out = tmp_path / "manifest.parquet"
+    assert main(["manifest", "--root", str(synthetic_root), "--out", str(out), f"output_dir={tmp_path}",
+                 "pretrain.use_unlabelled=false"]) == 0
+    pd.testing.assert_frame_equal(read_manifest(out), report.kept)
+    assert f"manifest: {len(report.kept)} utterances -> {out}" in capsys.readouterr().out
 
 
 def test_cli_manifest_missing_root(tmp_path, capsys):
