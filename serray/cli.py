@@ -55,7 +55,7 @@ def cmd_manifest(args) -> int:
 
 
 def cmd_featurize(args) -> int:
-    from serray.data.featurize import featurize
+    from serray.data.featurize import featurize, featurize_summary
 
     cfg = _cfg(args)
     summary = featurize(cfg, overwrite=args.overwrite)
@@ -63,28 +63,16 @@ def cmd_featurize(args) -> int:
     return 0
 
 
-def featurize_summary(s: dict) -> str:
-    enc = s["encoder"]
-    per = ", ".join(f"S{k}: {v}" for k, v in sorted(s["rows_per_session"].items()))
-    return (f"features: {s['stored']} utterances in {storage.describe(s['features_dir'])} ({per}); "
-            f"{s['written']} computed now in {s['seconds']} s, {s['skipped']} skipped\n"
-            f"encoder: {enc['encoder']} layers={enc['layers']} dim={enc['dim']} frame_rate={enc['frame_rate']} Hz, float16")
-
-
 def cmd_pretrain(args) -> int:
-    from serray.train.pretrain import run_pretrain
+    from serray.train.pretrain import pretrain_summary, run_pretrain
 
     cfg = _cfg(args)
-    print(pretrain_summary(run_pretrain(cfg, force=args.force)))
+    if cfg.pretrain.per_fold:
+        for fold in cfg.finetune.folds:  # one adapter per fold, each without its test session
+            print(pretrain_summary(run_pretrain(cfg, fold, force=args.force)))
+    else:
+        print(pretrain_summary(run_pretrain(cfg, force=args.force)))
     return 0
-
-
-def pretrain_summary(s: dict) -> str:
-    m = s.get("metrics") or {}
-    keys = ("epoch", "loss", "loss_mask", "loss_distill", "loss_cluster", "cos_ts", "cluster_entropy", "dead_clusters")
-    shown = ", ".join(f"{k}={m[k]:.4g}" for k in keys if isinstance(m.get(k), (int, float)))
-    how = "reused (config unchanged)" if s.get("reused") else "trained"
-    return f"pre-trained adapter {how}: {storage.describe(s['adapter'])}\n  final epoch: {shown}"
 
 
 def cmd_finetune(args) -> int:
@@ -127,7 +115,9 @@ def cmd_models(args) -> int:
     if args.action == "list":
         print(format_entries(list_entries(cfg.registry.dir)))
         return 0
-    entry = get_entry(cfg.registry.dir, args.id)
+    from serray.train.finetune import protocol
+
+    entry = get_entry(cfg.registry.dir, args.id, protocol(cfg), list(cfg.finetune.folds))
     print(json.dumps(entry, indent=2))
     return 0
 

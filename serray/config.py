@@ -100,15 +100,18 @@ class AdapterConfig:
     ff_dim: int = 192
     dropout: float = 0.1
     mask_ratio: float = 0.5  # share of valid frames the student sees masked
-    mask_span: int = 5  # frames per mask span
+    mask_span_ms: float = 200.0  # length of a mask span in milliseconds (frames = ms x frame rate)
+    pos_conv_ms: float = 640.0  # width of the convolutional positional embedding (wav2vec 2.0 / data2vec)
+    pos_conv_groups: int = 16  # groups of that convolution (must divide d_model)
     ema_decay: float = 0.996  # teacher EMA decay at step 0 ...
-    ema_decay_end: float = 0.9999  # ... rising to this by a cosine schedule (DINO / data2vec)
+    ema_decay_end: float = 0.9999  # ... rising to this by a cosine schedule (DINO / data2vec) ...
+    ema_half_life: float = 0.05  # ... capped so the teacher's half-life is at most this share of the run's steps
     num_clusters: int = 32  # K local attributes
-    kmeans_decay: float = 0.99  # online k-means centroid EMA
+    kmeans_decay: float = 0.99  # online k-means: EMA of per-cluster sums and counts
     w_mask: float = 1.0  # mask prediction loss weight (0 disables it)
     w_distill: float = 1.0  # self-distillation loss weight
-    w_cluster: float = 1.0  # local-attribute (cluster id) loss weight
-    distill_top_k: int = 1  # 1: distil the teacher's WAP output; k>1: mean of its last k layers
+    w_cluster: float = 1.0  # local-attribute (cluster id) loss weight (cross-entropy / ln K)
+    distill_top_k: Optional[int] = None  # teacher layers averaged into the target (None: all)
 
 
 @dataclass
@@ -117,13 +120,13 @@ class TrainerConfig:
 
     epochs: int = 10
     batch_size: int = 16
+    backend: str = "auto"  # ray: a Ray Train TorchTrainer | local: in the driver / Tune trial | auto: ray when num_workers > 1
     lr: float = 1e-3
     lr_end: float = 0.0
     weight_decay: float = 0.01
     warmup_frac: float = 0.1
     grad_clip: float = 1.0
     max_frames: Optional[int] = 300  # random crop for training (None: whole utterances)
-    shuffle_buffer: int = 64  # local shuffle buffer of the streaming batches (0: off)
     bf16: bool = True  # bf16 autocast on GPU
     num_workers: int = 1  # Ray Train workers (DDP when > 1)
     use_gpu: bool = False
@@ -140,8 +143,10 @@ class PretrainConfig(TrainerConfig):
     """Task-agnostic adapter pre-training (labels are never read)."""
 
     dir: str = "${output_dir}/pretrain"
-    sessions: List[int] = field(default_factory=lambda: [1, 2, 3, 4, 5])
+    per_fold: bool = True  # one adapter per LOSO fold, pre-trained without the fold's test session (inductive)
+    sessions: List[int] = field(default_factory=lambda: [1, 2, 3, 4, 5])  # per_fold=false only (transductive)
     epochs: int = 10
+    steps: Optional[int] = None  # pre-train for exactly this many steps (overrides epochs; pool size then costs nothing)
     lr: float = 1e-3
     use_unlabelled: bool = True  # manifest keeps every utterance whatever its label (fine-tuning: the 4 classes)
     extra_audio: List[str] = field(default_factory=list)  # audio dirs or .csv/.tsv/.txt/.lst manifests; pre-training only
@@ -154,9 +159,15 @@ class FinetuneConfig(TrainerConfig):
     dir: str = "${output_dir}/finetune"
     mode: str = "finetune"  # frozen: adapter fixed | finetune: adapter trained too | none: no adapter (baseline)
     branch: str = "teacher"  # adapter branch used downstream (DINO evaluates the teacher)
-    init_from: str = "${pretrain.dir}/adapter"  # pre-trained adapter directory (ignored when mode=none)
+    init: str = "pretrained"  # pretrained: the adapter from pre-training | random: the same body, random init (control)
+    init_from: Optional[str] = None  # an adapter directory ({fold} is replaced); None: pretrain.dir's adapter(s)
     folds: List[int] = field(default_factory=lambda: [1, 2, 3, 4, 5])  # test sessions to run
-    val_fraction: float = 0.15  # validation part, drawn from the training sessions only
+    val_split: str = "speaker"  # validation from the training sessions: speaker | dialog | random
+    val_fraction: float = 0.15  # share of training-session speakers / dialogs / utterances held out for validation
+    label_fraction: float = 1.0  # share of training labels used per class (label-efficiency runs)
+    body_lr_scale: float = 0.1  # learning rate of the pre-trained body = lr x this (the new head gets lr)
+    freeze_epochs: int = 0  # epochs at the start with the body frozen (head warm-up)
+    patience: Optional[int] = None  # early stop after this many epochs without a better validation UA
     class_weighting: str = "loss"  # loss: inverse-frequency weighted cross-entropy | none
     max_concurrent_folds: int = 2  # folds run as parallel Tune trials
     attention_dim: int = 64  # SAP attention size
@@ -184,9 +195,10 @@ class TuneConfig:
     # {choice: [...]}, {grid: [...]}, {uniform: [lo, hi]}, {loguniform: [lo, hi]}, {randint: [lo, hi]}.
     search_space: Dict[str, Any] = field(default_factory=_default_search_space)
     num_samples: int = 4  # samples of the random forms (grid forms multiply it)
-    metric: str = "ua"  # objective: mean test UA over `folds` (also: wa, macro_f1)
+    metric: str = "val_ua"  # objective: mean validation UA over `folds` (val_wa, val_macro_f1, val_loss); never a test metric
     mode: str = "max"
     folds: List[int] = field(default_factory=lambda: [1])  # LOSO folds per trial (a subset, for speed)
+    final_folds: Optional[List[int]] = None  # the chosen config is run on these and registered (None: finetune.folds)
     scheduler: str = "asha"  # asha | fifo
     scheduler_metric: str = "val_ua"  # intermediate metric reported every fine-tuning epoch
     grace_period: int = 2  # ASHA: epochs before a trial can be stopped
@@ -195,6 +207,23 @@ class TuneConfig:
     cpus_per_trial: float = 0.0  # the trial driver itself; its Ray Train workers take {pre,fine}tune.cpus_per_worker
     gpus_per_trial: float = 0.0
     register_best: bool = True  # put the best trial into the model registry
+
+
+def _default_arms() -> List[str]:
+    return ["none", "random_init", "no_local", "full"]
+
+
+@dataclass
+class AblateConfig:
+    """``serray ablate``: arms x modes x label fractions x seeds, every fold, paired comparisons."""
+
+    arms: List[str] = field(default_factory=_default_arms)  # none | random_init | no_local | full | classical | oracle
+    modes: List[str] = field(default_factory=lambda: ["finetune"])  # finetune | frozen
+    seeds: int = 3  # seeds per arm (seed, seed+1, ...), every one on every fold
+    label_fractions: List[float] = field(default_factory=lambda: [1.0])  # e.g. [0.1, 0.25, 1.0]
+    bootstrap: int = 2000  # paired bootstrap replicates of the comparisons
+    max_concurrent: int = 2  # (seed, fold) units running at once
+    oracle_file: Optional[str] = None  # synthesis parameters of a synthetic corpus (arm `oracle`); None: beside data.root
 
 
 @dataclass
@@ -242,6 +271,7 @@ class SerrayConfig:
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     tune: TuneConfig = field(default_factory=TuneConfig)
+    ablate: AblateConfig = field(default_factory=AblateConfig)
     registry: RegistryConfig = field(default_factory=RegistryConfig)
     serve: ServeConfig = field(default_factory=ServeConfig)
 
@@ -418,6 +448,19 @@ def _validate(cfg: DictConfig) -> None:
             problems.append(f"adapter.{key} must be in [0, 1], got {cfg.adapter[key]}")
     if cfg.adapter.num_clusters < 2:
         problems.append("adapter.num_clusters must be >= 2")
+    if cfg.adapter.mask_span_ms <= 0:
+        problems.append(f"adapter.mask_span_ms must be > 0, got {cfg.adapter.mask_span_ms}")
+    if cfg.adapter.pos_conv_ms < 0:
+        problems.append(f"adapter.pos_conv_ms must be >= 0 (0: no positional embedding), got {cfg.adapter.pos_conv_ms}")
+    if cfg.adapter.pos_conv_ms > 0 and (cfg.adapter.pos_conv_groups < 1 or cfg.adapter.d_model % cfg.adapter.pos_conv_groups):
+        problems.append(f"adapter.pos_conv_groups ({cfg.adapter.pos_conv_groups}) must divide adapter.d_model ({cfg.adapter.d_model})")
+    if not 0.0 < cfg.adapter.ema_half_life <= 1.0:
+        problems.append(f"adapter.ema_half_life must be in (0, 1] (a share of the pre-training steps), got {cfg.adapter.ema_half_life}")
+    top_k = cfg.adapter.distill_top_k
+    if top_k is not None and not 1 <= top_k <= cfg.adapter.num_layers:
+        problems.append(f"adapter.distill_top_k must be in [1, adapter.num_layers={cfg.adapter.num_layers}] or null, got {top_k}")
+    if cfg.pretrain.steps is not None and cfg.pretrain.steps < 1:
+        problems.append(f"pretrain.steps must be >= 1 or null, got {cfg.pretrain.steps}")
     if cfg.adapter.d_model % cfg.adapter.num_heads:
         problems.append(f"adapter.d_model ({cfg.adapter.d_model}) must be divisible by adapter.num_heads ({cfg.adapter.num_heads})")
     if cfg.finetune.mode not in ("frozen", "finetune", "none"):
@@ -427,11 +470,29 @@ def _validate(cfg: DictConfig) -> None:
     if cfg.finetune.class_weighting not in ("loss", "none"):
         problems.append(f"finetune.class_weighting must be loss or none, got '{cfg.finetune.class_weighting}'")
     for section in ("pretrain", "finetune"):
+        if cfg[section].backend not in ("auto", "ray", "local"):
+            problems.append(f"{section}.backend must be auto, ray or local, got '{cfg[section].backend}'")
+        if cfg[section].backend == "local" and cfg[section].num_workers > 1:
+            problems.append(f"{section}.backend=local runs one worker; use backend=ray (or auto) for "
+                            f"{section}.num_workers={cfg[section].num_workers}")
         strategy = cfg[section].placement_strategy
         if strategy not in ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"):
             problems.append(f"{section}.placement_strategy must be PACK, SPREAD, STRICT_PACK or STRICT_SPREAD, got '{strategy}'")
     if not 0.0 < cfg.finetune.val_fraction < 0.5:
         problems.append(f"finetune.val_fraction must be in (0, 0.5), got {cfg.finetune.val_fraction}")
+    if cfg.finetune.val_split not in ("speaker", "dialog", "random"):
+        problems.append(f"finetune.val_split must be speaker, dialog or random, got '{cfg.finetune.val_split}'")
+    if cfg.finetune.init not in ("pretrained", "random"):
+        problems.append(f"finetune.init must be pretrained or random, got '{cfg.finetune.init}'")
+    if not 0.0 < cfg.finetune.label_fraction <= 1.0:
+        problems.append(f"finetune.label_fraction must be in (0, 1], got {cfg.finetune.label_fraction}")
+    if cfg.finetune.body_lr_scale < 0:
+        problems.append(f"finetune.body_lr_scale must be >= 0, got {cfg.finetune.body_lr_scale}")
+    if not 0 <= cfg.finetune.freeze_epochs <= cfg.finetune.epochs:
+        problems.append(f"finetune.freeze_epochs must be in [0, finetune.epochs={cfg.finetune.epochs}], got {cfg.finetune.freeze_epochs}")
+    if cfg.finetune.patience is not None and cfg.finetune.patience < 1:
+        problems.append(f"finetune.patience must be >= 1 or null, got {cfg.finetune.patience}")
+    problems += _validate_tune_and_ablate(cfg)
     for s in cfg.finetune.folds:
         if s not in cfg.data.sessions:
             problems.append(f"finetune.folds: session {s} is not in data.sessions {list(cfg.data.sessions)}")
@@ -442,6 +503,40 @@ def _validate(cfg: DictConfig) -> None:
             problems.append(f"pretrain.extra_audio: {p} does not exist (an audio directory or a manifest file)")
     if problems:
         raise ConfigError("invalid configuration:\n  " + "\n  ".join(problems))
+
+
+#: Metrics a sweep may rank trials on (validation only), and what a test metric there is told.
+VAL_METRICS = ("val_ua", "val_wa", "val_macro_f1", "val_loss")
+TEST_METRICS = ("ua", "wa", "macro_f1")
+ARMS = ("none", "random_init", "no_local", "full", "classical", "oracle")
+
+
+def _validate_tune_and_ablate(cfg: DictConfig) -> List[str]:
+    problems = []
+    metric = cfg.tune.metric
+    if metric in TEST_METRICS:
+        problems.append(f"tune.metric={metric} is a test metric: choosing trials on the test sessions inflates the "
+                        f"result it then reports; use one of {', '.join(VAL_METRICS)}")
+    elif metric not in VAL_METRICS:
+        problems.append(f"tune.metric must be one of {', '.join(VAL_METRICS)}, got '{metric}'")
+    a = cfg.ablate
+    if a.seeds < 1:
+        problems.append(f"ablate.seeds must be >= 1 (the number of seeds per arm), got {a.seeds}")
+    unknown = [arm for arm in a.arms if arm not in ARMS]
+    if unknown or not a.arms:
+        problems.append(f"ablate.arms: unknown arm(s) {unknown} (arms: {', '.join(ARMS)})" if unknown
+                        else "ablate.arms must not be empty")
+    bad_modes = [m for m in a.modes if m not in ("finetune", "frozen")]
+    if bad_modes or not a.modes:
+        problems.append(f"ablate.modes must be a non-empty list of finetune / frozen, got {list(a.modes)}")
+    bad_fracs = [f for f in a.label_fractions if not 0.0 < f <= 1.0]
+    if bad_fracs or not a.label_fractions:
+        problems.append(f"ablate.label_fractions must be in (0, 1], got {list(a.label_fractions)}")
+    if a.bootstrap < 100:
+        problems.append(f"ablate.bootstrap must be >= 100 replicates, got {a.bootstrap}")
+    if a.max_concurrent < 1:
+        problems.append(f"ablate.max_concurrent must be >= 1, got {a.max_concurrent}")
+    return problems
 
 
 def to_yaml(cfg: DictConfig) -> str:

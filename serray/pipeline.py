@@ -41,29 +41,32 @@ def prepare_corpus(cfg, echo: Callable[[str], Any] = print):
 
 def run_pipeline(cfg, echo: Callable[[str], Any] = print) -> Dict[str, Any]:
     """Run every stage; return a summary with the fine-tuning results."""
-    from serray.cli import featurize_summary, pretrain_summary
-    from serray.data.featurize import featurize
-    from serray.train.finetune import run_finetune
-    from serray.train.pretrain import run_pretrain
+    from serray.data.featurize import featurize, featurize_summary
+    from serray.train.finetune import protocol, run_finetune, uses_pretraining
+    from serray.train.pretrain import pretrain_summary, run_pretrain
     from serray.train.results import markdown_table
 
     t0 = time.time()
     save_config(cfg, cfg.output_dir)
-    echo(f"[1/4] corpus and manifest ({cfg.data.root})")
+    echo(f"[1/3] corpus and manifest ({cfg.data.root})")
     prepare_corpus(cfg, echo)
-    echo(f"[2/4] featurizing with {cfg.encoder.name} on Ray Data")
+    echo(f"[2/3] featurizing with {cfg.encoder.name} on Ray Data")
     echo(featurize_summary(featurize(cfg)))
     pre = None
-    if cfg.finetune.mode != "none":
-        echo("[3/4] pre-training the adapter on Ray Train")
+    folds = list(cfg.finetune.folds)
+    if uses_pretraining(cfg) and not cfg.pretrain.per_fold and not cfg.finetune.init_from:
+        echo("[3/3] pre-training one shared adapter (pretrain.per_fold=false: transductive protocol), then "
+             f"leave-one-session-out fine-tuning, folds {folds}")
         pre = run_pretrain(cfg)
         echo(pretrain_summary(pre))
+    elif uses_pretraining(cfg) and not cfg.finetune.init_from:
+        echo(f"[3/3] leave-one-session-out, folds {folds}: per fold, pre-train the adapter on the other sessions "
+             f"(inductive protocol), then fine-tune")
     else:
-        echo("[3/4] finetune.mode=none: no adapter to pre-train")
-    echo(f"[4/4] leave-one-session-out fine-tuning, folds {list(cfg.finetune.folds)}")
+        echo(f"[3/3] leave-one-session-out fine-tuning (finetune.mode={cfg.finetune.mode}), folds {folds}")
     results = run_finetune(cfg)
     echo(markdown_table(results, results.get("title", "")))
     out = storage.describe(cfg.finetune.dir)
     echo(f"results in {out}: metrics.json, results.md, predictions.csv, confusion_matrix.png, learning_curves.png")
-    echo(f"pipeline finished in {time.time() - t0:.0f} s")
+    echo(f"protocol: {protocol(cfg)}; pipeline finished in {time.time() - t0:.0f} s")
     return {"results": results, "pretrain": pre, "seconds": time.time() - t0}

@@ -58,14 +58,24 @@ class Predictor:
             out[idx] = p
         return out
 
-    def predict_parquet(self, files: Iterable[str | Path], batch_rows: int = 64) -> pd.DataFrame:
-        """Predict every row of stored feature files (streamed in record batches)."""
+    def predict_parquet(self, files: Iterable[str | Path], batch_rows: int = 64,
+                        utt_ids: Optional[Sequence[str]] = None) -> pd.DataFrame:
+        """Predict the rows of stored feature files (streamed in record batches); only ``utt_ids``
+        when given (e.g. a fold's four-class test utterances)."""
+        import pyarrow as pa
+        import pyarrow.compute as pc
+
         from serray import storage
 
         frames = []
         cols = ["utt_id", "label", "speaker", "num_frames", "dim", "num_layers", "feat"]
+        keep = pa.array(list(utt_ids), pa.string()) if utt_ids is not None else None
         for f in files:
             for rb in storage.parquet_file(f).iter_batches(batch_size=batch_rows, columns=cols):
+                if keep is not None:
+                    rb = rb.filter(pc.is_in(rb.column("utt_id"), value_set=keep))
+                    if rb.num_rows == 0:
+                        continue
                 d = rb.to_pydict()
                 feats = [decode_feature(b, t, dm, l) for b, t, dm, l in zip(d["feat"], d["num_frames"], d["dim"], d["num_layers"])]
                 p = self.predict_arrays(feats)

@@ -9,8 +9,13 @@ An entry is a directory ``<registry.dir>/<id>/`` with
 * ``config.yaml`` — the fully resolved run config that produced it.
 
 A leave-one-session-out run yields one model per fold; the entry holds the fold model with the best
-validation UA (chosen on training-session data only), and the run's LOSO test metrics.
-``best`` is the entry with the highest ``metrics.ua``.
+validation UA (chosen on training-session data only), and the run's LOSO test metrics plus its mean
+validation UA. Every entry records ``protocol`` (inductive / transductive), ``folds`` and
+``selected_on`` (how its configuration was chosen).
+
+``best`` never looks at test metrics: it is the entry with the highest mean *validation* UA among the
+entries with the same protocol and folds as the config asking (comparing a one-fold sweep entry with
+a five-fold run, or an inductive with a transductive one, would compare different things).
 """
 
 from __future__ import annotations
@@ -80,18 +85,36 @@ def list_entries(registry_dir: str | Path) -> List[Dict[str, Any]]:
     return sorted(entries, key=lambda r: (r.get("created_ns", 0), r["created"], r["id"]))
 
 
-def best_entry(registry_dir: str | Path, metric: str = "ua") -> Dict[str, Any]:
-    """The entry with the highest ``metrics[metric]`` (ties: the newest)."""
+BEST_METRIC = "val_ua"
+
+
+def comparable(entry: Dict[str, Any], protocol: Optional[str], folds: Optional[List[int]]) -> bool:
+    """Whether an entry was evaluated under ``protocol`` on ``folds`` (None: any)."""
+    return ((protocol is None or entry.get("protocol") == protocol)
+            and (folds is None or list(entry.get("folds") or []) == list(folds)))
+
+
+def best_entry(registry_dir: str | Path, protocol: Optional[str] = None, folds: Optional[List[int]] = None,
+               metric: str = BEST_METRIC) -> Dict[str, Any]:
+    """The entry with the highest mean validation UA among those with this protocol and these folds
+    (ties: the newest). Test metrics are never used to choose."""
     entries = list_entries(registry_dir)
     if not entries:
         raise DataError(f"the model registry {storage.describe(registry_dir)} is empty: run `serray finetune` or `serray tune` first")
-    return max(entries, key=lambda r: (float(r["metrics"].get(metric, float("-inf"))), r.get("created_ns", 0), r["id"]))
+    same = [e for e in entries if comparable(e, protocol, folds)]
+    if not same:
+        raise DataError(f"no registry entry in {storage.describe(registry_dir)} was evaluated with protocol={protocol} on "
+                        f"folds {list(folds) if folds is not None else 'any'} (entries: "
+                        + ", ".join(f"{e['id']} ({e.get('protocol')}, folds {e.get('folds')})" for e in entries)
+                        + "); give serve.model=<id> to choose one")
+    return max(same, key=lambda r: (float(r["metrics"].get(metric, float("-inf"))), r.get("created_ns", 0), r["id"]))
 
 
-def get_entry(registry_dir: str | Path, entry_id: Optional[str] = None) -> Dict[str, Any]:
-    """One entry by id (a unique prefix is enough), or the best one when ``entry_id`` is None."""
+def get_entry(registry_dir: str | Path, entry_id: Optional[str] = None, protocol: Optional[str] = None,
+              folds: Optional[List[int]] = None) -> Dict[str, Any]:
+    """One entry by id (a unique prefix is enough), or the best comparable one when ``entry_id`` is None."""
     if entry_id is None or entry_id == "best":
-        return best_entry(registry_dir)
+        return best_entry(registry_dir, protocol, folds)
     entries = list_entries(registry_dir)
     hits = [e for e in entries if e["id"] == entry_id] or [e for e in entries if e["id"].startswith(entry_id)]
     if len(hits) != 1:
@@ -124,7 +147,9 @@ def resolve_model(cfg) -> tuple[Path, Dict[str, Any]]:
         path = storage.local_copy(given)
         return path, {"id": storage.name(given), "source": "checkpoint", "path": given if storage.is_uri(given)
                       else str(path.resolve()), "metrics": {}}
-    entry = get_entry(cfg.registry.dir, cfg.serve.model)
+    from serray.train.finetune import protocol
+
+    entry = get_entry(cfg.registry.dir, cfg.serve.model, protocol(cfg), list(cfg.finetune.folds))
     return model_dir(entry), entry
 
 
@@ -132,10 +157,14 @@ def format_entries(entries: List[Dict[str, Any]]) -> str:
     """A table for ``serray models list``."""
     if not entries:
         return "(no registered models)"
-    lines = [f"{'id':<24} {'created':<20} {'source':<9} {'UA %':>6} {'WA %':>6} {'F1 %':>6}  encoder"]
+    lines = [f"{'id':<24} {'created':<20} {'source':<9} {'protocol':<12} {'folds':<11} {'valUA%':>6} {'UA %':>6} "
+             f"{'WA %':>6} {'F1 %':>6}  {'encoder':<14} selected_on"]
     for e in entries:
         m = e["metrics"]
         pct = lambda k: f"{100 * m[k]:6.2f}" if isinstance(m.get(k), (int, float)) else f"{'-':>6}"  # noqa: E731
-        lines.append(f"{e['id']:<24} {e['created']:<20} {e['source']:<9} {pct('ua')} {pct('wa')} {pct('macro_f1')}  "
-                     f"{e['encoder'].get('encoder')}")
+        folds = ",".join(str(f) for f in e.get("folds") or []) or "-"
+        lines.append(f"{e['id']:<24} {e['created']:<20} {e['source']:<9} {str(e.get('protocol') or '-'):<12} "
+                     f"{folds:<11} {pct('val_ua')} {pct('ua')} {pct('wa')} {pct('macro_f1')}  "
+                     f"{str(e['encoder'].get('encoder')):<14} {e.get('selected_on') or '-'}")
+    lines.append("(best = highest valUA among entries with the same protocol and folds; UA/WA/F1 are LOSO test metrics)")
     return "\n".join(lines)

@@ -211,6 +211,26 @@ def upload(local_dir, path) -> None:
     pafs.copy_files(str(Path(local_dir).resolve()), p, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
 
 
+@contextlib.contextmanager
+def lock(path) -> Iterator[None]:
+    """An exclusive lock on a storage path for this machine (an ``fcntl`` lock file beside a local
+    path; in the local cache for a URI): two processes that would write the same output run one
+    after the other, and the second then finds the first one's result."""
+    import fcntl
+
+    if is_uri(path):
+        lock_file = cache_dir(path).with_suffix(".lock")
+    else:
+        lock_file = Path(absolute(path)).with_name(Path(absolute(path)).name + ".lock")
+    lock_file.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock_file, "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
 def cache_dir(path) -> Path:
     """The local cache directory of a URI (``$SERRAY_CACHE_DIR`` or ``~/.cache/serray/storage``)."""
     root = Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "serray" / "storage")

@@ -1,10 +1,18 @@
 """Ray Tune sweeps over the adapter's hyper-parameters, with early stopping and the model registry.
 
-One trial = pre-training followed by leave-one-session-out fine-tuning on ``tune.folds``, with the
-same Ray Train code as ``serray pretrain`` / ``serray finetune`` (each stage is a TorchTrainer run
-inside the trial function, as Ray 2.60 requires). Every fine-tuning epoch reaches Tune through
-``TuneReportCallback``, so ASHA stops poor trials on ``tune.scheduler_metric`` (validation UA); a
-finished trial reports its objective ``tune.metric`` (mean test UA over its folds).
+One trial = leave-one-session-out on ``tune.folds`` (per fold: the fold's pre-training, then
+fine-tuning), with the same code as ``serray pipeline``. Every fine-tuning epoch reaches Tune, so
+ASHA stops poor trials on ``tune.scheduler_metric`` (validation UA); a finished trial reports its
+objective ``tune.metric``, a *validation* metric (mean over its folds of the selected epoch's
+validation UA): trials are never ranked on test data (a test metric there is a config error). The
+chosen configuration is then run on ``tune.final_folds`` (default all five) and that LOSO result is
+what is reported and registered (``selected_on`` says how it was chosen). Test metrics of trials are
+shown in ``trials.md`` for information only.
+
+A sweep never spends a trial on a configuration it already ran: when every leaf is discrete
+(``choice`` / ``grid``), the configurations are enumerated and ``tune.num_samples`` of them drawn
+without replacement (all of them when there are fewer). Trials with the same pre-training settings
+share one pre-training (it lives under the sweep's directory, keyed by its config hash).
 
 The search space lives in ``tune.search_space``, nested like the config; a leaf is one of
 ``{choice: [...]}``, ``{grid: [...]}``, ``{uniform: [lo, hi]}``, ``{loguniform: [lo, hi]}``,
@@ -19,7 +27,7 @@ import json
 import logging
 import time
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from omegaconf import OmegaConf
 
@@ -93,38 +101,69 @@ def _override(key: str, value: Any) -> str:
     return f"{key}={json.dumps(value) if isinstance(value, (list, dict, bool)) or value is None else value}"
 
 
-def param_space(flat: Dict[str, Tuple[str, list]]) -> Dict[str, Any]:
+def is_discrete(flat: Dict[str, Tuple[str, list]]) -> bool:
+    return all(form in ("choice", "grid") for form, _ in flat.values())
+
+
+def enumerate_space(flat: Dict[str, Tuple[str, list]], num_samples: int, seed: int) -> List[Dict[str, Any]]:
+    """Every configuration of a discrete space, or ``num_samples`` of them drawn without replacement
+    (seeded), in a stable order."""
+    import itertools
+    import random
+
+    keys = list(flat)
+    combos = [dict(zip(keys, values)) for values in itertools.product(*(flat[k][1] for k in keys))]
+    if num_samples >= len(combos):
+        return combos
+    picked = sorted(random.Random(seed).sample(range(len(combos)), num_samples))
+    return [combos[i] for i in picked]
+
+
+COMBO_KEY = "combo"  # param_space key of an enumerated configuration (a dict of dotted keys)
+
+
+def param_space(flat: Dict[str, Tuple[str, list]], num_samples: int = 1, seed: int = 0) -> Dict[str, Any]:
+    """Tune's param_space: enumerated configurations (discrete spaces) or distributions."""
     from ray import tune
 
+    if is_discrete(flat):
+        return {COMBO_KEY: tune.grid_search(enumerate_space(flat, num_samples, seed))}
     make = {"choice": tune.choice, "grid": tune.grid_search, "uniform": lambda a: tune.uniform(*a),
             "loguniform": lambda a: tune.loguniform(*a), "randint": lambda a: tune.randint(*a)}
     return {TRIAL_KEY_PREFIX + k: make[form](args) for k, (form, args) in flat.items()}
 
 
 def trial_hyperparameters(config: Dict[str, Any]) -> Dict[str, Any]:
+    if COMBO_KEY in config:
+        return dict(config[COMBO_KEY])
     return {k[len(TRIAL_KEY_PREFIX):]: v for k, v in config.items() if k.startswith(TRIAL_KEY_PREFIX)}
 
 
-def trial_config(cfg, hyper: Dict[str, Any], trial_dir: Path):
-    """The run config of one trial: the swept values, its own directories, the sweep's folds."""
+def trial_config(cfg, hyper: Dict[str, Any], trial_dir: Path, folds: Optional[List[int]] = None):
+    """The run config of one trial: the swept values, its own fine-tuning directory, a pre-training
+    directory shared by every trial with the same pre-training settings, the sweep's folds."""
+    from serray.train.pretrain import pretrain_hash
+
     trial_dir = Path(trial_dir)
-    return derive(cfg, [*[_override(k, v) for k, v in hyper.items()],
-                        f"pretrain.dir={trial_dir / 'pretrain'}", f"finetune.dir={trial_dir / 'finetune'}",
-                        f"finetune.init_from={trial_dir / 'pretrain' / 'adapter'}",
-                        f"finetune.folds={json.dumps(list(cfg.tune.folds))}", "finetune.register=false"])
+    folds = list(cfg.tune.folds) if folds is None else folds
+    tcfg = derive(cfg, [*[_override(k, v) for k, v in hyper.items()], f"finetune.dir={trial_dir / 'finetune'}",
+                        "finetune.init_from=null", f"finetune.folds={json.dumps(folds)}", "finetune.register=false"])
+    shared = Path(cfg.tune.dir) / cfg.tune.name / "pretrain" / pretrain_hash(tcfg)
+    return derive(tcfg, [f"pretrain.dir={shared}"])
 
 
 # ---------------------------------------------------------------- the trial
 
 
-def _trial(config: Dict[str, Any], cfg_dict: Dict[str, Any]) -> None:
-    """One Tune trial: pre-train, fine-tune the folds (each epoch reported to Tune), report the objective."""
-    import ray.tune
-    from ray.tune.integration.ray_train import TuneReportCallback
+VAL_KEYS = ("val_ua", "val_wa", "val_macro_f1", "val_loss")
 
-    from serray.train.finetune import _fold_done, run_fold
-    from serray.train.pretrain import run_pretrain
-    from serray.train.results import write_results
+
+def _trial(config: Dict[str, Any], cfg_dict: Dict[str, Any]) -> None:
+    """One Tune trial: per fold, pre-train (shared) and fine-tune (each epoch reported to Tune); report
+    the validation objective and, for information, the test metrics."""
+    import ray.tune
+
+    from serray.train.finetune import fold_done, run_fold
 
     cfg = OmegaConf.create(cfg_dict)
     trial_id = ray.tune.get_context().get_trial_id()
@@ -134,15 +173,10 @@ def _trial(config: Dict[str, Any], cfg_dict: Dict[str, Any]) -> None:
     trial_dir.mkdir(parents=True, exist_ok=True)
     with open(trial_dir / "attempts.log", "a") as f:  # how often this trial ran (tests of resuming)
         f.write(time.strftime("%Y-%m-%dT%H:%M:%S") + "\n")
-    if tcfg.finetune.mode != "none":
-        run_pretrain(tcfg)
-    folds = []
-    for fold in tcfg.finetune.folds:
-        folds.append(_fold_done(tcfg, fold) or run_fold(tcfg, fold, callbacks=[TuneReportCallback()]))
-    summary = write_results(folds, tcfg.finetune.dir, {"mode": tcfg.finetune.mode, "hyperparameters": hyper,
-                                                        "title": f"trial {trial_id}"})
-    val = sum(f["val_ua"] for f in folds) / len(folds)
-    ray.tune.report({**summary["mean"], "val_ua": val, "trial_dir": str(trial_dir), "done_trial": 1})
+    folds = [fold_done(tcfg, fold) or run_fold(tcfg, fold, report_to_tune=True) for fold in tcfg.finetune.folds]
+    val = {k: float(sum(f[k] for f in folds) / len(folds)) for k in VAL_KEYS if all(k in f for f in folds)}
+    test = {f"test_{k}": float(sum(f[k] for f in folds) / len(folds)) for k in ("ua", "wa", "macro_f1")}
+    ray.tune.report({**val, **test, "trial_dir": str(trial_dir), "done_trial": 1})
 
 
 # ---------------------------------------------------------------- the sweep
@@ -173,14 +207,13 @@ def run_sweep(cfg, echo: Callable[[str], Any] = print) -> Dict[str, Any]:
     from serray.ray_utils import init_ray
     from serray.train.pretrain import check_features
 
-    if cfg.tune.metric not in ("ua", "wa", "macro_f1"):
-        raise ConfigError(f"tune.metric must be ua, wa or macro_f1, got '{cfg.tune.metric}'")
     if cfg.tune.mode not in ("max", "min"):
         raise ConfigError(f"tune.mode must be max or min, got '{cfg.tune.mode}'")
-    bad = [f for f in cfg.tune.folds if f not in cfg.data.sessions]
-    if bad or not cfg.tune.folds:
-        raise ConfigError(f"tune.folds must be a non-empty subset of data.sessions {list(cfg.data.sessions)}, got "
-                          f"{list(cfg.tune.folds)}")
+    for key in ("folds", "final_folds"):
+        folds = cfg.tune[key] if cfg.tune[key] is not None else cfg.finetune.folds
+        if not folds or any(f not in cfg.data.sessions for f in folds):
+            raise ConfigError(f"tune.{key} must be a non-empty subset of data.sessions {list(cfg.data.sessions)}, got "
+                              f"{list(folds)}")
     flat = validate_space(cfg)
     scheduler = _scheduler(cfg)
     if not storage.is_file(storage.join(cfg.features.dir, "_serray_features.json")):
@@ -192,9 +225,11 @@ def run_sweep(cfg, echo: Callable[[str], Any] = print) -> Dict[str, Any]:
     exp_dir = Path(cfg.tune.dir) / cfg.tune.name
     space_file = exp_dir / SPACE_FILE
     init_ray(cfg)
-    resources = {"cpu": cfg.tune.cpus_per_trial, "memory": 64 * 1024**2}
+    from serray.train.finetune import trial_resources
+
+    resources = trial_resources(cfg, extra_cpu=cfg.tune.cpus_per_trial)
     if cfg.tune.gpus_per_trial:
-        resources["gpu"] = cfg.tune.gpus_per_trial
+        resources["gpu"] = resources.get("gpu", 0) + cfg.tune.gpus_per_trial
     trainable = tune.with_resources(tune.with_parameters(_trial, cfg_dict=as_dict(cfg)), resources)
     if tune.Tuner.can_restore(str(exp_dir)):
         stored = json.loads(space_file.read_text()) if space_file.is_file() else {}
@@ -204,11 +239,15 @@ def run_sweep(cfg, echo: Callable[[str], Any] = print) -> Dict[str, Any]:
         echo(f"resuming the sweep in {exp_dir} (finished trials are kept)")
         tuner = tune.Tuner.restore(str(exp_dir), trainable=trainable, resume_unfinished=True, resume_errored=True)
     else:
-        echo(f"sweep {cfg.tune.name}: {len(flat)} hyper-parameters, {cfg.tune.num_samples} samples, "
-             f"scheduler {cfg.tune.scheduler}, folds {list(cfg.tune.folds)}")
+        n = (len(enumerate_space(flat, cfg.tune.num_samples, cfg.seed)) if is_discrete(flat) else cfg.tune.num_samples)
+        how = "distinct configurations (drawn without replacement)" if is_discrete(flat) else "samples"
+        echo(f"sweep {cfg.tune.name}: {len(flat)} hyper-parameters, {n} {how}, scheduler {cfg.tune.scheduler}, "
+             f"folds {list(cfg.tune.folds)}; ranked on {cfg.tune.metric} (validation); the best is then run on "
+             f"folds {final_folds(cfg)}")
+        space = param_space(flat, cfg.tune.num_samples, cfg.seed)
         tuner = tune.Tuner(
-            trainable, param_space=param_space(flat),
-            tune_config=tune.TuneConfig(num_samples=cfg.tune.num_samples, scheduler=scheduler,
+            trainable, param_space=space,
+            tune_config=tune.TuneConfig(num_samples=1 if COMBO_KEY in space else cfg.tune.num_samples, scheduler=scheduler,
                                         max_concurrent_trials=cfg.tune.max_concurrent_trials),
             run_config=tune.RunConfig(storage_path=str(Path(cfg.tune.dir)), name=cfg.tune.name, verbose=1),
         )
@@ -226,10 +265,9 @@ def _tune_statuses(grid) -> List[Tuple[str, str]]:
 
 
 def summarise_sweep(cfg, grid, flat, echo: Callable[[str], Any] = print) -> Dict[str, Any]:
-    """trials.csv / trials.md / plots; registers the best finished trial."""
+    """trials.csv / trials.md / plots; runs the trial with the best validation objective on
+    ``tune.final_folds`` and registers that result."""
     import pandas as pd
-
-    from serray.train.finetune import register_result
 
     exp_dir = Path(cfg.tune.dir) / cfg.tune.name
     rows, hypers = [], []
@@ -242,7 +280,7 @@ def summarise_sweep(cfg, grid, flat, echo: Callable[[str], Any] = print) -> Dict
         status = ("ERROR" if r.error is not None else "finished" if m.get("done_trial")
                   else "stopped early" if state == "TERMINATED" else "interrupted")
         rows.append({"trial_id": m.get("trial_id", trial_id), **hyper, "status": status,
-                     **{k: m.get(k) for k in ("ua", "wa", "macro_f1", "val_ua", "training_iteration")},
+                     **{k: m.get(k) for k in (*VAL_KEYS, "test_ua", "test_wa", "test_macro_f1", "training_iteration")},
                      "time_s": m.get("time_total_s"), "trial_dir": m.get("trial_dir")})
     df = pd.DataFrame(rows)
     df.to_csv(exp_dir / "trials.csv", index=False)
@@ -271,13 +309,11 @@ def summarise_sweep(cfg, grid, flat, echo: Callable[[str], Any] = print) -> Dict
     out["best"] = best.to_dict()
     echo(f"best trial {best['trial_id']}: {cfg.tune.metric}={best[cfg.tune.metric]:.4f} "
          + " ".join(f"{k}={best[k]}" for k in flat))
-    if cfg.tune.register_best:
-        hyper = hypers[best.name]  # the trial's own values (a table cell turns None into NaN)
-        tcfg = trial_config(cfg, hyper, Path(best["trial_dir"]))
-        summary = json.loads((Path(tcfg.finetune.dir) / "metrics.json").read_text())
-        entry = register_result(tcfg, summary, source="tune", hyperparameters=hyper)
-        out["registered"] = entry["id"]
-        echo(f"registered as {entry['id']} in {storage.describe(cfg.registry.dir)}")
+    hyper = hypers[best.name]  # the trial's own values (a table cell turns None into NaN)
+    final = run_final(cfg, hyper, best["trial_id"], echo)
+    out["final"] = {"mean": final["mean"], "std": final["std"], "folds": final_folds(cfg)}
+    if final.get("registered"):
+        out["registered"] = final["registered"]
     if errors:
         from serray.errors import SerrayError
 
@@ -285,17 +321,48 @@ def summarise_sweep(cfg, grid, flat, echo: Callable[[str], Any] = print) -> Dict
     return out
 
 
+def final_folds(cfg) -> List[int]:
+    return list(cfg.tune.final_folds if cfg.tune.final_folds is not None else cfg.finetune.folds)
+
+
+def run_final(cfg, hyper: Dict[str, Any], trial_id: str, echo: Callable[[str], Any] = print) -> Dict[str, Any]:
+    """The chosen configuration on ``tune.final_folds``: the LOSO result that is reported and
+    registered (pre-trainings shared with the sweep's trials are reused)."""
+    from serray.train.finetune import register_result, run_finetune
+
+    exp_dir = Path(cfg.tune.dir) / cfg.tune.name
+    fcfg = trial_config(cfg, hyper, exp_dir / "final", folds=final_folds(cfg))
+    echo(f"running the chosen configuration ({trial_id}: " + ", ".join(f"{k}={v}" for k, v in hyper.items())
+         + f") on folds {final_folds(cfg)}")
+    summary = run_finetune(fcfg)
+    from serray.train.results import markdown_table
+
+    echo(markdown_table(summary, f"chosen configuration, leave-one-session-out on folds {final_folds(cfg)}"))
+    if cfg.tune.register_best:
+        selected = f"tune {cfg.tune.name}: {cfg.tune.metric} ({cfg.tune.mode}) over folds {list(cfg.tune.folds)}"
+        entry = register_result(fcfg, summary, source="tune", hyperparameters=hyper, selected_on=selected)
+        summary["registered"] = entry["id"]
+        echo(f"registered as {entry['id']} in {storage.describe(cfg.registry.dir)}")
+    return summary
+
+
+TEST_INFO = ("test_ua", "test_wa", "test_macro_f1")
+
+
 def _markdown(df, keys: List[str]) -> str:
-    cols = ["trial_id", *keys, "status", "ua", "wa", "macro_f1", "val_ua", "training_iteration"]
-    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    cols = ["trial_id", *keys, "status", "val_ua", "val_loss", *TEST_INFO, "training_iteration"]
+    names = {c: f"{c} (info only)" for c in TEST_INFO}
+    lines = ["| " + " | ".join(names.get(c, c) for c in cols) + " |", "|" + "---|" * len(cols)]
     for _, r in df.iterrows():
         cells = []
         for c in cols:
             v = r.get(c)
-            cells.append(f"{100 * v:.2f}" if c in ("ua", "wa", "macro_f1", "val_ua") and isinstance(v, float) and v == v
+            cells.append(f"{100 * v:.2f}" if c in ("val_ua", *TEST_INFO) and isinstance(v, float) and v == v
                          else "-" if v is None or (isinstance(v, float) and v != v)
                          else f"{v:g}" if isinstance(v, float) else str(v))  # a column with gaps is float: 2.0 -> 2
         lines.append("| " + " | ".join(cells) + " |")
+    lines.append(f"\nTrials are ranked on validation metrics only; test columns are shown for information and "
+                 f"were not used to choose.")
     return "\n".join(lines) + "\n"
 
 

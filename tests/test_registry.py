@@ -16,20 +16,44 @@ from serray.registry import best_entry, get_entry, list_entries, model_dir, regi
 from serray.serve.demo import make_demo_checkpoint, synthetic_clip
 
 
+FIVE = [1, 2, 3, 4, 5]
+
+
 @pytest.fixture
 def registry(tmp_path):
+    """Three comparable entries (inductive, five folds); the second has the best *validation* UA."""
     reg = tmp_path / "registry"
     ids = []
-    for i, ua in enumerate([0.55, 0.71, 0.62]):
+    for i, (ua, val) in enumerate([(0.55, 0.50), (0.71, 0.66), (0.62, 0.60)]):
         ck = make_demo_checkpoint(tmp_path / f"ck{i}", seed=i)
-        rec = register(reg, ck, metrics={"ua": ua, "wa": ua, "macro_f1": ua}, config_yaml="seed: 0\n", source="test",
-                       hyperparameters={"adapter.mask_ratio": 0.1 * i})
+        rec = register(reg, ck, metrics={"ua": ua, "wa": ua, "macro_f1": ua, "val_ua": val}, config_yaml="seed: 0\n",
+                       source="test", hyperparameters={"adapter.mask_ratio": 0.1 * i},
+                       extra={"protocol": "inductive", "folds": FIVE, "selected_on": "val_ua (epochs)"})
         ids.append(rec["id"])
         time.sleep(0.01)
     return reg, ids
 
 
-def test_entries_are_complete_and_best_is_highest_ua(registry):
+def test_best_never_uses_test_metrics_and_compares_like_with_like(registry, tmp_path):
+    """A one-fold sweep entry or a transductive entry with a higher UA is not "best" for a five-fold
+    inductive config, and among comparable entries the highest *validation* UA wins, not test UA."""
+    reg, ids = registry
+    ck = make_demo_checkpoint(tmp_path / "ck_other", seed=9)
+    one_fold = register(reg, ck, metrics={"ua": 0.95, "val_ua": 0.99}, config_yaml="", source="tune",
+                        extra={"protocol": "inductive", "folds": [1]})["id"]
+    transd = register(reg, ck, metrics={"ua": 0.90, "val_ua": 0.98}, config_yaml="", source="finetune",
+                      extra={"protocol": "transductive", "folds": FIVE})["id"]
+    test_best = register(reg, ck, metrics={"ua": 0.99, "val_ua": 0.40}, config_yaml="", source="finetune",
+                         extra={"protocol": "inductive", "folds": FIVE})["id"]  # best test UA, worst val UA
+    assert best_entry(reg, "inductive", FIVE)["id"] == ids[1]
+    assert best_entry(reg, "inductive", [1])["id"] == one_fold
+    assert best_entry(reg, "transductive", FIVE)["id"] == transd
+    assert test_best != ids[1]
+    with pytest.raises(DataError, match="protocol=inductive on folds \\[2\\]"):
+        best_entry(reg, "inductive", [2])
+
+
+def test_entries_are_complete_and_best_is_highest_val_ua(registry):
     reg, ids = registry
     entries = list_entries(reg)
     assert [e["id"] for e in entries] == ids

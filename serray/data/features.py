@@ -38,40 +38,80 @@ def session_paths(features_dir: str | Path, sessions: Iterable[int]) -> List[str
     return files
 
 
-def feature_dataset(features_dir: str | Path, sessions: Iterable[int], utt_ids: Optional[Sequence[str]] = None,
-                    cache_max_mb: float = 0.0):
-    """A Ray Dataset of the training columns of some sessions (optionally some utterances).
+class TrainingData:
+    """The rows a training stage reads, and how.
+
+    ``mode == "memory"`` (the selection is below ``features.cache_max_mb``): the rows are read once
+    with pyarrow (no Ray task, so it also works inside a Tune trial); the loop keeps them as compact
+    float16 bytes and shuffles them itself every epoch (see :mod:`serray.train.loop`).
+    ``mode == "stream"``: a lazy Ray Dataset over the Parquet files with ``random_shuffle(seed=...)``,
+    which Ray Data reshuffles at every execution (= every epoch) from the seed.
+    """
+
+    def __init__(self, mode: str, table=None, dataset=None):
+        self.mode, self.table, self._dataset = mode, table, dataset
+
+    def __len__(self) -> int:
+        return self.table.num_rows if self.table is not None else self._dataset.count()
+
+    def ray_dataset(self):
+        """A Ray Dataset for Ray Train workers (``from_arrow`` blocks in memory mode)."""
+        if self._dataset is not None:
+            return self._dataset
+        import ray.data
+
+        per_block = max(1, math.ceil(self.table.num_rows / 8))
+        return ray.data.from_arrow([self.table.slice(i, per_block) for i in range(0, self.table.num_rows, per_block)]
+                                   or [self.table])
+
+    def rows(self):
+        """The rows in this process (memory mode): a :class:`serray.train.loop.Rows`."""
+        from serray.train.loop import Rows
+
+        if self.table is None:
+            raise ValueError("stream-mode training data has no in-memory rows")
+        cols = self.table.to_pydict()
+        return Rows({"feat": _object_array(cols["feat"]), "num_frames": np.asarray(cols["num_frames"]),
+                     "dim": np.asarray(cols["dim"]), "num_layers": np.asarray(cols["num_layers"]),
+                     "label": _object_array(cols["label"])})
+
+
+def _object_array(values) -> np.ndarray:
+    out = np.empty(len(values), dtype=object)
+    out[:] = values
+    return out
+
+
+def training_data(features_dir: str | Path, sessions: Iterable[int], utt_ids: Optional[Sequence[str]] = None,
+                  cache_max_mb: float = 0.0, seed: int = 0) -> TrainingData:
+    """The training rows of some sessions (optionally some utterances) for the shared loop.
 
     Args:
         features_dir: a directory written by ``serray featurize`` (local or a storage URI).
-        sessions: IEMOCAP sessions to read.
-        utt_ids: keep only these utterances (e.g. a validation split).
-        cache_max_mb: when the selected Parquet files are smaller than this, the rows are read once
-            with pyarrow in this process and put into the Ray object store (``from_arrow``, no Ray
-            task, so it also works inside a Tune trial): epochs then skip the Parquet read and its
-            task start-up. Larger selections stay lazy and stream from Parquet every epoch.
+        sessions: sessions to read (0 = ``pretrain.extra_audio``).
+        utt_ids: keep only these utterances (e.g. a fold's training split).
+        cache_max_mb: selections whose Parquet files are smaller than this are held in memory.
+        seed: the seed of the stream-mode shuffle.
     """
-    import ray.data
-    from ray.data.expressions import col
+    import pyarrow as pa
+    import pyarrow.compute as pc
 
     files = session_paths(features_dir, sessions)
     size_mb = sum(storage.size(f) for f in files) / 2**20
-    if size_mb <= cache_max_mb:  # no Ray task runs here (safe inside a Tune trial's placement group too)
-        import pyarrow as pa
-        import pyarrow.compute as pc
-
+    if size_mb <= cache_max_mb:
         table = _read_table(tuple(files))
         if utt_ids is not None:
             table = table.filter(pc.is_in(table["utt_id"], value_set=pa.array(list(utt_ids), pa.string())))
-        rows_per_block = max(1, math.ceil(table.num_rows / 8))
-        return ray.data.from_arrow([table.slice(i, rows_per_block) for i in range(0, table.num_rows, rows_per_block)]
-                                   or [table])
+        return TrainingData("memory", table=table)
+    import ray.data
+    from ray.data.expressions import col
+
     # fractional CPUs: reads must fit beside Train workers and other folds on small machines
     paths, fs = storage.ray_paths(files)
     ds = ray.data.read_parquet(paths, filesystem=fs, columns=TRAIN_COLUMNS, partitioning=None, num_cpus=0.25)
     if utt_ids is not None:
         ds = ds.filter(expr=col("utt_id").is_in(list(utt_ids)))  # pushed down into the Parquet read
-    return ds
+    return TrainingData("stream", dataset=ds.random_shuffle(seed=int(seed)))
 
 
 @functools.lru_cache(maxsize=4)

@@ -365,3 +365,13 @@ def featurize(cfg, overwrite: bool = False) -> Dict[str, object]:
             "rows_per_session": meta["rows_per_session"], "labelled_rows_per_session": labelled,
             "extra_rows": int(rows_per_session.get(str(EXTRA_SESSION), 0)), "removed_extra_rows": pruned,
             "features_dir": out_dir, "encoder": meta}
+
+
+def featurize_summary(s: dict) -> str:
+    """Two lines for the terminal: what is stored, what was computed now, the encoder."""
+    enc = s["encoder"]
+    per = ", ".join(f"S{k}: {v}" for k, v in sorted(s["rows_per_session"].items()))
+    return (f"features: {s['stored']} utterances in {storage.describe(s['features_dir'])} ({per}); "
+            f"{s['written']} computed now in {s['seconds']} s, {s['skipped']} skipped"
+            + ("; S0 = pretrain.extra_audio (pre-training only)" if s.get("extra_rows") else "") + "\n"
+            f"encoder: {enc['encoder']} layers={enc['layers']} dim={enc['dim']} frame_rate={enc['frame_rate']} Hz, float16")

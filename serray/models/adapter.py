@@ -2,17 +2,24 @@
 online-clustering objectives on top of frozen speech-encoder features.
 
 A student :class:`WAPTransformer` sees span-masked embeddings; an EMA teacher
-(same architecture, frozen, eval mode) sees the unmasked input. At masked,
-non-padded frames the student is trained to
+(same architecture, frozen, eval mode) sees the unmasked input. Both branches
+carry a convolutional relative positional embedding applied after the mask
+replacement (wav2vec 2.0 / data2vec), so masked frames of one utterance get
+different outputs. At masked, non-padded frames the student is trained to
 
 * ``mask``: reconstruct the standardised (CMVN) input frames (``recon_head``),
-* ``distill``: regress the instance-normalised teacher output (``distill_head``),
-* ``cluster``: classify the online k-means id of the normalised teacher frame
-  (``cluster_head``), i.e. the local attribute of the frame.
+* ``distill``: regress the data2vec target: the mean of the teacher's top-k
+  layer outputs, each instance-normalised over the valid frames of its
+  utterance (``distill_head``),
+* ``cluster``: classify the online k-means id of that target frame
+  (``cluster_head``), i.e. the local attribute of the frame; its cross-entropy
+  is divided by ``ln K`` so that it starts near 1, like the two MSE terms on
+  unit-variance targets.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -55,9 +62,51 @@ def _ce(logits: Tensor, target: Tensor) -> Tensor:
     return F.cross_entropy(logits.float(), target)
 
 
-def _norm(x: Tensor) -> Tensor:
-    """Layer norm without affine over the last dim, in float32."""
-    return F.layer_norm(x.float(), x.shape[-1:])
+def instance_norm(x: Tensor, padding_mask: Tensor, eps: float = 1e-5) -> Tensor:
+    """Per-utterance, per-channel standardisation over the valid frames (data2vec's target norm).
+
+    Args:
+        x: ``[B, T, C]``.
+        padding_mask: bool ``[B, T]``, True = padded frame.
+
+    Returns:
+        float32 ``[B, T, C]``: zero mean and unit variance over each utterance's valid frames
+        (padded frames 0).
+    """
+    x = x.float()
+    valid = (~padding_mask).float()[..., None]
+    n = valid.sum(1, keepdim=True).clamp_min(1.0)
+    mean = (x * valid).sum(1, keepdim=True) / n
+    var = (((x - mean) * valid) ** 2).sum(1, keepdim=True) / n
+    return ((x - mean) / torch.sqrt(var + eps)) * valid
+
+
+def no_decay(name: str, param: nn.Parameter) -> bool:
+    """Parameters that get no weight decay: norms, biases, embeddings and logits (anything with
+    fewer than 2 dimensions: LayerNorm weights, biases, the mask embedding, layer-weight logits)."""
+    return param.ndim < 2 or name.endswith(".bias")
+
+
+def param_groups(named_params, weight_decay: float, lr_scale: float = 1.0, tag: str = "") -> list[dict]:
+    """AdamW groups: decayed weights and undecayed norms/biases/embeddings/logits.
+
+    Args:
+        named_params: ``(name, parameter)`` pairs; only those with ``requires_grad`` are used.
+        weight_decay: decay of the decayed group.
+        lr_scale: factor applied to the learning rate of both groups (the loop multiplies the
+            scheduled rate by ``group["lr_scale"]``).
+        tag: a name stored in each group (``group["name"]``), e.g. ``"body"``, ``"head"``.
+
+    Returns:
+        Up to two groups (empty ones are left out).
+    """
+    decay, plain = [], []
+    for name, p in named_params:
+        if p.requires_grad:
+            (plain if no_decay(name, p) else decay).append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay, "lr_scale": lr_scale, "name": f"{tag}decay"},
+              {"params": plain, "weight_decay": 0.0, "lr_scale": lr_scale, "name": f"{tag}no_decay"}]
+    return [g for g in groups if g["params"]]
 
 
 class Adapter(nn.Module):
@@ -72,15 +121,18 @@ class Adapter(nn.Module):
         ff_dim: Feed-forward hidden size.
         dropout: Dropout of the student (the teacher always runs in eval mode).
         mask_ratio: Fraction of valid frames masked per utterance.
-        mask_span: Length of the mask spans.
+        mask_span: Length of the mask spans in frames (the config gives milliseconds).
         num_clusters: k-means clusters ``K`` (local attributes).
         kmeans_decay: EMA decay of the online k-means.
         w_mask: Weight of the masked-reconstruction loss (0 disables it).
         w_distill: Weight of the self-distillation loss (0 disables it).
         w_cluster: Weight of the cluster-prediction loss (0 disables it).
-        distill_top_k: 1 = target is the teacher's WAP output; k > 1 =
-            data2vec-style average of the last k teacher layers, each
-            layer-normalised (no affine), then layer-normalised again.
+        distill_top_k: how many of the teacher's top layers are averaged into the
+            distillation target (each instance-normalised over time first);
+            None = all layers.
+        pos_conv_kernel: kernel (odd, frames) of the convolutional positional
+            embedding of both branches (0: none).
+        pos_conv_groups: groups of that convolution.
     """
 
     def __init__(
@@ -99,9 +151,12 @@ class Adapter(nn.Module):
         w_mask: float = 1.0,
         w_distill: float = 1.0,
         w_cluster: float = 1.0,
-        distill_top_k: int = 1,
+        distill_top_k: int | None = None,
+        pos_conv_kernel: int = 0,
+        pos_conv_groups: int = 16,
     ) -> None:
         super().__init__()
+        distill_top_k = num_layers if distill_top_k is None else distill_top_k
         if not 1 <= distill_top_k <= num_layers:
             raise ValueError(f"distill_top_k must be in [1, {num_layers}], got {distill_top_k}")
         self._config = dict(
@@ -109,7 +164,8 @@ class Adapter(nn.Module):
             num_layers=num_layers, num_heads=num_heads, ff_dim=ff_dim, dropout=dropout,
             mask_ratio=mask_ratio, mask_span=mask_span, num_clusters=num_clusters,
             kmeans_decay=kmeans_decay, w_mask=w_mask, w_distill=w_distill,
-            w_cluster=w_cluster, distill_top_k=distill_top_k,
+            w_cluster=w_cluster, distill_top_k=distill_top_k, pos_conv_kernel=pos_conv_kernel,
+            pos_conv_groups=pos_conv_groups,
         )
         self.input_dim = input_dim
         self.d_model = d_model
@@ -134,7 +190,8 @@ class Adapter(nn.Module):
         return WAPTransformer(
             c["input_dim"], d_model=c["d_model"], num_layers=c["num_layers"],
             num_heads=c["num_heads"], ff_dim=c["ff_dim"], dropout=c["dropout"],
-            num_input_layers=c["num_input_layers"],
+            num_input_layers=c["num_input_layers"], pos_conv_kernel=c["pos_conv_kernel"],
+            pos_conv_groups=c["pos_conv_groups"],
         )
 
     def config_dict(self) -> dict:
@@ -156,26 +213,33 @@ class Adapter(nn.Module):
         """Parameters with ``requires_grad`` (student, mask embedding, heads)."""
         return [p for p in self.parameters() if p.requires_grad]
 
+    def param_groups(self, weight_decay: float) -> list[dict]:
+        """AdamW groups: no weight decay on norms, biases, the mask embedding and layer logits."""
+        return param_groups(self.named_parameters(), weight_decay)
+
+    def branch_parameters(self, branch: str) -> list[Tensor]:
+        """The parameters of one branch (``"student"`` / ``"teacher"``), in a fixed order."""
+        return [p for _, p in getattr(self, branch).named_parameters()]
+
     @torch.no_grad()
     def teacher_targets(self, x: Tensor, padding_mask: Tensor) -> tuple[Tensor, Tensor]:
-        """Teacher output and normalised distillation/cluster targets.
+        """Teacher output and the data2vec distillation/cluster target.
 
         Args:
             x: ``[B, T, D]`` or ``[B, L, T, D]`` encoder features (unmasked).
             padding_mask: bool ``[B, T]``, True = padded frame.
 
         Returns:
-            ``(t, target)``: raw teacher output ``[B, T, d_model]`` and float32
-            target ``[B, T, d_model]`` (layer norm without affine).
+            ``(t, target)``: the teacher's WAP output ``[B, T, d_model]`` and the float32
+            target ``[B, T, d_model]``: the mean of the teacher's top ``distill_top_k`` layer
+            outputs, each instance-normalised over the valid frames of its utterance (data2vec);
+            padded frames 0.
         """
         teacher = self.teacher.eval()
-        if self.distill_top_k == 1:
-            t = teacher(x, padding_mask)
-            return t, _norm(t)
         layers = teacher.layer_outputs(teacher.embed(x), padding_mask)
         t = teacher.combine(layers, padding_mask)
-        top = torch.stack([_norm(h) for h in layers[-self.distill_top_k:]]).mean(0)
-        return t, _norm(top).masked_fill(padding_mask[..., None], 0.0)
+        top = torch.stack([instance_norm(h, padding_mask) for h in layers[-self.distill_top_k:]]).mean(0)
+        return t, top
 
     def _input_targets(self, x: Tensor, sel: Tensor) -> Tensor:
         """Standardised input frames (the student's CMVN; mean over L for stacked input) at ``sel``."""
@@ -196,7 +260,8 @@ class Adapter(nn.Module):
             stats = {"cluster_entropy": upd["entropy"], "dead_clusters": float(upd["dead"])}
         else:
             stats = self._eval_cluster_stats(ids)
-        loss = _ce(self.cluster_head(s_m), ids[mask[valid]])
+        # / ln K: a uniform guess costs 1, the scale of the MSE terms on unit-variance targets
+        loss = _ce(self.cluster_head(s_m), ids[mask[valid]]) / math.log(self.kmeans.num_clusters)
         return loss, stats
 
     def _eval_cluster_stats(self, ids: Tensor) -> dict[str, float]:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
@@ -48,28 +46,35 @@ def _random_rows(x: Tensor, k: int) -> Tensor:
 
 
 class OnlineKMeans(nn.Module):
-    """Mini-batch k-means with EMA centroid updates and dead-cluster re-seeding.
+    """Mini-batch k-means with EMA sums and counts (VQ-VAE style) and dead-cluster re-seeding.
 
-    State lives in buffers (``centroids`` [K, dim] float32, ``counts`` [K]
-    float32 EMA of per-batch usage, ``initialized`` bool scalar, ``steps``
-    long scalar) so it travels with ``state_dict``. Under
-    ``torch.distributed`` (world size > 1) per-cluster sums/counts are
-    all-reduced and the resulting state is broadcast from rank 0 after every
-    update, keeping centroids bit-identical on all workers.
+    Each update moves a centroid by the EMA of the *sums* and *counts* of the frames assigned to
+    it, ``c_k <- (g N_k c_k + (1-g) s_k) / (g N_k + (1-g) n_k)`` (``s_k``, ``n_k``: this batch's
+    sum and count for cluster k; ``N_k``: the EMA count), so a cluster that got one frame moves
+    a little and one that got a thousand moves a lot; an unused cluster stays where it is.
+    A cluster that received no frame for ``dead_patience`` consecutive updates, or whose EMA usage
+    share fell below ``dead_threshold``, is re-seeded from a random frame of the current batch
+    (so short runs recover dead clusters within a few steps, not hundreds).
+
+    State lives in buffers (``centroids`` [K, dim] float32, ``counts`` [K] float32 EMA counts,
+    ``idle`` [K] updates since a cluster last got a frame, ``initialized`` bool scalar, ``steps``
+    long scalar) so it travels with ``state_dict``. Under ``torch.distributed`` (world size > 1)
+    per-cluster sums/counts are all-reduced and the resulting state is broadcast from rank 0
+    after every update, keeping centroids bit-identical on all workers.
 
     Args:
         num_clusters: Number of clusters ``K``.
         dim: Feature dimension.
-        decay: EMA decay for centroids and counts.
-        dead_threshold: A cluster whose EMA usage share falls below this is
-            re-seeded from a random row of the current batch.
-        warmup_steps: Updates before dead-cluster checks start; defaults to
-            ``ceil(1 / (1 - decay))``.
+        decay: EMA decay ``g`` of sums and counts.
+        dead_threshold: EMA usage share below which a cluster counts as dead.
+        dead_patience: consecutive updates without a frame after which a cluster counts as dead.
+        warmup_steps: updates before the share test starts (the idle test starts at once).
         init: ``"kmeans++"`` or ``"random"`` (distinct random rows).
     """
 
     centroids: Tensor
     counts: Tensor
+    idle: Tensor
     initialized: Tensor
     steps: Tensor
 
@@ -79,7 +84,8 @@ class OnlineKMeans(nn.Module):
         dim: int,
         decay: float = 0.99,
         dead_threshold: float = 1e-3,
-        warmup_steps: int | None = None,
+        dead_patience: int = 5,
+        warmup_steps: int = 10,
         init: str = "kmeans++",
     ) -> None:
         super().__init__()
@@ -89,12 +95,12 @@ class OnlineKMeans(nn.Module):
         self.dim = dim
         self.decay = decay
         self.dead_threshold = dead_threshold
-        self.warmup_steps = (
-            math.ceil(1.0 / max(1.0 - decay, 1e-6)) if warmup_steps is None else warmup_steps
-        )
+        self.dead_patience = dead_patience
+        self.warmup_steps = warmup_steps
         self.init = init
         self.register_buffer("centroids", torch.zeros(num_clusters, dim))
         self.register_buffer("counts", torch.zeros(num_clusters))
+        self.register_buffer("idle", torch.zeros(num_clusters, dtype=torch.long))
         self.register_buffer("initialized", torch.tensor(False))
         self.register_buffer("steps", torch.tensor(0, dtype=torch.long))
 
@@ -121,6 +127,7 @@ class OnlineKMeans(nn.Module):
         else:
             self.centroids.copy_(_random_rows(x, k))
         self.counts.fill_(max(x.shape[0], 1) / k)
+        self.idle.zero_()
         self.initialized.fill_(True)
 
     def _batch_stats(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -136,15 +143,18 @@ class OnlineKMeans(nn.Module):
         return sums, cnt, mind.sum()[None]
 
     def _reseed_dead(self, x: Tensor) -> int:
-        """Re-seed clusters whose EMA usage share is below the threshold."""
-        if int(self.steps) < self.warmup_steps or x.shape[0] == 0:
+        """Re-seed clusters idle for ``dead_patience`` updates or below the usage-share threshold."""
+        if x.shape[0] == 0:
             return 0
-        share = self.counts / self.counts.sum().clamp_min(1e-12)
-        dead = share < self.dead_threshold
+        dead = self.idle >= self.dead_patience
+        if int(self.steps) >= self.warmup_steps:
+            share = self.counts / self.counts.sum().clamp_min(1e-12)
+            dead |= share < self.dead_threshold
         num_dead = int(dead.sum())
         if num_dead:
             self.centroids[dead] = _random_rows(x, num_dead)
             self.counts[dead] = self.counts[~dead].mean() if num_dead < self.num_clusters else 1.0
+            self.idle[dead] = 0
         return num_dead
 
     @torch.no_grad()
@@ -186,17 +196,19 @@ class OnlineKMeans(nn.Module):
         }
 
     def _ema_step(self, sums: Tensor, cnt: Tensor) -> None:
-        """EMA update of centroids (clusters with assignments) and counts."""
+        """EMA of per-cluster sums and counts: ``c <- (g N c + (1-g) s) / (g N + (1-g) n)``."""
+        g = self.decay
+        new_counts = g * self.counts + (1.0 - g) * cnt
+        ema_sums = g * self.counts[:, None] * self.centroids + (1.0 - g) * sums
         used = cnt > 0
-        means = sums / cnt.clamp_min(1.0)[:, None]
-        new = self.decay * self.centroids + (1.0 - self.decay) * means
-        self.centroids.copy_(torch.where(used[:, None], new, self.centroids))
-        self.counts.mul_(self.decay).add_((1.0 - self.decay) * cnt)
+        self.centroids.copy_(torch.where(used[:, None], ema_sums / new_counts.clamp_min(1e-12)[:, None], self.centroids))
+        self.counts.copy_(new_counts)
+        self.idle.copy_(torch.where(used, torch.zeros_like(self.idle), self.idle + 1))
         self.steps.add_(1)
 
     def _broadcast_state(self) -> None:
         """Make every rank hold rank 0's centroids, counts and step count."""
-        for buf in (self.centroids, self.counts, self.steps):
+        for buf in (self.centroids, self.counts, self.idle, self.steps):
             dist.broadcast(buf, src=0)
 
 

@@ -8,7 +8,10 @@ Transformer layers (one ``LayerNorm`` per layer, ``out_norms[l]``).
 
 from __future__ import annotations
 
+import math
+
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 
@@ -47,6 +50,46 @@ class FeatureNorm(nn.Module):
         return (x - self.mean[0]) / self.std[0]
 
 
+def kernel_frames(ms: float, frame_rate: float) -> int:
+    """An odd number of frames covering about ``ms`` milliseconds at ``frame_rate`` Hz (at least 1)."""
+    k = max(1, int(round(ms * frame_rate / 1000.0)))
+    return k if k % 2 else k + 1
+
+
+class ConvPositionalEmbedding(nn.Module):
+    """Relative positional embedding of wav2vec 2.0 / data2vec: a grouped ``Conv1d`` over time and a
+    GELU, added residually to the frames.
+
+    Self-attention alone is permutation-equivariant: without positions, every masked frame of an
+    utterance (all the same mask embedding) gets the same output. The convolution gives each frame
+    its neighbourhood, so frames at different places of a masked span differ. Padding is zeroed
+    before the convolution (it never leaks into valid frames) and after it.
+
+    Args:
+        d_model: channels.
+        kernel: odd kernel size in frames (see :func:`kernel_frames`: the width is set in
+            milliseconds, so any input frame rate works).
+        groups: convolution groups (16 in wav2vec 2.0); must divide ``d_model``.
+    """
+
+    def __init__(self, d_model: int, kernel: int, groups: int = 16) -> None:
+        super().__init__()
+        if kernel < 1 or kernel % 2 == 0:
+            raise ValueError(f"the positional convolution needs an odd kernel >= 1, got {kernel}")
+        if d_model % groups:
+            raise ValueError(f"pos_conv_groups ({groups}) must divide d_model ({d_model})")
+        self.conv = nn.Conv1d(d_model, d_model, kernel, padding=kernel // 2, groups=groups)
+        # wav2vec 2.0's initialisation: N(0, sqrt(4 / (kernel * d_model))), zero bias
+        nn.init.normal_(self.conv.weight, mean=0.0, std=math.sqrt(4.0 / (kernel * d_model)))
+        nn.init.zeros_(self.conv.bias)
+
+    def forward(self, h: Tensor, padding_mask: Tensor | None) -> Tensor:
+        """``h + GELU(conv(h))`` for ``h`` [B, T, d_model]; padded frames stay zero."""
+        h = _zero_padded(h, padding_mask)
+        pos = F.gelu(self.conv(h.transpose(1, 2))).transpose(1, 2)
+        return _zero_padded(h + pos, padding_mask)
+
+
 class WAPTransformer(nn.Module):
     """Pre-LN Transformer whose output is a learned weighted sum of its layers.
 
@@ -60,6 +103,9 @@ class WAPTransformer(nn.Module):
         num_input_layers: Number ``L`` of stacked encoder layers in the input;
             when > 1 the input ``[B, L, T, D]`` is reduced with
             ``softmax(input_layer_logits)``.
+        pos_conv_kernel: kernel (frames, odd) of the convolutional positional embedding applied
+            before the Transformer layers (0: none; the adapter sets it from milliseconds).
+        pos_conv_groups: groups of that convolution.
     """
 
     def __init__(
@@ -71,6 +117,8 @@ class WAPTransformer(nn.Module):
         ff_dim: int = 1024,
         dropout: float = 0.1,
         num_input_layers: int = 1,
+        pos_conv_kernel: int = 0,
+        pos_conv_groups: int = 16,
     ) -> None:
         super().__init__()
         if num_layers < 1 or num_input_layers < 1:
@@ -88,6 +136,7 @@ class WAPTransformer(nn.Module):
         self.input_norm = FeatureNorm(input_dim, num_input_layers)
         self.input_proj = nn.Linear(input_dim, d_model)
         self.input_dropout = nn.Dropout(dropout)
+        self.pos_conv = ConvPositionalEmbedding(d_model, pos_conv_kernel, pos_conv_groups) if pos_conv_kernel else None
         self.layers = nn.ModuleList(
             nn.TransformerEncoderLayer(
                 d_model,
@@ -153,10 +202,13 @@ class WAPTransformer(nn.Module):
 
         Returns:
             List of ``num_layers`` raw layer outputs ``[B, T, d_model]``
-            (before ``out_norms``; padded positions are unspecified).
+            (before ``out_norms``; padded positions are unspecified). The positional
+            convolution (if any) is applied first, so it sees the mask embeddings in place.
         """
         out = []
         h = _zero_padded(h, padding_mask)
+        if self.pos_conv is not None:
+            h = self.pos_conv(h, padding_mask)
         for layer in self.layers:
             h = layer(h, src_key_padding_mask=padding_mask)
             out.append(h)
@@ -201,4 +253,4 @@ class WAPTransformer(nn.Module):
         return self.encode(self.embed(x), padding_mask)
 
 
-__all__ = ["FeatureNorm", "WAPTransformer"]
+__all__ = ["ConvPositionalEmbedding", "FeatureNorm", "WAPTransformer", "kernel_frames"]

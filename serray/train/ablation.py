@@ -1,80 +1,288 @@
-"""The paper's ablation on the same folds and seeds: (a) no adapter, (b) the adapter pre-trained
-without local attributes (``adapter.w_cluster=0``), (c) the full adapter.
+"""``serray ablate``: does the adapter with local attributes help, and by how much?
 
-Each variant is an ordinary pre-training + fine-tuning run with a few keys changed, in its own
-directory under ``output_dir/ablation/``; the full variant reuses the main run's pre-training and
-fine-tuning outputs when they match the config. Writes ``ablation.json`` and ``ablation.md``.
+Arms (``ablate.arms``), each fine-tuned with the same recipe on the same folds, seeds and test
+utterances:
+
+* ``none``: no adapter, encoder features -> SAP (the baseline);
+* ``random_init``: the same WAP-Transformer body, randomly initialised (separates "a Transformer on
+  top" from "a pre-trained Transformer on top");
+* ``no_local``: the adapter pre-trained without the local-attribute (k-means cluster) loss;
+* ``full``: the adapter pre-trained with all three objectives;
+* ``classical`` and ``oracle`` (reference arms, no neural network): logistic regression on
+  utterance statistics of log-mel / MFCC frames, and on a synthetic corpus's own synthesis
+  parameters (the ceiling); see :mod:`serray.baselines`.
+
+Every arm runs under every mode of ``ablate.modes`` (``finetune``: the body is trained with the
+head; ``frozen``: only SAP and the head learn) and label fraction of ``ablate.label_fractions``, for
+``ablate.seeds`` seeds (``seed``, ``seed+1``, ...) on every fold of ``finetune.folds``. Work that arms
+share is done once: one per-fold pre-training per seed serves every mode and fraction of its arm,
+and the no-adapter and reference arms (which have no body) run once per fraction for all modes.
+
+The unit of work is one (seed, fold): a Ray Tune trial that pre-trains that fold's two adapters and
+fine-tunes every arm x mode x fraction, all resumable (a rerun reuses what is finished). The
+driver then pairs the arms' test predictions: ``ablation.json`` (per-arm mean / sd / 95 % interval and
+every run; paired comparisons full vs random_init, full vs no_local, random_init vs none by a
+paired bootstrap over test utterances plus a Wilcoxon test over seed x fold), ``ablation.md`` and
+``ablation.png`` (:mod:`serray.train.ablation_report`).
 """
 
 from __future__ import annotations
 
 import json
+import logging
+import time
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
+
+import pandas as pd
 
 from serray import storage
-from serray.config import derive
+from serray.config import as_dict, derive
+
+log = logging.getLogger(__name__)
 
 ABLATION_DIR = "ablation"
+NEURAL_ARMS = ("none", "random_init", "no_local", "full")
+REFERENCE_ARMS = ("classical", "oracle")
+BODYLESS_ARMS = ("none",) + REFERENCE_ARMS  # the mode changes nothing for them
 
 
-def variants(cfg) -> List[Tuple[str, str, List[str]]]:
-    """(key, description, overrides) of the three variants."""
+def seeds_of(cfg) -> List[int]:
+    """The seeds of the ablation: ``seed, seed+1, ..., seed+ablate.seeds-1``."""
+    return [int(cfg.seed) + i for i in range(int(cfg.ablate.seeds))]
+
+
+def _frac_name(f: float) -> str:
+    return f"frac{f:g}"
+
+
+def arm_overrides(cfg, arm: str, mode: str, fraction: float, seed: int) -> List[str]:
+    """The config of one neural arm x mode x label fraction x seed run (its own directories; the
+    pre-trainings are shared by every mode and fraction of an arm and seed)."""
     base = Path(cfg.output_dir) / ABLATION_DIR
-    no_la = base / "no_local_attributes"
-    return [
-        ("no_adapter", "(a) no adapter: encoder features -> SAP",
-         ["finetune.mode=none", f"finetune.dir={base / 'no_adapter'}"]),
-        ("no_local_attributes", "(b) adapter without local attributes (w_cluster=0)",
-         ["adapter.w_cluster=0.0", f"pretrain.dir={no_la / 'pretrain'}", f"finetune.dir={no_la / 'finetune'}",
-          f"finetune.init_from={no_la / 'pretrain' / 'adapter'}", f"finetune.mode={_adapter_mode(cfg)}"]),
-        ("full", "(c) full adapter (mask prediction + self-distillation + local attributes)",
-         [f"finetune.mode={_adapter_mode(cfg)}"]),
-    ]
+    common = [f"seed={seed}", f"finetune.label_fraction={fraction}", "finetune.register=false"]
+    if arm == "none":
+        return common + ["finetune.mode=none", f"finetune.dir={base / 'none' / _frac_name(fraction) / f'seed{seed}'}"]
+    run_dir = base / arm / mode / _frac_name(fraction) / f"seed{seed}"
+    out = common + [f"finetune.mode={mode}", f"finetune.dir={run_dir}"]
+    if arm == "random_init":
+        return out + ["finetune.init=random"]
+    if arm == "full" and seed == cfg.seed and mode == cfg.finetune.mode and fraction == 1.0:
+        # the main run (`serray pipeline`): its folds are reused when the configs match
+        out = common + [f"finetune.mode={mode}", f"finetune.dir={cfg.finetune.dir}"]
+    out += ["finetune.init=pretrained", f"pretrain.dir={_pretrain_dir(cfg, arm, seed)}", "finetune.init_from=null"]
+    if arm == "no_local":
+        out.append("adapter.w_cluster=0.0")
+    return out
 
 
-def _adapter_mode(cfg) -> str:
-    return cfg.finetune.mode if cfg.finetune.mode != "none" else "frozen"
+def _pretrain_dir(cfg, arm: str, seed: int) -> str:
+    """The full arm of the configured seed shares ``pretrain.dir`` with ``serray pipeline`` (reused
+    when the configs match); every other (arm, seed) has its own."""
+    if arm == "full" and seed == cfg.seed:
+        return str(cfg.pretrain.dir)
+    return str(Path(cfg.output_dir) / ABLATION_DIR / "pretrain" / arm / f"seed{seed}")
 
 
-def ablation_table(rows: List[Dict[str, Any]]) -> str:
-    lines = ["| variant | UA % | WA % | macro-F1 % |", "|---|---:|---:|---:|"]
-    for r in rows:
-        m, s = r["mean"], r["std"]
-        lines.append(f"| {r['description']} | {100 * m['ua']:.2f} ± {100 * s['ua']:.2f} | "
-                     f"{100 * m['wa']:.2f} ± {100 * s['wa']:.2f} | {100 * m['macro_f1']:.2f} ± {100 * s['macro_f1']:.2f} |")
-    return "\n".join(lines) + "\n"
+def arm_config(cfg, arm: str, mode: str, fraction: float, seed: int):
+    return derive(cfg, arm_overrides(cfg, arm, mode, fraction, seed))
+
+
+def _neural_runs(cfg) -> List[Tuple[str, str, float]]:
+    """(arm, mode, fraction) of every neural run of one (seed, fold), bodyless arms once per fraction."""
+    runs = []
+    for arm in cfg.ablate.arms:
+        if arm not in NEURAL_ARMS:
+            continue
+        for fraction in cfg.ablate.label_fractions:
+            modes = [cfg.ablate.modes[0]] if arm in BODYLESS_ARMS else list(cfg.ablate.modes)
+            runs += [(arm, mode, float(fraction)) for mode in modes]
+    return runs
+
+
+# ---------------------------------------------------------------- one unit: (seed, fold)
+
+
+def run_unit(cfg, seed: int, fold: int) -> Dict[str, Any]:
+    """Every neural run of one (seed, fold) (pre-training happens inside the first run that needs
+    it, and is reused by the others); returns where each run's predictions are."""
+    from serray.train.finetune import fold_done, run_fold
+
+    out = {}
+    for arm, mode, fraction in _neural_runs(cfg):
+        acfg = arm_config(cfg, arm, mode, fraction, seed)
+        res = fold_done(acfg, fold) or run_fold(acfg, fold)
+        out[f"{arm}|{mode}|{fraction}"] = {"ua": res["ua"], "dir": str(Path(acfg.finetune.dir) / f"fold{fold}")}
+    return out
+
+
+def _unit_trial(config: Dict[str, Any], cfg_dict: Dict[str, Any]) -> None:
+    import ray.tune
+    from omegaconf import OmegaConf
+
+    cfg = OmegaConf.create(cfg_dict)
+    t0 = time.time()
+    unit = _unit_arg(config)
+    run_unit(cfg, int(unit["seed"]), int(unit["fold"]))
+    ray.tune.report({"done": 1, "seconds": time.time() - t0})
+
+
+class _Progress:
+    """A Tune callback that prints one line per finished (seed, fold) unit, with an estimate of what is left."""
+
+    def __new__(cls, total: int, echo: Callable[[str], Any]):
+        from ray.tune import Callback
+
+        class Progress(Callback):
+            def __init__(self):
+                self.done, self.t0 = 0, time.time()
+
+            def on_trial_complete(self, iteration, trials, trial, **info):
+                self.done += 1
+                elapsed = time.time() - self.t0
+                left = elapsed / self.done * (total - self.done)
+                c = _unit_arg(trial.config)
+                echo(f"[ablate] unit {self.done}/{total} done (seed {c['seed']}, fold {c['fold']}): "
+                     f"{elapsed / 60:.1f} min elapsed, about {left / 60:.1f} min left")
+
+            def on_trial_error(self, iteration, trials, trial, **info):
+                c = _unit_arg(trial.config)
+                echo(f"[ablate] unit seed {c['seed']}, fold {c['fold']} failed (rerun the same command to resume)")
+
+        return Progress()
+
+
+# ---------------------------------------------------------------- the driver
 
 
 def run_ablation(cfg, echo: Callable[[str], Any] = print) -> Dict[str, Any]:
-    """Run (or reuse) the three variants and write ``ablation.json`` / ``ablation.md``."""
-    from serray.data.featurize import read_meta
+    """Run (or resume) every unit, then pair the predictions and write ablation.json / .md / .png."""
+    import ray.tune as tune
+
+    from serray.data.featurize import featurize
     from serray.pipeline import prepare_corpus
-    from serray.train.finetune import run_finetune
-    from serray.train.pretrain import run_pretrain
+    from serray.ray_utils import init_ray
+    from serray.train.ablation_report import build_ablation, write_ablation
+    from serray.train.finetune import _tune_storage, protocol, trial_resources
+    from serray.train.pretrain import check_features
 
+    t0 = time.time()
+    seeds, folds = seeds_of(cfg), list(cfg.finetune.folds)
+    if "oracle" in cfg.ablate.arms:
+        _oracle_file(cfg)  # a clear error before any work when there is none
     if not storage.is_file(storage.join(cfg.features.dir, "_serray_features.json")):
-        from serray.data.featurize import featurize
-
         prepare_corpus(cfg, echo)
         featurize(cfg)
-    read_meta(cfg.features.dir)
-    rows = []
-    for key, description, overrides in variants(cfg):
-        vcfg = derive(cfg, overrides)
-        echo(f"ablation {key}: {description}")
-        if vcfg.finetune.mode != "none":
-            run_pretrain(vcfg)
-        res = run_finetune(vcfg)
-        rows.append({"variant": key, "description": description, "overrides": overrides,
-                     "finetune_dir": str(vcfg.finetune.dir), "mean": res["mean"], "std": res["std"],
-                     "folds": res["folds"]})
+    check_features(cfg)
+    runs = _neural_runs(cfg)
+    units = [(s, f) for s in seeds for f in folds]
+    echo(f"[ablate] arms {list(cfg.ablate.arms)} x modes {list(cfg.ablate.modes)} x label fractions "
+         f"{list(cfg.ablate.label_fractions)}; seeds {seeds} x folds {folds} = {len(units)} units of "
+         f"{len(runs)} fine-tuning runs each; protocol {protocol(cfg)}")
+    if runs:
+        init_ray(cfg)
+        trainable = tune.with_resources(tune.with_parameters(_unit_trial, cfg_dict=as_dict(cfg)), trial_resources(cfg))
+        tuner = tune.Tuner(
+            trainable,
+            param_space={"unit": tune.grid_search([{"seed": s, "fold": f} for s, f in units])},
+            tune_config=tune.TuneConfig(max_concurrent_trials=cfg.ablate.max_concurrent),
+            run_config=tune.RunConfig(**_tune_storage(str(Path(cfg.output_dir) / ABLATION_DIR / "tune")),
+                                      name=f"units-{int(time.time())}", verbose=0,
+                                      callbacks=[_Progress(len(units), echo)]),
+        )
+        grid = tuner.fit()
+        errors = [r.error for r in grid if r.error is not None]
+        if errors:
+            raise errors[0]
+    arm_preds = _collect(cfg, seeds, folds)
+    arm_preds.update(_reference_arms(cfg, seeds, folds, echo))
+    ablation = build_ablation(arm_preds, protocol=protocol(cfg), folds=folds, seeds=seeds,
+                              n_boot=cfg.ablate.bootstrap, boot_seed=cfg.seed)
+    ablation.update({"encoder": cfg.encoder.name, "arms_config": list(cfg.ablate.arms),
+                     "modes": list(cfg.ablate.modes), "label_fractions": list(cfg.ablate.label_fractions),
+                     "seconds": round(time.time() - t0, 1)})
     out = Path(cfg.output_dir) / ABLATION_DIR
-    out.mkdir(parents=True, exist_ok=True)
-    summary = {"folds": list(cfg.finetune.folds), "seed": cfg.seed, "encoder": cfg.encoder.name, "variants": rows}
-    (out / "ablation.json").write_text(json.dumps(summary, indent=2))
-    table = ablation_table(rows)
-    (out / "ablation.md").write_text(f"### Ablation (leave-one-session-out, folds {list(cfg.finetune.folds)})\n\n" + table)
-    echo(table)
-    echo(f"ablation written to {out / 'ablation.json'} and {out / 'ablation.md'}")
-    return summary
+    paths = write_ablation(ablation, out)
+    echo(paths["md"].read_text())
+    echo(f"ablation written to {paths['json']}, {paths['md']} and {paths['png']} in {(time.time() - t0) / 60:.1f} min")
+    return ablation
+
+
+def _unit_arg(config):  # Tune passes {"unit": {...}}
+    return config.get("unit", config)
+
+
+def _collect(cfg, seeds: List[int], folds: List[int]) -> Dict[Tuple[str, str, float], pd.DataFrame]:
+    """The test predictions of every neural run, as ``{(arm, mode, fraction): frame}`` (bodyless arms
+    are listed under every mode, with the same runs)."""
+    from serray.train.finetune import fold_done
+
+    out: Dict[Tuple[str, str, float], pd.DataFrame] = {}
+    for arm, mode, fraction in _neural_runs(cfg):
+        frames = []
+        for seed in seeds:
+            acfg = arm_config(cfg, arm, mode, fraction, seed)
+            for fold in folds:
+                if fold_done(acfg, fold) is None:
+                    raise RuntimeError(f"ablation run {arm}/{mode}/{fraction} seed {seed} fold {fold} has no result")
+                p = pd.read_csv(Path(acfg.finetune.dir) / f"fold{fold}" / "predictions.csv")
+                frames.append(p.assign(seed=seed, fold=fold)[["seed", "fold", "utt_id", "label", "pred"]])
+        preds = pd.concat(frames, ignore_index=True)
+        for m in (cfg.ablate.modes if arm in BODYLESS_ARMS else [mode]):
+            out[(arm, m, fraction)] = preds
+    return out
+
+
+def _oracle_file(cfg) -> str:
+    from serray.errors import ConfigError
+
+    path = cfg.ablate.oracle_file or str(Path(cfg.data.root).parent / "synthetic_oracle.csv")
+    if not Path(path).is_file():
+        raise ConfigError(f"arm oracle needs the synthesis parameters of a synthetic corpus: {path} does not exist "
+                          "(set ablate.oracle_file, or drop oracle from ablate.arms for a real corpus)")
+    return path
+
+
+def _reference_arms(cfg, seeds: List[int], folds: List[int], echo) -> Dict[Tuple[str, str, float], pd.DataFrame]:
+    """Predictions of the classical and oracle arms (logistic regression, same folds, seeds, splits and
+    label fractions as the neural arms)."""
+    import numpy as np
+
+    from serray.data.iemocap import LABELS
+    from serray.train.finetune import fold_split, labelled_rows
+
+    arms = [a for a in cfg.ablate.arms if a in REFERENCE_ARMS]
+    if not arms:
+        return {}
+    from serray import baselines
+    from serray.data.iemocap import read_manifest
+
+    rows = labelled_rows(cfg)
+    feats = {}
+    if "classical" in arms:
+        manifest = read_manifest(cfg.data.manifest).set_index("utt_id")
+        echo(f"[ablate] classical baseline: utterance statistics of log-mel / MFCC frames of {len(rows)} utterances")
+        x = baselines.classical_features(manifest.loc[rows["utt_id"], "path"].tolist(), cfg.encoder.sample_rate)
+        feats["classical"] = pd.DataFrame(np.asarray(x), index=rows["utt_id"])
+    if "oracle" in arms:
+        x = baselines.oracle_features(_oracle_file(cfg), rows["utt_id"].tolist())
+        feats["oracle"] = pd.DataFrame(np.asarray(x), index=rows["utt_id"])
+    out = {}
+    for arm in arms:
+        for fraction in cfg.ablate.label_fractions:
+            frames = []
+            for seed in seeds:
+                scfg = derive(cfg, [f"seed={seed}", f"finetune.label_fraction={fraction}"])
+                for fold in folds:
+                    split = fold_split(scfg, fold)
+                    train = pd.concat([split["train"]])  # fit on the training part (validation unused)
+                    y = np.array([LABELS.index(l) for l in train["label"]])
+                    pred, _ = baselines.fit_predict(feats[arm].loc[train["utt_id"]].to_numpy(), y,
+                                                    feats[arm].loc[split["test"]["utt_id"]].to_numpy(), seed)
+                    frames.append(pd.DataFrame({"seed": seed, "fold": fold, "utt_id": split["test"]["utt_id"].to_numpy(),
+                                                "label": split["test"]["label"].to_numpy(),
+                                                "pred": [LABELS[i] for i in pred]}))
+            preds = pd.concat(frames, ignore_index=True)
+            for mode in cfg.ablate.modes:
+                out[(arm, mode, float(fraction))] = preds
+    return out

@@ -1,11 +1,19 @@
 """SER fine-tuning and the paper's evaluation: SAP + classifier, 5-fold leave-one-session-out.
 
-Each fold trains on four sessions, selects the epoch by UA on a validation part drawn only from
-those sessions, and tests once, with the selected checkpoint, on the held-out session (whose
-speakers are asserted absent from training and validation). Folds run as parallel Ray Tune trials;
-each trial is one Ray Train run of the shared loop (:mod:`serray.train.loop`) with
-:class:`FinetuneTask`. A finished fold is kept (``fold_result.json``) and an interrupted one resumes
-from its latest Ray Train checkpoint, so rerunning the same command continues where it stopped.
+Each fold trains on four sessions, selects the epoch on a validation part held out from those
+sessions (``finetune.val_split``: whole speakers by default, so validation shares no speaker with
+training), and scores its held-out test session exactly once, with the selected checkpoint.
+
+Protocol (see ``docs/protocol.md``): with ``pretrain.per_fold=true`` (*inductive*, the default) the
+fold's adapter is pre-trained on the fold's pool only (:mod:`serray.train.pretrain`), and every arm
+of a comparison (no adapter, random init, pre-trained) normalises its input with the statistics of
+that same pool. :func:`audit_fold` asserts in code that no test-session speaker reaches training,
+validation, pre-training or the statistics, and aborts the run when one does.
+
+Folds run as parallel Ray Tune trials; each trial pre-trains the fold's adapter (if it is missing)
+and fine-tunes it, both with the shared loop (:mod:`serray.train.loop`). A finished fold is kept
+(``fold_result.json``) and an interrupted one resumes from its latest Ray Train checkpoint, so
+rerunning the same command continues where it stopped.
 """
 
 from __future__ import annotations
@@ -23,22 +31,26 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
+from serray import storage
 from serray.config import OPERATIONAL_KEYS, as_dict, section_hash, to_yaml
-from serray.data.features import LABEL_INDEX, PadCollate, feature_dataset, read_rows, session_paths
+from serray.data.features import LABEL_INDEX, PadCollate, read_rows, session_paths, training_data
+from serray.data.featurize import feature_identity, feature_stats
 from serray.data.iemocap import LABELS
 from serray.errors import DataError
+from serray.models.adapter import param_groups
 from serray.models.classifier import EmotionClassifier, body_state_from_adapter
-from serray import storage
 from serray.train.checkpoint import META_FILE, MODEL_KEY, load_checkpoint
-from serray.train.loop import fit, steps_per_epoch
+from serray.train.loop import eval_batches, fit, steps_per_epoch
 from serray.train.metrics import classification_metrics
-from serray.data.featurize import feature_identity, feature_stats
-from serray.train.pretrain import check_features
+from serray.train.pretrain import adapter_kwargs, adapter_path, check_features, pool_sessions, run_pretrain
 
 log = logging.getLogger(__name__)
 
 FOLD_RESULT = "fold_result.json"
-BODY_KEYS = ("input_dim", "d_model", "num_layers", "num_heads", "ff_dim", "dropout", "num_input_layers")
+BODY_KEYS = ("input_dim", "d_model", "num_layers", "num_heads", "ff_dim", "dropout", "num_input_layers",
+             "pos_conv_kernel", "pos_conv_groups")
+#: checkpoint score: validation UA, ties broken by validation loss (1e-6 x loss is far below one utterance of UA)
+SELECTION_KEY = "val_selection"
 
 
 class FinetuneTask:
@@ -47,24 +59,36 @@ class FinetuneTask:
     def __init__(self, config: Dict[str, Any]):
         self.config = config
         self.weight = torch.tensor(config["class_weights"], dtype=torch.float32) if config["class_weights"] else None
-        self._val_batches: Optional[list] = None  # the validation part is small: decoded once, kept in memory
+        self._val_rows = None  # compact float16 rows, decoded one batch at a time
 
     def build_model(self) -> EmotionClassifier:
         model = EmotionClassifier(**self.config["model"])
-        model.set_feature_stats(*self.config["feature_stats"])  # baseline; an adapter body brings its own
+        model.set_feature_stats(*self.config["feature_stats"])  # the no-adapter baseline
         if self.config["init_from"]:
             state, _ = load_checkpoint(self.config["init_from"])
             model.body.load_state_dict(body_state_from_adapter(state[MODEL_KEY], self.config["branch"]))
+        elif model.body is not None:  # random init (the control): same statistics as every other arm
+            model.body.input_norm.set_stats(*self.config["feature_stats"])
         return model
 
-    def trainable_parameters(self, model: EmotionClassifier) -> list:
-        return model.trainable_parameters()
+    def param_groups(self, model: EmotionClassifier, weight_decay: float) -> list:
+        """The pre-trained body learns at ``lr x body_lr_scale``, the new head (and the baseline's
+        layer weights) at ``lr``; no weight decay on norms, biases and logits."""
+        body = [(f"body.{n}", p) for n, p in model.body.named_parameters()] if model.body is not None else []
+        head = [(n, p) for n, p in model.named_parameters() if not n.startswith("body.")]
+        return (param_groups(body, weight_decay, self.config["body_lr_scale"], "body_")
+                + param_groups(head, weight_decay, 1.0, "head_"))
+
+    def lr_scale(self, group: dict, epoch: int) -> float:
+        if group.get("name", "").startswith("body_") and epoch < self.config.get("freeze_epochs", 0):
+            return 0.0
+        return group.get("lr_scale", 1.0)
 
     def collate(self, train: bool, epoch: int = 0) -> PadCollate:
         return PadCollate(self.config["max_frames"] if train else None, random_crop=train,
                           seed=self.config["seed"] * 1000 + epoch)
 
-    def step(self, model, batch, step: int):
+    def step(self, model, batch, step: int, rank: int = 0):
         logits = model(batch["x"], batch["padding_mask"])
         weight = None if self.weight is None else self.weight.to(logits.device)
         loss = F.cross_entropy(logits.float(), batch["labels"], weight=weight)
@@ -74,23 +98,31 @@ class FinetuneTask:
         return {}
 
     @torch.no_grad()
-    def evaluate(self, model, core, device, epoch: int) -> Dict[str, float]:
+    def evaluate(self, model, core, rt, epoch: int) -> Dict[str, float]:
         """UA / WA / macro-F1 and loss on the validation part (every worker sees all of it)."""
-        import ray.train
-
         core.eval()
-        if self._val_batches is None:
-            self._val_batches = list(ray.train.get_dataset_shard("val").iter_torch_batches(
-                batch_size=self.config["batch_size"], collate_fn=self.collate(train=False)))
-        ys, preds, losses = [], [], []
-        for batch in self._val_batches:
-            logits = core(batch["x"].to(device), batch["padding_mask"].to(device)).float()
-            losses.append(float(F.cross_entropy(logits, batch["labels"].to(device), reduction="sum")))
-            ys.append(batch["labels"].numpy())
+        if self._val_rows is None:
+            self._val_rows = rt.rows("val")
+        ys, preds, loss = [], [], 0.0
+        for batch in eval_batches(self._val_rows, self.config["batch_size"], self.collate(train=False)):
+            logits = core(batch["x"].to(rt.device), batch["padding_mask"].to(rt.device)).float()
+            labels = batch["labels"].to(rt.device)
+            loss += float(F.cross_entropy(logits, labels, reduction="sum"))
+            ys.append(labels.cpu().numpy())
             preds.append(logits.argmax(-1).cpu().numpy())
         y, p = np.concatenate(ys), np.concatenate(preds)
         m = classification_metrics(y, p)
-        return {"val_loss": sum(losses) / len(y), "val_ua": m["ua"], "val_wa": m["wa"], "val_macro_f1": m["macro_f1"]}
+        val_loss = loss / max(1, len(y))
+        return {"val_loss": val_loss, "val_ua": m["ua"], "val_wa": m["wa"], "val_macro_f1": m["macro_f1"],
+                SELECTION_KEY: m["ua"] - 1e-6 * val_loss}
+
+    def should_stop(self, history: list) -> bool:
+        """Early stopping: ``patience`` epochs without a better validation selection score."""
+        patience = self.config.get("patience")
+        if not patience or not history:
+            return False
+        best = max(range(len(history)), key=lambda i: (history[i][SELECTION_KEY], -i))
+        return len(history) - 1 - best >= patience
 
     def extra_state(self) -> Dict[str, Any]:
         return {}
@@ -101,36 +133,125 @@ class FinetuneTask:
     def checkpoint_meta(self, core: EmotionClassifier, step: int, epoch: int) -> Dict[str, Any]:
         return {"kind": "classifier", "model": core.config, "features": self.config["features"],
                 "labels": list(LABELS), "fold": self.config["fold"], "test_session": self.config["fold"],
-                "mode": self.config["mode"], "config_hash": self.config["config_hash"], "step": step, "epoch": epoch}
+                "mode": self.config["mode"], "init": self.config["init"], "config_hash": self.config["config_hash"],
+                "step": step, "epoch": epoch, "audit": self.config["audit"]}
+
+
+# ---------------------------------------------------------------- protocol
+
+
+def protocol(cfg) -> str:
+    """``inductive`` (per-fold pre-training: no fold's model sees its test session) or
+    ``transductive`` (one adapter for every fold, pre-trained on ``pretrain.sessions``)."""
+    return "inductive" if cfg.pretrain.per_fold else "transductive"
 
 
 def finetune_hash(cfg) -> str:
     """What makes two fine-tuning runs the same (the adapter and pre-training count unless mode=none)."""
-    keys = ["encoder", "finetune", "seed", "data.merge_excited"]
+    keys = ["encoder", "finetune", "seed", "data.merge_excited", "pretrain.per_fold"]
     if cfg.finetune.mode != "none":
         keys += ["adapter", "pretrain"]
-    return section_hash(cfg, *keys, exclude=OPERATIONAL_KEYS + ("folds", "max_concurrent_folds", "init_from"))
+    return section_hash(cfg, *keys, exclude=OPERATIONAL_KEYS + ("folds", "max_concurrent_folds"))
 
 
-def split_fold(rows: pd.DataFrame, test_session: int, val_fraction: float, seed: int) -> Dict[str, pd.DataFrame]:
-    """Leave-one-session-out split: train/val from the other sessions (stratified), test = that session.
+def labelled_rows(cfg) -> pd.DataFrame:
+    """utt_id / label / speaker / dialog / session of the four-class utterances of ``data.sessions``."""
+    rows = read_rows(cfg.features.dir, cfg.data.sessions, columns=("utt_id", "label", "speaker"))
+    rows = rows[rows["label"].isin(LABELS)].reset_index(drop=True)
+    rows["session"] = rows["speaker"].str.slice(3, 5).astype(int)
+    rows["dialog"] = rows["utt_id"].str.rsplit("_", n=1).str[0]
+    return rows
+
+
+def _holdout_groups(groups: pd.Series, fraction: float, seed: int) -> set:
+    """``round(fraction x #groups)`` (at least 1) groups drawn with the seed."""
+    names = sorted(set(groups))
+    n = min(len(names) - 1, max(1, int(round(fraction * len(names)))))
+    rng = np.random.default_rng(seed)
+    return set(rng.choice(names, size=n, replace=False).tolist()) if n > 0 else set()
+
+
+def split_fold(rows: pd.DataFrame, test_session: int, val_fraction: float, seed: int,
+               val_split: str = "random") -> Dict[str, pd.DataFrame]:
+    """Leave-one-session-out split: test = that session; train / val from the other sessions.
+
+    ``val_split``: ``speaker`` holds out whole speakers (validation shares no speaker with
+    training), ``dialog`` whole dialogs (both speakers of a conversation), ``random`` a stratified
+    random share of the utterances.
 
     Raises:
-        AssertionError: a speaker of the test session appears in training or validation.
+        AssertionError: a speaker of the test session appears in training or validation, or a
+            validation speaker in training under ``val_split=speaker``.
     """
     from sklearn.model_selection import train_test_split
 
+    if "session" not in rows:
+        rows = rows.assign(session=rows["speaker"].str.slice(3, 5).astype(int))
     test = rows[rows["session"] == test_session]
     rest = rows[rows["session"] != test_session]
-    n_val = math.ceil(val_fraction * len(rest))  # sklearn's rounding of a float test_size
-    counts = rest["label"].value_counts()
-    # stratify when sklearn can: >= 2 rows per class, and room for every class in both parts
-    stratified = counts.min() >= 2 and n_val >= len(counts) and len(rest) - n_val >= len(counts)
-    strat = rest["label"] if stratified else None
-    train, val = train_test_split(rest, test_size=val_fraction, random_state=seed + test_session, stratify=strat)
+    rng_seed = seed * 1009 + test_session
+    if val_split in ("speaker", "dialog"):
+        key = "speaker" if val_split == "speaker" else "dialog"
+        if key == "dialog" and "dialog" not in rest:
+            rest = rest.assign(dialog=rest["utt_id"].str.rsplit("_", n=1).str[0])
+        held = _holdout_groups(rest[key], val_fraction, rng_seed)
+        val, train = rest[rest[key].isin(held)], rest[~rest[key].isin(held)]
+    elif val_split == "random":
+        n_val = math.ceil(val_fraction * len(rest))  # sklearn's rounding of a float test_size
+        counts = rest["label"].value_counts()
+        stratified = counts.min() >= 2 and n_val >= len(counts) and len(rest) - n_val >= len(counts)
+        train, val = train_test_split(rest, test_size=val_fraction, random_state=seed + test_session,
+                                      stratify=rest["label"] if stratified else None)
+    else:
+        raise ValueError(f"val_split must be speaker, dialog or random, got {val_split!r}")
     leak = set(test["speaker"]) & (set(train["speaker"]) | set(val["speaker"]))
     assert not leak, f"speaker leakage into fold {test_session}: {sorted(leak)}"
+    if val_split == "speaker":
+        shared = set(val["speaker"]) & set(train["speaker"])
+        assert not shared, f"validation speakers also in training for fold {test_session}: {sorted(shared)}"
     return {"train": train.sort_values("utt_id"), "val": val.sort_values("utt_id"), "test": test.sort_values("utt_id")}
+
+
+def subsample_labels(df: pd.DataFrame, fraction: float, seed: int, label_col: str = "label") -> pd.DataFrame:
+    """Keep ``fraction`` of the rows of every class (at least one each), seeded; order preserved."""
+    from serray.train.stats import subsample_labels as _sub
+
+    return _sub(df, fraction, seed, label_col)
+
+
+def audit_fold(fold: int, split: Dict[str, pd.DataFrame], pretrain_pool: Optional[dict], stats_sessions: List[int],
+               protocol_name: str) -> Dict[str, Any]:
+    """The leakage audit of one fold; raises when the protocol is broken.
+
+    Always fatal: a test-session speaker or utterance in training or validation. Fatal under the
+    inductive protocol (recorded under the transductive one): the test session or one of its speakers
+    in the adapter's pre-training pool, or the test session among the normalisation statistics.
+
+    Returns:
+        What was checked: the test speakers, the pre-training sessions and the statistics' sessions.
+    """
+    test_spk = set(split["test"]["speaker"])
+    test_utt = set(split["test"]["utt_id"])
+    problems = []
+    for part in ("train", "val"):
+        if test_spk & set(split[part]["speaker"]) or test_utt & set(split[part]["utt_id"]):
+            problems.append(f"test-session speakers/utterances in {part}")
+    pool_sessions_ = list((pretrain_pool or {}).get("sessions", []))
+    pool_speakers = set((pretrain_pool or {}).get("speakers", []))
+    transductive = []
+    if fold in pool_sessions_ or test_spk & pool_speakers:
+        transductive.append(f"test session {fold} (speakers {sorted(test_spk & pool_speakers)}) in the adapter's pre-training pool")
+    if fold in stats_sessions:
+        transductive.append(f"test session {fold} in the normalisation statistics")
+    if protocol_name == "inductive":
+        problems += transductive
+    if problems:
+        raise AssertionError(f"leakage audit failed for fold {fold}: " + "; ".join(problems))
+    return {"protocol": protocol_name, "test_speakers": sorted(test_spk), "pretrain_sessions": pool_sessions_,
+            "stats_sessions": list(stats_sessions), "transductive_exposure": transductive}
+
+
+# ---------------------------------------------------------------- one fold
 
 
 def _class_weights(labels: pd.Series, how: str) -> Optional[List[float]]:
@@ -141,107 +262,133 @@ def _class_weights(labels: pd.Series, how: str) -> Optional[List[float]]:
     return [n / (k * counts[l]) if counts.get(l) else 0.0 for l in LABELS]
 
 
-def _model_kwargs(cfg, feat_meta: dict) -> Dict[str, Any]:
-    body = None
-    if cfg.finetune.mode != "none":
-        _, ameta = load_checkpoint(cfg.finetune.init_from)
-        body = {k: ameta["model"][k] for k in BODY_KEYS}
-    return {"input_dim": feat_meta["dim"], "num_classes": len(LABELS), "num_input_layers": feat_meta["num_layers"],
-            "body": body, "freeze_body": cfg.finetune.mode == "frozen", "attention_dim": cfg.finetune.attention_dim,
-            "hidden_dim": cfg.finetune.hidden_dim, "dropout": cfg.finetune.head_dropout}
-
-
-def check_adapter(cfg, feat_meta: dict) -> None:
-    """The pre-trained adapter must exist and match the features (a clear error naming both)."""
+def _body_kwargs(cfg, feat_meta: dict, adapter: Optional[str]) -> Optional[Dict[str, Any]]:
     if cfg.finetune.mode == "none":
-        return
-    path = str(cfg.finetune.init_from)
+        return None
+    if cfg.finetune.init == "random":
+        kw = adapter_kwargs(cfg, feat_meta)
+    else:
+        _, ameta = load_checkpoint(adapter)
+        kw = ameta["model"]
+    return {k: kw.get(k, 0 if k == "pos_conv_kernel" else 16 if k == "pos_conv_groups" else None) for k in BODY_KEYS}
+
+
+def _model_kwargs(cfg, feat_meta: dict, adapter: Optional[str]) -> Dict[str, Any]:
+    return {"input_dim": feat_meta["dim"], "num_classes": len(LABELS), "num_input_layers": feat_meta["num_layers"],
+            "body": _body_kwargs(cfg, feat_meta, adapter), "freeze_body": cfg.finetune.mode == "frozen",
+            "attention_dim": cfg.finetune.attention_dim, "hidden_dim": cfg.finetune.hidden_dim,
+            "dropout": cfg.finetune.head_dropout}
+
+
+def uses_pretraining(cfg) -> bool:
+    return cfg.finetune.mode != "none" and cfg.finetune.init == "pretrained"
+
+
+def check_adapter(cfg, feat_meta: dict, path: str) -> dict:
+    """The pre-trained adapter must exist and match the features (a clear error naming both)."""
     if not storage.is_file(storage.join(path, META_FILE)):
-        raise DataError(f"no pre-trained adapter at finetune.init_from={storage.describe(path)} (run `serray pretrain` first, "
+        raise DataError(f"no pre-trained adapter at {storage.describe(path)} (run `serray pretrain` first, "
                         "or use finetune.mode=none for the no-adapter baseline)")
     _, ameta = load_checkpoint(path)
     if ameta.get("kind") != "adapter":
-        raise DataError(f"finetune.init_from={storage.describe(path)} holds a '{ameta.get('kind')}' checkpoint, not a pre-trained adapter")
+        raise DataError(f"{storage.describe(path)} holds a '{ameta.get('kind')}' checkpoint, not a pre-trained adapter")
     from serray.data.encoders import check_identity
 
     check_identity(feat_meta, ameta["features"], f"features in {storage.describe(cfg.features.dir)}",
                    f"adapter checkpoint {storage.describe(path)}")
+    return ameta
 
 
 def fold_split(cfg, fold: int) -> Dict[str, pd.DataFrame]:
-    """The train / val / test rows of one fold (metadata only)."""
-    rows = read_rows(cfg.features.dir, cfg.data.sessions, columns=("utt_id", "label", "speaker"))
-    rows["session"] = rows["speaker"].str.slice(3, 5).astype(int)
-    return split_fold(rows, fold, cfg.finetune.val_fraction, cfg.seed)
+    """The train / val / test rows of one fold (metadata only; training labels subsampled by
+    ``finetune.label_fraction``)."""
+    split = split_fold(labelled_rows(cfg), fold, cfg.finetune.val_fraction, cfg.seed, cfg.finetune.val_split)
+    if cfg.finetune.label_fraction < 1.0:
+        split["train"] = subsample_labels(split["train"], cfg.finetune.label_fraction, cfg.seed * 7919 + fold)
+    return split
 
 
 def fold_datasets(cfg, fold: int, split: Optional[Dict[str, pd.DataFrame]] = None) -> Dict[str, Any]:
-    """Ray Datasets of a fold's training and validation parts (materialized when small, see
-    :func:`serray.data.features.feature_dataset`)."""
+    """The ``train`` and ``val`` :class:`~serray.data.features.TrainingData` of a fold (validation is
+    always held in memory: compact float16 rows, decoded a batch at a time)."""
     split = split if split is not None else fold_split(cfg, fold)
     train_sessions = [s for s in cfg.data.sessions if s != fold]
-    cache = cfg.features.cache_max_mb
-    return {"train": feature_dataset(cfg.features.dir, train_sessions, split["train"]["utt_id"], cache),
-            "val": feature_dataset(cfg.features.dir, train_sessions, split["val"]["utt_id"], cache)}
+    train = training_data(cfg.features.dir, train_sessions, split["train"]["utt_id"].tolist(),
+                          cfg.features.cache_max_mb, seed=cfg.seed * 31 + fold)
+    val = training_data(cfg.features.dir, train_sessions, split["val"]["utt_id"].tolist(), float("inf"))
+    return {"train": train, "val": val}
 
 
-def run_fold(cfg, fold: int, callbacks: Optional[list] = None, datasets: Optional[Dict[str, Any]] = None
-             ) -> Dict[str, Any]:
-    """Train, select and test one leave-one-session-out fold; write its directory; return its result.
-
-    ``datasets`` (train/val) may be prepared by the caller, e.g. materialized by the driver before
-    the fold runs as a Tune trial (inside a trial, Ray Data cannot execute in the driver).
-    """
+def run_fold(cfg, fold: int, report_to_tune: bool = False) -> Dict[str, Any]:
+    """Pre-train (if needed), train, select and test one leave-one-session-out fold; write its
+    directory; return its result."""
     feat_meta = check_features(cfg)
-    check_adapter(cfg, feat_meta)
+    proto = protocol(cfg)
+    pool = None
+    adapter = None
+    if uses_pretraining(cfg):
+        adapter = adapter_path(cfg, fold)
+        if cfg.finetune.init_from is None and cfg.pretrain.per_fold:
+            run_pretrain(cfg, fold)  # reused when it exists and matches the config
+        pool = check_adapter(cfg, feat_meta, adapter).get("pool") or {}
     tcfg, fhash = cfg.finetune, finetune_hash(cfg)
     fold_dir = _fold_path(cfg, fold)
     split = fold_split(cfg, fold)
-    train_sessions = [s for s in cfg.data.sessions if s != fold]
-    datasets = datasets or fold_datasets(cfg, fold, split)
+    # every arm normalises with the same sessions: the fold's pool (a pre-trained body brings the
+    # statistics its pre-training used, which are the same sessions under per-fold pre-training)
+    stats_sessions = pool_sessions(cfg, fold, feat_meta)
+    audit = audit_fold(fold, split, pool, pool["sessions"] if pool else stats_sessions, proto)
+    datasets = fold_datasets(cfg, fold, split)
     loop_config = {
-        "task": "finetune", "seed": cfg.seed, "fold": fold, "mode": tcfg.mode, "branch": tcfg.branch,
+        "seed": cfg.seed, "fold": fold, "mode": tcfg.mode, "branch": tcfg.branch, "init": tcfg.init,
         "config_yaml": to_yaml(cfg), "config_hash": fhash, "features": feature_identity(feat_meta),
-        "feature_stats": [a.tolist() for a in feature_stats(feat_meta, train_sessions)],
-        "model": _model_kwargs(cfg, feat_meta),
-        "init_from": storage.absolute(tcfg.init_from) if tcfg.mode != "none" else "",
+        "feature_stats": [a.tolist() for a in feature_stats(feat_meta, stats_sessions)],
+        "model": _model_kwargs(cfg, feat_meta, adapter), "audit": audit,
+        "init_from": storage.absolute(adapter) if adapter else "",
         "class_weights": _class_weights(split["train"]["label"], tcfg.class_weighting),
         **{k: v for k, v in as_dict(tcfg).items() if k in TRAIN_KEYS},
         "steps_per_epoch": steps_per_epoch(len(split["train"]), tcfg.batch_size, tcfg.num_workers),
         "fault_marker": storage.join(fold_dir, "fault_injected.marker"),
     }
-    result = fit(loop_config, datasets, tcfg, storage_path=storage.join(storage.absolute(tcfg.dir), "ray"),
-                 name=f"fold{fold}-{fhash[:8]}", score=("val_ua", "max"), callbacks=callbacks)
-    best_ckpt, best_metrics = max(result.best_checkpoints, key=lambda cm: cm[1]["val_ua"])
+    result = fit(FinetuneTask, loop_config, datasets, tcfg, storage_path=storage.join(storage.absolute(tcfg.dir), "ray"),
+                 name=f"fold{fold}-{fhash[:8]}", score=(SELECTION_KEY, "max"), report_to_tune=report_to_tune)
+    best_ckpt, best_metrics = max(result.best_checkpoints, key=lambda cm: cm[1][SELECTION_KEY])
     with storage.staged(fold_dir) as local:  # a URI: written locally, uploaded when the fold is complete
         model_dir = local / "model"
         shutil.rmtree(model_dir, ignore_errors=True)
         best_ckpt.to_directory(str(model_dir))
-        return _test_fold(cfg, fold, local, model_dir, split, best_metrics, fhash)
+        return _test_fold(cfg, fold, local, model_dir, split, best_metrics, fhash, audit)
 
 
 TRAIN_KEYS = ("epochs", "batch_size", "lr", "lr_end", "weight_decay", "warmup_frac", "grad_clip", "max_frames",
-              "shuffle_buffer", "bf16", "fail_at_step")
+              "bf16", "fail_at_step", "body_lr_scale", "freeze_epochs", "patience")
 
 
-def _test_fold(cfg, fold: int, fold_dir: Path, model_dir: Path, split, best_metrics, fhash: str) -> Dict[str, Any]:
+def _test_fold(cfg, fold: int, fold_dir: Path, model_dir: Path, split, best_metrics, fhash: str, audit: dict) -> Dict[str, Any]:
+    """Score the fold's test split, once, with the selected checkpoint."""
     from serray.predict import Predictor
 
     state = torch.load(model_dir / "state.pt", map_location="cpu", weights_only=True)
     history = list(state.get("history", []))
-    for key in ("optimizer",):  # the selected model is all the registry / serving needs
-        state.pop(key, None)
+    state.pop("optimizer", None)  # the selected model is all the registry / serving needs
     torch.save(state, model_dir / "state.pt")
     predictor = Predictor.from_checkpoint(model_dir)
-    preds = predictor.predict_parquet(session_paths(cfg.features.dir, [fold]))
-    assert len(preds) == len(split["test"]) and set(preds["utt_id"]) == set(split["test"]["utt_id"])
+    test_ids = list(split["test"]["utt_id"])
+    preds = predictor.predict_parquet(session_paths(cfg.features.dir, [fold]), utt_ids=test_ids)
+    test_evaluations = 1  # the one and only scoring of this fold's test split in this run
+    assert len(preds) == len(test_ids) and set(preds["utt_id"]) == set(test_ids), "the test split was not scored exactly once"
     preds.insert(0, "fold", fold)
+    preds.insert(1, "seed", cfg.seed)
     preds.to_csv(fold_dir / "predictions.csv", index=False)
     m = classification_metrics([LABEL_INDEX[l] for l in preds["label"]], [LABEL_INDEX[l] for l in preds["pred"]])
     result = {"fold": fold, "test_session": fold, **m, "n_test": int(len(preds)),
               "n_train": int(len(split["train"])), "n_val": int(len(split["val"])),
               "best_epoch": int(best_metrics["epoch"]), "val_ua": float(best_metrics["val_ua"]),
-              "classes_in_test": sorted(set(preds["label"])), "config_hash": fhash, "history": history}
+              "val_loss": float(best_metrics["val_loss"]), "epochs_run": len(history),
+              "classes_in_test": sorted(set(preds["label"])), "config_hash": fhash, "seed": cfg.seed,
+              "pretrain_sessions": audit["pretrain_sessions"], "stats_sessions": audit["stats_sessions"],
+              "val_speakers": sorted(set(split["val"]["speaker"])), "test_evaluations": test_evaluations,
+              "protocol": audit["protocol"], "history": history}
     (fold_dir / FOLD_RESULT).write_text(json.dumps(result, indent=2))
     return result
 
@@ -250,7 +397,8 @@ def _fold_path(cfg, fold: int) -> str:
     return storage.join(storage.absolute(cfg.finetune.dir), f"fold{fold}")
 
 
-def _fold_done(cfg, fold: int) -> Optional[Dict[str, Any]]:
+def fold_done(cfg, fold: int) -> Optional[Dict[str, Any]]:
+    """The stored result of a finished fold with this config, or None."""
     path = storage.join(_fold_path(cfg, fold), FOLD_RESULT)
     if storage.is_file(path):
         res = json.loads(storage.read_text(path))
@@ -266,25 +414,25 @@ def _tune_storage(path: str) -> Dict[str, Any]:
 
 
 def run_folds(cfg) -> List[Dict[str, Any]]:
-    """Run every pending fold as a parallel Ray Tune trial; finished folds are reused."""
+    """Run every pending fold as a parallel Ray Tune trial (pre-training included); finished folds are
+    reused."""
     import ray.tune as tune
 
     from serray.ray_utils import init_ray
 
     feat_meta = check_features(cfg)  # fail fast, before any trial starts
-    check_adapter(cfg, feat_meta)
-    done = {f: r for f in cfg.finetune.folds if (r := _fold_done(cfg, f)) is not None}
+    if uses_pretraining(cfg) and (cfg.finetune.init_from or not cfg.pretrain.per_fold):
+        if not cfg.pretrain.per_fold and not cfg.finetune.init_from:
+            run_pretrain(cfg)  # the one shared (transductive) adapter
+        for f in cfg.finetune.folds:
+            check_adapter(cfg, feat_meta, adapter_path(cfg, f))
+    done = {f: r for f in cfg.finetune.folds if (r := fold_done(cfg, f)) is not None}
     pending = [f for f in cfg.finetune.folds if f not in done]
     if done:
         log.info("folds %s already finished with this config; reusing them", sorted(done))
     if pending:
         init_ray(cfg)
-        cfg_dict = as_dict(cfg)
-        # read once here, outside any placement group; small sets are materialized in the object
-        # store so no fold re-reads Parquet (and starts read tasks) every epoch
-        datasets = {f: fold_datasets(cfg, f) for f in pending}
-        trainable = tune.with_resources(tune.with_parameters(_fold_trial, cfg_dict=cfg_dict, datasets=datasets),
-                                        {"cpu": 0, "memory": 64 * 1024**2})
+        trainable = tune.with_resources(tune.with_parameters(_fold_trial, cfg_dict=as_dict(cfg)), trial_resources(cfg))
         tuner = tune.Tuner(
             trainable,
             param_space={"fold": tune.grid_search(pending)},
@@ -296,21 +444,34 @@ def run_folds(cfg) -> List[Dict[str, Any]]:
         errors = [r.error for r in grid if r.error is not None]
         if errors:
             raise errors[0]
-    results = [done.get(f) or _fold_done(cfg, f) for f in cfg.finetune.folds]
+    results = [done.get(f) or fold_done(cfg, f) for f in cfg.finetune.folds]
     missing = [f for f, r in zip(cfg.finetune.folds, results) if r is None]
     if missing:
         raise DataError(f"folds {missing} produced no result (see the Ray logs above)")
     return results
 
 
-def _fold_trial(config: Dict[str, Any], cfg_dict: Dict[str, Any], datasets: Dict[int, Dict[str, Any]]) -> None:
-    """One Tune trial = one fold (a Ray Train run, then the test on the held-out session)."""
+def trial_resources(cfg, extra_cpu: float = 0.0) -> Dict[str, float]:
+    """What a Tune trial that runs folds reserves: the worker's CPU/GPU when its loops run in the
+    trial itself (``backend=local``), nothing but a little memory when Ray Train workers do."""
+    from serray.train.loop import backend
+
+    if backend(cfg.finetune) == "local" or (uses_pretraining(cfg) and backend(cfg.pretrain) == "local"):
+        res = {"cpu": max(cfg.finetune.cpus_per_worker, cfg.pretrain.cpus_per_worker) + extra_cpu}
+        if cfg.finetune.use_gpu or cfg.pretrain.use_gpu:
+            res["gpu"] = max(cfg.finetune.gpus_per_worker if cfg.finetune.use_gpu else 0,
+                             cfg.pretrain.gpus_per_worker if cfg.pretrain.use_gpu else 0)
+        return res
+    return {"cpu": extra_cpu, "memory": 64 * 1024**2} if extra_cpu else {"cpu": 0, "memory": 64 * 1024**2}
+
+
+def _fold_trial(config: Dict[str, Any], cfg_dict: Dict[str, Any]) -> None:
+    """One Tune trial = one fold (pre-training if needed, a Ray Train run, the test)."""
     import ray.tune
     from omegaconf import OmegaConf
 
     cfg = OmegaConf.create(cfg_dict)
-    fold = int(config["fold"])
-    res = run_fold(cfg, fold, datasets=datasets.get(fold))
+    res = run_fold(cfg, int(config["fold"]))
     ray.tune.report({k: v for k, v in res.items() if isinstance(v, (int, float))})
 
 
@@ -320,21 +481,22 @@ def run_finetune(cfg) -> Dict[str, Any]:
     from serray.train.results import write_results
 
     folds = run_folds(cfg)
-    title = f"leave-one-session-out, mode={cfg.finetune.mode}, encoder={cfg.encoder.name}"
+    title = f"leave-one-session-out, mode={cfg.finetune.mode}, encoder={cfg.encoder.name}, protocol={protocol(cfg)}"
     with storage.staged(cfg.finetune.dir) as out:
         save_config(cfg, out)
         summary = write_results(folds, out, {"mode": cfg.finetune.mode, "encoder": cfg.encoder.name,
-                                             "config_hash": finetune_hash(cfg), "title": title},
+                                             "protocol": protocol(cfg), "config_hash": finetune_hash(cfg),
+                                             "title": title},
                                 folds_dir=storage.absolute(cfg.finetune.dir))
     if cfg.finetune.register:
         summary["registered"] = register_result(cfg, summary, source="finetune")["id"]
     return summary
 
 
-def register_result(cfg, summary: Dict[str, Any], source: str, hyperparameters: Optional[Dict[str, Any]] = None
-                    ) -> Dict[str, Any]:
+def register_result(cfg, summary: Dict[str, Any], source: str, hyperparameters: Optional[Dict[str, Any]] = None,
+                    selected_on: Optional[str] = None) -> Dict[str, Any]:
     """Register a finished LOSO run: the fold model with the best validation UA, with the run's LOSO
-    test metrics (an entry with the same config hash is reused, not duplicated)."""
+    test metrics and mean validation UA (an entry with the same config hash is reused)."""
     from serray.registry import list_entries, register
 
     fhash = finetune_hash(cfg)
@@ -343,7 +505,9 @@ def register_result(cfg, summary: Dict[str, Any], source: str, hyperparameters: 
             return entry
     best = max(summary["folds"], key=lambda f: (f.get("val_ua", 0.0), -f["fold"]))
     model = storage.join(_fold_path(cfg, best["fold"]), "model")
-    return register(cfg.registry.dir, model, metrics=dict(summary["mean"]), config_yaml=to_yaml(cfg), source=source,
+    metrics = {**summary["mean"], "val_ua": float(np.mean([f.get("val_ua", float("nan")) for f in summary["folds"]]))}
+    return register(cfg.registry.dir, model, metrics=metrics, config_yaml=to_yaml(cfg), source=source,
                     hyperparameters=hyperparameters,
                     extra={"config_hash": fhash, "folds": list(cfg.finetune.folds), "model_fold": best["fold"],
+                           "protocol": protocol(cfg), "selected_on": selected_on or "val_ua (epochs)",
                            "std": dict(summary["std"]), "finetune_dir": storage.absolute(cfg.finetune.dir)})

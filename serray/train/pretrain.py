@@ -2,25 +2,36 @@
 prediction, self-distillation towards its EMA teacher and prediction of the teacher's k-means
 local attributes. The loop itself is :mod:`serray.train.loop`; this module is the task definition
 and the driver (:func:`run_pretrain`).
+
+Protocol: with ``pretrain.per_fold=true`` (the default, *inductive*) every leave-one-session-out
+fold gets its own adapter, pre-trained on the fold's pool only: the other sessions' utterances
+(every one of them, labelled or not, with ``pretrain.use_unlabelled``) plus ``pretrain.extra_audio``
+(stored as session 0). Its input statistics and k-means centroids come from that pool too, so
+nothing of the test session reaches it. ``per_fold=false`` trains one adapter on
+``pretrain.sessions`` for every fold (*transductive* when those include test sessions).
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import math
 import os
 import shutil
 from pathlib import Path
-from typing import Any, Dict
+from typing import Any, Dict, List, Optional
 
 import torch
 
 from serray import storage
 from serray.config import OPERATIONAL_KEYS, as_dict, section_hash, to_yaml
 from serray.data.encoders import check_identity, describe_encoder
-from serray.data.features import PadCollate, feature_dataset
+from serray.data.features import PadCollate, read_rows, training_data
 from serray.data.featurize import feature_identity, feature_stats, read_meta
+from serray.data.iemocap import LABELS
 from serray.errors import DataError
 from serray.models.adapter import Adapter
+from serray.models.wap import kernel_frames
 from serray.train.checkpoint import META_FILE
 from serray.train.loop import fit, steps_per_epoch
 from serray.train.report import write_history
@@ -28,9 +39,40 @@ from serray.train.schedules import cosine_schedule
 
 log = logging.getLogger(__name__)
 
-ADAPTER_DIR = "adapter"  # the exported pre-trained adapter under pretrain.dir
+ADAPTER_DIR = "adapter"  # the exported pre-trained adapter under its pre-training directory
+EXTRA_SESSION = 0  # the partition of pretrain.extra_audio in the feature store
 PRETRAIN_KEYS = ("loss", "loss_mask", "loss_distill", "loss_cluster", "cos_ts", "cluster_entropy", "dead_clusters",
-                 "ema_decay")
+                 "ema_decay", "student_drift", "teacher_drift")
+DRIFT_WARNING = ("the teacher moved less than half as far from its initialisation as the student ({t:.3g} vs {s:.3g}): "
+                 "it is still mostly its random init; pre-train longer or lower adapter.ema_half_life")
+
+
+# ---------------------------------------------------------------- the EMA schedule
+
+
+def ema_momentum(base: float, end: float, total_steps: int, half_life: float, step: int) -> float:
+    """The teacher's EMA decay at ``step``.
+
+    A cosine from ``base`` (``adapter.ema_decay``) to ``end`` (``adapter.ema_decay_end``) over the
+    run, as in DINO / data2vec, capped so that the teacher's half-life never exceeds ``half_life``
+    (``adapter.ema_half_life``) of the run's steps: ``m <= 0.5 ** (1 / (half_life * total_steps))``.
+    A 100-step CPU run and a 100k-step GPU run both end with a teacher that has followed its
+    student (with the uncapped 0.996 -> 0.9999 schedule, 80 % of a 110-step teacher was still its
+    random initialisation).
+    """
+    m = cosine_schedule(base, end, total_steps, 0, step)
+    cap = 0.5 ** (1.0 / max(1.0, half_life * total_steps))
+    return min(m, cap)
+
+
+def relative_drift(params: List[torch.Tensor], init: List[torch.Tensor]) -> float:
+    """``||theta - theta_0|| / ||theta_0||`` over a list of parameters."""
+    num = sum(float((p.detach().float().cpu() - q).pow(2).sum()) for p, q in zip(params, init))
+    den = sum(float(q.pow(2).sum()) for q in init)
+    return math.sqrt(num) / max(math.sqrt(den), 1e-12)
+
+
+# ---------------------------------------------------------------- the task
 
 
 class PretrainTask:
@@ -38,41 +80,55 @@ class PretrainTask:
 
     def __init__(self, config: Dict[str, Any]):
         self.config = config
+        self._init: Optional[List[torch.Tensor]] = None  # theta_0, common to both branches
 
     def build_model(self) -> Adapter:
         model = Adapter(**self.config["model"])
         model.set_feature_stats(*self.config["feature_stats"])
+        # the common initialisation (the teacher starts as a copy of the student); built from the
+        # seed before any checkpoint is loaded, so a resumed run measures drift from the same point
+        self._init = [p.detach().float().clone() for p in model.branch_parameters("student")]
         return model
 
-    def trainable_parameters(self, model: Adapter) -> list:
-        return model.trainable_parameters()
+    def param_groups(self, model: Adapter, weight_decay: float) -> list:
+        return model.param_groups(weight_decay)
+
+    def lr_scale(self, group: dict, epoch: int) -> float:
+        return group.get("lr_scale", 1.0)
 
     def collate(self, train: bool, epoch: int = 0) -> PadCollate:
         return PadCollate(self.config["max_frames"], random_crop=train, seed=self.config["seed"] * 1000 + epoch)
 
-    def step(self, model, batch, step: int):
-        import ray.train
-
-        gen = torch.Generator().manual_seed(self.config["seed"] * 1_000_003 + step * 101 + ray.train.get_context().get_world_rank())
+    def step(self, model, batch, step: int, rank: int = 0):
+        gen = torch.Generator().manual_seed(self.config["seed"] * 1_000_003 + step * 101 + rank)
         out = model(batch["x"], batch["padding_mask"], generator=gen)
         records = {"loss": float(out.loss.detach()), **{f"loss_{k}": float(v) for k, v in out.losses.items()}, **out.stats}
         return out.loss, records
 
     def after_step(self, core: Adapter, step: int, total_steps: int) -> Dict[str, float]:
-        m = cosine_schedule(self.config["ema_decay"], self.config["ema_decay_end"], total_steps, 0, step)
+        c = self.config
+        m = ema_momentum(c["ema_decay"], c["ema_decay_end"], total_steps, c.get("ema_half_life", 1.0), step)
         core.update_teacher(m)
         return {"ema_decay": m}
 
-    def evaluate(self, model, core, device, epoch: int) -> Dict[str, float]:
-        """A distributed guard: the largest centroid difference between workers (must be 0)."""
+    def evaluate(self, model, core: Adapter, rt, epoch: int) -> Dict[str, float]:
+        """Teacher and student drift from the common initialisation, and a distributed guard: the
+        largest centroid difference between workers (must be 0)."""
         import torch.distributed as dist
 
-        if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
-            return {}
-        c = core.kmeans.centroids.detach().clone()
-        gathered = [torch.empty_like(c) for _ in range(dist.get_world_size())]
-        dist.all_gather(gathered, c)
-        return {"centroid_sync_diff": float(max((g - c).abs().max() for g in gathered))}
+        out = {}
+        if self._init is not None:
+            out["student_drift"] = relative_drift(core.branch_parameters("student"), self._init)
+            out["teacher_drift"] = relative_drift(core.branch_parameters("teacher"), self._init)
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            c = core.kmeans.centroids.detach().clone()
+            gathered = [torch.empty_like(c) for _ in range(dist.get_world_size())]
+            dist.all_gather(gathered, c)
+            out["centroid_sync_diff"] = float(max((g - c).abs().max() for g in gathered))
+        return out
+
+    def should_stop(self, history: list) -> bool:
+        return False
 
     def extra_state(self) -> Dict[str, Any]:
         return {}
@@ -82,12 +138,78 @@ class PretrainTask:
 
     def checkpoint_meta(self, core: Adapter, step: int, epoch: int) -> Dict[str, Any]:
         return {"kind": "adapter", "model": core.config_dict(), "features": self.config["features"],
-                "config_hash": self.config["config_hash"], "step": step, "epoch": epoch}
+                "config_hash": self.config["config_hash"], "step": step, "epoch": epoch,
+                "pool": self.config["pool"]}
 
 
-def pretrain_hash(cfg) -> str:
-    """What makes two pre-trainings the same: encoder, adapter and the pre-training section."""
-    return section_hash(cfg, "encoder", "adapter", "pretrain", "seed", exclude=OPERATIONAL_KEYS)
+# ---------------------------------------------------------------- what a pre-training sees
+
+
+def adapter_kwargs(cfg, feat_meta: dict) -> Dict[str, Any]:
+    """``Adapter`` constructor kwargs: the ``adapter`` section with millisecond widths turned into
+    frames of the stored features' frame rate."""
+    a = cfg.adapter
+    rate = float(feat_meta["frame_rate"])
+    return {"input_dim": feat_meta["dim"], "num_input_layers": feat_meta["num_layers"], "d_model": a.d_model,
+            "num_layers": a.num_layers, "num_heads": a.num_heads, "ff_dim": a.ff_dim, "dropout": a.dropout,
+            "mask_ratio": a.mask_ratio, "mask_span": max(1, int(round(a.mask_span_ms * rate / 1000.0))),
+            "num_clusters": a.num_clusters, "kmeans_decay": a.kmeans_decay, "w_mask": a.w_mask,
+            "w_distill": a.w_distill, "w_cluster": a.w_cluster, "distill_top_k": a.distill_top_k,
+            "pos_conv_kernel": kernel_frames(a.pos_conv_ms, rate) if a.pos_conv_ms > 0 else 0,
+            "pos_conv_groups": a.pos_conv_groups}
+
+
+def pool_sessions(cfg, fold: Optional[int], feat_meta: dict) -> List[int]:
+    """The sessions a pre-training reads: the fold's training sessions (per fold) or
+    ``pretrain.sessions`` (shared), plus the extra-audio partition when it is stored."""
+    if cfg.pretrain.per_fold:
+        if fold is None:
+            raise ValueError("pretrain.per_fold=true needs a fold")
+        sessions = [s for s in cfg.data.sessions if s != fold]
+    else:
+        sessions = list(cfg.pretrain.sessions)
+    extra = list(getattr(cfg.pretrain, "extra_audio", []) or [])
+    if extra and str(EXTRA_SESSION) in (feat_meta.get("rows_per_session") or {}):
+        sessions = [EXTRA_SESSION] + sessions
+    return sessions
+
+
+def pool_rows(cfg, sessions: List[int]):
+    """utt_id / speaker / label of the pre-training pool (every stored utterance of those sessions
+    with ``pretrain.use_unlabelled``, else only the four-class ones; extra audio always)."""
+    rows = read_rows(cfg.features.dir, sessions, columns=("utt_id", "label", "speaker"))
+    if not getattr(cfg.pretrain, "use_unlabelled", False):
+        extra = rows["utt_id"].str.startswith("extra/")
+        rows = rows[rows["label"].isin(LABELS) | extra]
+    return rows.reset_index(drop=True)
+
+
+def pretrain_hash(cfg, fold: Optional[int] = None) -> str:
+    """What makes two pre-trainings the same: encoder, adapter, the pre-training section, the seed
+    and (per fold) the fold."""
+    h = section_hash(cfg, "encoder", "adapter", "pretrain", "seed", exclude=OPERATIONAL_KEYS)
+    return h if fold is None else section_hash_str(h, f"fold{fold}")
+
+
+def section_hash_str(*parts: str) -> str:
+    import hashlib
+
+    return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
+
+
+def pretrain_dir(cfg, fold: Optional[int] = None) -> str:
+    """Where a pre-training writes: ``pretrain.dir/fold<k>`` per fold, else ``pretrain.dir``."""
+    base = storage.absolute(cfg.pretrain.dir)
+    return storage.join(base, f"fold{fold}") if cfg.pretrain.per_fold else base
+
+
+def adapter_path(cfg, fold: Optional[int] = None) -> str:
+    """The adapter a fold fine-tunes from: ``finetune.init_from`` (``{fold}`` replaced) or the export
+    of :func:`run_pretrain` for that fold."""
+    given = cfg.finetune.init_from
+    if given:
+        return str(given).replace("{fold}", str(fold))
+    return storage.join(pretrain_dir(cfg, fold), ADAPTER_DIR)
 
 
 def check_features(cfg) -> dict:
@@ -97,41 +219,59 @@ def check_features(cfg) -> dict:
     return meta
 
 
-def run_pretrain(cfg, force: bool = False) -> Dict[str, Any]:
-    """Pre-train the adapter on the stored features with Ray Train; export it to ``pretrain.dir/adapter``.
+# ---------------------------------------------------------------- the driver
+
+
+def run_pretrain(cfg, fold: Optional[int] = None, force: bool = False, report_to_tune: bool = False) -> Dict[str, Any]:
+    """Pre-train the adapter of one fold (or the shared one) with Ray Train; export it.
 
     Returns:
-        A summary: the exported adapter directory, final metrics, history path, whether it was reused.
+        A summary: the exported adapter directory, final metrics, the pool (sessions, rows, speakers),
+        whether it was reused, and a warning if the teacher barely moved.
     """
+    if cfg.pretrain.per_fold and fold is None:
+        raise ValueError("pretrain.per_fold=true: run_pretrain needs the fold")
+    fold = fold if cfg.pretrain.per_fold else None
+    out = pretrain_dir(cfg, fold)
+    export = storage.join(out, ADAPTER_DIR)
+    phash = pretrain_hash(cfg, fold)
+    with storage.lock(out):  # trials / arms that share a pre-training wait for one another
+        if not force and storage.is_file(storage.join(export, META_FILE)):
+            meta = json.loads(storage.read_text(storage.join(export, META_FILE)))
+            if meta.get("config_hash") == phash:
+                log.info("pre-trained adapter in %s matches the config; skipping (use --force to retrain)",
+                         storage.describe(export))
+                return {"adapter": export, "reused": True, "metrics": meta.get("final_metrics", {}), "fold": fold,
+                        "pool": meta.get("pool", {})}
+        return _train(cfg, fold, out, export, phash, force, report_to_tune)
+
+
+def _train(cfg, fold, out, export, phash, force, report_to_tune) -> Dict[str, Any]:
     from serray.ray_utils import init_ray
 
-    import json
-
-    out = storage.absolute(cfg.pretrain.dir)
-    export = storage.join(out, ADAPTER_DIR)
-    phash = pretrain_hash(cfg)
-    if not force and storage.is_file(storage.join(export, META_FILE)):
-        meta = json.loads(storage.read_text(storage.join(export, META_FILE)))
-        if meta.get("config_hash") == phash:
-            log.info("pre-trained adapter in %s matches the config; skipping (use --force to retrain)",
-                     storage.describe(export))
-            return {"adapter": export, "reused": True, "metrics": meta.get("final_metrics", {})}
     feat_meta = check_features(cfg)
-    sessions = list(cfg.pretrain.sessions)
-    num_rows = sum(int(feat_meta["rows_per_session"].get(str(s), 0)) for s in sessions)
-    if num_rows == 0:
+    sessions = pool_sessions(cfg, fold, feat_meta)
+    if fold is not None and fold in sessions:
+        raise AssertionError(f"leakage: fold {fold}'s pre-training pool holds its test session")
+    rows = pool_rows(cfg, sessions)
+    if rows.empty:
         raise DataError(f"no stored features for pre-training sessions {sessions} in {storage.describe(cfg.features.dir)}")
     init_ray(cfg)
     tcfg = cfg.pretrain
+    spe = steps_per_epoch(len(rows), tcfg.batch_size, tcfg.num_workers)
+    epochs = math.ceil(tcfg.steps / spe) if tcfg.steps else tcfg.epochs
+    pool = {"sessions": sessions, "rows": int(len(rows)), "speakers": sorted(set(rows["speaker"])),
+            "labelled_rows": int(rows["label"].isin(LABELS).sum()), "fold": fold}
+    data = training_data(cfg.features.dir, sessions, rows["utt_id"].tolist(), cfg.features.cache_max_mb, cfg.seed)
     loop_config = {
-        "task": "pretrain", "seed": cfg.seed, "config_yaml": to_yaml(cfg), "config_hash": phash,
-        "features": feature_identity(feat_meta),
+        "seed": cfg.seed, "config_yaml": to_yaml(cfg), "config_hash": phash,
+        "features": feature_identity(feat_meta), "pool": pool,
         "feature_stats": [a.tolist() for a in feature_stats(feat_meta, sessions)],
-        "model": {"input_dim": feat_meta["dim"], "num_input_layers": feat_meta["num_layers"],
-                  **{k: v for k, v in as_dict(cfg.adapter).items() if k not in ("ema_decay", "ema_decay_end")}},
+        "model": adapter_kwargs(cfg, feat_meta),
         "ema_decay": cfg.adapter.ema_decay, "ema_decay_end": cfg.adapter.ema_decay_end,
-        **{k: v for k, v in as_dict(tcfg).items() if k not in ("dir", "sessions")},
-        "steps_per_epoch": steps_per_epoch(num_rows, tcfg.batch_size, tcfg.num_workers),
+        "ema_half_life": cfg.adapter.ema_half_life,
+        **{k: v for k, v in as_dict(tcfg).items() if k not in ("dir", "sessions", "extra_audio")},
+        "epochs": epochs, "steps_per_epoch": spe, "total_steps": tcfg.steps,
         "fault_marker": storage.join(out, "fault_injected.marker"),
     }
     name = f"pretrain-{phash[:8]}"  # a rerun with the same config resumes this run's latest checkpoint
@@ -139,8 +279,8 @@ def run_pretrain(cfg, force: bool = False) -> Dict[str, Any]:
     if force:
         storage.remove(storage.join(ray_dir, name))
         storage.remove(loop_config["fault_marker"])
-    result = fit(loop_config, {"train": feature_dataset(cfg.features.dir, sessions, cache_max_mb=cfg.features.cache_max_mb)}, tcfg,
-                 storage_path=ray_dir, name=name, score=("loss", "min"))
+    result = fit(PretrainTask, loop_config, {"train": data}, tcfg, storage_path=ray_dir, name=name,
+                 score=("loss", "min"), report_to_tune=report_to_tune)
     if result.checkpoint is None:
         raise DataError(f"pre-training in {storage.describe(out)} reported no checkpoint")
     with storage.staged(out) as local:  # the export appears complete (local: renamed; URI: uploaded at the end)
@@ -150,15 +290,18 @@ def run_pretrain(cfg, force: bool = False) -> Dict[str, Any]:
         history = _finalise_export(tmp, result.metrics)
         shutil.rmtree(local / ADAPTER_DIR, ignore_errors=True)
         os.replace(tmp, local / ADAPTER_DIR)
-        curves = write_history(history, local, PRETRAIN_KEYS, "adapter pre-training")
+        curves = write_history(history, local, PRETRAIN_KEYS, "adapter pre-training" + (f", fold {fold}" if fold else ""))
+    final = history[-1] if history else {}
+    warning = None
+    if final.get("teacher_drift", 1.0) < 0.5 * final.get("student_drift", 0.0):
+        warning = DRIFT_WARNING.format(t=final["teacher_drift"], s=final["student_drift"])
+        log.warning(warning)
     return {"adapter": export, "reused": False, "metrics": result.metrics, "curves": storage.join(out, curves.name),
-            "ray_dir": storage.join(ray_dir, name)}
+            "ray_dir": storage.join(ray_dir, name), "fold": fold, "pool": pool, "warning": warning}
 
 
 def _finalise_export(directory: Path, final_metrics: Dict[str, Any]) -> list:
     """Drop the optimiser from the exported adapter, add final metrics; return the history."""
-    import json
-
     from serray.train.checkpoint import OPTIMIZER_KEY, STATE_FILE
 
     state = torch.load(directory / STATE_FILE, map_location="cpu", weights_only=True)
@@ -168,3 +311,17 @@ def _finalise_export(directory: Path, final_metrics: Dict[str, Any]) -> list:
     meta["final_metrics"] = {k: v for k, v in (final_metrics or {}).items() if isinstance(v, (int, float))}
     (directory / META_FILE).write_text(json.dumps(meta, indent=2))
     return list(state["history"])
+
+
+def pretrain_summary(s: dict) -> str:
+    """Two or three lines for the terminal: what was trained or reused, the final epoch's numbers."""
+    m = s.get("metrics") or {}
+    keys = ("epoch", "loss", "loss_mask", "loss_distill", "loss_cluster", "cos_ts", "cluster_entropy",
+            "student_drift", "teacher_drift")
+    shown = ", ".join(f"{k}={m[k]:.4g}" for k in keys if isinstance(m.get(k), (int, float)))
+    how = "reused (config unchanged)" if s.get("reused") else "trained"
+    where = f" (fold {s['fold']})" if s.get("fold") else ""
+    lines = [f"pre-trained adapter{where} {how}: {storage.describe(s['adapter'])}", f"  final epoch: {shown}"]
+    if s.get("warning"):
+        lines.append(f"  WARNING: {s['warning']}")
+    return "\n".join(lines)

@@ -15,7 +15,8 @@ from serray.train.metrics import confusion
 
 METRICS = ("ua", "wa", "macro_f1")
 FOLD_KEYS = ("fold", "test_session", "ua", "wa", "macro_f1", "n_test", "n_train", "n_val", "best_epoch", "val_ua",
-             "classes_in_test")
+             "val_loss", "epochs_run", "classes_in_test", "seed", "protocol", "pretrain_sessions", "stats_sessions",
+             "val_speakers", "test_evaluations")
 
 
 def summarise(folds: List[Dict[str, Any]]) -> Dict[str, Any]:

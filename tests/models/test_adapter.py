@@ -104,6 +104,71 @@ def test_stacked_input_layers_and_top_k_and_eval() -> None:
         _adapter(distill_top_k=3)
 
 
+def _masked_outputs(model: Adapter) -> torch.Tensor:
+    """Student outputs at the masked frames of one utterance (a 200 ms span: frames 10-29 at 100 Hz)."""
+    model.eval()
+    x = torch.randn(1, T, D, generator=torch.Generator().manual_seed(0))
+    pm = torch.zeros(1, T, dtype=torch.bool)
+    mask = torch.zeros(1, T, dtype=torch.bool)
+    mask[0, 10:30] = True
+    with torch.no_grad():
+        h = torch.where(mask[..., None], model.mask_emb, model.student.embed(x))
+        return model.student.encode(h, pm)[0, mask[0]]
+
+
+def test_masked_frames_of_one_utterance_get_different_outputs() -> None:
+    """Self-attention is permutation-equivariant: without positions every masked frame (the same mask
+    embedding) gets the same output; the convolutional positional embedding tells them apart."""
+    without = _masked_outputs(_adapter(pos_conv_kernel=0))
+    assert (without - without[0]).abs().max() == 0.0  # the defect this guards against
+    # the width in use (640 ms) is wider than a mask span (200 ms), so every masked frame sees
+    # unmasked neighbours at its own offsets; here 41 frames at 100 Hz for a 20-frame span
+    with_pos = _masked_outputs(_adapter(pos_conv_kernel=41, pos_conv_groups=4))
+    diffs = (with_pos[:, None] - with_pos[None]).abs().amax(-1)
+    off_diag = diffs[~torch.eye(len(with_pos), dtype=torch.bool)]
+    assert off_diag.min() > 1e-3, off_diag.min()  # every pair of masked frames differs
+
+
+def test_teacher_targets_are_instance_normalised_over_valid_frames() -> None:
+    model = _adapter(distill_top_k=2, pos_conv_kernel=5, pos_conv_groups=4).eval()
+    x, pm = _batch(torch.Generator().manual_seed(0), _protos())
+    t, target = model.teacher_targets(x, pm)
+    layers = model.teacher.layer_outputs(model.teacher.embed(x), pm)
+    for b in range(B):
+        valid = ~pm[b]
+        expected = torch.stack([(h[b, valid] - h[b, valid].mean(0)) / torch.sqrt(h[b, valid].var(0, unbiased=False) + 1e-5)
+                                for h in layers[-2:]]).mean(0)
+        torch.testing.assert_close(target[b, valid], expected, rtol=1e-4, atol=1e-4)
+        assert (target[b, ~valid] == 0).all()
+
+
+def test_losses_start_on_comparable_scales() -> None:
+    """Cluster cross-entropy is divided by ln K: with random weights all three terms are near 1."""
+    model = _adapter(num_clusters=64).train()
+    x, pm = _batch(torch.Generator().manual_seed(0), _protos())
+    frames = x[~pm]
+    model.set_feature_stats(frames.mean(0, keepdim=True), frames.std(0, keepdim=True))  # CMVN, as in training
+    out = model(x, pm, generator=torch.Generator().manual_seed(1))
+    vals = {k: float(v) for k, v in out.losses.items()}
+    assert all(0.5 < v < 2.0 for v in vals.values()), vals
+
+
+def test_no_weight_decay_on_norms_biases_embeddings_and_logits() -> None:
+    model = _adapter(num_input_layers=2, pos_conv_kernel=5, pos_conv_groups=4)
+    groups = model.param_groups(0.01)
+    decayed = {id(p) for g in groups if g["weight_decay"] > 0 for p in g["params"]}
+    names = {id(p): n for n, p in model.named_parameters()}
+    for n, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        plain = p.ndim < 2 or n.endswith(".bias")
+        assert (id(p) in decayed) != plain, n
+    plain_names = {names[id(p)] for g in groups if g["weight_decay"] == 0 for p in g["params"]}
+    assert {"mask_emb", "student.layer_logits", "student.input_layer_logits"} <= plain_names
+    assert any(n.endswith("norm1.weight") for n in plain_names)
+    assert sum(len(g["params"]) for g in groups) == len(model.trainable_parameters())
+
+
 def test_config_dict_rebuilds() -> None:
     model = _adapter(w_distill=0.0, mask_ratio=0.3)
     clone = Adapter(**model.config_dict())

@@ -50,19 +50,59 @@ def test_init_uses_distinct_rows() -> None:
         assert all((km.centroids[i] == x).all(1).any() for i in range(8))
 
 
-def test_dead_cluster_is_reseeded() -> None:
+def test_dead_cluster_is_reseeded_within_a_few_updates() -> None:
+    """A cluster that stops getting frames is re-seeded after ``dead_patience`` updates (a short run
+    recovers it), not after the hundreds of steps an EMA share threshold would need."""
     torch.manual_seed(0)
     x = _blobs()
-    km = OnlineKMeans(8, x.shape[1], decay=0.9, warmup_steps=5)
+    km = OnlineKMeans(8, x.shape[1], decay=0.99, dead_patience=3)
     km.update(x)
-    km.centroids[3] = 1e4  # never assigned any more -> EMA share decays to 0
-    dead_total = 0
-    for _ in range(80):
-        dead_total += km.update(x)["dead"]
-    assert dead_total >= 1
+    km.centroids[3] = 1e4  # never assigned any more
+    dead = [km.update(x)["dead"] for _ in range(4)]
+    assert dead == [0, 0, 1, 0]  # idle for 3 updates -> re-seeded at the 3rd
     assert km.centroids[3].abs().max() < 100  # re-seeded from a data row
+    assert int(km.idle[3]) <= 1
     share = km.counts / km.counts.sum()
     assert (share > 0).all()
+
+
+def test_centroid_moves_by_its_share_of_frames() -> None:
+    """EMA of sums and counts (VQ-VAE): a centroid that got 1 frame moves far less than one that got
+    1,000 frames, and an unused centroid does not move."""
+    km = OnlineKMeans(3, 2, decay=0.5, init="random", dead_patience=100)
+    km.centroids.copy_(torch.tensor([[0.0, 0.0], [10.0, 0.0], [0.0, 10.0]]))
+    km.counts.fill_(100.0)
+    km.initialized.fill_(True)
+    big = torch.tensor([[1.0, 0.0]]).repeat(1000, 1)  # 1000 frames near cluster 0, mean (1, 0)
+    one = torch.tensor([[11.0, 0.0]])  # one frame near cluster 1, at distance 1
+    km.update(torch.cat([big, one]))
+    c = km.centroids
+    # cluster 0: (0.5*100*0 + 0.5*1000*1) / (0.5*100 + 0.5*1000) = 500/550
+    torch.testing.assert_close(c[0], torch.tensor([500.0 / 550.0, 0.0]))
+    # cluster 1: (0.5*100*10 + 0.5*11) / (0.5*100 + 0.5*1) = 505.5/50.5 (moves 0.0099, not 0.5)
+    torch.testing.assert_close(c[1], torch.tensor([505.5 / 50.5, 0.0]))
+    torch.testing.assert_close(c[2], torch.tensor([0.0, 10.0]))
+
+
+def test_recovers_well_separated_clusters() -> None:
+    """Mini-batch updates on shuffled blobs recover the true partition (adjusted Rand index), not
+    just a lower objective."""
+    from sklearn.metrics import adjusted_rand_score
+
+    g = torch.Generator().manual_seed(3)
+    k, dim, n_per = 8, 6, 200
+    centers = torch.randn(k, dim, generator=g) * 6
+    labels = torch.arange(k).repeat_interleave(n_per)
+    x = centers[labels] + 0.4 * torch.randn(k * n_per, dim, generator=g)
+    perm = torch.randperm(len(x), generator=g)
+    x, labels = x[perm], labels[perm]
+    torch.manual_seed(0)
+    km = OnlineKMeans(k, dim, decay=0.9)
+    for _ in range(5):  # 5 epochs of 64-frame mini-batches
+        for i in range(0, len(x), 64):
+            km.update(x[i : i + 64])
+    ari = adjusted_rand_score(labels.numpy(), km.assign(x).numpy())
+    assert ari > 0.95, ari
 
 
 def test_state_dict_round_trip() -> None:
@@ -73,7 +113,7 @@ def test_state_dict_round_trip() -> None:
         km.update(x)
     km2 = OnlineKMeans(8, x.shape[1], decay=0.9)
     km2.load_state_dict(km.state_dict())
-    assert set(km.state_dict()) == {"centroids", "counts", "initialized", "steps"}
+    assert set(km.state_dict()) == {"centroids", "counts", "idle", "initialized", "steps"}
     assert torch.equal(km2.centroids, km.centroids)
     assert torch.equal(km2.counts, km.counts)
     assert bool(km2.initialized) and int(km2.steps) == 3

@@ -114,3 +114,56 @@ def test_feature_norm_standardises_and_travels_in_the_state_dict():
     clf.body.load_state_dict(body_state_from_adapter(ad.state_dict(), "teacher"))
     assert torch.equal(clf.body.input_norm.mean, torch.full((1, 5), 2.0))
     assert torch.equal(clf.state_dict()["body.input_norm.std"], torch.full((1, 5), 3.0))
+
+
+# ---------------------------------------------------------------- validation splits and the leakage audit
+
+
+@pytest.mark.parametrize("how", ["speaker", "dialog"])
+def test_grouped_validation_split_holds_out_whole_groups(how):
+    rows = _rows()
+    rows["dialog"] = rows["utt_id"].str.rsplit("_", n=1).str[0]
+    for fold in (1, 3):
+        sp = split_fold(rows, fold, 0.15, seed=0, val_split=how)
+        key = "speaker" if how == "speaker" else "dialog"
+        assert len(sp["val"]) > 0
+        assert not set(sp["val"][key]) & set(sp["train"][key])  # a held-out group is wholly held out
+        assert not set(sp["test"]["speaker"]) & (set(sp["train"]["speaker"]) | set(sp["val"]["speaker"]))
+        assert len(sp["train"]) + len(sp["val"]) + len(sp["test"]) == len(rows)
+    n_speakers = rows[rows["speaker"].str.slice(3, 5) != "01"]["speaker"].nunique()
+    sp = split_fold(rows, 1, 0.15, seed=0, val_split="speaker")
+    assert sp["val"]["speaker"].nunique() == max(1, round(0.15 * n_speakers))
+
+
+def test_audit_aborts_on_test_speakers_in_pretraining_under_the_inductive_protocol():
+    from serray.train.finetune import audit_fold
+
+    rows = _rows()
+    sp = split_fold(rows, 2, 0.15, seed=0, val_split="speaker")
+    clean = {"sessions": [1, 3, 4, 5], "speakers": sorted(set(sp["train"]["speaker"]) | set(sp["val"]["speaker"]))}
+    audit = audit_fold(2, sp, clean, [1, 3, 4, 5], "inductive")
+    assert audit["pretrain_sessions"] == [1, 3, 4, 5] and audit["transductive_exposure"] == []
+    leaky = {"sessions": [1, 2, 3, 4, 5], "speakers": clean["speakers"] + ["Ses02_F"]}
+    with pytest.raises(AssertionError, match="leakage audit failed for fold 2.*pre-training pool"):
+        audit_fold(2, sp, leaky, [1, 3, 4, 5], "inductive")
+    with pytest.raises(AssertionError, match="normalisation statistics"):
+        audit_fold(2, sp, clean, [1, 2, 3, 4, 5], "inductive")
+    # the transductive protocol records the exposure instead of aborting ...
+    audit = audit_fold(2, sp, leaky, [1, 2, 3, 4, 5], "transductive")
+    assert len(audit["transductive_exposure"]) == 2
+    # ... but a test speaker in fine-tuning data is fatal under any protocol
+    bad = dict(sp, train=pd.concat([sp["train"], sp["test"].iloc[:1]]))
+    with pytest.raises(AssertionError, match="test-session speakers/utterances in train"):
+        audit_fold(2, bad, clean, [1, 3, 4, 5], "transductive")
+
+
+@pytest.mark.parametrize("fraction", [0.1, 0.25, 1.0])
+def test_label_fractions_keep_every_class(fraction):
+    from serray.train.finetune import subsample_labels
+
+    rows = _rows()
+    sub = subsample_labels(rows, fraction, seed=3)
+    assert set(sub["label"]) == set(rows["label"])
+    for label, n in rows["label"].value_counts().items():
+        assert (sub["label"] == label).sum() == max(1, int(np.floor(fraction * n + 0.5)))
+    assert sub.equals(subsample_labels(rows, fraction, seed=3))
