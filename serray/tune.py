@@ -10,8 +10,8 @@ what is reported and registered (``selected_on`` says how it was chosen). Test m
 shown in ``trials.md`` for information only.
 
 A sweep never spends a trial on a configuration it already ran: when every leaf is discrete
-(``choice`` / ``grid``), the configurations are enumerated and ``tune.num_samples`` of them drawn
-without replacement (all of them when there are fewer). Trials with the same pre-training settings
+(``choice`` / ``grid``), the configurations are enumerated: each grid point gets ``tune.num_samples``
+distinct draws of the choice leaves (fewer when the choices run out). Trials with the same pre-training settings
 share one pre-training (it lives under the sweep's directory, keyed by its config hash).
 
 The search space lives in ``tune.search_space``, nested like the config; a leaf is one of
@@ -106,17 +106,24 @@ def is_discrete(flat: Dict[str, Tuple[str, list]]) -> bool:
 
 
 def enumerate_space(flat: Dict[str, Tuple[str, list]], num_samples: int, seed: int) -> List[Dict[str, Any]]:
-    """Every configuration of a discrete space, or ``num_samples`` of them drawn without replacement
-    (seeded), in a stable order."""
+    """The configurations of a discrete space, each at most once.
+
+    As in Tune, every point of the ``grid`` leaves is run ``num_samples`` times; each run draws its
+    ``choice`` leaves *without replacement* (seeded), so no configuration is run twice; a grid point
+    gets fewer runs when its choices run out.
+    """
     import itertools
     import random
 
-    keys = list(flat)
-    combos = [dict(zip(keys, values)) for values in itertools.product(*(flat[k][1] for k in keys))]
-    if num_samples >= len(combos):
-        return combos
-    picked = sorted(random.Random(seed).sample(range(len(combos)), num_samples))
-    return [combos[i] for i in picked]
+    grid = [k for k, (form, _) in flat.items() if form == "grid"]
+    choice = [k for k, (form, _) in flat.items() if form == "choice"]
+    choices = [dict(zip(choice, v)) for v in itertools.product(*(flat[k][1] for k in choice))]
+    out = []
+    for i, point in enumerate(itertools.product(*(flat[k][1] for k in grid))):
+        n = min(num_samples, len(choices))
+        picked = sorted(random.Random(seed * 7919 + i).sample(range(len(choices)), n))
+        out += [{**dict(zip(grid, point)), **choices[j]} for j in picked]
+    return [{k: c[k] for k in flat} for c in out]
 
 
 COMBO_KEY = "combo"  # param_space key of an enumerated configuration (a dict of dotted keys)

@@ -1,4 +1,4 @@
-"""Fault tolerance: a Train worker dies mid-run; FailureConfig restarts it from the last checkpoint."""
+"""Fault tolerance: a Ray Train worker dies mid-run; FailureConfig restarts it from the last checkpoint."""
 
 from __future__ import annotations
 
@@ -14,7 +14,8 @@ from serray.train.loop import steps_per_epoch
 from serray.train.pretrain import run_pretrain
 
 TINY = ["pretrain.epochs=2", "adapter.d_model=32", "adapter.ff_dim=64", "adapter.num_layers=1",
-        "adapter.num_clusters=8", "pretrain.max_frames=100", "pretrain.num_workers=1"]
+        "adapter.num_clusters=8", "pretrain.max_frames=100", "pretrain.num_workers=1", "pretrain.backend=ray",
+        "pretrain.per_fold=false"]
 
 
 def _cfg(featurized, out, *overrides):
@@ -31,10 +32,14 @@ def test_worker_failure_resumes_and_matches_an_uninterrupted_run(featurized, tmp
     faulty_cfg = _cfg(featurized, tmp_path / "faulty", "pretrain.max_failures=1",
                       f"pretrain.fail_at_step={steps0 + 2}")  # dies in epoch 1, after epoch 0's checkpoint
     faulty = run_pretrain(faulty_cfg)
-    assert (Path(faulty_cfg.pretrain.dir) / "fault_injected.marker").is_file()  # the fault did happen
+    marker = Path(faulty_cfg.pretrain.dir) / "fault_injected.marker"
+    assert marker.read_text() == f"failed at step {steps0 + 2}\n"  # the injected fault did happen, there
     h_clean = json.loads((Path(clean["adapter"]).parent / "history.json").read_text())
     h_faulty = json.loads((Path(faulty["adapter"]).parent / "history.json").read_text())
     assert [h["epoch"] for h in h_faulty] == [0, 1]
+    # the retry resumed from epoch 0's checkpoint (a restart from scratch would not record this)
+    assert "resumed_epoch" not in h_faulty[0] and "resumed_epoch" not in h_clean[1]
+    assert h_faulty[1]["resumed_epoch"] == 1 and h_faulty[1]["resumed_step"] == steps0
     assert [h["step"] for h in h_faulty] == [h["step"] for h in h_clean] == [steps0, 2 * steps0]
     s_clean = torch.load(Path(clean["adapter"]) / STATE_FILE, weights_only=True)
     s_faulty = torch.load(Path(faulty["adapter"]) / STATE_FILE, weights_only=True)

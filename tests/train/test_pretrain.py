@@ -15,6 +15,7 @@ import signal
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -28,7 +29,7 @@ from serray.train.pretrain import ADAPTER_DIR, PretrainTask, pretrain_hash, run_
 MASK_RATIO = 0.5
 TINY = ["pretrain.epochs=2", "adapter.d_model=32", "adapter.ff_dim=64", "adapter.num_layers=2",
         "adapter.num_clusters=8", "pretrain.max_frames=100", "pretrain.batch_size=16",
-        f"adapter.mask_ratio={MASK_RATIO}"]
+        f"adapter.mask_ratio={MASK_RATIO}", "pretrain.per_fold=false"]  # one shared adapter (per fold: below)
 LOSS_KEYS = ("loss", "loss_mask", "loss_distill", "loss_cluster")
 
 
@@ -39,8 +40,10 @@ def _cfg(featurized, out: Path, *overrides: str):
 
 
 def _checkpoints(cfg) -> list[Path]:
-    """Ray Train's checkpoint directories (not its ``checkpoint_manager_snapshot.json``)."""
-    return sorted(p for p in (Path(cfg.pretrain.dir) / "ray" / f"pretrain-{pretrain_hash(cfg)[:8]}").glob("checkpoint_*") if p.is_dir())
+    """The run's checkpoint directories (Ray Train's ``checkpoint_*`` or the local backend's
+    ``epoch_*``; not Ray's ``checkpoint_manager_snapshot.json``)."""
+    run = Path(cfg.pretrain.dir) / "ray" / f"pretrain-{pretrain_hash(cfg)[:8]}"
+    return sorted(p for p in [*run.glob("checkpoint_*"), *run.glob("epoch_*")] if p.is_dir())
 
 
 @contextlib.contextmanager
@@ -81,11 +84,14 @@ def test_pretrain_hash_tracks_training_sections() -> None:
     assert pretrain_hash(load_config(None, ["output_dir=/tmp/x", "features.batch_size=4"])) == pretrain_hash(base)
 
 
-def test_ema_schedule_of_after_step_goes_from_ema_decay_to_ema_decay_end() -> None:
-    """PretrainTask.after_step: the returned decay follows a rising cosine and is what the teacher used."""
+def test_after_step_applies_the_scheduled_decay_to_the_teacher() -> None:
+    """PretrainTask.after_step: the returned decay is what the teacher used, and it follows
+    :func:`ema_momentum` (a rising cosine, capped by the run-relative half-life)."""
+    from serray.train.pretrain import ema_momentum
+
     torch.manual_seed(0)
-    base, end, total = 0.9, 0.999, 20
-    task = PretrainTask({"ema_decay": base, "ema_decay_end": end})
+    base, end, total, half = 0.9, 0.999, 20, 0.5
+    task = PretrainTask({"ema_decay": base, "ema_decay_end": end, "ema_half_life": half})
     model = Adapter(8, d_model=16, num_layers=1, num_heads=2, ff_dim=32, num_clusters=4)
     decays = []
     for step in range(total + 1):
@@ -96,12 +102,32 @@ def test_ema_schedule_of_after_step_goes_from_ema_decay_to_ema_decay_end() -> No
         student = [p.detach().clone() for p in model.student.parameters()]
         m = task.after_step(model, step, total)["ema_decay"]
         decays.append(m)
+        assert m == ema_momentum(base, end, total, half, step)
         for pt, t0, ps in zip(model.teacher.parameters(), before_t, student):
             torch.testing.assert_close(pt, m * t0 + (1 - m) * ps, rtol=0, atol=1e-6)
     assert decays[0] == pytest.approx(base)
-    assert decays[-1] == pytest.approx(end)
     assert all(b >= a for a, b in zip(decays, decays[1:]))
-    assert decays[total // 2] == pytest.approx((base + end) / 2)
+    assert decays[-1] == pytest.approx(0.5 ** (1 / (half * total)))  # capped below `end`
+
+
+def test_teacher_leaves_its_init_on_short_runs_and_long_runs_keep_the_schedule() -> None:
+    """The share of the teacher still equal to its random init is prod(m_t). With the configured
+    0.996 -> 0.9999 cosine alone it was 0.80 after the README's 110 steps; the half-life cap (5 % of
+    the run) brings it near 0, while a 100k-step GPU run starts at the configured 0.996."""
+    from serray.train.pretrain import ema_momentum
+
+    cfg = load_config()
+    a = cfg.adapter
+
+    def init_share(total, half):
+        return math.prod(ema_momentum(a.ema_decay, a.ema_decay_end, total, half, s) for s in range(total))
+
+    assert init_share(110, 1e9) == pytest.approx(0.80, abs=0.02)  # without the cap (the old schedule)
+    assert init_share(110, a.ema_half_life) < 1e-4
+    assert init_share(30, a.ema_half_life) < 1e-3  # the test fixtures' runs
+    assert ema_momentum(a.ema_decay, a.ema_decay_end, 100_000, a.ema_half_life, 0) == pytest.approx(a.ema_decay)
+    half_life_steps = math.log(0.5) / math.log(ema_momentum(a.ema_decay, a.ema_decay_end, 110, a.ema_half_life, 109))
+    assert half_life_steps == pytest.approx(a.ema_half_life * 110, rel=1e-6)
 
 
 # ---------------------------------------------------------------- bad input (no fit)
@@ -205,7 +231,9 @@ def test_two_worker_metrics(two_worker_run) -> None:
             assert math.isfinite(h[k]), (k, h)
         assert abs(h["mask_ratio"] - MASK_RATIO) <= 0.03, h
         assert h["frames_per_s"] > 0
-        assert cfg.adapter.ema_decay <= h["ema_decay"] <= cfg.adapter.ema_decay_end
+        assert 0.0 < h["ema_decay"] <= cfg.adapter.ema_decay_end
+        # the teacher follows its student: at least half as far from the common initialisation
+        assert h["teacher_drift"] >= 0.5 * h["student_drift"] > 0, h
     steps = [h["step"] for h in history]
     assert steps[0] > 0 and steps[1] == 2 * steps[0]
     assert summary["metrics"]["centroid_sync_diff"] == 0.0
@@ -276,7 +304,9 @@ def test_interrupted_run_resumes_from_its_checkpoint(featurized, tmp_path) -> No
     failing = _cfg(featurized, tmp_path, "pretrain.num_workers=1", "pretrain.max_failures=0",
                    f"pretrain.fail_at_step={steps0 + 1}")
     assert pretrain_hash(failing) == pretrain_hash(cfg)  # operational keys do not change the hash
-    with pytest.raises(Exception):
+    from serray.train.loop import InjectedFault
+
+    with pytest.raises(InjectedFault, match=f"injected worker failure at step {steps0 + 1}"):
         run_pretrain(failing)
     assert not (Path(failing.pretrain.dir) / ADAPTER_DIR).exists()
     ckpts = _checkpoints(failing)
@@ -285,6 +315,36 @@ def test_interrupted_run_resumes_from_its_checkpoint(featurized, tmp_path) -> No
     again = run_pretrain(failing)
     h = json.loads((Path(failing.pretrain.dir) / "history.json").read_text())
     assert [r["epoch"] for r in h] == [0, 1]
+    assert "resumed_epoch" not in h[0] and h[1]["resumed_epoch"] == 1 and h[1]["resumed_step"] == steps0
     assert [r["step"] for r in h] == [steps0, 2 * steps0]
     state = torch.load(Path(again["adapter"]) / STATE_FILE, weights_only=True)
     assert state[STEP_KEY] == 2 * steps0
+
+
+# ---------------------------------------------------------------- per-fold pre-training (the inductive protocol)
+
+
+@pytest.mark.ray
+def test_per_fold_adapter_never_sees_its_test_session(featurized, tmp_path) -> None:
+    """Fold 2's adapter is pre-trained on sessions 1, 3, 4, 5 only (every utterance, labelled or not):
+    no Session-2 speaker in its pool, and its input statistics are those of the pool, not of all
+    sessions (centroids are fitted on the pool's frames by construction)."""
+    from serray.data.featurize import feature_stats, read_meta
+
+    cfg = _cfg(featurized, tmp_path, "pretrain.per_fold=true", "pretrain.epochs=1")
+    out = run_pretrain(cfg, fold=2)
+    meta = json.loads((Path(out["adapter"]) / META_FILE).read_text())
+    pool = meta["pool"]
+    assert pool["sessions"] == [1, 3, 4, 5] and pool["fold"] == 2
+    assert not [s for s in pool["speakers"] if s.startswith("Ses02")]
+    feat_meta = read_meta(cfg.features.dir)
+    stored = sum(feat_meta["rows_per_session"][str(s)] for s in (1, 3, 4, 5))
+    assert pool["rows"] == stored > pool["labelled_rows"]  # unlabelled utterances are in the pool
+    assert Path(out["adapter"]).parent.name == "fold2"
+    state = torch.load(Path(out["adapter"]) / STATE_FILE, weights_only=True)[MODEL_KEY]
+    mean_pool, _ = feature_stats(feat_meta, [1, 3, 4, 5])
+    mean_all, _ = feature_stats(feat_meta, [1, 2, 3, 4, 5])
+    np.testing.assert_allclose(state["student.input_norm.mean"].numpy(), mean_pool, rtol=1e-5)
+    assert not np.allclose(state["student.input_norm.mean"].numpy(), mean_all, rtol=1e-5)
+    with pytest.raises(ValueError, match="needs the fold"):
+        run_pretrain(cfg)

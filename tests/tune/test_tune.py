@@ -4,17 +4,20 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import json
+
 import pandas as pd
 import pytest
 
 from serray.config import load_config
 from serray.errors import ConfigError, SerrayError
-from serray.registry import best_entry, list_entries
+from serray.registry import list_entries
 from serray.tune import flatten_space, validate_space
 
 TINY = ["pretrain.epochs=1", "finetune.epochs=3", "adapter.d_model=32", "adapter.ff_dim=64", "adapter.num_layers=1",
         "adapter.num_clusters=4", "finetune.attention_dim=16", "finetune.hidden_dim=32", "pretrain.max_failures=0",
-        "tune.folds=[1]", "tune.grace_period=2", "tune.max_concurrent_trials=2", "tune.num_samples=1"]
+        "tune.folds=[1]", "tune.final_folds=[1,2]", "tune.grace_period=2", "tune.max_concurrent_trials=2",
+        "tune.num_samples=1"]
 
 
 def _space_file(tmp_path: Path, space: str) -> Path:
@@ -35,6 +38,53 @@ def test_flatten_nested_and_forms():
                           "finetune": {"lr": {"loguniform": [1e-4, 1e-2]}}})
     assert flat == {"adapter.mask_ratio": ("uniform", [0.2, 0.6]), "adapter.num_clusters": ("grid", [4, 8]),
                     "finetune.lr": ("loguniform", [1e-4, 1e-2])}
+
+
+def test_discrete_spaces_are_enumerated_without_replacement():
+    from serray.tune import enumerate_space
+
+    cfg = load_config()
+    flat = flatten_space(dict(cfg.tune.search_space))  # 3 x 2 x 2 choices
+    four = enumerate_space(flat, 4, seed=0)
+    assert len(four) == 4 and len({tuple(sorted(c.items())) for c in four}) == 4
+    everything = enumerate_space(flat, 50, seed=0)
+    assert len(everything) == 12 and len({tuple(sorted(c.items())) for c in everything}) == 12
+    assert enumerate_space(flat, 4, seed=0) == four  # reproducible
+    grid = {"a.x": ("grid", [1, 2]), "a.y": ("choice", [3, 4, 5])}
+    runs = enumerate_space(grid, 2, seed=1)
+    assert sorted(r["a.x"] for r in runs) == [1, 1, 2, 2]  # every grid point, num_samples distinct draws each
+    assert all(len({r["a.y"] for r in runs if r["a.x"] == x}) == 2 for x in (1, 2))
+    assert len(enumerate_space({"a.x": ("grid", [1, 2])}, 3, seed=0)) == 2  # never a configuration twice
+
+
+def test_a_test_metric_as_the_objective_is_a_config_error():
+    with pytest.raises(ConfigError, match="tune.metric=ua is a test metric"):
+        load_config(None, ["tune.metric=ua"])
+    assert load_config().tune.metric == "val_ua"
+
+
+def test_the_sweep_chooses_on_validation_never_on_test(tmp_path, monkeypatch):
+    """A trial with the best test UA but the worst validation UA is not chosen; the chosen one is run on
+    tune.final_folds and that is what gets registered."""
+    import serray.tune as st
+
+    cfg = load_config(None, [f"output_dir={tmp_path}"])
+    (Path(cfg.tune.dir) / cfg.tune.name).mkdir(parents=True)
+    chosen = {}
+
+    def fake_final(cfg_, hyper, trial_id, echo=print):
+        chosen.update(hyper=hyper, trial_id=trial_id)
+        return {"mean": {"ua": 0.5}, "std": {"ua": 0.0}, "registered": "entry-1"}
+
+    monkeypatch.setattr(st, "run_final", fake_final)
+    test_best = {"val_ua": 0.20, "test_ua": 0.95, "done_trial": 1, "trial_id": "t0", "trial_dir": "/x/t0"}
+    val_best = {"val_ua": 0.80, "test_ua": 0.30, "done_trial": 1, "trial_id": "t1", "trial_dir": "/x/t1"}
+    grid = _fake_grid([("t0", "TERMINATED", test_best, None), ("t1", "TERMINATED", val_best, None)])
+    out = st.summarise_sweep(cfg, grid, {"adapter.mask_ratio": ("choice", [0.3, 0.4])}, echo=lambda *_: None)
+    assert chosen["trial_id"] == "t1" and chosen["hyper"] == {"adapter.mask_ratio": pytest.approx(0.4)}
+    assert out["best"]["trial_id"] == "t1" and out["registered"] == "entry-1"
+    md = (Path(cfg.tune.dir) / cfg.tune.name / "trials.md").read_text()
+    assert "test_ua (info only)" in md and "ranked on validation metrics only" in md
 
 
 def test_a_file_search_space_replaces_the_default(tmp_path):
@@ -92,50 +142,50 @@ def _attempts(trial_dir) -> int:
 @pytest.mark.ray
 @pytest.mark.slow
 @pytest.mark.sweep
-def test_interrupted_sweep_registers_best_finished_trial(sweep):
-    cfg, first, entries_first, _ = sweep
+def test_interrupted_sweep_registers_the_final_run_of_the_best_validation_trial(sweep):
+    cfg, first, entries_first, second = sweep
     assert len(first) == 4
     assert (first["status"] == "ERROR").sum() == 2
     assert set(first.loc[first["status"] == "ERROR", "pretrain.fail_at_step"]) == {2}
-    ok = first[first["status"] != "ERROR"]
-    finished = ok[ok["status"] == "finished"]
+    finished = first[first["status"] == "finished"]
     assert len(finished) >= 1
     assert len(entries_first) == 1
-    best = finished.sort_values("ua", ascending=False).iloc[0]
-    assert entries_first[0]["metrics"]["ua"] == pytest.approx(best["ua"])
-    # the registered config reproduces the trial's hyper-parameters
-    from serray.config import load_config as load
-
-    reg_cfg = load(Path(entries_first[0]["path"]) / "config.yaml")
+    best = finished.sort_values("val_ua", ascending=False).iloc[0]
+    entry = entries_first[0]
+    assert entry["hyperparameters"]["adapter.mask_ratio"] == pytest.approx(best["adapter.mask_ratio"])
+    assert entry["folds"] == [1, 2] and entry["protocol"] == "inductive"  # the final run, on tune.final_folds
+    assert "val_ua" in entry["selected_on"] and entry["source"] == "tune"
+    final = json.loads((Path(cfg.tune.dir) / cfg.tune.name / "final" / "finetune" / "metrics.json").read_text())
+    assert entry["metrics"]["ua"] == pytest.approx(final["mean"]["ua"])
+    reg_cfg = load_config(Path(entry["path"]) / "config.yaml")
     assert reg_cfg.adapter.mask_ratio == pytest.approx(best["adapter.mask_ratio"])
-    assert entries_first[0]["hyperparameters"]["adapter.mask_ratio"] == pytest.approx(best["adapter.mask_ratio"])
 
 
 @pytest.mark.ray
 @pytest.mark.slow
 @pytest.mark.sweep
-def test_restored_sweep_does_not_rerun_finished_trials(sweep):
+def test_restored_sweep_does_not_rerun_finished_trials_and_shares_pretraining(sweep):
     cfg, first, _, second = sweep
-    table = pd.read_csv(Path(cfg.tune.dir) / cfg.tune.name / "trials.csv")
+    exp = Path(cfg.tune.dir) / cfg.tune.name
+    table = pd.read_csv(exp / "trials.csv")
     assert len(table) == 4 and not (table["status"] == "ERROR").any()
     for _, row in first.iterrows():
-        d = Path(cfg.tune.dir) / cfg.tune.name / "trials" / row["trial_id"]
         expected = 2 if row["status"] == "ERROR" else 1
-        assert _attempts(d) == expected, (row["trial_id"], row["status"])
-    # the registry's best entry is the best finished trial over the whole sweep
+        assert _attempts(exp / "trials" / row["trial_id"]) == expected, (row["trial_id"], row["status"])
+    # trials with the same pre-training settings share one pre-training: 2 mask ratios -> 2 adapters
+    # (fail_at_step is operational and does not change what is pre-trained)
+    assert len(list((exp / "pretrain").glob("*/fold1/adapter/meta.json"))) == 2
     fin = table[table["status"] == "finished"]
-    best = best_entry(cfg.registry.dir)
-    assert best["metrics"]["ua"] == pytest.approx(fin["ua"].max())
-    assert second["best"]["ua"] == pytest.approx(fin["ua"].max())
+    assert second["best"]["val_ua"] == pytest.approx(fin["val_ua"].max())
     for f in ("trials.csv", "trials.md", "sweep.png"):
-        assert (Path(cfg.tune.dir) / cfg.tune.name / f).stat().st_size > 0
+        assert (exp / f).stat().st_size > 0
 
 
 def _fake_grid(rows):
     """A stand-in for Tune's ResultGrid: (trial_id, tune status, metrics, error) per trial."""
     from types import SimpleNamespace
 
-    results = [SimpleNamespace(metrics=m, config={"cfg/adapter.mask_ratio": 0.3 + 0.1 * i}, error=e,
+    results = [SimpleNamespace(metrics=m, config={"combo": {"adapter.mask_ratio": 0.3 + 0.1 * i}}, error=e,
                                path=f"/x/_trial_{tid}") for i, (tid, _, m, e) in enumerate(rows)]
 
     class Grid(list):
@@ -151,7 +201,7 @@ def test_interrupted_sweep_registers_nothing(tmp_path):
 
     cfg = load_config(None, [f"output_dir={tmp_path}"])
     (Path(cfg.tune.dir) / cfg.tune.name).mkdir(parents=True)
-    done = {"ua": 0.6, "wa": 0.6, "macro_f1": 0.6, "val_ua": 0.5, "done_trial": 1, "trial_id": "t0", "trial_dir": "/x"}
+    done = {"test_ua": 0.6, "val_ua": 0.5, "done_trial": 1, "trial_id": "t0", "trial_dir": "/x"}
     grid = _fake_grid([("t0", "TERMINATED", done, None),
                        ("t1", "TERMINATED", {"val_ua": 0.2, "trial_id": "t1"}, None),   # ASHA stopped it
                        ("t2", "PENDING", {"val_ua": 0.4, "trial_id": "t2"}, None)])     # Ctrl-C while running
