@@ -38,6 +38,12 @@ def cmd_make_corpus(args) -> int:
 
     root = make_corpus(cfg.data.root, **synthetic_kwargs(cfg), progress=True)
     print(f"synthetic IEMOCAP-layout corpus written to {root}")
+    if cfg.synthetic.preset == "benchmark":
+        from serray.data.synthetic import benchmark_paths
+
+        paths = benchmark_paths(root)
+        print(f"unlabelled speech of other speakers: {paths.unlabelled}\n"
+              f"oracle (synthesis parameters): {paths.oracle}")
     return 0
 
 

@@ -55,6 +55,7 @@ class SyntheticConfig:
     """The built-in synthetic corpus (IEMOCAP layout, learnable emotions)."""
 
     enabled: bool = True  # `serray pipeline` writes it to data.root when that does not exist
+    preset: str = "demo"  # demo | benchmark (local events, channels, unlabelled pool, oracle; own sizes)
     seed: int = 0
     dialogs_per_session: int = 4
     utterances_per_dialog: int = 10

@@ -13,6 +13,11 @@ IEMOCAP parser reads exactly like the real thing::
         dialog/wav/<dialog>.wav                    (noise: whole-dialog audio, shortened)
         ._<name>                                   (noise: macOS AppleDouble junk, not audio)
 
+This is the ``demo`` preset (the default). ``make_corpus(..., preset="benchmark")`` writes a harder
+corpus in the same layout, with frame-local emotion events, per-session channels, IEMOCAP class
+imbalance, an unlabelled pool of other speakers and an oracle file: see
+:mod:`serray.data.synthetic_benchmark`.
+
 Both actors of a session speak in every dialog: ``Ses01F_impro01_M000`` is the *male* actor of
 session 1 although the dialog name says ``F``. The speaker is ``Ses0N`` + the letter of the last
 field of the utterance id.
@@ -41,7 +46,11 @@ from scipy.signal import lfilter, sosfilt
 
 from serray.errors import ConfigError
 
-__all__ = ["LABELS_KEPT", "LABELS_DROPPED", "N_SESSIONS", "make_corpus"]
+__all__ = ["LABELS_KEPT", "LABELS_DROPPED", "N_SESSIONS", "PRESETS", "benchmark_paths", "make_corpus"]
+
+#: ``make_corpus`` presets: ``demo`` (utterance-wide cues, small) and ``benchmark`` (local events,
+#: channels, imbalance, unlabelled pool, oracle; :mod:`serray.data.synthetic_benchmark`).
+PRESETS = ("demo", "benchmark")
 
 #: Labels a SER parser keeps (``exc`` is merged into ``hap``).
 LABELS_KEPT = ("neu", "hap", "exc", "sad", "ang")
@@ -377,16 +386,41 @@ def make_corpus(out_dir, *, seed: int = 0, dialogs_per_session: int = 4,
                 utterances_per_dialog: int = 10, min_duration: float = 1.0,
                 max_duration: float = 2.5, sample_rate: int = 16000,
                 drop_fraction: float = 0.15, excited_fraction: float = 0.3,
-                progress: bool = False) -> Path:
+                progress: bool = False, preset: str = "demo", scale: float = 1.0,
+                unlabelled_factor: float = 10.0, processes: int | None = None) -> Path:
     """Write a synthetic IEMOCAP-layout corpus under ``out_dir`` and return ``Path(out_dir)``.
 
     ``out_dir`` becomes the IEMOCAP root (``out_dir/Session1`` ... ``out_dir/Session5``).
     Existing files with the same names are overwritten; nothing else is removed. The result is
-    byte-identical for the same arguments. Size: 5 * ``dialogs_per_session`` *
-    ``utterances_per_dialog`` utterances, about ``drop_fraction`` of them with a dropped label
-    (fru, sur, fea, dis, oth, xxx), the rest balanced over neu/hap/sad/ang with
-    ``excited_fraction`` of the happy ones labelled ``exc``.
+    byte-identical for the same arguments.
+
+    ``preset="demo"`` (the default): 5 * ``dialogs_per_session`` * ``utterances_per_dialog``
+    utterances, about ``drop_fraction`` of them with a dropped label (fru, sur, fea, dis, oth,
+    xxx), the rest balanced over neu/hap/sad/ang with ``excited_fraction`` of the happy ones
+    labelled ``exc``; emotion is carried by utterance-wide offsets.
+
+    ``preset="benchmark"``: frame-local emotion events, weak offsets, per-session channels,
+    IEMOCAP class imbalance, an unlabelled pool of other speakers and an oracle file beside
+    ``out_dir`` (see :mod:`serray.data.synthetic_benchmark` and :func:`benchmark_paths`). It uses
+    ``seed``, ``sample_rate``, ``progress``, ``scale`` (sizes x scale), ``unlabelled_factor``
+    (pool duration / four-class duration) and ``processes``; it has its own sizes, durations and
+    label shares, so ``dialogs_per_session``, ``utterances_per_dialog``, ``min_duration``,
+    ``max_duration``, ``drop_fraction`` and ``excited_fraction`` are ignored.
+
+    Raises:
+        ConfigError: an unknown preset or an invalid size.
     """
+    if preset not in PRESETS:
+        raise ConfigError(f"unknown synthetic preset {preset!r}: valid presets are "
+                          f"{', '.join(PRESETS)}")
+    if preset == "benchmark":
+        from serray.data.synthetic_benchmark import make_benchmark_corpus
+
+        return make_benchmark_corpus(out_dir, seed=seed, sample_rate=sample_rate, scale=scale,
+                                     unlabelled_factor=unlabelled_factor, processes=processes,
+                                     progress=progress)
+    if scale != 1.0 or unlabelled_factor != 10.0:
+        raise ConfigError("scale and unlabelled_factor apply to the benchmark preset only")
     _validate(dialogs_per_session, utterances_per_dialog, min_duration, max_duration,
               sample_rate, drop_fraction, excited_fraction)
     seed, sr = int(seed), int(sample_rate)
@@ -483,3 +517,12 @@ def make_corpus(out_dir, *, seed: int = 0, dialogs_per_session: int = 4,
             print(f"[synthetic] Session{session}: {len(dialogs)} dialogs, {n_written} utterances",
                   file=sys.stderr, flush=True)
     return root
+
+
+def benchmark_paths(root):
+    """The files the benchmark preset writes beside a release root: a
+    :class:`~serray.data.synthetic_benchmark.BenchmarkPaths` (``unlabelled``, ``oracle``,
+    ``unlabelled_oracle``)."""
+    from serray.data.synthetic_benchmark import benchmark_paths as _paths
+
+    return _paths(root)
