@@ -221,7 +221,7 @@ def lock(path) -> Iterator[None]:
     if is_uri(path):
         lock_file = cache_dir(path).with_suffix(".lock")
     else:
-        lock_file = Path(absolute(path)).with_name(Path(absolute(path)).name + ".lock")
+        lock_file = Path(absolute(path)).with_name("." + Path(absolute(path)).name + ".lock")
     lock_file.parent.mkdir(parents=True, exist_ok=True)
     with open(lock_file, "w") as f:
         fcntl.flock(f, fcntl.LOCK_EX)

@@ -133,6 +133,7 @@ class Adapter(nn.Module):
         pos_conv_kernel: kernel (odd, frames) of the convolutional positional
             embedding of both branches (0: none).
         pos_conv_groups: groups of that convolution.
+        attention_dropout: dropout on the attention weights (see :class:`WAPTransformer`).
     """
 
     def __init__(
@@ -154,6 +155,7 @@ class Adapter(nn.Module):
         distill_top_k: int | None = None,
         pos_conv_kernel: int = 0,
         pos_conv_groups: int = 16,
+        attention_dropout: float = 0.0,
     ) -> None:
         super().__init__()
         distill_top_k = num_layers if distill_top_k is None else distill_top_k
@@ -165,7 +167,7 @@ class Adapter(nn.Module):
             mask_ratio=mask_ratio, mask_span=mask_span, num_clusters=num_clusters,
             kmeans_decay=kmeans_decay, w_mask=w_mask, w_distill=w_distill,
             w_cluster=w_cluster, distill_top_k=distill_top_k, pos_conv_kernel=pos_conv_kernel,
-            pos_conv_groups=pos_conv_groups,
+            pos_conv_groups=pos_conv_groups, attention_dropout=attention_dropout,
         )
         self.input_dim = input_dim
         self.d_model = d_model
@@ -191,7 +193,7 @@ class Adapter(nn.Module):
             c["input_dim"], d_model=c["d_model"], num_layers=c["num_layers"],
             num_heads=c["num_heads"], ff_dim=c["ff_dim"], dropout=c["dropout"],
             num_input_layers=c["num_input_layers"], pos_conv_kernel=c["pos_conv_kernel"],
-            pos_conv_groups=c["pos_conv_groups"],
+            pos_conv_groups=c["pos_conv_groups"], attention_dropout=c.get("attention_dropout", 0.0),
         )
 
     def config_dict(self) -> dict:

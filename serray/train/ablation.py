@@ -77,8 +77,11 @@ def arm_overrides(cfg, arm: str, mode: str, fraction: float, seed: int) -> List[
 
 
 def _pretrain_dir(cfg, arm: str, seed: int) -> str:
-    """The full arm of the configured seed shares ``pretrain.dir`` with ``serray pipeline`` (reused
-    when the configs match); every other (arm, seed) has its own."""
+    """Under ``ablate.pretrain_dir`` when set (ablations of other fine-tuning recipes then share their
+    pre-trainings); else the full arm of the configured seed shares ``pretrain.dir`` with
+    ``serray pipeline`` (reused when the configs match) and every other (arm, seed) has its own."""
+    if cfg.ablate.pretrain_dir:
+        return str(Path(cfg.ablate.pretrain_dir) / arm / f"seed{seed}")
     if arm == "full" and seed == cfg.seed:
         return str(cfg.pretrain.dir)
     return str(Path(cfg.output_dir) / ABLATION_DIR / "pretrain" / arm / f"seed{seed}")

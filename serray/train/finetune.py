@@ -48,7 +48,8 @@ log = logging.getLogger(__name__)
 
 FOLD_RESULT = "fold_result.json"
 BODY_KEYS = ("input_dim", "d_model", "num_layers", "num_heads", "ff_dim", "dropout", "num_input_layers",
-             "pos_conv_kernel", "pos_conv_groups")
+             "pos_conv_kernel", "pos_conv_groups", "attention_dropout")
+BODY_DEFAULTS = {"pos_conv_kernel": 0, "pos_conv_groups": 16, "attention_dropout": 0.0}  # adapters from before these keys
 #: checkpoint score: validation UA, ties broken by validation loss (1e-6 x loss is far below one utterance of UA)
 SELECTION_KEY = "val_selection"
 
@@ -270,7 +271,7 @@ def _body_kwargs(cfg, feat_meta: dict, adapter: Optional[str]) -> Optional[Dict[
     else:
         _, ameta = load_checkpoint(adapter)
         kw = ameta["model"]
-    return {k: kw.get(k, 0 if k == "pos_conv_kernel" else 16 if k == "pos_conv_groups" else None) for k in BODY_KEYS}
+    return {k: kw.get(k, BODY_DEFAULTS.get(k)) for k in BODY_KEYS}
 
 
 def _model_kwargs(cfg, feat_meta: dict, adapter: Optional[str]) -> Dict[str, Any]:

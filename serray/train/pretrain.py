@@ -156,7 +156,7 @@ def adapter_kwargs(cfg, feat_meta: dict) -> Dict[str, Any]:
             "num_clusters": a.num_clusters, "kmeans_decay": a.kmeans_decay, "w_mask": a.w_mask,
             "w_distill": a.w_distill, "w_cluster": a.w_cluster, "distill_top_k": a.distill_top_k,
             "pos_conv_kernel": kernel_frames(a.pos_conv_ms, rate) if a.pos_conv_ms > 0 else 0,
-            "pos_conv_groups": a.pos_conv_groups}
+            "pos_conv_groups": a.pos_conv_groups, "attention_dropout": a.attention_dropout}
 
 
 def pool_sessions(cfg, fold: Optional[int], feat_meta: dict) -> List[int]:
