@@ -14,17 +14,14 @@ Set-up (not timed): a synthetic corpus in IEMOCAP layout, its manifest and fbank
   of the last step: includes each epoch's Ray Data execution start-up and the collate, excludes the
   checkpoint/report), and the wall clock of the whole ``run_pretrain`` call (trainer and worker
   start-up, every epoch, checkpoints, export) turned into frames/s over all epochs' frames.
-* **plain**: one process, no Ray running: the same batches held in memory (every epoch's raw batches
-  taken beforehand from the same Ray Dataset with the worker's batch size and local-shuffle seed, see
-  :func:`raw_batches`), the same
-  ``Adapter`` (``PretrainTask(loop_config).build_model()``, kwargs and CMVN statistics built exactly as
-  ``run_pretrain`` builds them), AdamW + warm-up/cosine LR + grad clip + EMA teacher schedule, the same
-  ``PadCollate`` (same batch size, ``max_frames`` crop and crop seed), the same span-mask generator seeds
-  and the same number of steps, so both paths do identical arithmetic (the final-epoch losses match;
-  with a fresh permutation instead, the padding per batch changes and with it the cost of a frame by
-  ~10%, because the stored rows are sorted by duration). torch threads are set to what a Ray Train worker has (probed with a
-  tiny TorchTrainer on the same ScalingConfig); ``--plain-default-threads`` also runs the plain loop
-  with the process's default thread count, for reference.
+* **plain**: one process, no Ray running: ``serray.train.loop.run_loop`` (the loop every Ray Train
+  worker runs) with a ``LocalRuntime`` on the same rows (``serray.train.pretrain.pretrain_inputs``, the
+  function ``run_pretrain`` builds its inputs with): the same ``Adapter``, AdamW groups, schedules, seeded
+  per-epoch shuffle, crop seeds and span-mask seeds, so both paths do identical arithmetic (the
+  final-epoch losses match). torch threads are set to what a Ray Train worker has (probed with a tiny
+  TorchTrainer on the same ScalingConfig); ``--plain-default-threads`` also runs the plain loop with
+  the process's default thread count, for reference. The ray path forces ``pretrain.backend=ray``
+  (a one-worker run would otherwise use the in-process backend, which is this plain loop).
 
 Other people's load on the machine is shown per phase (CPU used by this process and everything it
 started vs by the rest of the box, from /proc), and a CPU-normalised ratio (frames per CPU-second of
@@ -196,7 +193,7 @@ def make_cfg(out: Path, args):
     from serray.config import load_config
 
     d = args.d_model
-    overrides = [f"output_dir={out}", "ray.progress_bars=false",
+    overrides = [f"output_dir={out}", "ray.progress_bars=false", "pretrain.backend=ray", "pretrain.per_fold=false",
                  f"synthetic.utterances_per_dialog={args.utterances_per_dialog}",
                  f"pretrain.epochs={args.epochs}"]
     if d is not None:
@@ -208,50 +205,13 @@ def make_cfg(out: Path, args):
     return load_config(None, overrides + list(args.override))
 
 
-def loop_config_like_run_pretrain(cfg) -> dict:
-    """The worker config that ``run_pretrain`` builds (the fields the plain loop needs)."""
-    from serray.config import as_dict
-    from serray.data.featurize import feature_identity, feature_stats, read_meta
-    from serray.train.loop import steps_per_epoch
+def plain_inputs(cfg):
+    """What ``run_pretrain`` trains on, built by the same function (``pretrain_inputs``): the loop
+    config and the rows, held in this process."""
+    from serray.train.pretrain import pretrain_inputs
 
-    meta = read_meta(cfg.features.dir)
-    sessions = list(cfg.pretrain.sessions)
-    num_rows = sum(int(meta["rows_per_session"].get(str(s), 0)) for s in sessions)
-    tcfg = cfg.pretrain
-    return {
-        "task": "pretrain", "seed": cfg.seed, "features": feature_identity(meta),
-        "feature_stats": [a.tolist() for a in feature_stats(meta, sessions)],
-        "model": {"input_dim": meta["dim"], "num_input_layers": meta["num_layers"],
-                  **{k: v for k, v in as_dict(cfg.adapter).items() if k not in ("ema_decay", "ema_decay_end")}},
-        "ema_decay": cfg.adapter.ema_decay, "ema_decay_end": cfg.adapter.ema_decay_end,
-        **{k: v for k, v in as_dict(tcfg).items() if k not in ("dir", "sessions")},
-        "steps_per_epoch": steps_per_epoch(num_rows, tcfg.batch_size, tcfg.num_workers),
-        "num_rows": num_rows,
-    }
-
-
-def raw_batches(cfg, epochs: int) -> list:
-    """Every epoch's raw batches, exactly as the Ray Train worker gets them, held in memory.
-
-    The same Ray Dataset ``run_pretrain`` trains on (``feature_dataset``, materialized when small),
-    iterated in the driver with the worker's batch size, ``local_shuffle_buffer_size`` and
-    ``local_shuffle_seed`` (seed + epoch) and numpy batch format (what ``NumpyBatchCollateFn`` receives),
-    then deep-copied out of the object store. Built before the clock: the plain loop only collates and
-    trains. Equal final losses on both paths confirm the batches (and the numerics) are the same.
-    """
-    import numpy as np
-
-    from serray.data.features import feature_dataset
-
-    t = cfg.pretrain
-    ds = feature_dataset(cfg.features.dir, list(t.sessions), cache_max_mb=cfg.features.cache_max_mb)
-    out = []
-    for epoch in range(epochs):
-        it = ds.iter_batches(batch_size=t.batch_size, batch_format="numpy",
-                             local_shuffle_buffer_size=t.shuffle_buffer or None,
-                             local_shuffle_seed=cfg.seed + epoch if t.shuffle_buffer else None)
-        out.append([{k: np.array(v, copy=True) for k, v in b.items()} for b in it])
-    return out
+    loop_config, data = pretrain_inputs(cfg)
+    return {**loop_config, "data_mode": "memory", "num_workers": 1}, data.rows()
 
 
 # ---------------------------------------------------------------------------- ray path
@@ -320,69 +280,32 @@ def run_ray(cfg) -> dict:
 # ---------------------------------------------------------------------------- plain path
 
 
-def run_plain(loop_config: dict, epoch_batches: list, threads: int) -> dict:
-    """The Ray Train worker loop (``serray.train.loop.train_loop_per_worker``, 1 worker, CPU) without Ray."""
-    from collections import defaultdict
-
-    import numpy as np
+def run_plain(loop_config: dict, rows, threads: int) -> dict:
+    """``serray.train.loop.run_loop`` (the loop every Ray Train worker runs) in this process on the same
+    rows: same model, optimiser, schedules, seeded shuffle and mask seeds, so the arithmetic matches."""
     import torch
 
+    from serray.train.loop import LocalRuntime, run_loop
     from serray.train.pretrain import PretrainTask
-    from serray.train.schedules import cosine_schedule
 
     prev = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
         t_start, c_start = time.perf_counter(), time.process_time()
-        config = loop_config
-        torch.manual_seed(config["seed"])
-        task = PretrainTask(config)
-        core = task.build_model()
-        params = task.trainable_parameters(core)
-        optimizer = torch.optim.AdamW(params, lr=config["lr"], weight_decay=config["weight_decay"])
-        device = torch.device("cpu")
-        model = core.to(device)
-        total_steps = config["epochs"] * config["steps_per_epoch"]
-        warmup = int(config["warmup_frac"] * total_steps)
-        amp = device.type == "cuda" and config.get("bf16", True)
-        step, history = 0, []
-        for epoch in range(config["epochs"]):
-            model.train()
-            acc, frames, t0, c0 = defaultdict(list), 0, time.perf_counter(), time.process_time()
-            collate = task.collate(train=True, epoch=epoch)
-            for raw in epoch_batches[epoch]:
-                batch = collate(raw)
-                batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-                lr = cosine_schedule(config["lr"], config.get("lr_end", 0.0), total_steps, warmup, step)
-                for g in optimizer.param_groups:
-                    g["lr"] = lr
-                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-                    # == PretrainTask.step with world rank 0 (it asks ray.train for the rank)
-                    gen = torch.Generator().manual_seed(config["seed"] * 1_000_003 + step * 101 + 0)
-                    out = model(batch["x"], batch["padding_mask"], generator=gen)
-                    loss = out.loss
-                    records = {"loss": float(out.loss.detach()), **{f"loss_{k}": float(v) for k, v in out.losses.items()},
-                               **out.stats}
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                if config.get("grad_clip"):
-                    records["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(params, config["grad_clip"]))
-                optimizer.step()
-                records.update(task.after_step(core, step, total_steps))
-                records["lr"] = lr
-                for k, v in records.items():
-                    acc[k].append(float(v))
-                frames += int((~batch["padding_mask"]).sum())
-                step += 1
-            seconds = time.perf_counter() - t0
-            history.append({"epoch": epoch, "step": step, "frames": frames, "seconds": seconds,
-                            "cpu_s": time.process_time() - c0,
-                            "frames_per_s": frames / max(1e-9, seconds),
-                            "loss": float(np.mean(acc["loss"])) if acc["loss"] else float("nan")})
+        history = run_loop(PretrainTask(loop_config), loop_config, LocalRuntime({"train": rows}))
+        for h in history:  # the loop's clock: the epoch's steps (collate included), not the report
+            h["seconds"] = h["frames_per_s"] and rows_frames(rows, loop_config) / h["frames_per_s"]
         return {"wall_s": time.perf_counter() - t_start, "cpu_s": time.process_time() - c_start, "history": history,
                 "threads": threads}
     finally:
         torch.set_num_threads(prev)
+
+
+def rows_frames(rows, loop_config) -> int:
+    """Non-padded frames of one epoch after the ``max_frames`` crop (as the loop counts them)."""
+    m = loop_config.get("max_frames")
+    lengths = rows.lengths()
+    return int(sum(min(int(t), m) if m else int(t) for t in lengths))
 
 
 # ---------------------------------------------------------------------------- GPU step
@@ -510,12 +433,11 @@ def main(argv=None) -> int:
         init_s = start_ray(cfg)  # one Ray for set-up and the Ray path (a second start is slow on a busy box)
         report = prepare_corpus(cfg, echo=_quiet)
         featurize(cfg)
-        loop_config = loop_config_like_run_pretrain(cfg)
-        epoch_batches = raw_batches(cfg, cfg.pretrain.epochs)
+        loop_config, rows = plain_inputs(cfg)
         max_frames = cfg.pretrain.max_frames
-        lengths = [int(t_) for b in epoch_batches[0] for t_ in b["num_frames"]]
-        frames_per_epoch = int(sum(min(t_, max_frames) if max_frames else t_ for t_ in lengths))
-        feat_mb = sum(len(x) for b in epoch_batches[0] for x in b["feat"]) / 2**20
+        lengths = [int(t_) for t_ in rows.lengths()]
+        frames_per_epoch = rows_frames(rows, loop_config)
+        feat_mb = sum(len(x) for x in rows.columns["feat"]) / 2**20
         mcfg = loop_config["model"]
         print(f"# set-up {time.perf_counter() - t:.1f} s: {len(report.kept)} utterances, {len(lengths)} rows, "
               f"{feat_mb:.1f} MB of float16 features (D={mcfg['input_dim']}), {frames_per_epoch} frames/epoch "
@@ -546,12 +468,12 @@ def main(argv=None) -> int:
 
         # --- plain (Ray is shut down: nothing else of ours runs)
         with LoadMonitor() as mon_plain:
-            res_plain = run_plain(loop_config, epoch_batches, worker_threads)
+            res_plain = run_plain(loop_config, rows, worker_threads)
         print(f"# plain, {worker_threads} thread(s): {mon_plain.line()}", flush=True)
         res_plain_default = None
         if default_threads != worker_threads and args.plain_default_threads:
             with LoadMonitor() as mon:
-                res_plain_default = run_plain(loop_config, epoch_batches, default_threads)
+                res_plain_default = run_plain(loop_config, rows, default_threads)
             print(f"# plain, {default_threads} threads (reference): {mon.line()}", flush=True)
     finally:
         if ray.is_initialized():
@@ -580,7 +502,7 @@ def main(argv=None) -> int:
     for i, e in enumerate(hist_ray):
         pe = res_plain["history"][i]
         line = (f"{e['epoch']:>5} {e['frames_per_s']:>10.0f} {frames_per_epoch / e['frames_per_s']:>7.2f} "
-                f"{pe['frames_per_s']:>11.0f} {pe['seconds']:>8.2f} {pe['frames'] / max(1e-9, pe['cpu_s']):>14.0f}")
+                f"{pe['frames_per_s']:>11.0f} {pe['seconds']:>8.2f} {'-':>14}")
         if res_plain_default:
             line += f" {res_plain_default['history'][i]['frames_per_s']:>12.0f}"
         print(line)

@@ -30,6 +30,13 @@ def _cfg(args: argparse.Namespace, extra: Optional[List[str]] = None):
     return load_config(args.config, [*args.overrides, *(extra or [])])
 
 
+def _quiet(cfg, args):
+    """Ray's own console lines go to ``output_dir/logs/ray.log`` (``-v``: to the terminal)."""
+    from serray.progress import quiet
+
+    return quiet(Path(cfg.output_dir) / "logs", verbose=getattr(args, "verbose", False))
+
+
 def cmd_make_corpus(args) -> int:
     from serray.data.synthetic import make_corpus
 
@@ -64,7 +71,8 @@ def cmd_featurize(args) -> int:
     from serray.data.featurize import featurize, featurize_summary
 
     cfg = _cfg(args)
-    summary = featurize(cfg, overwrite=args.overwrite)
+    with _quiet(cfg, args):
+        summary = featurize(cfg, overwrite=args.overwrite)
     print(featurize_summary(summary))
     return 0
 
@@ -72,12 +80,15 @@ def cmd_featurize(args) -> int:
 def cmd_pretrain(args) -> int:
     from serray.train.pretrain import pretrain_summary, run_pretrain
 
+    from serray.progress import echo
+
     cfg = _cfg(args)
-    if cfg.pretrain.per_fold:
-        for fold in cfg.finetune.folds:  # one adapter per fold, each without its test session
-            print(pretrain_summary(run_pretrain(cfg, fold, force=args.force)))
-    else:
-        print(pretrain_summary(run_pretrain(cfg, force=args.force)))
+    with _quiet(cfg, args):
+        if cfg.pretrain.per_fold:
+            for fold in cfg.finetune.folds:  # one adapter per fold, each without its test session
+                echo(pretrain_summary(run_pretrain(cfg, fold, force=args.force)))
+        else:
+            echo(pretrain_summary(run_pretrain(cfg, force=args.force)))
     return 0
 
 
@@ -86,7 +97,8 @@ def cmd_finetune(args) -> int:
     from serray.train.results import markdown_table
 
     cfg = _cfg(args)
-    summary = run_finetune(cfg)
+    with _quiet(cfg, args):
+        summary = run_finetune(cfg)
     print(markdown_table(summary, summary.get("title", "")))
     print(f"results in {storage.describe(cfg.finetune.dir)}: metrics.json, results.md, predictions.csv, confusion_matrix.png")
     return 0
@@ -95,22 +107,31 @@ def cmd_finetune(args) -> int:
 def cmd_pipeline(args) -> int:
     """The main job: (synthetic corpus) -> manifest -> featurize -> pretrain -> LOSO fine-tune -> table."""
     from serray.pipeline import run_pipeline
+    from serray.progress import echo
 
-    run_pipeline(_cfg(args), echo=print)
+    cfg = _cfg(args)
+    with _quiet(cfg, args):
+        run_pipeline(cfg, echo=echo)
     return 0
 
 
 def cmd_ablate(args) -> int:
+    from serray.progress import echo
     from serray.train.ablation import run_ablation
 
-    run_ablation(_cfg(args), echo=print)
+    cfg = _cfg(args)
+    with _quiet(cfg, args):
+        run_ablation(cfg, echo=echo)
     return 0
 
 
 def cmd_tune(args) -> int:
+    from serray.progress import echo
     from serray.tune import run_sweep
 
-    run_sweep(_cfg(args), echo=print)
+    cfg = _cfg(args)
+    with _quiet(cfg, args):
+        run_sweep(cfg, echo=echo)
     return 0
 
 
@@ -174,7 +195,8 @@ COMMANDS: Dict[str, tuple[Callable, str]] = {
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="serray", description="Speech emotion recognition with adapters on Ray")
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="debug logging, and Ray's own output on the terminal (default: output_dir/logs/ray.log)")
     sub = parser.add_subparsers(dest="command", required=True)
     for name, (_, help_) in COMMANDS.items():
         p = sub.add_parser(name, help=help_, description=help_)

@@ -106,17 +106,26 @@ def _neural_runs(cfg) -> List[Tuple[str, str, float]]:
 # ---------------------------------------------------------------- one unit: (seed, fold)
 
 
-def run_unit(cfg, seed: int, fold: int) -> Dict[str, Any]:
+def run_unit(cfg, seed: int, fold: int, on_run: Optional[Callable[[int, Dict[str, Any]], None]] = None) -> Dict[str, Any]:
     """Every neural run of one (seed, fold) (pre-training happens inside the first run that needs
-    it, and is reused by the others); returns where each run's predictions are."""
+    it, and is reused by the others); returns where each run's predictions are. ``on_run(i, info)``
+    is called after each run."""
     from serray.train.finetune import fold_done, run_fold
 
     out = {}
-    for arm, mode, fraction in _neural_runs(cfg):
+    for i, (arm, mode, fraction) in enumerate(_neural_runs(cfg)):
         acfg = arm_config(cfg, arm, mode, fraction, seed)
+        t0 = time.time()
         res = fold_done(acfg, fold) or run_fold(acfg, fold)
         out[f"{arm}|{mode}|{fraction}"] = {"ua": res["ua"], "dir": str(Path(acfg.finetune.dir) / f"fold{fold}")}
+        if on_run is not None:
+            on_run(i, {"arm": ARMS_INDEX[arm], "mode": MODES_INDEX[mode], "fraction": fraction, "ua": res["ua"],
+                       "val_ua": res["val_ua"], "seconds": time.time() - t0})
     return out
+
+
+ARMS_INDEX = {a: i for i, a in enumerate(NEURAL_ARMS)}  # Tune results carry numbers only
+MODES_INDEX = {"finetune": 0, "frozen": 1}
 
 
 def _unit_trial(config: Dict[str, Any], cfg_dict: Dict[str, Any]) -> None:
@@ -126,7 +135,9 @@ def _unit_trial(config: Dict[str, Any], cfg_dict: Dict[str, Any]) -> None:
     cfg = OmegaConf.create(cfg_dict)
     t0 = time.time()
     unit = _unit_arg(config)
-    run_unit(cfg, int(unit["seed"]), int(unit["fold"]))
+    n = len(_neural_runs(cfg))
+    run_unit(cfg, int(unit["seed"]), int(unit["fold"]),
+             on_run=lambda i, info: ray.tune.report({**info, "run": i + 1, "runs": n}))
     ray.tune.report({"done": 1, "seconds": time.time() - t0})
 
 
@@ -139,6 +150,16 @@ class _Progress:
         class Progress(Callback):
             def __init__(self):
                 self.done, self.t0 = 0, time.time()
+
+            def on_trial_result(self, iteration, trials, trial, result, **info):
+                if "run" not in result:
+                    return
+                c = _unit_arg(trial.config)
+                arm = NEURAL_ARMS[int(result["arm"])]
+                mode = "frozen" if result["mode"] else "finetune"
+                echo(f"[ablate] seed {c['seed']} fold {c['fold']}: run {int(result['run'])}/{int(result['runs'])} "
+                     f"{arm} ({mode}, labels x{result['fraction']:g}) test UA {100 * result['ua']:.1f} "
+                     f"(val UA {100 * result['val_ua']:.1f}) in {result['seconds']:.0f} s")
 
             def on_trial_complete(self, iteration, trials, trial, **info):
                 self.done += 1

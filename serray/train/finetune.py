@@ -57,6 +57,8 @@ SELECTION_KEY = "val_selection"
 class FinetuneTask:
     """The fine-tuning task plugged into the shared loop."""
 
+    stage_id = 1  # progress lines: "fine-tune"
+
     def __init__(self, config: Dict[str, Any]):
         self.config = config
         self.weight = torch.tensor(config["class_weights"], dtype=torch.float32) if config["class_weights"] else None
@@ -320,9 +322,14 @@ def fold_datasets(cfg, fold: int, split: Optional[Dict[str, pd.DataFrame]] = Non
     return {"train": train, "val": val}
 
 
-def run_fold(cfg, fold: int, report_to_tune: bool = False) -> Dict[str, Any]:
+def run_fold(cfg, fold: int, report_to_tune: bool = False, report_pretrain: bool = False) -> Dict[str, Any]:
     """Pre-train (if needed), train, select and test one leave-one-session-out fold; write its
-    directory; return its result."""
+    directory; return its result.
+
+    ``report_to_tune``: every fine-tuning epoch is a Ray Tune result (inside a trial: ASHA, progress);
+    ``report_pretrain``: so is every pre-training epoch (progress lines only; a sweep's scheduler
+    needs validation metrics in every result, so sweeps leave it off).
+    """
     feat_meta = check_features(cfg)
     proto = protocol(cfg)
     pool = None
@@ -330,7 +337,7 @@ def run_fold(cfg, fold: int, report_to_tune: bool = False) -> Dict[str, Any]:
     if uses_pretraining(cfg):
         adapter = adapter_path(cfg, fold)
         if cfg.finetune.init_from is None and cfg.pretrain.per_fold:
-            run_pretrain(cfg, fold)  # reused when it exists and matches the config
+            run_pretrain(cfg, fold, report_to_tune=report_pretrain)  # reused when it exists and matches the config
         pool = check_adapter(cfg, feat_meta, adapter).get("pool") or {}
     tcfg, fhash = cfg.finetune, finetune_hash(cfg)
     fold_dir = _fold_path(cfg, fold)
@@ -433,13 +440,18 @@ def run_folds(cfg) -> List[Dict[str, Any]]:
         log.info("folds %s already finished with this config; reusing them", sorted(done))
     if pending:
         init_ray(cfg)
+        from serray.progress import EpochProgress
+
         trainable = tune.with_resources(tune.with_parameters(_fold_trial, cfg_dict=as_dict(cfg)), trial_resources(cfg))
+        epochs = cfg.finetune.epochs + (cfg.pretrain.epochs if uses_pretraining(cfg) and cfg.pretrain.per_fold
+                                        and not cfg.finetune.init_from else 0)
         tuner = tune.Tuner(
             trainable,
             param_space={"fold": tune.grid_search(pending)},
             tune_config=tune.TuneConfig(max_concurrent_trials=cfg.finetune.max_concurrent_folds),
             run_config=tune.RunConfig(**_tune_storage(storage.join(storage.absolute(cfg.finetune.dir), "tune")),
-                                      name=f"folds-{finetune_hash(cfg)[:8]}", verbose=0),
+                                      name=f"folds-{finetune_hash(cfg)[:8]}", verbose=0,
+                                      callbacks=[EpochProgress(len(pending) * epochs, lambda c: f"fold {c['fold']}")]),
         )
         grid = tuner.fit()
         errors = [r.error for r in grid if r.error is not None]
@@ -472,7 +484,7 @@ def _fold_trial(config: Dict[str, Any], cfg_dict: Dict[str, Any]) -> None:
     from omegaconf import OmegaConf
 
     cfg = OmegaConf.create(cfg_dict)
-    res = run_fold(cfg, int(config["fold"]))
+    res = run_fold(cfg, int(config["fold"]), report_to_tune=True, report_pretrain=True)
     ray.tune.report({k: v for k, v in res.items() if isinstance(v, (int, float))})
 
 

@@ -320,8 +320,8 @@ def run_loop(task, config: Dict[str, Any], rt) -> List[Dict[str, Any]]:
             frames += int((~batch["padding_mask"]).sum())
             step += 1
             _maybe_inject_fault(config, step, rt.rank)
-        metrics = {"epoch": epoch, "step": step, **_mean_records(acc), **resumed_at,
-                   "frames_per_s": frames * rt.world / max(1e-9, time.time() - t0)}
+        metrics = {"epoch": epoch, "epochs": config["epochs"], "stage_id": getattr(task, "stage_id", -1), "step": step,
+                   **_mean_records(acc), **resumed_at, "frames_per_s": frames * rt.world / max(1e-9, time.time() - t0)}
         metrics.update(task.evaluate(model, core, rt, epoch))
         history.append(metrics)
         stop = task.should_stop(history)

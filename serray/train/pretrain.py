@@ -78,6 +78,8 @@ def relative_drift(params: List[torch.Tensor], init: List[torch.Tensor]) -> floa
 class PretrainTask:
     """The pre-training task plugged into the shared loop."""
 
+    stage_id = 0  # progress lines: "pre-train"
+
     def __init__(self, config: Dict[str, Any]):
         self.config = config
         self._init: Optional[List[torch.Tensor]] = None  # theta_0, common to both branches
@@ -246,9 +248,10 @@ def run_pretrain(cfg, fold: Optional[int] = None, force: bool = False, report_to
         return _train(cfg, fold, out, export, phash, force, report_to_tune)
 
 
-def _train(cfg, fold, out, export, phash, force, report_to_tune) -> Dict[str, Any]:
-    from serray.ray_utils import init_ray
-
+def pretrain_inputs(cfg, fold: Optional[int] = None):
+    """What one pre-training trains on: ``(loop_config, TrainingData)`` (also used by
+    ``bench/pretrain.py`` to run the very same loop without Ray)."""
+    fold = fold if cfg.pretrain.per_fold else None
     feat_meta = check_features(cfg)
     sessions = pool_sessions(cfg, fold, feat_meta)
     if fold is not None and fold in sessions:
@@ -256,7 +259,6 @@ def _train(cfg, fold, out, export, phash, force, report_to_tune) -> Dict[str, An
     rows = pool_rows(cfg, sessions)
     if rows.empty:
         raise DataError(f"no stored features for pre-training sessions {sessions} in {storage.describe(cfg.features.dir)}")
-    init_ray(cfg)
     tcfg = cfg.pretrain
     spe = steps_per_epoch(len(rows), tcfg.batch_size, tcfg.num_workers)
     epochs = math.ceil(tcfg.steps / spe) if tcfg.steps else tcfg.epochs
@@ -264,7 +266,7 @@ def _train(cfg, fold, out, export, phash, force, report_to_tune) -> Dict[str, An
             "labelled_rows": int(rows["label"].isin(LABELS).sum()), "fold": fold}
     data = training_data(cfg.features.dir, sessions, rows["utt_id"].tolist(), cfg.features.cache_max_mb, cfg.seed)
     loop_config = {
-        "seed": cfg.seed, "config_yaml": to_yaml(cfg), "config_hash": phash,
+        "seed": cfg.seed, "config_yaml": to_yaml(cfg), "config_hash": pretrain_hash(cfg, fold),
         "features": feature_identity(feat_meta), "pool": pool,
         "feature_stats": [a.tolist() for a in feature_stats(feat_meta, sessions)],
         "model": adapter_kwargs(cfg, feat_meta),
@@ -272,8 +274,18 @@ def _train(cfg, fold, out, export, phash, force, report_to_tune) -> Dict[str, An
         "ema_half_life": cfg.adapter.ema_half_life,
         **{k: v for k, v in as_dict(tcfg).items() if k not in ("dir", "sessions", "extra_audio")},
         "epochs": epochs, "steps_per_epoch": spe, "total_steps": tcfg.steps,
-        "fault_marker": storage.join(out, "fault_injected.marker"),
+        "fault_marker": storage.join(pretrain_dir(cfg, fold), "fault_injected.marker"),
     }
+    return loop_config, data
+
+
+def _train(cfg, fold, out, export, phash, force, report_to_tune) -> Dict[str, Any]:
+    from serray.ray_utils import init_ray
+
+    loop_config, data = pretrain_inputs(cfg, fold)
+    pool = loop_config["pool"]
+    tcfg = cfg.pretrain
+    init_ray(cfg)
     name = f"pretrain-{phash[:8]}"  # a rerun with the same config resumes this run's latest checkpoint
     ray_dir = storage.join(out, "ray")
     if force:

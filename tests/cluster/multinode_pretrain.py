@@ -35,7 +35,7 @@ import ray_isolation  # noqa: E402
 NODE_CPUS = 3
 TINY = ["synthetic.utterances_per_dialog=3", "synthetic.dialogs_per_session=2", "pretrain.epochs=1",
         "pretrain.batch_size=8", "adapter.d_model=32", "adapter.ff_dim=64", "adapter.num_layers=1",
-        "adapter.num_clusters=4", "ray.progress_bars=false"]
+        "adapter.num_clusters=4", "ray.progress_bars=false", "pretrain.per_fold=false"]
 PLACEMENT = ["pretrain.num_workers=2", "pretrain.cpus_per_worker=2", "features.cache_max_mb=0"]
 
 

@@ -51,7 +51,9 @@ def test_pipeline_job_succeeds(jobs) -> None:
     job = jobs["report"]["jobs"]["good"]
     assert job["status"] == "SUCCEEDED", f"{job['message']}\n{job['logs'][-4000:]}"
     assert job["driver_exit_code"] in (0, None)
-    assert "[4/4] leave-one-session-out fine-tuning, folds [1, 2]" in job["logs"]
+    assert "[3/3] leave-one-session-out, folds [1, 2]: per fold, pre-train the adapter" in job["logs"]
+    assert "[fold 1] pre-train epoch 1/1" in job["logs"] and "[fold 2] fine-tune epoch 1/1" in job["logs"]  # progress
+    assert "Reporting training result" not in job["logs"]  # Ray's own lines go to output_dir/logs/ray.log
     assert "pipeline finished in" in job["logs"]
 
 
@@ -62,7 +64,9 @@ def test_pipeline_job_outputs(jobs) -> None:
     for key in ("ua", "wa", "macro_f1"):
         assert 0.0 <= metrics["mean"][key] <= 1.0, key
         assert metrics["std"][key] >= 0.0, key
-    assert (run / "pretrain" / "adapter" / "meta.json").is_file()
+    for fold in (1, 2):  # one adapter per fold (the inductive protocol)
+        assert (run / "pretrain" / f"fold{fold}" / "adapter" / "meta.json").is_file()
+    assert (run / "logs" / "ray.log").stat().st_size > 0
     assert (run / "features" / "_serray_features.json").is_file()
     assert (run / "config.yaml").is_file()
 

@@ -101,11 +101,11 @@ def test_local_only_keys_refuse_uris(tmp_path, key):
 def test_pipeline_stages_on_s3(featurized, s3_base, cache, tmp_path):
     """featurize -> pretrain -> fine-tune (one fold) -> register -> load for serving, all stored on S3."""
     from serray.data.featurize import featurize, read_meta
-    from serray.data.features import feature_dataset
+    from serray.data.features import training_data
     from serray.predict import Predictor
     from serray.registry import list_entries, model_source, resolve_model
     from serray.train.finetune import run_finetune
-    from serray.train.pretrain import run_pretrain
+    from serray.train.pretrain import adapter_path, run_pretrain
 
     run = storage.join(s3_base, "e2e")
     out = tmp_path / "local"
@@ -117,7 +117,7 @@ def test_pipeline_stages_on_s3(featurized, s3_base, cache, tmp_path):
         f"registry.dir={storage.join(run, 'registry')}", "features.cache_max_mb=0",  # stream from S3, no cache
         "pretrain.epochs=1", "finetune.epochs=2", "adapter.d_model=32", "adapter.ff_dim=64", "adapter.num_layers=1",
         "adapter.num_clusters=4", "finetune.attention_dim=16", "finetune.hidden_dim=32"])
-    assert cfg.finetune.init_from == storage.join(run, "pretrain", "adapter")  # ${pretrain.dir}/adapter, query kept last
+    assert adapter_path(cfg, 1) == storage.join(run, "pretrain", "fold1", "adapter")  # per fold, query kept last
     fs, bucket_path = storage.resolve(run)
 
     summary = featurize(cfg)
@@ -127,14 +127,16 @@ def test_pipeline_stages_on_s3(featurized, s3_base, cache, tmp_path):
             if i.type == pafs.FileType.File]
     assert any("/features/session=1/" in k and k.endswith(".parquet") for k in keys), keys
     assert read_meta(cfg.features.dir)["num_rows"] == n
-    assert feature_dataset(cfg.features.dir, [1, 2]).count() == n  # Ray Data reads the URI (lazy path)
+    data = training_data(cfg.features.dir, [1, 2], cache_max_mb=0)
+    assert data.mode == "stream" and len(data) == n  # Ray Data reads the URI (lazy, shuffled path)
     assert featurize(cfg)["written"] == 0  # resumable on S3 too
 
-    pre = run_pretrain(cfg)
-    assert not pre["reused"] and storage.is_file(storage.join(run, "pretrain", "adapter", "state.pt"))
-    ray_ckpts = storage.find_files(storage.join(run, "pretrain", "ray"), "state.pt")
-    assert ray_ckpts, "Ray Train wrote no checkpoint to S3"
-    assert run_pretrain(cfg)["reused"]  # the stage is skipped: its output on S3 matches the config
+    pre = run_pretrain(cfg, 1)  # fold 1's adapter: session 2 only, streamed from S3
+    assert not pre["reused"] and storage.is_file(storage.join(run, "pretrain", "fold1", "adapter", "state.pt"))
+    assert pre["pool"]["sessions"] == [2]
+    ckpts = storage.find_files(storage.join(run, "pretrain", "fold1", "ray"), "state.pt")
+    assert ckpts, "the training loop wrote no checkpoint to S3"
+    assert run_pretrain(cfg, 1)["reused"]  # the stage is skipped: its output on S3 matches the config
 
     res = run_finetune(cfg)
     assert [f["fold"] for f in res["folds"]] == [1]

@@ -253,3 +253,26 @@ def test_pretraining_reconstructs_masked_frames_better_than_any_constant_per_utt
     assert err_model < 0.5 * err_const, (float(err_model), float(err_const))
     assert isinstance(model, Adapter)
 
+
+
+# ---------------------------------------------------------------- the same paths on a GPU (skipped without CUDA)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_finetune_validation_and_resume_on_gpu(tmp_path) -> None:
+    """On a GPU the collated batches live on the device: validation must move labels back before
+    numpy (it crashed at the first validation), and a resumed run must load the optimiser state after
+    the model is on the device (it crashed at the first step after every resume)."""
+    from serray.train.finetune import FinetuneTask
+
+    config = _finetune_config(epochs=1)
+    rows = _labelled()
+    config["steps_per_epoch"] = -(-len(rows) // config["batch_size"])
+    run_loop(FinetuneTask(config), config, LocalRuntime({"train": rows, "val": _labelled(16, 1)},
+                                                        checkpoint_dir=str(tmp_path), device="cuda"))
+    config = dict(config, epochs=2)
+    rt = LocalRuntime({"train": rows, "val": _labelled(16, 1)}, checkpoint_dir=str(tmp_path), device="cuda")
+    history = run_loop(FinetuneTask(config), config, rt)
+    assert [r["epoch"] for r in rt.reports] == [1] and rt.reports[0]["resumed_epoch"] == 1
+    assert 0.0 <= history[-1]["val_ua"] <= 1.0
