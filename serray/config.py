@@ -167,7 +167,7 @@ class FinetuneConfig(TrainerConfig):
     val_split: str = "speaker"  # validation from the training sessions: speaker | dialog | random
     val_fraction: float = 0.15  # share of training-session speakers / dialogs / utterances held out for validation
     label_fraction: float = 1.0  # share of training labels used per class (label-efficiency runs)
-    body_lr_scale: float = 0.1  # learning rate of the pre-trained body = lr x this (the new head gets lr)
+    body_lr_scale: float = 1.0  # learning rate of the pre-trained body = lr x this (the new head gets lr)
     freeze_epochs: int = 0  # epochs at the start with the body frozen (head warm-up)
     patience: Optional[int] = None  # early stop after this many epochs without a better validation UA
     class_weighting: str = "loss"  # loss: inverse-frequency weighted cross-entropy | none

@@ -59,8 +59,8 @@ def test_ablation_files_arms_seeds_and_progress(ablation):
         assert {(r["seed"], r["fold"]) for r in a["runs"]} == {(s, f) for s in (0, 1) for f in (1, 2, 3)}
         assert set(a["ua"]) == {"mean", "sd", "ci95"}
     pairs = {(c["a"], c["b"], c["label_fraction"]) for c in data["comparisons"]}
-    assert pairs == {(a, b, f) for a, b in [("full", "random_init"), ("full", "no_local"), ("random_init", "none")]
-                     for f in (0.5, 1.0)}
+    assert pairs == {(a, b, f) for a, b in [("full", "random_init"), ("full", "no_local"), ("random_init", "none"),
+                                            ("full", "none")] for f in (0.5, 1.0)}
     md = (out / "ablation.md").read_text()
     assert "random_init" in md and "±" in md
     assert (out / "ablation.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
