@@ -507,10 +507,19 @@ def _validate(cfg: DictConfig) -> None:
     for p in cfg.pretrain.extra_audio:  # cheap existence check; contents are checked when featurizing
         if "://" in p:
             problems.append(f"pretrain.extra_audio: {p.split('?', 1)[0]} must be a local path (or a shared mount)")
-        elif not os.path.exists(os.path.expanduser(p)):
+        elif not os.path.exists(os.path.expanduser(p)) and not _made_with_the_corpus(cfg, p):
             problems.append(f"pretrain.extra_audio: {p} does not exist (an audio directory or a manifest file)")
     if problems:
         raise ConfigError("invalid configuration:\n  " + "\n  ".join(problems))
+
+
+def _made_with_the_corpus(cfg: DictConfig, path: str) -> bool:
+    """The benchmark preset's unlabelled pool, which ``serray pipeline`` / ``ablate`` write together
+    with the corpus when ``data.root`` does not exist yet."""
+    if not (cfg.synthetic.enabled and cfg.synthetic.get("preset") == "benchmark"):
+        return False
+    root = Path(os.path.abspath(os.path.expanduser(str(cfg.data.root))))
+    return not root.exists() and Path(os.path.abspath(os.path.expanduser(path))) == root.parent / "synthetic_unlabelled"
 
 
 #: Metrics a sweep may rank trials on (validation only), and what a test metric there is told.

@@ -338,6 +338,8 @@ def run_final(cfg, hyper: Dict[str, Any], trial_id: str, echo: Callable[[str], A
     from serray.train.finetune import register_result, run_finetune
 
     exp_dir = Path(cfg.tune.dir) / cfg.tune.name
+    # fault injection is how a test interrupts a trial, not part of a configuration
+    hyper = {k: (None if k.endswith(".fail_at_step") else v) for k, v in hyper.items()}
     fcfg = trial_config(cfg, hyper, exp_dir / "final", folds=final_folds(cfg))
     echo(f"running the chosen configuration ({trial_id}: " + ", ".join(f"{k}={v}" for k, v in hyper.items())
          + f") on folds {final_folds(cfg)}")

@@ -99,9 +99,12 @@ def training_data(features_dir: str | Path, sessions: Iterable[int], utt_ids: Op
     files = session_paths(features_dir, sessions)
     size_mb = sum(storage.size(f) for f in files) / 2**20
     if size_mb <= cache_max_mb:
-        table = _read_table(tuple(files))
-        if utt_ids is not None:
-            table = table.filter(pc.is_in(table["utt_id"], value_set=pa.array(list(utt_ids), pa.string())))
+        if utt_ids is None or size_mb <= SHARED_TABLE_MB:
+            table = _read_table(tuple(files))  # small: read once, shared by the folds of this process
+            if utt_ids is not None:
+                table = table.filter(pc.is_in(table["utt_id"], value_set=pa.array(list(utt_ids), pa.string())))
+        else:  # e.g. a validation split of HuBERT-large features: keep only its rows, batch by batch
+            table = _read_rows(files, list(utt_ids))
         return TrainingData("memory", table=table)
     import ray.data
     from ray.data.expressions import col
@@ -112,6 +115,29 @@ def training_data(features_dir: str | Path, sessions: Iterable[int], utt_ids: Op
     if utt_ids is not None:
         ds = ds.filter(expr=col("utt_id").is_in(list(utt_ids)))  # pushed down into the Parquet read
     return TrainingData("stream", dataset=ds.random_shuffle(seed=int(seed)))
+
+
+#: Selections from files up to this size are cut from one cached table of all their rows; above it
+#: only the selected rows are ever held (a fold's validation split of GBs of features).
+SHARED_TABLE_MB = 256.0
+
+
+def _read_rows(files: Sequence[str], utt_ids: Sequence[str]):
+    """The training columns of the rows ``utt_ids`` of some feature files, filtered record batch by
+    record batch (memory: the selected rows plus one batch)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    keep = pa.array(list(utt_ids), pa.string())
+    parts = []
+    for f in files:
+        for rb in storage.parquet_file(f).iter_batches(batch_size=256, columns=TRAIN_COLUMNS):
+            rb = rb.filter(pc.is_in(rb.column("utt_id"), value_set=keep))
+            if rb.num_rows:
+                parts.append(rb)
+    if not parts:
+        return pa.Table.from_batches([], schema=storage.parquet_file(files[0]).schema_arrow.select(TRAIN_COLUMNS))
+    return pa.Table.from_batches(parts)
 
 
 @functools.lru_cache(maxsize=4)

@@ -29,3 +29,20 @@ def test_unlabelled_rows_get_minus_one():
 def test_unknown_label_is_still_an_error():
     with pytest.raises(KeyError):
         PadCollate()(_batch(["fru", "neu"]))
+
+
+def test_large_selections_keep_only_their_rows(featurized, monkeypatch):
+    """A selection from files above SHARED_TABLE_MB is read batch by batch, keeping only its rows, and
+    gives the same rows as the cached path."""
+    import serray.data.features as F
+
+    meta_rows = F.read_rows(featurized.features.dir, [1, 2], columns=("utt_id",))
+    ids = meta_rows["utt_id"].tolist()[::3]
+    cached = F.training_data(featurized.features.dir, [1, 2], ids, cache_max_mb=1e9).table
+    monkeypatch.setattr(F, "SHARED_TABLE_MB", 0.0)
+    F._read_table.cache_clear()
+    streamed = F.training_data(featurized.features.dir, [1, 2], ids, cache_max_mb=1e9).table
+    assert F._read_table.cache_info().currsize == 0  # the whole table was never read
+    assert sorted(streamed["utt_id"].to_pylist()) == sorted(cached["utt_id"].to_pylist()) == sorted(ids)
+    a = dict(zip(cached["utt_id"].to_pylist(), cached["feat"].to_pylist()))
+    assert all(a[u] == f for u, f in zip(streamed["utt_id"].to_pylist(), streamed["feat"].to_pylist()))

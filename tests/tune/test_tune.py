@@ -15,7 +15,7 @@ from serray.registry import list_entries
 from serray.tune import flatten_space, validate_space
 
 TINY = ["pretrain.epochs=1", "finetune.epochs=3", "adapter.d_model=32", "adapter.ff_dim=64", "adapter.num_layers=1",
-        "adapter.num_clusters=4", "finetune.attention_dim=16", "finetune.hidden_dim=32", "pretrain.max_failures=0",
+        "adapter.num_clusters=4", "finetune.attention_dim=16", "finetune.hidden_dim=32", "finetune.max_failures=0",
         "tune.folds=[1]", "tune.final_folds=[1,2]", "tune.grace_period=2", "tune.max_concurrent_trials=2",
         "tune.num_samples=1"]
 
@@ -117,12 +117,12 @@ def test_cli_misspelt_search_space_key_exits_2(tmp_path, capsys):
 
 
 SPACE = ("    adapter:\n      mask_ratio: {grid: [0.3, 0.6]}\n"
-         "    pretrain:\n      fail_at_step: {grid: [null, 2]}\n")
+         "    finetune:\n      fail_at_step: {grid: [null, 2]}\n")
 
 
 @pytest.fixture(scope="module")
 def sweep(featurized, tmp_path_factory):
-    """4 trials; the two with fail_at_step=2 crash once (max_failures=0): an interrupted sweep."""
+    """4 trials; the two with finetune.fail_at_step=2 crash once (max_failures=0): an interrupted sweep."""
     from serray.tune import run_sweep
 
     tmp = tmp_path_factory.mktemp("sweep")
@@ -146,7 +146,7 @@ def test_interrupted_sweep_registers_the_final_run_of_the_best_validation_trial(
     cfg, first, entries_first, second = sweep
     assert len(first) == 4
     assert (first["status"] == "ERROR").sum() == 2
-    assert set(first.loc[first["status"] == "ERROR", "pretrain.fail_at_step"]) == {2}
+    assert set(first.loc[first["status"] == "ERROR", "finetune.fail_at_step"]) == {2}
     finished = first[first["status"] == "finished"]
     assert len(finished) >= 1
     assert len(entries_first) == 1
@@ -173,7 +173,6 @@ def test_restored_sweep_does_not_rerun_finished_trials_and_shares_pretraining(sw
         expected = 2 if row["status"] == "ERROR" else 1
         assert _attempts(exp / "trials" / row["trial_id"]) == expected, (row["trial_id"], row["status"])
     # trials with the same pre-training settings share one pre-training: 2 mask ratios -> 2 adapters
-    # (fail_at_step is operational and does not change what is pre-trained)
     assert len(list((exp / "pretrain").glob("*/fold1/adapter/meta.json"))) == 2
     fin = table[table["status"] == "finished"]
     assert second["best"]["val_ua"] == pytest.approx(fin["val_ua"].max())
