@@ -52,8 +52,9 @@
 # [failover] (bench/gpu_bench.py failover, cap 120 s) `run_fold(cfg, 1)` with finetune.backend=ray,
 #            finetune.use_gpu=true, init=random (no pre-training needed), 3 epochs, finetune.fail_at_step set
 #            inside epoch 1, finetune.max_failures=1. Prints each epoch (step, loss, val UA, frames/s,
-#            resumed_epoch) and "failover PASS" when the history says resumed_epoch 1 (the new worker group
-#            restored the epoch-0 checkpoint), all 3 epochs ran and the fault marker was written; else FAIL.
+#            resumed_epoch) of the run's latest checkpoint and "failover PASS" when that history says
+#            resumed_epoch 1 (the new worker group restored the epoch-0 checkpoint), all 3 epochs ran and the
+#            fault marker was written; else FAIL. (fold_result.json's own history stops at the selected epoch.)
 #
 # [serve]    (bench/gpu_bench.py serve, cap 140 s) Two Serve apps on one local Ray, batched (@serve.batch,
 #            max_batch_size 32) and unbatched, one replica each with 0.5 GPU, serving a random-init classifier

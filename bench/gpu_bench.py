@@ -389,18 +389,24 @@ def part_failover(args) -> None:
     t = time.perf_counter()
     res = run_fold(cfg, 1)
     wall = time.perf_counter() - t
-    hist = res.get("history", [])
+    # fold_result.json's history is the *selected* checkpoint's (it stops at the best epoch): read the
+    # run's latest checkpoint for the whole history
+    from serray.train.checkpoint import load_checkpoint
+
+    states = [load_checkpoint(d)[0] for d in (Path(cfg.finetune.dir) / "ray").glob("fold1-*/checkpoint_*") if d.is_dir()]
+    latest = max(states, key=lambda st: st["epoch"]) if states else {"history": res.get("history", [])}
+    hist = latest["history"]
     resumed = sorted({h.get("resumed_epoch") for h in hist if "resumed_epoch" in h})
     marker = Path(cfg.finetune.dir) / "fold1" / "fault_injected.marker"
-    ok = resumed == [1] and res.get("epochs_run") == epochs and marker.is_file()
+    ok = resumed == [1] and len(hist) == epochs and marker.is_file()
     for h in hist:
         say(f"  epoch {h['epoch']}: step {h['step']}, loss {h['loss']:.4f}, val_ua {h['val_ua']:.3f}, "
             f"{h['frames_per_s']:.0f} frames/s, resumed_epoch {h.get('resumed_epoch', '-')}")
-    say(f"failover {'PASS' if ok else 'FAIL'}: epochs_run {res.get('epochs_run')} of {epochs}, resumed_epoch {resumed} "
-        f"(want [1]), fault marker {'written' if marker.is_file() else 'missing'}; test UA {res.get('ua', float('nan')):.3f}; "
-        f"run_fold {wall:.1f} s (two worker-group starts)")
-    summary("failover", ok=ok, resumed_epochs=resumed, epochs_run=res.get("epochs_run"), wall_s=round(wall, 1),
-            fail_at_step=fail_at, features=feats)
+    say(f"failover {'PASS' if ok else 'FAIL'}: {len(hist)} of {epochs} epochs in the latest checkpoint's history, "
+        f"resumed_epoch {resumed} (want [1]), fault marker {'written' if marker.is_file() else 'missing'}; selected epoch "
+        f"{res.get('best_epoch')}, test UA {res.get('ua', float('nan')):.3f}; run_fold {wall:.1f} s (two worker-group starts)")
+    summary("failover", ok=ok, resumed_epochs=resumed, epochs=len(hist), wall_s=round(wall, 1), fail_at_step=fail_at,
+            best_epoch=res.get("best_epoch"), features=feats)
 
 
 # ---------------------------------------------------------------------------- Serve
