@@ -1,137 +1,77 @@
 #!/usr/bin/env python
-"""Featurization throughput: the Ray Data path vs a plain in-process loop doing the same work.
+"""Featurization throughput: the Ray Data path vs a plain in-process loop doing the same work,
+compared by their *marginal* rates between two corpus sizes (Ray's fixed start-up excluded).
 
-    python bench/featurize.py            # corpus sizes 10 and 30 utterances/dialog (200 / 600 utterances)
-    python bench/featurize.py --quick    # sizes 4 and 10
-    python bench/featurize.py --encoder /models/hubert-large [--gpu]   # also an HF model (local dir)
-    python bench/featurize.py --quick --encoder random-hubert-base      # ... or a random-init HuBERT-base
+    python bench/featurize.py                   # sizes 10 and 30 utterances/dialog (~5 and ~15 min of audio),
+                                                # fbank + a random-init HuBERT-base (CPU: ~15 min on 2 quiet cores)
+    python bench/featurize.py --quick           # sizes 2 and 4, fbank + a random-init *tiny* HuBERT (validation only)
+    python bench/featurize.py --encoder /models/hubert-large --gpu       # a local HF model on CUDA
+    python bench/featurize.py --plain-threads 1 # the plain loop with as many torch threads as the encoder actor
 
-For every corpus size (a synthetic corpus in IEMOCAP layout, made in a temp dir, plus its manifest):
+For every corpus size (a synthetic corpus in IEMOCAP layout, demo preset, made in a temp dir, plus
+its four-class manifest) and every encoder (``fbank``, and ``--encoder``: by default
+``random-hubert-base``, a random-init HuBERT with base sizes (12 x 768) made here with
+``transformers``: the real model's compute, no download), two paths, each in its own subprocess:
 
 * **plain**: one process, ``EncodeBatch`` (the same callable Ray runs) over the same length-bucketed
-  batches (``serray.data.featurize._bucketed_blocks``), then the rows written with pyarrow as Parquet
-  partitioned by session. Timed: manifest read -> blocks -> encoder build -> encode -> write.
+  batches (``serray.data.featurize._bucketed_blocks``), the rows written with pyarrow as Parquet
+  partitioned by session, then the same per-session statistics pass that ``featurize`` makes
+  (``serray.data.featurize._session_stats``). Timed: manifest read -> blocks -> encoder build ->
+  encode -> write -> statistics.
 * **ray**: ``serray.data.featurize.featurize(cfg)`` into a fresh directory. ``ray.init`` runs before
   the clock starts; everything else (actor start, encoder build in the actor, Ray Data execution,
-  Parquet write, bookkeeping) is timed.
+  Parquet write, bookkeeping, the statistics pass) is timed.
 
-Each measurement runs in its own subprocess, so peak RSS numbers are clean: ``ru_maxrss`` of that
-process (plain; Ray driver), plus, for Ray, the peak RSS (VmHWM from /proc, sampled every 0.1 s) of
-the Ray *worker* processes it started (encoder actor, write tasks, idle pre-started workers) and of
-Ray's system processes (raylet, GCS, dashboard...), each summed. Shared pages (object store in
-/dev/shm, shared libraries) are counted in every process that maps them, so the sums overstate.
+So both paths do the same work, the statistics pass included on both sides.
 
-Throughput is audio-seconds per wall-second. The last line is
-``RESULT featurize ratio=<ray/plain at the larger size> target=0.9``.
+**Marginal rate** of a path and encoder = (audio_large - audio_small) / (time_large - time_small) in
+audio-seconds per second: the cost of each extra second of audio, with the fixed start-up (Ray
+Data planning, actor start and encoder build, first-batch latency; for plain the encoder build)
+cancelled out. The fixed start-up is printed as the intercept
+``time_small - audio_small / marginal_rate``. The larger size should hold >= 10 min of audio
+(the default's does, ~15 min) so that the difference is not noise; a warning is printed otherwise.
+
+The last line is ``RESULT featurize ratio=<marginal ray / marginal plain with --encoder> target=0.85``
+(the compute-bound encoder, where featurization time matters); fbank's marginal ratio and both
+intercepts are printed beside it, as are the whole-run rates at each size.
+
+Memory: ``ru_maxrss`` of the process (plain; Ray driver), plus, for Ray, the peak RSS (VmHWM from
+/proc, sampled every 0.1 s) of the Ray *worker* processes it started (encoder actor, write tasks,
+idle pre-started workers) and of Ray's system processes (raylet, GCS, dashboard...), each summed.
+Shared pages are counted in every process that maps them, so the sums overstate.
+
+Threads: the plain loop uses torch's default thread count unless ``--plain-threads``; the encoder
+actor gets what Ray gives a worker with ``features.num_cpus`` CPUs (``OMP_NUM_THREADS``); both are
+printed (probed in a task with the actor's resources, outside the clock).
+
+Full command (quiet machine; the lead's): ``python bench/featurize.py --repeat 2`` (about 30 min on
+2 cores: HuBERT-base runs at ~5 audio-s/s there, ~20 min of audio per path and repeat; ``--repeat 1``
+halves it). ``--plain-threads 1`` gives the plain loop the encoder actor's single thread.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
-import resource
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-RAY_ENV = {"RAY_DATA_DISABLE_PROGRESS_BARS": "1", "RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
 
+from bench._common import RAY_ENV, ProcSampler, load_line, make_random_hubert  # noqa: E402
+from bench._common import maxrss_mb as _maxrss_mb  # noqa: E402
 
-# ---------------------------------------------------------------------------- /proc helpers
-
-
-def _proc_children_map() -> dict:
-    kids: dict = {}
-    for d in os.listdir("/proc"):
-        if not d.isdigit():
-            continue
-        try:
-            with open(f"/proc/{d}/stat") as f:
-                stat = f.read()
-            ppid = int(stat.rsplit(")", 1)[1].split()[1])
-        except (OSError, IndexError, ValueError):
-            continue
-        kids.setdefault(ppid, []).append(int(d))
-    return kids
-
-
-def _descendants(pid: int) -> list:
-    kids, out, todo = _proc_children_map(), [], [pid]
-    while todo:
-        p = todo.pop()
-        for c in kids.get(p, []):
-            out.append(c)
-            todo.append(c)
-    return out
-
-
-def _vm_hwm_kb(pid: int) -> int:
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1])
-    except OSError:
-        pass
-    return 0
-
-
-def _cmdline(pid: int) -> str:
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            return f.read().replace(b"\0", b" ").decode(errors="replace").strip()
-    except OSError:
-        return ""
-
-
-class ProcSampler:
-    """Peak RSS (VmHWM) of every descendant of this process, sampled in a thread."""
-
-    def __init__(self, period: float = 0.1):
-        self.period, self.peak, self.kind = period, {}, {}
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _sample(self) -> None:
-        for pid in _descendants(os.getpid()):
-            hwm = _vm_hwm_kb(pid)
-            if hwm:
-                self.peak[pid] = max(self.peak.get(pid, 0), hwm)
-                cmd = _cmdline(pid)
-                if cmd:  # a worker renames itself ray::<task> once it runs something
-                    self.kind[pid] = cmd
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            self._sample()
-            self._stop.wait(self.period)
-
-    def __enter__(self):
-        self._sample()
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join()
-        self._sample()
-
-    def summary(self) -> dict:
-        workers = {p: kb for p, kb in self.peak.items() if self.kind.get(p, "").startswith("ray::")}
-        encoder = {p: kb for p, kb in workers.items() if "EncodeBatch" in self.kind.get(p, "")}
-        system = {p: kb for p, kb in self.peak.items() if p not in workers}
-        mb = lambda d: round(sum(d.values()) / 1024, 1)  # noqa: E731
-        return {"workers_mb": mb(workers), "n_workers": len(workers), "encoder_actor_mb": mb(encoder),
-                "system_mb": mb(system), "n_system": len(system)}
-
-
-def _maxrss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+TARGET = 0.85
+MIN_LARGE_AUDIO_S = 600.0
+RANDOM_HUBERT = "random-hubert-base"
+RANDOM_PREFIX = "random-hubert-"  # random-hubert-{tiny,base,large}
 
 
 # ---------------------------------------------------------------------------- child: one measurement
@@ -152,9 +92,11 @@ def child_plain(args) -> dict:
     import torch
 
     from serray.config import as_dict
-    from serray.data.featurize import EncodeBatch, _bucketed_blocks
+    from serray.data.featurize import EncodeBatch, _bucketed_blocks, _session_stats
     from serray.data.iemocap import MANIFEST_COLUMNS, read_manifest
 
+    if args.plain_threads:
+        torch.set_num_threads(args.plain_threads)
     cfg = _child_cfg(args)
     rss0 = _maxrss_mb()
     t0 = time.perf_counter()
@@ -164,29 +106,46 @@ def child_plain(args) -> dict:
     fn = EncodeBatch(as_dict(cfg.encoder), cfg.features.min_seconds)
     t_built = time.perf_counter()
     out_dir = Path(cfg.features.dir)
-    rows, bs, t_encode = 0, cfg.features.batch_size, 0.0
+    rows, bs, t_encode, frames = 0, cfg.features.batch_size, 0.0, 0
     for b, block in enumerate(blocks):
         te = time.perf_counter()
         parts = [fn(block.iloc[i: i + bs].reset_index(drop=True)) for i in range(0, len(block), bs)]
         t_encode += time.perf_counter() - te
         done = pd.concat(parts, ignore_index=True)
         rows += len(done)
+        frames += int(done["num_frames"].sum())
         for session, part in done.groupby("session"):  # one file per block and partition, like Ray
             d = out_dir / f"session={session}"
             d.mkdir(parents=True, exist_ok=True)
             pq.write_table(pa.Table.from_pandas(part.drop(columns="session"), preserve_index=False),
                            d / f"block{b:04d}.parquet")
+    t_stats = time.perf_counter()
+    for session in sorted(manifest["session"].unique()):  # the statistics pass featurize() makes too
+        _session_stats(str(out_dir), int(session))
     seconds = time.perf_counter() - t0
-    return {"path": "plain", "seconds": seconds, "rows": rows, "audio_s": float(manifest["duration"].sum()),
-            "encoder_build_s": t_built - t0, "encode_s": t_encode, "blocks": len(blocks),
-            "torch_threads": torch.get_num_threads(), "rss_base_mb": round(rss0, 1),
-            "rss_peak_mb": round(_maxrss_mb(), 1)}
+    return {"path": "plain", "seconds": seconds, "rows": rows, "frames": frames,
+            "audio_s": float(manifest["duration"].sum()), "encoder_build_s": t_built - t0, "encode_s": t_encode,
+            "stats_s": time.perf_counter() - t_stats, "blocks": len(blocks), "torch_threads": torch.get_num_threads(),
+            "rss_base_mb": round(rss0, 1), "rss_peak_mb": round(_maxrss_mb(), 1)}
+
+
+def _actor_threads(cfg) -> dict:
+    """torch threads and OMP_NUM_THREADS in a Ray worker with the encoder actor's resources."""
+    import ray
+
+    @ray.remote(num_cpus=cfg.features.num_cpus, num_gpus=cfg.features.num_gpus)
+    def probe():
+        import torch
+
+        return {"torch_threads": torch.get_num_threads(), "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS")}
+
+    return ray.get(probe.remote())
 
 
 def child_ray(args) -> dict:
     import ray
 
-    from serray.data.featurize import featurize, read_meta
+    from serray.data.featurize import featurize, read_meta, stored_utterances
     from serray.data.iemocap import read_manifest
 
     cfg = _child_cfg(args)
@@ -195,6 +154,7 @@ def child_ray(args) -> dict:
     from ray.data import DataContext
 
     DataContext.get_current().enable_progress_bars = False
+    threads = _actor_threads(cfg)
     time.sleep(1.0)  # let the pre-started workers and dashboard settle outside the clock
     rss0 = _maxrss_mb()
     with ProcSampler() as sampler:
@@ -204,20 +164,25 @@ def child_ray(args) -> dict:
     manifest = read_manifest(cfg.data.manifest)
     manifest = manifest[manifest["session"].isin(list(cfg.data.sessions))]
     meta = read_meta(cfg.features.dir)
+    frames = int(stored_utterances(cfg.features.dir, columns=("num_frames",))["num_frames"].sum())
     ray.shutdown()
     return {"path": "ray", "seconds": seconds, "rows": summary["written"], "skipped": summary["skipped"],
-            "audio_s": float(manifest["duration"].sum()), "stored": meta["num_rows"],
-            "rss_base_mb": round(rss0, 1), "rss_peak_mb": round(_maxrss_mb(), 1), **sampler.summary()}
+            "frames": frames, "audio_s": float(manifest["duration"].sum()), "stored": meta["num_rows"],
+            "actor_threads": threads, "rss_base_mb": round(rss0, 1), "rss_peak_mb": round(_maxrss_mb(), 1),
+            **sampler.summary()}
 
 
-def run_child(kind: str, root: Path, manifest: Path, overrides, num_cpus: int, verbose: bool) -> dict:
+def run_child(kind: str, root: Path, manifest: Path, overrides, args) -> dict:
     with tempfile.TemporaryDirectory(prefix=f"serray-bench-{kind}-") as out:
         cmd = [sys.executable, str(Path(__file__).resolve()), "--child", kind, "--root", str(root),
-               "--manifest", str(manifest), "--out", out, "--num-cpus", str(num_cpus),
-               *(["--verbose"] if verbose else []), *[f"--override={o}" for o in overrides]]
-        env = {**os.environ, **RAY_ENV}
+               "--manifest", str(manifest), "--out", out, "--num-cpus", str(args.num_cpus),
+               *(["--verbose"] if args.verbose else []), *[f"--override={o}" for o in overrides],
+               *([f"--plain-threads={args.plain_threads}"] if args.plain_threads else [])]
+        env = {**os.environ, **RAY_ENV,
+               "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)}
+        env.pop("RAY_ADDRESS", None)  # a bench starts its own local Ray: never join someone else's
         proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=str(REPO))
-        if verbose and proc.stderr:
+        if args.verbose and proc.stderr:
             sys.stderr.write(proc.stderr[-4000:])
         lines = [line for line in proc.stdout.splitlines() if line.startswith("BENCH ")]
         if proc.returncode != 0 or not lines:
@@ -230,13 +195,11 @@ def run_child(kind: str, root: Path, manifest: Path, overrides, num_cpus: int, v
 
 
 def make_data(base: Path, per_dialog: int) -> tuple:
-    from serray.data.iemocap import build_manifest, write_manifest
-    from serray.data.synthetic import make_corpus
+    from bench._common import make_corpus_and_manifest
 
-    root = make_corpus(base / f"upd{per_dialog}" / "IEMOCAP_full_release", seed=0, utterances_per_dialog=per_dialog)
-    report = build_manifest(root)
-    manifest = write_manifest(report.kept, base / f"upd{per_dialog}" / "manifest.parquet")
-    return root, manifest, len(report.kept), float(report.kept["duration"].sum())
+    root, manifest, kept = make_corpus_and_manifest(base / f"upd{per_dialog}", keep_unlabelled=False,
+                                                    seed=0, utterances_per_dialog=per_dialog)
+    return root, manifest, len(kept), float(kept["duration"].sum())
 
 
 def best(results: list) -> dict:
@@ -247,40 +210,46 @@ def fmt_row(label: str, r: dict) -> str:
     rate = r["audio_s"] / r["seconds"]
     if r["path"] == "plain":
         mem = f"peak {r['rss_peak_mb']:.0f} MB (base {r['rss_base_mb']:.0f})"
-        extra = f"enc {r['encode_s']:.2f}s, build {r['encoder_build_s']:.2f}s, {r['torch_threads']} thr"
+        extra = (f"enc {r['encode_s']:.2f}s, build {r['encoder_build_s']:.2f}s, stats {r['stats_s']:.2f}s, "
+                 f"{r['torch_threads']} thr")
     else:
         mem = (f"driver {r['rss_peak_mb']:.0f} MB; workers {r['workers_mb']:.0f} MB/{r['n_workers']} "
                f"(encoder actor {r['encoder_actor_mb']:.0f}); ray system {r['system_mb']:.0f} MB/{r['n_system']}")
-        extra = f"stored {r['stored']}, skipped {r['skipped']}"
-    return f"{label:<22} {r['path']:<6} {r['rows']:>5} {r['audio_s']:>8.1f} {r['seconds']:>8.2f} {rate:>9.1f}  {mem}; {extra}"
+        extra = f"stored {r['stored']}, skipped {r['skipped']}, actor {r['actor_threads']['torch_threads']} thr"
+    return f"{label:<24} {r['path']:<6} {r['rows']:>5} {r['audio_s']:>8.1f} {r['seconds']:>8.2f} {rate:>9.2f}  {mem}; {extra}"
 
 
-RANDOM_HUBERT = "random-hubert-base"
+def marginal(small: dict, large: dict) -> dict:
+    """Marginal rate (audio-s per s between the two sizes) and the fixed start-up (intercept, s)."""
+    da, dt = large["audio_s"] - small["audio_s"], large["seconds"] - small["seconds"]
+    rate = da / dt if dt > 0 and da > 0 else float("nan")
+    intercept = small["seconds"] - small["audio_s"] / rate if rate == rate else float("nan")
+    return {"rate": rate, "intercept": intercept, "d_audio": da, "d_time": dt}
 
 
-def make_random_hubert(path: Path) -> str:
-    """A random-init HuBERT with base sizes (12 x 768) and large-style layer norm (batchable with an
-    attention mask), saved with ``save_pretrained``: the same compute as the real model, no download."""
-    import torch
-    from transformers import HubertConfig, HubertModel
-
-    torch.manual_seed(0)
-    HubertModel(HubertConfig(feat_extract_norm="layer", do_stable_layer_norm=True)).eval().save_pretrained(path)
-    return str(path)
+def resolve_encoder(name: str, tmp: Path) -> str:
+    if name.startswith(RANDOM_PREFIX):
+        size = name[len(RANDOM_PREFIX):]
+        return make_random_hubert(tmp / name, size)
+    return name
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--quick", action="store_true", help="small corpora (4 and 10 utterances per dialog)")
-    p.add_argument("--sizes", default=None, help="utterances per dialog, comma-separated (default 10,30)")
-    p.add_argument("--repeat", type=int, default=1, help="runs per path and size; the fastest is reported")
+    p.add_argument("--quick", action="store_true", help="sizes 2 and 4 utterances/dialog and a tiny random HuBERT "
+                   "(validates the code paths; its ratio means nothing)")
+    p.add_argument("--sizes", default=None, help="two corpus sizes in utterances per dialog, comma-separated "
+                   "(default 10,30; --quick 2,4)")
+    p.add_argument("--repeat", type=int, default=1, help="runs per path, encoder and size; the fastest is used")
     p.add_argument("--num-cpus", type=int, default=2, help="ray.init(num_cpus=...) of the Ray runs")
     p.add_argument("--batch-size", type=int, default=None, help="features.batch_size (default: config's)")
     p.add_argument("--concurrency", type=int, default=None, help="features.concurrency (encoder actors)")
     p.add_argument("--actor-cpus", type=float, default=None, help="features.num_cpus per encoder actor")
-    p.add_argument("--encoder", default=None, help="also bench this Hugging Face model (local directory, or "
-                   f"'{RANDOM_HUBERT}': a random-init HuBERT-base made here)")
+    p.add_argument("--encoder", default=None, help="the compute-bound encoder of the RESULT: a Hugging Face model "
+                   f"(local directory) or '{RANDOM_PREFIX}{{tiny,base,large}}', made here with random weights "
+                   f"(default {RANDOM_HUBERT}; --quick {RANDOM_PREFIX}tiny)")
     p.add_argument("--gpu", action="store_true", help="run --encoder on CUDA (features.num_gpus=1)")
+    p.add_argument("--plain-threads", type=int, default=None, help="torch threads of the plain loop (default: torch's)")
     p.add_argument("--override", action="append", default=[], help="extra config override key=value")
     p.add_argument("--verbose", action="store_true")
     # child mode (internal)
@@ -299,7 +268,10 @@ def main(argv=None) -> int:
         print("BENCH " + json.dumps(res), flush=True)
         return 0
 
-    sizes = [int(s) for s in (args.sizes or ("4,10" if args.quick else "10,30")).split(",")]
+    sizes = [int(s) for s in (args.sizes or ("2,4" if args.quick else "10,30")).split(",")]
+    if len(sizes) != 2 or sizes[0] >= sizes[1]:
+        p.error("--sizes takes two sizes, smaller first")
+    encoder = args.encoder or (RANDOM_PREFIX + "tiny" if args.quick else RANDOM_HUBERT)
     overrides = list(args.override)
     if args.batch_size:
         overrides.append(f"features.batch_size={args.batch_size}")
@@ -312,51 +284,70 @@ def main(argv=None) -> int:
     cuda = torch.cuda.is_available()
     if args.gpu and not cuda:
         raise SystemExit("--gpu given but torch sees no CUDA device")
-    load = os.getloadavg()
-    print(f"# featurize bench: {os.cpu_count()} cores, load avg {load[0]:.1f}/{load[1]:.1f}, "
-          f"torch {torch.__version__}, cuda={cuda}, ray num_cpus={args.num_cpus}, overrides={overrides or '-'}")
+    print(f"# featurize bench: {load_line()}, torch {torch.__version__}, cuda={cuda}, ray num_cpus={args.num_cpus}, "
+          f"sizes {sizes} utterances/dialog, encoders fbank + {encoder}{' (CUDA)' if args.gpu else ''}, "
+          f"repeat {args.repeat}, plain threads {args.plain_threads or 'torch default'}, overrides={overrides or '-'}",
+          flush=True)
 
-    header = (f"{'corpus':<22} {'path':<6} {'rows':>5} {'audio_s':>8} {'wall_s':>8} {'audio_s/s':>9}  memory; notes")
-    lines, ratios = [], {}
+    header = f"{'encoder / corpus':<24} {'path':<6} {'rows':>5} {'audio_s':>8} {'wall_s':>8} {'audio_s/s':>9}  memory; notes"
+    lines, res = [], {}
     with tempfile.TemporaryDirectory(prefix="serray-bench-") as tmp:
+        data = {}
         for size in sizes:
             t = time.perf_counter()
-            root, manifest, n, audio = make_data(Path(tmp), size)
-            print(f"# corpus utterances_per_dialog={size}: {n} kept utterances, {audio:.1f} s of audio "
+            data[size] = make_data(Path(tmp), size)
+            _, _, n, audio = data[size]
+            print(f"# corpus utterances_per_dialog={size}: {n} four-class utterances, {audio:.1f} s of audio "
                   f"(made in {time.perf_counter() - t:.1f} s)", flush=True)
-            res = {}
-            for kind in ("plain", "ray"):
-                res[kind] = best([run_child(kind, root, manifest, overrides, args.num_cpus, args.verbose)
-                                  for _ in range(args.repeat)])
-            label = f"fbank upd={size} n={n}"
-            lines += [fmt_row(label, res["plain"]), fmt_row(label, res["ray"])]
-            ratio = res["plain"]["seconds"] / res["ray"]["seconds"]  # == ray rate / plain rate (same audio)
-            ratios[size] = ratio
-            lines.append(f"{'':<22} ratio ray/plain = {ratio:.3f}")
-            print("\n".join(lines[-3:]), flush=True)
-        if args.encoder == RANDOM_HUBERT:
-            args.encoder = make_random_hubert(Path(tmp) / RANDOM_HUBERT)
-        if args.encoder:
-            size = sizes[-1]
-            root = Path(tmp) / f"upd{size}" / "IEMOCAP_full_release"
-            manifest = Path(tmp) / f"upd{size}" / "manifest.parquet"
-            enc = [f"encoder.name={args.encoder}", "encoder.local_files_only=true",
-                   f"encoder.device={'cuda' if args.gpu else 'cpu'}"]
-            if args.gpu:
-                enc += ["features.num_gpus=1"]
-            if not args.gpu:
-                print("# note: --encoder without --gpu runs the model on CPU (slow for large models)")
-            res = {k: run_child(k, root, manifest, overrides + enc, args.num_cpus, args.verbose)
-                   for k in ("plain", "ray")}
-            label = f"{Path(args.encoder).name[:12]} upd={size}"
-            lines += [fmt_row(label, res["plain"]), fmt_row(label, res["ray"]),
-                      f"{'':<22} ratio ray/plain = {res['plain']['seconds'] / res['ray']['seconds']:.3f}"]
+        enc_path = resolve_encoder(encoder, Path(tmp))
+        hf = [f"encoder.name={enc_path}", "encoder.local_files_only=true", f"encoder.device={'cuda' if args.gpu else 'cpu'}"]
+        if args.gpu:
+            hf += ["features.num_gpus=1"]
+        for enc, enc_over in (("fbank", []), (encoder, hf)):
+            for size in sizes:
+                root, manifest, n, _ = data[size]
+                for kind in ("plain", "ray"):
+                    res[(enc, size, kind)] = best([run_child(kind, root, manifest, overrides + enc_over, args)
+                                                   for _ in range(args.repeat)])
+                label = f"{enc[:18]} upd={size}"
+                lines += [fmt_row(label, res[(enc, size, 'plain')]), fmt_row(label, res[(enc, size, 'ray')])]
+                print("\n".join(lines[-2:]), flush=True)
 
     print()
     print(header)
     print("-" * len(header))
     print("\n".join(lines))
-    print(f"RESULT featurize ratio={ratios[sizes[-1]]:.3f} target=0.9")
+    print()
+    small, large = sizes
+    print(f"marginal rates between upd={small} and upd={large} (audio-s per s; fixed start-up = intercept):")
+    head = (f"{'encoder':<22} {'path':<6} {'audio S/L (s)':>15} {'wall S/L (s)':>15} {'marginal':>9} {'start-up s':>10} "
+            f"{'whole-run rate S/L':>19}")
+    print(head)
+    print("-" * len(head))
+    ratios = {}
+    for enc in ("fbank", encoder):
+        m = {}
+        for kind in ("plain", "ray"):
+            a, b = res[(enc, small, kind)], res[(enc, large, kind)]
+            m[kind] = marginal(a, b)
+            print(f"{enc[:22]:<22} {kind:<6} {a['audio_s']:>7.0f}/{b['audio_s']:<7.0f} {a['seconds']:>7.1f}/{b['seconds']:<7.1f} "
+                  f"{m[kind]['rate']:>9.2f} {m[kind]['intercept']:>10.1f} "
+                  f"{a['audio_s'] / a['seconds']:>9.2f}/{b['audio_s'] / b['seconds']:<9.2f}")
+        ratios[enc] = m["ray"]["rate"] / m["plain"]["rate"]
+        whole = (res[(enc, large, "ray")]["audio_s"] / res[(enc, large, "ray")]["seconds"]) / \
+                (res[(enc, large, "plain")]["audio_s"] / res[(enc, large, "plain")]["seconds"])
+        print(f"{'':<22} ratio ray/plain: marginal {ratios[enc]:.3f}, whole run at upd={large} {whole:.3f}; "
+              f"fixed start-up ray {m['ray']['intercept']:.1f} s vs plain {m['plain']['intercept']:.1f} s")
+    large_audio = res[("fbank", large, "plain")]["audio_s"]
+    if large_audio < MIN_LARGE_AUDIO_S:
+        print(f"WARNING: the larger corpus holds {large_audio / 60:.1f} min of audio (< {MIN_LARGE_AUDIO_S / 60:.0f} min): "
+              "the marginal rates are dominated by noise; use the default sizes for a number")
+    thr = res[(encoder, large, "ray")]["actor_threads"]
+    print(f"threads: plain {res[(encoder, large, 'plain')]['torch_threads']}, encoder actor {thr['torch_threads']} "
+          f"(OMP_NUM_THREADS={thr['OMP_NUM_THREADS']}, features.num_cpus per actor); {load_line()} at the end")
+    print(f"fbank marginal ratio ray/plain = {ratios['fbank']:.3f} (reference, not the RESULT)")
+    r = ratios[encoder]
+    print(f"RESULT featurize ratio={r:.3f} target={TARGET}" if math.isfinite(r) else f"RESULT featurize ratio=nan target={TARGET}")
     return 0
 
 

@@ -48,7 +48,6 @@ import os
 import statistics
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -58,132 +57,13 @@ if str(REPO) not in sys.path:
 os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
 os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
 
+from bench._common import LoadMonitor, start_ray  # noqa: E402  (shared with bench/scale.py)
+
 TARGET = 0.8
 
 
 def _quiet(*_a, **_k) -> None:
     pass
-
-
-# ---------------------------------------------------------------------------- load monitor
-
-
-def _box_busy_s() -> float:
-    """CPU-seconds the whole machine has been busy (all cores; /proc/stat, steal counted as busy)."""
-    with open("/proc/stat") as f:
-        v = [int(x) for x in f.readline().split()[1:]]
-    idle = v[3] + (v[4] if len(v) > 4 else 0)
-    return (sum(v[:8]) - idle) / os.sysconf("SC_CLK_TCK")
-
-
-def _own_cpu_s(pids) -> dict:
-    tck, out = os.sysconf("SC_CLK_TCK"), {}
-    for pid in pids:
-        try:
-            with open(f"/proc/{pid}/stat") as f:
-                parts = f.read().rsplit(")", 1)[1].split()
-            out[pid] = (int(parts[11]) + int(parts[12])) / tck  # utime + stime
-        except (OSError, IndexError, ValueError):
-            pass
-    return out
-
-
-def _descendants(pid: int) -> list:
-    kids: dict = {}
-    for d in os.listdir("/proc"):
-        if d.isdigit():
-            try:
-                with open(f"/proc/{d}/stat") as f:
-                    kids.setdefault(int(f.read().rsplit(")", 1)[1].split()[1]), []).append(int(d))
-            except (OSError, IndexError, ValueError):
-                continue
-    out, todo = [], [pid]
-    while todo:
-        for c in kids.get(todo.pop(), []):
-            out.append(c)
-            todo.append(c)
-    return out
-
-
-def _proc_name(argv: list, is_self: bool) -> str:
-    """A short name: ray::<actor>, the program, or for Python the script/module it runs."""
-    if is_self:
-        return "bench driver"
-    if not argv:
-        return ""
-    if argv[0].startswith("ray::"):
-        return argv[0].split()[0]
-    prog = argv[0].rsplit("/", 1)[-1]
-    if prog.startswith("python") and len(argv) > 1:
-        rest = argv[1:]
-        if rest[0] == "-m" and len(rest) > 1:
-            return rest[1]
-        if rest[0] in ("-B", "-u") and len(rest) > 1:
-            rest = rest[1:]
-        if rest[0] == "-c":
-            return "python -c " + (rest[1][:30] if len(rest) > 1 else "")
-        return rest[0].rsplit("/", 1)[-1]
-    return prog
-
-
-class LoadMonitor:
-    """How much of the machine a phase got: CPU used by this process and everything it started
-    (Ray processes included; sampled every second, so short-lived processes are partly missed) vs
-    CPU used by everyone else on the box. Other people's load shows up as ``others`` cores."""
-
-    def __init__(self, period: float = 1.0):
-        self.period, self.cpu, self.cmd = period, {}, {}
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _sample(self) -> None:
-        me = os.getpid()
-        for pid, c in _own_cpu_s([me] + _descendants(me)).items():
-            self.cpu[pid] = max(self.cpu.get(pid, 0.0), c)
-            try:  # a Ray worker renames itself (ray::IDLE -> ray::<actor or task>); keep the last real name
-                with open(f"/proc/{pid}/cmdline", "rb") as f:
-                    argv = [a.decode(errors="replace") for a in f.read().split(b"\0") if a]
-            except OSError:
-                continue
-            name = _proc_name(argv, pid == me)
-            if name and (name != "ray::IDLE" or pid not in self.cmd):
-                self.cmd[pid] = name
-
-    def _run(self) -> None:
-        while not self._stop.wait(self.period):
-            self._sample()
-
-    def __enter__(self):
-        self._sample()
-        self.cpu0, self.busy0, self.t0 = dict(self.cpu), _box_busy_s(), time.perf_counter()
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join()
-        self._sample()
-        self.wall = time.perf_counter() - self.t0
-        self.own = sum(c - self.cpu0.get(pid, 0.0) for pid, c in self.cpu.items())
-        self.busy = _box_busy_s() - self.busy0
-
-    def cpu_of(self, prefix: str) -> float:
-        """CPU-seconds used during the phase by our processes whose name starts with ``prefix``."""
-        return sum(c - self.cpu0.get(pid, 0.0) for pid, c in self.cpu.items() if self.cmd.get(pid, "").startswith(prefix))
-
-    def breakdown(self, top: int = 8) -> str:
-        """CPU-seconds of our processes during the phase, summed by process name, largest first."""
-        by: dict = {}
-        for pid, c in self.cpu.items():
-            name = self.cmd.get(pid, "?")
-            by[name] = by.get(name, 0.0) + c - self.cpu0.get(pid, 0.0)
-        items = sorted(by.items(), key=lambda kv: -kv[1])[:top]
-        return ", ".join(f"{k} {v:.1f}" for k, v in items if v >= 0.05)
-
-    def line(self) -> str:
-        others = max(0.0, self.busy - self.own) / max(1e-9, self.wall)
-        return (f"{self.wall:.0f} s wall, ours {self.own / self.wall:.2f} cores, "
-                f"others {others:.2f} cores (of {os.cpu_count()})")
 
 
 # ---------------------------------------------------------------------------- set-up
@@ -215,27 +95,6 @@ def plain_inputs(cfg):
 
 
 # ---------------------------------------------------------------------------- ray path
-
-
-def start_ray(cfg, attempts: int = 3) -> float:
-    """``serray.ray_utils.init_ray`` with retries: on a loaded machine the raylet can miss Ray's fixed
-    30 s registration wait ("The current node timed out during startup"). Returns the seconds taken."""
-    import ray
-
-    from serray.ray_utils import init_ray
-
-    t = time.perf_counter()
-    for i in range(attempts):
-        try:
-            init_ray(cfg)
-            return time.perf_counter() - t
-        except Exception as e:  # noqa: BLE001 - Ray raises a bare Exception here
-            if i == attempts - 1:
-                raise
-            print(f"# ray.init failed ({e}); retrying", flush=True)
-            ray.shutdown()
-            time.sleep(5)
-    return time.perf_counter() - t
 
 
 def probe_worker_threads(cfg) -> dict:
@@ -487,7 +346,7 @@ def main(argv=None) -> int:
     # --- table
     hist_ray = res_ray["history"]
     ray_fps, n_steady = steady(hist_ray, frames_per_epoch)
-    plain_fps, _ = steady(res_plain["history"])
+    plain_fps, _ = steady(res_plain["history"], frames_per_epoch)
     ratio = ray_fps / plain_fps
     total_frames = frames_per_epoch * len(hist_ray)
     ray_steps = hist_ray[-1]["step"]
@@ -523,7 +382,7 @@ def main(argv=None) -> int:
     rows_out.append((f"plain, {worker_threads} thread(s), per CPU-second", total_frames / res_plain["cpu_s"],
                      f"{res_plain['cpu_s']:.1f} CPU-s in the process over the run"))
     if res_plain_default:
-        rows_out.append((f"plain, {default_threads} threads, steady", steady(res_plain_default["history"])[0], "reference only"))
+        rows_out.append((f"plain, {default_threads} threads, steady", steady(res_plain_default["history"], frames_per_epoch)[0], "reference only"))
     header = f"{'path':<34} {'frames/s':>10}  notes"
     print(header)
     print("-" * 78)
