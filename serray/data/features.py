@@ -140,7 +140,7 @@ def _read_rows(files: Sequence[str], utt_ids: Sequence[str]):
     return pa.Table.from_batches(parts)
 
 
-@functools.lru_cache(maxsize=4)
+@functools.lru_cache(maxsize=2)
 def _read_table(files: tuple):
     """The training columns of some feature files as one Arrow table (cached: folds share it)."""
     import pyarrow as pa

@@ -361,23 +361,35 @@ def run_fold(cfg, fold: int, report_to_tune: bool = False, report_pretrain: bool
     result = fit(FinetuneTask, loop_config, datasets, tcfg, storage_path=storage.join(storage.absolute(tcfg.dir), "ray"),
                  name=f"fold{fold}-{fhash[:8]}", score=(SELECTION_KEY, "max"), report_to_tune=report_to_tune)
     best_ckpt, best_metrics = max(result.best_checkpoints, key=lambda cm: cm[1][SELECTION_KEY])
+    history = _run_history(result.checkpoint)  # every epoch run (the selected checkpoint's stops at its epoch)
     with storage.staged(fold_dir) as local:  # a URI: written locally, uploaded when the fold is complete
         model_dir = local / "model"
         shutil.rmtree(model_dir, ignore_errors=True)
         best_ckpt.to_directory(str(model_dir))
-        return _test_fold(cfg, fold, local, model_dir, split, best_metrics, fhash, audit)
+        return _test_fold(cfg, fold, local, model_dir, split, best_metrics, fhash, audit, history)
+
+
+def _run_history(checkpoint) -> List[Dict[str, Any]]:
+    """The per-epoch history stored in a run's latest checkpoint."""
+    import io
+
+    from serray.train.checkpoint import STATE_FILE
+
+    with checkpoint.as_directory() as d:
+        state = torch.load(io.BytesIO((Path(d) / STATE_FILE).read_bytes()), map_location="cpu", weights_only=True)
+    return list(state.get("history", []))
 
 
 TRAIN_KEYS = ("epochs", "batch_size", "lr", "lr_end", "weight_decay", "warmup_frac", "grad_clip", "max_frames",
               "bf16", "fail_at_step", "body_lr_scale", "freeze_epochs", "patience")
 
 
-def _test_fold(cfg, fold: int, fold_dir: Path, model_dir: Path, split, best_metrics, fhash: str, audit: dict) -> Dict[str, Any]:
+def _test_fold(cfg, fold: int, fold_dir: Path, model_dir: Path, split, best_metrics, fhash: str, audit: dict,
+               history: List[Dict[str, Any]]) -> Dict[str, Any]:
     """Score the fold's test split, once, with the selected checkpoint."""
     from serray.predict import Predictor
 
     state = torch.load(model_dir / "state.pt", map_location="cpu", weights_only=True)
-    history = list(state.get("history", []))
     state.pop("optimizer", None)  # the selected model is all the registry / serving needs
     torch.save(state, model_dir / "state.pt")
     predictor = Predictor.from_checkpoint(model_dir)

@@ -84,7 +84,8 @@ def test_build_ablation_schema_and_numbers(ablation, arm_preds):
     # comparisons only where both arms exist, in the default order
     comps = [(c["a"], c["b"], c["mode"], c["label_fraction"]) for c in ablation["comparisons"]]
     assert comps == [("full", "random_init", "finetune", 0.1), ("full", "random_init", "finetune", 1.0),
-                     ("full", "no_local", "finetune", 1.0), ("random_init", "none", "finetune", 1.0)]
+                     ("full", "no_local", "finetune", 1.0), ("random_init", "none", "finetune", 1.0),
+                     ("full", "none", "finetune", 1.0)]
     arms = {(r["arm"], r["mode"], r["label_fraction"]): r for r in ablation["arms"]}
     for c in ablation["comparisons"]:
         expect = arms[(c["a"], c["mode"], c["label_fraction"])]["ua"]["mean"] - \

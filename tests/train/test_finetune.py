@@ -186,6 +186,7 @@ def test_results_files_and_metrics_equal_sklearn(ablation):
     assert "mean ± std" in (out / "results.md").read_text()
     for f in m["folds"]:  # each fold selected its epoch on validation data and kept that model
         assert 0 <= f["best_epoch"] < cfg.finetune.epochs
+        assert f["epochs_run"] == cfg.finetune.epochs  # the history of the whole run, not up to the selected epoch
         assert (out / f"fold{f['fold']}" / "model" / "state.pt").is_file()
 
 
