@@ -84,7 +84,8 @@ class FeaturesConfig:
 
     dir: str = "${output_dir}/features"
     batch_size: int = 8  # utterances per encoder forward (length-bucketed)
-    concurrency: int = 1  # encoder actors
+    concurrency: int = 1  # encoder actors (the pool's minimum)
+    max_concurrency: Optional[int] = None  # the pool grows to this (null: one actor per GPU in the cluster when num_gpus > 0, else concurrency)
     num_cpus: float = 1.0  # per encoder actor
     num_gpus: float = 0.0  # per encoder actor (use 1 on a GPU node)
     min_seconds: float = 0.1  # shorter audio is skipped and reported
@@ -444,6 +445,9 @@ def _validate(cfg: DictConfig) -> None:
         problems.append("features.batch_size must be >= 1")
     if cfg.features.concurrency < 1:
         problems.append("features.concurrency must be >= 1")
+    if cfg.features.max_concurrency is not None and cfg.features.max_concurrency < cfg.features.concurrency:
+        problems.append(f"features.max_concurrency must be >= features.concurrency ({cfg.features.concurrency}) or null, "
+                        f"got {cfg.features.max_concurrency}")
     if cfg.encoder.device not in ("auto", "cpu", "cuda"):
         problems.append(f"encoder.device must be auto, cpu or cuda, got '{cfg.encoder.device}'")
     if not 0.0 <= cfg.adapter.mask_ratio < 1.0:

@@ -251,6 +251,17 @@ def _write_meta(features_dir: str, meta: dict) -> None:
     storage.write_text(storage.join(features_dir, META_FILE), json.dumps(meta, indent=2))
 
 
+def actor_pool_bounds(fcfg, cluster_resources: Dict[str, float]) -> tuple[int, int]:
+    """(min, max) encoder actors: ``features.concurrency`` up to ``features.max_concurrency``; when that
+    is null, one actor per ``features.num_gpus`` share of the cluster's GPUs (GPU actors), else a fixed pool."""
+    lo = int(fcfg.concurrency)
+    hi = fcfg.max_concurrency
+    if hi is None:
+        gpus = float(cluster_resources.get("GPU", 0.0))
+        hi = int(gpus // fcfg.num_gpus) if fcfg.num_gpus > 0 else lo
+    return lo, max(lo, int(hi))
+
+
 def featurize(cfg, overwrite: bool = False) -> Dict[str, object]:
     """Featurize the manifest ``cfg.data.manifest`` into ``cfg.features.dir`` with Ray Data.
 
@@ -318,13 +329,15 @@ def featurize(cfg, overwrite: bool = False) -> Dict[str, object]:
     to_encode = pending[~header_skip]
     if len(to_encode):
         init_ray(cfg)
-        blocks = _bucketed_blocks(to_encode[MANIFEST_COLUMNS], cfg.features.batch_size, 4 * cfg.features.concurrency)
+        lo, hi = actor_pool_bounds(cfg.features, ray.cluster_resources())
+        log.info("featurize: %d to %d encoder actors", lo, hi)
+        blocks = _bucketed_blocks(to_encode[MANIFEST_COLUMNS], cfg.features.batch_size, 4 * hi)
         ds = ray.data.from_pandas(blocks).map_batches(
             EncodeBatch,
             fn_constructor_kwargs={"encoder_cfg": as_dict(cfg.encoder), "min_seconds": cfg.features.min_seconds},
             batch_size=cfg.features.batch_size,
             batch_format="pandas",
-            compute=ray.data.ActorPoolStrategy(size=cfg.features.concurrency),
+            compute=ray.data.ActorPoolStrategy(min_size=lo, max_size=hi),
             num_cpus=cfg.features.num_cpus,
             num_gpus=cfg.features.num_gpus,
         )

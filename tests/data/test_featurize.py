@@ -401,3 +401,26 @@ def test_use_unlabelled_changes_the_config_hash(featurized, make_cfg, tmp_path):
     with pytest.raises(DataError, match="they differ in pretrain.use_unlabelled; .* --overwrite"):
         featurize(cfg)
     assert sorted(str(p) for p in parquet_files(featurized.features.dir)) == before
+
+
+@pytest.mark.parametrize("conc, max_conc, num_gpus, cluster, expected", [
+    (1, None, 0.0, {"CPU": 16.0}, (1, 1)),               # CPU encoder: a fixed pool of features.concurrency
+    (1, None, 1.0, {"CPU": 64.0, "GPU": 8.0}, (1, 8)),   # one actor per GPU present
+    (1, None, 0.5, {"CPU": 8.0, "GPU": 2.0}, (1, 4)),    # half a GPU each
+    (2, None, 1.0, {"CPU": 8.0}, (2, 2)),                # no GPU yet (autoscaler): the minimum
+    (1, 3, 0.0, {"CPU": 16.0}, (1, 3)),                  # an explicit maximum
+])
+def test_actor_pool_bounds(conc, max_conc, num_gpus, cluster, expected):
+    from types import SimpleNamespace
+
+    from serray.data.featurize import actor_pool_bounds
+
+    fcfg = SimpleNamespace(concurrency=conc, max_concurrency=max_conc, num_gpus=num_gpus)
+    assert actor_pool_bounds(fcfg, cluster) == expected
+
+
+def test_max_concurrency_below_the_minimum_is_a_config_error(tmp_path):
+    from serray.config import load_config
+
+    with pytest.raises(ConfigError, match="features.max_concurrency must be >= features.concurrency"):
+        load_config(None, [f"output_dir={tmp_path}", "features.concurrency=2", "features.max_concurrency=1"])

@@ -47,6 +47,7 @@ def _arm(summary, arm, fraction=1.0, mode="finetune"):
     return next(a for a in summary["arms"] if (a["arm"], a["mode"], a["label_fraction"]) == (arm, mode, fraction))
 
 
+@pytest.mark.slow
 @pytest.mark.ray
 def test_ablation_files_arms_seeds_and_progress(ablation):
     cfg, summary, lines = ablation
@@ -67,6 +68,7 @@ def test_ablation_files_arms_seeds_and_progress(ablation):
     assert sum("[ablate] unit" in line and "min left" in line for line in lines) == 6  # progress per unit
 
 
+@pytest.mark.slow
 @pytest.mark.ray
 def test_paired_comparison_equals_a_direct_computation(ablation):
     """The delta of every comparison equals the difference of the arms' run means, and every run's UA
@@ -87,6 +89,7 @@ def test_paired_comparison_equals_a_direct_computation(ablation):
             assert r["ua"] == pytest.approx(balanced_accuracy_score(p["label"], p["pred"]))
 
 
+@pytest.mark.slow
 @pytest.mark.ray
 def test_arms_learn_the_synthetic_emotions(ablation):
     _, summary, _ = ablation
@@ -94,6 +97,7 @@ def test_arms_learn_the_synthetic_emotions(ablation):
         assert _arm(summary, arm)["ua"]["mean"] >= UA_FLOOR, arm
 
 
+@pytest.mark.slow
 @pytest.mark.ray
 def test_no_test_session_reaches_any_stage_of_its_fold(ablation):
     """Every fold of every arm: pre-training pool, normalisation statistics, validation and training
@@ -118,6 +122,7 @@ def test_no_test_session_reaches_any_stage_of_its_fold(ablation):
                         assert not [s for s in pool["speakers"] if s.startswith(f"Ses0{fold}")]
 
 
+@pytest.mark.slow
 @pytest.mark.ray
 def test_shared_work_is_done_once(ablation):
     """One per-fold pre-training per (arm, seed) serves both label fractions; the no-local adapter was
@@ -138,6 +143,7 @@ def test_shared_work_is_done_once(ablation):
     assert not (out / "ablation" / "pretrain" / "random_init").exists()  # the control is never pre-trained
 
 
+@pytest.mark.slow
 @pytest.mark.ray
 def test_label_fraction_subsamples_training_labels_keeping_every_class(ablation):
     from serray.train.ablation import arm_config
@@ -154,6 +160,7 @@ def test_label_fraction_subsamples_training_labels_keeping_every_class(ablation)
         assert res["n_train"] == len(a["train"])
 
 
+@pytest.mark.slow
 @pytest.mark.ray
 def test_results_files_and_metrics_equal_sklearn(ablation):
     cfg, _, _ = ablation
@@ -190,6 +197,7 @@ def test_results_files_and_metrics_equal_sklearn(ablation):
         assert (out / f"fold{f['fold']}" / "model" / "state.pt").is_file()
 
 
+@pytest.mark.slow
 @pytest.mark.ray
 def test_rerun_reuses_everything_and_same_seed_same_numbers(ablation, featurized):
     from serray.train.ablation import run_ablation

@@ -140,7 +140,6 @@ def _attempts(trial_dir) -> int:
 
 
 @pytest.mark.ray
-@pytest.mark.slow
 @pytest.mark.sweep
 def test_interrupted_sweep_registers_the_final_run_of_the_best_validation_trial(sweep):
     cfg, first, entries_first, second = sweep
@@ -162,7 +161,6 @@ def test_interrupted_sweep_registers_the_final_run_of_the_best_validation_trial(
 
 
 @pytest.mark.ray
-@pytest.mark.slow
 @pytest.mark.sweep
 def test_restored_sweep_does_not_rerun_finished_trials_and_shares_pretraining(sweep):
     cfg, first, _, second = sweep
