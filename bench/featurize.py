@@ -16,7 +16,7 @@ its four-class manifest) and every encoder (``fbank``, and ``--encoder``: by def
 * **plain**: one process, ``EncodeBatch`` (the same callable Ray runs) over the same length-bucketed
   batches (``serray.data.featurize._bucketed_blocks``), the rows written with pyarrow as Parquet
   partitioned by session, then the same per-session statistics pass that ``featurize`` makes
-  (``serray.data.featurize._session_stats``). Timed: manifest read -> blocks -> encoder build ->
+  (``serray.data.featurize._session_stats`` runs it on Ray Data, ``session_stats_local`` in-process). Timed: manifest read -> blocks -> encoder build ->
   encode -> write -> statistics.
 * **ray**: ``serray.data.featurize.featurize(cfg)`` into a fresh directory. ``ray.init`` runs before
   the clock starts; everything else (actor start, encoder build in the actor, Ray Data execution,
@@ -92,7 +92,7 @@ def child_plain(args) -> dict:
     import torch
 
     from serray.config import as_dict
-    from serray.data.featurize import EncodeBatch, _bucketed_blocks, _session_stats
+    from serray.data.featurize import EncodeBatch, _bucketed_blocks, session_stats_local
     from serray.data.iemocap import MANIFEST_COLUMNS, read_manifest
 
     if args.plain_threads:
@@ -120,8 +120,7 @@ def child_plain(args) -> dict:
             pq.write_table(pa.Table.from_pandas(part.drop(columns="session"), preserve_index=False),
                            d / f"block{b:04d}.parquet")
     t_stats = time.perf_counter()
-    for session in sorted(manifest["session"].unique()):  # the statistics pass featurize() makes too
-        _session_stats(str(out_dir), int(session))
+    session_stats_local(str(out_dir), sorted(int(s) for s in manifest["session"].unique()))  # the statistics featurize() makes too
     seconds = time.perf_counter() - t0
     return {"path": "plain", "seconds": seconds, "rows": rows, "frames": frames,
             "audio_s": float(manifest["duration"].sum()), "encoder_build_s": t_built - t0, "encode_s": t_encode,

@@ -38,6 +38,7 @@ class RayConfig:
     address: Optional[str] = None
     num_cpus: Optional[int] = None  # logical CPUs of a local Ray; None = all cores
     progress_bars: Optional[bool] = None  # Ray Data progress bars; None = on unless $CI is set
+    resource_wait_s: float = 60.0  # how long to wait for a node with the requested CPUs/GPUs before a clear error
 
 
 @dataclass
@@ -236,6 +237,7 @@ class RegistryConfig:
     """Selected models (what Serve loads)."""
 
     dir: str = "${output_dir}/registry"
+    include_encoder: bool = True  # copy a Hugging Face encoder's files into each entry (Serve replicas on any node load it offline)
 
 
 @dataclass
@@ -445,6 +447,8 @@ def _validate(cfg: DictConfig) -> None:
         problems.append("features.batch_size must be >= 1")
     if cfg.features.concurrency < 1:
         problems.append("features.concurrency must be >= 1")
+    if cfg.ray.resource_wait_s < 0:
+        problems.append(f"ray.resource_wait_s must be >= 0, got {cfg.ray.resource_wait_s}")
     if cfg.features.max_concurrency is not None and cfg.features.max_concurrency < cfg.features.concurrency:
         problems.append(f"features.max_concurrency must be >= features.concurrency ({cfg.features.concurrency}) or null, "
                         f"got {cfg.features.max_concurrency}")

@@ -25,8 +25,10 @@ from serray.train.checkpoint import MODEL_KEY, load_checkpoint
 class Predictor:
     """A trained :class:`EmotionClassifier` plus its label set and feature identity."""
 
-    def __init__(self, model: EmotionClassifier, meta: dict, device: str | torch.device = "cpu"):
+    def __init__(self, model: EmotionClassifier, meta: dict, device: str | torch.device = "cpu",
+                 directory: Optional[str | Path] = None):
         self.device = torch.device(device)
+        self.directory = Path(directory) if directory is not None else None
         self.model = model.to(self.device).eval()
         self.meta = meta
         self.labels: List[str] = list(meta.get("labels", LABELS))
@@ -41,7 +43,7 @@ class Predictor:
             raise DataError(f"{directory} holds a '{meta.get('kind')}' checkpoint, not a classifier")
         model = EmotionClassifier(**meta["model"])
         model.load_state_dict(state[MODEL_KEY])
-        return cls(model, meta, device)
+        return cls(model, meta, device, directory=directory)
 
     @torch.no_grad()
     def predict_arrays(self, feats: Sequence[np.ndarray], batch_size: int = 16) -> np.ndarray:
@@ -93,8 +95,12 @@ class Predictor:
 
             from serray.data.encoders import build_encoder
 
+            from serray.registry import ENCODER_DIR
+
             f = self.features
-            cfg = OmegaConf.create({"name": f["encoder"], "layers": list(f.get("layers") or []),
+            bundled = self.directory / ENCODER_DIR if self.directory is not None else None
+            name = str(bundled) if bundled is not None and (bundled / "config.json").is_file() else f["encoder"]
+            cfg = OmegaConf.create({"name": name, "layers": list(f.get("layers") or []),
                                     "sample_rate": int(f.get("sample_rate", 16000)), "num_mel_bins": int(f["dim"]),
                                     "local_files_only": True, "device": "cpu" if self.device.type == "cpu" else "cuda"})
             self._encoder = build_encoder(cfg)

@@ -6,7 +6,10 @@ An entry is a directory ``<registry.dir>/<id>/`` with
   frozen adapter branch + SAP head, its input statistics, the feature (encoder) identity and labels;
 * ``entry.json`` — id (version), creation time, source (``finetune`` or ``tune``), metrics, encoder
   identity, label set, the hyper-parameters that were swept (if any), the config hash;
-* ``config.yaml`` — the fully resolved run config that produced it.
+* ``config.yaml`` — the fully resolved run config that produced it;
+* ``model/encoder/`` — for a Hugging Face encoder (``registry.include_encoder``), its config and
+  weights, so that a Serve replica or ``serray predict`` on a node that never featurized (and cannot
+  download) loads the encoder offline from the entry.
 
 A leave-one-session-out run yields one model per fold; the entry holds the fold model with the best
 validation UA (chosen on training-session data only), and the run's LOSO test metrics plus its mean
@@ -32,15 +35,34 @@ from serray.errors import DataError
 
 ENTRY_FILE = "entry.json"
 MODEL_DIR = "model"
+ENCODER_DIR = "encoder"  # inside the model directory
+
+
+def encoder_files(name: str) -> Optional[Path]:
+    """The local directory holding a Hugging Face encoder's files (``name`` a directory, or a hub id in
+    this machine's cache); None for fbank or when the files are not on this machine."""
+    if name == "fbank":
+        return None
+    p = Path(name).expanduser()
+    if p.is_dir():
+        return p
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(repo_id=name, local_files_only=True))
+    except Exception:  # not in the cache (featurized on other nodes): the replica needs the hub or a cache
+        return None
 
 
 def register(registry_dir: str | Path, model_dir: str | Path, *, metrics: Dict[str, Any], config_yaml: str,
-             source: str, hyperparameters: Optional[Dict[str, Any]] = None, extra: Optional[Dict[str, Any]] = None
-             ) -> Dict[str, Any]:
+             source: str, hyperparameters: Optional[Dict[str, Any]] = None, extra: Optional[Dict[str, Any]] = None,
+             encoder_files: Optional[str | Path] = None) -> Dict[str, Any]:
     """Copy a classifier checkpoint into a new registry entry; return the entry record.
 
     ``registry_dir`` and ``model_dir`` may be local paths or storage URIs. An entry appears complete or
     not at all: locally it is renamed into place; on object storage ``entry.json`` is written last.
+    ``encoder_files``: a local directory with the encoder's Hugging Face files, copied to
+    ``model/encoder/`` (see :func:`encoder_files`).
     """
     from serray.train.checkpoint import load_checkpoint
 
@@ -57,6 +79,9 @@ def register(registry_dir: str | Path, model_dir: str | Path, *, metrics: Dict[s
 
     def fill(d: Path) -> None:
         shutil.copytree(storage.local_copy(model_dir), d / MODEL_DIR)
+        if encoder_files is not None:
+            shutil.copytree(encoder_files, d / MODEL_DIR / ENCODER_DIR, symlinks=False,
+                            ignore=shutil.ignore_patterns(".git*", "*.msgpack", "*.h5", "flax_model*", "tf_model*"))
         (d / "config.yaml").write_text(config_yaml)
 
     if storage.is_uri(registry_dir):

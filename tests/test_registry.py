@@ -97,3 +97,31 @@ def test_cli_models_list_show_and_predict(registry, tmp_path, capsys):
     assert json.loads(capsys.readouterr().out)[0]["p_neu"] == pytest.approx(rec["p_neu"])
     assert main(["predict", str(tmp_path / "missing.wav"), f"registry.dir={reg}"]) == 2
     assert "audio file not found" in capsys.readouterr().err
+
+
+def test_an_entry_carries_its_hugging_face_encoder(tiny_hubert, tmp_path):
+    """A replica that never saw the encoder's directory (moved away, hub unreachable) loads it from the
+    entry, and predicts exactly what the original encoder gives."""
+    import shutil
+
+    from serray.config import load_config
+    from serray.predict import Predictor
+    from serray.registry import encoder_files
+
+    enc = tmp_path / "hubert"
+    shutil.copytree(tiny_hubert, enc)
+    cfg = load_config(None, [f"output_dir={tmp_path}", f"encoder.name={enc}", "encoder.layers=[1,2]"])
+    ck = make_demo_checkpoint(tmp_path / "ck", cfg=cfg)
+    clip = synthetic_clip(seed=3, seconds=1.0)
+    before = Predictor.from_checkpoint(ck).predict_waveforms([clip])
+
+    assert encoder_files("fbank") is None and encoder_files(str(enc)) == enc
+    assert encoder_files("no-such-org/no-such-model") is None  # not cached here: the entry goes without
+    rec = register(tmp_path / "registry", ck, metrics={"ua": 0.5, "val_ua": 0.5}, config_yaml="", source="test",
+                   encoder_files=encoder_files(str(enc)))
+    shutil.rmtree(enc)  # the original is gone: only the entry's copy remains
+    entry = get_entry(tmp_path / "registry", rec["id"])
+    p = Predictor.from_checkpoint(model_dir(entry))
+    assert (model_dir(entry) / "encoder" / "config.json").is_file()
+    np.testing.assert_allclose(p.predict_waveforms([clip]), before, rtol=1e-5, atol=1e-6)
+    assert p.features["encoder"] == str(enc)  # the identity is unchanged

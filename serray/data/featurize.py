@@ -211,18 +211,56 @@ def _utt_digest(utt_ids) -> str:
     return hashlib.sha256("\n".join(sorted(utt_ids)).encode()).hexdigest()[:16]
 
 
-def _session_stats(features_dir: str, session: int) -> dict:
-    """Frame count, per-dimension sum and sum of squares ([L, D], float64) of one stored session."""
-    total, s1, s2 = 0, None, None
-    for f in parquet_files(features_dir, session):
-        for batch in storage.parquet_file(f).iter_batches(batch_size=64, columns=FEATURE_COLUMNS):
-            cols = batch.to_pydict()
-            for b, t, d, l in zip(cols["feat"], cols["num_frames"], cols["dim"], cols["num_layers"]):
-                x = decode_feature(b, t, d, l).astype(np.float64).reshape(l, t, d)
-                s1 = x.sum(1) if s1 is None else s1 + x.sum(1)
-                s2 = (x * x).sum(1) if s2 is None else s2 + (x * x).sum(1)
-                total += t
-    return {"frames": int(total), "sum": s1.tolist(), "sumsq": s2.tolist()}
+def _partial_sums(batch: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
+    """Per-session frame count, sum and sum of squares ([L, D], float64) of one batch of stored rows."""
+    acc: Dict[int, list] = {}
+    for path, b, t, d, l in zip(batch["path"], batch["feat"], batch["num_frames"], batch["dim"], batch["num_layers"]):
+        t, d, l = int(t), int(d), int(l)
+        x = decode_feature(b, t, d, l).astype(np.float64).reshape(l, t, d)
+        a = acc.setdefault(_partition(str(path)), [0, 0.0, 0.0])
+        a[0] += t
+        a[1] = a[1] + x.sum(1)
+        a[2] = a[2] + (x * x).sum(1)
+    keys = sorted(acc)
+    return {"session": np.array(keys, dtype=np.int64), "frames": np.array([acc[k][0] for k in keys], dtype=np.int64),
+            "sum": np.stack([acc[k][1] for k in keys]), "sumsq": np.stack([acc[k][2] for k in keys])}
+
+
+def _reduce_partials(rows) -> Dict[str, dict]:
+    """Sum per-batch partials (rows of :func:`_partial_sums`) into per-session statistics."""
+    out: Dict[str, dict] = {}
+    for part in rows:
+        o = out.setdefault(str(int(part["session"])), {"frames": 0, "sum": 0.0, "sumsq": 0.0})
+        o["frames"] += int(part["frames"])
+        o["sum"] = o["sum"] + np.asarray(part["sum"], dtype=np.float64)
+        o["sumsq"] = o["sumsq"] + np.asarray(part["sumsq"], dtype=np.float64)
+    return {k: {"frames": v["frames"], "sum": v["sum"].tolist(), "sumsq": v["sumsq"].tolist()} for k, v in out.items()}
+
+
+def _session_stats(features_dir: str, sessions: Sequence[int]) -> Dict[str, dict]:
+    """Frame count, per-dimension sum and sum of squares ([L, D], float64) of each stored session:
+    a Ray Data map over the stored rows (on the workers), then a sum of the per-batch partials."""
+    import ray
+
+    files = [f for s in sessions for f in parquet_files(features_dir, int(s))]
+    if not files:
+        return {}
+    paths, fs = storage.ray_paths(files)
+    ds = ray.data.read_parquet(paths, filesystem=fs, columns=FEATURE_COLUMNS, include_paths=True, partitioning=None)
+    return _reduce_partials(ds.map_batches(_partial_sums, batch_format="numpy", batch_size=64).iter_rows())
+
+
+def session_stats_local(features_dir: str, sessions: Sequence[int]) -> Dict[str, dict]:
+    """The same statistics as :func:`_session_stats`, in this process (no Ray)."""
+    def partials():
+        for s in sessions:
+            for f in parquet_files(features_dir, int(s)):
+                for batch in storage.parquet_file(f).iter_batches(batch_size=64, columns=FEATURE_COLUMNS):
+                    cols = {k: np.asarray(v, dtype=object) for k, v in batch.to_pydict().items()}
+                    cols["path"] = np.asarray([f] * batch.num_rows, dtype=object)
+                    p = _partial_sums(cols)
+                    yield from ({k: p[k][i] for k in p} for i in range(len(p["session"])))
+    return _reduce_partials(partials())
 
 
 def feature_stats(meta: dict, sessions) -> tuple[np.ndarray, np.ndarray]:
@@ -282,7 +320,7 @@ def featurize(cfg, overwrite: bool = False) -> Dict[str, object]:
     """
     import ray
 
-    from serray.ray_utils import init_ray
+    from serray.ray_utils import init_ray, require_resources
 
     out_dir = str(cfg.features.dir)
     where = storage.describe(out_dir)
@@ -329,6 +367,8 @@ def featurize(cfg, overwrite: bool = False) -> Dict[str, object]:
     to_encode = pending[~header_skip]
     if len(to_encode):
         init_ray(cfg)
+        require_resources(cfg, {"CPU": cfg.features.num_cpus, "GPU": cfg.features.num_gpus},
+                          "featurization (features.num_cpus / features.num_gpus)", count=cfg.features.concurrency)
         lo, hi = actor_pool_bounds(cfg.features, ray.cluster_resources())
         log.info("featurize: %d to %d encoder actors", lo, hi)
         blocks = _bucketed_blocks(to_encode[MANIFEST_COLUMNS], cfg.features.batch_size, 4 * hi)
@@ -364,9 +404,11 @@ def featurize(cfg, overwrite: bool = False) -> Dict[str, object]:
     digests = {str(k): _utt_digest(g["utt_id"]) for k, g in by_session}
     old_meta = read_meta(out_dir) if storage.is_file(meta_path) else {}
     old_stats = old_meta.get("stats") or {}
-    stats = {s: (old_stats[s] if old_stats.get(s, {}).get("utt_digest") == digests[s]
-                 else {**_session_stats(out_dir, int(s)), "utt_digest": digests[s]})
-             for s in rows_per_session}
+    stale = [s for s in rows_per_session if old_stats.get(s, {}).get("utt_digest") != digests[s]]
+    if stale:
+        init_ray(cfg)
+    fresh = _session_stats(out_dir, [int(s) for s in stale])
+    stats = {s: ({**fresh[s], "utt_digest": digests[s]} if s in stale else old_stats[s]) for s in rows_per_session}
     meta = {**encoder_meta, "dtype": "float16", "config_hash": config_hash, "hashed": hashed,
             "num_rows": int(len(stored)), "rows_per_session": rows_per_session,
             "labelled_rows_per_session": labelled, "extra_audio": extra_sources, "labels": list(LABELS),

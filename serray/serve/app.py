@@ -256,11 +256,13 @@ def run_server(cfg, blocking: bool = True, name: str = APP_NAME, logging_config:
     SIGTERM, e.g. ``ray job stop``), also during start-up, then deletes the application and shuts
     Serve down (when no other application is left on it); returns None.
     """
-    from serray.ray_utils import init_ray
+    from serray.ray_utils import init_ray, require_resources
 
     app = build_app(cfg)  # model problems surface before Ray / Serve start
     url = endpoint_url(cfg)
     init_ray(cfg)
+    require_resources(cfg, {"CPU": cfg.serve.num_cpus, "GPU": cfg.serve.num_gpus}, "serve.num_cpus / serve.num_gpus",
+                      count=int(cfg.serve.get("num_replicas", 1) or 1))
     if not blocking:
         serve.start(http_options={"host": str(cfg.serve.host), "port": int(cfg.serve.port)})
         return serve.run(app, name=name, route_prefix=str(cfg.serve.route_prefix), blocking=False,

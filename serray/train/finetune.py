@@ -476,11 +476,26 @@ def run_folds(cfg) -> List[Dict[str, Any]]:
     return results
 
 
+def require_training_resources(cfg, stages=("finetune", "pretrain")) -> None:
+    """A clear error (after ``ray.resource_wait_s``) when no node can hold a training worker of the
+    stages that run (``cpus_per_worker``, ``gpus_per_worker`` with ``use_gpu``), instead of trials
+    that wait forever."""
+    from serray.ray_utils import require_resources
+
+    for stage in stages:
+        if stage == "pretrain" and not uses_pretraining(cfg):
+            continue
+        t = cfg[stage]
+        require_resources(cfg, {"CPU": t.cpus_per_worker, "GPU": t.gpus_per_worker if t.use_gpu else 0},
+                          f"{stage} (cpus_per_worker / use_gpu, gpus_per_worker)", count=t.num_workers)
+
+
 def trial_resources(cfg, extra_cpu: float = 0.0) -> Dict[str, float]:
     """What a Tune trial that runs folds reserves: the worker's CPU/GPU when its loops run in the
     trial itself (``backend=local``), nothing but a little memory when Ray Train workers do."""
     from serray.train.loop import backend
 
+    require_training_resources(cfg)
     if backend(cfg.finetune) == "local" or (uses_pretraining(cfg) and backend(cfg.pretrain) == "local"):
         res = {"cpu": max(cfg.finetune.cpus_per_worker, cfg.pretrain.cpus_per_worker) + extra_cpu}
         if cfg.finetune.use_gpu or cfg.pretrain.use_gpu:
@@ -531,8 +546,16 @@ def register_result(cfg, summary: Dict[str, Any], source: str, hyperparameters: 
     best = max(summary["folds"], key=lambda f: (f.get("val_ua", 0.0), -f["fold"]))
     model = storage.join(_fold_path(cfg, best["fold"]), "model")
     metrics = {**summary["mean"], "val_ua": float(np.mean([f.get("val_ua", float("nan")) for f in summary["folds"]]))}
+    enc_files = None
+    if cfg.registry.include_encoder and cfg.encoder.name != "fbank":
+        from serray.registry import encoder_files
+
+        enc_files = encoder_files(cfg.encoder.name)
+        if enc_files is None:
+            log.warning("registry: the files of encoder %s are not on this machine, so the entry does not carry "
+                        "them; Serve replicas will load it from the hub or their cache", cfg.encoder.name)
     return register(cfg.registry.dir, model, metrics=metrics, config_yaml=to_yaml(cfg), source=source,
-                    hyperparameters=hyperparameters,
+                    hyperparameters=hyperparameters, encoder_files=enc_files,
                     extra={"config_hash": fhash, "folds": list(cfg.finetune.folds), "model_fold": best["fold"],
                            "protocol": protocol(cfg), "selected_on": selected_on or "val_ua (epochs)",
                            "std": dict(summary["std"]), "finetune_dir": storage.absolute(cfg.finetune.dir)})

@@ -424,3 +424,24 @@ def test_max_concurrency_below_the_minimum_is_a_config_error(tmp_path):
 
     with pytest.raises(ConfigError, match="features.max_concurrency must be >= features.concurrency"):
         load_config(None, [f"output_dir={tmp_path}", "features.concurrency=2", "features.max_concurrency=1"])
+
+
+@pytest.mark.ray
+def test_session_statistics_equal_a_direct_computation(featurized, stored):
+    """The statistics in the metadata (a Ray Data map + sum) equal numpy over the stored frames, and
+    the in-process path gives the same numbers."""
+    from serray.data.featurize import session_stats_local
+
+    stats = read_meta(featurized.features.dir)["stats"]
+    assert set(stats) == {str(s) for s in stored["session"].unique()}
+    for s, st in stats.items():
+        rows = stored[stored["session"] == int(s)]
+        x = np.concatenate([decode_feature(r.feat, r.num_frames, r.dim, r.num_layers).astype(np.float64)
+                            .reshape(r.num_layers, r.num_frames, r.dim) for r in rows.itertuples()], axis=1)
+        assert st["frames"] == x.shape[1] == int(rows["num_frames"].sum())
+        np.testing.assert_allclose(st["sum"], x.sum(1), rtol=1e-9)
+        np.testing.assert_allclose(st["sumsq"], (x * x).sum(1), rtol=1e-9)
+    local = session_stats_local(featurized.features.dir, [int(s) for s in stats])
+    for s, st in stats.items():
+        assert local[s]["frames"] == st["frames"]
+        np.testing.assert_allclose(local[s]["sum"], st["sum"], rtol=1e-12)
