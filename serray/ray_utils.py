@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import sys
+import time
+from typing import Dict
 
 import ray
 
@@ -35,3 +37,35 @@ def init_ray(cfg) -> None:
     elif cfg.ray.num_cpus is not None:
         kwargs["num_cpus"] = cfg.ray.num_cpus
     ray.init(**kwargs)
+
+
+def _describe_nodes(nodes) -> str:
+    out = []
+    for n in nodes:
+        r = n.get("Resources") or {}
+        out.append(f"{{CPU: {r.get('CPU', 0):g}, GPU: {r.get('GPU', 0):g}}}")
+    return ", ".join(out) or "none"
+
+
+def wait_for_node(need: Dict[str, float], timeout_s: float, what: str, timeout_key: str, poll_s: float = 1.0) -> None:
+    """Wait until some alive node of the cluster *has* ``need`` (its totals, not what is free now:
+    busy resources free up, missing ones never do, unless an autoscaler adds a node meanwhile).
+
+    Raises:
+        ConfigError: after ``timeout_s`` with no such node, naming what was asked, what the nodes
+            have, and ``timeout_key``.
+    """
+    from serray.errors import ConfigError
+
+    need = {k: float(v) for k, v in need.items() if float(v) > 0}
+    deadline = time.monotonic() + max(0.0, timeout_s)
+    while True:
+        nodes = [n for n in ray.nodes() if n.get("Alive")]
+        if any(all((n.get("Resources") or {}).get(k, 0.0) >= v for k, v in need.items()) for n in nodes):
+            return
+        if time.monotonic() >= deadline:
+            asked = ", ".join(f"{k}: {v:g}" for k, v in need.items())
+            raise ConfigError(f"no node of the Ray cluster can host {what}: it needs {{{asked}}}, the nodes have "
+                              f"{_describe_nodes(nodes)}; waited {timeout_s:g} s ({timeout_key}). Lower the request "
+                              "or add a node that has it")
+        time.sleep(min(poll_s, max(0.0, deadline - time.monotonic())) or poll_s)

@@ -32,6 +32,7 @@ import hashlib
 import json
 import logging
 import math
+import os
 import time
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
@@ -52,6 +53,9 @@ from serray.errors import AudioError, DataError
 log = logging.getLogger(__name__)
 
 META_FILE = "_serray_features.json"
+#: The encoder identity and config hash, written before the first partition: an interrupted run leaves
+#: it behind, so a later run with another encoder is refused instead of mixing two encoders' rows.
+IDENTITY_FILE = "_serray_identity.json"
 #: Config keys whose change changes the stored rows (a mismatch needs another features.dir or --overwrite).
 FEATURE_HASH_KEYS = ("encoder", "data.merge_excited", "pretrain.use_unlabelled")
 SKIPPED_FILE = "_skipped.csv"
@@ -65,15 +69,21 @@ class EncodeBatch:
     counts afterwards.
     """
 
-    def __init__(self, encoder_cfg: dict, min_seconds: float):
+    def __init__(self, encoder_cfg: dict, min_seconds: float, max_seconds: Optional[float] = None,
+                 fault_utt: Optional[str] = None):
         self.encoder = build_encoder(OmegaConf.create(encoder_cfg))
         self.min_seconds = min_seconds
+        self.max_seconds = max_seconds
+        self.fault_utt = fault_utt  # fault injection (tests): this utterance kills the actor
 
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
         keep, wavs = [], []
         for i, path in enumerate(batch["path"]):
+            if self.fault_utt is not None and batch["utt_id"].iloc[i] == self.fault_utt:
+                log.error("fault injection: encoder actor exits on %s", self.fault_utt)
+                os._exit(1)
             try:
-                wav = load_audio(path, self.encoder.sample_rate, self.min_seconds)
+                wav = load_audio(path, self.encoder.sample_rate, self.min_seconds, self.max_seconds)
             except AudioError as e:
                 log.warning("skipping %s: %s", batch["utt_id"].iloc[i], e)
                 continue
@@ -125,13 +135,35 @@ def _partition(path: str) -> Optional[int]:
     return int(value) if key == "session" and value.isdigit() else None
 
 
-def _remove_broken_files(features_dir: str) -> int:
-    """Delete Parquet files an interrupted write left unreadable; return how many."""
+def _is_broken(path: str, attempts: int = 2) -> bool:
+    """True when a Parquet file is *definitely* half-written: pyarrow finds no valid footer, twice.
+
+    An I/O error (a storage hiccup, a permission problem, a network timeout) says nothing about the
+    file: it is raised as a DataError and the file is kept.
+    """
+    import pyarrow as pa
+
+    for attempt in range(attempts):
+        try:
+            storage.parquet_file(path).metadata
+            return False
+        except pa.ArrowInvalid:  # no footer / not Parquet: what an interrupted write leaves
+            if attempt + 1 < attempts:
+                time.sleep(0.5)
+        except OSError as e:
+            raise DataError(f"cannot read the feature file {storage.describe(path)} ({storage.redact_text(str(e))}); "
+                            "it was left in place: run again when the storage is reachable") from None
+    return True
+
+
+def _remove_broken_files(features_dir: str, before_change=None) -> int:
+    """Delete Parquet files an interrupted write left unreadable; return how many. A file that only
+    fails to be read (an I/O error) is never deleted (see :func:`_is_broken`)."""
     broken = 0
     for f in parquet_files(features_dir):
-        try:
-            storage.parquet_file(f).metadata
-        except Exception:  # truncated file: no footer
+        if _is_broken(f):
+            if before_change is not None:
+                before_change()
             log.warning("removing half-written feature file %s", storage.describe(f))
             storage.remove(f)
             broken += 1
@@ -149,7 +181,7 @@ def stored_utterances(features_dir: str | Path, columns: Sequence[str] = ("utt_i
             else pd.DataFrame({**{c: [] for c in columns}, "session": []}))
 
 
-def _prune_session(features_dir: str, session: int, keep: set) -> int:
+def _prune_session(features_dir: str, session: int, keep: set, before_change=None) -> int:
     """Remove the stored rows of one session whose utt_id is not in ``keep``; return how many.
 
     A file is rewritten under a temporary name (not ``*.parquet``, so readers ignore it), the old one
@@ -174,6 +206,8 @@ def _prune_session(features_dir: str, session: int, keep: set) -> int:
         stale = sum(1 for u in ids if u not in keep)
         if not stale:
             continue
+        if before_change is not None:
+            before_change()
         removed += stale
         fs, p = storage.resolve(f)
         if stale < len(ids):
@@ -198,12 +232,13 @@ def _bucketed_blocks(df: pd.DataFrame, batch_size: int, min_blocks: int) -> List
     return [df.iloc[i : i + per_block] for i in range(0, len(df), per_block)]
 
 
-def _skip_reason(path: str, sample_rate: int, min_seconds: float) -> str:
+def _skip_reason(path: str, sample_rate: int, min_seconds: float, max_seconds: Optional[float] = None) -> Optional[str]:
+    """Why the audio of a row cannot be used (None: it decodes fine; the encoder dropped or failed on it)."""
     try:
-        load_audio(path, sample_rate, min_seconds)
+        load_audio(path, sample_rate, min_seconds, max_seconds)
     except AudioError as e:
         return str(e)
-    return "shorter than one encoder frame or failed in the encoder (see worker log)"
+    return None
 
 
 def _utt_digest(utt_ids) -> str:
@@ -251,6 +286,67 @@ def _write_meta(features_dir: str, meta: dict) -> None:
     storage.write_text(storage.join(features_dir, META_FILE), json.dumps(meta, indent=2))
 
 
+def _stored_identity(features_dir: str) -> Optional[dict]:
+    """The encoder identity + config hash recorded in ``features_dir`` (the metadata of a finished run,
+    else the identity an interrupted run wrote before its first partition), or None."""
+    for name in (META_FILE, IDENTITY_FILE):
+        path = storage.join(features_dir, name)
+        if storage.is_file(path):
+            try:
+                found = json.loads(storage.read_text(path))
+            except ValueError as e:
+                raise DataError(f"{storage.describe(path)} is not valid JSON ({e}); delete it or the directory, "
+                                "or pass --overwrite") from None
+            if isinstance(found, dict):
+                return found
+    return None
+
+
+#: A batch whose actor dies is retried ``features.max_restarts`` times; after that it is dropped and
+#: its rows are retried one by one to find the culprit. More failed batches than this in one run
+#: means the encoder or the node is broken, not a file: the run stops with Ray's error.
+MAX_FAILED_BATCHES = 8
+
+
+def _encode(cfg, rows: pd.DataFrame, out_dir: str, batch_size: int, min_blocks: int, isolate: bool = False) -> None:
+    """One Ray Data job: ``rows`` -> :class:`EncodeBatch` actors -> Parquet partitioned by session.
+
+    An actor that dies (a crash, the OOM killer, ``os._exit``) is restarted and its batch retried at
+    most ``features.max_restarts`` times (Ray Data's default is forever, so one file that kills its
+    actor would loop); a batch that still fails is dropped, up to :data:`MAX_FAILED_BATCHES` per run
+    (``isolate``: every one, each batch then being one row run alone on its actor), so the rows of
+    the other batches are written. The actors' restart budget is finite too: enough for every
+    failing batch to use its retries (an exhausted budget would leave Ray Data waiting forever).
+    """
+    import ray
+    from ray.data import DataContext
+
+    retries = int(cfg.features.max_restarts)
+    blocks = _bucketed_blocks(rows[MANIFEST_COLUMNS], batch_size, min_blocks)
+    failures = len(blocks) if isolate else MAX_FAILED_BATCHES
+    ctx = DataContext.get_current()
+    before = ctx.max_errored_blocks
+    ctx.max_errored_blocks = failures
+    try:
+        ds = ray.data.from_pandas(blocks).map_batches(
+            EncodeBatch,
+            fn_constructor_kwargs={"encoder_cfg": as_dict(cfg.encoder), "min_seconds": cfg.features.min_seconds,
+                                   "max_seconds": cfg.features.max_seconds, "fault_utt": cfg.features.fault_utt},
+            batch_size=batch_size,
+            batch_format="pandas",
+            compute=ray.data.ActorPoolStrategy(size=cfg.features.concurrency,
+                                               max_tasks_in_flight_per_actor=1 if isolate else None),
+            num_cpus=cfg.features.num_cpus,
+            num_gpus=cfg.features.num_gpus,
+            max_restarts=(retries + 1) * (failures + 1),
+            max_task_retries=retries,
+        )
+        (path,), fs = storage.ray_paths([out_dir])
+        ds.write_parquet(path, filesystem=fs, partition_cols=["session"])
+    finally:
+        ctx.max_errored_blocks = before
+
+
 def featurize(cfg, overwrite: bool = False) -> Dict[str, object]:
     """Featurize the manifest ``cfg.data.manifest`` into ``cfg.features.dir`` with Ray Data.
 
@@ -269,14 +365,7 @@ def featurize(cfg, overwrite: bool = False) -> Dict[str, object]:
         DataError: manifest missing, or stored features made with another encoder/config.
         ConfigError: an extra-audio source is missing, holds no audio or lists missing files.
     """
-    import ray
-
-    from serray.ray_utils import init_ray
-
     out_dir = str(cfg.features.dir)
-    where = storage.describe(out_dir)
-    meta_path = storage.join(out_dir, META_FILE)
-    skipped_path = storage.join(out_dir, SKIPPED_FILE)
     manifest = read_manifest(cfg.data.manifest)
     manifest = manifest[manifest["session"].isin(list(cfg.data.sessions))]
     if manifest.empty:
@@ -289,54 +378,94 @@ def featurize(cfg, overwrite: bool = False) -> Dict[str, object]:
     # what changes the stored rows (extra_audio only adds or removes session-0 rows: not hashed)
     hashed = {k: as_dict(OmegaConf.select(cfg, k)) for k in FEATURE_HASH_KEYS}
     config_hash = section_hash(cfg, *FEATURE_HASH_KEYS)
-    if storage.is_file(meta_path):
-        old = read_meta(out_dir)
-        if old.get("config_hash") != config_hash:
-            if not overwrite:
-                differ = [k for k in FEATURE_HASH_KEYS if k in (old.get("hashed") or {}) and old["hashed"][k] != hashed[k]]
-                what = f"; they differ in {', '.join(differ)}" if differ else ""
-                raise DataError(
-                    f"{where} holds features made with encoder '{old.get('encoder')}' (config hash "
-                    f"{old.get('config_hash')}), but this config asks for encoder '{cfg.encoder.name}' "
-                    f"(hash {config_hash}){what}; choose another features.dir or pass --overwrite"
-                )
-            storage.remove(out_dir)
+    # one writer per features.dir (this machine; on object storage, runs on other machines are not seen)
+    with storage.lock(out_dir, wait=False, what="another `serray featurize`"):
+        return _featurize(cfg, overwrite, out_dir, wanted, extra, extra_sources, hashed, config_hash)
+
+
+def _featurize(cfg, overwrite: bool, out_dir: str, wanted: pd.DataFrame, extra: pd.DataFrame, extra_sources: list,
+               hashed: dict, config_hash: str) -> Dict[str, object]:
+    from serray.ray_utils import init_ray, wait_for_node
+
+    where = storage.describe(out_dir)
+    meta_path = storage.join(out_dir, META_FILE)
+    skipped_path = storage.join(out_dir, SKIPPED_FILE)
+    old = _stored_identity(out_dir)
+    if old is None and storage.exists(out_dir) and parquet_files(out_dir):
+        if not overwrite:
+            raise DataError(f"{where} holds feature files but no record of the encoder that made them ({META_FILE} / "
+                            f"{IDENTITY_FILE}): they may come from another encoder; choose another features.dir or "
+                            "pass --overwrite")
+        storage.remove(out_dir)
+    if old is not None and old.get("config_hash") != config_hash:
+        if not overwrite:
+            differ = [k for k in FEATURE_HASH_KEYS if k in (old.get("hashed") or {}) and old["hashed"][k] != hashed[k]]
+            what = f"; they differ in {', '.join(differ)}" if differ else ""
+            unfinished = "" if storage.is_file(meta_path) else " (an unfinished run)"
+            raise DataError(
+                f"{where} holds features{unfinished} made with encoder '{old.get('encoder')}' (config hash "
+                f"{old.get('config_hash')}), but this config asks for encoder '{cfg.encoder.name}' "
+                f"(hash {config_hash}){what}; choose another features.dir or pass --overwrite"
+            )
+        storage.remove(out_dir)
+        old = None
     encoder_meta = describe_encoder(cfg.encoder)
-    if storage.is_file(meta_path):  # same hash: the identity must agree as well
-        check_identity(read_meta(out_dir), encoder_meta, f"features in {where}", "the config's encoder")
+    if old is not None:  # same hash: the identity must agree as well
+        check_identity(old, encoder_meta, f"features in {where}", "the config's encoder")
     storage.makedirs(out_dir)
-    broken = _remove_broken_files(out_dir)
-    pruned = _prune_session(out_dir, EXTRA_SESSION, set(extra["utt_id"]))  # sources no longer listed
+    # the identity goes first, before any partition exists
+    storage.write_text(storage.join(out_dir, IDENTITY_FILE),
+                       json.dumps({**encoder_meta, "config_hash": config_hash, "hashed": hashed}, indent=2))
+    old_meta = read_meta(out_dir) if storage.is_file(meta_path) else {}
+
+    def invalidate() -> None:
+        """The partitions are about to change: the old metadata no longer vouches for them."""
+        if storage.is_file(meta_path):
+            storage.remove(meta_path)
+
+    broken = _remove_broken_files(out_dir, invalidate)
+    pruned = _prune_session(out_dir, EXTRA_SESSION, set(extra["utt_id"]), invalidate)  # sources no longer listed
     done = stored_utterances(out_dir)
     pending = wanted[~wanted["utt_id"].isin(set(done["utt_id"]))]
     log.info("featurize: %d utterances wanted (%d extra audio), %d already stored, %d to do",
              len(wanted), len(extra), len(done), len(pending))
 
     start = time.time()
-    # extra audio whose header says it is too short (or unreadable) is skipped without a Ray job
-    header_skip = (pending["session"] == EXTRA_SESSION) & ~(pending["duration"] >= cfg.features.min_seconds)
+    # extra audio whose header says it is too short or too long (or unreadable) is skipped without a Ray job
+    f = cfg.features
+    header_skip = (pending["session"] == EXTRA_SESSION) & ~((pending["duration"] >= f.min_seconds)
+                                                            & (pending["duration"] <= f.max_seconds))
     to_encode = pending[~header_skip]
+    killed: set = set()
     if len(to_encode):
+        invalidate()
         init_ray(cfg)
-        blocks = _bucketed_blocks(to_encode[MANIFEST_COLUMNS], cfg.features.batch_size, 4 * cfg.features.concurrency)
-        ds = ray.data.from_pandas(blocks).map_batches(
-            EncodeBatch,
-            fn_constructor_kwargs={"encoder_cfg": as_dict(cfg.encoder), "min_seconds": cfg.features.min_seconds},
-            batch_size=cfg.features.batch_size,
-            batch_format="pandas",
-            compute=ray.data.ActorPoolStrategy(size=cfg.features.concurrency),
-            num_cpus=cfg.features.num_cpus,
-            num_gpus=cfg.features.num_gpus,
-        )
-        (path,), fs = storage.ray_paths([out_dir])
-        ds.write_parquet(path, filesystem=fs, partition_cols=["session"])
+        wait_for_node({"CPU": float(f.num_cpus), "GPU": float(f.num_gpus)}, float(f.resource_timeout_s),
+                      "an encoder actor (features.num_cpus / features.num_gpus)", "features.resource_timeout_s")
+        _encode(cfg, to_encode, out_dir, f.batch_size, 4 * f.concurrency)
+        missing = to_encode[~to_encode["utt_id"].isin(set(stored_utterances(out_dir)["utt_id"]))]
+        # rows whose audio is fine but which are not stored: their batch failed or killed its actor
+        suspects = missing[[_skip_reason(p, cfg.encoder.sample_rate, f.min_seconds, f.max_seconds) is None
+                            for p in missing["path"]]]
+        if len(suspects):
+            log.warning("featurize: %d utterances were in failed batches; retrying them one by one", len(suspects))
+            _encode(cfg, suspects, out_dir, 1, len(suspects), isolate=True)
+            now = set(stored_utterances(out_dir)["utt_id"])
+            killed = set(suspects["utt_id"]) - now
     stored = stored_utterances(out_dir, columns=("utt_id", "label"))
     dup = int(stored["utt_id"].duplicated().sum())
     if dup:
         raise DataError(f"{where} holds {dup} duplicate utterances; delete the directory and featurize again")
     skipped = pending[~pending["utt_id"].isin(set(stored["utt_id"]))]
     if len(skipped):
-        reasons = [_skip_reason(p, cfg.encoder.sample_rate, cfg.features.min_seconds) for p in skipped["path"]]
+        reasons = []
+        for utt, path in zip(skipped["utt_id"], skipped["path"]):
+            if utt in killed:
+                reasons.append(f"the encoder failed or its actor died on this file, {int(f.max_restarts) + 1} times "
+                               "(see the Ray worker log)")
+            else:
+                reasons.append(_skip_reason(path, cfg.encoder.sample_rate, f.min_seconds, f.max_seconds)
+                               or "shorter than one encoder frame")
         skipped = skipped.assign(reason=reasons)[["utt_id", "session", "path", "reason"]]
         storage.write_text(skipped_path, skipped.to_csv(index=False))
         for row in skipped.itertuples():
@@ -349,7 +478,6 @@ def featurize(cfg, overwrite: bool = False) -> Dict[str, object]:
     rows_per_session = {str(k): int(v) for k, v in by_session.size().items()}
     labelled = {str(k): int(g["label"].isin(LABELS).sum()) for k, g in by_session}
     digests = {str(k): _utt_digest(g["utt_id"]) for k, g in by_session}
-    old_meta = read_meta(out_dir) if storage.is_file(meta_path) else {}
     old_stats = old_meta.get("stats") or {}
     stats = {s: (old_stats[s] if old_stats.get(s, {}).get("utt_digest") == digests[s]
                  else {**_session_stats(out_dir, int(s)), "utt_digest": digests[s]})
@@ -358,8 +486,8 @@ def featurize(cfg, overwrite: bool = False) -> Dict[str, object]:
             "num_rows": int(len(stored)), "rows_per_session": rows_per_session,
             "labelled_rows_per_session": labelled, "extra_audio": extra_sources, "labels": list(LABELS),
             "created": time.strftime("%Y-%m-%dT%H:%M:%S"), "stats": stats}
-    _write_meta(out_dir, meta)
     storage.write_text(storage.join(out_dir, "_config.yaml"), to_yaml(cfg))  # '_' so Parquet readers skip it
+    _write_meta(out_dir, meta)  # last: the "done" marker of the whole directory
     return {"written": int(len(stored) - len(done)), "stored": int(len(stored)), "skipped": int(len(skipped)),
             "removed_broken_files": broken, "seconds": round(time.time() - start, 2),
             "rows_per_session": meta["rows_per_session"], "labelled_rows_per_session": labelled,
