@@ -34,6 +34,7 @@ import logging
 import math
 import os
 import time
+import warnings
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 from urllib.parse import urlsplit
@@ -70,13 +71,25 @@ class EncodeBatch:
     """
 
     def __init__(self, encoder_cfg: dict, min_seconds: float, max_seconds: Optional[float] = None,
-                 fault_utt: Optional[str] = None):
+                 fault_utt: Optional[str] = None, tracker=None):
         self.encoder = build_encoder(OmegaConf.create(encoder_cfg))
         self.min_seconds = min_seconds
         self.max_seconds = max_seconds
         self.fault_utt = fault_utt  # fault injection (tests): this utterance kills the actor
+        self.tracker = tracker  # a _BatchTracker: which batches started and never finished (their actor died)
 
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
+        ids = [str(u) for u in batch["utt_id"]]
+        if self.tracker is not None:
+            import ray
+
+            ray.get(self.tracker.started.remote(ids))  # delivered before the work that may kill this process
+        out = self._encode(batch)
+        if self.tracker is not None:
+            ray.get(self.tracker.finished.remote(ids))
+        return out
+
+    def _encode(self, batch: pd.DataFrame) -> pd.DataFrame:
         keep, wavs = [], []
         for i, path in enumerate(batch["path"]):
             if self.fault_utt is not None and batch["utt_id"].iloc[i] == self.fault_utt:
@@ -302,49 +315,144 @@ def _stored_identity(features_dir: str) -> Optional[dict]:
     return None
 
 
-#: A batch whose actor dies is retried ``features.max_restarts`` times; after that it is dropped and
-#: its rows are retried one by one to find the culprit. More failed batches than this in one run
-#: means the encoder or the node is broken, not a file: the run stops with Ray's error.
+#: A run is retried after an actor death at most this many times (each time with the batch that was
+#: in progress taken apart and its culprit skipped); more means the encoder or the node is broken.
 MAX_FAILED_BATCHES = 8
 
 
-def _encode(cfg, rows: pd.DataFrame, out_dir: str, batch_size: int, min_blocks: int, isolate: bool = False) -> None:
+class _BatchTracker:
+    """A tiny Ray actor (0 CPU): the utterances of batches that started and those that finished."""
+
+    def __init__(self):
+        self.started_ids, self.finished_ids = set(), set()
+
+    def started(self, ids):
+        self.started_ids.update(ids)
+
+    def finished(self, ids):
+        self.finished_ids.update(ids)
+
+    def unfinished(self):
+        return sorted(self.started_ids - self.finished_ids)
+
+
+def _actor_died(e: BaseException) -> bool:
+    """Whether a Ray Data failure is (or was caused by) an actor / worker process that died."""
+    import ray.exceptions as rex
+
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, (rex.RayActorError, rex.WorkerCrashedError)) or "actor died" in str(e).lower():
+            return True
+        e = e.__cause__ or e.__context__
+    return False
+
+
+def _encode(cfg, rows: pd.DataFrame, out_dir: str, batch_size: int, min_blocks: int, tracker=None) -> None:
     """One Ray Data job: ``rows`` -> :class:`EncodeBatch` actors -> Parquet partitioned by session.
 
     An actor that dies (a crash, the OOM killer, ``os._exit``) is restarted and its batch retried at
     most ``features.max_restarts`` times (Ray Data's default is forever, so one file that kills its
-    actor would loop); a batch that still fails is dropped, up to :data:`MAX_FAILED_BATCHES` per run
-    (``isolate``: every one, each batch then being one row run alone on its actor), so the rows of
-    the other batches are written. The actors' restart budget is finite too: enough for every
-    failing batch to use its retries (an exhausted budget would leave Ray Data waiting forever).
+    actor would loop). Then the job fails, the actor is gone for good (no restart budget left, so
+    nothing lingers holding resources), and the rows of the batches already written stay written.
     """
     import ray
-    from ray.data import DataContext
 
     retries = int(cfg.features.max_restarts)
     blocks = _bucketed_blocks(rows[MANIFEST_COLUMNS], batch_size, min_blocks)
-    failures = len(blocks) if isolate else MAX_FAILED_BATCHES
-    ctx = DataContext.get_current()
-    before = ctx.max_errored_blocks
-    ctx.max_errored_blocks = failures
-    try:
-        ds = ray.data.from_pandas(blocks).map_batches(
-            EncodeBatch,
-            fn_constructor_kwargs={"encoder_cfg": as_dict(cfg.encoder), "min_seconds": cfg.features.min_seconds,
-                                   "max_seconds": cfg.features.max_seconds, "fault_utt": cfg.features.fault_utt},
-            batch_size=batch_size,
-            batch_format="pandas",
-            compute=ray.data.ActorPoolStrategy(size=cfg.features.concurrency,
-                                               max_tasks_in_flight_per_actor=1 if isolate else None),
-            num_cpus=cfg.features.num_cpus,
-            num_gpus=cfg.features.num_gpus,
-            max_restarts=(retries + 1) * (failures + 1),
-            max_task_retries=retries,
-        )
+    with warnings.catch_warnings():  # max_restarts / max_task_retries have no named parameter in Ray 2.60
+        warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
+        ds = _map(ray, blocks, cfg, batch_size, tracker, retries)
+    (path,), fs = storage.ray_paths([out_dir])
+    ds.write_parquet(path, filesystem=fs, partition_cols=["session"])
+
+
+def _map(ray, blocks, cfg, batch_size: int, tracker, retries: int):
+    return ray.data.from_pandas(blocks).map_batches(
+        EncodeBatch,
+        fn_constructor_kwargs={"encoder_cfg": as_dict(cfg.encoder), "min_seconds": cfg.features.min_seconds,
+                               "max_seconds": cfg.features.max_seconds, "fault_utt": cfg.features.fault_utt,
+                               "tracker": tracker},
+        batch_size=batch_size,
+        batch_format="pandas",
+        compute=ray.data.ActorPoolStrategy(size=cfg.features.concurrency),
+        num_cpus=cfg.features.num_cpus,
+        num_gpus=cfg.features.num_gpus,
+        max_restarts=retries,
+        max_task_retries=retries,
+    )
+
+
+def _encode_one(encoder_cfg: dict, min_seconds: float, max_seconds: Optional[float], fault_utt: Optional[str],
+                row: pd.DataFrame) -> pd.DataFrame:
+    """A Ray task: one manifest row -> its feature row (or none); a worker that dies fails only this row."""
+    return EncodeBatch(encoder_cfg, min_seconds, max_seconds, fault_utt)(row)
+
+
+def _isolate(cfg, suspects: pd.DataFrame, out_dir: str) -> set:
+    """Encode the rows of the batches that were in progress when their actor died, each in its own Ray
+    task (``features.max_restarts`` retries): write the rows that work, return the utt_ids that fail."""
+    import ray
+
+    f = cfg.features
+    task = ray.remote(_encode_one).options(num_cpus=f.num_cpus, num_gpus=f.num_gpus,
+                                          max_retries=int(f.max_restarts), retry_exceptions=False)
+    enc = as_dict(cfg.encoder)
+    refs = {u: task.remote(enc, f.min_seconds, f.max_seconds, f.fault_utt, suspects[suspects["utt_id"] == u][MANIFEST_COLUMNS])
+            for u in suspects["utt_id"]}
+    good, failed = [], set()
+    for utt, ref in refs.items():
+        try:
+            good.append(ray.get(ref))
+        except Exception as e:  # the worker died max_restarts + 1 times, or the encoder raised
+            log.warning("featurize: %s failed on its own: %s", utt, str(e).splitlines()[0][:200])
+            failed.add(utt)
+    good = [g for g in good if len(g)]
+    if good:
         (path,), fs = storage.ray_paths([out_dir])
-        ds.write_parquet(path, filesystem=fs, partition_cols=["session"])
-    finally:
-        ctx.max_errored_blocks = before
+        ray.data.from_pandas(pd.concat(good, ignore_index=True)).write_parquet(path, filesystem=fs,
+                                                                              partition_cols=["session"])
+    return failed
+
+
+def _encode_all(cfg, rows: pd.DataFrame, out_dir: str) -> set:
+    """Featurize ``rows``; a file that keeps killing its actor is found and skipped. Returns those utt_ids.
+
+    Each round is one Ray Data job. When an actor dies ``features.max_restarts + 1`` times the job
+    fails; the batches that were in progress then (a :class:`_BatchTracker` knows which) are taken
+    apart into one Ray task per row, the culprits among them are skipped, and the next round
+    featurizes what is still missing. At most :data:`MAX_FAILED_BATCHES` rounds.
+    """
+    import ray
+
+    f = cfg.features
+    killed: set = set()
+    todo = rows
+    for _ in range(MAX_FAILED_BATCHES + 1):
+        tracker = ray.remote(num_cpus=0)(_BatchTracker).remote()
+        try:
+            _encode(cfg, todo, out_dir, f.batch_size, 4 * f.concurrency, tracker)
+            return killed
+        except Exception as e:
+            if not _actor_died(e):
+                raise
+            unfinished = set(ray.get(tracker.unfinished.remote()))
+            log.warning("featurize: an encoder actor died %d times; isolating the %d utterances of the batch(es) it "
+                        "was working on", int(f.max_restarts) + 1, len(unfinished))
+        finally:
+            ray.kill(tracker)
+        stored = set(stored_utterances(out_dir)["utt_id"])
+        suspects = todo[todo["utt_id"].isin(unfinished - stored)]
+        if suspects.empty:
+            raise DataError("an encoder actor died outside any batch (while starting?); see the Ray worker logs")
+        killed |= _isolate(cfg, suspects, out_dir)
+        stored = set(stored_utterances(out_dir)["utt_id"])
+        todo = todo[~todo["utt_id"].isin(stored | killed)]
+        if todo.empty:
+            return killed
+    raise DataError(f"encoder actors died in more than {MAX_FAILED_BATCHES} rounds of featurization: the encoder or "
+                    "the node is broken, not a file (see the Ray worker logs)")
 
 
 def featurize(cfg, overwrite: bool = False) -> Dict[str, object]:
@@ -442,16 +550,7 @@ def _featurize(cfg, overwrite: bool, out_dir: str, wanted: pd.DataFrame, extra: 
         init_ray(cfg)
         wait_for_node({"CPU": float(f.num_cpus), "GPU": float(f.num_gpus)}, float(f.resource_timeout_s),
                       "an encoder actor (features.num_cpus / features.num_gpus)", "features.resource_timeout_s")
-        _encode(cfg, to_encode, out_dir, f.batch_size, 4 * f.concurrency)
-        missing = to_encode[~to_encode["utt_id"].isin(set(stored_utterances(out_dir)["utt_id"]))]
-        # rows whose audio is fine but which are not stored: their batch failed or killed its actor
-        suspects = missing[[_skip_reason(p, cfg.encoder.sample_rate, f.min_seconds, f.max_seconds) is None
-                            for p in missing["path"]]]
-        if len(suspects):
-            log.warning("featurize: %d utterances were in failed batches; retrying them one by one", len(suspects))
-            _encode(cfg, suspects, out_dir, 1, len(suspects), isolate=True)
-            now = set(stored_utterances(out_dir)["utt_id"])
-            killed = set(suspects["utt_id"]) - now
+        killed = _encode_all(cfg, to_encode, out_dir)
     stored = stored_utterances(out_dir, columns=("utt_id", "label"))
     dup = int(stored["utt_id"].duplicated().sum())
     if dup:
