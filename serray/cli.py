@@ -136,16 +136,17 @@ def cmd_tune(args) -> int:
 
 
 def cmd_models(args) -> int:
-    from serray.registry import format_entries, get_entry, list_entries
+    from serray.registry import format_entries, get_entry, scan_entries
 
     cfg = _cfg(args)
     if args.action == "list":
-        print(format_entries(list_entries(cfg.registry.dir)))
+        print(format_entries(*scan_entries(cfg.registry.dir)))
         return 0
     from serray.train.finetune import protocol
 
     entry = get_entry(cfg.registry.dir, args.id, protocol(cfg), list(cfg.finetune.folds))
-    print(json.dumps(entry, indent=2))
+    entry = {**entry, "path": storage.redact(entry.get("path", ""))}  # no storage credentials on the terminal
+    print(storage.redact_text(json.dumps(entry, indent=2)))
     return 0
 
 
@@ -252,7 +253,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         return COMMANDS[args.command][0](args)
     except SerrayError as e:
-        print(f"serray {args.command}: error: {e}", file=sys.stderr)
+        print(f"serray {args.command}: error: {storage.redact_text(str(e))}", file=sys.stderr)
         return 2
 
 

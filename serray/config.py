@@ -17,6 +17,7 @@ from __future__ import annotations
 import difflib
 import hashlib
 import json
+import math
 import os
 import re
 from dataclasses import dataclass, field
@@ -38,7 +39,7 @@ class RayConfig:
     address: Optional[str] = None
     num_cpus: Optional[int] = None  # logical CPUs of a local Ray; None = all cores
     progress_bars: Optional[bool] = None  # Ray Data progress bars; None = on unless $CI is set
-    resource_wait_s: float = 60.0  # how long to wait for a node with the requested CPUs/GPUs before a clear error
+    resource_timeout_s: float = 120.0  # no node can host a training worker (CPUs/GPUs asked) within this: a clear error
 
 
 @dataclass
@@ -90,7 +91,11 @@ class FeaturesConfig:
     num_cpus: float = 1.0  # per encoder actor
     num_gpus: float = 0.0  # per encoder actor (use 1 on a GPU node)
     min_seconds: float = 0.1  # shorter audio is skipped and reported
+    max_seconds: float = 120.0  # longer audio is skipped and reported (decoding stops there: bounded memory)
     cache_max_mb: float = 512.0  # training: feature sets below this size are cached in the Ray object store
+    max_restarts: int = 2  # an encoder actor that dies is restarted (and its batch retried) at most this often
+    resource_timeout_s: float = 120.0  # wait this long for a node that can host an encoder actor, then fail
+    fault_utt: Optional[str] = None  # fault injection (tests): the encoder actor dies (os._exit) on this utterance
 
 
 @dataclass
@@ -260,7 +265,15 @@ class ServeConfig:
     num_gpus: float = 0.0  # per replica
     max_body_mb: float = 10.0  # larger bodies get 413
     min_seconds: float = 0.25  # shorter audio gets 400
-    max_seconds: float = 30.0  # longer audio gets 400
+    max_seconds: float = 30.0  # longer audio gets 400 (checked on the header, before decoding)
+    max_channels: int = 8  # more channels get 400 (header)
+    min_sample_rate: int = 4000  # other sample rates get 400 (header); every accepted rate is resampled at bounded cost
+    max_sample_rate: int = 192000
+    body_timeout_s: float = 10.0  # a body not fully received this long after the handler starts reading gets 408
+    request_timeout_s: float = 60.0  # Serve's end-to-end HTTP timeout (http_options): 408 after it
+    max_ongoing_requests: int = 32  # per replica (>= max_batch_size, so a batch can fill)
+    max_queued_requests: int = 64  # per deployment, waiting for a replica; beyond it requests get 503 at once
+    start_timeout_s: float = 300.0  # resources + replicas must be up within this, else a clear error
 
 
 @dataclass
@@ -439,6 +452,9 @@ def derive(cfg: DictConfig, overrides: Sequence[str]) -> DictConfig:
 
 def _validate(cfg: DictConfig) -> None:
     """Value checks that types alone cannot express."""
+    domains = _validate_domains(cfg)  # value domains first: the checks below divide by and compare these
+    if domains:
+        raise ConfigError("invalid configuration:\n  " + "\n  ".join(domains))
     problems = []
     for s in cfg.data.sessions:
         if s not in (1, 2, 3, 4, 5):
@@ -447,8 +463,8 @@ def _validate(cfg: DictConfig) -> None:
         problems.append("features.batch_size must be >= 1")
     if cfg.features.concurrency < 1:
         problems.append("features.concurrency must be >= 1")
-    if cfg.ray.resource_wait_s < 0:
-        problems.append(f"ray.resource_wait_s must be >= 0, got {cfg.ray.resource_wait_s}")
+    if cfg.ray.resource_timeout_s < 0:
+        problems.append(f"ray.resource_timeout_s must be >= 0, got {cfg.ray.resource_timeout_s}")
     if cfg.features.max_concurrency is not None and cfg.features.max_concurrency < cfg.features.concurrency:
         problems.append(f"features.max_concurrency must be >= features.concurrency ({cfg.features.concurrency}) or null, "
                         f"got {cfg.features.max_concurrency}")
@@ -600,3 +616,89 @@ def as_dict(node: Any) -> Any:
     if isinstance(node, (DictConfig, ListConfig)):
         return OmegaConf.to_container(node, resolve=True)
     return node
+
+
+# ---------------------------------------------------------------- value domains
+
+_FINITE = "a finite number"
+
+
+def _positive(v) -> bool:
+    return v > 0 and math.isfinite(v)
+
+
+def _non_negative(v) -> bool:
+    return v >= 0 and math.isfinite(v)
+
+
+def _at_least_one(v) -> bool:
+    return v >= 1 and math.isfinite(v)
+
+
+def _unit_interval_open(v) -> bool:  # [0, 1)
+    return 0 <= v < 1
+
+
+#: (keys, predicate, what the value must be). A key that is null, or that the schema no longer has,
+#: is not checked here (null is the documented "none" of the optional keys).
+_DOMAINS = [
+    (("pretrain.lr", "finetune.lr"), _positive, "> 0"),
+    (("pretrain.lr_end", "finetune.lr_end", "pretrain.weight_decay", "finetune.weight_decay",
+      "pretrain.grad_clip", "finetune.grad_clip", "pretrain.gpus_per_worker", "finetune.gpus_per_worker",
+      "finetune.body_lr_scale"), _non_negative, ">= 0"),
+    (("pretrain.batch_size", "finetune.batch_size", "pretrain.epochs", "finetune.epochs", "pretrain.num_workers",
+      "finetune.num_workers", "pretrain.keep_checkpoints", "finetune.keep_checkpoints", "pretrain.max_frames",
+      "finetune.max_frames", "finetune.attention_dim", "finetune.hidden_dim", "finetune.max_concurrent_folds"),
+     _at_least_one, ">= 1"),
+    (("pretrain.cpus_per_worker", "finetune.cpus_per_worker"), _positive, "> 0"),
+    (("pretrain.max_failures", "finetune.max_failures"), lambda v: v >= 0, ">= 0"),
+    (("pretrain.warmup_frac", "finetune.warmup_frac", "finetune.head_dropout"), _unit_interval_open, "in [0, 1)"),
+    (("adapter.num_layers", "adapter.ff_dim", "adapter.d_model", "adapter.num_heads"), _at_least_one, ">= 1"),
+    (("encoder.sample_rate", "encoder.num_mel_bins", "ray.num_cpus"), _at_least_one, ">= 1"),
+    (("features.num_cpus", "features.num_gpus", "features.min_seconds", "features.cache_max_mb"),
+     _non_negative, ">= 0"),
+    (("features.max_restarts",), lambda v: v >= 0, ">= 0"),
+    (("features.max_seconds", "features.resource_timeout_s"), _positive, "> 0"),
+    (("serve.port",), lambda v: 1 <= v <= 65535, "in 1..65535"),
+    (("serve.max_batch_size", "serve.num_replicas", "serve.max_replicas", "serve.max_channels",
+      "serve.min_sample_rate", "serve.max_ongoing_requests"), _at_least_one, ">= 1"),
+    (("serve.batch_wait_timeout_s", "serve.num_cpus", "serve.num_gpus", "serve.min_seconds", "serve.min_replicas"),
+     _non_negative, ">= 0"),
+    (("serve.max_body_mb", "serve.max_seconds", "serve.body_timeout_s", "serve.request_timeout_s",
+      "serve.start_timeout_s"), _positive, "> 0"),
+    (("serve.max_queued_requests",), lambda v: v == -1 or v >= 1, "-1 (no limit) or >= 1"),
+]
+
+
+def _number(cfg: DictConfig, key: str):
+    try:
+        v = OmegaConf.select(cfg, key, default=None)
+    except OmegaConfBaseException:
+        return None
+    return v if isinstance(v, (int, float)) and not isinstance(v, bool) else None
+
+
+def _validate_domains(cfg: DictConfig) -> List[str]:
+    """The domain of every numeric key (one message per bad key, naming it), plus the relations between
+    keys of the features and serve sections. Run by :func:`_validate` before its other checks."""
+    problems = []
+    for keys, ok, what in _DOMAINS:
+        for key in keys:
+            v = _number(cfg, key)
+            if v is not None and not (v == v and ok(v)):  # v != v: NaN
+                problems.append(f"{key} must be {what}, got {v}")
+    pairs = [("features.min_seconds", "features.max_seconds", "<"), ("serve.min_seconds", "serve.max_seconds", "<"),
+             ("serve.min_replicas", "serve.max_replicas", "<="), ("serve.min_sample_rate", "serve.max_sample_rate", "<="),
+             ("serve.max_batch_size", "serve.max_ongoing_requests", "<=")]
+    for lo_key, hi_key, rel in pairs:
+        lo, hi = _number(cfg, lo_key), _number(cfg, hi_key)
+        if lo is None or hi is None or any(f"{k} must" in p for p in problems for k in (lo_key, hi_key)):
+            continue
+        if not (lo < hi if rel == "<" else lo <= hi):
+            problems.append(f"{lo_key} ({lo}) must be {rel} {hi_key} ({hi})")
+    sessions = OmegaConf.select(cfg, "data.sessions", default=None) or []
+    if OmegaConf.select(cfg, "pretrain.per_fold", default=True) is False:
+        outside = [s for s in (OmegaConf.select(cfg, "pretrain.sessions", default=None) or []) if s not in sessions]
+        if outside:
+            problems.append(f"pretrain.sessions: {outside} not in data.sessions {list(sessions)}")
+    return problems

@@ -118,6 +118,9 @@ class Predictor:
         sr = int(self.features.get("sample_rate", 16000))
         wavs = [load_audio(p, sr, min_seconds, max_seconds) for p in paths]
         probs = self.predict_waveforms(wavs)
+        bad = [str(p) for p, row in zip(paths, probs) if not np.isfinite(row).all()]
+        if bad:
+            raise DataError(f"the model produced non-finite probabilities for {', '.join(bad)}")
         df = pd.DataFrame({"path": [str(p) for p in paths], "label": [self.labels[i] for i in probs.argmax(1)]})
         for j, name in enumerate(self.labels):
             df[f"p_{name}"] = probs[:, j]

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import sys
+import time
+from typing import Dict
 
 import ray
 
@@ -37,31 +39,33 @@ def init_ray(cfg) -> None:
     ray.init(**kwargs)
 
 
-def require_resources(cfg, demand: dict, what: str, count: int = 1) -> None:
-    """Wait (up to ``ray.resource_wait_s``) until the Ray cluster has a node that can hold one unit of
-    ``demand`` (e.g. ``{"CPU": 1, "GPU": 1}``) and, in all, ``count`` of them; then return. A demand the
-    cluster cannot meet in that time -- ``features.num_gpus=1`` on a CPU-only cluster -- is a
-    :class:`ConfigError` naming ``what`` and the resources there are, not a run that waits forever. An
-    autoscaling cluster gets the wait to add nodes."""
-    import time
+def _describe_nodes(nodes) -> str:
+    out = []
+    for n in nodes:
+        r = n.get("Resources") or {}
+        out.append(f"{{CPU: {r.get('CPU', 0):g}, GPU: {r.get('GPU', 0):g}}}")
+    return ", ".join(out) or "none"
 
+
+def wait_for_node(need: Dict[str, float], timeout_s: float, what: str, timeout_key: str, poll_s: float = 1.0) -> None:
+    """Wait until some alive node of the cluster *has* ``need`` (its totals, not what is free now:
+    busy resources free up, missing ones never do, unless an autoscaler adds a node meanwhile).
+
+    Raises:
+        ConfigError: after ``timeout_s`` with no such node, naming what was asked, what the nodes
+            have, and ``timeout_key``.
+    """
     from serray.errors import ConfigError
 
-    demand = {k: float(v) for k, v in demand.items() if v and float(v) > 0}
-    if not demand or not ray.is_initialized():
-        return
-    deadline = time.monotonic() + float(cfg.ray.resource_wait_s)
+    need = {k: float(v) for k, v in need.items() if float(v) > 0}
+    deadline = time.monotonic() + max(0.0, timeout_s)
     while True:
-        nodes = [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")]
-        fits = [min(int(r.get(k, 0.0) // v) for k, v in demand.items()) for r in nodes]
-        if fits and max(fits) >= 1 and sum(fits) >= count:
+        nodes = [n for n in ray.nodes() if n.get("Alive")]
+        if any(all((n.get("Resources") or {}).get(k, 0.0) >= v for k, v in need.items()) for n in nodes):
             return
         if time.monotonic() >= deadline:
-            have = ", ".join(f"{k}={v:g}" for k, v in sorted(ray.cluster_resources().items())
-                             if k in ("CPU", "GPU") or k in demand) or "nothing"
-            need = ", ".join(f"{k}={v:g}" for k, v in demand.items())
-            raise ConfigError(
-                f"{what} asks for {need} per worker ({count} worker{'s' if count > 1 else ''}), but the Ray cluster "
-                f"has {have} (largest node fits {max(fits, default=0)}); waited {cfg.ray.resource_wait_s:g} s "
-                f"(ray.resource_wait_s). Lower the request or add nodes with those resources.")
-        time.sleep(min(2.0, max(0.05, deadline - time.monotonic())))
+            asked = ", ".join(f"{k}: {v:g}" for k, v in need.items())
+            raise ConfigError(f"no node of the Ray cluster can host {what}: it needs {{{asked}}}, the nodes have "
+                              f"{_describe_nodes(nodes)}; waited {timeout_s:g} s ({timeout_key}). Lower the request "
+                              "or add a node that has it")
+        time.sleep(min(poll_s, max(0.0, deadline - time.monotonic())) or poll_s)

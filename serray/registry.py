@@ -24,14 +24,18 @@ a five-fold run, or an inductive with a transductive one, would compare differen
 from __future__ import annotations
 
 import json
+import logging
+import math
 import shutil
 import time
 import uuid
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 from serray import storage
 from serray.errors import DataError
+
+log = logging.getLogger(__name__)
 
 ENTRY_FILE = "entry.json"
 MODEL_DIR = "model"
@@ -98,16 +102,60 @@ def register(registry_dir: str | Path, model_dir: str | Path, *, metrics: Dict[s
     return record
 
 
-def list_entries(registry_dir: str | Path) -> List[Dict[str, Any]]:
-    """Every complete entry, oldest first."""
-    entries = []
+def _entry_problem(rec: Any) -> Optional[str]:
+    """Why a parsed ``entry.json`` is not a usable entry record (None: it is)."""
+    if not isinstance(rec, dict):
+        return f"not a JSON object but {type(rec).__name__}"
+    wrong = [k for k, t in (("id", str), ("created", str), ("metrics", dict), ("encoder", dict)) if not isinstance(rec.get(k), t)]
+    if wrong:
+        return f"missing or malformed field(s) {', '.join(wrong)}"
+    if not isinstance(rec.get("folds", []), (list, type(None))) or not isinstance(rec.get("protocol", ""), (str, type(None))):
+        return "malformed field(s) folds / protocol"
+    return None
+
+
+def scan_entries(registry_dir: str | Path) -> Tuple[List[Dict[str, Any]], List[Tuple[str, str]]]:
+    """``(entries, problems)``: every complete, readable entry (oldest first), and for each directory
+    whose ``entry.json`` is truncated, not JSON or not an entry record, ``(directory, reason)``."""
+    entries, problems = [], []
     for d in storage.listdir(registry_dir):
         f = storage.join(d, ENTRY_FILE)
-        if not storage.name(d).startswith(".") and storage.is_file(f):
+        if storage.name(d).startswith(".") or not storage.is_file(f):
+            continue
+        where = d if storage.is_uri(d) else str(Path(d).resolve())
+        try:
             rec = json.loads(storage.read_text(f))
-            rec["path"] = d if storage.is_uri(d) else str(Path(d).resolve())
-            entries.append(rec)
-    return sorted(entries, key=lambda r: (r.get("created_ns", 0), r["created"], r["id"]))
+        except (ValueError, UnicodeDecodeError) as e:  # json.JSONDecodeError is a ValueError
+            problems.append((storage.describe(where), f"{ENTRY_FILE} is not valid JSON ({e})"))
+            continue
+        why = _entry_problem(rec)
+        if why:
+            problems.append((storage.describe(where), f"{ENTRY_FILE}: {why}"))
+            continue
+        rec["path"] = where
+        if not isinstance(rec.get("created_ns"), int) or isinstance(rec.get("created_ns"), bool):
+            rec["created_ns"] = 0
+        entries.append(rec)
+    entries.sort(key=lambda r: (r["created_ns"], r["created"], r["id"]))
+    return entries, problems
+
+
+def list_entries(registry_dir: str | Path) -> List[Dict[str, Any]]:
+    """Every complete, readable entry, oldest first (unreadable ones are logged and skipped; see
+    :func:`scan_entries`)."""
+    entries, problems = scan_entries(registry_dir)
+    for where, why in problems:
+        log.warning("skipping registry entry %s: %s", where, why)
+    return entries
+
+
+def _metric(entry: Dict[str, Any], metric: str) -> float:
+    v = entry["metrics"].get(metric)
+    try:
+        v = float(v)
+    except (TypeError, ValueError):
+        return float("-inf")
+    return v if math.isfinite(v) else float("-inf")
 
 
 BEST_METRIC = "val_ua"
@@ -132,7 +180,13 @@ def best_entry(registry_dir: str | Path, protocol: Optional[str] = None, folds: 
                         f"folds {list(folds) if folds is not None else 'any'} (entries: "
                         + ", ".join(f"{e['id']} ({e.get('protocol')}, folds {e.get('folds')})" for e in entries)
                         + "); give serve.model=<id> to choose one")
-    return max(same, key=lambda r: (float(r["metrics"].get(metric, float("-inf"))), r.get("created_ns", 0), r["id"]))
+    ranked = sorted(same, key=lambda r: (_metric(r, metric), r["created_ns"], r["id"]), reverse=True)
+    for e in ranked:  # the best one whose model is really there
+        if storage.is_file(storage.join(model_source(e), "meta.json")):
+            return e
+        log.warning("skipping registry entry %s: it has no %s/meta.json", e["id"], MODEL_DIR)
+    raise DataError(f"no comparable registry entry in {storage.describe(registry_dir)} has a model checkpoint "
+                    f"({', '.join(e['id'] for e in same)} lack {MODEL_DIR}/meta.json)")
 
 
 def get_entry(registry_dir: str | Path, entry_id: Optional[str] = None, protocol: Optional[str] = None,
@@ -140,8 +194,11 @@ def get_entry(registry_dir: str | Path, entry_id: Optional[str] = None, protocol
     """One entry by id (a unique prefix is enough), or the best comparable one when ``entry_id`` is None."""
     if entry_id is None or entry_id == "best":
         return best_entry(registry_dir, protocol, folds)
-    entries = list_entries(registry_dir)
+    entries, problems = scan_entries(registry_dir)
     hits = [e for e in entries if e["id"] == entry_id] or [e for e in entries if e["id"].startswith(entry_id)]
+    broken = [(w, why) for w, why in problems if storage.name(w) == entry_id]
+    if not hits and broken:
+        raise DataError(f"registry entry '{entry_id}' is unreadable: {broken[0][1]}")
     if len(hits) != 1:
         known = ", ".join(e["id"] for e in entries) or "none"
         what = "is ambiguous" if hits else "does not exist"
@@ -178,18 +235,19 @@ def resolve_model(cfg) -> tuple[Path, Dict[str, Any]]:
     return model_dir(entry), entry
 
 
-def format_entries(entries: List[Dict[str, Any]]) -> str:
-    """A table for ``serray models list``."""
+def format_entries(entries: List[Dict[str, Any]], problems: Optional[List[Tuple[str, str]]] = None) -> str:
+    """A table for ``serray models list`` (plus one line per unreadable entry, which is skipped)."""
+    bad = [f"unreadable entry {where} (skipped): {why}" for where, why in problems or []]
     if not entries:
-        return "(no registered models)"
+        return "\n".join(["(no registered models)", *bad])
     lines = [f"{'id':<24} {'created':<20} {'source':<9} {'protocol':<12} {'folds':<11} {'valUA%':>6} {'UA %':>6} "
              f"{'WA %':>6} {'F1 %':>6}  {'encoder':<14} selected_on"]
     for e in entries:
         m = e["metrics"]
         pct = lambda k: f"{100 * m[k]:6.2f}" if isinstance(m.get(k), (int, float)) else f"{'-':>6}"  # noqa: E731
         folds = ",".join(str(f) for f in e.get("folds") or []) or "-"
-        lines.append(f"{e['id']:<24} {e['created']:<20} {e['source']:<9} {str(e.get('protocol') or '-'):<12} "
+        lines.append(f"{e['id']:<24} {e['created']:<20} {str(e.get('source')):<9} {str(e.get('protocol') or '-'):<12} "
                      f"{folds:<11} {pct('val_ua')} {pct('ua')} {pct('wa')} {pct('macro_f1')}  "
-                     f"{str(e['encoder'].get('encoder')):<14} {e.get('selected_on') or '-'}")
+                     f"{storage.public_name(e['encoder'].get('encoder')):<14} {e.get('selected_on') or '-'}")
     lines.append("(best = highest valUA among entries with the same protocol and folds; UA/WA/F1 are LOSO test metrics)")
-    return "\n".join(lines)
+    return "\n".join(lines + bad)

@@ -25,12 +25,13 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import re
 import shutil
 import tempfile
 from functools import lru_cache
 from pathlib import Path
 from typing import Iterator, List, Tuple
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import parse_qsl, urlsplit, urlunsplit
 
 import pyarrow.fs as pafs
 
@@ -49,7 +50,7 @@ def _filesystem(base: str) -> pafs.FileSystem:
     try:
         return pafs.FileSystem.from_uri(base)[0]
     except (ValueError, OSError) as e:  # pyarrow.ArrowInvalid is a ValueError
-        raise DataError(f"cannot open the storage URI {base}: {e}") from None
+        raise DataError(f"cannot open the storage URI {redact(base)}: {redact_text(str(e))}") from None
 
 
 def resolve(path) -> Tuple[pafs.FileSystem, str]:
@@ -103,6 +104,59 @@ def describe(path) -> str:
         return str(path)
     u = urlsplit(str(path))
     return urlunsplit((u.scheme, u.hostname or "", u.path, "", ""))
+
+
+#: Query parameters of a storage URI that are kept in messages and in ``GET /info``; every other
+#: value (access_key, secret_key, session_token, ...) is masked.
+PUBLIC_QUERY_KEYS = ("region", "scheme", "endpoint_override")
+_URI_IN_TEXT = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^\s'\"<>,;()\[\]{}]+")
+
+
+def redact(path) -> str:
+    """A URI with its credentials (``user:secret@``) and its non-public query values masked;
+    anything else unchanged. ``s3://AK:SK@bucket/p?access_key=AK&region=x`` -> ``s3://***@bucket/p?access_key=***&region=x``."""
+    text = str(path)
+    if not is_uri(text):
+        return text
+    try:
+        u = urlsplit(text)
+        netloc = ("***@" + u.netloc.rpartition("@")[2]) if "@" in u.netloc else u.netloc
+        query = "&".join(f"{k}={v if k in PUBLIC_QUERY_KEYS else '***'}"
+                         for k, v in parse_qsl(u.query, keep_blank_values=True))
+        return urlunsplit((u.scheme, netloc, u.path, query, ""))
+    except ValueError:  # not parseable as a URL: keep the scheme only
+        return text.split("://", 1)[0] + "://***"
+
+
+def redact_text(text: str) -> str:
+    """Every URI inside a message redacted (see :func:`redact`)."""
+    return _URI_IN_TEXT.sub(lambda m: redact(m.group(0)), str(text))
+
+
+def public_name(value) -> str:
+    """What a client may see of a location: a URI without credentials or query (:func:`describe`),
+    a local path reduced to its last component (``.../hubert-large``), any other text unchanged."""
+    text = str(value)
+    if is_uri(text):
+        return describe(text)
+    if text.startswith(("/", "~", "./", "../")) or (len(text) > 2 and text[1] == ":" and text[2] in "\\/"):
+        return ".../" + text.rstrip("/\\").replace("\\", "/").rsplit("/", 1)[-1]
+    return text
+
+
+def public_value(obj, path_keys=(), _prefix: str = ""):
+    """A JSON-able copy for clients: the values of the dotted ``path_keys`` (local paths or URIs, or
+    lists of them) through :func:`public_name`, every URI anywhere else redacted (:func:`redact_text`)."""
+    if isinstance(obj, dict):
+        return {k: public_value(v, path_keys, f"{_prefix}{k}.") for k, v in obj.items()}
+    key = _prefix[:-1]
+    if isinstance(obj, (list, tuple)):
+        if key in path_keys:
+            return [public_name(v) if isinstance(v, str) else v for v in obj]
+        return [public_value(v, path_keys, _prefix) for v in obj]
+    if isinstance(obj, str):
+        return public_name(obj) if key in path_keys else redact_text(obj)
+    return obj
 
 
 def exists(path) -> bool:
@@ -204,18 +258,43 @@ def train_storage(path) -> Tuple[str, pafs.FileSystem | None]:
     return p, (fs if is_uri(path) else None)
 
 
-def upload(local_dir, path) -> None:
-    """Copy a local directory tree into ``path`` (files are overwritten, others kept)."""
+#: Files that say "the directory they sit in is complete" (a checkpoint's ``meta.json``, a fold's
+#: ``fold_result.json``, a registry ``entry.json``, the features' metadata): :func:`upload` sends them last.
+DONE_MARKERS = ("meta.json", "fold_result.json", "entry.json", "_serray_features.json")
+
+
+def upload(local_dir, path, last: Tuple[str, ...] = DONE_MARKERS) -> None:
+    """Copy a local directory tree into ``path`` (files are overwritten, others kept).
+
+    Files named in ``last`` are uploaded after every other file, deepest first, so on object storage
+    a "done" marker never exists before what it vouches for (an interrupted upload looks unfinished).
+    """
     fs, p = resolve(path)
     fs.create_dir(p, recursive=True)
-    pafs.copy_files(str(Path(local_dir).resolve()), p, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
+    root = Path(local_dir).resolve()
+    files = sorted((f for f in root.rglob("*") if f.is_file()), key=lambda f: (f.name in last, -len(f.parts), str(f)))
+    local = pafs.LocalFileSystem()
+    made = set()
+    for f in files:
+        rel = f.relative_to(root).as_posix()
+        dest = f"{p.rstrip('/')}/{rel}"
+        parent = dest.rsplit("/", 1)[0]
+        if parent not in made:
+            fs.create_dir(parent, recursive=True)
+            made.add(parent)
+        pafs.copy_files(str(f), dest, source_filesystem=local, destination_filesystem=fs)
+
+
+class Busy(DataError):
+    """Another process holds the lock of a storage path (:func:`lock` with ``wait=False``)."""
 
 
 @contextlib.contextmanager
-def lock(path) -> Iterator[None]:
+def lock(path, wait: bool = True, what: str = "another serray process") -> Iterator[None]:
     """An exclusive lock on a storage path for this machine (an ``fcntl`` lock file beside a local
     path; in the local cache for a URI): two processes that would write the same output run one
-    after the other, and the second then finds the first one's result."""
+    after the other, and the second then finds the first one's result. ``wait=False``: raise
+    :class:`Busy` at once instead (naming ``what`` holds it and its pid)."""
     import fcntl
 
     if is_uri(path):
@@ -223,11 +302,23 @@ def lock(path) -> Iterator[None]:
     else:
         lock_file = Path(absolute(path)).with_name("." + Path(absolute(path)).name + ".lock")
     lock_file.parent.mkdir(parents=True, exist_ok=True)
-    with open(lock_file, "w") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
+    with open(lock_file, "a+") as f:
         try:
+            fcntl.flock(f, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "unknown"
+            raise Busy(f"{describe(path)} is being written by {what} (pid {holder}; lock file {lock_file}); "
+                       "wait for it to finish, or use another directory") from None
+        try:
+            f.seek(0)
+            f.truncate()
+            f.write(str(os.getpid()))
+            f.flush()
             yield
         finally:
+            f.seek(0)
+            f.truncate()
             fcntl.flock(f, fcntl.LOCK_UN)
 
 

@@ -233,3 +233,67 @@ def test_cli_bad_value_exits_2(capsys):
     assert main(["config", "data.sessions=[7]"]) == 2
     err = capsys.readouterr().err
     assert "error:" in err and "Traceback" not in err
+
+
+# ---------------------------------------------------------------- value domains (_validate_domains)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("pretrain.lr=-0.1", "pretrain.lr must be > 0, got -0.1"),
+    ("finetune.lr=0", "finetune.lr must be > 0, got 0"),
+    ("pretrain.batch_size=0", "pretrain.batch_size must be >= 1, got 0"),
+    ("finetune.epochs=0", "finetune.epochs must be >= 1, got 0"),
+    ("pretrain.num_workers=0", "pretrain.num_workers must be >= 1, got 0"),
+    ("finetune.cpus_per_worker=0", "finetune.cpus_per_worker must be > 0, got 0"),
+    ("pretrain.max_failures=-1", "pretrain.max_failures must be >= 0, got -1"),
+    ("finetune.warmup_frac=1.0", "finetune.warmup_frac must be in [0, 1), got 1.0"),
+    ("pretrain.warmup_frac=-0.1", "pretrain.warmup_frac must be in [0, 1), got -0.1"),
+    ("pretrain.grad_clip=-1", "pretrain.grad_clip must be >= 0, got -1"),
+    ("finetune.weight_decay=-0.01", "finetune.weight_decay must be >= 0, got -0.01"),
+    ("finetune.head_dropout=1.0", "finetune.head_dropout must be in [0, 1), got 1.0"),
+    ("adapter.num_layers=0", "adapter.num_layers must be >= 1, got 0"),
+    ("adapter.ff_dim=0", "adapter.ff_dim must be >= 1, got 0"),
+    ("adapter.num_heads=0", "adapter.num_heads must be >= 1, got 0"),  # used to be a ZeroDivisionError
+    ("adapter.num_heads=5", "adapter.d_model (96) must be divisible by adapter.num_heads (5)"),
+    ("features.max_seconds=0", "features.max_seconds must be > 0, got 0"),
+    ("features.max_restarts=-1", "features.max_restarts must be >= 0, got -1"),
+    ("features.resource_timeout_s=0", "features.resource_timeout_s must be > 0, got 0"),
+    ("features.num_gpus=-1", "features.num_gpus must be >= 0, got -1"),
+    ("features.min_seconds=200", "features.min_seconds (200.0) must be < features.max_seconds (120.0)"),
+    ("serve.port=0", "serve.port must be in 1..65535, got 0"),
+    ("serve.port=65536", "serve.port must be in 1..65535, got 65536"),
+    ("serve.max_body_mb=0", "serve.max_body_mb must be > 0, got 0"),
+    ("serve.max_seconds=nan", "serve.max_seconds must be > 0, got nan"),
+    ("serve.batch_wait_timeout_s=-1", "serve.batch_wait_timeout_s must be >= 0, got -1"),
+    ("serve.num_replicas=0", "serve.num_replicas must be >= 1, got 0"),
+    ("encoder.sample_rate=0", "encoder.sample_rate must be >= 1, got 0"),
+])
+def test_numeric_domains_name_the_key(override, message):
+    with pytest.raises(ConfigError) as e:
+        load_config(None, [override])
+    assert message in str(e.value)
+    assert str(e.value).count("\n") == 1  # one line per bad key
+
+
+@pytest.mark.parametrize("overrides", [
+    ["pretrain.lr=1e-6", "finetune.warmup_frac=0.0", "pretrain.max_failures=0", "pretrain.grad_clip=0",
+     "adapter.num_layers=1", "adapter.ff_dim=1", "serve.port=1", "serve.max_queued_requests=-1"],
+    ["serve.port=65535", "finetune.head_dropout=0.99", "serve.min_replicas=2", "serve.max_replicas=2",
+     "serve.max_ongoing_requests=16", "features.min_seconds=0", "serve.min_seconds=0"],
+])
+def test_domain_boundaries_are_accepted(overrides):
+    load_config(None, overrides)
+
+
+def test_several_bad_keys_are_all_named():
+    with pytest.raises(ConfigError) as e:
+        load_config(None, ["pretrain.lr=-1", "finetune.batch_size=0", "serve.min_replicas=3", "serve.max_replicas=2"])
+    msg = str(e.value)
+    assert "pretrain.lr" in msg and "finetune.batch_size" in msg and "serve.min_replicas (3) must be <= serve.max_replicas (2)" in msg
+
+
+def test_transductive_pretrain_sessions_within_data_sessions(sessions_overrides):
+    with pytest.raises(ConfigError, match=r"pretrain.sessions: \[5\] not in data.sessions \[1, 2\]"):
+        load_config(None, [*sessions_overrides([1, 2]), "pretrain.per_fold=false", "pretrain.sessions=[1,5]"])
+    load_config(None, [*sessions_overrides([1, 2]), "pretrain.per_fold=false", "pretrain.sessions=[1,2]"])
+    load_config(None, [*sessions_overrides([1, 2])])  # per_fold: pretrain.sessions is not used

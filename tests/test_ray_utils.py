@@ -1,4 +1,8 @@
-"""Waiting for resources the cluster does not have ends with a clear error (``ray.resource_wait_s``)."""
+"""Training workers that no node can host end with a clear error (``ray.resource_timeout_s``), not a hang.
+
+(Featurization and Serve have their own waits: ``features.resource_timeout_s``, ``serve.start_timeout_s``,
+tested with them.)
+"""
 
 from __future__ import annotations
 
@@ -11,26 +15,27 @@ from serray.errors import ConfigError
 
 
 @pytest.mark.ray
-def test_require_resources_returns_when_a_node_fits_and_fails_clearly_when_none_does(ray_session, tmp_path):
-    from serray.ray_utils import require_resources
+def test_wait_for_node_returns_when_a_node_has_it_and_fails_clearly_when_none_does(ray_session):
+    from serray.ray_utils import wait_for_node
 
-    cfg = load_config(None, [f"output_dir={tmp_path}", "ray.resource_wait_s=0.5"])  # the test Ray has 2 CPUs, no GPU
-    require_resources(cfg, {"CPU": 1.0}, "x", count=2)
-    require_resources(cfg, {"CPU": 1.0, "GPU": 0.0}, "x")  # a zero request is no request
+    wait_for_node({"CPU": 2.0, "GPU": 0.0}, 0.0, "x", "k")  # the test Ray: 2 CPUs, no GPU
     t0 = time.monotonic()
-    with pytest.raises(ConfigError, match=r"features.num_gpus asks for CPU=1, GPU=1 per worker.*has CPU=2.*ray.resource_wait_s"):
-        require_resources(cfg, {"CPU": 1.0, "GPU": 1.0}, "features.num_gpus")
+    with pytest.raises(ConfigError, match=r"no node .* can host a thing: it needs \{CPU: 1, GPU: 1\}.*waited 0.5 s \(some.key\)"):
+        wait_for_node({"CPU": 1.0, "GPU": 1.0}, 0.5, "a thing", "some.key", poll_s=0.1)
     assert 0.4 < time.monotonic() - t0 < 10  # it waited, then gave up
-    with pytest.raises(ConfigError, match="3 workers"):
-        require_resources(cfg, {"CPU": 1.0}, "pretrain", count=3)
 
 
 @pytest.mark.ray
-def test_featurize_on_a_gpu_the_cluster_lacks_is_a_config_error_not_a_hang(featurized, ray_session, tmp_path):
-    from serray.data.featurize import featurize
+@pytest.mark.parametrize("stage", ["finetune", "pretrain"])
+def test_training_on_a_gpu_the_cluster_lacks_is_a_config_error_not_a_hang(featurized, ray_session, tmp_path, stage):
+    from serray.train.finetune import run_folds
+    from serray.train.pretrain import run_pretrain
 
     cfg = load_config(None, [f"output_dir={tmp_path}", f"data.root={featurized.data.root}",
-                             f"data.manifest={featurized.data.manifest}", f"features.dir={tmp_path / 'f'}",
-                             "features.num_gpus=1", "ray.resource_wait_s=0", "ray.progress_bars=false"])
-    with pytest.raises(ConfigError, match=r"featurization \(features.num_cpus / features.num_gpus\) asks for .*GPU=1"):
-        featurize(cfg)
+                             f"data.manifest={featurized.data.manifest}", f"features.dir={featurized.features.dir}",
+                             f"{stage}.use_gpu=true", "ray.resource_timeout_s=0", "ray.progress_bars=false",
+                             "finetune.folds=[1]", "finetune.mode=none" if stage == "finetune" else "pretrain.epochs=1"])
+    with pytest.raises(ConfigError, match=rf"a {stage} worker \({stage}.cpus_per_worker / {stage}.use_gpu\): it needs "
+                                          r"\{CPU: 1, GPU: 1\}.*ray.resource_timeout_s"):
+        (run_folds if stage == "finetune" else lambda c: run_pretrain(c, 1))(cfg)
+    assert not (tmp_path / stage).exists() or not any((tmp_path / stage).rglob("*.pt"))  # nothing trained

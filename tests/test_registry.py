@@ -125,3 +125,75 @@ def test_an_entry_carries_its_hugging_face_encoder(tiny_hubert, tmp_path):
     assert (model_dir(entry) / "encoder" / "config.json").is_file()
     np.testing.assert_allclose(p.predict_waveforms([clip]), before, rtol=1e-5, atol=1e-6)
     assert p.features["encoder"] == str(enc)  # the identity is unchanged
+
+
+# ---------------------------------------------------------------- one bad entry does not break the registry
+
+
+def _break(reg: Path, name: str, text: str) -> Path:
+    d = reg / name
+    d.mkdir(parents=True, exist_ok=True)
+    if isinstance(text, bytes):
+        (d / "entry.json").write_bytes(text)
+    else:
+        (d / "entry.json").write_text(text)
+    return d
+
+
+@pytest.mark.parametrize("text, why", [
+    ('{"id": "20990101-000000-aaaaaa", "created": "2099-01-01T00:00:00", "metr', "not valid JSON"),  # truncated
+    ("[1, 2, 3]", "not a JSON object"),  # foreign
+    ('{"name": "something else"}', "missing or malformed field(s) id, created, metrics, encoder"),
+    ('{"id": "x", "created": "2099", "metrics": {"val_ua": 0.99}, "encoder": {}, "folds": 5}', "folds / protocol"),
+    (b'{"id": "\xff\xfe"}', "not valid JSON"),  # not UTF-8
+])
+def test_unreadable_entry_is_reported_and_skipped(registry, tmp_path, capsys, text, why):
+    reg, ids = registry
+    bad = _break(reg, "20990101-000000-broken", text)
+    # listing: the good entries, and a line naming the bad one
+    assert [e["id"] for e in list_entries(reg)] == ids
+    assert main(["models", "list", f"registry.dir={reg}"]) == 0
+    out = capsys.readouterr().out
+    assert all(i in out for i in ids)
+    assert f"unreadable entry {bad}" in out and why in out
+    # "best" (serve / predict) skips it
+    assert best_entry(reg, "inductive", FIVE)["id"] == ids[1]
+    assert main(["models", "show", f"registry.dir={reg}"]) == 0
+    assert json.loads(capsys.readouterr().out)["id"] == ids[1]
+    # asking for it by name is a clear error, not a traceback
+    assert main(["models", "show", bad.name, f"registry.dir={reg}"]) == 2
+    assert "unreadable" in capsys.readouterr().err
+
+
+def test_best_skips_an_entry_whose_model_is_gone(registry):
+    import shutil
+
+    reg, ids = registry
+    shutil.rmtree(reg / ids[1] / "model")  # the best by validation UA
+    assert best_entry(reg, "inductive", FIVE)["id"] == ids[2]  # the next best
+
+
+def test_entry_with_non_numeric_metric_ranks_last(registry, tmp_path):
+    reg, ids = registry
+    ck = make_demo_checkpoint(tmp_path / "ck_nan", seed=5)
+    odd = register(reg, ck, metrics={"val_ua": "n/a"}, config_yaml="", source="x",
+                   extra={"protocol": "inductive", "folds": FIVE})
+    assert best_entry(reg, "inductive", FIVE)["id"] == ids[1]
+    assert odd["id"] in [e["id"] for e in list_entries(reg)]
+
+
+def test_models_show_redacts_storage_credentials(registry, capsys, monkeypatch):
+    import serray.registry as registry_mod
+
+    reg, ids = registry
+    real = registry_mod.get_entry
+
+    def with_uri(*a, **k):
+        e = real(*a, **k)
+        return {**e, "path": "s3://AKIDSERRAYTEST:SECRETSERRAYTEST@bucket/reg/" + e["id"] + "?secret_key=SECRETSERRAYTEST"}
+
+    monkeypatch.setattr(registry_mod, "get_entry", with_uri)
+    assert main(["models", "show", ids[0], f"registry.dir={reg}"]) == 0
+    out = capsys.readouterr().out
+    assert "SECRETSERRAYTEST" not in out and "AKIDSERRAYTEST" not in out
+    assert json.loads(out)["path"] == f"s3://***@bucket/reg/{ids[0]}?secret_key=***"

@@ -32,7 +32,9 @@ import hashlib
 import json
 import logging
 import math
+import os
 import time
+import warnings
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 from urllib.parse import urlsplit
@@ -52,6 +54,9 @@ from serray.errors import AudioError, DataError
 log = logging.getLogger(__name__)
 
 META_FILE = "_serray_features.json"
+#: The encoder identity and config hash, written before the first partition: an interrupted run leaves
+#: it behind, so a later run with another encoder is refused instead of mixing two encoders' rows.
+IDENTITY_FILE = "_serray_identity.json"
 #: Config keys whose change changes the stored rows (a mismatch needs another features.dir or --overwrite).
 FEATURE_HASH_KEYS = ("encoder", "data.merge_excited", "pretrain.use_unlabelled")
 SKIPPED_FILE = "_skipped.csv"
@@ -65,15 +70,33 @@ class EncodeBatch:
     counts afterwards.
     """
 
-    def __init__(self, encoder_cfg: dict, min_seconds: float):
+    def __init__(self, encoder_cfg: dict, min_seconds: float, max_seconds: Optional[float] = None,
+                 fault_utt: Optional[str] = None, tracker=None):
         self.encoder = build_encoder(OmegaConf.create(encoder_cfg))
         self.min_seconds = min_seconds
+        self.max_seconds = max_seconds
+        self.fault_utt = fault_utt  # fault injection (tests): this utterance kills the actor
+        self.tracker = tracker  # a _BatchTracker: which batches started and never finished (their actor died)
 
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
+        ids = [str(u) for u in batch["utt_id"]]
+        if self.tracker is not None:
+            import ray
+
+            ray.get(self.tracker.started.remote(ids))  # delivered before the work that may kill this process
+        out = self._encode(batch)
+        if self.tracker is not None:
+            ray.get(self.tracker.finished.remote(ids))
+        return out
+
+    def _encode(self, batch: pd.DataFrame) -> pd.DataFrame:
         keep, wavs = [], []
         for i, path in enumerate(batch["path"]):
+            if self.fault_utt is not None and batch["utt_id"].iloc[i] == self.fault_utt:
+                log.error("fault injection: encoder actor exits on %s", self.fault_utt)
+                os._exit(1)
             try:
-                wav = load_audio(path, self.encoder.sample_rate, self.min_seconds)
+                wav = load_audio(path, self.encoder.sample_rate, self.min_seconds, self.max_seconds)
             except AudioError as e:
                 log.warning("skipping %s: %s", batch["utt_id"].iloc[i], e)
                 continue
@@ -125,13 +148,35 @@ def _partition(path: str) -> Optional[int]:
     return int(value) if key == "session" and value.isdigit() else None
 
 
-def _remove_broken_files(features_dir: str) -> int:
-    """Delete Parquet files an interrupted write left unreadable; return how many."""
+def _is_broken(path: str, attempts: int = 2) -> bool:
+    """True when a Parquet file is *definitely* half-written: pyarrow finds no valid footer, twice.
+
+    An I/O error (a storage hiccup, a permission problem, a network timeout) says nothing about the
+    file: it is raised as a DataError and the file is kept.
+    """
+    import pyarrow as pa
+
+    for attempt in range(attempts):
+        try:
+            storage.parquet_file(path).metadata
+            return False
+        except pa.ArrowInvalid:  # no footer / not Parquet: what an interrupted write leaves
+            if attempt + 1 < attempts:
+                time.sleep(0.5)
+        except OSError as e:
+            raise DataError(f"cannot read the feature file {storage.describe(path)} ({storage.redact_text(str(e))}); "
+                            "it was left in place: run again when the storage is reachable") from None
+    return True
+
+
+def _remove_broken_files(features_dir: str, before_change=None) -> int:
+    """Delete Parquet files an interrupted write left unreadable; return how many. A file that only
+    fails to be read (an I/O error) is never deleted (see :func:`_is_broken`)."""
     broken = 0
     for f in parquet_files(features_dir):
-        try:
-            storage.parquet_file(f).metadata
-        except Exception:  # truncated file: no footer
+        if _is_broken(f):
+            if before_change is not None:
+                before_change()
             log.warning("removing half-written feature file %s", storage.describe(f))
             storage.remove(f)
             broken += 1
@@ -149,7 +194,7 @@ def stored_utterances(features_dir: str | Path, columns: Sequence[str] = ("utt_i
             else pd.DataFrame({**{c: [] for c in columns}, "session": []}))
 
 
-def _prune_session(features_dir: str, session: int, keep: set) -> int:
+def _prune_session(features_dir: str, session: int, keep: set, before_change=None) -> int:
     """Remove the stored rows of one session whose utt_id is not in ``keep``; return how many.
 
     A file is rewritten under a temporary name (not ``*.parquet``, so readers ignore it), the old one
@@ -174,6 +219,8 @@ def _prune_session(features_dir: str, session: int, keep: set) -> int:
         stale = sum(1 for u in ids if u not in keep)
         if not stale:
             continue
+        if before_change is not None:
+            before_change()
         removed += stale
         fs, p = storage.resolve(f)
         if stale < len(ids):
@@ -198,12 +245,13 @@ def _bucketed_blocks(df: pd.DataFrame, batch_size: int, min_blocks: int) -> List
     return [df.iloc[i : i + per_block] for i in range(0, len(df), per_block)]
 
 
-def _skip_reason(path: str, sample_rate: int, min_seconds: float) -> str:
+def _skip_reason(path: str, sample_rate: int, min_seconds: float, max_seconds: Optional[float] = None) -> Optional[str]:
+    """Why the audio of a row cannot be used (None: it decodes fine; the encoder dropped or failed on it)."""
     try:
-        load_audio(path, sample_rate, min_seconds)
+        load_audio(path, sample_rate, min_seconds, max_seconds)
     except AudioError as e:
         return str(e)
-    return "shorter than one encoder frame or failed in the encoder (see worker log)"
+    return None
 
 
 def _utt_digest(utt_ids) -> str:
@@ -300,6 +348,163 @@ def actor_pool_bounds(fcfg, cluster_resources: Dict[str, float]) -> tuple[int, i
     return lo, max(lo, int(hi))
 
 
+def _stored_identity(features_dir: str) -> Optional[dict]:
+    """The encoder identity + config hash recorded in ``features_dir`` (the metadata of a finished run,
+    else the identity an interrupted run wrote before its first partition), or None."""
+    for name in (META_FILE, IDENTITY_FILE):
+        path = storage.join(features_dir, name)
+        if storage.is_file(path):
+            try:
+                found = json.loads(storage.read_text(path))
+            except ValueError as e:
+                raise DataError(f"{storage.describe(path)} is not valid JSON ({e}); delete it or the directory, "
+                                "or pass --overwrite") from None
+            if isinstance(found, dict):
+                return found
+    return None
+
+
+#: A run is retried after an actor death at most this many times (each time with the batch that was
+#: in progress taken apart and its culprit skipped); more means the encoder or the node is broken.
+MAX_FAILED_BATCHES = 8
+
+
+class _BatchTracker:
+    """A tiny Ray actor (0 CPU): the utterances of batches that started and those that finished."""
+
+    def __init__(self):
+        self.started_ids, self.finished_ids = set(), set()
+
+    def started(self, ids):
+        self.started_ids.update(ids)
+
+    def finished(self, ids):
+        self.finished_ids.update(ids)
+
+    def unfinished(self):
+        return sorted(self.started_ids - self.finished_ids)
+
+
+def _actor_died(e: BaseException) -> bool:
+    """Whether a Ray Data failure is (or was caused by) an actor / worker process that died."""
+    import ray.exceptions as rex
+
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, (rex.RayActorError, rex.WorkerCrashedError)) or "actor died" in str(e).lower():
+            return True
+        e = e.__cause__ or e.__context__
+    return False
+
+
+def _encode(cfg, rows: pd.DataFrame, out_dir: str, batch_size: int, min_blocks: int, tracker=None) -> None:
+    """One Ray Data job: ``rows`` -> :class:`EncodeBatch` actors -> Parquet partitioned by session.
+
+    An actor that dies (a crash, the OOM killer, ``os._exit``) is restarted and its batch retried at
+    most ``features.max_restarts`` times (Ray Data's default is forever, so one file that kills its
+    actor would loop). Then the job fails, the actor is gone for good (no restart budget left, so
+    nothing lingers holding resources), and the rows of the batches already written stay written.
+    """
+    import ray
+
+    retries = int(cfg.features.max_restarts)
+    blocks = _bucketed_blocks(rows[MANIFEST_COLUMNS], batch_size, min_blocks)
+    with warnings.catch_warnings():  # max_restarts / max_task_retries have no named parameter in Ray 2.60
+        warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
+        ds = _map(ray, blocks, cfg, batch_size, tracker, retries)
+    (path,), fs = storage.ray_paths([out_dir])
+    ds.write_parquet(path, filesystem=fs, partition_cols=["session"])
+
+
+def _map(ray, blocks, cfg, batch_size: int, tracker, retries: int):
+    lo, hi = actor_pool_bounds(cfg.features, ray.cluster_resources())
+    return ray.data.from_pandas(blocks).map_batches(
+        EncodeBatch,
+        fn_constructor_kwargs={"encoder_cfg": as_dict(cfg.encoder), "min_seconds": cfg.features.min_seconds,
+                               "max_seconds": cfg.features.max_seconds, "fault_utt": cfg.features.fault_utt,
+                               "tracker": tracker},
+        batch_size=batch_size,
+        batch_format="pandas",
+        compute=ray.data.ActorPoolStrategy(min_size=lo, max_size=hi),
+        num_cpus=cfg.features.num_cpus,
+        num_gpus=cfg.features.num_gpus,
+        max_restarts=retries,
+        max_task_retries=retries,
+    )
+
+
+def _encode_one(encoder_cfg: dict, min_seconds: float, max_seconds: Optional[float], fault_utt: Optional[str],
+                row: pd.DataFrame) -> pd.DataFrame:
+    """A Ray task: one manifest row -> its feature row (or none); a worker that dies fails only this row."""
+    return EncodeBatch(encoder_cfg, min_seconds, max_seconds, fault_utt)(row)
+
+
+def _isolate(cfg, suspects: pd.DataFrame, out_dir: str) -> set:
+    """Encode the rows of the batches that were in progress when their actor died, each in its own Ray
+    task (``features.max_restarts`` retries): write the rows that work, return the utt_ids that fail."""
+    import ray
+
+    f = cfg.features
+    task = ray.remote(_encode_one).options(num_cpus=f.num_cpus, num_gpus=f.num_gpus,
+                                          max_retries=int(f.max_restarts), retry_exceptions=False)
+    enc = as_dict(cfg.encoder)
+    refs = {u: task.remote(enc, f.min_seconds, f.max_seconds, f.fault_utt, suspects[suspects["utt_id"] == u][MANIFEST_COLUMNS])
+            for u in suspects["utt_id"]}
+    good, failed = [], set()
+    for utt, ref in refs.items():
+        try:
+            good.append(ray.get(ref))
+        except Exception as e:  # the worker died max_restarts + 1 times, or the encoder raised
+            log.warning("featurize: %s failed on its own: %s", utt, str(e).splitlines()[0][:200])
+            failed.add(utt)
+    good = [g for g in good if len(g)]
+    if good:
+        (path,), fs = storage.ray_paths([out_dir])
+        ray.data.from_pandas(pd.concat(good, ignore_index=True)).write_parquet(path, filesystem=fs,
+                                                                              partition_cols=["session"])
+    return failed
+
+
+def _encode_all(cfg, rows: pd.DataFrame, out_dir: str) -> set:
+    """Featurize ``rows``; a file that keeps killing its actor is found and skipped. Returns those utt_ids.
+
+    Each round is one Ray Data job. When an actor dies ``features.max_restarts + 1`` times the job
+    fails; the batches that were in progress then (a :class:`_BatchTracker` knows which) are taken
+    apart into one Ray task per row, the culprits among them are skipped, and the next round
+    featurizes what is still missing. At most :data:`MAX_FAILED_BATCHES` rounds.
+    """
+    import ray
+
+    f = cfg.features
+    killed: set = set()
+    todo = rows
+    for _ in range(MAX_FAILED_BATCHES + 1):
+        tracker = ray.remote(num_cpus=0)(_BatchTracker).remote()
+        try:
+            _encode(cfg, todo, out_dir, f.batch_size, 4 * actor_pool_bounds(f, ray.cluster_resources())[1], tracker)
+            return killed
+        except Exception as e:
+            if not _actor_died(e):
+                raise
+            unfinished = set(ray.get(tracker.unfinished.remote()))
+            log.warning("featurize: an encoder actor died %d times; isolating the %d utterances of the batch(es) it "
+                        "was working on", int(f.max_restarts) + 1, len(unfinished))
+        finally:
+            ray.kill(tracker)
+        stored = set(stored_utterances(out_dir)["utt_id"])
+        suspects = todo[todo["utt_id"].isin(unfinished - stored)]
+        if suspects.empty:
+            raise DataError("an encoder actor died outside any batch (while starting?); see the Ray worker logs")
+        killed |= _isolate(cfg, suspects, out_dir)
+        stored = set(stored_utterances(out_dir)["utt_id"])
+        todo = todo[~todo["utt_id"].isin(stored | killed)]
+        if todo.empty:
+            return killed
+    raise DataError(f"encoder actors died in more than {MAX_FAILED_BATCHES} rounds of featurization: the encoder or "
+                    "the node is broken, not a file (see the Ray worker logs)")
+
+
 def featurize(cfg, overwrite: bool = False) -> Dict[str, object]:
     """Featurize the manifest ``cfg.data.manifest`` into ``cfg.features.dir`` with Ray Data.
 
@@ -318,14 +523,7 @@ def featurize(cfg, overwrite: bool = False) -> Dict[str, object]:
         DataError: manifest missing, or stored features made with another encoder/config.
         ConfigError: an extra-audio source is missing, holds no audio or lists missing files.
     """
-    import ray
-
-    from serray.ray_utils import init_ray, require_resources
-
     out_dir = str(cfg.features.dir)
-    where = storage.describe(out_dir)
-    meta_path = storage.join(out_dir, META_FILE)
-    skipped_path = storage.join(out_dir, SKIPPED_FILE)
     manifest = read_manifest(cfg.data.manifest)
     manifest = manifest[manifest["session"].isin(list(cfg.data.sessions))]
     if manifest.empty:
@@ -338,58 +536,85 @@ def featurize(cfg, overwrite: bool = False) -> Dict[str, object]:
     # what changes the stored rows (extra_audio only adds or removes session-0 rows: not hashed)
     hashed = {k: as_dict(OmegaConf.select(cfg, k)) for k in FEATURE_HASH_KEYS}
     config_hash = section_hash(cfg, *FEATURE_HASH_KEYS)
-    if storage.is_file(meta_path):
-        old = read_meta(out_dir)
-        if old.get("config_hash") != config_hash:
-            if not overwrite:
-                differ = [k for k in FEATURE_HASH_KEYS if k in (old.get("hashed") or {}) and old["hashed"][k] != hashed[k]]
-                what = f"; they differ in {', '.join(differ)}" if differ else ""
-                raise DataError(
-                    f"{where} holds features made with encoder '{old.get('encoder')}' (config hash "
-                    f"{old.get('config_hash')}), but this config asks for encoder '{cfg.encoder.name}' "
-                    f"(hash {config_hash}){what}; choose another features.dir or pass --overwrite"
-                )
-            storage.remove(out_dir)
+    # one writer per features.dir (this machine; on object storage, runs on other machines are not seen)
+    with storage.lock(out_dir, wait=False, what="another `serray featurize`"):
+        return _featurize(cfg, overwrite, out_dir, wanted, extra, extra_sources, hashed, config_hash)
+
+
+def _featurize(cfg, overwrite: bool, out_dir: str, wanted: pd.DataFrame, extra: pd.DataFrame, extra_sources: list,
+               hashed: dict, config_hash: str) -> Dict[str, object]:
+    from serray.ray_utils import init_ray, wait_for_node
+
+    where = storage.describe(out_dir)
+    meta_path = storage.join(out_dir, META_FILE)
+    skipped_path = storage.join(out_dir, SKIPPED_FILE)
+    old = _stored_identity(out_dir)
+    if old is None and storage.exists(out_dir) and parquet_files(out_dir):
+        if not overwrite:
+            raise DataError(f"{where} holds feature files but no record of the encoder that made them ({META_FILE} / "
+                            f"{IDENTITY_FILE}): they may come from another encoder; choose another features.dir or "
+                            "pass --overwrite")
+        storage.remove(out_dir)
+    if old is not None and old.get("config_hash") != config_hash:
+        if not overwrite:
+            differ = [k for k in FEATURE_HASH_KEYS if k in (old.get("hashed") or {}) and old["hashed"][k] != hashed[k]]
+            what = f"; they differ in {', '.join(differ)}" if differ else ""
+            unfinished = "" if storage.is_file(meta_path) else " (an unfinished run)"
+            raise DataError(
+                f"{where} holds features{unfinished} made with encoder '{old.get('encoder')}' (config hash "
+                f"{old.get('config_hash')}), but this config asks for encoder '{cfg.encoder.name}' "
+                f"(hash {config_hash}){what}; choose another features.dir or pass --overwrite"
+            )
+        storage.remove(out_dir)
+        old = None
     encoder_meta = describe_encoder(cfg.encoder)
-    if storage.is_file(meta_path):  # same hash: the identity must agree as well
-        check_identity(read_meta(out_dir), encoder_meta, f"features in {where}", "the config's encoder")
+    if old is not None:  # same hash: the identity must agree as well
+        check_identity(old, encoder_meta, f"features in {where}", "the config's encoder")
     storage.makedirs(out_dir)
-    broken = _remove_broken_files(out_dir)
-    pruned = _prune_session(out_dir, EXTRA_SESSION, set(extra["utt_id"]))  # sources no longer listed
+    # the identity goes first, before any partition exists
+    storage.write_text(storage.join(out_dir, IDENTITY_FILE),
+                       json.dumps({**encoder_meta, "config_hash": config_hash, "hashed": hashed}, indent=2))
+    old_meta = read_meta(out_dir) if storage.is_file(meta_path) else {}
+
+    def invalidate() -> None:
+        """The partitions are about to change: the old metadata no longer vouches for them."""
+        if storage.is_file(meta_path):
+            storage.remove(meta_path)
+
+    broken = _remove_broken_files(out_dir, invalidate)
+    pruned = _prune_session(out_dir, EXTRA_SESSION, set(extra["utt_id"]), invalidate)  # sources no longer listed
     done = stored_utterances(out_dir)
     pending = wanted[~wanted["utt_id"].isin(set(done["utt_id"]))]
     log.info("featurize: %d utterances wanted (%d extra audio), %d already stored, %d to do",
              len(wanted), len(extra), len(done), len(pending))
 
     start = time.time()
-    # extra audio whose header says it is too short (or unreadable) is skipped without a Ray job
-    header_skip = (pending["session"] == EXTRA_SESSION) & ~(pending["duration"] >= cfg.features.min_seconds)
+    # extra audio whose header says it is too short or too long (or unreadable) is skipped without a Ray job
+    f = cfg.features
+    header_skip = (pending["session"] == EXTRA_SESSION) & ~((pending["duration"] >= f.min_seconds)
+                                                            & (pending["duration"] <= f.max_seconds))
     to_encode = pending[~header_skip]
+    killed: set = set()
     if len(to_encode):
+        invalidate()
         init_ray(cfg)
-        require_resources(cfg, {"CPU": cfg.features.num_cpus, "GPU": cfg.features.num_gpus},
-                          "featurization (features.num_cpus / features.num_gpus)", count=cfg.features.concurrency)
-        lo, hi = actor_pool_bounds(cfg.features, ray.cluster_resources())
-        log.info("featurize: %d to %d encoder actors", lo, hi)
-        blocks = _bucketed_blocks(to_encode[MANIFEST_COLUMNS], cfg.features.batch_size, 4 * hi)
-        ds = ray.data.from_pandas(blocks).map_batches(
-            EncodeBatch,
-            fn_constructor_kwargs={"encoder_cfg": as_dict(cfg.encoder), "min_seconds": cfg.features.min_seconds},
-            batch_size=cfg.features.batch_size,
-            batch_format="pandas",
-            compute=ray.data.ActorPoolStrategy(min_size=lo, max_size=hi),
-            num_cpus=cfg.features.num_cpus,
-            num_gpus=cfg.features.num_gpus,
-        )
-        (path,), fs = storage.ray_paths([out_dir])
-        ds.write_parquet(path, filesystem=fs, partition_cols=["session"])
+        wait_for_node({"CPU": float(f.num_cpus), "GPU": float(f.num_gpus)}, float(f.resource_timeout_s),
+                      "an encoder actor (features.num_cpus / features.num_gpus)", "features.resource_timeout_s")
+        killed = _encode_all(cfg, to_encode, out_dir)
     stored = stored_utterances(out_dir, columns=("utt_id", "label"))
     dup = int(stored["utt_id"].duplicated().sum())
     if dup:
         raise DataError(f"{where} holds {dup} duplicate utterances; delete the directory and featurize again")
     skipped = pending[~pending["utt_id"].isin(set(stored["utt_id"]))]
     if len(skipped):
-        reasons = [_skip_reason(p, cfg.encoder.sample_rate, cfg.features.min_seconds) for p in skipped["path"]]
+        reasons = []
+        for utt, path in zip(skipped["utt_id"], skipped["path"]):
+            if utt in killed:
+                reasons.append(f"the encoder failed or its actor died on this file, {int(f.max_restarts) + 1} times "
+                               "(see the Ray worker log)")
+            else:
+                reasons.append(_skip_reason(path, cfg.encoder.sample_rate, f.min_seconds, f.max_seconds)
+                               or "shorter than one encoder frame")
         skipped = skipped.assign(reason=reasons)[["utt_id", "session", "path", "reason"]]
         storage.write_text(skipped_path, skipped.to_csv(index=False))
         for row in skipped.itertuples():
@@ -402,7 +627,6 @@ def featurize(cfg, overwrite: bool = False) -> Dict[str, object]:
     rows_per_session = {str(k): int(v) for k, v in by_session.size().items()}
     labelled = {str(k): int(g["label"].isin(LABELS).sum()) for k, g in by_session}
     digests = {str(k): _utt_digest(g["utt_id"]) for k, g in by_session}
-    old_meta = read_meta(out_dir) if storage.is_file(meta_path) else {}
     old_stats = old_meta.get("stats") or {}
     stale = [s for s in rows_per_session if old_stats.get(s, {}).get("utt_digest") != digests[s]]
     if stale:
@@ -413,8 +637,8 @@ def featurize(cfg, overwrite: bool = False) -> Dict[str, object]:
             "num_rows": int(len(stored)), "rows_per_session": rows_per_session,
             "labelled_rows_per_session": labelled, "extra_audio": extra_sources, "labels": list(LABELS),
             "created": time.strftime("%Y-%m-%dT%H:%M:%S"), "stats": stats}
-    _write_meta(out_dir, meta)
     storage.write_text(storage.join(out_dir, "_config.yaml"), to_yaml(cfg))  # '_' so Parquet readers skip it
+    _write_meta(out_dir, meta)  # last: the "done" marker of the whole directory
     return {"written": int(len(stored) - len(done)), "stored": int(len(stored)), "skipped": int(len(skipped)),
             "removed_broken_files": broken, "seconds": round(time.time() - start, 2),
             "rows_per_session": meta["rows_per_session"], "labelled_rows_per_session": labelled,

@@ -19,6 +19,7 @@ Facts of the release this parser relies on (and only these):
 from __future__ import annotations
 
 import logging
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -129,6 +130,21 @@ def _parse_annotation(path: Path) -> Iterable[Tuple[int, Optional[re.Match], str
                 yield lineno, _UTT_LINE.match(line.rstrip("\n")), line.strip()
 
 
+def _line_problem(m: re.Match) -> Optional[str]:
+    """What is wrong with the numbers of a matched utterance line (None: nothing)."""
+    values = {}
+    for key in ("start", "end", "v", "a", "d"):
+        try:
+            values[key] = float(m[key])
+        except ValueError:
+            return f"malformed number {m[key]!r}"
+        if not math.isfinite(values[key]):
+            return f"malformed number {m[key]!r}"
+    if values["end"] <= values["start"]:
+        return f"end {m['end']} is not after start {m['start']}"
+    return None
+
+
 def build_manifest(
     root: str | Path, sessions: Sequence[int] = (1, 2, 3, 4, 5), merge_excited: bool = True,
     keep_unlabelled: bool = False,
@@ -165,6 +181,10 @@ def build_manifest(
                     malformed.append(f"{ann}:{lineno}: {text[:80]}")
                     continue
                 utt, raw = m["utt"], m["label"]
+                problem = _line_problem(m)
+                if problem:
+                    malformed.append(f"{ann}:{lineno}: {problem}: {text[:80]}")
+                    continue
                 ident = _UTT_ID.match(utt)
                 if ident is None or int(ident["session"]) != session:
                     malformed.append(f"{ann}:{lineno}: unexpected utterance id {utt!r}")
@@ -197,6 +217,8 @@ def build_manifest(
                 })
     if missing:
         log.warning("%d label lines have no wav (skipped), e.g. %s", len(missing), missing[0])
+    if malformed:
+        log.warning("%d malformed utterance lines (skipped), e.g. %s", len(malformed), malformed[0])
     kept = pd.DataFrame(rows, columns=MANIFEST_COLUMNS)
     kept = kept.drop_duplicates("utt_id").sort_values("utt_id", ignore_index=True)
     kept["session"] = kept["session"].astype("int64")

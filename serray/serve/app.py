@@ -43,6 +43,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from serray.errors import AudioError, ConfigError, DataError
 from serray.serve.parsing import RequestError, audio_bytes
+from serray.serve.service import NON_FINITE, json_safe
+from serray.storage import redact_text
 
 log = logging.getLogger("serray.serve")
 
@@ -55,12 +57,23 @@ api = FastAPI(title="serray", description="Speech emotion recognition: POST a WA
 
 @api.exception_handler(StarletteHTTPException)  # routing 404/405 too, not only raised HTTPExceptions
 async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-    return JSONResponse(status_code=exc.status_code, content={"error": str(exc.detail)},
+    return JSONResponse(status_code=exc.status_code, content={"error": redact_text(str(exc.detail))},
                         headers=getattr(exc, "headers", None))
 
 
+@api.exception_handler(Exception)  # anything a route did not catch: still JSON, never a plain-text 500
+async def _internal_error(request: Request, exc: Exception) -> JSONResponse:
+    log.error("unhandled error on %s: %s: %s", request.url.path, type(exc).__name__, exc)
+    return _error(500, f"internal error: {type(exc).__name__}")
+
+
 def _error(status: int, message: str) -> JSONResponse:
-    return JSONResponse(status_code=status, content={"error": message})
+    return JSONResponse(status_code=status, content={"error": redact_text(message)})
+
+
+def _json(content: Any) -> JSONResponse:
+    """A JSON response of ``content`` with no NaN / Infinity in it (those become null)."""
+    return JSONResponse(json_safe(content))
 
 
 @serve.deployment(name=DEPLOYMENT_NAME)
@@ -81,6 +94,7 @@ class SERDeployment:
         checkpoint = str(storage.local_copy(checkpoint, refresh=False))  # a URI: download once per node
         self.service = SERService(checkpoint, card, settings, device="cuda" if use_gpu else "cpu")
         self.batching = bool(settings["batching"])
+        self.body_timeout_s = float(settings.get("body_timeout_s") or 10.0)
         self.predict_batch.set_max_batch_size(int(settings["max_batch_size"]))
         self.predict_batch.set_batch_wait_timeout_s(float(settings["batch_wait_timeout_s"]))
         # One thread runs the model (batches never compete for the cores); decoding has its own threads,
@@ -112,9 +126,15 @@ class SERDeployment:
         svc = self.service
         svc.count_request()
         try:
-            audio = await audio_bytes(request, svc.max_body_bytes)
+            audio = await audio_bytes(request, svc.max_body_bytes, self.body_timeout_s,
+                                      offload=lambda fn, *a: self._run(self._decode_pool, fn, *a))
             wav = await self._run(self._decode_pool, svc.decode, audio)
             result = await (self.predict_batch(wav) if self.batching else self.predict_one(wav))
+            if NON_FINITE in result:
+                log.error("non-finite model output for a %.2f s clip", len(wav) / svc.sample_rate)
+                svc.count_error(500)
+                return _error(500, f"internal error: {result[NON_FINITE]}")
+            return JSONResponse(result)  # renders here (allow_nan=False): a failure is caught below
         except RequestError as e:
             svc.count_error(e.status)
             return _error(e.status, e.message)
@@ -125,19 +145,18 @@ class SERDeployment:
             log.exception("prediction failed")
             svc.count_error(500)
             return _error(500, f"internal error: {type(e).__name__}: {e}")
-        return JSONResponse(result)
 
     @api.get("/healthz")
-    async def healthz(self) -> Dict[str, Any]:
-        return {"status": "ok", "version": self.service.version}
+    async def healthz(self) -> JSONResponse:
+        return _json({"status": "ok", "version": self.service.version})
 
     @api.get("/info")
-    async def info(self) -> Dict[str, Any]:
-        return self.service.info()
+    async def info(self) -> JSONResponse:
+        return _json(self.service.info())
 
     @api.get("/stats")
-    async def stats(self) -> Dict[str, Any]:
-        return self.service.stats()
+    async def stats(self) -> JSONResponse:
+        return _json(self.service.stats())
 
 
 # ---------------------------------------------------------------------------- building the app
@@ -176,8 +195,10 @@ def deployment_options(s: Dict[str, Any]) -> Dict[str, Any]:
     batch = int(s["max_batch_size"])
     opts: Dict[str, Any] = {
         "ray_actor_options": {"num_cpus": float(s["num_cpus"]), "num_gpus": float(s["num_gpus"])},
-        # a replica must admit a full batch (Serve's default of 5 would cap every batch at 5)
-        "max_ongoing_requests": max(32, 2 * batch),
+        # a replica must admit a full batch (Serve's default of 5 would cap every batch at 5); requests
+        # beyond max_ongoing_requests wait in a bounded queue, and beyond that get 503 at once
+        "max_ongoing_requests": max(batch, int(s.get("max_ongoing_requests", max(32, 2 * batch)))),
+        "max_queued_requests": int(s.get("max_queued_requests", -1)),
         "health_check_period_s": 10.0,
         "health_check_timeout_s": 30.0,
     }
@@ -256,23 +277,17 @@ def run_server(cfg, blocking: bool = True, name: str = APP_NAME, logging_config:
     SIGTERM, e.g. ``ray job stop``), also during start-up, then deletes the application and shuts
     Serve down (when no other application is left on it); returns None.
     """
-    from serray.ray_utils import init_ray, require_resources
+    from serray.ray_utils import init_ray
 
     app = build_app(cfg)  # model problems surface before Ray / Serve start
     url = endpoint_url(cfg)
     init_ray(cfg)
-    require_resources(cfg, {"CPU": cfg.serve.num_cpus, "GPU": cfg.serve.num_gpus}, "serve.num_cpus / serve.num_gpus",
-                      count=int(cfg.serve.get("num_replicas", 1) or 1))
     if not blocking:
-        serve.start(http_options={"host": str(cfg.serve.host), "port": int(cfg.serve.port)})
-        return serve.run(app, name=name, route_prefix=str(cfg.serve.route_prefix), blocking=False,
-                         logging_config=logging_config)
+        return _start(cfg, app, name, logging_config)
     main_thread = threading.current_thread() is threading.main_thread()
     restore = _sigterm_as_interrupt() if main_thread else None  # after ray.init, which sets its own
     try:
-        serve.start(http_options={"host": str(cfg.serve.host), "port": int(cfg.serve.port)})
-        serve.run(app, name=name, route_prefix=str(cfg.serve.route_prefix), blocking=False,
-                  logging_config=logging_config)
+        _start(cfg, app, name, logging_config)
         print(f"serray serve: application '{name}' running; POST audio to {url}/predict "
               f"(GET {url}/healthz, {url}/info). Ctrl-C stops it.", flush=True)
         while True:
@@ -290,6 +305,42 @@ def run_server(cfg, blocking: bool = True, name: str = APP_NAME, logging_config:
                 signal.signal(signal.SIGINT, prev_int)
                 signal.signal(signal.SIGTERM, restore)
     return None
+
+
+def http_options(cfg) -> Dict[str, Any]:
+    """Serve's ``http_options``: host, port and the end-to-end request timeout (408 after it)."""
+    return {"host": str(cfg.serve.host), "port": int(cfg.serve.port),
+            "request_timeout_s": float(cfg.serve.request_timeout_s)}
+
+
+def _start(cfg, app, name: str, logging_config: Optional[Dict[str, Any]]):
+    """Start Serve and deploy ``app``, bounded by ``serve.start_timeout_s``: first a node that can host
+    a replica must exist (``serve.num_cpus`` / ``serve.num_gpus``), then the application must be
+    RUNNING; otherwise it is deleted again and a :class:`ConfigError` / :class:`DataError` says why."""
+    from serray.ray_utils import wait_for_node
+
+    s = cfg.serve
+    timeout = float(s.start_timeout_s)
+    t0 = time.monotonic()
+    wait_for_node({"CPU": float(s.num_cpus), "GPU": float(s.num_gpus)}, timeout,
+                  "a serve replica (serve.num_cpus / serve.num_gpus)", "serve.start_timeout_s")
+    serve.start(http_options=http_options(cfg))
+    handle = serve._run(app, _blocking=False, name=name, route_prefix=str(s.route_prefix),
+                        logging_config=logging_config)
+    while True:
+        app_status = serve.status().applications.get(name)
+        state = str(getattr(app_status, "status", "")).rsplit(".", 1)[-1]
+        if state == "RUNNING":
+            return handle
+        if state == "DEPLOY_FAILED" or time.monotonic() - t0 > timeout:
+            message = getattr(app_status, "message", "") or ""
+            details = "; ".join(f"{d}: {getattr(ds, 'status', '')} {getattr(ds, 'message', '')}".strip()
+                                for d, ds in (getattr(app_status, "deployments", None) or {}).items())
+            stop_server(name)
+            what = "failed to deploy" if state == "DEPLOY_FAILED" else f"was not running after {timeout:g} s " \
+                                                                          "(serve.start_timeout_s)"
+            raise DataError(redact_text(f"serve application '{name}' {what}: {message or details or state}"))
+        time.sleep(0.25)
 
 
 def stop_server(name: str = APP_NAME) -> None:
@@ -316,4 +367,4 @@ def _sigterm_as_interrupt():
 
 
 __all__ = ["APP_NAME", "SERDeployment", "api", "app_builder", "build_app", "check_settings", "deployment_options",
-           "endpoint_url", "run_server", "stop_server"]
+           "endpoint_url", "http_options", "run_server", "stop_server"]

@@ -7,8 +7,13 @@ so every rule can be tested without a server. Every way a request can be unusabl
 
 from __future__ import annotations
 
-from email.message import Message
-from typing import Dict, List, Optional, Tuple
+import asyncio
+import re
+import time
+from typing import Awaitable, Callable, Dict, List, Optional, Tuple
+
+from python_multipart.exceptions import FormParserError
+from python_multipart.multipart import MultipartParser, parse_options_header
 
 #: Content types ``POST /predict`` accepts as a raw body (WAV or FLAC bytes).
 AUDIO_TYPES = ("audio/wav", "audio/x-wav", "audio/wave", "audio/vnd.wave", "audio/flac", "audio/x-flac",
@@ -16,6 +21,13 @@ AUDIO_TYPES = ("audio/wav", "audio/x-wav", "audio/wave", "audio/vnd.wave", "audi
 MULTIPART = "multipart/form-data"
 #: Multipart field names tried first for the audio file (then the first part with a filename).
 FILE_FIELDS = ("file", "audio")
+#: A form upload of one audio file needs a handful of parts; more is refused (400) while parsing.
+MAX_PARTS = 16
+#: RFC 2046: a boundary is 1-70 characters of this set (not ending in a space).
+_BOUNDARY = re.compile(r"^[0-9A-Za-z'()+_,\-./:=? ]{0,69}[0-9A-Za-z'()+_,\-./:=?]$")
+#: Header lines of one part are refused beyond this size / count (python-multipart's limits).
+MAX_PART_HEADER_BYTES = 8192
+MAX_PART_HEADERS = 16
 
 
 class RequestError(Exception):
@@ -27,19 +39,20 @@ class RequestError(Exception):
         self.message = message
 
 
-def _header_params(name: str, value: str) -> Message:
-    m = Message()
-    m[name] = value
-    return m
-
-
 def media_type(content_type: Optional[str]) -> Tuple[str, Dict[str, str]]:
-    """``'audio/wav; rate=16000'`` -> ``('audio/wav', {'rate': '16000'})``; lower-cased type."""
+    """``'audio/wav; rate=16000'`` -> ``('audio/wav', {'rate': '16000'})``; lower-cased type and names.
+
+    Parsed by python-multipart (the parser Starlette uses); RFC 2231 extended parameters
+    (``name*=...``), which RFC 7578 forbids in form data, are ignored. A header it cannot parse is a 400.
+    """
     if not content_type:
         return "", {}
-    m = _header_params("content-type", content_type)
-    params = {k.lower(): v for k, v in (m.get_params() or [])[1:]}
-    return content_type.split(";", 1)[0].strip().lower(), params
+    try:
+        kind, params = parse_options_header(content_type)
+        return (kind.decode("latin-1").strip().lower(),
+                {k.decode("latin-1").strip().lower(): v.decode("latin-1") for k, v in params.items()})
+    except (ValueError, UnicodeError) as e:
+        raise RequestError(400, f"malformed Content-Type header: {e}") from None
 
 
 def check_content_type(content_type: Optional[str]) -> Tuple[str, Dict[str, str]]:
@@ -62,8 +75,14 @@ def _too_large(size: int, max_bytes: int, how: str) -> RequestError:
                              f"({max_bytes / 2**20:g} MB, serve.max_body_mb)")
 
 
-async def read_body(request, max_bytes: int) -> bytes:
-    """The whole request body, refused with 413 as soon as it is known to exceed ``max_bytes``.
+def _timeout(seconds: float) -> RequestError:
+    return RequestError(408, f"request body not received within {seconds:g} s (serve.body_timeout_s): "
+                             "send the whole file at once")
+
+
+async def read_body(request, max_bytes: int, timeout_s: Optional[float] = None) -> bytes:
+    """The whole request body, refused with 413 as soon as it is known to exceed ``max_bytes`` and
+    with 408 when it has not fully arrived ``timeout_s`` after the handler started reading.
 
     Checks the Content-Length header first, then counts the streamed bytes (which also covers
     chunked bodies without a length and clients that send more than they announced).
@@ -72,13 +91,30 @@ async def read_body(request, max_bytes: int) -> bytes:
     if length is not None:
         try:
             n = int(length)
+            if n < 0:
+                raise ValueError(length)
         except ValueError:
             raise RequestError(400, f"invalid Content-Length header: {length!r}") from None
         if n > max_bytes:
             raise _too_large(n, max_bytes, "Content-Length")
     chunks: List[bytes] = []
     size = 0
-    async for chunk in request.stream():
+    deadline = None if timeout_s is None else time.monotonic() + timeout_s
+    stream = request.stream().__aiter__()
+    while True:
+        try:
+            if deadline is None:
+                chunk = await stream.__anext__()
+            else:
+                chunk = await asyncio.wait_for(stream.__anext__(), max(0.0, deadline - time.monotonic()))
+        except StopAsyncIteration:
+            break
+        except asyncio.TimeoutError:
+            raise _timeout(timeout_s) from None
+        except Exception as e:  # starlette.requests.ClientDisconnect and friends
+            if type(e).__name__ == "ClientDisconnect":
+                raise RequestError(400, "the client disconnected before sending the whole body") from None
+            raise
         size += len(chunk)
         if size > max_bytes:
             raise _too_large(size, max_bytes, "streamed more than")
@@ -86,46 +122,77 @@ async def read_body(request, max_bytes: int) -> bytes:
     return b"".join(chunks)
 
 
-def parse_multipart(body: bytes, boundary: Optional[str]) -> List[Tuple[Dict[str, str], bytes]]:
-    """The parts of a ``multipart/form-data`` body as ``(headers (lower-case names), content)``."""
+def check_boundary(boundary: Optional[str]) -> bytes:
+    """The multipart boundary as bytes, or a 400 naming what is wrong with it."""
     if not boundary:
         raise RequestError(400, "multipart/form-data Content-Type without a boundary parameter")
-    delimiter = b"\r\n--" + boundary.encode("latin-1")
-    segments = (b"\r\n" + body).split(delimiter)
-    if len(segments) < 2:
-        raise RequestError(400, "malformed multipart/form-data body: the boundary does not occur in it")
-    parts = []
-    for seg in segments[1:]:
-        if seg.startswith(b"--"):  # the closing delimiter
-            return parts
-        eol = seg.find(b"\r\n")
-        if eol < 0:
-            break
-        seg = seg[eol + 2:]
-        if seg.startswith(b"\r\n"):  # a part without headers
-            head, content = b"", seg[2:]
-        else:
-            head, sep, content = seg.partition(b"\r\n\r\n")
-            if not sep:
-                break
-        headers = {}
-        for line in head.decode("latin-1").split("\r\n"):
-            if ":" in line:
-                k, v = line.split(":", 1)
-                headers[k.strip().lower()] = v.strip()
-        parts.append((headers, content))
-    raise RequestError(400, "malformed or truncated multipart/form-data body (no closing boundary)")
+    if not _BOUNDARY.match(boundary):
+        raise RequestError(400, f"invalid multipart boundary {boundary[:80]!r}: RFC 2046 allows 1-70 characters "
+                                "(letters, digits and '()+_,-./:=? ), not ending in a space")
+    return boundary.encode("latin-1")
+
+
+def parse_multipart(body: bytes, boundary: Optional[str], max_parts: int = MAX_PARTS
+                    ) -> List[Tuple[Dict[str, str], bytes]]:
+    """The parts of a ``multipart/form-data`` body as ``(headers (lower-case names), content)``.
+
+    python-multipart's streaming parser; more than ``max_parts`` parts, a part header over
+    :data:`MAX_PART_HEADER_BYTES` / :data:`MAX_PART_HEADERS`, a malformed or a truncated body
+    (no closing boundary) are a 400, found without a second pass over the body.
+    """
+    parts: List[Tuple[Dict[str, str], bytes]] = []
+    state = {"field": [], "value": [], "headers": {}, "data": [], "ended": False}
+
+    def on_part_begin():
+        if len(parts) >= max_parts:
+            raise RequestError(400, f"too many parts in the multipart/form-data body: more than {max_parts}; "
+                                    "upload the audio as one field 'file'")
+        state["headers"], state["data"] = {}, []
+
+    def on_header_field(data, start, end):
+        state["field"].append(data[start:end])
+
+    def on_header_value(data, start, end):
+        state["value"].append(data[start:end])
+
+    def on_header_end():
+        name = b"".join(state["field"]).decode("latin-1").strip().lower()
+        state["headers"][name] = b"".join(state["value"]).decode("latin-1").strip()
+        state["field"], state["value"] = [], []
+
+    def on_part_data(data, start, end):
+        state["data"].append(data[start:end])
+
+    def on_part_end():
+        parts.append((state["headers"], b"".join(state["data"])))
+
+    def on_end():
+        state["ended"] = True
+
+    callbacks = {"on_part_begin": on_part_begin, "on_header_field": on_header_field,
+                 "on_header_value": on_header_value, "on_header_end": on_header_end,
+                 "on_part_data": on_part_data, "on_part_end": on_part_end, "on_end": on_end}
+    try:
+        parser = MultipartParser(check_boundary(boundary), callbacks, max_header_count=MAX_PART_HEADERS,
+                                 max_header_size=MAX_PART_HEADER_BYTES)
+        parser.write(body)
+        parser.finalize()
+    except FormParserError as e:
+        raise RequestError(400, f"malformed multipart/form-data body: {e}") from None
+    if not state["ended"]:
+        raise RequestError(400, "malformed or truncated multipart/form-data body (no closing boundary)")
+    return parts
 
 
 def audio_from_multipart(body: bytes, boundary: Optional[str]) -> bytes:
     """The audio file of an upload: field ``file`` (or ``audio``), else the first part with a filename."""
     named, with_file = {}, []
     for headers, content in parse_multipart(body, boundary):
-        disp = _header_params("content-disposition", headers.get("content-disposition", ""))
-        name = disp.get_param("name", header="content-disposition")
-        if isinstance(name, str):
+        _, disp = media_type(headers.get("content-disposition", ""))
+        name = disp.get("name")
+        if name is not None:
             named.setdefault(name, content)
-        if disp.get_filename() is not None:
+        if "filename" in disp:
             with_file.append(content)
     for field in FILE_FIELDS:
         if field in named:
@@ -136,12 +203,19 @@ def audio_from_multipart(body: bytes, boundary: Optional[str]) -> bytes:
                             "(e.g. curl -F file=@clip.wav http://HOST:PORT/predict)")
 
 
-async def audio_bytes(request, max_bytes: int) -> bytes:
-    """Content type check (415), size-limited read (413), multipart unwrapping and empty check (400)."""
+async def audio_bytes(request, max_bytes: int, timeout_s: Optional[float] = None,
+                      offload: Optional[Callable[..., Awaitable]] = None) -> bytes:
+    """Content type check (415 / 400), size- and time-limited read (413 / 408), multipart unwrapping
+    (400; run through ``offload(fn, *args)``, e.g. a thread pool, when given) and empty check (400)."""
     kind, params = check_content_type(request.headers.get("content-type"))
-    body = await read_body(request, max_bytes)
     if kind == MULTIPART:
-        body = audio_from_multipart(body, params.get("boundary"))
+        check_boundary(params.get("boundary"))  # before reading a byte of the body
+    body = await read_body(request, max_bytes, timeout_s)
+    if kind == MULTIPART:
+        if offload is not None:
+            body = await offload(audio_from_multipart, body, params.get("boundary"))
+        else:
+            body = audio_from_multipart(body, params.get("boundary"))
         if not body:
             raise RequestError(400, "empty audio: the uploaded file has no bytes")
     elif not body:

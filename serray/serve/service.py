@@ -8,6 +8,7 @@ so an HTTP prediction runs exactly the offline code path: ``load_audio`` -> ``en
 
 from __future__ import annotations
 
+import math
 import re
 import threading
 import time
@@ -17,10 +18,28 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
 
-from serray.data.audio import load_audio
+from serray import storage
+from serray.data.audio import MAX_CHANNELS, MAX_SAMPLE_RATE, MIN_SAMPLE_RATE, load_audio
 from serray.data.audio import check_complete_wav as _check_complete_wav
 from serray.errors import AudioError
 from serray.serve.parsing import AUDIO_TYPES, MULTIPART
+
+
+#: Key of an :meth:`SERService.infer` item whose probabilities are not finite (the endpoint answers 500).
+NON_FINITE = "_non_finite"
+
+
+def json_safe(obj: Any) -> Any:
+    """A copy with every non-finite float replaced by None (JSON has no NaN / Infinity)."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    if isinstance(obj, np.generic):
+        return json_safe(obj.item())
+    return obj
 
 
 def check_complete_wav(data: bytes) -> None:
@@ -62,11 +81,18 @@ class SERService:
     # ------------------------------------------------------------------ work
 
     def decode(self, audio: bytes) -> np.ndarray:
-        """Encoded WAV/FLAC bytes -> mono float32 at the model's rate (raises AudioError)."""
+        """Encoded WAV/FLAC bytes -> mono float32 at the model's rate (raises AudioError).
+
+        The header's rate, channel count and length are checked against the ``serve`` limits before
+        any sample is decoded, and at most ``serve.max_seconds`` is decoded (see ``load_audio``).
+        """
         check_complete_wav(audio)
+        s = self.settings
         try:
-            return load_audio(audio, self.sample_rate, float(self.settings["min_seconds"]),
-                              float(self.settings["max_seconds"]))
+            return load_audio(audio, self.sample_rate, float(s["min_seconds"]), float(s["max_seconds"]),
+                              max_channels=int(s.get("max_channels", MAX_CHANNELS)),
+                              min_sample_rate=int(s.get("min_sample_rate", MIN_SAMPLE_RATE)),
+                              max_sample_rate=int(s.get("max_sample_rate", MAX_SAMPLE_RATE)))
         except AudioError as e:  # libsndfile names the buffer object; the client knows it as its upload
             raise AudioError(re.sub(r"Error opening <_io\.BytesIO object at 0x[0-9a-fA-F]+>: ", "", str(e))) from None
 
@@ -81,12 +107,17 @@ class SERService:
             self.batches += 1
             self.batch_sizes[len(wavs)] += 1
             self.predictions += len(wavs)
-        return [{"label": labels[int(np.argmax(p))],
-                 "probabilities": {name: float(v) for name, v in zip(labels, p)},
-                 "version": self.version,
-                 "duration_s": round(len(w) / self.sample_rate, 4),
-                 "batch_size": len(wavs)}
-                for w, p in zip(wavs, probs)]
+        out: List[Dict[str, Any]] = []
+        for w, p in zip(wavs, probs):  # one bad item never spoils the others of its batch
+            if not np.isfinite(p).all():
+                out.append({NON_FINITE: "the model produced non-finite probabilities for this audio"})
+                continue
+            out.append({"label": labels[int(np.argmax(p))],
+                        "probabilities": {name: float(v) for name, v in zip(labels, p)},
+                        "version": self.version,
+                        "duration_s": round(len(w) / self.sample_rate, 4),
+                        "batch_size": len(wavs)})
+        return out
 
     # ------------------------------------------------------------------ bookkeeping
 
@@ -123,13 +154,21 @@ class SERService:
         return cfg if isinstance(cfg, dict) else None
 
     def info(self) -> Dict[str, Any]:
-        """The model card: version, encoder, classifier, labels, metrics, config, serving settings."""
+        """The model card: version, encoder, classifier, labels, metrics, config, serving settings.
+
+        What a client needs and nothing of the server's storage: no registry or checkpoint path, every
+        local path in the config and the encoder identity cut to its last component, storage URIs
+        without credentials or query (:func:`serray.storage.public_value`), no NaN / Infinity.
+        """
         meta = self.predictor.meta
         card = self.card
         s = self.settings
-        return {
+        from serray.config import PATH_KEYS
+
+        path_keys = {f"config.{k}" for k in (*PATH_KEYS, "pretrain.extra_audio", "encoder.name")} | {"encoder.encoder"}
+        return json_safe(storage.public_value({
             "version": self.version,
-            "model": {k: card.get(k) for k in ("id", "created", "source", "path") if k in card},
+            "model": {k: card.get(k) for k in ("id", "created", "source") if k in card},
             "labels": list(self.predictor.labels),
             "metrics": card.get("metrics", {}),
             "hyperparameters": card.get("hyperparameters", {}),
@@ -142,7 +181,11 @@ class SERService:
                         "batch_wait_timeout_s": float(s["batch_wait_timeout_s"]),
                         "max_body_mb": float(s["max_body_mb"]), "min_seconds": float(s["min_seconds"]),
                         "max_seconds": float(s["max_seconds"]), "sample_rate": self.sample_rate,
+                        "max_channels": int(s.get("max_channels", MAX_CHANNELS)),
+                        "sample_rates": [int(s.get("min_sample_rate", MIN_SAMPLE_RATE)),
+                                         int(s.get("max_sample_rate", MAX_SAMPLE_RATE))],
+                        "body_timeout_s": s.get("body_timeout_s"), "request_timeout_s": s.get("request_timeout_s"),
                         "content_types": [*AUDIO_TYPES, MULTIPART],
                         "device": str(self.predictor.device)},
             "stats": self.stats(),
-        }
+        }, path_keys))

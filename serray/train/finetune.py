@@ -477,17 +477,22 @@ def run_folds(cfg) -> List[Dict[str, Any]]:
 
 
 def require_training_resources(cfg, stages=("finetune", "pretrain")) -> None:
-    """A clear error (after ``ray.resource_wait_s``) when no node can hold a training worker of the
+    """A clear error (after ``ray.resource_timeout_s``) when no node can hold a training worker of the
     stages that run (``cpus_per_worker``, ``gpus_per_worker`` with ``use_gpu``), instead of trials
     that wait forever."""
-    from serray.ray_utils import require_resources
+    import ray
 
+    from serray.ray_utils import wait_for_node
+
+    if not ray.is_initialized():
+        return
     for stage in stages:
         if stage == "pretrain" and not uses_pretraining(cfg):
             continue
         t = cfg[stage]
-        require_resources(cfg, {"CPU": t.cpus_per_worker, "GPU": t.gpus_per_worker if t.use_gpu else 0},
-                          f"{stage} (cpus_per_worker / use_gpu, gpus_per_worker)", count=t.num_workers)
+        wait_for_node({"CPU": t.cpus_per_worker, "GPU": t.gpus_per_worker if t.use_gpu else 0},
+                      float(cfg.ray.resource_timeout_s),
+                      f"a {stage} worker ({stage}.cpus_per_worker / {stage}.use_gpu)", "ray.resource_timeout_s")
 
 
 def trial_resources(cfg, extra_cpu: float = 0.0) -> Dict[str, float]:

@@ -280,15 +280,16 @@ def pretrain_inputs(cfg, fold: Optional[int] = None):
 
 
 def _train(cfg, fold, out, export, phash, force, report_to_tune) -> Dict[str, Any]:
-    from serray.ray_utils import init_ray, require_resources
+    from serray.ray_utils import init_ray, wait_for_node
 
     loop_config, data = pretrain_inputs(cfg, fold)
     pool = loop_config["pool"]
     tcfg = cfg.pretrain
     init_ray(cfg)
     if not report_to_tune:  # inside a trial the fold's resources were checked before Tune started
-        require_resources(cfg, {"CPU": tcfg.cpus_per_worker, "GPU": tcfg.gpus_per_worker if tcfg.use_gpu else 0},
-                          "pretrain (cpus_per_worker / use_gpu, gpus_per_worker)", count=tcfg.num_workers)
+        wait_for_node({"CPU": tcfg.cpus_per_worker, "GPU": tcfg.gpus_per_worker if tcfg.use_gpu else 0},
+                      float(cfg.ray.resource_timeout_s), "a pretrain worker (pretrain.cpus_per_worker / pretrain.use_gpu)",
+                      "ray.resource_timeout_s")
     name = f"pretrain-{phash[:8]}"  # a rerun with the same config resumes this run's latest checkpoint
     ray_dir = storage.join(out, "ray")
     if force:

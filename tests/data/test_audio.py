@@ -243,3 +243,152 @@ def test_length_limits_use_source_rate():
         load_audio(wav_bytes(x, sr=8000), min_seconds=0.6)
     with pytest.raises(AudioError, match="too long"):
         load_audio(wav_bytes(x, sr=8000), max_seconds=0.4)
+
+
+# ---------------------------------------------------------------- bounded work (header limits, decoding, resampling)
+
+
+from serray.data.audio import (MAX_ABS_SAMPLE, MAX_CHANNELS, MAX_SAMPLE_RATE, MIN_SAMPLE_RATE,  # noqa: E402
+                               audio_header, polyphase_ratio, resample)
+
+
+def _peak_mb(fn):
+    """(result, peak MB of Python/numpy allocations, seconds) of fn()."""
+    import time
+    import tracemalloc
+
+    tracemalloc.start()
+    t0 = time.perf_counter()
+    try:
+        out = fn()
+    finally:
+        seconds = time.perf_counter() - t0
+        peak = tracemalloc.get_traced_memory()[1] / 2**20
+        tracemalloc.stop()
+    return out, peak, seconds
+
+
+def _lying_flac(frames: int = (1 << 36) - 1) -> bytes:
+    """A valid 1 s stereo FLAC whose STREAMINFO claims ``frames`` samples (36-bit field)."""
+    data = bytearray(wav_bytes(np.stack([tone(1.0), tone(1.0)], axis=1), fmt="FLAC"))
+    assert data[:4] == b"fLaC" and data[4] & 0x7F == 0  # STREAMINFO first
+    data[21] = (data[21] & 0xF0) | ((frames >> 32) & 0x0F)
+    data[22:26] = (frames & 0xFFFFFFFF).to_bytes(4, "big")
+    return bytes(data)
+
+
+@pytest.mark.parametrize("sr, ok", [(MIN_SAMPLE_RATE - 1, False), (MIN_SAMPLE_RATE, True), (4001, True),
+                                    (MAX_SAMPLE_RATE, True), (MAX_SAMPLE_RATE + 1, False)])
+def test_sample_rate_limits(sr, ok):
+    data = wav_bytes(tone(0.3, sr=sr, freq=300), sr=sr)
+    if ok:
+        y = load_audio(data)
+        assert abs(len(y) - 0.3 * SR) <= 1
+    else:
+        with pytest.raises(AudioError, match=f"unsupported sample rate {sr} Hz"):
+            load_audio(data)
+    assert len(load_audio(data, min_sample_rate=sr, max_sample_rate=sr)) > 0  # limits are parameters
+
+
+@pytest.mark.parametrize("channels, ok", [(MAX_CHANNELS, True), (MAX_CHANNELS + 1, False)])
+def test_channel_limit(channels, ok):
+    data = wav_bytes(np.stack([tone(0.3)] * channels, axis=1), subtype="PCM_16")
+    if ok:
+        np.testing.assert_allclose(load_audio(data), tone(0.3), atol=1e-4)
+    else:
+        with pytest.raises(AudioError, match=f"channel count {channels}"):
+            load_audio(data)
+
+
+def test_unusual_rate_is_resampled_correctly_at_bounded_cost():
+    """4001 Hz (coprime with 16 kHz): torchaudio's kernel would be 16000 x 4015 taps (~1 GB, seconds of
+    CPU); the polyphase path keeps the tone, the level and the length, in well under a second and 50 MB."""
+    sr = 4001
+    x = tone(0.5, sr=sr, freq=300)
+    y, peak_mb, seconds = _peak_mb(lambda: load_audio(wav_bytes(x, sr=sr, subtype="FLOAT")))
+    assert len(y) == int(np.ceil(len(x) * SR / sr))
+    assert peak_mb < 50, peak_mb
+    assert seconds < 2.0, seconds
+    spec = np.abs(np.fft.rfft(y))
+    assert abs(np.argmax(spec) * SR / len(y) - 300) < 5
+    assert np.sqrt(np.mean(y[800:-800] ** 2)) == pytest.approx(0.5 / np.sqrt(2), rel=0.05)
+
+
+def test_polyphase_ratio_is_exact_or_within_25_ppm():
+    for sr in (4001, 7919, 12345, 15999, 80002, 100003, 191999):
+        up, down = polyphase_ratio(sr, SR)
+        assert max(up, down) <= 20000
+        assert abs(up / down * sr / SR - 1) <= 25.0001e-6, sr
+    assert polyphase_ratio(4001, SR) == (16000, 4001)  # exact when the terms are small enough
+
+
+def test_usual_rates_keep_torchaudio():
+    import torch
+    import torchaudio.functional as AF
+
+    x = tone(0.5, sr=44100)
+    np.testing.assert_array_equal(resample(x, 44100, SR), AF.resample(torch.from_numpy(x), 44100, SR).numpy())
+
+
+def test_header_longer_than_max_seconds_is_refused_before_decoding(tmp_path):
+    """A silent 8-channel FLAC of 2 minutes is ~50 KB and would decode to 123 MB of float32 (30 min at
+    48 kHz: 715 KB -> 2.8 GB, measured before the header check existed)."""
+    p = tmp_path / "silent8.flac"
+    with sf.SoundFile(str(p), "w", 16000, 8, format="FLAC", subtype="PCM_16") as f:
+        f.write(np.zeros((16000 * 120, 8), np.float32))
+    assert p.stat().st_size < 100_000
+    assert audio_header(p) == (16000, 8, 16000 * 120)
+    out, peak_mb, seconds = _peak_mb(lambda: _raises(lambda: load_audio(p, max_seconds=30)))
+    assert isinstance(out, AudioError) and "header declares 120.0 s > maximum 30" in str(out)
+    assert peak_mb < 5 and seconds < 0.5, (peak_mb, seconds)
+
+
+def _raises(fn):
+    try:
+        fn()
+    except AudioError as e:
+        return e
+    return None
+
+
+def test_no_max_seconds_still_decodes_the_real_data_only(tmp_path):
+    """Without a limit, memory follows the samples really present (mono, in blocks), not channels x frames."""
+    p = tmp_path / "silent8.flac"
+    with sf.SoundFile(str(p), "w", 16000, 8, format="FLAC", subtype="PCM_16") as f:
+        f.write(np.zeros((16000 * 60, 8), np.float32))
+    y, peak_mb, _ = _peak_mb(lambda: load_audio(p))
+    assert len(y) == 16000 * 60
+    assert peak_mb < 20, peak_mb  # 60 s mono float32 = 3.7 MB (+ one block); all 8 channels would be 30 MB
+
+
+def test_flac_header_lying_about_its_length():
+    """STREAMINFO claims 2^36 frames (a 512 GiB allocation for a plain sf.read): a clear error either way."""
+    data = _lying_flac()
+    with pytest.raises(AudioError, match="header declares"):
+        load_audio(data, max_seconds=30)
+    err, peak_mb, _ = _peak_mb(lambda: _raises(lambda: load_audio(data)))  # no limit: decodes what is there
+    assert peak_mb < 50, peak_mb
+    if err is not None:
+        assert "cannot decode" in str(err) or "memory" in str(err)
+
+
+def test_max_seconds_counts_decoded_frames_too():
+    """A header may understate; decoding stops one frame past the limit."""
+    x = tone(2.0)
+    full = bytearray(wav_bytes(x))
+    full[40:44] = b"\xff\xff\xff\xff"  # unknown data size: libsndfile counts from the file length
+    with pytest.raises(AudioError, match="too long"):
+        load_audio(bytes(full), max_seconds=1.0)
+    assert len(load_audio(bytes(full), max_seconds=2.0)) == len(x)
+
+
+@pytest.mark.parametrize("scale, ok", [(MAX_ABS_SAMPLE, True), (MAX_ABS_SAMPLE * 1.01, False), (1e15, False)])
+def test_sample_magnitude_limit(tmp_path, scale, ok):
+    """Finite but huge float samples (x1e15) overflow the encoder to NaN: refused before any work."""
+    x = tone(0.5) / 0.5 * scale  # peak exactly `scale`
+    p = write(tmp_path, "big.wav", x.astype(np.float32), subtype="FLOAT")
+    if ok:
+        assert np.isfinite(load_audio(p)).all()
+    else:
+        with pytest.raises(AudioError, match="out of range"):
+            load_audio(p)

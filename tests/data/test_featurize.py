@@ -445,3 +445,136 @@ def test_session_statistics_equal_a_direct_computation(featurized, stored):
     for s, st in stats.items():
         assert local[s]["frames"] == st["frames"]
         np.testing.assert_allclose(local[s]["sum"], st["sum"], rtol=1e-12)
+
+
+# ---------------------------------------------------------------- nothing half-done looks done; bounded retries and waits
+
+
+def _parquet_bytes(feats: Path) -> dict:
+    return {str(p): p.read_bytes() for p in sorted(feats.rglob("*.parquet"))}
+
+
+@pytest.mark.ray
+def test_identity_is_written_before_the_first_partition(featurized, make_cfg, tmp_path, monkeypatch):
+    """Interrupt a run at its first partition: the encoder identity is already there and the old
+    metadata no longer vouches for the directory; a rerun with another encoder is then refused."""
+    import serray.data.featurize as fz
+    from serray.data.featurize import IDENTITY_FILE
+
+    feats = copy_features(featurized, tmp_path)
+    shutil.rmtree(feats / "session=4")
+    cfg = make_cfg(tmp_path, f"data.manifest={featurized.data.manifest}", f"features.dir={feats}")
+    seen = {}
+
+    def interrupted(*args, **kwargs):
+        seen["identity"] = json.loads((feats / IDENTITY_FILE).read_text())
+        seen["meta"] = (feats / META_FILE).exists()
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(fz, "_encode", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        featurize(cfg)
+    assert seen["identity"]["encoder"] == "fbank" and seen["identity"]["dim"] == 80 and not seen["meta"]
+    with pytest.raises(DataError, match=r"no features in .* holds no _serray_features.json"):
+        read_meta(feats)  # training refuses the unfinished directory
+    monkeypatch.undo()
+    before = _parquet_bytes(feats)
+    other = make_cfg(tmp_path, f"data.manifest={featurized.data.manifest}", f"features.dir={feats}",
+                     "encoder.num_mel_bins=40")
+    with pytest.raises(DataError, match=r"holds features \(an unfinished run\) made with encoder 'fbank'.*--overwrite"):
+        featurize(other)
+    assert _parquet_bytes(feats) == before  # nothing mixed in
+
+
+def test_rows_without_any_identity_are_refused(featurized, make_cfg, tmp_path):
+    """Parquet files with neither metadata nor identity (e.g. an older serray interrupted): their
+    encoder is unknown, so nothing is added to them."""
+    from serray.data.featurize import IDENTITY_FILE
+
+    feats = copy_features(featurized, tmp_path)
+    (feats / META_FILE).unlink()
+    (feats / IDENTITY_FILE).unlink()
+    cfg = make_cfg(tmp_path, f"data.manifest={featurized.data.manifest}", f"features.dir={feats}")
+    with pytest.raises(DataError, match="no record of the encoder that made them.*--overwrite"):
+        featurize(cfg)
+
+
+def test_a_transient_read_error_never_deletes_a_partition(featurized, make_cfg, tmp_path, monkeypatch):
+    import pyarrow as pa
+
+    import serray.data.featurize as fz
+    from serray import storage
+
+    feats = copy_features(featurized, tmp_path)
+    cfg = make_cfg(tmp_path, f"data.manifest={featurized.data.manifest}", f"features.dir={feats}")
+    victim = str(sorted((feats / "session=2").glob("*.parquet"))[0])
+    real = storage.parquet_file
+
+    def flaky(path):
+        if str(path) == victim:
+            raise OSError("Connection reset by peer (a storage hiccup)")
+        return real(path)
+
+    monkeypatch.setattr(storage, "parquet_file", flaky)
+    before = _parquet_bytes(feats)
+    with pytest.raises(DataError, match="cannot read the feature file .* left in place"):
+        featurize(cfg)
+    assert _parquet_bytes(feats) == before
+    # a footer that is missing once and there on the second look (a file still being copied in) is kept
+    calls = {"n": 0}
+
+    def once_invalid(path):
+        if str(path) == victim and calls["n"] == 0:
+            calls["n"] += 1
+            raise pa.ArrowInvalid("Parquet magic bytes not found in footer")
+        return real(path)
+
+    monkeypatch.setattr(storage, "parquet_file", once_invalid)
+    monkeypatch.setattr(fz.time, "sleep", lambda s: None)
+    assert fz._is_broken(victim) is False and calls["n"] == 1
+
+
+def test_two_runs_on_the_same_directory_are_refused(featurized, make_cfg, tmp_path):
+    from serray import storage
+
+    feats = copy_features(featurized, tmp_path)
+    cfg = make_cfg(tmp_path, f"data.manifest={featurized.data.manifest}", f"features.dir={feats}")
+    with storage.lock(str(feats), wait=False, what="another `serray featurize`"):
+        with pytest.raises(DataError, match=r"is being written by another `serray featurize` \(pid \d+"):
+            featurize(cfg)
+
+
+@pytest.mark.ray
+def test_unsatisfiable_encoder_resources_end_with_a_clear_error(featurized, make_cfg, tmp_path):
+    feats = copy_features(featurized, tmp_path)
+    shutil.rmtree(feats / "session=5")
+    cfg = make_cfg(tmp_path, f"data.manifest={featurized.data.manifest}", f"features.dir={feats}",
+                   "features.num_gpus=1", "features.resource_timeout_s=1")
+    import time
+
+    t0 = time.perf_counter()
+    with pytest.raises(ConfigError, match=r"GPU: 1.*features.resource_timeout_s"):
+        featurize(cfg)
+    assert time.perf_counter() - t0 < 15
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_a_file_that_kills_its_actor_is_reported_and_skipped(featurized, manifest, make_cfg, tmp_path):
+    """The encoder actor dies on one utterance (fault injection: os._exit). Its batch is retried
+    features.max_restarts times, then its rows are retried one by one: the culprit is skipped and
+    reported, every other utterance is stored; no endless restart loop."""
+    feats = copy_features(featurized, tmp_path)
+    shutil.rmtree(feats / "session=2")
+    rows = manifest[manifest["session"] == 2].sort_values("utt_id")
+    victim = rows["utt_id"].iloc[len(rows) // 2]
+    cfg = make_cfg(tmp_path, f"data.manifest={featurized.data.manifest}", f"features.dir={feats}",
+                   f"features.fault_utt={victim}", "features.max_restarts=1")
+    s = featurize(cfg)
+    assert s["skipped"] == 1 and s["written"] == len(rows) - 1
+    skipped = pd.read_csv(feats / SKIPPED_FILE)
+    assert list(skipped["utt_id"]) == [victim]
+    assert "actor died on this file, 2 times" in skipped["reason"].iloc[0]
+    stored_now = set(stored_utterances(feats)["utt_id"])
+    assert victim not in stored_now and set(rows["utt_id"]) - {victim} <= stored_now
+    assert read_meta(feats)["num_rows"] == len(manifest) - 1

@@ -311,6 +311,30 @@ def test_malformed_line_is_reported(synthetic_root, tmp_path):
     assert "malformed" in r.summary()
 
 
+@pytest.mark.parametrize("numbers, words", [
+    ("[1.0 - 2.0]\t{utt}\tneu\t[1.5.5, 2.0, 3.0]", "malformed number '1.5.5'"),  # float() would raise
+    ("[1.0 - 2.0]\t{utt}\tneu\t[2.5, -, 3.0]", "malformed number '-'"),
+    ("[3.0 - 2.0]\t{utt}\tneu\t[2.5, 2.0, 3.0]", "end 2.0 is not after start 3.0"),  # negative duration
+    ("[2.0 - 2.0]\t{utt}\tneu\t[2.5, 2.0, 3.0]", "end 2.0 is not after start 2.0"),
+])
+def test_malformed_numbers_are_reported_and_counted_like_a_missing_wav(synthetic_root, tmp_path, numbers, words):
+    """A label line that matches the layout but holds bad numbers: skipped and reported, never a crash
+    (valence 1.5.5 used to raise ValueError out of build_manifest; end < start gave a negative duration)."""
+    root = _copy_session1(synthetic_root, tmp_path)
+    full = build_manifest(root, sessions=[1])
+    victim = full.kept.iloc[0]
+    ann = root / "Session1" / "dialog" / "EmoEvaluation" / f"{victim['dialog']}.txt"
+    lines = ann.read_text().splitlines()
+    i = next(k for k, l in enumerate(lines) if l.startswith("[") and f"\t{victim['utt_id']}\t" in l)
+    lines[i] = numbers.format(utt=victim["utt_id"])
+    ann.write_text("\n".join(lines) + "\n")
+    r = build_manifest(root, sessions=[1])
+    assert len(r.malformed) == 1 and words in r.malformed[0] and f"{ann}:{i + 1}" in r.malformed[0]
+    assert victim["utt_id"] not in set(r.kept["utt_id"]) and len(r.kept) == len(full.kept) - 1
+    assert (r.kept["duration"] > 0).all()
+    assert "malformed utterance lines (skipped): 1" in r.summary()
+
+
 # ---------------------------------------------------------------- CLI
 
 

@@ -6,13 +6,16 @@ the end of the module; Ray (the session's ``ray_session``) is left running.
 """
 
 import http.client
+import io
 import json
 import socket
 import threading
+import time
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
+import soundfile as sf
 
 from serray.serve.demo import encode_audio, synthetic_clip
 
@@ -20,6 +23,10 @@ pytestmark = pytest.mark.ray
 
 MAX_BODY_MB = 0.5
 MAX_SECONDS = 5.0
+BODY_TIMEOUT_S = 2.0
+FIVE = [1, 2, 3, 4, 5]
+#: Planted in the served entry's training config: /info must show neither.
+SECRET_KEY, ACCESS_KEY = "SECRETSERRAYTEST", "AKIDSERRAYTEST"
 
 
 def _free_port() -> int:
@@ -65,17 +72,22 @@ def srv(ray_session, tmp_path_factory):
     from serray.serve.app import run_server
     from serray.serve.demo import make_demo_checkpoint
 
+    import yaml
+
     base = tmp_path_factory.mktemp("serve")
     ck = make_demo_checkpoint(base / "checkpoint", seed=0)
     reg = base / "registry"
-    loso = {"protocol": "inductive", "folds": [1, 2, 3, 4, 5]}  # what `best` compares (the default config's run)
-    other = register(reg, ck, metrics={"ua": 0.90, "val_ua": 0.40}, config_yaml="{}\n", source="test", extra=loso)
-    best = register(reg, ck, metrics={"ua": 0.55, "wa": 0.6, "val_ua": 0.55}, config_yaml=(ck / "config.yaml").read_text(),
-                    source="test", extra=loso)
+    five = {"protocol": "inductive", "folds": FIVE}
+    other = register(reg, ck, metrics={"ua": 0.40, "val_ua": 0.35}, config_yaml="{}\n", source="test", extra=five)
+    train_cfg = yaml.safe_load((ck / "config.yaml").read_text())
+    train_cfg["features"]["dir"] = f"s3://{ACCESS_KEY}:{SECRET_KEY}@bucket/features?secret_key={SECRET_KEY}&region=x"
+    (ck / "config.yaml").write_text(yaml.safe_dump(train_cfg))  # the model's config, which /info shows
+    best = register(reg, ck, metrics={"ua": 0.55, "wa": 0.6, "val_ua": 0.5}, config_yaml=yaml.safe_dump(train_cfg),
+                    source="test", extra=five)
     port = _free_port()
     overrides = [f"output_dir={base}", f"registry.dir={reg}", f"serve.port={port}", f"serve.max_body_mb={MAX_BODY_MB}",
                  f"serve.max_seconds={MAX_SECONDS}", "serve.batch_wait_timeout_s=0.2", "serve.max_batch_size=16",
-                 "ray.progress_bars=false"]
+                 f"serve.body_timeout_s={BODY_TIMEOUT_S}", "ray.progress_bars=false"]
     cfg = load_config(None, overrides)
     run_server(cfg, blocking=False, logging_config={"enable_access_log": False})
     from serray.registry import get_entry
@@ -102,9 +114,34 @@ def test_healthz_and_info(srv):
     assert info["metrics"]["ua"] == pytest.approx(0.55)
     assert info["encoder"]["encoder"] == "fbank" and info["encoder"]["dim"] == 80
     assert info["config"]["encoder"]["name"] == "fbank"
+    assert SECRET_KEY in (srv.checkpoint / "config.yaml").read_text()  # planted: test_info_exposes_no_... checks it
     assert info["serving"]["batching"] is True and info["serving"]["max_batch_size"] == 16
     status, body = request(srv, "GET", "/no-such-route")
     assert status == 404 and "error" in body
+
+
+def test_info_exposes_no_paths_or_credentials(srv):
+    """The card says what a client needs: no registry / checkpoint / output paths, no storage secrets."""
+    status, info = request(srv, "GET", "/info")
+    assert status == 200
+    text = json.dumps(info)
+    assert SECRET_KEY not in text and ACCESS_KEY not in text
+    assert str(srv.tmp) not in text and "/tmp/" not in text, [s for s in _strings(info) if "/tmp/" in s][:5]
+    assert "path" not in info["model"]
+    assert info["config"]["features"]["dir"] == "s3://bucket/features"  # where, without credentials or query
+    assert info["config"]["output_dir"].startswith(".../")
+    assert info["serving"]["max_channels"] == 8 and info["serving"]["sample_rates"] == [4000, 192000]
+
+
+def _strings(obj):
+    if isinstance(obj, dict):
+        for v in obj.values():
+            yield from _strings(v)
+    elif isinstance(obj, list):
+        for v in obj:
+            yield from _strings(v)
+    elif isinstance(obj, str):
+        yield obj
 
 
 def test_predict_valid_clip(srv):
@@ -126,11 +163,21 @@ def test_predict_valid_clip(srv):
     ("flac 48k stereo", lambda: encode_audio(synthetic_clip(1.0, 48000, channels=2), 48000, fmt="FLAC"), "audio/flac"),
     ("flac x-flac", lambda: encode_audio(synthetic_clip(1.0), fmt="FLAC"), "audio/x-flac; charset=binary"),
     ("no content type", lambda: clip_bytes(1.0), None),
+    ("4001 Hz (polyphase)", lambda: encode_audio(synthetic_clip(1.0, 4001), 4001), "audio/wav"),
+    ("4000 Hz (lowest rate)", lambda: encode_audio(synthetic_clip(1.0, 4000), 4000), "audio/wav"),
+    ("192 kHz (highest rate)", lambda: encode_audio(synthetic_clip(0.5, 192000), 192000), "audio/wav"),
+    ("8 channels (most)", lambda: encode_audio(synthetic_clip(0.5, channels=8)), "audio/wav"),
+    ("exactly max_seconds", lambda: clip_bytes(MAX_SECONDS, subtype="PCM_U8"), "audio/wav"),
+    ("float at the magnitude limit", lambda: encode_audio(synthetic_clip(0.5) / np.abs(synthetic_clip(0.5)).max() * 1e6,
+                                                          subtype="FLOAT"), "audio/wav"),
 ])
 def test_formats_accepted(srv, name, make, ctype):
-    status, body = request(srv, "POST", "/predict", make(), content_type=ctype)
+    data = make()
+    status, body = request(srv, "POST", "/predict", data, content_type=ctype)
     assert status == 200, (name, body)
     assert sum(body["probabilities"].values()) == pytest.approx(1.0, abs=1e-5)
+    info = sf.info(io.BytesIO(data))
+    assert body["duration_s"] == pytest.approx(info.frames / info.samplerate, abs=2e-3)
 
 
 def test_multipart_upload(srv):
@@ -151,6 +198,27 @@ def _float_wav_with(value) -> bytes:
     return encode_audio(x, subtype="FLOAT")
 
 
+def _lying_flac() -> bytes:
+    """1 s of FLAC whose STREAMINFO claims 2^36 - 1 frames (plain sf.read: a 512 GiB MemoryError)."""
+    data = bytearray(encode_audio(synthetic_clip(1.0, channels=2), fmt="FLAC"))
+    data[21] |= 0x0F
+    data[22:26] = b"\xff\xff\xff\xff"
+    return bytes(data)
+
+
+def _silent_flac(seconds: float, channels: int = 8, sr: int = 16000) -> bytes:
+    """Silence compresses to almost nothing: a few KB that decode to channels x seconds x sr floats
+    (the issue's example: 30 min x 8 ch x 48 kHz is 715 KB of FLAC and 2.8 GB of float32)."""
+    buf = io.BytesIO()
+    with sf.SoundFile(buf, "w", sr, channels, format="FLAC", subtype="PCM_16") as f:
+        left = int(round(seconds * sr))
+        while left > 0:
+            n = min(left, 30 * sr)
+            f.write(np.zeros((n, channels), np.float32))
+            left -= n
+    return buf.getvalue()
+
+
 BAD = [  # name, body, content type, status, words the error names
     ("empty body", b"", "audio/wav", 400, "empty"),
     ("not audio", b"this is certainly not a wav file\n" * 64, "audio/wav", 400, "decode"),
@@ -168,6 +236,24 @@ BAD = [  # name, body, content type, status, words the error names
     ("multipart empty file", *multipart([("file", "a.wav", b"")]), 400, "empty"),
     ("multipart truncated", multipart([("file", "a.wav", clip_bytes(1.0))])[0][:-30], multipart([])[1], 400,
      "multipart"),
+    # limits read from the header, before any sample is decoded
+    ("rate below the lowest", encode_audio(synthetic_clip(1.0, 3999), 3999), "audio/wav", 400, "sample rate 3999"),
+    ("rate above the highest", encode_audio(synthetic_clip(0.5, 192001), 192001), "audio/wav", 400, "sample rate 192001"),
+    ("9 channels", encode_audio(synthetic_clip(0.5, channels=9)), "audio/wav", 400, "channel count 9"),
+    ("silent 8-ch FLAC, 2 min", _silent_flac(120), "audio/flac", 400, "header declares 120.0 s"),
+    ("header just over max_seconds", _silent_flac(MAX_SECONDS + 0.01, 1), "audio/flac", 400, "header declares"),
+    ("FLAC header lying about its length", _lying_flac(), "audio/flac", 400, "header declares"),
+    ("finite but huge samples (x1e15)", encode_audio(synthetic_clip(1.0) * 1e15, subtype="FLOAT"), "audio/wav", 400,
+     "out of range"),
+    # malformed Content-Type parameters and multipart bodies
+    ("RFC 2231 boundary", *multipart([("file", "a.wav", b"RIFF")])[:1], "multipart/form-data; boundary*=utf-8''%E2%98%83",
+     400, "boundary"),
+    ("unterminated quoted boundary", *multipart([("file", "a.wav", b"RIFF")])[:1], 'multipart/form-data; boundary="abc',
+     400, "boundary"),
+    ("boundary over 70 characters", *multipart([("file", "a.wav", b"RIFF")], "b" * 71)[:1],
+     "multipart/form-data; boundary=" + "b" * 71, 400, "boundary"),
+    ("too many parts", *multipart([(f"n{i}", None, b"x") for i in range(40)] + [("file", "a.wav", b"RIFF")]), 400,
+     "too many parts"),
 ]
 
 
@@ -176,6 +262,81 @@ def test_bad_input(srv, name, body, ctype, status, words):
     got, out = request(srv, "POST", "/predict", body, content_type=ctype)
     assert got == status, (name, out)
     assert set(out) == {"error"} and words.lower() in out["error"].lower(), out
+    assert request(srv, "GET", "/healthz")[0] == 200
+
+
+def test_bad_input_is_cheap(srv):
+    """The classes that used to cost GBs or seconds (4001 Hz: ~1 GB and 2 s of resampling kernel; a silent
+    multichannel FLAC: GBs of decoded zeros; a lying header: MemoryError) now answer fast."""
+    cases = [(encode_audio(synthetic_clip(0.5, 4001), 4001), 200), (_silent_flac(120), 400), (_lying_flac(), 400)]
+    for body, status in cases:
+        t0 = time.perf_counter()
+        got, out = request(srv, "POST", "/predict", body)
+        assert got == status, out
+        assert time.perf_counter() - t0 < 3.0
+
+
+def test_many_parts_do_not_stall_the_replica(srv):
+    """A body of 40k tiny parts is refused at part 17, and /healthz answers meanwhile."""
+    body = (b"--x\r\n\r\ny\r\n" * 40_000) + b"--x--\r\n"
+    t0 = time.perf_counter()
+    status, out = request(srv, "POST", "/predict", body, content_type="multipart/form-data; boundary=x")
+    assert status == 400 and "too many parts" in out["error"]
+    assert time.perf_counter() - t0 < 3.0
+
+
+def _slow_client(srv, declared: int, path="/predict", send=b"RIFF", headers_only=False):
+    """A raw socket that declares ``declared`` body bytes and sends only ``send`` (nothing more)."""
+    sock = socket.create_connection(("127.0.0.1", srv.port), timeout=30)
+    sock.sendall((f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: audio/wav\r\n"
+                  f"Content-Length: {declared}\r\n\r\n").encode() + (b"" if headers_only else send))
+    return sock
+
+
+def _read_response(sock) -> tuple:
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(65536)
+        if not chunk:
+            break
+        data += chunk
+    head, _, rest = data.partition(b"\r\n\r\n")
+    status = int(head.split(b" ", 2)[1])
+    length = int(next((l.split(b":", 1)[1] for l in head.split(b"\r\n") if l.lower().startswith(b"content-length")), b"0"))
+    while len(rest) < length:
+        chunk = sock.recv(65536)
+        if not chunk:
+            break
+        rest += chunk
+    return status, rest[:length]
+
+
+def test_large_declared_body_is_refused_before_it_is_sent(srv):
+    sock = _slow_client(srv, int(MAX_BODY_MB * 2**20) + 1, headers_only=True)
+    try:
+        t0 = time.perf_counter()
+        status, body = _read_response(sock)
+        assert status == 413 and "too large" in json.loads(body)["error"]
+        assert time.perf_counter() - t0 < 3.0
+    finally:
+        sock.close()
+
+
+def test_slow_client_gets_408_while_others_are_served(srv):
+    """A client that declares a body within the limit and trickles it gets 408 (JSON) after
+    serve.body_timeout_s; a normal request sent meanwhile is answered at once."""
+    sock = _slow_client(srv, 100_000)
+    try:
+        t0 = time.perf_counter()
+        status, out = request(srv, "POST", "/predict", clip_bytes(1.0))
+        served = time.perf_counter() - t0
+        assert status == 200 and served < BODY_TIMEOUT_S, (status, served)
+        status, body = _read_response(sock)
+        waited = time.perf_counter() - t0
+        assert status == 408 and "body_timeout_s" in json.loads(body)["error"]
+        assert BODY_TIMEOUT_S - 0.5 <= waited < BODY_TIMEOUT_S + 3.0, waited
+    finally:
+        sock.close()
     assert request(srv, "GET", "/healthz")[0] == 200
 
 
@@ -268,6 +429,93 @@ def test_unbatched_app_from_app_builder(srv):
         serve.delete("serray-unbatched")
 
 
+# ---------------------------------------------------------------------------- bounded queue, broken model
+
+
+def test_burst_beyond_capacity_gets_503_at_once(srv):
+    """A replica admitting 1 request with a queue of 1: while a slow client holds the replica and a
+    second request waits in the queue, a third gets 503 at once; the queued one is served after the
+    slow one's 408."""
+    from ray import serve
+
+    from serray.serve.app import app_builder
+
+    small = ["serve.batching=false", "serve.max_batch_size=1", "serve.max_ongoing_requests=1",
+             "serve.max_queued_requests=1"]
+    serve.run(app_builder({"overrides": srv.overrides + small}), name="serray-small", route_prefix="/small",
+              blocking=False)
+    try:
+        assert request(srv, "POST", "/small/predict", clip_bytes(1.0))[0] == 200
+        sock = _slow_client(srv, 100_000, path="/small/predict")
+        time.sleep(0.5)
+        queued = {}
+        t = threading.Thread(target=lambda: queued.update(r=request(srv, "POST", "/small/predict", clip_bytes(1.0))))
+        t.start()
+        time.sleep(0.5)
+        t0 = time.perf_counter()
+        conn = http.client.HTTPConnection("127.0.0.1", srv.port, timeout=30)
+        conn.request("POST", "/small/predict", body=clip_bytes(1.0), headers={"Content-Type": "audio/wav"})
+        r = conn.getresponse()
+        r.read()
+        conn.close()
+        assert r.status == 503 and time.perf_counter() - t0 < 1.5, (r.status, time.perf_counter() - t0)
+        status, _ = _read_response(sock)
+        sock.close()
+        assert status == 408
+        t.join(30)
+        assert queued["r"][0] == 200, queued
+    finally:
+        serve.delete("serray-small")
+
+
+def test_non_finite_model_output_is_a_json_500(srv, tmp_path):
+    """A model whose weights hold NaN: the client gets {"error": ...} with 500 (the response used to
+    fail to render outside the error handler: a plain-text 500), and nothing non-finite."""
+    import torch
+    from ray import serve
+
+    from serray.serve.app import app_builder
+
+    nan_ck = tmp_path / "nan_model"
+    import shutil
+
+    shutil.copytree(srv.checkpoint, nan_ck)
+    state = torch.load(nan_ck / "state.pt", weights_only=True)
+    for v in state["model"].values():
+        if torch.is_floating_point(v):
+            v.fill_(float("nan"))
+    torch.save(state, nan_ck / "state.pt")
+    serve.run(app_builder({"overrides": srv.overrides + [f"serve.checkpoint={nan_ck}"]}), name="serray-nan",
+              route_prefix="/nan", blocking=False)
+    try:
+        conn = http.client.HTTPConnection("127.0.0.1", srv.port, timeout=60)
+        conn.request("POST", "/nan/predict", body=clip_bytes(1.0), headers={"Content-Type": "audio/wav"})
+        r = conn.getresponse()
+        raw = r.read()
+        conn.close()
+        assert r.status == 500 and r.getheader("content-type") == "application/json", (r.status, raw[:200])
+        out = json.loads(raw)
+        assert set(out) == {"error"} and "non-finite" in out["error"]
+        assert b"NaN" not in raw and b"Infinity" not in raw
+        status, info = request(srv, "GET", "/nan/info")
+        assert status == 200 and info["stats"]["errors"] == {"500": 1}
+    finally:
+        serve.delete("serray-nan")
+
+
+def test_unsatisfiable_resources_end_with_a_clear_error(srv):
+    """serve.num_gpus=1 on this CPU-only cluster: a ConfigError after serve.start_timeout_s, not a hang."""
+    from serray.config import load_config
+    from serray.errors import ConfigError
+    from serray.serve.app import run_server
+
+    cfg = load_config(None, srv.overrides + ["serve.num_gpus=1", "serve.start_timeout_s=1"])
+    t0 = time.perf_counter()
+    with pytest.raises(ConfigError, match=r"GPU: 1.*serve.start_timeout_s"):
+        run_server(cfg, blocking=False, name="serray-gpu")
+    assert time.perf_counter() - t0 < 10
+
+
 # ---------------------------------------------------------------------------- no server needed
 
 
@@ -279,7 +527,7 @@ def test_deployment_options_from_config():
 
     fixed = deployment_options(OmegaConf.to_container(load_config(None, ["serve.num_replicas=3", "serve.num_cpus=1"]).serve))
     assert fixed["num_replicas"] == 3 and fixed["ray_actor_options"] == {"num_cpus": 1.0, "num_gpus": 0.0}
-    assert fixed["max_ongoing_requests"] >= 16
+    assert fixed["max_ongoing_requests"] == 32 and fixed["max_queued_requests"] == 64
     auto = deployment_options(OmegaConf.to_container(
         load_config(None, ["serve.autoscaling=true", "serve.min_replicas=1", "serve.max_replicas=4"]).serve))
     assert "num_replicas" not in auto
@@ -297,3 +545,21 @@ def test_build_app_errors(tmp_path):
         build_app(load_config(None, [f"serve.checkpoint={tmp_path}"]))
     with pytest.raises(ConfigError, match="serve.max_seconds"):
         build_app(load_config(None, ["serve.min_seconds=5", "serve.max_seconds=1"]))
+
+
+@pytest.mark.parametrize("override, message", [
+    ("serve.max_ongoing_requests=8", "serve.max_batch_size (16) must be <= serve.max_ongoing_requests (8)"),
+    ("serve.max_queued_requests=0", "serve.max_queued_requests must be -1 (no limit) or >= 1, got 0"),
+    ("serve.body_timeout_s=0", "serve.body_timeout_s must be > 0, got 0"),
+    ("serve.request_timeout_s=-1", "serve.request_timeout_s must be > 0"),
+    ("serve.max_channels=0", "serve.max_channels must be >= 1"),
+    ("serve.min_sample_rate=200000", "serve.min_sample_rate (200000) must be <= serve.max_sample_rate (192000)"),
+    ("serve.start_timeout_s=0", "serve.start_timeout_s must be > 0"),
+])
+def test_serve_limits_are_checked_at_load(override, message):
+    from serray.config import load_config
+    from serray.errors import ConfigError
+
+    with pytest.raises(ConfigError) as e:
+        load_config(None, [override])
+    assert message in str(e.value)

@@ -1,0 +1,67 @@
+"""Storage helpers without a server: credential redaction, public names, "done" markers uploaded last, locks."""
+
+from __future__ import annotations
+
+import pytest
+
+from serray import storage
+
+
+def test_redact_masks_credentials_and_query_values():
+    uri = "s3://AKID:SECRET@bucket/run/x?access_key=AKID&secret_key=SECRET&region=eu-west-1"
+    assert storage.redact(uri) == "s3://***@bucket/run/x?access_key=***&secret_key=***&region=eu-west-1"
+    assert storage.redact("/local/path") == "/local/path"
+    text = "cannot open s3://AK:SK@b/p?session_token=TOK: denied (also gs://u@b2/x)"
+    out = storage.redact_text(text)
+    assert "SK" not in out and "TOK" not in out and "AK:" not in out
+    assert "s3://***@b/p?session_token=***" in out and "gs://***@b2/x" in out
+
+
+def test_public_name():
+    assert storage.public_name("/home/me/models/hubert-large/") == ".../hubert-large"
+    assert storage.public_name("s3://AK:SK@bucket/reg?secret_key=SK") == "s3://bucket/reg"
+    assert storage.public_name("facebook/hubert-large-ll60k") == "facebook/hubert-large-ll60k"  # a hub name
+    assert storage.public_name("fbank") == "fbank"
+
+
+def test_storage_uri_errors_carry_no_credentials():
+    from serray.errors import DataError
+
+    storage._filesystem.cache_clear()
+    with pytest.raises(DataError) as e:
+        storage.resolve("nosuchscheme://AKIDX:SECRETX@bucket/p?secret_key=SECRETX")
+    assert "SECRETX" not in str(e.value) and "AKIDX" not in str(e.value)
+
+
+def test_upload_sends_done_markers_last(tmp_path, monkeypatch):
+    """On object storage a marker (meta.json, fold_result.json, entry.json, _serray_features.json)
+    must not exist before what it vouches for: it is uploaded after every other file."""
+    src = tmp_path / "src"
+    (src / "model").mkdir(parents=True)
+    for name in ("model/meta.json", "model/state.pt", "entry.json", "config.yaml", "fold_result.json", "a.csv"):
+        (src / name).write_text(name)
+    order = []
+    real = storage.pafs.copy_files
+
+    def spy(source, destination, **kw):
+        order.append(destination.rsplit("/dest/", 1)[-1])
+        return real(source, destination, **kw)
+
+    monkeypatch.setattr(storage.pafs, "copy_files", spy)
+    storage.upload(src, f"file://{tmp_path}/dest")
+    markers = [i for i, n in enumerate(order) if n.rsplit("/", 1)[-1] in storage.DONE_MARKERS]
+    others = [i for i, n in enumerate(order) if n.rsplit("/", 1)[-1] not in storage.DONE_MARKERS]
+    assert len(order) == 6 and max(others) < min(markers), order
+    assert order.index("model/meta.json") < order.index("entry.json")  # deeper markers before the top one
+    assert (tmp_path / "dest" / "model" / "state.pt").read_text() == "model/state.pt"
+
+
+def test_lock_without_waiting_names_the_holder(tmp_path):
+    target = tmp_path / "features"
+    with storage.lock(target, wait=False, what="another `serray featurize`"):
+        with pytest.raises(storage.Busy) as e:
+            with storage.lock(target, wait=False, what="another `serray featurize`"):
+                pass
+        assert "being written by another `serray featurize`" in str(e.value) and "pid" in str(e.value)
+    with storage.lock(target, wait=False):  # released
+        pass
