@@ -182,6 +182,7 @@ def two_worker_run(featurized, tmp_path_factory):
     return cfg, summary, time.monotonic() - t0
 
 
+@pytest.mark.slow
 @pytest.mark.ray
 def test_two_worker_run_writes_checkpoints_and_export(two_worker_run) -> None:
     cfg, summary, _ = two_worker_run
@@ -219,6 +220,7 @@ def test_two_worker_run_writes_checkpoints_and_export(two_worker_run) -> None:
     assert list(csv["epoch"]) == list(range(cfg.pretrain.epochs))
 
 
+@pytest.mark.slow
 @pytest.mark.ray
 def test_two_worker_metrics(two_worker_run) -> None:
     cfg, summary, _ = two_worker_run
@@ -240,6 +242,7 @@ def test_two_worker_metrics(two_worker_run) -> None:
     assert summary["metrics"]["step"] == steps[-1]
 
 
+@pytest.mark.slow
 @pytest.mark.ray
 def test_checkpoint_restores_identical_weights_centroids_and_step(two_worker_run) -> None:
     """What a resume does (load_state_dict into a fresh Adapter + AdamW) reproduces the saved state exactly."""
@@ -271,6 +274,7 @@ def test_checkpoint_restores_identical_weights_centroids_and_step(two_worker_run
         assert torch.equal(export[MODEL_KEY][k], saved[k]), k
 
 
+@pytest.mark.slow
 @pytest.mark.ray
 def test_unchanged_config_is_reused_without_training(two_worker_run, featurized) -> None:
     cfg, _, fit_s = two_worker_run
