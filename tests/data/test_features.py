@@ -31,6 +31,7 @@ def test_unknown_label_is_still_an_error():
         PadCollate()(_batch(["fru", "neu"]))
 
 
+@pytest.mark.slow
 def test_large_selections_keep_only_their_rows(featurized, monkeypatch):
     """A selection from files above SHARED_TABLE_MB is read batch by batch, keeping only its rows, and
     gives the same rows as the cached path."""

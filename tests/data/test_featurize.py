@@ -224,6 +224,7 @@ def test_other_encoder_on_same_dir_is_refused(featurized, make_cfg, tiny_hubert,
         featurize(other_bins)
 
 
+@pytest.mark.slow
 @pytest.mark.ray
 def test_hf_encoder_two_layers(featurized, make_cfg, sessions_overrides, tiny_hubert, tmp_path):
     from transformers import HubertConfig
@@ -328,6 +329,7 @@ def _expected_stats(rows: pd.DataFrame) -> dict:
     return {"frames": len(x), "sum": x.sum(0), "sumsq": (x * x).sum(0)}
 
 
+@pytest.mark.slow
 @pytest.mark.ray
 def test_extra_audio_session0_incremental(featurized, make_cfg, stored, tmp_path):
     """Extra audio goes to session=0; adding a source computes only its files, removing one drops its rows."""

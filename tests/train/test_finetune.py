@@ -215,6 +215,7 @@ def test_rerun_reuses_everything_and_same_seed_same_numbers(ablation, featurized
     assert res["folds"][0]["ua"] == pytest.approx(first["ua"], abs=1e-9)
 
 
+@pytest.mark.slow
 @pytest.mark.ray
 def test_finetune_registers_with_protocol_folds_and_validation_ua(featurized, tmp_path):
     from serray.train.finetune import run_finetune
