@@ -19,7 +19,7 @@ from serray.data.featurize import decode_feature
 from serray.data.iemocap import LABELS
 from serray.errors import DataError
 from serray.models.classifier import EmotionClassifier
-from serray.train.checkpoint import MODEL_KEY, load_checkpoint
+from serray.train.checkpoint import ENCODER_DIR, MODEL_KEY, load_checkpoint
 
 
 class Predictor:
@@ -94,8 +94,6 @@ class Predictor:
             from omegaconf import OmegaConf
 
             from serray.data.encoders import build_encoder
-
-            from serray.registry import ENCODER_DIR
 
             f = self.features
             bundled = self.directory / ENCODER_DIR if self.directory is not None else None

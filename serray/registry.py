@@ -39,7 +39,6 @@ log = logging.getLogger(__name__)
 
 ENTRY_FILE = "entry.json"
 MODEL_DIR = "model"
-ENCODER_DIR = "encoder"  # inside the model directory
 
 
 def encoder_files(name: str) -> Optional[Path]:
@@ -84,6 +83,8 @@ def register(registry_dir: str | Path, model_dir: str | Path, *, metrics: Dict[s
     def fill(d: Path) -> None:
         shutil.copytree(storage.local_copy(model_dir), d / MODEL_DIR)
         if encoder_files is not None:
+            from serray.train.checkpoint import ENCODER_DIR
+
             shutil.copytree(encoder_files, d / MODEL_DIR / ENCODER_DIR, symlinks=False,
                             ignore=shutil.ignore_patterns(".git*", "*.msgpack", "*.h5", "flax_model*", "tf_model*"))
         (d / "config.yaml").write_text(config_yaml)

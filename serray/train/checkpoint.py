@@ -15,6 +15,7 @@ import torch
 
 STATE_FILE, META_FILE, CONFIG_FILE = "state.pt", "meta.json", "config.yaml"
 MODEL_KEY, OPTIMIZER_KEY, SCHEDULER_KEY, STEP_KEY, EPOCH_KEY = "model", "optimizer", "scheduler", "step", "epoch"
+ENCODER_DIR = "encoder"  # a classifier checkpoint may carry its Hugging Face encoder here (registry.include_encoder)
 
 
 def save_checkpoint(directory: str | Path, state: Dict[str, Any], meta: Dict[str, Any], config_yaml: str) -> Path:
