@@ -398,8 +398,9 @@ def _actor_died(e: BaseException) -> bool:
     return False
 
 
-def _encode(cfg, rows: pd.DataFrame, out_dir: str, batch_size: int, min_blocks: int, tracker=None) -> None:
-    """One Ray Data job: ``rows`` -> :class:`EncodeBatch` actors -> Parquet partitioned by session.
+def _encode(cfg, rows: pd.DataFrame, out_dir: str, pool: tuple[int, int], tracker=None) -> None:
+    """One Ray Data job: ``rows`` -> :class:`EncodeBatch` actors (``pool``: min, max) -> Parquet
+    partitioned by session.
 
     An actor that dies (a crash, the OOM killer, ``os._exit``) is restarted and its batch retried at
     most ``features.max_restarts`` times (Ray Data's default is forever, so one file that kills its
@@ -409,24 +410,23 @@ def _encode(cfg, rows: pd.DataFrame, out_dir: str, batch_size: int, min_blocks: 
     import ray
 
     retries = int(cfg.features.max_restarts)
-    blocks = _bucketed_blocks(rows[MANIFEST_COLUMNS], batch_size, min_blocks)
+    blocks = _bucketed_blocks(rows[MANIFEST_COLUMNS], cfg.features.batch_size, 4 * pool[1])
     with warnings.catch_warnings():  # max_restarts / max_task_retries have no named parameter in Ray 2.60
         warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
-        ds = _map(ray, blocks, cfg, batch_size, tracker, retries)
+        ds = _map(ray, blocks, cfg, pool, tracker, retries)
     (path,), fs = storage.ray_paths([out_dir])
     ds.write_parquet(path, filesystem=fs, partition_cols=["session"])
 
 
-def _map(ray, blocks, cfg, batch_size: int, tracker, retries: int):
-    lo, hi = actor_pool_bounds(cfg.features, ray.cluster_resources())
+def _map(ray, blocks, cfg, pool: tuple[int, int], tracker, retries: int):
     return ray.data.from_pandas(blocks).map_batches(
         EncodeBatch,
         fn_constructor_kwargs={"encoder_cfg": as_dict(cfg.encoder), "min_seconds": cfg.features.min_seconds,
                                "max_seconds": cfg.features.max_seconds, "fault_utt": cfg.features.fault_utt,
                                "tracker": tracker},
-        batch_size=batch_size,
+        batch_size=cfg.features.batch_size,
         batch_format="pandas",
-        compute=ray.data.ActorPoolStrategy(min_size=lo, max_size=hi),
+        compute=ray.data.ActorPoolStrategy(min_size=pool[0], max_size=pool[1]),
         num_cpus=cfg.features.num_cpus,
         num_gpus=cfg.features.num_gpus,
         max_restarts=retries,
@@ -479,10 +479,12 @@ def _encode_all(cfg, rows: pd.DataFrame, out_dir: str) -> set:
     f = cfg.features
     killed: set = set()
     todo = rows
+    pool = actor_pool_bounds(f, ray.cluster_resources())
+    log.info("featurize: %d to %d encoder actors", *pool)
     for _ in range(MAX_FAILED_BATCHES + 1):
         tracker = ray.remote(num_cpus=0)(_BatchTracker).remote()
         try:
-            _encode(cfg, todo, out_dir, f.batch_size, 4 * actor_pool_bounds(f, ray.cluster_resources())[1], tracker)
+            _encode(cfg, todo, out_dir, pool, tracker)
             return killed
         except Exception as e:
             if not _actor_died(e):

@@ -478,21 +478,16 @@ def run_folds(cfg) -> List[Dict[str, Any]]:
 
 def require_training_resources(cfg, stages=("finetune", "pretrain")) -> None:
     """A clear error (after ``ray.resource_timeout_s``) when no node can hold a training worker of the
-    stages that run (``cpus_per_worker``, ``gpus_per_worker`` with ``use_gpu``), instead of trials
-    that wait forever."""
+    stages that run, instead of trials that wait forever."""
     import ray
 
-    from serray.ray_utils import wait_for_node
+    from serray.train.loop import wait_for_workers
 
     if not ray.is_initialized():
         return
     for stage in stages:
-        if stage == "pretrain" and not uses_pretraining(cfg):
-            continue
-        t = cfg[stage]
-        wait_for_node({"CPU": t.cpus_per_worker, "GPU": t.gpus_per_worker if t.use_gpu else 0},
-                      float(cfg.ray.resource_timeout_s),
-                      f"a {stage} worker ({stage}.cpus_per_worker / {stage}.use_gpu)", "ray.resource_timeout_s")
+        if stage != "pretrain" or uses_pretraining(cfg):
+            wait_for_workers(cfg, stage)
 
 
 def trial_resources(cfg, extra_cpu: float = 0.0) -> Dict[str, float]:

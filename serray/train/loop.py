@@ -361,6 +361,23 @@ def backend(trainer_cfg) -> str:
     return choice
 
 
+def worker_resources(trainer_cfg) -> Dict[str, float]:
+    """What one training worker of a ``pretrain``/``finetune`` section asks Ray for."""
+    resources = {"CPU": trainer_cfg.cpus_per_worker}
+    if trainer_cfg.use_gpu:
+        resources["GPU"] = trainer_cfg.gpus_per_worker
+    return resources
+
+
+def wait_for_workers(cfg, stage: str) -> None:
+    """A clear error (after ``ray.resource_timeout_s``) when no node of the cluster can host one worker
+    of ``cfg.<stage>``, instead of a run that waits for it forever."""
+    from serray.ray_utils import wait_for_node
+
+    wait_for_node(worker_resources(cfg[stage]), float(cfg.ray.resource_timeout_s),
+                  f"a {stage} worker ({stage}.cpus_per_worker / {stage}.use_gpu)", "ray.resource_timeout_s")
+
+
 def fit(task_cls, loop_config: Dict[str, Any], datasets: Dict[str, Any], trainer_cfg, storage_path: str, name: str,
         score: tuple[str, str], report_to_tune: bool = False):
     """Run the loop for one stage (Ray Train, or in-process; see :func:`backend`) and return its result.
@@ -399,9 +416,7 @@ def _fit_ray(task_cls, loop_config, datasets, trainer_cfg, storage_path, name, s
 
         callbacks = [TuneReportCallback()]
     storage_path, storage_fs = storage.train_storage(storage_path)
-    resources = {"CPU": trainer_cfg.cpus_per_worker}
-    if trainer_cfg.use_gpu:
-        resources["GPU"] = trainer_cfg.gpus_per_worker
+    resources = worker_resources(trainer_cfg)
     options = ExecutionOptions(preserve_order=True)  # same order every run -> reproducible on CPU
     options.verbose_progress = False
     split = ["train"] if loop_config["data_mode"] == "stream" else []

@@ -33,7 +33,7 @@ from serray.errors import DataError
 from serray.models.adapter import Adapter
 from serray.models.wap import kernel_frames
 from serray.train.checkpoint import META_FILE
-from serray.train.loop import fit, steps_per_epoch
+from serray.train.loop import fit, steps_per_epoch, wait_for_workers
 from serray.train.report import write_history
 from serray.train.schedules import cosine_schedule
 
@@ -280,16 +280,14 @@ def pretrain_inputs(cfg, fold: Optional[int] = None):
 
 
 def _train(cfg, fold, out, export, phash, force, report_to_tune) -> Dict[str, Any]:
-    from serray.ray_utils import init_ray, wait_for_node
+    from serray.ray_utils import init_ray
 
     loop_config, data = pretrain_inputs(cfg, fold)
     pool = loop_config["pool"]
     tcfg = cfg.pretrain
     init_ray(cfg)
     if not report_to_tune:  # inside a trial the fold's resources were checked before Tune started
-        wait_for_node({"CPU": tcfg.cpus_per_worker, "GPU": tcfg.gpus_per_worker if tcfg.use_gpu else 0},
-                      float(cfg.ray.resource_timeout_s), "a pretrain worker (pretrain.cpus_per_worker / pretrain.use_gpu)",
-                      "ray.resource_timeout_s")
+        wait_for_workers(cfg, "pretrain")
     name = f"pretrain-{phash[:8]}"  # a rerun with the same config resumes this run's latest checkpoint
     ray_dir = storage.join(out, "ray")
     if force:
