@@ -8,11 +8,32 @@ Transformer layers (one ``LayerNorm`` per layer, ``out_norms[l]``).
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+
+@contextlib.contextmanager
+def regular_path_on_cpu(device: torch.device):
+    """Run ``nn.TransformerEncoderLayer`` inference on its regular path when on CPU.
+
+    PyTorch's inference fast path (one fused kernel; nested tensors under a padding mask) measured 2-3x
+    slower on this 2-core CPU than the regular path at d_model 64 (4.5x with a padding mask at 1200
+    frames) and no faster at d_model 1024 (``bench/wap_cpu.py``); it is left on for other devices. The
+    switch is process-wide (``torch.backends.mha``): a thread that runs meanwhile may take either path,
+    whose outputs agree to float rounding.
+    """
+    if device.type != "cpu" or not torch.backends.mha.get_fastpath_enabled():
+        yield
+        return
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        yield
+    finally:
+        torch.backends.mha.set_fastpath_enabled(True)
 
 
 def _zero_padded(x: Tensor, padding_mask: Tensor | None) -> Tensor:
@@ -215,9 +236,10 @@ class WAPTransformer(nn.Module):
         h = _zero_padded(h, padding_mask)
         if self.pos_conv is not None:
             h = self.pos_conv(h, padding_mask)
-        for layer in self.layers:
-            h = layer(h, src_key_padding_mask=padding_mask)
-            out.append(h)
+        with regular_path_on_cpu(h.device):
+            for layer in self.layers:
+                h = layer(h, src_key_padding_mask=padding_mask)
+                out.append(h)
         return out
 
     def combine(self, layers: list[Tensor], padding_mask: Tensor | None) -> Tensor:

@@ -241,14 +241,22 @@ def _collect(cfg, seeds: List[int], folds: List[int]) -> Dict[Tuple[str, str, fl
     are listed under every mode, with the same runs)."""
     from serray.train.finetune import fold_done
 
+    from serray.errors import SerrayError
+
+    runs = [(arm, mode, fraction, seed, fold) for arm, mode, fraction in _neural_runs(cfg) for seed in seeds
+            for fold in folds]
+    missing = [r for r in runs if fold_done(arm_config(cfg, *r[:4]), r[4]) is None]
+    if missing:  # an interrupted sweep (Ctrl-C, a lost node) or a failed unit: say so, keep what is finished
+        arm, mode, fraction, seed, fold = missing[0]
+        raise SerrayError(f"the ablation is incomplete: {len(missing)} of {len(runs)} fine-tuning runs have no "
+                          f"result (the first: {arm}, {mode}, labels x{fraction:g}, seed {seed}, fold {fold}); the "
+                          "sweep was interrupted or a unit failed. Rerun the same command: finished runs are kept.")
     out: Dict[Tuple[str, str, float], pd.DataFrame] = {}
     for arm, mode, fraction in _neural_runs(cfg):
         frames = []
         for seed in seeds:
             acfg = arm_config(cfg, arm, mode, fraction, seed)
             for fold in folds:
-                if fold_done(acfg, fold) is None:
-                    raise RuntimeError(f"ablation run {arm}/{mode}/{fraction} seed {seed} fold {fold} has no result")
                 p = pd.read_csv(Path(acfg.finetune.dir) / f"fold{fold}" / "predictions.csv")
                 frames.append(p.assign(seed=seed, fold=fold)[["seed", "fold", "utt_id", "label", "pred"]])
         preds = pd.concat(frames, ignore_index=True)

@@ -149,12 +149,17 @@ def protocol(cfg) -> str:
     return "inductive" if cfg.pretrain.per_fold else "transductive"
 
 
+#: finetune keys that do not change a fold's result: which folds run, how many at once, and whether the
+#: finished run is registered (the ablation's main arm, registering nothing, reuses `serray pipeline`'s folds)
+FOLD_NEUTRAL_KEYS = ("folds", "max_concurrent_folds", "register")
+
+
 def finetune_hash(cfg) -> str:
     """What makes two fine-tuning runs the same (the adapter and pre-training count unless mode=none)."""
     keys = ["encoder", "finetune", "seed", "data.merge_excited", "pretrain.per_fold"]
     if cfg.finetune.mode != "none":
         keys += ["adapter", "pretrain"]
-    return section_hash(cfg, *keys, exclude=OPERATIONAL_KEYS + ("folds", "max_concurrent_folds"))
+    return section_hash(cfg, *keys, exclude=OPERATIONAL_KEYS + FOLD_NEUTRAL_KEYS)
 
 
 def labelled_rows(cfg) -> pd.DataFrame:

@@ -177,3 +177,25 @@ def test_write_ablation_nan_and_numpy_become_json(tmp_path):
     assert "| full | finetune | 1 | 50.00 ± n/a | 50.00 ± 0.00 | n/a | 1 |" in md
     assert "No paired comparisons were made." in md
     assert paths["png"].stat().st_size > 5_000
+
+
+def test_an_interrupted_ablation_is_a_clear_error_that_counts_what_is_missing(tmp_path):
+    """Ctrl-C (or a lost node) ends the Tune sweep early: collecting the results then says how much is
+    missing and how to resume, and counts a finished run as finished."""
+    from serray.config import load_config
+    from serray.errors import SerrayError
+    from serray.train.ablation import _collect, arm_config
+    from serray.train.finetune import finetune_hash
+
+    cfg = load_config(None, [f"output_dir={tmp_path}", "ablate.arms=[none,full]", "ablate.label_fractions=[1.0]",
+                             "ablate.modes=[finetune]"])
+    with pytest.raises(SerrayError, match=r"incomplete: 4 of 4 .*\(the first: none, finetune, labels x1, seed 0, "
+                                          r"fold 1\).*Rerun the same command"):
+        _collect(cfg, [0], [1, 2])
+    done = arm_config(cfg, "none", "finetune", 1.0, 0)
+    fold_dir = tmp_path / "ablation" / "none" / "frac1" / "seed0" / "fold1"
+    assert done.finetune.dir == str(fold_dir.parent)
+    fold_dir.mkdir(parents=True)
+    (fold_dir / "fold_result.json").write_text(json.dumps({"config_hash": finetune_hash(done)}))
+    with pytest.raises(SerrayError, match=r"incomplete: 3 of 4 .*\(the first: none, finetune, labels x1, seed 0, fold 2\)"):
+        _collect(cfg, [0], [1, 2])

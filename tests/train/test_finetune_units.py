@@ -167,3 +167,21 @@ def test_label_fractions_keep_every_class(fraction):
     for label, n in rows["label"].value_counts().items():
         assert (sub["label"] == label).sum() == max(1, int(np.floor(fraction * n + 0.5)))
     assert sub.equals(subsample_labels(rows, fraction, seed=3))
+
+
+def test_the_ablation_main_arm_reuses_the_pipeline_folds():
+    """The full arm of the configured seed at fraction 1 shares `serray pipeline`'s fold directories; it
+    registers nothing, and that must not make its stored folds look like another config's (CI once
+    retrained them on a rerun)."""
+    from serray.config import load_config
+    from serray.train.ablation import arm_config
+    from serray.train.finetune import finetune_hash
+
+    cfg = load_config(None, ["output_dir=/tmp/serray-hash"])
+    main = arm_config(cfg, "full", cfg.finetune.mode, 1.0, cfg.seed)
+    assert main.finetune.dir == cfg.finetune.dir and main.finetune.register is False
+    assert finetune_hash(main) == finetune_hash(cfg)
+    for other in (arm_config(cfg, "full", cfg.finetune.mode, 0.5, cfg.seed),
+                  arm_config(cfg, "full", cfg.finetune.mode, 1.0, cfg.seed + 1),
+                  arm_config(cfg, "random_init", cfg.finetune.mode, 1.0, cfg.seed)):
+        assert finetune_hash(other) != finetune_hash(cfg)
