@@ -132,14 +132,53 @@ def load_line() -> str:
 # ---------------------------------------------------------------------------- peak RSS samplers
 
 
-class ProcSampler:
+class _Sampler:
+    """A daemon thread that calls ``_sample()`` every ``period`` s inside a ``with`` block, and once
+    more at each end. Subclasses hook in before the first sample (``_begin``), after it (``_started``)
+    and after the last one (``_ended``)."""
+
+    def __init__(self, period: float):
+        self.period = period
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _sample(self) -> None:
+        raise NotImplementedError
+
+    def _begin(self) -> None:
+        pass
+
+    def _started(self) -> None:
+        pass
+
+    def _ended(self) -> None:
+        pass
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.period):
+            self._sample()
+
+    def __enter__(self):
+        self._begin()
+        self._sample()
+        self._started()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self._sample()
+        self._ended()
+
+
+class ProcSampler(_Sampler):
     """Peak RSS (VmHWM over the whole life) of every descendant of this process, sampled in a thread
     (``bench/featurize.py``: one measurement per child process, so lifetime peaks are clean)."""
 
     def __init__(self, period: float = 0.1):
-        self.period, self.peak, self.kind = period, {}, {}
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
+        super().__init__(period)
+        self.peak, self.kind = {}, {}
 
     def _sample(self) -> None:
         for pid in descendants(os.getpid()):
@@ -149,21 +188,6 @@ class ProcSampler:
                 cmd = " ".join(cmdline(pid))
                 if cmd:  # a worker renames itself ray::<task> once it runs something
                     self.kind[pid] = cmd
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            self._sample()
-            self._stop.wait(self.period)
-
-    def __enter__(self):
-        self._sample()
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join()
-        self._sample()
 
     def summary(self) -> dict:
         workers = {p: kb for p, kb in self.peak.items() if self.kind.get(p, "").startswith("ray::")}
@@ -194,7 +218,7 @@ def worker_kind(name: str) -> str:
     return short.split("(")[0].split(".")[0] or "worker"
 
 
-class StageSampler:
+class StageSampler(_Sampler):
     """Per-stage peak RSS of this process (the *driver*) and of every process it started.
 
     On entry the VmHWM of the driver and of every existing descendant is reset to its current RSS
@@ -218,14 +242,12 @@ class StageSampler:
     """
 
     def __init__(self, period: float = 0.25):
-        self.period = period
+        super().__init__(period)
         self.me = os.getpid()
         self.peak, self.anon, self.name, self.first_seen = {}, {}, {}, {}
         self.sum_kb = self.system_sum_kb = 0
         self.clean: set = set()
         self.pre: set = set()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
 
     def _group(self, pid: int) -> str:
         if pid == self.me:
@@ -254,22 +276,12 @@ class StageSampler:
         self.sum_kb = max(self.sum_kb, now_sum)
         self.system_sum_kb = max(self.system_sum_kb, now_sys)
 
-    def _run(self) -> None:
-        while not self._stop.wait(self.period):
-            self._sample()
-
-    def __enter__(self):
+    def _begin(self) -> None:
         self.pre = {self.me, *descendants(self.me)}
         self.clean = {p for p in self.pre if reset_hwm(p)}
         self.t0 = time.perf_counter()
-        self._sample()
-        self._thread.start()
-        return self
 
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join()
-        self._sample()
+    def _ended(self) -> None:
         self.wall = time.perf_counter() - self.t0
 
     def summary(self) -> dict:
@@ -320,15 +332,14 @@ def own_cpu_s(pids) -> dict:
     return out
 
 
-class LoadMonitor:
+class LoadMonitor(_Sampler):
     """How much of the machine a phase got: CPU used by this process and everything it started
     (Ray processes included; sampled every second, so short-lived processes are partly missed) vs
     CPU used by everyone else on the box. Other people's load shows up as ``others`` cores."""
 
     def __init__(self, period: float = 1.0):
-        self.period, self.cpu, self.cmd = period, {}, {}
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
+        super().__init__(period)
+        self.cpu, self.cmd = {}, {}
 
     def _sample(self) -> None:
         me = os.getpid()
@@ -341,20 +352,10 @@ class LoadMonitor:
             if name and (name != "ray::IDLE" or pid not in self.cmd):  # keep the last real name
                 self.cmd[pid] = name
 
-    def _run(self) -> None:
-        while not self._stop.wait(self.period):
-            self._sample()
-
-    def __enter__(self):
-        self._sample()
+    def _started(self) -> None:
         self.cpu0, self.busy0, self.t0 = dict(self.cpu), box_busy_s(), time.perf_counter()
-        self._thread.start()
-        return self
 
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join()
-        self._sample()
+    def _ended(self) -> None:
         self.wall = time.perf_counter() - self.t0
         self.own = sum(c - self.cpu0.get(pid, 0.0) for pid, c in self.cpu.items())
         self.busy = box_busy_s() - self.busy0
