@@ -239,9 +239,8 @@ def _unit_arg(config):  # Tune passes {"unit": {...}}
 def _collect(cfg, seeds: List[int], folds: List[int]) -> Dict[Tuple[str, str, float], pd.DataFrame]:
     """The test predictions of every neural run, as ``{(arm, mode, fraction): frame}`` (bodyless arms
     are listed under every mode, with the same runs)."""
-    from serray.train.finetune import fold_done
-
     from serray.errors import SerrayError
+    from serray.train.finetune import fold_done
 
     runs = [(arm, mode, fraction, seed, fold) for arm, mode, fraction in _neural_runs(cfg) for seed in seeds
             for fold in folds]

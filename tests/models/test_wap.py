@@ -74,3 +74,36 @@ def test_bf16_autocast_runs() -> None:
         out = model(x, pm)
     assert torch.isfinite(out.float()).all()
     assert (out[1, 4:] == 0).all()
+
+
+def test_cpu_inference_skips_the_fused_fast_path_and_restores_the_switch(monkeypatch):
+    """On CPU the layers run on PyTorch's regular path (the fused inference kernel is 2-3x slower there,
+    bench/wap_cpu.py), with the same outputs; the process-wide switch is back on afterwards."""
+    torch.manual_seed(0)
+    model = WAPTransformer(input_dim=12, d_model=16, num_layers=2, num_heads=2, ff_dim=32, dropout=0.0).eval()
+    x = torch.randn(3, 40, 12)
+    mask = torch.arange(40)[None] >= torch.tensor([40, 25, 10])[:, None]
+    with torch.no_grad():
+        fast = model.combine([h for h in _fast_path_layers(model, model.embed(x), mask)], mask)
+
+        def refuse(*args, **kwargs):
+            raise AssertionError("the fused fast path ran on CPU")
+
+        monkeypatch.setattr(torch, "_transformer_encoder_layer_fwd", refuse)
+        ours = model(x, mask)
+    assert torch.backends.mha.get_fastpath_enabled()
+    torch.testing.assert_close(ours[~mask], fast[~mask], atol=1e-5, rtol=1e-5)
+    assert ours[mask].abs().max() == 0
+
+
+def _fast_path_layers(model, h, mask):
+    from serray.models.wap import _zero_padded
+
+    h = _zero_padded(h, mask)
+    if model.pos_conv is not None:
+        h = model.pos_conv(h, mask)
+    out = []
+    for layer in model.layers:
+        h = layer(h, src_key_padding_mask=mask)
+        out.append(h)
+    return out
