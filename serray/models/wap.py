@@ -20,9 +20,9 @@ from torch import Tensor, nn
 def regular_path_on_cpu(device: torch.device):
     """Run ``nn.TransformerEncoderLayer`` inference on its regular path when on CPU.
 
-    PyTorch's inference fast path (one fused kernel; nested tensors under a padding mask) measured 2-3x
-    slower on this 2-core CPU than the regular path at d_model 64 (4.5x with a padding mask at 1200
-    frames) and no faster at d_model 1024 (``bench/wap_cpu.py``); it is left on for other devices. The
+    PyTorch's inference fast path (one fused kernel; nested tensors under a padding mask) measured
+    slower on this 2-core CPU than the regular path on padded batches of whole utterances: 3.4x at the
+    demo's d_model 96, 5.0x at 64, 1.2x at 1024 (``bench/wap_cpu.py``); it is left on for other devices. The
     switch is process-wide (``torch.backends.mha``): a thread that runs meanwhile may take either path,
     whose outputs agree to float rounding.
     """

@@ -77,7 +77,7 @@ def test_bf16_autocast_runs() -> None:
 
 
 def test_cpu_inference_skips_the_fused_fast_path_and_restores_the_switch(monkeypatch):
-    """On CPU the layers run on PyTorch's regular path (the fused inference kernel is 2-3x slower there,
+    """On CPU the layers run on PyTorch's regular path (the fused inference kernel is slower there,
     bench/wap_cpu.py), with the same outputs; the process-wide switch is back on afterwards."""
     torch.manual_seed(0)
     model = WAPTransformer(input_dim=12, d_model=16, num_layers=2, num_heads=2, ff_dim=32, dropout=0.0).eval()
