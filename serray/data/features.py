@@ -70,15 +70,40 @@ class TrainingData:
 
         if self.table is None:
             raise ValueError("stream-mode training data has no in-memory rows")
-        cols = self.table.to_pydict()
-        return Rows({"feat": _object_array(cols["feat"]), "num_frames": np.asarray(cols["num_frames"]),
-                     "dim": np.asarray(cols["dim"]), "num_layers": np.asarray(cols["num_layers"]),
-                     "label": _object_array(cols["label"])})
+        t = self.table
+        return Rows({"feat": binary_views(t.column("feat")),
+                     "num_frames": t.column("num_frames").to_numpy(), "dim": t.column("dim").to_numpy(),
+                     "num_layers": t.column("num_layers").to_numpy(),
+                     "label": _object_array(t.column("label").to_pylist())})
 
 
 def _object_array(values) -> np.ndarray:
     out = np.empty(len(values), dtype=object)
     out[:] = values
+    return out
+
+
+def binary_views(column) -> np.ndarray:
+    """The values of an Arrow binary column as an object array of zero-copy ``pyarrow.Buffer`` slices
+    (``np.frombuffer`` reads them like ``bytes``), so the features are held once: in the Arrow table.
+
+    ``column.to_pylist()`` would copy every row into a Python ``bytes``, doubling what a training
+    process holds (the table stays referenced by the caller and the read cache)."""
+    import pyarrow as pa
+
+    out = np.empty(len(column), dtype=object)
+    i = 0
+    for chunk in getattr(column, "chunks", [column]):
+        n = len(chunk)
+        if chunk.null_count or not (pa.types.is_binary(chunk.type) or pa.types.is_large_binary(chunk.type)):
+            out[i : i + n] = chunk.to_pylist()  # rare layouts: plain copies
+        else:
+            offset_type = np.int64 if pa.types.is_large_binary(chunk.type) else np.int32
+            _, offsets, values = chunk.buffers()
+            offsets = np.frombuffer(offsets, dtype=offset_type)[chunk.offset : chunk.offset + n + 1]
+            for j in range(n):
+                out[i + j] = values.slice(int(offsets[j]), int(offsets[j + 1] - offsets[j])) if values is not None else b""
+        i += n
     return out
 
 

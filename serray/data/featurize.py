@@ -295,7 +295,9 @@ def _session_stats(features_dir: str, sessions: Sequence[int]) -> Dict[str, dict
         return {}
     paths, fs = storage.ray_paths(files)
     ds = ray.data.read_parquet(paths, filesystem=fs, columns=FEATURE_COLUMNS, include_paths=True, partitioning=None)
-    return _reduce_partials(ds.map_batches(_partial_sums, batch_format="numpy", batch_size=64).iter_rows())
+    # batch_size=None: whole blocks, so the map fuses into the read tasks (a batch size would keep them
+    # apart) and only the small partial sums pass through the object store, not every stored row
+    return _reduce_partials(ds.map_batches(_partial_sums, batch_format="numpy", batch_size=None).iter_rows())
 
 
 def session_stats_local(features_dir: str, sessions: Sequence[int]) -> Dict[str, dict]:

@@ -47,3 +47,36 @@ def test_large_selections_keep_only_their_rows(featurized, monkeypatch):
     assert sorted(streamed["utt_id"].to_pylist()) == sorted(cached["utt_id"].to_pylist()) == sorted(ids)
     a = dict(zip(cached["utt_id"].to_pylist(), cached["feat"].to_pylist()))
     assert all(a[u] == f for u, f in zip(streamed["utt_id"].to_pylist(), streamed["feat"].to_pylist()))
+
+
+def test_in_memory_rows_hold_the_features_once_in_the_arrow_table():
+    """``TrainingData.rows()`` used to copy every feature into a Python ``bytes`` beside the Arrow
+    table the caller and the read cache keep: twice the memory of the cached set (366 MB more on the
+    IEMOCAP-sized fbank pre-training pool). Its rows must now be views of the table's buffers."""
+    import pyarrow as pa
+
+    from serray.data.features import TrainingData
+    from serray.data.featurize import decode_feature
+
+    rng = np.random.default_rng(0)
+    feats = [rng.standard_normal((t, 3)).astype(np.float16) for t in (4, 7, 1, 5, 2)]
+
+    def table(part, kind):
+        return pa.table({"feat": pa.array([f.tobytes() for f in part], kind),
+                         "num_frames": pa.array([len(f) for f in part], pa.int64()),
+                         "dim": pa.array([3] * len(part), pa.int64()), "num_layers": pa.array([1] * len(part), pa.int64()),
+                         "label": pa.array(["sad", ""][: len(part)] + ["neu"] * (len(part) - 2), pa.string())})
+
+    for kind in (pa.binary(), pa.large_binary()):
+        # two chunks, the second a slice with a non-zero offset (a filtered / sliced table)
+        t = pa.concat_tables([table(feats[:2], kind), table([feats[0]] + feats[2:], kind).slice(1)])
+        assert t.column("feat").num_chunks == 2 and t.column("feat").chunks[1].offset == 1
+        rows = TrainingData("memory", table=t).rows()
+        assert len(rows) == 5
+        assert rows.columns["num_frames"].tolist() == [4, 7, 1, 5, 2]
+        assert rows.columns["label"].tolist() == ["sad", "", "", "neu", "neu"]
+        spans = [(b.address, b.address + b.size) for c in t.column("feat").chunks for b in c.buffers()[2:]]
+        for got, want, t_ in zip(rows.columns["feat"], feats, [4, 7, 1, 5, 2]):
+            arr = decode_feature(got, t_, 3)
+            np.testing.assert_array_equal(arr, want)
+            assert any(lo <= arr.ctypes.data < hi for lo, hi in spans), "a feature was copied out of the table"
