@@ -15,7 +15,7 @@ import pandas as pd
 import torch
 
 from serray.data.features import pad_features
-from serray.data.featurize import decode_feature
+from serray.data.stored import decode_feature
 from serray.data.iemocap import LABELS
 from serray.errors import DataError
 from serray.models.classifier import EmotionClassifier

@@ -19,7 +19,8 @@ import torch
 from ray.data.collate_fn import NumpyBatchCollateFn
 
 from serray import storage
-from serray.data.featurize import decode_feature, parquet_files, read_meta
+from serray.data.featurize import parquet_files, read_meta
+from serray.data.stored import decode_feature
 from serray.data.iemocap import LABELS
 from serray.errors import DataError
 

@@ -49,6 +49,7 @@ from serray.data.audio import load_audio
 from serray.data.encoders import build_encoder, check_identity, describe_encoder
 from serray.data.extra_audio import EXTRA_SESSION, extra_audio_manifest
 from serray.data.iemocap import LABELS, MANIFEST_COLUMNS, read_manifest
+from serray.data.stored import decode_feature, partial_sums, reduce_partials, session_of  # noqa: F401 (decode_feature re-exported)
 from serray.errors import AudioError, DataError
 
 log = logging.getLogger(__name__)
@@ -114,12 +115,6 @@ class EncodeBatch:
         return out
 
 
-def decode_feature(buf: bytes, num_frames: int, dim: int, num_layers: int = 1) -> np.ndarray:
-    """The stored bytes of one row -> float16 array [T, D] (or [L, T, D] when L > 1)."""
-    arr = np.frombuffer(buf, dtype=np.float16)
-    return arr.reshape(num_frames, dim) if num_layers == 1 else arr.reshape(num_layers, num_frames, dim)
-
-
 def read_meta(features_dir: str | Path) -> dict:
     """The metadata of a feature directory (local or a storage URI); a clear error when there is none."""
     meta = storage.join(features_dir, META_FILE)
@@ -138,14 +133,8 @@ def feature_identity(meta: dict) -> dict:
 def parquet_files(features_dir: str | Path, session: Optional[int] = None) -> List[str]:
     """The feature Parquet files under ``features_dir`` (all partitions, or one session), sorted; local
     paths or URIs, like ``features_dir``."""
-    parts = [(f, _partition(f)) for f in storage.find_files(features_dir, ".parquet")]
+    parts = [(f, session_of(f)) for f in storage.find_files(features_dir, ".parquet")]
     return [f for f, s in parts if s is not None and (session is None or s == session)]
-
-
-def _partition(path: str) -> Optional[int]:
-    """The session of a file under ``session=<n>/``."""
-    key, _, value = Path(urlsplit(path).path if storage.is_uri(path) else path).parent.name.partition("=")
-    return int(value) if key == "session" and value.isdigit() else None
 
 
 def _is_broken(path: str, attempts: int = 2) -> bool:
@@ -188,7 +177,7 @@ def stored_utterances(features_dir: str | Path, columns: Sequence[str] = ("utt_i
     frames = []
     for f in parquet_files(features_dir):
         t = storage.parquet_file(f).read(columns=list(columns)).to_pandas()
-        t["session"] = _partition(f)
+        t["session"] = session_of(f)
         frames.append(t)
     return (pd.concat(frames, ignore_index=True) if frames
             else pd.DataFrame({**{c: [] for c in columns}, "session": []}))
@@ -259,32 +248,6 @@ def _utt_digest(utt_ids) -> str:
     return hashlib.sha256("\n".join(sorted(utt_ids)).encode()).hexdigest()[:16]
 
 
-def _partial_sums(batch: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
-    """Per-session frame count, sum and sum of squares ([L, D], float64) of one batch of stored rows."""
-    acc: Dict[int, list] = {}
-    for path, b, t, d, l in zip(batch["path"], batch["feat"], batch["num_frames"], batch["dim"], batch["num_layers"]):
-        t, d, l = int(t), int(d), int(l)
-        x = decode_feature(b, t, d, l).astype(np.float64).reshape(l, t, d)
-        a = acc.setdefault(_partition(str(path)), [0, 0.0, 0.0])
-        a[0] += t
-        a[1] = a[1] + x.sum(1)
-        a[2] = a[2] + (x * x).sum(1)
-    keys = sorted(acc)
-    return {"session": np.array(keys, dtype=np.int64), "frames": np.array([acc[k][0] for k in keys], dtype=np.int64),
-            "sum": np.stack([acc[k][1] for k in keys]), "sumsq": np.stack([acc[k][2] for k in keys])}
-
-
-def _reduce_partials(rows) -> Dict[str, dict]:
-    """Sum per-batch partials (rows of :func:`_partial_sums`) into per-session statistics."""
-    out: Dict[str, dict] = {}
-    for part in rows:
-        o = out.setdefault(str(int(part["session"])), {"frames": 0, "sum": 0.0, "sumsq": 0.0})
-        o["frames"] += int(part["frames"])
-        o["sum"] = o["sum"] + np.asarray(part["sum"], dtype=np.float64)
-        o["sumsq"] = o["sumsq"] + np.asarray(part["sumsq"], dtype=np.float64)
-    return {k: {"frames": v["frames"], "sum": v["sum"].tolist(), "sumsq": v["sumsq"].tolist()} for k, v in out.items()}
-
-
 def _session_stats(features_dir: str, sessions: Sequence[int]) -> Dict[str, dict]:
     """Frame count, per-dimension sum and sum of squares ([L, D], float64) of each stored session:
     a Ray Data map over the stored rows (on the workers), then a sum of the per-batch partials."""
@@ -297,7 +260,7 @@ def _session_stats(features_dir: str, sessions: Sequence[int]) -> Dict[str, dict
     ds = ray.data.read_parquet(paths, filesystem=fs, columns=FEATURE_COLUMNS, include_paths=True, partitioning=None)
     # batch_size=None: whole blocks, so the map fuses into the read tasks (a batch size would keep them
     # apart) and only the small partial sums pass through the object store, not every stored row
-    return _reduce_partials(ds.map_batches(_partial_sums, batch_format="numpy", batch_size=None).iter_rows())
+    return reduce_partials(ds.map_batches(partial_sums, batch_format="numpy", batch_size=None).iter_rows())
 
 
 def session_stats_local(features_dir: str, sessions: Sequence[int]) -> Dict[str, dict]:
@@ -308,9 +271,9 @@ def session_stats_local(features_dir: str, sessions: Sequence[int]) -> Dict[str,
                 for batch in storage.parquet_file(f).iter_batches(batch_size=64, columns=FEATURE_COLUMNS):
                     cols = {k: np.asarray(v, dtype=object) for k, v in batch.to_pydict().items()}
                     cols["path"] = np.asarray([f] * batch.num_rows, dtype=object)
-                    p = _partial_sums(cols)
+                    p = partial_sums(cols)
                     yield from ({k: p[k][i] for k in p} for i in range(len(p["session"])))
-    return _reduce_partials(partials())
+    return reduce_partials(partials())
 
 
 def feature_stats(meta: dict, sessions) -> tuple[np.ndarray, np.ndarray]:
