@@ -1,8 +1,8 @@
 #!/usr/bin/env python
 """Scale: the whole CPU pipeline at IEMOCAP size and at a quarter of it; how time and memory grow.
 
-    python bench/scale.py                      # 1/4 and 1x IEMOCAP size (quiet 2-core box: ~30-45 min,
-                                               # ~10 of them making the 10,080-utterance corpus)
+    python bench/scale.py                      # 1/4 and 1x IEMOCAP size (quiet 2-core box: ~35 min,
+                                               # + 2-7 min making the 10,080-utterance corpus once)
     python bench/scale.py --quick              # 1/200 and 1/50, folds 1-2 (validation: ~3 min quiet, 12 loaded)
     python bench/scale.py --keep /data/scale   # keep (and on a rerun, reuse) the corpora; outputs are redone
     python bench/scale.py --fractions 1/4,1 --override features.cache_max_mb=0   # any config override
