@@ -206,6 +206,14 @@ def _scheduler(cfg):
     raise ConfigError(f"tune.scheduler must be asha or fifo, got '{t.scheduler}'")
 
 
+def best_trial(finished, metric: str, mode: str):
+    """The row of the best finished trial by ``metric``; ties go to the first trial of the search space
+    (lowest ``trial_id``), so the choice does not depend on the order in which trials happened to
+    finish (an interrupted sweep and its resumed run must pick the same trial when scores tie)."""
+    ranked = finished.sort_values([metric, "trial_id"], ascending=[mode == "min", True], kind="stable")
+    return ranked.iloc[0]
+
+
 def run_sweep(cfg, echo: Callable[[str], Any] = print) -> Dict[str, Any]:
     """Run (or resume) the sweep; write the trial table and plots; register the best trial."""
     import ray.tune as tune
@@ -312,7 +320,7 @@ def summarise_sweep(cfg, grid, flat, echo: Callable[[str], Any] = print) -> Dict
 
             raise SerrayError(f"no trial of the sweep {exp_dir} finished; {len(errors)} failed")
         return out
-    best = finished.sort_values(cfg.tune.metric, ascending=cfg.tune.mode == "min").iloc[0]
+    best = best_trial(finished, cfg.tune.metric, cfg.tune.mode)
     out["best"] = best.to_dict()
     echo(f"best trial {best['trial_id']}: {cfg.tune.metric}={best[cfg.tune.metric]:.4f} "
          + " ".join(f"{k}={best[k]}" for k in flat))

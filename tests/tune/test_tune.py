@@ -12,7 +12,7 @@ import pytest
 from serray.config import load_config
 from serray.errors import ConfigError, SerrayError
 from serray.registry import list_entries
-from serray.tune import flatten_space, validate_space
+from serray.tune import best_trial, flatten_space, validate_space
 
 TINY = ["pretrain.epochs=1", "finetune.epochs=3", "adapter.d_model=32", "adapter.ff_dim=64", "adapter.num_layers=1",
         "adapter.num_clusters=4", "finetune.attention_dim=16", "finetune.hidden_dim=32", "finetune.max_failures=0",
@@ -149,7 +149,7 @@ def test_interrupted_sweep_registers_the_final_run_of_the_best_validation_trial(
     finished = first[first["status"] == "finished"]
     assert len(finished) >= 1
     assert len(entries_first) == 1
-    best = finished.sort_values("val_ua", ascending=False).iloc[0]
+    best = best_trial(finished, "val_ua", "max")  # ties (common on the tiny corpus) go to the lowest trial_id
     entry = entries_first[0]
     assert entry["hyperparameters"]["adapter.mask_ratio"] == pytest.approx(best["adapter.mask_ratio"])
     assert entry["folds"] == [1, 2] and entry["protocol"] == "inductive"  # the final run, on tune.final_folds
@@ -207,3 +207,17 @@ def test_interrupted_sweep_registers_nothing(tmp_path):
     table = pd.read_csv(Path(cfg.tune.dir) / cfg.tune.name / "trials.csv")
     assert list(table["status"]) == ["finished", "stopped early", "interrupted"]
     assert list_entries(cfg.registry.dir) == []
+
+
+def test_best_trial_breaks_ties_by_trial_id_not_by_finishing_order():
+    """The sweep fixture's four trials all reached val_ua 0.4167; the best was the first row of a
+    table in finishing order, so the interrupted run and its resumed run registered different trials
+    (and the final run was redone with other hyper-parameters)."""
+    import itertools
+
+    rows = [{"trial_id": "ab_00002", "val_ua": 0.4167, "m": 0.6}, {"trial_id": "ab_00000", "val_ua": 0.4167, "m": 0.3},
+            {"trial_id": "ab_00003", "val_ua": 0.25, "m": 0.6}, {"trial_id": "ab_00001", "val_ua": 0.4167, "m": 0.3}]
+    for perm in itertools.permutations(rows):
+        assert best_trial(pd.DataFrame(list(perm)), "val_ua", "max")["trial_id"] == "ab_00000"
+        assert best_trial(pd.DataFrame(list(perm)), "val_ua", "min")["trial_id"] == "ab_00003"
+
