@@ -99,11 +99,14 @@ def binary_views(column) -> np.ndarray:
         if chunk.null_count or not (pa.types.is_binary(chunk.type) or pa.types.is_large_binary(chunk.type)):
             out[i : i + n] = chunk.to_pylist()  # rare layouts: plain copies
         else:
-            offset_type = np.int64 if pa.types.is_large_binary(chunk.type) else np.int32
             _, offsets, values = chunk.buffers()
-            offsets = np.frombuffer(offsets, dtype=offset_type)[chunk.offset : chunk.offset + n + 1]
-            for j in range(n):
-                out[i + j] = values.slice(int(offsets[j]), int(offsets[j + 1] - offsets[j])) if values is not None else b""
+            if values is None:  # every value of the chunk is empty
+                out[i : i + n] = [b""] * n
+            else:
+                offset_type = np.int64 if pa.types.is_large_binary(chunk.type) else np.int32
+                offsets = np.frombuffer(offsets, dtype=offset_type)[chunk.offset : chunk.offset + n + 1]
+                for j in range(n):
+                    out[i + j] = values.slice(int(offsets[j]), int(offsets[j + 1] - offsets[j]))
         i += n
     return out
 

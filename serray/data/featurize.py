@@ -37,7 +37,6 @@ import time
 import warnings
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
-from urllib.parse import urlsplit
 
 import numpy as np
 import pandas as pd

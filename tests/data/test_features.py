@@ -56,7 +56,7 @@ def test_in_memory_rows_hold_the_features_once_in_the_arrow_table():
     import pyarrow as pa
 
     from serray.data.features import TrainingData
-    from serray.data.featurize import decode_feature
+    from serray.data.stored import decode_feature
 
     rng = np.random.default_rng(0)
     feats = [rng.standard_normal((t, 3)).astype(np.float16) for t in (4, 7, 1, 5, 2)]
