@@ -87,7 +87,7 @@ class FeaturesConfig:
     dir: str = "${output_dir}/features"
     batch_size: int = 8  # utterances per encoder forward (length-bucketed)
     concurrency: int = 1  # encoder actors (the pool's minimum)
-    max_concurrency: Optional[int] = None  # the pool grows to this (null: one actor per GPU in the cluster when num_gpus > 0, else concurrency)
+    max_concurrency: Optional[int] = None  # the pool grows to this (null: one actor per GPU in the cluster when num_gpus > 0, else one per num_cpus of its CPUs)
     num_cpus: float = 1.0  # per encoder actor
     num_gpus: float = 0.0  # per encoder actor (use 1 on a GPU node)
     min_seconds: float = 0.1  # shorter audio is skipped and reported

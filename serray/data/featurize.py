@@ -302,14 +302,32 @@ def _write_meta(features_dir: str, meta: dict) -> None:
 
 
 def actor_pool_bounds(fcfg, cluster_resources: Dict[str, float]) -> tuple[int, int]:
-    """(min, max) encoder actors: ``features.concurrency`` up to ``features.max_concurrency``; when that
-    is null, one actor per ``features.num_gpus`` share of the cluster's GPUs (GPU actors), else a fixed pool."""
+    """(min, max) encoder actors: ``features.concurrency`` up to ``features.max_concurrency``. When that
+    is null the pool may grow to what the cluster holds: one actor per ``features.num_gpus`` share of its
+    GPUs (GPU actors), else one per ``features.num_cpus`` share of its CPUs (CPU actors, so that every
+    core encodes; see :func:`write_remote_args` for the writes beside them)."""
     lo = int(fcfg.concurrency)
     hi = fcfg.max_concurrency
     if hi is None:
-        gpus = float(cluster_resources.get("GPU", 0.0))
-        hi = int(gpus // fcfg.num_gpus) if fcfg.num_gpus > 0 else lo
+        if fcfg.num_gpus > 0:
+            hi = int(float(cluster_resources.get("GPU", 0.0)) // fcfg.num_gpus)
+        else:
+            hi = int(float(cluster_resources.get("CPU", 0.0)) // fcfg.num_cpus)
     return lo, max(lo, int(hi))
+
+
+def write_remote_args(fcfg, pool: tuple[int, int], num_blocks: int) -> dict:
+    """Resources and concurrency of the Parquet write tasks behind the encoder actors.
+
+    CPU actors may hold every CPU (:func:`actor_pool_bounds`); a write task that asks for one would
+    then wait until encoding ends, with every encoded block held in the object store meanwhile. So
+    beside CPU actors the writes (Parquet encoding of bytes that are already fp16: I/O-bound) ask for
+    no CPU, at most one per actor (and per block) at a time. Beside GPU actors they keep Ray Data's
+    defaults.
+    """
+    if fcfg.num_gpus > 0:
+        return {}
+    return {"ray_remote_args": {"num_cpus": 0}, "concurrency": max(1, min(pool[1], num_blocks))}
 
 
 def _stored_identity(features_dir: str) -> Optional[dict]:
@@ -379,7 +397,8 @@ def _encode(cfg, rows: pd.DataFrame, out_dir: str, pool: tuple[int, int], tracke
         warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
         ds = _map(ray, blocks, cfg, pool, tracker, retries)
     (path,), fs = storage.ray_paths([out_dir])
-    ds.write_parquet(path, filesystem=fs, partition_cols=["session"])
+    ds.write_parquet(path, filesystem=fs, partition_cols=["session"],
+                     **write_remote_args(cfg.features, pool, len(blocks)))
 
 
 def _map(ray, blocks, cfg, pool: tuple[int, int], tracker, retries: int):

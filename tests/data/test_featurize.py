@@ -406,7 +406,10 @@ def test_use_unlabelled_changes_the_config_hash(featurized, make_cfg, tmp_path):
 
 
 @pytest.mark.parametrize("conc, max_conc, num_gpus, cluster, expected", [
-    (1, None, 0.0, {"CPU": 16.0}, (1, 1)),               # CPU encoder: a fixed pool of features.concurrency
+    (1, None, 0.0, {"CPU": 16.0}, (1, 16)),              # CPU encoder: up to one actor per CPU
+    (1, None, 0.0, {"CPU": 15.0}, (1, 15)),
+    (1, None, 0.0, {"CPU": 2.0}, (1, 2)),
+    (2, None, 0.0, {}, (2, 2)),                          # no node yet (autoscaler): the minimum
     (1, None, 1.0, {"CPU": 64.0, "GPU": 8.0}, (1, 8)),   # one actor per GPU present
     (1, None, 0.5, {"CPU": 8.0, "GPU": 2.0}, (1, 4)),    # half a GPU each
     (2, None, 1.0, {"CPU": 8.0}, (2, 2)),                # no GPU yet (autoscaler): the minimum
@@ -417,8 +420,31 @@ def test_actor_pool_bounds(conc, max_conc, num_gpus, cluster, expected):
 
     from serray.data.featurize import actor_pool_bounds
 
-    fcfg = SimpleNamespace(concurrency=conc, max_concurrency=max_conc, num_gpus=num_gpus)
+    fcfg = SimpleNamespace(concurrency=conc, max_concurrency=max_conc, num_gpus=num_gpus, num_cpus=1.0)
     assert actor_pool_bounds(fcfg, cluster) == expected
+
+
+def test_a_cpu_pool_counts_actors_by_their_cpus():
+    from types import SimpleNamespace
+
+    from serray.data.featurize import actor_pool_bounds
+
+    fcfg = SimpleNamespace(concurrency=1, max_concurrency=None, num_gpus=0.0, num_cpus=4.0)
+    assert actor_pool_bounds(fcfg, {"CPU": 18.0}) == (1, 4)   # four 4-thread actors, not 18
+    fcfg.num_cpus = 0.5
+    assert actor_pool_bounds(fcfg, {"CPU": 2.0}) == (1, 4)
+
+
+def test_writes_beside_cpu_actors_ask_for_no_cpu():
+    """CPU actors may hold every CPU: a 1-CPU write task would wait for the end of encoding."""
+    from types import SimpleNamespace
+
+    from serray.data.featurize import write_remote_args
+
+    cpu = SimpleNamespace(num_gpus=0.0)
+    assert write_remote_args(cpu, (1, 2), 8) == {"ray_remote_args": {"num_cpus": 0}, "concurrency": 2}
+    assert write_remote_args(cpu, (1, 2), 1)["concurrency"] == 1  # no more writers than blocks (Ray Data warns)
+    assert write_remote_args(SimpleNamespace(num_gpus=1.0), (1, 8), 32) == {}  # GPU actors leave the CPUs free
 
 
 def test_max_concurrency_below_the_minimum_is_a_config_error(tmp_path):
