@@ -447,6 +447,52 @@ def test_writes_beside_cpu_actors_ask_for_no_cpu():
     assert write_remote_args(SimpleNamespace(num_gpus=1.0), (1, 8), 32) == {}  # GPU actors leave the CPUs free
 
 
+def test_bucketed_blocks_hold_whole_batches_of_similar_length_longest_block_first():
+    from serray.data.featurize import _bucketed_blocks
+
+    rng = np.random.default_rng(0)
+    df = pd.DataFrame({"utt_id": [f"u{i:03d}" for i in range(101)], "duration": rng.uniform(0.5, 20.0, 101)})
+    blocks = _bucketed_blocks(df, batch_size=4, min_blocks=8)
+    assert sorted(pd.concat(blocks)["utt_id"]) == sorted(df["utt_id"])       # every row once
+    assert all(len(b) % 4 == 0 for b in blocks[1:])                         # whole batches (the remainder leads)
+    assert len(blocks) == 7                                                 # 26 batches, 4 per block
+    starts = [b["duration"].min() for b in blocks]
+    assert starts == sorted(starts, reverse=True)                           # longest block first
+    for longer, shorter in zip(blocks, blocks[1:]):                         # buckets do not overlap
+        assert shorter["duration"].max() <= longer["duration"].min()
+
+
+@pytest.mark.ray
+def test_writes_run_while_cpu_actors_hold_every_cpu(ray_session, tmp_path):
+    """Two actors that hold every free CPU encode 12 blocks; with featurize's write arguments the first
+    Parquet file is on disk before the last block is encoded. With Ray Data's default 1-CPU writes every
+    file came ~1.7 s after the last block (measured: the writes wait for the pool to end)."""
+    from types import SimpleNamespace
+
+    from serray.data.featurize import write_remote_args
+
+    class _SlowEncode:  # a stand-in encoder actor (local: the workers get it by value): 0.6 s a block
+        def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
+            import time
+
+            time.sleep(0.6)
+            return batch.assign(done_at=time.time())
+
+    ray = ray_session
+    cpus = float(ray.available_resources().get("CPU", 0.0))
+    if cpus < 0.5:
+        pytest.skip("no free CPU in the test cluster")
+    blocks = [pd.DataFrame({"i": [k]}) for k in range(12)]
+    ds = ray.data.from_pandas(blocks).map_batches(_SlowEncode, batch_size=None, batch_format="pandas",
+                                                 compute=ray.data.ActorPoolStrategy(size=2), num_cpus=cpus / 2)
+    ds.write_parquet(str(tmp_path), **write_remote_args(SimpleNamespace(num_gpus=0.0), (2, 2), len(blocks)))
+    files = sorted(tmp_path.glob("*.parquet"))
+    assert sorted(pd.concat([pd.read_parquet(f) for f in files])["i"]) == list(range(12))
+    first_written = min(f.stat().st_mtime for f in files)
+    last_encoded = max(float(pq.read_table(f)["done_at"].to_numpy().max()) for f in files)
+    assert first_written < last_encoded, (first_written, last_encoded)
+
+
 def test_max_concurrency_below_the_minimum_is_a_config_error(tmp_path):
     from serray.config import load_config
 
