@@ -401,12 +401,15 @@ def _encode(cfg, rows: pd.DataFrame, out_dir: str, pool: tuple[int, int], tracke
 
     retries = int(cfg.features.max_restarts)
     blocks = _bucketed_blocks(rows[MANIFEST_COLUMNS], cfg.features.batch_size, 4 * pool[1])
-    with warnings.catch_warnings():  # max_restarts / max_task_retries have no named parameter in Ray 2.60
-        warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
-        ds = _map(ray, blocks, cfg, pool, tracker, retries)
     (path,), fs = storage.ray_paths([out_dir])
-    ds.write_parquet(path, filesystem=fs, partition_cols=["session"],
-                     **write_remote_args(cfg.features, pool, len(blocks)))
+    with warnings.catch_warnings():
+        # max_restarts / max_task_retries have no named parameter in Ray 2.60
+        warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
+        # Ray Data bundles blocks shorter than a batch, so the writes may get fewer inputs than their cap
+        warnings.filterwarnings("ignore", message="The maximum number of concurrent tasks for 'Write'")
+        ds = _map(ray, blocks, cfg, pool, tracker, retries)
+        ds.write_parquet(path, filesystem=fs, partition_cols=["session"],
+                         **write_remote_args(cfg.features, pool, len(blocks)))
 
 
 def _map(ray, blocks, cfg, pool: tuple[int, int], tracker, retries: int):
