@@ -464,33 +464,40 @@ def test_bucketed_blocks_hold_whole_batches_of_similar_length_longest_block_firs
 
 @pytest.mark.ray
 def test_writes_run_while_cpu_actors_hold_every_cpu(ray_session, tmp_path):
-    """Two actors that hold every free CPU encode 12 blocks; with featurize's write arguments the first
-    Parquet file is on disk before the last block is encoded. With Ray Data's default 1-CPU writes every
-    file came ~1.7 s after the last block (measured: the writes wait for the pool to end)."""
+    """Two actors hold every free CPU. Blocks 0-1 encode at once; every later block keeps its actor (and CPU)
+    busy until a Parquet file is on disk or a shared 60 s deadline passes. With featurize's write arguments
+    the first blocks are written meanwhile; with Ray Data's default 1-CPU writes nothing can be written while
+    both actors are busy, so every later block gives up at the deadline (measured before the fix)."""
+    import time
     from types import SimpleNamespace
 
     from serray.data.featurize import write_remote_args
 
-    class _SlowEncode:  # a stand-in encoder actor (local: the workers get it by value): 0.6 s a block
+    out = str(tmp_path / "out")
+    n, deadline = 12, time.time() + 60.0
+
+    class _Encode:  # a stand-in encoder actor (local: the workers get it by value)
         def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
+            import glob
             import time
 
-            time.sleep(0.6)
-            return batch.assign(done_at=time.time())
+            if int(batch["i"].iloc[0]) >= 2:
+                while not glob.glob(f"{out}/*.parquet") and time.time() < deadline:
+                    time.sleep(0.05)
+            return batch.assign(saw_a_file=bool(glob.glob(f"{out}/*.parquet")))
 
     ray = ray_session
     cpus = float(ray.available_resources().get("CPU", 0.0))
     if cpus < 0.5:
         pytest.skip("no free CPU in the test cluster")
-    blocks = [pd.DataFrame({"i": [k]}) for k in range(12)]
-    ds = ray.data.from_pandas(blocks).map_batches(_SlowEncode, batch_size=None, batch_format="pandas",
+    blocks = [pd.DataFrame({"i": [k]}) for k in range(n)]
+    ds = ray.data.from_pandas(blocks).map_batches(_Encode, batch_size=None, batch_format="pandas",
                                                  compute=ray.data.ActorPoolStrategy(size=2), num_cpus=cpus / 2)
-    ds.write_parquet(str(tmp_path), **write_remote_args(SimpleNamespace(num_gpus=0.0), (2, 2), len(blocks)))
-    files = sorted(tmp_path.glob("*.parquet"))
-    assert sorted(pd.concat([pd.read_parquet(f) for f in files])["i"]) == list(range(12))
-    first_written = min(f.stat().st_mtime for f in files)
-    last_encoded = max(float(pq.read_table(f)["done_at"].to_numpy().max()) for f in files)
-    assert first_written < last_encoded, (first_written, last_encoded)
+    ds.write_parquet(out, **write_remote_args(SimpleNamespace(num_gpus=0.0), (2, 2), len(blocks)))
+    rows = pd.concat([pd.read_parquet(f) for f in sorted(Path(out).glob("*.parquet"))])
+    assert sorted(rows["i"]) == list(range(n))
+    late = rows[rows["i"] >= 2]
+    assert late["saw_a_file"].all(), f"blocks {sorted(late.loc[~late['saw_a_file'], 'i'])} waited 60 s for a write"
 
 
 def test_max_concurrency_below_the_minimum_is_a_config_error(tmp_path):
