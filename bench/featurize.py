@@ -92,7 +92,7 @@ def child_plain(args) -> dict:
     import torch
 
     from serray.config import as_dict
-    from serray.data.featurize import EncodeBatch, _bucketed_blocks, session_stats_local
+    from serray.data.featurize import EncodeBatch, _bucketed_blocks, actor_pool_bounds, session_stats_local
     from serray.data.iemocap import MANIFEST_COLUMNS, read_manifest
 
     if args.plain_threads:
@@ -102,7 +102,8 @@ def child_plain(args) -> dict:
     t0 = time.perf_counter()
     manifest = read_manifest(cfg.data.manifest)
     manifest = manifest[manifest["session"].isin(list(cfg.data.sessions))]
-    blocks = _bucketed_blocks(manifest[MANIFEST_COLUMNS], cfg.features.batch_size, 4 * cfg.features.concurrency)
+    pool = actor_pool_bounds(cfg.features, {"CPU": float(args.num_cpus)})  # the Ray run's blocks, the same files
+    blocks = _bucketed_blocks(manifest[MANIFEST_COLUMNS], cfg.features.batch_size, 4 * pool[1])
     fn = EncodeBatch(as_dict(cfg.encoder), cfg.features.min_seconds)
     t_built = time.perf_counter()
     out_dir = Path(cfg.features.dir)

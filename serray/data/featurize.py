@@ -317,10 +317,8 @@ def actor_pool_bounds(fcfg, cluster_resources: Dict[str, float]) -> tuple[int, i
     lo = int(fcfg.concurrency)
     hi = fcfg.max_concurrency
     if hi is None:
-        if fcfg.num_gpus > 0:
-            hi = int(float(cluster_resources.get("GPU", 0.0)) // fcfg.num_gpus)
-        else:
-            hi = int(float(cluster_resources.get("CPU", 0.0)) // fcfg.num_cpus)
+        resource, share = ("GPU", fcfg.num_gpus) if fcfg.num_gpus > 0 else ("CPU", fcfg.num_cpus)
+        hi = int(float(cluster_resources.get(resource, 0.0)) // share)
     return lo, max(lo, int(hi))
 
 
