@@ -114,7 +114,7 @@ class AdapterConfig:
     pos_conv_groups: int = 16  # groups of that convolution (must divide d_model)
     ema_decay: float = 0.996  # teacher EMA decay at step 0 ...
     ema_decay_end: float = 0.9999  # ... rising to this by a cosine schedule (DINO / data2vec) ...
-    ema_half_life: float = 0.05  # ... capped so the teacher's half-life is at most this share of the run's steps
+    ema_half_life: Optional[float] = None  # guard, off by default: cap the decay so the teacher's half-life is at most this share of the run
     num_clusters: int = 32  # K local attributes
     kmeans_decay: float = 0.99  # online k-means: EMA of per-cluster sums and counts
     w_mask: float = 1.0  # mask prediction loss weight (0 disables it)
@@ -454,7 +454,7 @@ def _validate(cfg: DictConfig) -> None:
     """Value checks that types alone cannot express."""
     domains = _validate_domains(cfg)  # value domains first: the checks below divide by and compare these
     if domains:
-        raise ConfigError("invalid configuration:\n  " + "\n  ".join(domains))
+        raise _invalid(domains)
     problems = []
     for s in cfg.data.sessions:
         if s not in (1, 2, 3, 4, 5):
@@ -475,6 +475,9 @@ def _validate(cfg: DictConfig) -> None:
     for key in ("ema_decay", "ema_decay_end"):
         if not 0.0 <= cfg.adapter[key] <= 1.0:
             problems.append(f"adapter.{key} must be in [0, 1], got {cfg.adapter[key]}")
+    if cfg.adapter.ema_decay_end < cfg.adapter.ema_decay:
+        problems.append(f"adapter.ema_decay_end ({cfg.adapter.ema_decay_end}) must be >= adapter.ema_decay "
+                        f"({cfg.adapter.ema_decay}): the decay rises over the run")
     if cfg.adapter.num_clusters < 2:
         problems.append("adapter.num_clusters must be >= 2")
     for key in ("dropout", "attention_dropout"):
@@ -486,8 +489,9 @@ def _validate(cfg: DictConfig) -> None:
         problems.append(f"adapter.pos_conv_ms must be >= 0 (0: no positional embedding), got {cfg.adapter.pos_conv_ms}")
     if cfg.adapter.pos_conv_ms > 0 and (cfg.adapter.pos_conv_groups < 1 or cfg.adapter.d_model % cfg.adapter.pos_conv_groups):
         problems.append(f"adapter.pos_conv_groups ({cfg.adapter.pos_conv_groups}) must divide adapter.d_model ({cfg.adapter.d_model})")
-    if not 0.0 < cfg.adapter.ema_half_life <= 1.0:
-        problems.append(f"adapter.ema_half_life must be in (0, 1] (a share of the pre-training steps), got {cfg.adapter.ema_half_life}")
+    half = cfg.adapter.ema_half_life
+    if half is not None and not 0.0 < half <= 1.0:
+        problems.append(f"adapter.ema_half_life must be null (off) or in (0, 1] (a share of the pre-training steps), got {half}")
     top_k = cfg.adapter.distill_top_k
     if top_k is not None and not 1 <= top_k <= cfg.adapter.num_layers:
         problems.append(f"adapter.distill_top_k must be in [1, adapter.num_layers={cfg.adapter.num_layers}] or null, got {top_k}")
@@ -534,7 +538,14 @@ def _validate(cfg: DictConfig) -> None:
         elif not os.path.exists(os.path.expanduser(p)) and not _made_with_the_corpus(cfg, p):
             problems.append(f"pretrain.extra_audio: {p} does not exist (an audio directory or a manifest file)")
     if problems:
-        raise ConfigError("invalid configuration:\n  " + "\n  ".join(problems))
+        raise _invalid(problems)
+
+
+def _invalid(problems: Sequence[str]) -> ConfigError:
+    """One line for one problem (``invalid configuration: <key> must be ...``), one line each for several."""
+    if len(problems) == 1:
+        return ConfigError(f"invalid configuration: {problems[0]}")
+    return ConfigError("invalid configuration:\n  " + "\n  ".join(problems))
 
 
 def _made_with_the_corpus(cfg: DictConfig, path: str) -> bool:

@@ -44,9 +44,11 @@ class TrainingData:
 
     ``mode == "memory"`` (the selection is below ``features.cache_max_mb``): the rows are read once
     with pyarrow (no Ray task, so it also works inside a Tune trial); the loop keeps them as compact
-    float16 bytes and shuffles them itself every epoch (see :mod:`serray.train.loop`).
-    ``mode == "stream"``: a lazy Ray Dataset over the Parquet files with ``random_shuffle(seed=...)``,
-    which Ray Data reshuffles at every execution (= every epoch) from the seed.
+    float16 bytes in utterance-id order and shuffles them itself every epoch (see
+    :mod:`serray.train.loop`).
+    ``mode == "stream"``: a lazy Ray Dataset over the Parquet files sorted by a seeded hash of the
+    utterance id (:func:`stream_order_key`): a shuffled order that depends on the utterances and the
+    seed only, not on how the files were cut into blocks (the same order every epoch).
     """
 
     def __init__(self, mode: str, table=None, dataset=None):
@@ -72,7 +74,7 @@ class TrainingData:
         if self.table is None:
             raise ValueError("stream-mode training data has no in-memory rows")
         t = self.table
-        return Rows({"feat": binary_views(t.column("feat")),
+        return Rows({"utt_id": _object_array(t.column("utt_id").to_pylist()), "feat": binary_views(t.column("feat")),
                      "num_frames": t.column("num_frames").to_numpy(), "dim": t.column("dim").to_numpy(),
                      "num_layers": t.column("num_layers").to_numpy(),
                      "label": _object_array(t.column("label").to_pylist())})
@@ -143,7 +145,33 @@ def training_data(features_dir: str | Path, sessions: Iterable[int], utt_ids: Op
     ds = ray.data.read_parquet(paths, filesystem=fs, columns=TRAIN_COLUMNS, partitioning=None, num_cpus=0.25)
     if utt_ids is not None:
         ds = ds.filter(expr=col("utt_id").is_in(list(utt_ids)))  # pushed down into the Parquet read
-    return TrainingData("stream", dataset=ds.random_shuffle(seed=int(seed)))
+    keyed = ds.map_batches(_StreamKey(int(seed)), batch_format="pyarrow", batch_size=None, num_cpus=0.25)
+    return TrainingData("stream", dataset=keyed.sort(STREAM_KEY))
+
+
+STREAM_KEY = "_order"
+
+
+def stream_order_key(utt_ids: Sequence[str], seed: int) -> np.ndarray:
+    """A seeded pseudo-random uint64 per utterance id (blake2b of ``seed:utt_id``): sorting by it is a
+    shuffle that depends only on the ids and the seed (Python's ``hash`` is salted per process)."""
+    import hashlib
+
+    return np.array([int.from_bytes(hashlib.blake2b(f"{seed}:{u}".encode(), digest_size=8).digest(), "little")
+                     for u in utt_ids], dtype=np.uint64)
+
+
+class _StreamKey:
+    """Ray Data map: add the :func:`stream_order_key` column to a block."""
+
+    def __init__(self, seed: int):
+        self.seed = seed
+
+    def __call__(self, table):
+        import pyarrow as pa
+
+        key = stream_order_key(table.column("utt_id").to_pylist(), self.seed)
+        return table.append_column(STREAM_KEY, pa.array(key, pa.uint64()))
 
 
 #: Selections from files up to this size are cut from one cached table of all their rows; above it
@@ -228,8 +256,10 @@ class PadCollate(NumpyBatchCollateFn):
 
 
 def read_rows(features_dir: str | Path, sessions: Iterable[int], columns: Sequence[str] = ("utt_id", "label", "speaker")):
-    """Small metadata columns of some sessions as a pandas frame (no features)."""
+    """Small metadata columns of some sessions as a pandas frame (no features), sorted by ``utt_id``
+    (canonical: not the order the featurization happened to write them in)."""
     import pandas as pd
 
-    frames = [storage.parquet_file(f).read(columns=list(columns)).to_pandas() for f in session_paths(features_dir, sessions)]
-    return pd.concat(frames, ignore_index=True)
+    columns = list(columns) if "utt_id" in columns else ["utt_id", *columns]
+    frames = [storage.parquet_file(f).read(columns=columns).to_pandas() for f in session_paths(features_dir, sessions)]
+    return pd.concat(frames, ignore_index=True).sort_values("utt_id", kind="stable").reset_index(drop=True)

@@ -40,7 +40,7 @@ from serray.errors import DataError
 from serray.models.adapter import param_groups
 from serray.models.classifier import EmotionClassifier, body_state_from_adapter
 from serray.train.checkpoint import META_FILE, MODEL_KEY, load_checkpoint
-from serray.train.loop import eval_batches, fit, steps_per_epoch
+from serray.train.loop import eval_batches, fit, run_seed, steps_per_epoch
 from serray.train.metrics import classification_metrics
 from serray.train.pretrain import adapter_kwargs, adapter_path, check_features, pool_sessions, run_pretrain
 
@@ -83,13 +83,26 @@ class FinetuneTask:
                 + param_groups(head, weight_decay, 1.0, "head_"))
 
     def lr_scale(self, group: dict, epoch: int) -> float:
-        if group.get("name", "").startswith("body_") and epoch < self.config.get("freeze_epochs", 0):
-            return 0.0
+        if group.get("name", "").startswith("body_") and self._body_frozen(epoch):
+            return 0.0  # (logged as the body's rate; the body gets no gradient at all, see before_epoch)
         return group.get("lr_scale", 1.0)
+
+    def _body_frozen(self, epoch: int) -> bool:
+        return epoch < self.config.get("freeze_epochs", 0)
+
+    def before_epoch(self, core: EmotionClassifier, epoch: int) -> None:
+        """``finetune.freeze_epochs``: during the warm-up the body takes no gradient (so it has no
+        optimizer state and stays outside the clipping norm) and runs in eval mode, as in ``frozen``."""
+        if core.body is None or core.freeze_body:
+            return
+        frozen = self._body_frozen(epoch)
+        core.body.requires_grad_(not frozen)
+        if frozen:
+            core.body.eval()
 
     def collate(self, train: bool, epoch: int = 0) -> PadCollate:
         return PadCollate(self.config["max_frames"] if train else None, random_crop=train,
-                          seed=self.config["seed"] * 1000 + epoch)
+                          seed=self.config.get("run_seed", self.config["seed"]) * 1000 + epoch)
 
     def step(self, model, batch, step: int, rank: int = 0):
         logits = model(batch["x"], batch["padding_mask"])
@@ -327,13 +340,16 @@ def fold_datasets(cfg, fold: int, split: Optional[Dict[str, pd.DataFrame]] = Non
     return {"train": train, "val": val}
 
 
-def run_fold(cfg, fold: int, report_to_tune: bool = False, report_pretrain: bool = False) -> Dict[str, Any]:
+def run_fold(cfg, fold: int, report_to_tune: bool = False, report_pretrain: bool = False,
+             score_test: bool = True) -> Dict[str, Any]:
     """Pre-train (if needed), train, select and test one leave-one-session-out fold; write its
     directory; return its result.
 
     ``report_to_tune``: every fine-tuning epoch is a Ray Tune result (inside a trial: ASHA, progress);
     ``report_pretrain``: so is every pre-training epoch (progress lines only; a sweep's scheduler
-    needs validation metrics in every result, so sweeps leave it off).
+    needs validation metrics in every result, so sweeps leave it off). ``score_test=False`` stops
+    after the epoch is selected (``selection.json`` and ``model/``, no test score): a nested sweep's
+    trials, whose one chosen model per fold is scored later by :func:`test_fold`.
     """
     feat_meta = check_features(cfg)
     proto = protocol(cfg)
@@ -353,8 +369,9 @@ def run_fold(cfg, fold: int, report_to_tune: bool = False, report_pretrain: bool
     audit = audit_fold(fold, split, pool, pool["sessions"] if pool else stats_sessions, proto)
     datasets = fold_datasets(cfg, fold, split)
     loop_config = {
-        "seed": cfg.seed, "fold": fold, "mode": tcfg.mode, "branch": tcfg.branch, "init": tcfg.init,
-        "config_yaml": to_yaml(cfg), "config_hash": fhash, "features": feature_identity(feat_meta),
+        "seed": cfg.seed, "run_seed": run_seed(cfg.seed, fold, "finetune"), "fold": fold, "mode": tcfg.mode,
+        "branch": tcfg.branch, "init": tcfg.init, "config_yaml": to_yaml(cfg), "config_hash": fhash,
+        "features": feature_identity(feat_meta),
         "feature_stats": [a.tolist() for a in feature_stats(feat_meta, stats_sessions)],
         "model": _model_kwargs(cfg, feat_meta, adapter), "audit": audit,
         "init_from": storage.absolute(adapter) if adapter else "",
@@ -367,11 +384,37 @@ def run_fold(cfg, fold: int, report_to_tune: bool = False, report_pretrain: bool
                  name=f"fold{fold}-{fhash[:8]}", score=(SELECTION_KEY, "max"), report_to_tune=report_to_tune)
     best_ckpt, best_metrics = max(result.best_checkpoints, key=lambda cm: cm[1][SELECTION_KEY])
     history = _run_history(result.checkpoint)  # every epoch run (the selected checkpoint's stops at its epoch)
+    selection = {"fold": fold, "test_session": fold, "n_train": int(len(split["train"])), "n_val": int(len(split["val"])),
+                 "best_epoch": int(best_metrics["epoch"]),
+                 **{k: float(best_metrics[k]) for k in ("val_ua", "val_wa", "val_macro_f1", "val_loss") if k in best_metrics},
+                 "epochs_run": len(history), "config_hash": fhash, "seed": cfg.seed,
+                 "pretrain_sessions": audit["pretrain_sessions"], "stats_sessions": audit["stats_sessions"],
+                 "val_speakers": sorted(set(split["val"]["speaker"])), "protocol": audit["protocol"],
+                 "val_split": tcfg.val_split, "label_fraction": float(tcfg.label_fraction), "history": history}
     with storage.staged(fold_dir) as local:  # a URI: written locally, uploaded when the fold is complete
         model_dir = local / "model"
         shutil.rmtree(model_dir, ignore_errors=True)
         best_ckpt.to_directory(str(model_dir))
-        return _test_fold(cfg, fold, local, model_dir, split, best_metrics, fhash, audit, history)
+        _slim_checkpoint(model_dir)
+        (local / FOLD_SELECTION).write_text(json.dumps(selection, indent=2))
+        if not score_test:
+            return selection
+        return _test_fold(cfg, fold, local, model_dir, split, selection)
+
+
+def test_fold(cfg, fold: int) -> Dict[str, Any]:
+    """Score the test split of a fold that :func:`run_fold` trained and selected with
+    ``score_test=False`` (its ``selection.json`` and ``model/``), once; write ``fold_result.json``."""
+    fold_dir = _fold_path(cfg, fold)
+    path = storage.join(fold_dir, FOLD_SELECTION)
+    if not storage.is_file(path):
+        raise DataError(f"fold {fold} has no selected model in {storage.describe(fold_dir)} (no {FOLD_SELECTION})")
+    selection = json.loads(storage.read_text(path))
+    if selection.get("config_hash") != finetune_hash(cfg):
+        raise DataError(f"the selected model of fold {fold} in {storage.describe(fold_dir)} was trained with another config")
+    with storage.staged(fold_dir) as local:
+        model_dir = storage.local_copy(storage.join(fold_dir, "model")) if storage.is_uri(fold_dir) else local / "model"
+        return _test_fold(cfg, fold, local, Path(model_dir), fold_split(cfg, fold), selection)
 
 
 def _run_history(checkpoint) -> List[Dict[str, Any]]:
@@ -389,31 +432,46 @@ TRAIN_KEYS = ("epochs", "batch_size", "lr", "lr_end", "weight_decay", "warmup_fr
               "bf16", "fail_at_step", "body_lr_scale", "freeze_epochs", "patience")
 
 
-def _test_fold(cfg, fold: int, fold_dir: Path, model_dir: Path, split, best_metrics, fhash: str, audit: dict,
-               history: List[Dict[str, Any]]) -> Dict[str, Any]:
-    """Score the fold's test split, once, with the selected checkpoint."""
+def _slim_checkpoint(model_dir: Path) -> None:
+    """Drop the optimiser from a selected checkpoint (the registry and serving need the weights only)."""
+    state = torch.load(model_dir / "state.pt", map_location="cpu", weights_only=True)
+    if state.pop("optimizer", None) is not None:
+        torch.save(state, model_dir / "state.pt")
+
+
+FOLD_SELECTION = "selection.json"  # what a fold's training chose (epoch, validation metrics, audit), before any test
+TEST_LEDGER = "test_scorings.jsonl"  # one line per scoring of the fold's test split
+
+
+def _count_test_scoring(cfg, fold: int, local: Path, fhash: str, n_test: int) -> int:
+    """Record one scoring of fold ``fold``'s test split in the fold's ledger; return how many times a
+    model of this config has now been scored on it (1 unless something scored the test split again)."""
+    import time
+
+    ledger = storage.join(_fold_path(cfg, fold), TEST_LEDGER)
+    before = storage.read_text(ledger) if storage.is_file(ledger) else ""
+    text = before + json.dumps({"config_hash": fhash, "n_test": n_test, "time": time.strftime("%Y-%m-%dT%H:%M:%S")}) + "\n"
+    (local / TEST_LEDGER).write_text(text)
+    return sum(1 for line in text.splitlines() if line.strip() and json.loads(line).get("config_hash") == fhash)
+
+
+def _test_fold(cfg, fold: int, fold_dir: Path, model_dir: Path, split, selection: Dict[str, Any]) -> Dict[str, Any]:
+    """Score the fold's test split with the selected checkpoint, count the scoring, write the result."""
     from serray.predict import Predictor
 
-    state = torch.load(model_dir / "state.pt", map_location="cpu", weights_only=True)
-    state.pop("optimizer", None)  # the selected model is all the registry / serving needs
-    torch.save(state, model_dir / "state.pt")
     predictor = Predictor.from_checkpoint(model_dir)
     test_ids = list(split["test"]["utt_id"])
     preds = predictor.predict_parquet(session_paths(cfg.features.dir, [fold]), utt_ids=test_ids)
-    test_evaluations = 1  # the one and only scoring of this fold's test split in this run
-    assert len(preds) == len(test_ids) and set(preds["utt_id"]) == set(test_ids), "the test split was not scored exactly once"
+    preds = preds.sort_values("utt_id", kind="stable").reset_index(drop=True)  # not the feature files' order
+    test_evaluations = _count_test_scoring(cfg, fold, fold_dir, selection["config_hash"], len(preds))
+    assert len(preds) == len(test_ids) and set(preds["utt_id"]) == set(test_ids), "the test split was not scored whole"
     preds.insert(0, "fold", fold)
     preds.insert(1, "seed", cfg.seed)
     preds.to_csv(fold_dir / "predictions.csv", index=False)
     m = classification_metrics([LABEL_INDEX[l] for l in preds["label"]], [LABEL_INDEX[l] for l in preds["pred"]])
-    result = {"fold": fold, "test_session": fold, **m, "n_test": int(len(preds)),
-              "n_train": int(len(split["train"])), "n_val": int(len(split["val"])),
-              "best_epoch": int(best_metrics["epoch"]), "val_ua": float(best_metrics["val_ua"]),
-              "val_loss": float(best_metrics["val_loss"]), "epochs_run": len(history),
-              "classes_in_test": sorted(set(preds["label"])), "config_hash": fhash, "seed": cfg.seed,
-              "pretrain_sessions": audit["pretrain_sessions"], "stats_sessions": audit["stats_sessions"],
-              "val_speakers": sorted(set(split["val"]["speaker"])), "test_evaluations": test_evaluations,
-              "protocol": audit["protocol"], "history": history}
+    result = {**{k: v for k, v in selection.items() if k != "history"}, **m, "n_test": int(len(preds)),
+              "classes_in_test": sorted(set(preds["label"])), "test_evaluations": test_evaluations,
+              "history": selection.get("history", [])}
     (fold_dir / FOLD_RESULT).write_text(json.dumps(result, indent=2))
     return result
 

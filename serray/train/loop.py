@@ -3,8 +3,8 @@
 :func:`run_loop` is the loop. A *task* object (:class:`~serray.train.pretrain.PretrainTask` or
 :class:`~serray.train.finetune.FinetuneTask`, passed in by the caller, never imported here) supplies
 what differs between the stages: ``build_model``, ``param_groups``, ``lr_scale(group, epoch)``,
-``collate``, ``step(model, batch, step, rank) -> (loss, records)``, ``after_step`` (the EMA teacher
-update), ``evaluate``, ``should_stop`` (early stopping) and the checkpoint metadata. The loop owns
+``collate``, ``before_epoch`` (which parameters train this epoch), ``step(model, batch, step, rank) ->
+(loss, records)``, ``after_step`` (the EMA teacher update), ``evaluate``, ``should_stop`` (early stopping) and the checkpoint metadata. The loop owns
 everything else: device and DDP, AdamW with parameter groups and warm-up + cosine, gradient
 clipping, bf16 autocast on GPU, a seeded full shuffle of the training rows every epoch, per-epoch
 reports with a checkpoint that holds model, optimiser, step, epoch and history, exact resumption
@@ -17,11 +17,16 @@ calling process (benchmarks of the plain loop and unit tests of the loop itself)
 Training rows reach the loop in one of two ways (``config["data_mode"]``):
 
 * ``memory`` (feature sets below ``features.cache_max_mb``): every worker receives the whole
-  training set once, keeps its rows as compact float16 bytes, and each epoch draws a permutation
-  seeded by ``(seed, epoch)``; worker ``r`` of ``w`` takes every ``w``-th row of it (the
-  ``DistributedSampler`` scheme), so the shuffle is global and reproducible on CPU;
-* ``stream`` (larger sets): the driver hands Ray Data a ``random_shuffle(seed=...)`` dataset, which
-  Ray reshuffles at every execution (= every epoch) from the seed, split across the workers.
+  training set once, keeps its rows as compact float16 bytes **in utterance-id order** (whatever order
+  the featurization wrote them in), and each epoch draws a permutation seeded by ``(run seed, epoch)``;
+  worker ``r`` of ``w`` takes every ``w``-th row of it (the ``DistributedSampler`` scheme), so the
+  shuffle is global and reproducible on CPU;
+* ``stream`` (larger sets): the driver hands Ray Data a dataset sorted by a seeded hash of the
+  utterance id (:func:`serray.data.features.training_data`), split across the workers.
+
+Every run seeds every generator it uses (model init, dropout, masking, crops, the epoch order) from
+its own :func:`run_seed` -- ``(seed, fold, stage)`` --, never from what ran before it in the process,
+so a result depends on the corpus, the config and the seed only.
 """
 
 from __future__ import annotations
@@ -45,7 +50,17 @@ from serray.train.schedules import cosine_schedule
 log = logging.getLogger(__name__)
 
 HISTORY_KEY = "history"
-ROW_COLUMNS = ("feat", "num_frames", "dim", "num_layers", "label")
+ROW_COLUMNS = ("utt_id", "feat", "num_frames", "dim", "num_layers", "label")
+
+
+def run_seed(seed: int, *parts: int | str) -> int:
+    """The seed of one run's generators, derived from the config seed and the run's identity
+    (``fold``, ``"pretrain"`` / ``"finetune"``), so runs that share a process never share a stream."""
+    import zlib
+
+    words = [int(seed) & 0xFFFFFFFF] + [zlib.crc32(p.encode()) if isinstance(p, str) else int(p) & 0xFFFFFFFF
+                                         for p in parts]
+    return int(np.random.SeedSequence(words).generate_state(1)[0])
 
 
 class InjectedFault(RuntimeError):
@@ -56,13 +71,20 @@ class InjectedFault(RuntimeError):
 
 
 class Rows:
-    """Stored feature rows kept compact in memory: float16 bytes plus shape and label columns.
+    """Stored feature rows kept compact in memory: float16 bytes plus shape and label columns,
+    in canonical order (sorted by ``utt_id``), so a seeded permutation picks the same utterances
+    however the feature files were cut into blocks.
 
     ``Rows.take(idx)`` gives the dict of numpy columns that :class:`~serray.data.features.PadCollate`
     turns into a padded batch, so nothing is decoded or padded before it is needed.
     """
 
     def __init__(self, columns: Dict[str, np.ndarray]):
+        ids = columns.get("utt_id")
+        if ids is not None and len(ids) > 1:
+            order = np.argsort(np.asarray(ids, dtype=str), kind="stable")
+            if (order != np.arange(len(order))).any():
+                columns = {k: v[order] for k, v in columns.items()}
         self.columns = columns
 
     def __len__(self) -> int:
@@ -74,7 +96,7 @@ class Rows:
         for b in batches:
             for k in ROW_COLUMNS:
                 if k in b:
-                    parts[k].append(np.asarray(b[k], dtype=object if k in ("feat", "label") else None))
+                    parts[k].append(np.asarray(b[k], dtype=object if k in ("feat", "label", "utt_id") else None))
         cols = {k: np.concatenate(v) if v else np.empty(0) for k, v in parts.items()}
         return cls(cols)
 
@@ -264,7 +286,8 @@ def run_loop(task, config: Dict[str, Any], rt) -> List[Dict[str, Any]]:
     Resumption: the model is moved to its device (and wrapped for DDP) *before* the optimiser is
     built and its state loaded, so restored optimiser state lives on the parameters' device.
     """
-    torch.manual_seed(config["seed"])
+    seed = config.get("run_seed", config["seed"])
+    torch.manual_seed(seed)
     core = task.build_model()
     model = rt.prepare_model(core)
     core = getattr(model, "module", model)
@@ -289,10 +312,11 @@ def run_loop(task, config: Dict[str, Any], rt) -> List[Dict[str, Any]]:
         return history
     for epoch in range(start_epoch, config["epochs"]):
         model.train()
+        task.before_epoch(core, epoch)  # e.g. a frozen warm-up: the body gets no gradients this epoch
         acc, frames, t0 = defaultdict(list), 0, time.time()
         collate = task.collate(train=True, epoch=epoch)
         if memory:
-            order = epoch_order(len(rows), config["seed"], epoch, rt.rank, rt.world)
+            order = epoch_order(len(rows), seed, epoch, rt.rank, rt.world)
             batches = memory_batches(rows, order, config["batch_size"], collate)
         else:
             batches = rt.stream("train", config["batch_size"], collate)

@@ -33,7 +33,7 @@ from serray.errors import DataError
 from serray.models.adapter import Adapter
 from serray.models.wap import kernel_frames
 from serray.train.checkpoint import META_FILE
-from serray.train.loop import fit, steps_per_epoch, wait_for_workers
+from serray.train.loop import fit, run_seed, steps_per_epoch, wait_for_workers
 from serray.train.report import write_history
 from serray.train.schedules import cosine_schedule
 
@@ -44,25 +44,33 @@ EXTRA_SESSION = 0  # the partition of pretrain.extra_audio in the feature store
 PRETRAIN_KEYS = ("loss", "loss_mask", "loss_distill", "loss_cluster", "cos_ts", "cluster_entropy", "dead_clusters",
                  "ema_decay", "student_drift", "teacher_drift")
 DRIFT_WARNING = ("the teacher moved less than half as far from its initialisation as the student ({t:.3g} vs {s:.3g}): "
-                 "it is still mostly its random init; pre-train longer or lower adapter.ema_half_life")
+                 "it is still mostly its random init; pre-train longer, lower adapter.ema_decay / ema_decay_end, "
+                 "or set the guard adapter.ema_half_life")
 
 
 # ---------------------------------------------------------------- the EMA schedule
 
 
-def ema_momentum(base: float, end: float, total_steps: int, half_life: float, step: int) -> float:
-    """The teacher's EMA decay at ``step``.
+def ema_momentum(base: float, end: float, total_steps: int, step: int, half_life: Optional[float] = None) -> float:
+    """The teacher's EMA decay at ``step``: a cosine from ``base`` (``adapter.ema_decay``) to ``end``
+    (``adapter.ema_decay_end``) over the run's ``total_steps``, as in DINO / data2vec, so the keys take
+    effect at every run length (the decay reaches ``end`` on the last step).
 
-    A cosine from ``base`` (``adapter.ema_decay``) to ``end`` (``adapter.ema_decay_end``) over the
-    run, as in DINO / data2vec, capped so that the teacher's half-life never exceeds ``half_life``
-    (``adapter.ema_half_life``) of the run's steps: ``m <= 0.5 ** (1 / (half_life * total_steps))``.
-    A 100-step CPU run and a 100k-step GPU run both end with a teacher that has followed its
-    student (with the uncapped 0.996 -> 0.9999 schedule, 80 % of a 110-step teacher was still its
-    random initialisation).
+    ``half_life`` (``adapter.ema_half_life``, off by default) is a separate guard against a teacher
+    that never leaves its random initialisation on a short run: when set, the decay is capped so that
+    the teacher's half-life is at most that share of the run, ``m <= 0.5 ** (1 / (half_life *
+    total_steps))``. It overrides the keys wherever it binds (0.996 -> 0.9999 over 100 steps is then a
+    constant 0.8706 with ``half_life=0.05``); its measured effect is in docs/protocol.md.
     """
     m = cosine_schedule(base, end, total_steps, 0, step)
-    cap = 0.5 ** (1.0 / max(1.0, half_life * total_steps))
-    return min(m, cap)
+    if half_life:
+        m = min(m, 0.5 ** (1.0 / max(1.0, half_life * total_steps)))
+    return m
+
+
+def teacher_init_share(base: float, end: float, total_steps: int, half_life: Optional[float] = None) -> float:
+    """The share of the teacher still equal to its initialisation after the run, ``prod_t m_t``."""
+    return math.prod(ema_momentum(base, end, total_steps, s, half_life) for s in range(total_steps))
 
 
 def relative_drift(params: List[torch.Tensor], init: List[torch.Tensor]) -> float:
@@ -84,6 +92,9 @@ class PretrainTask:
         self.config = config
         self._init: Optional[List[torch.Tensor]] = None  # theta_0, common to both branches
 
+    def _seed(self) -> int:
+        return self.config.get("run_seed", self.config["seed"])
+
     def build_model(self) -> Adapter:
         model = Adapter(**self.config["model"])
         model.set_feature_stats(*self.config["feature_stats"])
@@ -99,17 +110,20 @@ class PretrainTask:
         return group.get("lr_scale", 1.0)
 
     def collate(self, train: bool, epoch: int = 0) -> PadCollate:
-        return PadCollate(self.config["max_frames"], random_crop=train, seed=self.config["seed"] * 1000 + epoch)
+        return PadCollate(self.config["max_frames"], random_crop=train, seed=self._seed() * 1000 + epoch)
+
+    def before_epoch(self, core: Adapter, epoch: int) -> None:
+        pass
 
     def step(self, model, batch, step: int, rank: int = 0):
-        gen = torch.Generator().manual_seed(self.config["seed"] * 1_000_003 + step * 101 + rank)
+        gen = torch.Generator().manual_seed(self._seed() * 1_000_003 + step * 101 + rank)
         out = model(batch["x"], batch["padding_mask"], generator=gen)
         records = {"loss": float(out.loss.detach()), **{f"loss_{k}": float(v) for k, v in out.losses.items()}, **out.stats}
         return out.loss, records
 
     def after_step(self, core: Adapter, step: int, total_steps: int) -> Dict[str, float]:
         c = self.config
-        m = ema_momentum(c["ema_decay"], c["ema_decay_end"], total_steps, c.get("ema_half_life", 1.0), step)
+        m = ema_momentum(c["ema_decay"], c["ema_decay_end"], total_steps, step, c.get("ema_half_life"))
         core.update_teacher(m)
         return {"ema_decay": m}
 
@@ -266,7 +280,8 @@ def pretrain_inputs(cfg, fold: Optional[int] = None):
             "labelled_rows": int(rows["label"].isin(LABELS).sum()), "fold": fold}
     data = training_data(cfg.features.dir, sessions, rows["utt_id"].tolist(), cfg.features.cache_max_mb, cfg.seed)
     loop_config = {
-        "seed": cfg.seed, "config_yaml": to_yaml(cfg), "config_hash": pretrain_hash(cfg, fold),
+        "seed": cfg.seed, "run_seed": run_seed(cfg.seed, fold or 0, "pretrain"),
+        "config_yaml": to_yaml(cfg), "config_hash": pretrain_hash(cfg, fold),
         "features": feature_identity(feat_meta), "pool": pool,
         "feature_stats": [a.tolist() for a in feature_stats(feat_meta, sessions)],
         "model": adapter_kwargs(cfg, feat_meta),

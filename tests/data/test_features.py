@@ -61,15 +61,16 @@ def test_in_memory_rows_hold_the_features_once_in_the_arrow_table():
     rng = np.random.default_rng(0)
     feats = [rng.standard_normal((t, 3)).astype(np.float16) for t in (4, 7, 1, 5, 2)]
 
-    def table(part, kind):
-        return pa.table({"feat": pa.array([f.tobytes() for f in part], kind),
+    def table(part, kind, first=0):
+        return pa.table({"utt_id": [f"u{first + i}" for i in range(len(part))],
+                         "feat": pa.array([f.tobytes() for f in part], kind),
                          "num_frames": pa.array([len(f) for f in part], pa.int64()),
                          "dim": pa.array([3] * len(part), pa.int64()), "num_layers": pa.array([1] * len(part), pa.int64()),
                          "label": pa.array(["sad", ""][: len(part)] + ["neu"] * (len(part) - 2), pa.string())})
 
     for kind in (pa.binary(), pa.large_binary()):
         # two chunks, the second a slice with a non-zero offset (a filtered / sliced table)
-        t = pa.concat_tables([table(feats[:2], kind), table([feats[0]] + feats[2:], kind).slice(1)])
+        t = pa.concat_tables([table(feats[:2], kind), table([feats[0]] + feats[2:], kind, first=1).slice(1)])
         assert t.column("feat").num_chunks == 2 and t.column("feat").chunks[1].offset == 1
         rows = TrainingData("memory", table=t).rows()
         assert len(rows) == 5

@@ -132,6 +132,34 @@ def test_frozen_warm_up_keeps_the_body_and_trains_the_head() -> None:
     assert any(not torch.equal(body1[k], init[k]) for k in init if k.endswith("weight"))  # epoch 1: body learns
 
 
+def test_frozen_warm_up_gives_the_body_no_gradient_no_optimizer_state_and_no_share_of_the_clip(tmp_path) -> None:
+    """finetune.freeze_epochs used to set the body's learning rate to 0 only: its gradients still
+    filled AdamW's moments and entered the clipping norm. Now the body is frozen for real."""
+    from serray.train.checkpoint import OPTIMIZER_KEY, load_checkpoint
+    from serray.train.finetune import FinetuneTask
+
+    config = _finetune_config(freeze_epochs=1, epochs=2, grad_clip=1e-3)
+    rows = _labelled()
+    config["steps_per_epoch"] = -(-len(rows) // config["batch_size"])
+    grads = {}
+
+    class Spy(FinetuneTask):
+        def evaluate(self, model, core, rt, epoch):
+            grads[epoch] = ([p.grad for p in core.body.parameters()], [p.grad for p in core.head.parameters()])
+            return super().evaluate(model, core, rt, epoch)
+
+    run_loop(Spy(config), config, LocalRuntime({"train": rows, "val": _labelled(16, 1)}, checkpoint_dir=str(tmp_path)))
+    body0, head0 = grads[0]
+    assert all(g is None for g in body0) and all(g is not None for g in head0)
+    assert any(g is not None for g in grads[1][0])  # epoch 1: the body learns
+    state, _ = load_checkpoint(str(tmp_path / "epoch_0"))
+    opt = state[OPTIMIZER_KEY]
+    body_ids = [i for g in opt["param_groups"] if g["name"].startswith("body_") for i in g["params"]]
+    head_ids = [i for g in opt["param_groups"] if g["name"].startswith("head_") for i in g["params"]]
+    assert body_ids and not any(i in opt["state"] for i in body_ids), "the frozen body has optimizer state"
+    assert all(i in opt["state"] for i in head_ids)
+
+
 def test_early_stopping_on_validation_ua() -> None:
     from serray.train.finetune import FinetuneTask
 
