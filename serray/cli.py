@@ -136,15 +136,13 @@ def cmd_tune(args) -> int:
 
 
 def cmd_models(args) -> int:
-    from serray.registry import format_entries, get_entry, scan_entries
+    from serray.registry import format_entries, get_entry, scan_entries, wanted_evaluation
 
     cfg = _cfg(args)
     if args.action == "list":
         print(format_entries(*scan_entries(cfg.registry.dir)))
         return 0
-    from serray.train.finetune import protocol
-
-    entry = get_entry(cfg.registry.dir, args.id, protocol(cfg), list(cfg.finetune.folds))
+    entry = get_entry(cfg.registry.dir, args.id, wanted_evaluation(cfg))
     entry = {**entry, "path": storage.redact(entry.get("path", ""))}  # no storage credentials on the terminal
     print(storage.redact_text(json.dumps(entry, indent=2)))
     return 0

@@ -204,12 +204,15 @@ class TuneConfig:
     # {choice: [...]}, {grid: [...]}, {uniform: [lo, hi]}, {loguniform: [lo, hi]}, {randint: [lo, hi]}.
     search_space: Dict[str, Any] = field(default_factory=_default_search_space)
     num_samples: int = 4  # samples of the random forms (grid forms multiply it)
-    metric: str = "val_ua"  # objective: mean validation UA over `folds` (val_wa, val_macro_f1, val_loss); never a test metric
-    mode: str = "max"
-    folds: List[int] = field(default_factory=lambda: [1])  # LOSO folds per trial (a subset, for speed)
-    final_folds: Optional[List[int]] = None  # the chosen config is run on these and registered (None: finetune.folds)
+    selection: str = "nested"  # nested: per outer fold, trials ranked on that fold's validation speakers only |
+    #                            non_nested: one ranking on `folds` (their validation speakers include other folds'
+    #                            test sessions); cheaper, labelled as such, never the registry's best
+    metric: str = "val_ua"  # objective: validation UA of the selected epoch (val_wa, val_macro_f1, val_loss); never a test metric
+    mode: Optional[str] = None  # max | min; null: the metric's own direction (val_loss: min, the others: max)
+    folds: Optional[List[int]] = None  # nested: the outer folds (null: finetune.folds); non_nested: the folds trials are ranked on
+    final_folds: Optional[List[int]] = None  # non_nested only: the chosen config is run on these and registered (null: finetune.folds)
     scheduler: str = "asha"  # asha | fifo
-    scheduler_metric: str = "val_ua"  # intermediate metric reported every fine-tuning epoch
+    scheduler_metric: str = "val_ua"  # what ASHA compares every fine-tuning epoch (its direction is the metric's own)
     grace_period: int = 2  # ASHA: epochs before a trial can be stopped
     reduction_factor: int = 2
     max_concurrent_trials: int = 2
@@ -563,14 +566,50 @@ TEST_METRICS = ("ua", "wa", "macro_f1")
 ARMS = ("none", "random_init", "no_local", "full", "classical", "oracle")
 
 
+#: The direction of every metric a sweep may rank on or stop by.
+METRIC_MODE = {"val_ua": "max", "val_wa": "max", "val_macro_f1": "max", "val_loss": "min"}
+
+
+def metric_mode(metric: str) -> str:
+    """``max`` or ``min``: the direction in which ``metric`` improves."""
+    return METRIC_MODE[metric]
+
+
 def _validate_tune_and_ablate(cfg: DictConfig) -> List[str]:
     problems = []
-    metric = cfg.tune.metric
+    t = cfg.tune
+    metric = t.metric
     if metric in TEST_METRICS:
         problems.append(f"tune.metric={metric} is a test metric: choosing trials on the test sessions inflates the "
                         f"result it then reports; use one of {', '.join(VAL_METRICS)}")
     elif metric not in VAL_METRICS:
         problems.append(f"tune.metric must be one of {', '.join(VAL_METRICS)}, got '{metric}'")
+    elif t.mode is not None and t.mode != metric_mode(metric):
+        problems.append(f"tune.mode={t.mode} contradicts tune.metric={metric}, which improves towards "
+                        f"{metric_mode(metric)} (leave tune.mode null)")
+    if t.mode is not None and t.mode not in ("max", "min"):
+        problems.append(f"tune.mode must be max, min or null, got '{t.mode}'")
+    if t.scheduler_metric not in VAL_METRICS:
+        problems.append(f"tune.scheduler_metric={t.scheduler_metric} is not reported by the fine-tuning epochs; "
+                        f"use one of {', '.join(VAL_METRICS)}")
+    if t.scheduler not in ("asha", "fifo"):
+        problems.append(f"tune.scheduler must be asha or fifo, got '{t.scheduler}'")
+    if t.selection not in ("nested", "non_nested"):
+        problems.append(f"tune.selection must be nested or non_nested, got '{t.selection}'")
+    elif t.selection == "nested" and t.final_folds is not None:
+        problems.append("tune.final_folds applies to tune.selection=non_nested only (a nested sweep tests each of "
+                        "tune.folds with the configuration chosen for it)")
+    for key in ("folds", "final_folds"):
+        folds = t[key]
+        if folds is not None and (not folds or any(f not in cfg.data.sessions for f in folds)):
+            problems.append(f"tune.{key} must be null or a non-empty subset of data.sessions "
+                            f"{list(cfg.data.sessions)}, got {list(folds)}")
+    for key, low in (("num_samples", 1), ("grace_period", 1), ("reduction_factor", 2), ("max_concurrent_trials", 1)):
+        if not t[key] >= low:
+            problems.append(f"tune.{key} must be >= {low}, got {t[key]}")
+    for key in ("cpus_per_trial", "gpus_per_trial"):
+        if not (t[key] >= 0 and math.isfinite(t[key])):
+            problems.append(f"tune.{key} must be >= 0, got {t[key]}")
     a = cfg.ablate
     if a.seeds < 1:
         problems.append(f"ablate.seeds must be >= 1 (the number of seeds per arm), got {a.seeds}")

@@ -17,8 +17,10 @@ validation UA. Every entry records ``protocol`` (inductive / transductive), ``fo
 ``selected_on`` (how its configuration was chosen).
 
 ``best`` never looks at test metrics: it is the entry with the highest mean *validation* UA among the
-entries with the same protocol and folds as the config asking (comparing a one-fold sweep entry with
-a five-fold run, or an inductive with a transductive one, would compare different things).
+entries evaluated like the config asking (:func:`serray.protocol.evaluation`: the same protocol,
+folds, validation split and label fraction; comparing a one-fold sweep entry with a five-fold run, or
+an inductive with a transductive one, would compare different things), and never an entry of a
+``non-nested`` sweep (its test sessions helped choose its configuration).
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 from serray import storage
 from serray.errors import DataError
+from serray.protocol import EVALUATION_KEYS, same_evaluation
 
 log = logging.getLogger(__name__)
 
@@ -162,24 +165,58 @@ def _metric(entry: Dict[str, Any], metric: str) -> float:
 BEST_METRIC = "val_ua"
 
 
-def comparable(entry: Dict[str, Any], protocol: Optional[str], folds: Optional[List[int]]) -> bool:
-    """Whether an entry was evaluated under ``protocol`` on ``folds`` (None: any)."""
-    return ((protocol is None or entry.get("protocol") == protocol)
-            and (folds is None or list(entry.get("folds") or []) == list(folds)))
+def entry_evaluation(entry: Dict[str, Any]) -> Dict[str, Any]:
+    """An entry's evaluation record (:data:`serray.protocol.EVALUATION_KEYS`). Entries registered before
+    a key was recorded get it from their saved ``config.yaml`` (``selection``: ``fixed`` unless the
+    entry came from a sweep)."""
+    out = {k: entry.get(k) for k in EVALUATION_KEYS}
+    missing = [k for k in ("val_split", "val_fraction", "label_fraction") if out[k] is None]
+    if missing:
+        import yaml
+
+        try:
+            saved = yaml.safe_load(storage.read_text(storage.join(entry["path"], "config.yaml"))) or {}
+        except Exception:  # unreadable or absent: those keys stay unknown (not comparable)
+            saved = {}
+        finetune = saved.get("finetune") if isinstance(saved, dict) else None
+        for k in missing:
+            if isinstance(finetune, dict) and finetune.get(k) is not None:
+                out[k] = finetune[k]
+    if out["selection"] is None:
+        out["selection"] = "non-nested" if entry.get("source") == "tune" else "fixed"
+    return out
 
 
-def best_entry(registry_dir: str | Path, protocol: Optional[str] = None, folds: Optional[List[int]] = None,
+def comparable(entry: Dict[str, Any], wanted: Optional[Dict[str, Any]]) -> bool:
+    """Whether an entry was evaluated as ``wanted`` asks (None: any)."""
+    return wanted is None or same_evaluation(entry_evaluation(entry), wanted)
+
+
+def _describe_wanted(wanted: Optional[Dict[str, Any]]) -> str:
+    if not wanted:
+        return "any evaluation"
+    return ", ".join(f"{k}={v}" for k, v in wanted.items() if v is not None)
+
+
+def best_entry(registry_dir: str | Path, wanted: Optional[Dict[str, Any]] = None,
                metric: str = BEST_METRIC) -> Dict[str, Any]:
-    """The entry with the highest mean validation UA among those with this protocol and these folds
-    (ties: the newest). Test metrics are never used to choose."""
+    """The entry with the highest mean validation UA among those evaluated as ``wanted`` asks
+    (:func:`serray.protocol.evaluation` of the asking config, usually without ``selection``; ties: the
+    newest) whose model loads. Test metrics are never used to choose; ``non-nested`` sweep entries are
+    never chosen (give their id)."""
     entries = list_entries(registry_dir)
     if not entries:
         raise DataError(f"the model registry {storage.describe(registry_dir)} is empty: run `serray finetune` or `serray tune` first")
-    same = [e for e in entries if comparable(e, protocol, folds)]
+    same = [e for e in entries if comparable(e, wanted)]
+    leaky = [e for e in same if entry_evaluation(e)["selection"] == "non-nested"]
+    if leaky:
+        log.info("not ranking %d non-nested sweep entr%s (%s): their test sessions helped choose them",
+                 len(leaky), "y" if len(leaky) == 1 else "ies", ", ".join(e["id"] for e in leaky))
+    same = [e for e in same if e not in leaky]
     if not same:
-        raise DataError(f"no registry entry in {storage.describe(registry_dir)} was evaluated with protocol={protocol} on "
-                        f"folds {list(folds) if folds is not None else 'any'} (entries: "
-                        + ", ".join(f"{e['id']} ({e.get('protocol')}, folds {e.get('folds')})" for e in entries)
+        raise DataError(f"no registry entry in {storage.describe(registry_dir)} was evaluated with "
+                        f"{_describe_wanted(wanted)} (entries: "
+                        + ", ".join(f"{e['id']} ({_describe_wanted(entry_evaluation(e))})" for e in entries)
                         + "); give serve.model=<id> to choose one")
     ranked = sorted(same, key=lambda r: (_metric(r, metric), r["created_ns"], r["id"]), reverse=True)
     for e in ranked:  # the best one whose model is really there
@@ -190,11 +227,11 @@ def best_entry(registry_dir: str | Path, protocol: Optional[str] = None, folds: 
                     f"({', '.join(e['id'] for e in same)} lack {MODEL_DIR}/meta.json)")
 
 
-def get_entry(registry_dir: str | Path, entry_id: Optional[str] = None, protocol: Optional[str] = None,
-              folds: Optional[List[int]] = None) -> Dict[str, Any]:
+def get_entry(registry_dir: str | Path, entry_id: Optional[str] = None,
+              wanted: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
     """One entry by id (a unique prefix is enough), or the best comparable one when ``entry_id`` is None."""
     if entry_id is None or entry_id == "best":
-        return best_entry(registry_dir, protocol, folds)
+        return best_entry(registry_dir, wanted)
     entries, problems = scan_entries(registry_dir)
     hits = [e for e in entries if e["id"] == entry_id] or [e for e in entries if e["id"].startswith(entry_id)]
     broken = [(w, why) for w, why in problems if storage.name(w) == entry_id]
@@ -230,10 +267,16 @@ def resolve_model(cfg) -> tuple[Path, Dict[str, Any]]:
         path = storage.local_copy(given)
         return path, {"id": storage.name(given), "source": "checkpoint", "path": given if storage.is_uri(given)
                       else str(path.resolve()), "metrics": {}}
-    from serray.train.finetune import protocol
-
-    entry = get_entry(cfg.registry.dir, cfg.serve.model, protocol(cfg), list(cfg.finetune.folds))
+    entry = get_entry(cfg.registry.dir, cfg.serve.model, wanted_evaluation(cfg))
     return model_dir(entry), entry
+
+
+def wanted_evaluation(cfg) -> Dict[str, Any]:
+    """What the registry's "best" must have been evaluated like, for a config: its protocol, folds,
+    validation split and label fraction (any selection but ``non-nested``)."""
+    from serray.protocol import evaluation
+
+    return {**evaluation(cfg), "selection": None}
 
 
 def format_entries(entries: List[Dict[str, Any]], problems: Optional[List[Tuple[str, str]]] = None) -> str:
@@ -241,14 +284,18 @@ def format_entries(entries: List[Dict[str, Any]], problems: Optional[List[Tuple[
     bad = [f"unreadable entry {where} (skipped): {why}" for where, why in problems or []]
     if not entries:
         return "\n".join(["(no registered models)", *bad])
-    lines = [f"{'id':<24} {'created':<20} {'source':<9} {'protocol':<12} {'folds':<11} {'valUA%':>6} {'UA %':>6} "
-             f"{'WA %':>6} {'F1 %':>6}  {'encoder':<14} selected_on"]
+    lines = [f"{'id':<24} {'created':<20} {'source':<9} {'protocol':<12} {'folds':<11} {'val split':<14} {'labels':>6} "
+             f"{'selection':<10} {'valUA%':>6} {'UA %':>6} {'WA %':>6} {'F1 %':>6}  {'encoder':<14} selected_on"]
     for e in entries:
         m = e["metrics"]
         pct = lambda k: f"{100 * m[k]:6.2f}" if isinstance(m.get(k), (int, float)) else f"{'-':>6}"  # noqa: E731
-        folds = ",".join(str(f) for f in e.get("folds") or []) or "-"
-        lines.append(f"{e['id']:<24} {e['created']:<20} {str(e.get('source')):<9} {str(e.get('protocol') or '-'):<12} "
-                     f"{folds:<11} {pct('val_ua')} {pct('ua')} {pct('wa')} {pct('macro_f1')}  "
-                     f"{storage.public_name(e['encoder'].get('encoder')):<14} {e.get('selected_on') or '-'}")
-    lines.append("(best = highest valUA among entries with the same protocol and folds; UA/WA/F1 are LOSO test metrics)")
+        ev = entry_evaluation(e)
+        folds = ",".join(str(f) for f in ev["folds"] or []) or "-"
+        split = f"{ev['val_split']} {ev['val_fraction']:g}" if ev["val_split"] and ev["val_fraction"] is not None else "-"
+        labels = f"{ev['label_fraction']:g}" if ev["label_fraction"] is not None else "-"
+        lines.append(f"{e['id']:<24} {e['created']:<20} {str(e.get('source')):<9} {str(ev['protocol'] or '-'):<12} "
+                     f"{folds:<11} {split:<14} {labels:>6} {ev['selection']:<10} {pct('val_ua')} {pct('ua')} {pct('wa')} "
+                     f"{pct('macro_f1')}  {storage.public_name(e['encoder'].get('encoder')):<14} {e.get('selected_on') or '-'}")
+    lines.append("(best = highest valUA among entries evaluated alike: protocol, folds, validation split, label fraction; "
+                 "non-nested sweep entries are never best; UA/WA/F1 are LOSO test metrics)")
     return "\n".join(lines + bad)

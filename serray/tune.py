@@ -165,25 +165,43 @@ def trial_config(cfg, hyper: Dict[str, Any], trial_dir: Path, folds: Optional[Li
 VAL_KEYS = ("val_ua", "val_wa", "val_macro_f1", "val_loss")
 
 
-def _trial(config: Dict[str, Any], cfg_dict: Dict[str, Any]) -> None:
-    """One Tune trial: per fold, pre-train (shared) and fine-tune (each epoch reported to Tune); report
-    the validation objective and, for information, the test metrics."""
+def _trial(config: Dict[str, Any], cfg_dict: Dict[str, Any], folds: List[int]) -> None:
+    """One Tune trial: per fold of ``folds``, pre-train (shared) and fine-tune (each epoch reported to
+    Tune), **never scoring the test split**; report the validation objective (mean over ``folds``) and
+    the sessions its validation speakers come from."""
     import ray.tune
 
-    from serray.train.finetune import fold_done, run_fold
+    from serray.train.finetune import run_fold
 
     cfg = OmegaConf.create(cfg_dict)
     trial_id = ray.tune.get_context().get_trial_id()
-    trial_dir = Path(cfg.tune.dir) / cfg.tune.name / "trials" / trial_id
+    trial_dir = Path(cfg.tune.dir) / cfg.tune.name / _experiment(cfg, folds) / "trials" / trial_id
     hyper = trial_hyperparameters(config)
-    tcfg = trial_config(cfg, hyper, trial_dir)
+    tcfg = trial_config(cfg, hyper, trial_dir, folds=folds)
     trial_dir.mkdir(parents=True, exist_ok=True)
     with open(trial_dir / "attempts.log", "a") as f:  # how often this trial ran (tests of resuming)
         f.write(time.strftime("%Y-%m-%dT%H:%M:%S") + "\n")
-    folds = [fold_done(tcfg, fold) or run_fold(tcfg, fold, report_to_tune=True) for fold in tcfg.finetune.folds]
-    val = {k: float(sum(f[k] for f in folds) / len(folds)) for k in VAL_KEYS if all(k in f for f in folds)}
-    test = {f"test_{k}": float(sum(f[k] for f in folds) / len(folds)) for k in ("ua", "wa", "macro_f1")}
-    ray.tune.report({**val, **test, "trial_dir": str(trial_dir), "done_trial": 1})
+    results = [_selected(tcfg, fold) or run_fold(tcfg, fold, report_to_tune=True, score_test=False) for fold in folds]
+    val = {k: float(sum(r[k] for r in results) / len(results)) for k in VAL_KEYS if all(k in r for r in results)}
+    val_sessions = sorted({_session(spk) for r in results for spk in r["val_speakers"]})
+    ray.tune.report({**val, "val_sessions": json.dumps(val_sessions), "trial_dir": str(trial_dir), "done_trial": 1})
+
+
+def _selected(cfg, fold: int) -> Optional[Dict[str, Any]]:
+    """A fold this trial already trained and selected (a resumed trial), or None."""
+    from serray.train.finetune import FOLD_SELECTION, _fold_path, finetune_hash
+
+    path = Path(_fold_path(cfg, fold)) / FOLD_SELECTION
+    if path.is_file():
+        sel = json.loads(path.read_text())
+        if sel.get("config_hash") == finetune_hash(cfg):
+            return sel
+    return None
+
+
+def _session(speaker: str) -> int:
+    """The IEMOCAP session of a speaker id (``Ses03F`` -> 3)."""
+    return int(str(speaker)[3:5])
 
 
 # ---------------------------------------------------------------- the sweep
@@ -193,17 +211,25 @@ def _space_hash(flat) -> str:
     return hashlib.sha256(json.dumps(flat, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def _scheduler(cfg):
+def _scheduler(cfg, folds: List[int]):
+    """ASHA on ``tune.scheduler_metric`` in that metric's own direction (never ``tune.mode``, which is
+    the objective's), one rung per fine-tuning epoch of the trial's folds; or FIFO."""
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+
+    from serray.config import metric_mode
 
     t = cfg.tune
     if t.scheduler == "fifo":
         return FIFOScheduler()
-    if t.scheduler == "asha":
-        max_t = max(t.grace_period + 1, cfg.finetune.epochs * len(t.folds) + 1)
-        return ASHAScheduler(metric=t.scheduler_metric, mode=t.mode, time_attr="training_iteration", max_t=max_t,
-                             grace_period=t.grace_period, reduction_factor=t.reduction_factor)
-    raise ConfigError(f"tune.scheduler must be asha or fifo, got '{t.scheduler}'")
+    max_t = max(t.grace_period + 1, cfg.finetune.epochs * len(folds) + 1)
+    return ASHAScheduler(metric=t.scheduler_metric, mode=metric_mode(t.scheduler_metric), time_attr="training_iteration",
+                         max_t=max_t, grace_period=t.grace_period, reduction_factor=t.reduction_factor)
+
+
+def objective_mode(cfg) -> str:
+    from serray.config import metric_mode
+
+    return cfg.tune.mode or metric_mode(cfg.tune.metric)
 
 
 def best_trial(finished, metric: str, mode: str):
@@ -214,62 +240,119 @@ def best_trial(finished, metric: str, mode: str):
     return ranked.iloc[0]
 
 
-def run_sweep(cfg, echo: Callable[[str], Any] = print) -> Dict[str, Any]:
-    """Run (or resume) the sweep; write the trial table and plots; register the best trial."""
-    import ray.tune as tune
+def sweep_folds(cfg) -> List[int]:
+    """The folds a sweep runs: ``tune.folds`` (null: ``finetune.folds``)."""
+    return list(cfg.tune.folds if cfg.tune.folds is not None else cfg.finetune.folds)
 
+
+def final_folds(cfg) -> List[int]:
+    return list(cfg.tune.final_folds if cfg.tune.final_folds is not None else cfg.finetune.folds)
+
+
+def _experiment(cfg, folds: List[int]) -> str:
+    """The Tune experiment of some folds: ``fold<k>`` per outer fold (nested), ``trials`` (non-nested)."""
+    return f"fold{folds[0]}" if cfg.tune.selection == "nested" else "trials"
+
+
+def run_sweep(cfg, echo: Callable[[str], Any] = print) -> Dict[str, Any]:
+    """Run (or resume) the sweep; write the trial tables and plots; test and register the choice.
+
+    ``tune.selection=nested`` (default): one Tune experiment per outer fold ``k`` of ``tune.folds``,
+    whose trials train on fold ``k``'s training sessions and are ranked on its validation speakers
+    only; fold ``k`` is then tested once, with the model of the configuration chosen for it.
+    ``non_nested``: one experiment ranked on the mean over ``tune.folds``, the chosen configuration
+    run on ``tune.final_folds`` (labelled non-nested: those folds' test sessions helped choose it).
+    """
     from serray.pipeline import prepare_corpus
     from serray.ray_utils import init_ray
     from serray.train.pretrain import check_features
 
-    if cfg.tune.mode not in ("max", "min"):
-        raise ConfigError(f"tune.mode must be max or min, got '{cfg.tune.mode}'")
-    for key in ("folds", "final_folds"):
-        folds = cfg.tune[key] if cfg.tune[key] is not None else cfg.finetune.folds
-        if not folds or any(f not in cfg.data.sessions for f in folds):
-            raise ConfigError(f"tune.{key} must be a non-empty subset of data.sessions {list(cfg.data.sessions)}, got "
-                              f"{list(folds)}")
     flat = validate_space(cfg)
-    scheduler = _scheduler(cfg)
     if not storage.is_file(storage.join(cfg.features.dir, "_serray_features.json")):
         from serray.data.featurize import featurize
 
         prepare_corpus(cfg, echo)
         featurize(cfg)
     check_features(cfg)
-    exp_dir = Path(cfg.tune.dir) / cfg.tune.name
-    space_file = exp_dir / SPACE_FILE
+    root = Path(cfg.tune.dir) / cfg.tune.name
+    space_file = root / SPACE_FILE
+    stored = json.loads(space_file.read_text()) if space_file.is_file() else {}
+    key = {"hash": _space_hash(flat), "selection": cfg.tune.selection, "folds": sweep_folds(cfg)}
+    if stored and {k: stored.get(k) for k in key} != key:
+        raise ConfigError(f"the sweep {root} exists with another search space, selection or folds "
+                          f"({stored.get('space')}, {stored.get('selection')}, folds {stored.get('folds')}); "
+                          "choose another tune.name to start a new sweep")
+    root.mkdir(parents=True, exist_ok=True)
+    space_file.write_text(json.dumps({**key, "space": {k: list(v) for k, v in flat.items()}}))
     init_ray(cfg)
+    n = len(enumerate_space(flat, cfg.tune.num_samples, cfg.seed)) if is_discrete(flat) else cfg.tune.num_samples
+    how = "distinct configurations (drawn without replacement)" if is_discrete(flat) else "samples"
+    if cfg.tune.selection == "nested":
+        echo(f"sweep {cfg.tune.name} (nested): {len(flat)} hyper-parameters, {n} {how} per outer fold, scheduler "
+             f"{cfg.tune.scheduler}; for each of folds {sweep_folds(cfg)}, trials are ranked on {cfg.tune.metric} of "
+             "that fold's validation speakers only, and the fold is tested once with its choice")
+        return _nested(cfg, flat, echo)
+    echo(f"sweep {cfg.tune.name} (NON-NESTED): {len(flat)} hyper-parameters, {n} {how}, scheduler "
+         f"{cfg.tune.scheduler}, folds {sweep_folds(cfg)}; ranked on {cfg.tune.metric} (validation); the best is run "
+         f"on folds {final_folds(cfg)}. Those folds' test sessions supply validation speakers of the others: "
+         "the result is labelled non-nested and is never the registry's best")
+    grid, exp_dir = _fit(cfg, flat, sweep_folds(cfg), echo)
+    table = trial_table(cfg, grid, flat, exp_dir)
+    echo(_markdown(table, list(flat), cfg.tune.metric))
+    best = _finished_best(cfg, grid, table, exp_dir)
+    (root / "trials.md").write_text(f"# Sweep {cfg.tune.name}: NON-NESTED selection\n\n{selected_on(cfg)}: the "
+                                    f"result is not comparable with nested ones.\n\n" + _markdown(table, list(flat), cfg.tune.metric))
+    out: Dict[str, Any] = {"trials": table.to_dict("records"), "dir": str(root), "best": best.to_dict()}
+    hyper = trial_hyperparameters(grid[int(best.name)].config or {})
+    final = run_final(cfg, hyper, best["trial_id"], echo)
+    out["final"] = {"mean": final["mean"], "std": final["std"], "folds": final_folds(cfg)}
+    if final.get("registered"):
+        out["registered"] = final["registered"]
+    return out
+
+
+def _fit(cfg, flat, folds: List[int], echo):
+    """Run (or resume) the Tune experiment of trials on ``folds``; the result grid and its directory."""
+    import ray.tune as tune
+
     from serray.train.finetune import trial_resources
 
+    exp_dir = Path(cfg.tune.dir) / cfg.tune.name / _experiment(cfg, folds)
     resources = trial_resources(cfg, extra_cpu=cfg.tune.cpus_per_trial)
     if cfg.tune.gpus_per_trial:
         resources["gpu"] = resources.get("gpu", 0) + cfg.tune.gpus_per_trial
-    trainable = tune.with_resources(tune.with_parameters(_trial, cfg_dict=as_dict(cfg)), resources)
+    trainable = tune.with_resources(tune.with_parameters(_trial, cfg_dict=as_dict(cfg), folds=list(folds)), resources)
     if tune.Tuner.can_restore(str(exp_dir)):
-        stored = json.loads(space_file.read_text()) if space_file.is_file() else {}
-        if stored.get("hash") not in (None, _space_hash(flat)):
-            raise ConfigError(f"the sweep {exp_dir} exists with another search space ({stored.get('space')}); "
-                              "choose another tune.name to start a new sweep")
-        echo(f"resuming the sweep in {exp_dir} (finished trials are kept)")
+        echo(f"resuming {exp_dir} (finished trials are kept)")
         tuner = tune.Tuner.restore(str(exp_dir), trainable=trainable, resume_unfinished=True, resume_errored=True)
     else:
-        n = (len(enumerate_space(flat, cfg.tune.num_samples, cfg.seed)) if is_discrete(flat) else cfg.tune.num_samples)
-        how = "distinct configurations (drawn without replacement)" if is_discrete(flat) else "samples"
-        echo(f"sweep {cfg.tune.name}: {len(flat)} hyper-parameters, {n} {how}, scheduler {cfg.tune.scheduler}, "
-             f"folds {list(cfg.tune.folds)}; ranked on {cfg.tune.metric} (validation); the best is then run on "
-             f"folds {final_folds(cfg)}")
         space = param_space(flat, cfg.tune.num_samples, cfg.seed)
         tuner = tune.Tuner(
             trainable, param_space=space,
-            tune_config=tune.TuneConfig(num_samples=1 if COMBO_KEY in space else cfg.tune.num_samples, scheduler=scheduler,
+            tune_config=tune.TuneConfig(num_samples=1 if COMBO_KEY in space else cfg.tune.num_samples,
+                                        scheduler=_scheduler(cfg, folds),
                                         max_concurrent_trials=cfg.tune.max_concurrent_trials),
-            run_config=tune.RunConfig(storage_path=str(Path(cfg.tune.dir)), name=cfg.tune.name, verbose=1),
+            run_config=tune.RunConfig(storage_path=str(exp_dir.parent), name=exp_dir.name, verbose=1),
         )
-    exp_dir.mkdir(parents=True, exist_ok=True)
-    space_file.write_text(json.dumps({"hash": _space_hash(flat), "space": {k: list(v) for k, v in flat.items()}}))
-    grid = tuner.fit()
-    return summarise_sweep(cfg, grid, flat, echo)
+    return tuner.fit(), exp_dir
+
+
+def _finished_best(cfg, grid, table, exp_dir: Path):
+    """The best finished trial of one experiment, or a clear error when it was interrupted / failed."""
+    from serray.errors import SerrayError
+
+    errors = [r.error for r in grid if r.error is not None]
+    interrupted = int((table["status"] == "interrupted").sum())
+    if interrupted:  # Ctrl-C / a stopped driver: nothing is tested or registered from a partial sweep
+        raise SerrayError(f"the sweep {exp_dir} was interrupted with {interrupted} trial(s) unfinished; "
+                          "rerun the same command to resume it")
+    if errors:
+        raise SerrayError(f"{len(errors)} trial(s) of {exp_dir} failed (first: {str(errors[0]).splitlines()[0][:300]}); "
+                          "rerun the same command to resume the sweep")
+    finished = table[table["status"] == "finished"]
+    if finished.empty:
+        raise SerrayError(f"no trial of the sweep {exp_dir} finished")
+    return best_trial(finished, cfg.tune.metric, objective_mode(cfg))
 
 
 def _tune_statuses(grid) -> List[Tuple[str, str]]:
@@ -279,108 +362,165 @@ def _tune_statuses(grid) -> List[Tuple[str, str]]:
     return [(t.trial_id, str(t.status)) for t in trials] if len(trials) == len(grid) else []
 
 
-def summarise_sweep(cfg, grid, flat, echo: Callable[[str], Any] = print) -> Dict[str, Any]:
-    """trials.csv / trials.md / plots; runs the trial with the best validation objective on
-    ``tune.final_folds`` and registers that result."""
+def trial_table(cfg, grid, flat, exp_dir: Path):
+    """One row per trial (its swept values, status, validation metrics, the sessions of its validation
+    speakers), in the grid's order; written to ``exp_dir/trials.csv`` with ``sweep.png``."""
     import pandas as pd
 
-    exp_dir = Path(cfg.tune.dir) / cfg.tune.name
-    rows, hypers = [], []
+    rows = []
     tune_status = _tune_statuses(grid)
     for i, r in enumerate(grid):
         m = r.metrics or {}
         hyper = trial_hyperparameters(r.config or {})
-        hypers.append(hyper)
         trial_id, state = tune_status[i] if i < len(tune_status) else (m.get("trial_id", Path(r.path).name), "TERMINATED")
         status = ("ERROR" if r.error is not None else "finished" if m.get("done_trial")
                   else "stopped early" if state == "TERMINATED" else "interrupted")
         rows.append({"trial_id": m.get("trial_id", trial_id), **hyper, "status": status,
-                     **{k: m.get(k) for k in (*VAL_KEYS, "test_ua", "test_wa", "test_macro_f1", "training_iteration")},
+                     **{k: m.get(k) for k in (*VAL_KEYS, "training_iteration")}, "val_sessions": m.get("val_sessions"),
                      "time_s": m.get("time_total_s"), "trial_dir": m.get("trial_dir")})
     df = pd.DataFrame(rows)
+    exp_dir.mkdir(parents=True, exist_ok=True)
     df.to_csv(exp_dir / "trials.csv", index=False)
-    (exp_dir / "trials.md").write_text(_markdown(df, list(flat)))
-    _plots(df, list(flat), cfg.tune.metric, cfg.tune.mode, exp_dir)
-    echo(_markdown(df, list(flat)))
-    errors = [r.error for r in grid if r.error is not None]
-    finished = df[df["status"] == "finished"]
-    out: Dict[str, Any] = {"trials": rows, "dir": str(exp_dir), "errors": len(errors)}
-    interrupted = int((df["status"] == "interrupted").sum())
-    if interrupted:  # Ctrl-C / a stopped driver: nothing is registered from a partial sweep
-        from serray.errors import SerrayError
+    _plots(df, list(flat), cfg.tune.metric, objective_mode(cfg), exp_dir)
+    return df
 
-        raise SerrayError(f"the sweep {exp_dir} was interrupted with {interrupted} trial(s) unfinished; "
-                          "rerun the same command to resume it")
-    if errors:
-        echo(f"{len(errors)} trial(s) failed (first: {str(errors[0]).splitlines()[0][:300]}); "
-             "rerun the same command to resume the sweep")
-    if finished.empty:
-        if errors:
-            from serray.errors import SerrayError
 
-            raise SerrayError(f"no trial of the sweep {exp_dir} finished; {len(errors)} failed")
-        return out
-    best = best_trial(finished, cfg.tune.metric, cfg.tune.mode)
-    out["best"] = best.to_dict()
-    echo(f"best trial {best['trial_id']}: {cfg.tune.metric}={best[cfg.tune.metric]:.4f} "
-         + " ".join(f"{k}={best[k]}" for k in flat))
-    hyper = hypers[best.name]  # the trial's own values (a table cell turns None into NaN)
-    final = run_final(cfg, hyper, best["trial_id"], echo)
-    out["final"] = {"mean": final["mean"], "std": final["std"], "folds": final_folds(cfg)}
-    if final.get("registered"):
-        out["registered"] = final["registered"]
-    if errors:
-        from serray.errors import SerrayError
+def check_nested(fold: int, row) -> None:
+    """The leakage guard of a nested choice: the trial chosen for fold ``fold`` was ranked on validation
+    speakers of other sessions only (raises AssertionError otherwise)."""
+    sessions = json.loads(row["val_sessions"]) if isinstance(row.get("val_sessions"), str) else row.get("val_sessions")
+    assert sessions is not None, f"trial {row['trial_id']} reported no validation sessions"
+    assert fold not in sessions, (f"leakage: fold {fold}'s configuration was ranked on validation speakers of its "
+                                  f"test session (trial {row['trial_id']}, validation sessions {sessions})")
 
-        raise SerrayError(f"{len(errors)} trial(s) of the sweep failed; rerun the same command to resume")
+
+def _nested(cfg, flat, echo) -> Dict[str, Any]:
+    """Per outer fold: its own experiment, ranking and choice; then its test, once; then the LOSO
+    result of the per-fold choices, written under ``final/finetune`` and registered."""
+    from serray.train.finetune import fold_done, test_fold
+
+    root = Path(cfg.tune.dir) / cfg.tune.name
+    final_dir = root / "final" / "finetune"
+    choices, results, tables = {}, [], {}
+    for fold in sweep_folds(cfg):
+        grid, exp_dir = _fit(cfg, flat, [fold], echo)
+        table = tables[fold] = trial_table(cfg, grid, flat, exp_dir)
+        best = _finished_best(cfg, grid, table, exp_dir)
+        check_nested(fold, best)
+        hyper = trial_hyperparameters(grid[int(best.name)].config or {})
+        tcfg = trial_config(cfg, hyper, Path(best["trial_dir"]), folds=[fold])
+        hyper = without_faults(hyper)
+        res = fold_done(tcfg, fold) or test_fold(tcfg, fold)  # the fold's one test scoring
+        _copy_fold(Path(tcfg.finetune.dir) / f"fold{fold}", final_dir / f"fold{fold}")
+        choices[fold] = {"trial_id": str(best["trial_id"]), "hyperparameters": hyper,
+                         cfg.tune.metric: float(best[cfg.tune.metric]), "ranked_on": f"fold {fold}'s validation speakers "
+                         f"(sessions {json.loads(best['val_sessions'])})", "test_ua": float(res["ua"])}
+        results.append(res)
+        echo(f"fold {fold}: chose trial {best['trial_id']} ({cfg.tune.metric}={best[cfg.tune.metric]:.4f} on fold {fold}'s "
+             f"validation speakers; " + ", ".join(f"{k}={v}" for k, v in hyper.items()) + f"); test UA {100 * res['ua']:.2f}")
+    (root / "trials.md").write_text(_nested_markdown(cfg, flat, tables, choices))
+    return _finish_nested(cfg, flat, results, choices, final_dir, echo)
+
+
+def without_faults(hyper: Dict[str, Any]) -> Dict[str, Any]:
+    """Swept values without fault injection (how a test interrupts a trial, not part of a configuration)."""
+    return {k: (None if k.endswith(".fail_at_step") else v) for k, v in hyper.items()}
+
+
+def _copy_fold(src: Path, dst: Path) -> None:
+    import shutil
+
+    if dst.exists():
+        shutil.rmtree(dst)
+    shutil.copytree(src, dst, ignore=shutil.ignore_patterns("fault_injected.marker"))
+
+
+def selected_on(cfg) -> str:
+    m = f"{cfg.tune.metric} ({objective_mode(cfg)})"
+    if cfg.tune.selection == "nested":
+        return f"tune {cfg.tune.name}, nested: per outer fold, {m} on that fold's validation speakers only"
+    return (f"tune {cfg.tune.name}, NON-NESTED: {m} over folds {sweep_folds(cfg)}, whose validation speakers include "
+            "test sessions of other folds")
+
+
+def _finish_nested(cfg, flat, results, choices, final_dir: Path, echo) -> Dict[str, Any]:
+    from serray.train.finetune import register_result, write_loso
+    from serray.train.results import markdown_table
+
+    folds = sweep_folds(cfg)
+    run_cfg = derive(cfg, [f"finetune.folds={json.dumps(folds)}", f"finetune.dir={final_dir}", "finetune.init_from=null"])
+    sweep_id = hashlib.sha256(json.dumps({"space": _space_hash(flat), "choices": {str(k): v["trial_id"] for k, v in
+                                                                              choices.items()}}, sort_keys=True).encode()).hexdigest()[:16]
+    selection = {"mode": "nested", "metric": cfg.tune.metric, "per_fold": {str(k): v for k, v in choices.items()},
+                 "selected_on": selected_on(cfg)}
+    summary = write_loso(run_cfg, results, str(final_dir), {"selection": selection}, config_hash=sweep_id)
+    echo(markdown_table(summary, f"nested sweep: each fold tested once with its own choice, folds {folds}"))
+    out: Dict[str, Any] = {"dir": str(final_dir.parent.parent), "choices": choices,
+                           "final": {"mean": summary["mean"], "std": summary["std"], "folds": folds}}
+    if cfg.tune.register_best:
+        best_fold = max(summary["folds"], key=lambda f: (f.get("val_ua", 0.0), -f["fold"]))["fold"]
+        model_cfg = trial_config(cfg, choices[best_fold]["hyperparameters"], final_dir.parent, folds=[best_fold])
+        entry = register_result(run_cfg, summary, source="tune", hyperparameters=choices[best_fold]["hyperparameters"],
+                                selected_on=selected_on(cfg), selection="nested", model_cfg=model_cfg,
+                                finetune_dir=str(final_dir),
+                                extra={"config_hash": sweep_id, "per_fold": selection["per_fold"]})
+        out["registered"] = entry["id"]
+        echo(f"registered as {entry['id']} in {storage.describe(cfg.registry.dir)}")
     return out
 
 
-def final_folds(cfg) -> List[int]:
-    return list(cfg.tune.final_folds if cfg.tune.final_folds is not None else cfg.finetune.folds)
-
-
 def run_final(cfg, hyper: Dict[str, Any], trial_id: str, echo: Callable[[str], Any] = print) -> Dict[str, Any]:
-    """The chosen configuration on ``tune.final_folds``: the LOSO result that is reported and
-    registered (pre-trainings shared with the sweep's trials are reused)."""
-    from serray.train.finetune import register_result, run_finetune
-
-    exp_dir = Path(cfg.tune.dir) / cfg.tune.name
-    # fault injection is how a test interrupts a trial, not part of a configuration
-    hyper = {k: (None if k.endswith(".fail_at_step") else v) for k, v in hyper.items()}
-    fcfg = trial_config(cfg, hyper, exp_dir / "final", folds=final_folds(cfg))
-    echo(f"running the chosen configuration ({trial_id}: " + ", ".join(f"{k}={v}" for k, v in hyper.items())
-         + f") on folds {final_folds(cfg)}")
-    summary = run_finetune(fcfg)
+    """Non-nested: the chosen configuration on ``tune.final_folds``, labelled non-nested, registered
+    (pre-trainings shared with the sweep's trials are reused)."""
+    from serray.train.finetune import run_finetune
     from serray.train.results import markdown_table
 
-    echo(markdown_table(summary, f"chosen configuration, leave-one-session-out on folds {final_folds(cfg)}"))
-    if cfg.tune.register_best:
-        selected = f"tune {cfg.tune.name}: {cfg.tune.metric} ({cfg.tune.mode}) over folds {list(cfg.tune.folds)}"
-        entry = register_result(fcfg, summary, source="tune", hyperparameters=hyper, selected_on=selected)
-        summary["registered"] = entry["id"]
-        echo(f"registered as {entry['id']} in {storage.describe(cfg.registry.dir)}")
+    exp_dir = Path(cfg.tune.dir) / cfg.tune.name
+    hyper = without_faults(hyper)
+    fcfg = derive(trial_config(cfg, hyper, exp_dir / "final", folds=final_folds(cfg)),
+                  [f"finetune.register={str(bool(cfg.tune.register_best)).lower()}"])
+    echo(f"running the chosen configuration ({trial_id}: " + ", ".join(f"{k}={v}" for k, v in hyper.items())
+         + f") on folds {final_folds(cfg)}")
+    selection = {"mode": "non-nested", "metric": cfg.tune.metric, "trial_id": trial_id, "hyperparameters": hyper,
+                 "selected_on": selected_on(cfg)}
+    summary = run_finetune(fcfg, extra={"selection": selection}, selection="non-nested", hyperparameters=hyper,
+                           selected_on=selected_on(cfg))
+    echo(markdown_table(summary, f"chosen configuration (NON-NESTED selection), leave-one-session-out on folds "
+                                 f"{final_folds(cfg)}"))
+    if summary.get("registered"):
+        echo(f"registered as {summary['registered']} in {storage.describe(cfg.registry.dir)} (non-nested: never the "
+             "registry's best; serve it by id)")
     return summary
 
 
-TEST_INFO = ("test_ua", "test_wa", "test_macro_f1")
-
-
-def _markdown(df, keys: List[str]) -> str:
-    cols = ["trial_id", *keys, "status", "val_ua", "val_loss", *TEST_INFO, "training_iteration"]
-    names = {c: f"{c} (info only)" for c in TEST_INFO}
-    lines = ["| " + " | ".join(names.get(c, c) for c in cols) + " |", "|" + "---|" * len(cols)]
+def _markdown(df, keys: List[str], metric: str) -> str:
+    cols = ["trial_id", *keys, "status", "val_ua", "val_loss", "val_sessions", "training_iteration"]
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for _, r in df.iterrows():
         cells = []
         for c in cols:
             v = r.get(c)
-            cells.append(f"{100 * v:.2f}" if c in ("val_ua", *TEST_INFO) and isinstance(v, float) and v == v
+            cells.append(f"{100 * v:.2f}" if c == "val_ua" and isinstance(v, float) and v == v
                          else "-" if v is None or (isinstance(v, float) and v != v)
                          else f"{v:g}" if isinstance(v, float) else str(v))  # a column with gaps is float: 2.0 -> 2
         lines.append("| " + " | ".join(cells) + " |")
-    lines.append(f"\nTrials are ranked on validation metrics only; test columns are shown for information and "
-                 f"were not used to choose.")
+    lines.append(f"\nTrials are ranked on {metric} (validation speakers) only; no trial scores the test split.")
     return "\n".join(lines) + "\n"
+
+
+def _nested_markdown(cfg, flat, tables, choices) -> str:
+    parts = [f"# Sweep {cfg.tune.name}: nested selection", "",
+             f"Each outer fold k has its own trials, trained on the other sessions and ranked on {cfg.tune.metric} of "
+             "validation speakers drawn from those sessions; fold k is tested once, with the configuration chosen for "
+             "it. No trial scores a test split.", "",
+             "| fold | chosen trial | " + " | ".join(flat) + f" | {cfg.tune.metric} | ranked on | test UA % |",
+             "|---:|---|" + "---|" * len(flat) + "---:|---|---:|"]
+    for fold, c in choices.items():
+        parts.append(f"| {fold} | {c['trial_id']} | " + " | ".join(str(c["hyperparameters"].get(k)) for k in flat)
+                     + f" | {c[cfg.tune.metric]:.4f} | {c['ranked_on']} | {100 * c['test_ua']:.2f} |")
+    for fold, table in tables.items():
+        parts += ["", f"## Fold {fold}: trials", "", _markdown(table, list(flat), cfg.tune.metric)]
+    return "\n".join(parts) + "\n"
 
 
 def _plots(df, keys: List[str], metric: str, mode: str, out: Path) -> None:

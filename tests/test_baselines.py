@@ -11,8 +11,8 @@ import pandas as pd
 import pytest
 import soundfile as sf
 
-from serray.baselines import (CLASSICAL_STATS, classical_features, fit_predict, loso_ua,
-                              metadata_features, oracle_features)
+from serray.baselines import (C_GRID, CLASSICAL_STATS, classical_features, classical_recipes, fit_predict,
+                              fit_predict_selected, loso_ua, metadata_features, oracle_features)
 from serray.data.synthetic_benchmark import CONTOURS, ORACLE_FEATURES
 from serray.errors import AudioError, DataError
 
@@ -161,3 +161,32 @@ def test_loso_ua_values():
     noise = loso_ua(rng.standard_normal((600, 4)), rng.integers(0, 4, 600), np.repeat([1, 2, 3], 200))
     assert set(noise) == {1, 2, 3} and abs(np.mean(list(noise.values())) - 0.25) < 0.06
     assert loso_ua(X, y, sessions, folds=[2]).keys() == {2}
+
+
+def test_the_recipe_is_chosen_on_validation_data_only():
+    """C (and the feature subset) maximise validation UA; the test rows never change the choice."""
+    from serray.train.metrics import classification_metrics
+
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 4, 240)
+    X = rng.standard_normal((240, 30))
+    X[:, 0] += 1.5 * y  # one informative column among 29 of noise
+    tr, va, te = slice(0, 80), slice(80, 160), slice(160, 240)
+    cols = {"first": np.arange(3), "all": np.arange(30)}
+    pred, choice = fit_predict_selected(X[tr], y[tr], X[va], y[va], X[te], columns=cols)
+    scores = {(n, C): classification_metrics(y[va], fit_predict(X[tr][:, c], y[tr], X[va][:, c], C=C)[0])["ua"]
+              for n, c in cols.items() for C in C_GRID}
+    assert choice["val_ua"] == pytest.approx(max(scores.values()))
+    assert scores[(choice["columns"], choice["C"])] == pytest.approx(max(scores.values()))
+    np.testing.assert_array_equal(pred, fit_predict(X[tr][:, cols[choice["columns"]]], y[tr],
+                                                    X[te][:, cols[choice["columns"]]], C=choice["C"])[0])
+    _, again = fit_predict_selected(X[tr], y[tr], X[va], y[va], rng.standard_normal((80, 30)) * 1e3, columns=cols)
+    assert again == choice
+
+
+def test_classical_recipes_pick_mean_and_std_of_every_block():
+    r = classical_recipes()
+    assert len(r["all"]) == 270 and len(r["mean_std"]) == 2 * 54
+    assert list(r["mean_std"][:80]) == list(range(80))       # log-mel mean, std
+    assert list(r["mean_std"][80:106]) == list(range(200, 226))  # MFCC mean, std
+    assert list(r["mean_std"][106:]) == [265, 266]           # energy mean, std

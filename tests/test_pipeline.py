@@ -85,7 +85,7 @@ def test_terminal_shows_compact_progress_and_ray_lines_go_to_the_log(pipeline):
     for fold in (1, 2):
         assert f"[fold {fold}] pre-train epoch 2/2: loss" in out
         assert f"[fold {fold}] fine-tune epoch 2/2: loss" in out and "val UA" in out
-    assert "left)" in out and "| **mean ± std** |" in out
+    assert "left)" in out and "| **mean ± sd** |" in out
     for noise in ("Configuration for experiment", "View detailed results here", "Reporting training result"):
         assert noise not in out
     log = (run / "logs" / "ray.log").read_text()

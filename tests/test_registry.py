@@ -17,6 +17,14 @@ from serray.serve.demo import make_demo_checkpoint, synthetic_clip
 
 
 FIVE = [1, 2, 3, 4, 5]
+#: how the default config evaluates (what register_result records and `serray serve` asks for)
+EVAL = {"protocol": "inductive", "folds": FIVE, "val_split": "speaker", "val_fraction": 0.15, "label_fraction": 1.0,
+        "selection": "fixed"}
+
+
+def W(**kw):
+    """The evaluation a config asks "best" for: EVAL with changes, any selection."""
+    return {**EVAL, "selection": None, **kw}
 
 
 @pytest.fixture
@@ -28,7 +36,7 @@ def registry(tmp_path):
         ck = make_demo_checkpoint(tmp_path / f"ck{i}", seed=i)
         rec = register(reg, ck, metrics={"ua": ua, "wa": ua, "macro_f1": ua, "val_ua": val}, config_yaml="seed: 0\n",
                        source="test", hyperparameters={"adapter.mask_ratio": 0.1 * i},
-                       extra={"protocol": "inductive", "folds": FIVE, "selected_on": "val_ua (epochs)"})
+                       extra={**EVAL, "selected_on": "val_ua (epochs)"})
         ids.append(rec["id"])
         time.sleep(0.01)
     return reg, ids
@@ -40,17 +48,47 @@ def test_best_never_uses_test_metrics_and_compares_like_with_like(registry, tmp_
     reg, ids = registry
     ck = make_demo_checkpoint(tmp_path / "ck_other", seed=9)
     one_fold = register(reg, ck, metrics={"ua": 0.95, "val_ua": 0.99}, config_yaml="", source="tune",
-                        extra={"protocol": "inductive", "folds": [1]})["id"]
+                        extra={**EVAL, "folds": [1], "selection": "nested"})["id"]
     transd = register(reg, ck, metrics={"ua": 0.90, "val_ua": 0.98}, config_yaml="", source="finetune",
-                      extra={"protocol": "transductive", "folds": FIVE})["id"]
+                      extra={**EVAL, "protocol": "transductive"})["id"]
     test_best = register(reg, ck, metrics={"ua": 0.99, "val_ua": 0.40}, config_yaml="", source="finetune",
-                         extra={"protocol": "inductive", "folds": FIVE})["id"]  # best test UA, worst val UA
-    assert best_entry(reg, "inductive", FIVE)["id"] == ids[1]
-    assert best_entry(reg, "inductive", [1])["id"] == one_fold
-    assert best_entry(reg, "transductive", FIVE)["id"] == transd
+                         extra=EVAL)["id"]  # best test UA, worst val UA
+    assert best_entry(reg, W())["id"] == ids[1]
+    assert best_entry(reg, W(folds=[1]))["id"] == one_fold
+    assert best_entry(reg, W(protocol="transductive"))["id"] == transd
     assert test_best != ids[1]
-    with pytest.raises(DataError, match="protocol=inductive on folds \\[2\\]"):
-        best_entry(reg, "inductive", [2])
+    with pytest.raises(DataError, match="protocol=inductive, folds=\\[2\\]"):
+        best_entry(reg, W(folds=[2]))
+
+
+def test_best_compares_only_entries_evaluated_alike_and_never_a_non_nested_sweep(registry, tmp_path):
+    """Entries with a higher validation UA but another validation split, another label fraction, or
+    hyper-parameters chosen by a non-nested sweep are never the best of a default config."""
+    reg, ids = registry
+    ck = make_demo_checkpoint(tmp_path / "ck_other", seed=9)
+    others = {}
+    for name, change in (("dialog", {"val_split": "dialog"}), ("share", {"val_fraction": 0.3}),
+                         ("labels", {"label_fraction": 0.1}), ("leaky", {"selection": "non-nested"})):
+        others[name] = register(reg, ck, metrics={"ua": 0.9, "val_ua": 0.95}, config_yaml="", source="tune",
+                                extra={**EVAL, **change})["id"]
+    assert best_entry(reg, W())["id"] == ids[1]
+    assert best_entry(reg, W(val_split="dialog"))["id"] == others["dialog"]
+    assert best_entry(reg, W(label_fraction=0.1))["id"] == others["labels"]
+    nested = register(reg, ck, metrics={"ua": 0.6, "val_ua": 0.9}, config_yaml="", source="tune",
+                      extra={**EVAL, "selection": "nested"})["id"]
+    assert best_entry(reg, W())["id"] == nested  # a nested sweep is comparable, and ranked on validation UA
+    assert get_entry(reg, others["leaky"])["id"] == others["leaky"]  # reachable by id only
+
+
+def test_an_entry_from_before_the_evaluation_keys_reads_them_from_its_config(registry, tmp_path):
+    reg, ids = registry
+    ck = make_demo_checkpoint(tmp_path / "ck_old", seed=3)
+    old = register(reg, ck, metrics={"ua": 0.6, "val_ua": 0.97}, source="finetune",
+                   config_yaml="finetune:\n  val_split: speaker\n  val_fraction: 0.15\n  label_fraction: 1.0\n",
+                   extra={"protocol": "inductive", "folds": FIVE})["id"]
+    assert best_entry(reg, W())["id"] == old
+    (reg / old / "config.yaml").write_text("finetune:\n  val_split: random\n")
+    assert best_entry(reg, W())["id"] == ids[1]
 
 
 def test_entries_are_complete_and_best_is_highest_val_ua(registry):
@@ -157,7 +195,7 @@ def test_unreadable_entry_is_reported_and_skipped(registry, tmp_path, capsys, te
     assert all(i in out for i in ids)
     assert f"unreadable entry {bad}" in out and why in out
     # "best" (serve / predict) skips it
-    assert best_entry(reg, "inductive", FIVE)["id"] == ids[1]
+    assert best_entry(reg, W())["id"] == ids[1]
     assert main(["models", "show", f"registry.dir={reg}"]) == 0
     assert json.loads(capsys.readouterr().out)["id"] == ids[1]
     # asking for it by name is a clear error, not a traceback
@@ -170,15 +208,15 @@ def test_best_skips_an_entry_whose_model_is_gone(registry):
 
     reg, ids = registry
     shutil.rmtree(reg / ids[1] / "model")  # the best by validation UA
-    assert best_entry(reg, "inductive", FIVE)["id"] == ids[2]  # the next best
+    assert best_entry(reg, W())["id"] == ids[2]  # the next best
 
 
 def test_entry_with_non_numeric_metric_ranks_last(registry, tmp_path):
     reg, ids = registry
     ck = make_demo_checkpoint(tmp_path / "ck_nan", seed=5)
     odd = register(reg, ck, metrics={"val_ua": "n/a"}, config_yaml="", source="x",
-                   extra={"protocol": "inductive", "folds": FIVE})
-    assert best_entry(reg, "inductive", FIVE)["id"] == ids[1]
+                   extra=EVAL)
+    assert best_entry(reg, W())["id"] == ids[1]
     assert odd["id"] in [e["id"] for e in list_entries(reg)]
 
 

@@ -218,10 +218,12 @@ def run_ablation(cfg, echo: Callable[[str], Any] = print) -> Dict[str, Any]:
         errors = [r.error for r in grid if r.error is not None]
         if errors:
             raise errors[0]
-    arm_preds = _collect(cfg, seeds, folds)
-    arm_preds.update(_reference_arms(cfg, seeds, folds, echo))
+    arm_preds, arm_val = _collect(cfg, seeds, folds)
+    refs, ref_val = _reference_arms(cfg, seeds, folds, echo)
+    arm_preds.update(refs)
+    arm_val.update(ref_val)
     ablation = build_ablation(arm_preds, protocol=protocol(cfg), folds=folds, seeds=seeds,
-                              n_boot=cfg.ablate.bootstrap, boot_seed=cfg.seed)
+                              n_boot=cfg.ablate.bootstrap, boot_seed=cfg.seed, arm_val=arm_val)
     ablation.update({"encoder": cfg.encoder.name, "arms_config": list(cfg.ablate.arms),
                      "modes": list(cfg.ablate.modes), "label_fractions": list(cfg.ablate.label_fractions),
                      "seconds": round(time.time() - t0, 1)})
@@ -236,9 +238,10 @@ def _unit_arg(config):  # Tune passes {"unit": {...}}
     return config.get("unit", config)
 
 
-def _collect(cfg, seeds: List[int], folds: List[int]) -> Dict[Tuple[str, str, float], pd.DataFrame]:
+def _collect(cfg, seeds: List[int], folds: List[int]):
     """The test predictions of every neural run, as ``{(arm, mode, fraction): frame}`` (bodyless arms
-    are listed under every mode, with the same runs)."""
+    are listed under every mode, with the same runs), and the selected epochs' validation UA,
+    ``{(arm, mode, fraction): {(seed, fold): val_ua}}``."""
     from serray.errors import SerrayError
     from serray.train.finetune import fold_done
 
@@ -251,17 +254,20 @@ def _collect(cfg, seeds: List[int], folds: List[int]) -> Dict[Tuple[str, str, fl
                           f"result (the first: {arm}, {mode}, labels x{fraction:g}, seed {seed}, fold {fold}); the "
                           "sweep was interrupted or a unit failed. Rerun the same command: finished runs are kept.")
     out: Dict[Tuple[str, str, float], pd.DataFrame] = {}
+    val: Dict[Tuple[str, str, float], Dict[Tuple[int, int], float]] = {}
     for arm, mode, fraction in _neural_runs(cfg):
-        frames = []
+        frames, vals = [], {}
         for seed in seeds:
             acfg = arm_config(cfg, arm, mode, fraction, seed)
             for fold in folds:
                 p = pd.read_csv(Path(acfg.finetune.dir) / f"fold{fold}" / "predictions.csv")
                 frames.append(p.assign(seed=seed, fold=fold)[["seed", "fold", "utt_id", "label", "pred"]])
+                vals[(seed, fold)] = float(fold_done(acfg, fold)["val_ua"])
         preds = pd.concat(frames, ignore_index=True)
         for m in (cfg.ablate.modes if arm in BODYLESS_ARMS else [mode]):
             out[(arm, m, fraction)] = preds
-    return out
+            val[(arm, m, fraction)] = vals
+    return out, val
 
 
 def _oracle_file(cfg) -> str:
@@ -274,9 +280,11 @@ def _oracle_file(cfg) -> str:
     return path
 
 
-def _reference_arms(cfg, seeds: List[int], folds: List[int], echo) -> Dict[Tuple[str, str, float], pd.DataFrame]:
+def _reference_arms(cfg, seeds: List[int], folds: List[int], echo):
     """Predictions of the classical and oracle arms (logistic regression, same folds, seeds, splits and
-    label fractions as the neural arms)."""
+    label fractions as the neural arms), each with its recipe (feature subset and regularisation)
+    chosen on the fold's validation speakers, as the neural arms choose their epoch; and their
+    validation UA, ``{(arm, mode, fraction): {(seed, fold): val_ua}}``."""
     import numpy as np
 
     from serray.data.iemocap import LABELS
@@ -284,36 +292,46 @@ def _reference_arms(cfg, seeds: List[int], folds: List[int], echo) -> Dict[Tuple
 
     arms = [a for a in cfg.ablate.arms if a in REFERENCE_ARMS]
     if not arms:
-        return {}
+        return {}, {}
     from serray import baselines
     from serray.data.iemocap import read_manifest
 
     rows = labelled_rows(cfg)
-    feats = {}
+    feats, recipes = {}, {}
     if "classical" in arms:
         manifest = read_manifest(cfg.data.manifest).set_index("utt_id")
         echo(f"[ablate] classical baseline: utterance statistics of log-mel / MFCC frames of {len(rows)} utterances")
         x = baselines.classical_features(manifest.loc[rows["utt_id"], "path"].tolist(), cfg.encoder.sample_rate)
         feats["classical"] = pd.DataFrame(np.asarray(x), index=rows["utt_id"])
+        recipes["classical"] = baselines.classical_recipes()
     if "oracle" in arms:
         x = baselines.oracle_features(_oracle_file(cfg), rows["utt_id"].tolist())
         feats["oracle"] = pd.DataFrame(np.asarray(x), index=rows["utt_id"])
-    out = {}
+        recipes["oracle"] = None
+    out, val, chosen = {}, {}, []
     for arm in arms:
         for fraction in cfg.ablate.label_fractions:
-            frames = []
+            frames, vals = [], {}
             for seed in seeds:
                 scfg = derive(cfg, [f"seed={seed}", f"finetune.label_fraction={fraction}"])
                 for fold in folds:
                     split = fold_split(scfg, fold)
-                    train = pd.concat([split["train"]])  # fit on the training part (validation unused)
-                    y = np.array([LABELS.index(l) for l in train["label"]])
-                    pred, _ = baselines.fit_predict(feats[arm].loc[train["utt_id"]].to_numpy(), y,
-                                                    feats[arm].loc[split["test"]["utt_id"]].to_numpy(), seed)
+                    xs = {k: feats[arm].loc[split[k]["utt_id"]].to_numpy() for k in ("train", "val", "test")}
+                    ys = {k: np.array([LABELS.index(l) for l in split[k]["label"]]) for k in ("train", "val")}
+                    pred, choice = baselines.fit_predict_selected(xs["train"], ys["train"], xs["val"], ys["val"],
+                                                                  xs["test"], seed, columns=recipes[arm])
+                    vals[(seed, fold)] = choice["val_ua"]
+                    chosen.append(f"{choice['columns']}/C={choice['C']:g}")
                     frames.append(pd.DataFrame({"seed": seed, "fold": fold, "utt_id": split["test"]["utt_id"].to_numpy(),
                                                 "label": split["test"]["label"].to_numpy(),
                                                 "pred": [LABELS[i] for i in pred]}))
             preds = pd.concat(frames, ignore_index=True)
             for mode in cfg.ablate.modes:
                 out[(arm, mode, float(fraction))] = preds
-    return out
+                val[(arm, mode, float(fraction))] = vals
+    if chosen:
+        from collections import Counter
+
+        echo("[ablate] reference recipes chosen on validation UA: "
+             + ", ".join(f"{k} x{n}" for k, n in sorted(Counter(chosen).items())))
+    return out, val

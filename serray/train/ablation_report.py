@@ -8,10 +8,16 @@ paper-style Markdown report and as a figure. The ablation dict's schema::
       "protocol": str, "folds": [...], "seeds": [...],
       "arms": [{"arm", "mode", "label_fraction",
                 "ua": {"mean", "sd", "ci95": [lo, hi]}, "wa": {...}, "macro_f1": {...},
-                "runs": [{"seed", "fold", "ua", "wa", "macro_f1", "n_test"}]}],
+                "val_ua": {"mean", "sd", "ci95"} (when validation UA was given),
+                "runs": [{"seed", "fold", "ua", "wa", "macro_f1", "n_test"[, "val_ua"]}]}],
       "comparisons": [{"a", "b", "mode", "label_fraction", "metric", "delta", "ci95", "p_value",
-                       "test", "wilcoxon_p", "n_boot", "n_runs"}]
+                       "test", "verdict", "wins", "losses", "utterance_ci95", "utterance_p",
+                       "wilcoxon_p", "n_boot", "n_runs"}]
     }
+
+``ci95`` / ``p_value`` / ``verdict`` of a comparison are the run-level test
+(:func:`serray.train.stats.run_level_test`); the utterance-only bootstrap and Wilcoxon are secondary.
+Every "sd" is the sample standard deviation (n - 1) over the runs.
 
 Metric values, deltas and intervals are fractions (0..1) in the dict and the JSON; the Markdown
 and the figure show percent (deltas in percentage points). Undefined values are ``null``.
@@ -28,7 +34,7 @@ import numpy as np
 import pandas as pd
 
 from serray.data.iemocap import LABELS
-from serray.train.stats import METRICS, compare, run_metrics, summarise_runs
+from serray.train.stats import METRICS, compare, run_metrics, summarise_runs, verdict
 
 ARM_ORDER: Tuple[str, ...] = ("classical", "none", "random_init", "no_local", "full", "oracle")
 """Display order of the known arms (unknown arms follow, alphabetically)."""
@@ -51,7 +57,9 @@ def _sort_key(arm: str, mode: str, fraction: float) -> Tuple[Any, ...]:
 def build_ablation(arm_preds: Mapping[Tuple[str, str, float], pd.DataFrame], protocol: str,
                    folds: Sequence[Hashable], seeds: Sequence[Hashable],
                    comparisons: Iterable[Tuple[str, str]] = DEFAULT_COMPARISONS, metric: str = "ua",
-                   n_boot: int = 2000, boot_seed: int = 0, labels: Sequence[str] = LABELS) -> Dict[str, Any]:
+                   n_boot: int = 2000, boot_seed: int = 0, labels: Sequence[str] = LABELS,
+                   arm_val: Optional[Mapping[Tuple[str, str, float], Mapping[Tuple[Any, Any], float]]] = None
+                   ) -> Dict[str, Any]:
     """Summaries of every arm and paired comparisons, as the ablation dict (module docstring).
 
     Args:
@@ -66,6 +74,8 @@ def build_ablation(arm_preds: Mapping[Tuple[str, str, float], pd.DataFrame], pro
         n_boot: Bootstrap replicates per comparison.
         boot_seed: Bootstrap seed (the same for every comparison).
         labels: The class names in class-index order.
+        arm_val: optional ``{(arm, mode, label_fraction): {(seed, fold): validation UA}}`` of the
+            selected epochs (what a default may be chosen on; test metrics never are).
 
     Returns:
         The ablation dict: plain JSON-serialisable values, arms sorted by mode, label fraction and
@@ -93,8 +103,13 @@ def build_ablation(arm_preds: Mapping[Tuple[str, str, float], pd.DataFrame], pro
         if bad:
             raise ValueError(f"arm {arm!r} ({mode}, {fraction}): runs {bad[:3]} are outside seeds {seeds} / "
                              f"folds {folds}")
-        arms.append({"arm": arm, "mode": mode, "label_fraction": fraction,
-                     **{m: summarise_runs(runs, m) for m in METRICS}, "runs": runs})
+        entry = {"arm": arm, "mode": mode, "label_fraction": fraction, **{m: summarise_runs(runs, m) for m in METRICS}}
+        val = (arm_val or {}).get((arm, mode, fraction))
+        if val:
+            for r in runs:
+                r["val_ua"] = val.get((r["seed"], r["fold"]))
+            entry["val_ua"] = summarise_runs([{"ua": r["val_ua"]} for r in runs], "ua")
+        arms.append({**entry, "runs": runs})
 
     results = []
     for a, b in comparisons:
@@ -147,16 +162,11 @@ def _frac(f: float) -> str:
     return f"{float(f):g}"
 
 
-def _excludes_zero(ci: Sequence[Optional[float]]) -> Optional[int]:
-    """+1 / -1 when the interval lies above / below 0, 0 when it holds 0, None when undefined."""
-    lo, hi = (list(ci) + [None, None])[:2]
-    if lo is None or hi is None:
-        return None
-    return 1 if lo > 0 else -1 if hi < 0 else 0
-
-
 def reading(ablation: Mapping[str, Any]) -> str:
     """A plain-language paragraph on the comparisons plus a caution line, from the numbers.
+
+    A difference is called established ("beats" / "is worse than") only when the primary, run-level
+    test says so (p < 0.05, :func:`serray.train.stats.verdict`); the utterance bootstrap never decides.
 
     Args:
         ablation: The ablation dict.
@@ -169,33 +179,34 @@ def reading(ablation: Mapping[str, Any]) -> str:
         name = _METRIC_NAMES.get(c["metric"], c["metric"])
         where = f"{c['mode']}, label fraction {_frac(c['label_fraction'])}"
         ci = c.get("ci95") or [None, None]
-        side = _excludes_zero(ci)
-        if side:
-            verb = "beats" if side > 0 else "is worse than"
-            clear.append(f"**{c['a']}** {verb} **{c['b']}** ({where}) by {abs(100 * c['delta']):.2f} points of "
-                         f"{name} (95% CI {_pts(ci[0])} to {_pts(ci[1])}, p {_p_text(c.get('p_value'))})")
+        said = c.get("verdict") or verdict(c.get("p_value"), c.get("delta"))
+        runs = f"{c['wins']} of {c['n_runs']} runs ahead" if c.get("wins") is not None else ""
+        if said != "not established":
+            clear.append(f"**{c['a']}** {said} **{c['b']}** ({where}) by {abs(100 * c['delta']):.2f} points of "
+                         f"{name} (95% CI {_pts(ci[0])} to {_pts(ci[1])}, p {_p_text(c.get('p_value'))}, {runs})")
         else:
             unclear.append(f"{c['a']} vs {c['b']} ({where}: {_pts(c.get('delta'))} points, "
-                           f"95% CI {_pts(ci[0])} to {_pts(ci[1])})")
+                           f"95% CI {_pts(ci[0])} to {_pts(ci[1])}, p {_p_text(c.get('p_value'))}, {runs})")
     if not clear and not unclear:
         text = "No paired comparisons were made."
     else:
         parts = []
         if clear:
-            parts.append("The 95% interval of the paired difference excludes 0 for: " + "; ".join(clear) + ".")
+            parts.append("By the run-level test (p < 0.05): " + "; ".join(clear) + ".")
         else:
-            parts.append("No paired difference has a 95% interval that excludes 0.")
+            parts.append("No paired difference is established by the run-level test (p < 0.05).")
         if unclear:
-            parts.append("The interval includes 0, so no difference is established, for: " + "; ".join(unclear) + ".")
+            parts.append("Not established: " + "; ".join(unclear) + ".")
         text = " ".join(parts)
     n_tests = [r["n_test"] for arm in ablation.get("arms", []) for r in arm.get("runs", []) if r.get("n_test")]
     size = ""
     if n_tests:
         lo_n, hi_n = min(n_tests), max(n_tests)
         size = f" ({lo_n} utterances per run)" if lo_n == hi_n else f" ({lo_n}-{hi_n} utterances per run)"
-    caution = (f"Caution: the test sets are small{size}, so per-run metrics are noisy; the intervals cover the "
-               "resampling of test utterances for these trained models, not a new training set, and the "
-               "mean ± sd over runs is descriptive (runs share training data across folds and seeds).")
+    caution = (f"Caution: the test sets are small{size} and training is noisy. The run-level test treats every "
+               "(seed, fold) run as a unit, so a difference carried by a few lucky runs is not established; the "
+               "utterance-bootstrap column holds the trained models fixed and is shown for comparison only. "
+               "Runs share training data across folds, so the intervals are approximate.")
     return text + "\n\n" + caution
 
 
@@ -213,25 +224,36 @@ def ablation_markdown(ablation: Mapping[str, Any]) -> str:
     Returns:
         Markdown text.
     """
+    arms = ablation.get("arms", [])
+    with_val = any(r.get("val_ua") for r in arms)
     lines = [f"### Ablation: {ablation.get('protocol', '')}", "",
              f"Folds {list(ablation.get('folds', []))}, seeds {list(ablation.get('seeds', []))}. "
-             "Metrics in percent, mean ± sample sd over seed × fold runs.", "",
-             "| arm | mode | label fraction | UA % | WA % | macro-F1 % | n runs |",
-             "|---|---|---:|---:|---:|---:|---:|"]
-    for r in ablation.get("arms", []):
+             "Metrics in percent, mean ± sd over seed × fold runs (sd: sample standard deviation, n − 1)"
+             + ("; val UA: the selected epochs' validation UA (held-out training speakers)." if with_val else "."), "",
+             "| arm | mode | label fraction | UA % | WA % | macro-F1 % |" + (" val UA % |" if with_val else "") + " n runs |",
+             "|---|---|---:|---:|---:|---:|" + ("---:|" if with_val else "") + "---:|"]
+    for r in arms:
+        val = (f" {_pm(r['val_ua'])} |" if r.get("val_ua") else " - |") if with_val else ""
         lines.append(f"| {r['arm']} | {r['mode']} | {_frac(r['label_fraction'])} | {_pm(r['ua'])} | {_pm(r['wa'])} | "
-                     f"{_pm(r['macro_f1'])} | {len(r.get('runs', []))} |")
+                     f"{_pm(r['macro_f1'])} |{val} {len(r.get('runs', []))} |")
     comps = ablation.get("comparisons", [])
     if comps:
         lines += ["", "#### Paired comparisons (A − B)", "",
-                  "| A | B | mode | label fraction | metric | Δ (points) | 95% CI (points) | p | test | Wilcoxon p |",
-                  "|---|---|---|---:|---|---:|---:|---:|---|---:|"]
+                  "Primary: run-level (sign-flip permutation over seed × fold runs; 95% CI by a two-level bootstrap "
+                  "over runs and test utterances). Secondary: the bootstrap over test utterances with the trained "
+                  "models fixed, and a Wilcoxon signed-rank test over runs.", "",
+                  "| A | B | mode | label fraction | metric | Δ (points) | 95% CI (points) | p | runs A > B | verdict | "
+                  "utterance-bootstrap CI | utterance p | Wilcoxon p |",
+                  "|---|---|---|---:|---|---:|---:|---:|---:|---|---:|---:|---:|"]
         for c in comps:
             ci = c.get("ci95") or [None, None]
+            uci = c.get("utterance_ci95") or [None, None]
+            wins = f"{c['wins']}/{c['n_runs']}" if c.get("wins") is not None else "n/a"
             lines.append(f"| {c['a']} | {c['b']} | {c['mode']} | {_frac(c['label_fraction'])} | "
                          f"{_METRIC_NAMES.get(c['metric'], c['metric'])} | {_pts(c.get('delta'))} | "
-                         f"[{_pts(ci[0])}, {_pts(ci[1])}] | {_p(c.get('p_value'))} | {c.get('test', '')} | "
-                         f"{_p(c.get('wilcoxon_p'))} |")
+                         f"[{_pts(ci[0])}, {_pts(ci[1])}] | {_p(c.get('p_value'))} | {wins} | "
+                         f"{c.get('verdict') or verdict(c.get('p_value'), c.get('delta'))} | "
+                         f"[{_pts(uci[0])}, {_pts(uci[1])}] | {_p(c.get('utterance_p'))} | {_p(c.get('wilcoxon_p'))} |")
     lines += ["", reading(ablation), ""]
     return "\n".join(lines)
 

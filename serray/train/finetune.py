@@ -39,6 +39,7 @@ from serray.data.iemocap import LABELS
 from serray.errors import DataError
 from serray.models.adapter import param_groups
 from serray.models.classifier import EmotionClassifier, body_state_from_adapter
+from serray.protocol import evaluation, protocol  # noqa: F401  (protocol: re-exported for the stages)
 from serray.train.checkpoint import META_FILE, MODEL_KEY, load_checkpoint
 from serray.train.loop import eval_batches, fit, run_seed, steps_per_epoch
 from serray.train.metrics import classification_metrics
@@ -154,12 +155,6 @@ class FinetuneTask:
 
 
 # ---------------------------------------------------------------- protocol
-
-
-def protocol(cfg) -> str:
-    """``inductive`` (per-fold pre-training: no fold's model sees its test session) or
-    ``transductive`` (one adapter for every fold, pre-trained on ``pretrain.sessions``)."""
-    return "inductive" if cfg.pretrain.per_fold else "transductive"
 
 
 #: finetune keys that do not change a fold's result: which folds run, how many at once, and whether the
@@ -578,47 +573,68 @@ def _fold_trial(config: Dict[str, Any], cfg_dict: Dict[str, Any]) -> None:
     ray.tune.report({k: v for k, v in res.items() if isinstance(v, (int, float))})
 
 
-def run_finetune(cfg) -> Dict[str, Any]:
-    """All folds, then metrics.json / results.md / predictions.csv / plots under ``finetune.dir``."""
-    from serray.config import save_config
-    from serray.train.results import write_results
-
+def run_finetune(cfg, extra: Optional[Dict[str, Any]] = None, selection: str = "fixed",
+                 hyperparameters: Optional[Dict[str, Any]] = None, selected_on: Optional[str] = None) -> Dict[str, Any]:
+    """All folds, then metrics.json / results.md / predictions.csv / plots under ``finetune.dir``
+    (``extra`` is added to metrics.json); registered when ``finetune.register`` (``selection`` says how
+    the configuration was chosen: ``fixed`` for a config as given)."""
     folds = run_folds(cfg)
-    title = f"leave-one-session-out, mode={cfg.finetune.mode}, encoder={cfg.encoder.name}, protocol={protocol(cfg)}"
-    with storage.staged(cfg.finetune.dir) as out:
-        save_config(cfg, out)
-        summary = write_results(folds, out, {"mode": cfg.finetune.mode, "encoder": cfg.encoder.name,
-                                             "protocol": protocol(cfg), "config_hash": finetune_hash(cfg),
-                                             "title": title},
-                                folds_dir=storage.absolute(cfg.finetune.dir))
+    summary = write_loso(cfg, folds, cfg.finetune.dir, extra)
     if cfg.finetune.register:
-        summary["registered"] = register_result(cfg, summary, source="finetune")["id"]
+        summary["registered"] = register_result(cfg, summary, source="tune" if selection != "fixed" else "finetune",
+                                                selection=selection, hyperparameters=hyperparameters,
+                                                selected_on=selected_on)["id"]
     return summary
 
 
+def write_loso(cfg, folds: List[Dict[str, Any]], out_dir: str, extra: Optional[Dict[str, Any]] = None,
+               config_hash: Optional[str] = None) -> Dict[str, Any]:
+    """The LOSO outputs of finished folds (their ``fold<k>/`` under ``out_dir``) and the config."""
+    from serray.config import save_config
+    from serray.train.results import write_results
+
+    title = f"leave-one-session-out, mode={cfg.finetune.mode}, encoder={cfg.encoder.name}, protocol={protocol(cfg)}"
+    with storage.staged(out_dir) as out:
+        save_config(cfg, out)
+        return write_results(folds, out, {"mode": cfg.finetune.mode, "encoder": cfg.encoder.name,
+                                          "protocol": protocol(cfg), "config_hash": config_hash or finetune_hash(cfg),
+                                          "title": title, **(extra or {})},
+                             folds_dir=storage.absolute(out_dir))
+
+
 def register_result(cfg, summary: Dict[str, Any], source: str, hyperparameters: Optional[Dict[str, Any]] = None,
-                    selected_on: Optional[str] = None) -> Dict[str, Any]:
+                    selected_on: Optional[str] = None, selection: str = "fixed",
+                    model_cfg=None, finetune_dir: Optional[str] = None,
+                    extra: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
     """Register a finished LOSO run: the fold model with the best validation UA, with the run's LOSO
-    test metrics and mean validation UA (an entry with the same config hash is reused)."""
+    test metrics and mean validation UA (an entry with the same config hash and folds is reused).
+
+    ``cfg`` says how the run was evaluated (:func:`serray.protocol.evaluation` with ``selection``);
+    ``model_cfg`` is the config the fold models were trained with when it differs (a nested sweep:
+    every fold has its own), ``finetune_dir`` where their ``fold<k>/model`` are (default
+    ``finetune.dir``); ``extra`` goes into the entry record (it may override ``config_hash``)."""
     from serray.registry import list_entries, register
 
-    fhash = finetune_hash(cfg)
+    model_cfg = model_cfg or cfg
+    fhash = (extra or {}).get("config_hash") or finetune_hash(cfg)
+    ev = evaluation(cfg, selection)
     for entry in list_entries(cfg.registry.dir):
-        if entry.get("config_hash") == fhash and entry.get("folds") == list(cfg.finetune.folds):
+        if entry.get("config_hash") == fhash and entry.get("folds") == ev["folds"]:
             return entry
     best = max(summary["folds"], key=lambda f: (f.get("val_ua", 0.0), -f["fold"]))
-    model = storage.join(_fold_path(cfg, best["fold"]), "model")
+    base = finetune_dir or storage.absolute(cfg.finetune.dir)
+    model = storage.join(base, f"fold{best['fold']}", "model")
     metrics = {**summary["mean"], "val_ua": float(np.mean([f.get("val_ua", float("nan")) for f in summary["folds"]]))}
     enc_files = None
-    if cfg.registry.include_encoder and cfg.encoder.name != "fbank":
+    if model_cfg.registry.include_encoder and model_cfg.encoder.name != "fbank":
         from serray.registry import encoder_files
 
-        enc_files = encoder_files(cfg.encoder.name)
+        enc_files = encoder_files(model_cfg.encoder.name)
         if enc_files is None:
             log.warning("registry: the files of encoder %s are not on this machine, so the entry does not carry "
-                        "them; Serve replicas will load it from the hub or their cache", cfg.encoder.name)
-    return register(cfg.registry.dir, model, metrics=metrics, config_yaml=to_yaml(cfg), source=source,
-                    hyperparameters=hyperparameters, encoder_files=enc_files,
-                    extra={"config_hash": fhash, "folds": list(cfg.finetune.folds), "model_fold": best["fold"],
-                           "protocol": protocol(cfg), "selected_on": selected_on or "val_ua (epochs)",
-                           "std": dict(summary["std"]), "finetune_dir": storage.absolute(cfg.finetune.dir)})
+                        "them; Serve replicas will load it from the hub or their cache", model_cfg.encoder.name)
+    record = {"config_hash": fhash, **ev, "model_fold": best["fold"],
+              "selected_on": selected_on or "val_ua (epochs)", "std": dict(summary["std"]),
+              "finetune_dir": base, **{k: v for k, v in (extra or {}).items() if k != "config_hash"}}
+    return register(cfg.registry.dir, model, metrics=metrics, config_yaml=to_yaml(model_cfg), source=source,
+                    hyperparameters=hyperparameters, encoder_files=enc_files, extra=record)

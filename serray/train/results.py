@@ -19,24 +19,33 @@ FOLD_KEYS = ("fold", "test_session", "ua", "wa", "macro_f1", "n_test", "n_train"
              "val_speakers", "test_evaluations")
 
 
+SD_CONVENTION = "sample standard deviation over folds (n - 1)"  # as the ablation's sd over runs
+
+
+def _sample_sd(v: np.ndarray) -> float:
+    v = v[~np.isnan(v)]
+    return float(v.std(ddof=1)) if len(v) > 1 else 0.0
+
+
 def summarise(folds: List[Dict[str, Any]]) -> Dict[str, Any]:
-    """Per-fold metrics plus mean and (population) standard deviation over folds."""
+    """Per-fold metrics plus mean and sample standard deviation (n - 1) over folds."""
     table = {k: np.array([f[k] for f in folds], dtype=float) for k in METRICS}
     return {"folds": [{k: f[k] for k in FOLD_KEYS if k in f} for f in folds],
             "mean": {k: float(np.nanmean(v)) for k, v in table.items()},
-            "std": {k: float(np.nanstd(v)) for k, v in table.items()}}
+            "std": {k: _sample_sd(v) for k, v in table.items()}, "std_convention": SD_CONVENTION}
 
 
 def markdown_table(summary: Dict[str, Any], title: str = "") -> str:
-    """A paper-style table in percent: one row per fold and a mean ± std row."""
+    """A paper-style table in percent: one row per fold and a mean ± sd (sample, n − 1) row."""
     lines = [f"### {title}", ""] if title else []
     lines += ["| fold (test session) | n_test | UA % | WA % | macro-F1 % |", "|---|---:|---:|---:|---:|"]
     for f in summary["folds"]:
         lines.append(f"| {f['fold']} | {f['n_test']} | {100 * f['ua']:.2f} | {100 * f['wa']:.2f} | {100 * f['macro_f1']:.2f} |")
     m, s = summary["mean"], summary["std"]
-    lines.append("| **mean ± std** | {} | {:.2f} ± {:.2f} | {:.2f} ± {:.2f} | {:.2f} ± {:.2f} |".format(
+    lines.append("| **mean ± sd** | {} | {:.2f} ± {:.2f} | {:.2f} ± {:.2f} | {:.2f} ± {:.2f} |".format(
         sum(f["n_test"] for f in summary["folds"]), 100 * m["ua"], 100 * s["ua"], 100 * m["wa"], 100 * s["wa"],
         100 * m["macro_f1"], 100 * s["macro_f1"]))
+    lines += ["", "sd: sample standard deviation over folds (n − 1)."]
     return "\n".join(lines) + "\n"
 
 

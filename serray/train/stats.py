@@ -11,11 +11,15 @@ frames**: one pandas DataFrame per (arm, mode, label fraction) with the columns
 
 one row per test utterance per seed per fold. A *run* is one (seed, fold) pair.
 
-Test sets are small (20-130 utterances per fold), so a claim that arm A beats arm B rests on a
-*paired* comparison over the same seeds, folds and test utterances: :func:`paired_bootstrap` (the
-primary test) resamples the test utterances, :func:`wilcoxon_runs` (reported alongside) pairs the
-per-run metrics. All metric values are fractions in [0, 1] returned as plain Python floats (never
-NaN: an undefined value is ``None``), so every result is JSON-serialisable as is.
+Test sets are small (20-160 utterances per fold) and training is noisy (another seed moves a fold's
+UA by several points), so a claim that arm A beats arm B rests on a *paired* comparison over the same
+seeds, folds and test utterances that accounts for **both**: the primary test (:func:`run_level_test`)
+is a sign-flip permutation test over the (seed, fold) runs' paired differences, with a two-level
+bootstrap interval (runs, then test utterances within each run). The utterance-only bootstrap
+(:func:`paired_bootstrap`, the trained models held fixed) and a Wilcoxon signed-rank test over runs
+(:func:`wilcoxon_runs`) are reported alongside as secondary columns. All metric values are fractions
+in [0, 1] returned as plain Python floats (never NaN: an undefined value is ``None``), so every result
+is JSON-serialisable as is.
 """
 
 from __future__ import annotations
@@ -39,6 +43,9 @@ METRICS: Tuple[str, ...] = ("ua", "wa", "macro_f1")
 
 BOOTSTRAP_TEST = "paired bootstrap over test utterances"
 WILCOXON_TEST = "Wilcoxon signed-rank over seed x fold"
+RUN_LEVEL_TEST = "sign-flip permutation over seed x fold runs; 95% CI: two-level bootstrap (runs, then test utterances)"
+ALPHA = 0.05  # a comparison "beats" / "is worse than" only when the run-level p is below this
+EXACT_MAX_RUNS = 20  # up to 2**20 sign patterns are enumerated; more runs: Monte Carlo
 
 _KEY = ["seed", "fold", "utt_id"]
 
@@ -135,7 +142,7 @@ def summarise_runs(runs: Sequence[Mapping[str, Any]], metric: str) -> Dict[str, 
     as independent draws, which they are not: runs of one seed share their initialisation, and the
     leave-one-session-out folds share most of their training data with each other and differ in
     their (small) test sets. Read the interval as a description of the spread of the runs, not as
-    a test; compare arms with :func:`paired_bootstrap` instead.
+    a test; compare arms with :func:`run_level_test` instead.
 
     Args:
         runs: Run dicts as returned by :func:`run_metrics` (only ``runs[i][metric]`` is read;
@@ -406,38 +413,115 @@ def wilcoxon_runs(runs_a: Sequence[Mapping[str, Any]], runs_b: Sequence[Mapping[
     return {"delta": delta, "p_value": p, "test": WILCOXON_TEST, "n": n}
 
 
+def sign_flip_p(diff: Sequence[float], n_perm: int = 100_000, seed: int = 0) -> float:
+    """Two-sided p-value of a paired sign-flip permutation test of ``mean(diff) = 0``.
+
+    Under the null each paired difference is as likely to have either sign, so the p-value is the
+    share of the ``2**n`` sign patterns whose mean is at least as far from 0 as the observed one
+    (enumerated exactly up to :data:`EXACT_MAX_RUNS` runs; beyond, ``n_perm`` random patterns,
+    ``(hits + 1) / (n_perm + 1)``). All-zero differences give 1.0.
+    """
+    d = np.asarray(diff, dtype=float)
+    n = len(d)
+    if n == 0:
+        raise ValueError("no paired differences")
+    observed = abs(d.mean())
+    if observed == 0.0:
+        return 1.0
+    tol = 1e-12 * max(1.0, float(np.abs(d).max()))
+    if n <= EXACT_MAX_RUNS:
+        patterns = ((np.arange(2**n)[:, None] >> np.arange(n)[None, :]) & 1) * 2 - 1  # (2^n, n) of +-1
+        means = np.abs(patterns @ d) / n
+        return float(np.mean(means >= observed - tol))
+    rng = np.random.default_rng(seed)
+    signs = rng.choice(np.array([-1.0, 1.0]), size=(int(n_perm), n))
+    hits = int(np.sum(np.abs(signs @ d) / n >= observed - tol))
+    return (hits + 1) / (int(n_perm) + 1)
+
+
+def run_level_test(preds_a: pd.DataFrame, preds_b: pd.DataFrame, metric: str = "ua", n_boot: int = 2000,
+                   seed: int = 0, labels: Sequence[str] = LABELS) -> Dict[str, Any]:
+    """The primary comparison: a test and an interval that account for training variance.
+
+    * ``p_value``: :func:`sign_flip_p` over the per-run differences ``metric(a) - metric(b)`` of the
+      (seed, fold) runs (exact for up to 20 runs): a run's difference carries its training noise, so
+      one lucky seed cannot make a difference significant;
+    * ``ci95``: a two-level bootstrap: each replicate draws ``n_runs`` runs with replacement, and for
+      each drawn run resamples its fold's test utterances (stratified by class, the same draw for both
+      arms and every seed of the fold, as in :func:`paired_bootstrap`); the percentile interval of the
+      replicates' mean difference.
+
+    Runs are treated as exchangeable units; they are not fully independent (the folds share training
+    sessions, a seed's runs share nothing but the seed), so read the interval as approximate.
+
+    Returns:
+        ``{"delta", "ci95", "p_value", "test", "n_boot", "n_runs", "wins", "losses"}`` (fractions;
+        ``wins`` / ``losses``: runs where A is above / below B).
+    """
+    return _run_level(preds_a, preds_b, metric, n_boot, seed, labels)[0]
+
+
+def _run_level(preds_a, preds_b, metric, n_boot, seed, labels):
+    _check_metric(metric)
+    if int(n_boot) < 1:
+        raise ValueError(f"n_boot must be >= 1, got {n_boot}")
+    n_boot = int(n_boot)
+    folds = _fold_arrays(preds_a, preds_b, labels)
+    runs_a, runs_b = run_metrics(preds_a, labels), run_metrics(preds_b, labels)
+    va, vb = _paired_values(runs_a, runs_b, metric)
+    diff = va - vb
+    rng = np.random.default_rng(seed)
+    # every run's difference under each replicate's resample of its fold's test utterances (runs of one
+    # fold share the draw: the pairing); the run draw below picks rows of this table
+    per_run = []
+    for _fold, y, pa, pb in folds:
+        w = _stratified_weights(y, n_boot, rng)
+        d = fast_metrics(y, pa, len(labels), w)[metric] - fast_metrics(y, pb, len(labels), w)[metric]  # (B, S)
+        per_run.append(d.T)  # (S, B)
+    replicates = np.concatenate(per_run, axis=0)  # (n_runs, B)
+    n_runs = replicates.shape[0]
+    pick = rng.integers(0, n_runs, size=(n_boot, n_runs))
+    boot = replicates[pick, np.arange(n_boot)[:, None]].mean(axis=1)
+    lo, hi = np.percentile(boot, [2.5, 97.5])
+    out = {"delta": float(diff.mean()), "ci95": [float(lo), float(hi)], "p_value": sign_flip_p(diff, seed=seed),
+           "test": RUN_LEVEL_TEST, "n_boot": n_boot, "n_runs": int(len(diff)),
+           "wins": int((diff > 0).sum()), "losses": int((diff < 0).sum())}
+    return out, runs_a, runs_b
+
+
+def verdict(p_value: Optional[float], delta: Optional[float], alpha: float = ALPHA) -> str:
+    """``"beats"``, ``"is worse than"`` or ``"not established"`` from the run-level test."""
+    if p_value is None or delta is None or not p_value < alpha or delta == 0:
+        return "not established"
+    return "beats" if delta > 0 else "is worse than"
+
+
 def compare(preds_a: pd.DataFrame, preds_b: pd.DataFrame, a: str, b: str, mode: str, label_fraction: float,
             metric: str = "ua", n_boot: int = 2000, seed: int = 0, labels: Sequence[str] = LABELS
             ) -> Dict[str, Any]:
     """Compare arm ``a`` with arm ``b`` (same mode and label fraction) on one metric.
 
-    The paired bootstrap (:func:`paired_bootstrap`) is the primary test; the Wilcoxon signed-rank
-    p-value over runs (:func:`wilcoxon_runs`) goes alongside.
-
-    Args:
-        preds_a: Predictions frame of arm ``a``.
-        preds_b: Predictions frame of arm ``b``.
-        a: Name of arm A (e.g. ``"full"``).
-        b: Name of arm B (e.g. ``"random_init"``).
-        mode: The mode both arms ran in (``"finetune"`` / ``"frozen"``).
-        label_fraction: The label fraction both arms trained with.
-        metric: ``"ua"``, ``"wa"`` or ``"macro_f1"``.
-        n_boot: Bootstrap replicates.
-        seed: Bootstrap seed.
-        labels: The class names in class-index order.
+    The primary test is :func:`run_level_test` (sign-flip permutation over runs, two-level bootstrap
+    interval); the utterance-only bootstrap (:func:`paired_bootstrap`) and the Wilcoxon signed-rank test
+    over runs (:func:`wilcoxon_runs`) go alongside. ``verdict`` is what a report may write.
 
     Returns:
-        ``{"a", "b", "mode", "label_fraction", "metric", "delta", "ci95", "p_value", "test",
-        "wilcoxon_p", "n_boot", "n_runs"}`` (delta and interval as fractions).
+        ``{"a", "b", "mode", "label_fraction", "metric", "delta", "ci95", "p_value", "test", "verdict",
+        "wins", "losses", "utterance_ci95", "utterance_p", "wilcoxon_p", "n_boot", "n_runs"}`` (delta and
+        intervals as fractions).
 
     Raises:
         ValueError: As :func:`paired_bootstrap`.
     """
-    boot, runs_a, runs_b = _paired_bootstrap(preds_a, preds_b, metric, n_boot, seed, labels)
+    primary, runs_a, runs_b = _run_level(preds_a, preds_b, metric, n_boot, seed, labels)
+    boot = _paired_bootstrap(preds_a, preds_b, metric, n_boot, seed, labels)[0]
     wil = wilcoxon_runs(runs_a, runs_b, metric=metric)
     return {"a": a, "b": b, "mode": mode, "label_fraction": float(label_fraction), "metric": metric,
-            "delta": boot["delta"], "ci95": boot["ci95"], "p_value": boot["p_value"], "test": boot["test"],
-            "wilcoxon_p": wil["p_value"], "n_boot": boot["n_boot"], "n_runs": boot["n_runs"]}
+            "delta": primary["delta"], "ci95": primary["ci95"], "p_value": primary["p_value"],
+            "test": primary["test"], "verdict": verdict(primary["p_value"], primary["delta"]),
+            "wins": primary["wins"], "losses": primary["losses"],
+            "utterance_ci95": boot["ci95"], "utterance_p": boot["p_value"], "wilcoxon_p": wil["p_value"],
+            "n_boot": primary["n_boot"], "n_runs": primary["n_runs"]}
 
 
 # ------------------------------------------------------------------------------------ labels

@@ -77,7 +77,8 @@ def srv(ray_session, tmp_path_factory):
     base = tmp_path_factory.mktemp("serve")
     ck = make_demo_checkpoint(base / "checkpoint", seed=0)
     reg = base / "registry"
-    five = {"protocol": "inductive", "folds": FIVE}
+    five = {"protocol": "inductive", "folds": FIVE, "val_split": "speaker", "val_fraction": 0.15, "label_fraction": 1.0,
+            "selection": "fixed"}
     other = register(reg, ck, metrics={"ua": 0.40, "val_ua": 0.35}, config_yaml="{}\n", source="test", extra=five)
     train_cfg = yaml.safe_load((ck / "config.yaml").read_text())
     train_cfg["features"]["dir"] = f"s3://{ACCESS_KEY}:{SECRET_KEY}@bucket/features?secret_key={SECRET_KEY}&region=x"

@@ -91,9 +91,10 @@ def test_build_ablation_schema_and_numbers(ablation, arm_preds):
         expect = arms[(c["a"], c["mode"], c["label_fraction"])]["ua"]["mean"] - \
             arms[(c["b"], c["mode"], c["label_fraction"])]["ua"]["mean"]
         assert c["delta"] == pytest.approx(expect, abs=1e-12)
-        assert c["metric"] == "ua" and c["test"] == "paired bootstrap over test utterances"
-        assert set(c) >= {"a", "b", "mode", "label_fraction", "metric", "delta", "ci95", "p_value", "test",
-                          "wilcoxon_p"}
+        assert c["metric"] == "ua" and c["test"] == stats.RUN_LEVEL_TEST
+        assert set(c) >= {"a", "b", "mode", "label_fraction", "metric", "delta", "ci95", "p_value", "test", "verdict",
+                          "wins", "losses", "utterance_ci95", "utterance_p", "wilcoxon_p"}
+        assert c["verdict"] == stats.verdict(c["p_value"], c["delta"])
     json.dumps(ablation, allow_nan=False)
 
 
@@ -136,19 +137,31 @@ def test_write_ablation_files_and_markdown_numbers(ablation, tmp_path):
     assert float(cells[5]) == pytest.approx(round(100 * comp["delta"], 2), abs=1e-9)
     lo, hi = (float(x) for x in re.fullmatch(r"\[([-+\d.]+), ([-+\d.]+)\]", cells[6]).groups())
     assert (lo, hi) == pytest.approx((round(100 * comp["ci95"][0], 2), round(100 * comp["ci95"][1], 2)), abs=1e-9)
-    assert lo > 0 and cells[7] in ("< 0.001", f"{comp['p_value']:.3f}")
-    assert cells[8] == "paired bootstrap over test utterances"
+    assert lo > 0 and cells[7] == f"{comp['p_value']:.3f}" == "0.031"  # 6 runs, all ahead: 2 / 2^6
+    assert cells[8] == "6/6" and cells[9] == "beats"
 
     # the reading: the clear gain is stated, the null comparison (full vs no_local) is not claimed
     assert f"**full** beats **random_init** (finetune, label fraction 1) by {100 * comp['delta']:.2f} points" in md
     nl = next(c for c in ablation["comparisons"] if c["b"] == "no_local")
-    assert nl["ci95"][0] < 0 < nl["ci95"][1]
-    assert "full vs no_local (finetune, label fraction 1" in md and "includes 0" in md
+    assert nl["verdict"] == "not established" and nl["p_value"] > 0.05
+    assert "full vs no_local (finetune, label fraction 1" in md and "**full** beats **no_local**" not in md
     assert "Caution: the test sets are small (30 utterances per run)" in md
 
     w, h = _png_size(paths["png"])
     assert paths["png"].stat().st_size > 5_000
     assert w >= 1400  # two panels (12 in at 120 dpi): several label fractions give the label-efficiency curve
+
+
+def test_validation_ua_is_summarised_beside_the_test_metrics(arm_preds):
+    one = {k: v for k, v in arm_preds.items() if k == ("full", "finetune", 1.0) or k == ("none", "finetune", 1.0)}
+    val = {("full", "finetune", 1.0): {(s, f): 0.5 + 0.01 * f + 0.1 * s for s in SEEDS for f in FOLDS}}
+    abl = build_ablation(one, "p", list(FOLDS), list(SEEDS), n_boot=100, arm_val=val)
+    full = next(r for r in abl["arms"] if r["arm"] == "full")
+    assert full["val_ua"]["mean"] == pytest.approx(np.mean(list(val[("full", "finetune", 1.0)].values())))
+    assert [r["val_ua"] for r in full["runs"]] == [val[("full", "finetune", 1.0)][(r["seed"], r["fold"])] for r in full["runs"]]
+    md = ablation_markdown(abl)
+    assert "val UA %" in md and f"| {100 * full['val_ua']['mean']:.2f} ± " in md
+    assert "sd: sample standard deviation, n − 1" in md
 
 
 def test_write_ablation_single_fraction(arm_preds, tmp_path):

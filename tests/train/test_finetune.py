@@ -190,7 +190,7 @@ def test_results_files_and_metrics_equal_sklearn(ablation):
     np.testing.assert_allclose(probs.sum(1), 1.0, rtol=1e-5)
     for png in ("confusion_matrix.png", "learning_curves.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert "mean ± std" in (out / "results.md").read_text()
+    assert "mean ± sd" in (out / "results.md").read_text()
     for f in m["folds"]:  # each fold selected its epoch on validation data and kept that model
         assert 0 <= f["best_epoch"] < cfg.finetune.epochs
         assert f["epochs_run"] == cfg.finetune.epochs  # the history of the whole run, not up to the selected epoch

@@ -310,18 +310,62 @@ def test_wilcoxon_all_zero_differences_and_mismatch():
 # -------------------------------------------------------------------------------------- compare
 
 
-def test_compare_combines_bootstrap_and_wilcoxon():
+def test_compare_is_run_level_first_with_the_utterance_bootstrap_and_wilcoxon_beside():
     a, b = make_preds(0.7, seed=14), make_preds(0.55, seed=15)
     res = stats.compare(a, b, "full", "random_init", "finetune", 0.1, n_boot=300, seed=2)
+    primary = stats.run_level_test(a, b, n_boot=300, seed=2)
     boot = stats.paired_bootstrap(a, b, n_boot=300, seed=2)
     wil = stats.wilcoxon_runs(stats.run_metrics(a), stats.run_metrics(b))
     assert {k: res[k] for k in ("a", "b", "mode", "label_fraction", "metric")} == {
         "a": "full", "b": "random_init", "mode": "finetune", "label_fraction": 0.1, "metric": "ua"}
-    for k in ("delta", "ci95", "p_value", "test", "n_boot", "n_runs"):
-        assert res[k] == boot[k]
-    assert res["wilcoxon_p"] == wil["p_value"]
-    assert res["wilcoxon_p"] < 0.01
+    for k in ("delta", "ci95", "p_value", "test", "n_boot", "n_runs", "wins", "losses"):
+        assert res[k] == primary[k]
+    assert res["test"] == stats.RUN_LEVEL_TEST
+    assert (res["utterance_ci95"], res["utterance_p"]) == (boot["ci95"], boot["p_value"])
+    assert res["wilcoxon_p"] == wil["p_value"] < 0.01
+    assert res["verdict"] == "beats" and res["p_value"] < 0.05 and res["ci95"][0] > 0
     json.dumps(res, allow_nan=False)
+
+
+def test_sign_flip_p_exact_values():
+    """All 2^n sign patterns are enumerated: n equal positive differences give 2 / 2^n (both extremes)."""
+    assert stats.sign_flip_p([0.1] * 5) == pytest.approx(2 / 32)
+    assert stats.sign_flip_p([0.1, -0.1]) == 1.0
+    assert stats.sign_flip_p([0.0, 0.0, 0.0]) == 1.0
+    # [3, 1]: |mean| >= 2 for (+,+) and (-,-) only -> 2/4
+    assert stats.sign_flip_p([3.0, 1.0]) == pytest.approx(0.5)
+    # more runs than the exact limit: Monte Carlo, close to the exact binomial value
+    p = stats.sign_flip_p([0.01] * 30 + [-0.01] * 20, n_perm=20_000, seed=1)
+    assert p == pytest.approx(2 * sps.binom.sf(29, 50, 0.5), abs=0.01)  # |2K - 50| >= 10, K ~ Bin(50, 1/2)
+
+
+def _runs_frame(diffs_per_run, n=80):
+    """Predictions of two arms on ``n`` utterances per run: arm b right on the first half, arm a on the
+    first half + k (k per run; negative: wrong on -k of b's right ones). Two folds, runs = (seed, fold)."""
+    rows_a, rows_b = [], []
+    for i, k in enumerate(diffs_per_run):
+        seed, fold = i // 2, 1 + i % 2
+        for u in range(n):
+            y = LABELS[u % 4]
+            wrong = LABELS[(u + 1) % 4]
+            b_ok = u < n // 2
+            a_ok = u < n // 2 + k
+            rows_b.append((seed, fold, f"f{fold}_u{u:02d}", y, y if b_ok else wrong))
+            rows_a.append((seed, fold, f"f{fold}_u{u:02d}", y, y if a_ok else wrong))
+    cols = ["seed", "fold", "utt_id", "label", "pred"]
+    return pd.DataFrame(rows_a, columns=cols), pd.DataFrame(rows_b, columns=cols)
+
+
+def test_the_run_level_test_and_the_utterance_bootstrap_can_disagree():
+    """Arm a is far ahead in 3 of 16 runs and a little behind in the other 13. The utterance bootstrap
+    holds the trained models fixed and calls the difference significant; the run-level test sees 3
+    lucky runs and says it is not established (the report must not write "beats")."""
+    a, b = _runs_frame([30, 30, 30] + [-2] * 13)
+    res = stats.compare(a, b, "full", "none", "finetune", 1.0, n_boot=1000, seed=0)
+    assert res["delta"] > 0
+    assert res["utterance_ci95"][0] > 0 and res["utterance_p"] < 0.05  # the old primary test: "beats"
+    assert res["p_value"] > 0.1 and res["ci95"][0] < 0 < res["ci95"][1]
+    assert res["verdict"] == "not established" and (res["wins"], res["losses"]) == (3, 13)
 
 
 # ------------------------------------------------------------------------------- subsample_labels

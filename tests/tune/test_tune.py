@@ -16,8 +16,7 @@ from serray.tune import best_trial, flatten_space, validate_space
 
 TINY = ["pretrain.epochs=1", "finetune.epochs=3", "adapter.d_model=32", "adapter.ff_dim=64", "adapter.num_layers=1",
         "adapter.num_clusters=4", "finetune.attention_dim=16", "finetune.hidden_dim=32", "finetune.max_failures=0",
-        "tune.folds=[1]", "tune.final_folds=[1,2]", "tune.grace_period=2", "tune.max_concurrent_trials=2",
-        "tune.num_samples=1"]
+        "tune.folds=[1,2]", "tune.grace_period=2", "tune.max_concurrent_trials=2", "tune.num_samples=1"]
 
 
 def _space_file(tmp_path: Path, space: str) -> Path:
@@ -63,28 +62,116 @@ def test_a_test_metric_as_the_objective_is_a_config_error():
     assert load_config().tune.metric == "val_ua"
 
 
-def test_the_sweep_chooses_on_validation_never_on_test(tmp_path, monkeypatch):
-    """A trial with the best test UA but the worst validation UA is not chosen; the chosen one is run on
-    tune.final_folds and that is what gets registered."""
+def _fake_result(trial_id, val_ua, val_sessions, hyper):
+    from types import SimpleNamespace
+
+    return SimpleNamespace(metrics={"val_ua": val_ua, "val_loss": 1 - val_ua, "done_trial": 1, "trial_id": trial_id,
+                                    "trial_dir": f"/x/{trial_id}", "val_sessions": json.dumps(val_sessions)},
+                           config={"combo": hyper}, error=None, path=f"/x/{trial_id}")
+
+
+def test_a_nested_sweep_chooses_each_folds_configuration_on_that_folds_validation_speakers(tmp_path, monkeypatch):
+    """Trial a is the best on fold 1's validation speakers, trial b on fold 2's. The old sweep ranked
+    every trial on tune.folds=[1] and tested fold 2 with a, chosen partly on session 2's speakers (fold
+    1's validation speakers come from sessions 2-5). Now fold 2 gets b, chosen on sessions 1, 3-5 only,
+    and every fold's test split is scored once, for its own choice."""
+    import serray.tune as st
+    from types import SimpleNamespace
+
+    cfg = load_config(None, [f"output_dir={tmp_path}", "tune.folds=[1,2]"])
+    hyper = {"a": {"adapter.mask_ratio": 0.3}, "b": {"adapter.mask_ratio": 0.6}}
+    val = {1: {"a": 0.80, "b": 0.40}, 2: {"a": 0.30, "b": 0.70}}
+    sessions = {1: [2, 4], 2: [1, 3]}  # validation speakers' sessions of each fold's trials
+    tested = []
+
+    def fake_fit(cfg_, flat, folds, echo):
+        (fold,) = folds
+        grid = [_fake_result(t, val[fold][t], sessions[fold], hyper[t]) for t in ("a", "b")]
+        return grid, Path(cfg_.tune.dir) / cfg_.tune.name / f"fold{fold}"
+
+    def fake_test(tcfg, fold):
+        tested.append((fold, tcfg.adapter.mask_ratio))
+        return {"fold": fold, "ua": 0.5, "val_ua": val[fold]["a" if tcfg.adapter.mask_ratio == 0.3 else "b"]}
+
+    finished = {}
+    monkeypatch.setattr(st, "_fit", fake_fit)
+    monkeypatch.setattr("serray.train.finetune.test_fold", fake_test)
+    monkeypatch.setattr("serray.train.finetune.fold_done", lambda *a: None)
+    monkeypatch.setattr(st, "_copy_fold", lambda *a: None)
+    monkeypatch.setattr(st, "_finish_nested", lambda cfg_, flat, results, choices, final_dir, echo: finished.update(choices))
+    flat = {"adapter.mask_ratio": ("choice", [0.3, 0.6])}
+    st._nested(cfg, flat, echo=lambda *_: None)
+    assert tested == [(1, 0.3), (2, 0.6)]  # once per fold, each with its own choice
+    assert {f: c["trial_id"] for f, c in finished.items()} == {1: "a", 2: "b"}
+    assert finished[2]["ranked_on"] == "fold 2's validation speakers (sessions [1, 3])"
+    md = (Path(cfg.tune.dir) / cfg.tune.name / "trials.md").read_text()
+    assert "nested selection" in md and "| 2 | b | 0.6 | 0.7000 |" in md
+
+
+def test_the_nested_guard_refuses_a_choice_ranked_on_the_test_session():
+    from serray.tune import check_nested
+
+    check_nested(2, {"trial_id": "t", "val_sessions": "[1, 3, 4]"})
+    with pytest.raises(AssertionError, match="leakage: fold 2's configuration was ranked on validation speakers"):
+        check_nested(2, {"trial_id": "t", "val_sessions": "[1, 2]"})
+
+
+def test_asha_runs_in_its_own_metrics_direction():
+    """The scheduler took tune.mode for tune.scheduler_metric: tune.metric=val_loss, tune.mode=min made
+    ASHA minimise validation UA and stop the best trials."""
+    from serray.tune import _scheduler, objective_mode
+
+    cfg = load_config(None, ["tune.metric=val_loss"])
+    assert objective_mode(cfg) == "min"
+    asha = _scheduler(cfg, [1])
+    assert (asha._metric, asha._mode) == ("val_ua", "max")
+    asha = _scheduler(load_config(None, ["tune.metric=val_loss", "tune.scheduler_metric=val_loss"]), [1])
+    assert (asha._metric, asha._mode) == ("val_loss", "min")
+    assert _scheduler(load_config(None, ["tune.metric=val_loss", "tune.mode=min"]), [1])._mode == "max"
+
+
+@pytest.mark.parametrize("override, needle", [
+    ("tune.scheduler_metric=val_accuracy", "tune.scheduler_metric=val_accuracy is not reported by the fine-tuning epochs"),
+    ("tune.scheduler_metric=ua", "tune.scheduler_metric=ua is not reported"),
+    ("tune.mode=max tune.metric=val_loss", "tune.mode=max contradicts tune.metric=val_loss"),
+    ("tune.num_samples=-1", "tune.num_samples must be >= 1, got -1"),
+    ("tune.reduction_factor=1", "tune.reduction_factor must be >= 2, got 1"),
+    ("tune.grace_period=0", "tune.grace_period must be >= 1, got 0"),
+    ("tune.selection=sometimes", "tune.selection must be nested or non_nested"),
+    ("tune.final_folds=[1,2]", "tune.final_folds applies to tune.selection=non_nested only"),
+    ("tune.folds=[7]", "tune.folds must be null or a non-empty subset of data.sessions"),
+])
+def test_every_tune_key_is_checked_when_the_config_loads(override, needle):
+    with pytest.raises(ConfigError) as e:
+        load_config(None, override.split())
+    assert needle in str(e.value) and str(e.value).count("\n") == 0
+
+
+def test_a_non_nested_sweep_is_labelled_as_such_end_to_end(tmp_path, monkeypatch):
     import serray.tune as st
 
-    cfg = load_config(None, [f"output_dir={tmp_path}"])
-    (Path(cfg.tune.dir) / cfg.tune.name).mkdir(parents=True)
-    chosen = {}
+    cfg = load_config(None, [f"output_dir={tmp_path}", "tune.selection=non_nested", "tune.folds=[1]",
+                             "tune.final_folds=[1,2]"])
+    monkeypatch.setattr(st, "validate_space", lambda c: {"adapter.mask_ratio": ("choice", [0.3, 0.6])})
+    monkeypatch.setattr("serray.train.pretrain.check_features", lambda c: {})
+    monkeypatch.setattr("serray.ray_utils.init_ray", lambda c: None)
+    monkeypatch.setattr(st.storage, "is_file", lambda p: True)
+    grid = [_fake_result("a", 0.8, [2, 3], {"adapter.mask_ratio": 0.3}),
+            _fake_result("b", 0.4, [2, 3], {"adapter.mask_ratio": 0.6})]
+    monkeypatch.setattr(st, "_fit", lambda c, flat, folds, echo: (grid, Path(c.tune.dir) / c.tune.name / "trials"))
+    seen = {}
 
-    def fake_final(cfg_, hyper, trial_id, echo=print):
-        chosen.update(hyper=hyper, trial_id=trial_id)
-        return {"mean": {"ua": 0.5}, "std": {"ua": 0.0}, "registered": "entry-1"}
+    def fake_finetune(fcfg, extra=None, selection="fixed", hyperparameters=None, selected_on=None):
+        seen.update(extra=extra, selection=selection, folds=list(fcfg.finetune.folds), selected_on=selected_on)
+        fold = {"fold": 1, "n_test": 10, "ua": 0.5, "wa": 0.5, "macro_f1": 0.5}
+        return {"folds": [fold, {**fold, "fold": 2}], "mean": {"ua": 0.5, "wa": 0.5, "macro_f1": 0.5},
+                "std": {"ua": 0.0, "wa": 0.0, "macro_f1": 0.0}, "registered": "entry-1"}
 
-    monkeypatch.setattr(st, "run_final", fake_final)
-    test_best = {"val_ua": 0.20, "test_ua": 0.95, "done_trial": 1, "trial_id": "t0", "trial_dir": "/x/t0"}
-    val_best = {"val_ua": 0.80, "test_ua": 0.30, "done_trial": 1, "trial_id": "t1", "trial_dir": "/x/t1"}
-    grid = _fake_grid([("t0", "TERMINATED", test_best, None), ("t1", "TERMINATED", val_best, None)])
-    out = st.summarise_sweep(cfg, grid, {"adapter.mask_ratio": ("choice", [0.3, 0.4])}, echo=lambda *_: None)
-    assert chosen["trial_id"] == "t1" and chosen["hyper"] == {"adapter.mask_ratio": pytest.approx(0.4)}
-    assert out["best"]["trial_id"] == "t1" and out["registered"] == "entry-1"
-    md = (Path(cfg.tune.dir) / cfg.tune.name / "trials.md").read_text()
-    assert "test_ua (info only)" in md and "ranked on validation metrics only" in md
+    monkeypatch.setattr("serray.train.finetune.run_finetune", fake_finetune)
+    out = st.run_sweep(cfg, echo=lambda *_: None)
+    assert out["best"]["trial_id"] == "a" and seen["selection"] == "non-nested" and seen["folds"] == [1, 2]
+    assert seen["extra"]["selection"]["mode"] == "non-nested" and "NON-NESTED" in seen["selected_on"]
+    assert "NON-NESTED" in (Path(cfg.tune.dir) / cfg.tune.name / "trials.md").read_text()
 
 
 def test_a_file_search_space_replaces_the_default(tmp_path):
@@ -122,17 +209,22 @@ SPACE = ("    adapter:\n      mask_ratio: {grid: [0.3, 0.6]}\n"
 
 @pytest.fixture(scope="module")
 def sweep(featurized, tmp_path_factory):
-    """4 trials; the two with finetune.fail_at_step=2 crash once (max_failures=0): an interrupted sweep."""
+    """A nested sweep on folds 1 and 2, 4 trials each; the two with finetune.fail_at_step=2 crash once per
+    fold (max_failures=0): the sweep is interrupted, and rerunning the same command resumes it."""
     from serray.tune import run_sweep
 
     tmp = tmp_path_factory.mktemp("sweep")
     cfg = _cfg(featurized, tmp, SPACE)
-    with pytest.raises(SerrayError, match="rerun the same command"):
-        run_sweep(cfg, echo=lambda *_: None)
-    first = pd.read_csv(Path(cfg.tune.dir) / cfg.tune.name / "trials.csv")
-    entries_first = list_entries(cfg.registry.dir)
-    second = run_sweep(cfg, echo=lambda *_: None)
-    return cfg, first, entries_first, second
+    failures = []
+    for _ in range(3):  # fold 1's crashes stop the first run, fold 2's the second
+        try:
+            out = run_sweep(cfg, echo=lambda *_: None)
+            break
+        except SerrayError as e:
+            assert "rerun the same command" in str(e)
+            failures.append((str(e), list_entries(cfg.registry.dir)))
+    first = pd.read_csv(Path(cfg.tune.dir) / cfg.tune.name / "fold1" / "trials.csv")
+    return cfg, failures, out, first
 
 
 def _attempts(trial_dir) -> int:
@@ -141,41 +233,50 @@ def _attempts(trial_dir) -> int:
 
 @pytest.mark.ray
 @pytest.mark.sweep
-def test_interrupted_sweep_registers_the_final_run_of_the_best_validation_trial(sweep):
-    cfg, first, entries_first, second = sweep
-    assert len(first) == 4
-    assert (first["status"] == "ERROR").sum() == 2
-    assert set(first.loc[first["status"] == "ERROR", "finetune.fail_at_step"]) == {2}
-    finished = first[first["status"] == "finished"]
-    assert len(finished) >= 1
-    assert len(entries_first) == 1
-    best = best_trial(finished, "val_ua", "max")  # ties (common on the tiny corpus) go to the lowest trial_id
-    entry = entries_first[0]
-    assert entry["hyperparameters"]["adapter.mask_ratio"] == pytest.approx(best["adapter.mask_ratio"])
-    assert entry["folds"] == [1, 2] and entry["protocol"] == "inductive"  # the final run, on tune.final_folds
-    assert "val_ua" in entry["selected_on"] and entry["source"] == "tune"
-    final = json.loads((Path(cfg.tune.dir) / cfg.tune.name / "final" / "finetune" / "metrics.json").read_text())
+def test_an_interrupted_nested_sweep_resumes_tests_each_fold_once_and_registers(sweep):
+    cfg, failures, out, _ = sweep
+    assert len(failures) == 2 and all(entries == [] for _, entries in failures)  # nothing registered until whole
+    root = Path(cfg.tune.dir) / cfg.tune.name
+    (entry,) = list_entries(cfg.registry.dir)
+    assert entry["folds"] == [1, 2] and entry["protocol"] == "inductive" and entry["selection"] == "nested"
+    assert entry["source"] == "tune" and "nested" in entry["selected_on"]
+    assert set(entry["per_fold"]) == {"1", "2"}
+    final = json.loads((root / "final" / "finetune" / "metrics.json").read_text())
     assert entry["metrics"]["ua"] == pytest.approx(final["mean"]["ua"])
+    assert final["selection"]["mode"] == "nested" and set(final["selection"]["per_fold"]) == {"1", "2"}
+    for fold in (1, 2):
+        choice = out["choices"][fold]
+        table = pd.read_csv(root / f"fold{fold}" / "trials.csv")
+        finished = table[table["status"] == "finished"]
+        assert choice["trial_id"] == best_trial(finished, "val_ua", "max")["trial_id"]
+        assert all(fold not in json.loads(v) for v in finished["val_sessions"])
+        res = json.loads((root / "final" / "finetune" / f"fold{fold}" / "fold_result.json").read_text())
+        assert res["test_evaluations"] == 1 and res["fold"] == fold
+        # no trial scored a test split: only the chosen one has a fold result, written by the final test
+        scored = sorted(p.parents[2].name for p in (root / f"fold{fold}" / "trials").glob(
+            f"*/finetune/fold{fold}/fold_result.json"))
+        assert scored == [choice["trial_id"]]
     reg_cfg = load_config(Path(entry["path"]) / "config.yaml")
-    assert reg_cfg.adapter.mask_ratio == pytest.approx(best["adapter.mask_ratio"])
+    assert reg_cfg.finetune.fail_at_step is None
+    assert "nested selection" in (root / "trials.md").read_text()
 
 
 @pytest.mark.ray
 @pytest.mark.sweep
-def test_restored_sweep_does_not_rerun_finished_trials_and_shares_pretraining(sweep):
-    cfg, first, _, second = sweep
-    exp = Path(cfg.tune.dir) / cfg.tune.name
-    table = pd.read_csv(exp / "trials.csv")
-    assert len(table) == 4 and not (table["status"] == "ERROR").any()
-    for _, row in first.iterrows():
-        expected = 2 if row["status"] == "ERROR" else 1
-        assert _attempts(exp / "trials" / row["trial_id"]) == expected, (row["trial_id"], row["status"])
-    # trials with the same pre-training settings share one pre-training: 2 mask ratios -> 2 adapters
-    assert len(list((exp / "pretrain").glob("*/fold1/adapter/meta.json"))) == 2
-    fin = table[table["status"] == "finished"]
-    assert second["best"]["val_ua"] == pytest.approx(fin["val_ua"].max())
-    for f in ("trials.csv", "trials.md", "sweep.png"):
-        assert (exp / f).stat().st_size > 0
+def test_a_resumed_sweep_does_not_rerun_finished_trials_and_shares_pretraining(sweep):
+    cfg, _, _, first = sweep
+    root = Path(cfg.tune.dir) / cfg.tune.name
+    assert len(first) == 4
+    for fold in (1, 2):
+        table = pd.read_csv(root / f"fold{fold}" / "trials.csv")
+        assert len(table) == 4 and not (table["status"] == "ERROR").any()
+        for _, row in table.iterrows():
+            crashed = row["finetune.fail_at_step"] == 2
+            assert _attempts(root / f"fold{fold}" / "trials" / row["trial_id"]) == (2 if crashed else 1), row["trial_id"]
+        for f in ("trials.csv", "sweep.png"):
+            assert (root / f"fold{fold}" / f).stat().st_size > 0
+    # trials with the same pre-training settings share one pre-training: 2 mask ratios x 2 folds
+    assert len(list((root / "pretrain").glob("*/fold*/adapter/meta.json"))) == 4
 
 
 def _fake_grid(rows):
@@ -193,20 +294,21 @@ def _fake_grid(rows):
     return grid
 
 
-def test_interrupted_sweep_registers_nothing(tmp_path):
-    from serray.tune import summarise_sweep
+def test_an_interrupted_experiment_chooses_nothing(tmp_path):
+    from serray.tune import _finished_best, trial_table
 
     cfg = load_config(None, [f"output_dir={tmp_path}"])
-    (Path(cfg.tune.dir) / cfg.tune.name).mkdir(parents=True)
-    done = {"test_ua": 0.6, "val_ua": 0.5, "done_trial": 1, "trial_id": "t0", "trial_dir": "/x"}
+    exp = Path(cfg.tune.dir) / cfg.tune.name / "fold1"
+    done = {"val_ua": 0.5, "done_trial": 1, "trial_id": "t0", "trial_dir": "/x", "val_sessions": "[2]"}
     grid = _fake_grid([("t0", "TERMINATED", done, None),
                        ("t1", "TERMINATED", {"val_ua": 0.2, "trial_id": "t1"}, None),   # ASHA stopped it
                        ("t2", "PENDING", {"val_ua": 0.4, "trial_id": "t2"}, None)])     # Ctrl-C while running
-    with pytest.raises(SerrayError, match="interrupted with 1 trial.*rerun the same command"):
-        summarise_sweep(cfg, grid, {"adapter.mask_ratio": ("choice", [0.3, 0.4, 0.5])}, echo=lambda *_: None)
-    table = pd.read_csv(Path(cfg.tune.dir) / cfg.tune.name / "trials.csv")
+    flat = {"adapter.mask_ratio": ("choice", [0.3, 0.4, 0.5])}
+    table = trial_table(cfg, grid, flat, exp)
     assert list(table["status"]) == ["finished", "stopped early", "interrupted"]
-    assert list_entries(cfg.registry.dir) == []
+    with pytest.raises(SerrayError, match="interrupted with 1 trial.*rerun the same command"):
+        _finished_best(cfg, grid, table, exp)
+    assert list(pd.read_csv(exp / "trials.csv")["status"]) == ["finished", "stopped early", "interrupted"]
 
 
 def test_best_trial_breaks_ties_by_trial_id_not_by_finishing_order():
@@ -220,4 +322,3 @@ def test_best_trial_breaks_ties_by_trial_id_not_by_finishing_order():
     for perm in itertools.permutations(rows):
         assert best_trial(pd.DataFrame(list(perm)), "val_ua", "max")["trial_id"] == "ab_00000"
         assert best_trial(pd.DataFrame(list(perm)), "val_ua", "min")["trial_id"] == "ab_00003"
-

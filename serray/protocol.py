@@ -1,0 +1,54 @@
+"""What a reported number was measured under, derived from the config alone.
+
+Two leave-one-session-out results are comparable only when they were evaluated alike: the same
+protocol (inductive / transductive), the same folds, the same validation split (which speakers chose
+the epochs), the same label fraction, and hyper-parameters chosen the same way (``selection``). The
+registry ranks entries only against entries with the same :func:`evaluation`, and never ranks a
+``non-nested`` sweep result (whose test sessions helped choose its hyper-parameters) at all.
+
+Plain functions of the config: imported by the training stages and the registry alike (it imports
+neither).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Dict
+
+#: How a registered configuration was chosen: ``fixed`` (the config as given, epochs chosen on
+#: validation), ``nested`` (a sweep that chose per outer fold on that fold's validation speakers),
+#: ``non-nested`` (a sweep ranked on folds whose validation speakers include other folds' test sessions).
+SELECTIONS = ("fixed", "nested", "non-nested")
+
+#: The keys of an evaluation record (and of every registry entry).
+EVALUATION_KEYS = ("protocol", "folds", "val_split", "val_fraction", "label_fraction", "selection")
+
+
+def protocol(cfg) -> str:
+    """``inductive`` (per-fold pre-training: no fold's model sees its test session) or
+    ``transductive`` (one adapter for every fold, pre-trained on ``pretrain.sessions``)."""
+    return "inductive" if cfg.pretrain.per_fold else "transductive"
+
+
+def evaluation(cfg, selection: str = "fixed") -> Dict[str, Any]:
+    """The evaluation record of a run with this config (see :data:`EVALUATION_KEYS`)."""
+    if selection not in SELECTIONS:
+        raise ValueError(f"selection must be one of {SELECTIONS}, got {selection!r}")
+    return {"protocol": protocol(cfg), "folds": [int(f) for f in cfg.finetune.folds],
+            "val_split": str(cfg.finetune.val_split), "val_fraction": float(cfg.finetune.val_fraction),
+            "label_fraction": float(cfg.finetune.label_fraction), "selection": selection}
+
+
+def same_evaluation(entry: Dict[str, Any], wanted: Dict[str, Any]) -> bool:
+    """Whether a registry entry was evaluated as ``wanted`` asks (keys ``wanted`` leaves out, or sets
+    to None, are not compared). An entry that does not record a key is not comparable on it."""
+    for key, value in wanted.items():
+        if value is None:
+            continue
+        have = entry.get(key)
+        if key == "folds":
+            have, value = list(have or []), list(value)
+        elif key in ("val_fraction", "label_fraction") and have is not None:
+            have, value = float(have), float(value)
+        if have != value:
+            return False
+    return True
