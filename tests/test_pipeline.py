@@ -19,6 +19,7 @@ import soundfile as sf
 TINY = ["synthetic.utterances_per_dialog=4", "synthetic.dialogs_per_session=2", "pretrain.epochs=2",
         "finetune.epochs=2", "finetune.folds=[1,2]", "adapter.d_model=32", "adapter.ff_dim=64",
         "adapter.num_layers=1", "adapter.num_clusters=4", "finetune.attention_dim=16", "finetune.hidden_dim=16",
+        "adapter.ema_decay=0.5", "adapter.ema_decay_end=0.9",  # ~6 steps: a teacher that follows within the run
         "ray.progress_bars=false"]
 
 

@@ -81,7 +81,7 @@ def test_summary_mean_std_and_table():
     assert s["mean"] == pytest.approx({"ua": 0.6, "wa": 0.7, "macro_f1": 0.5})
     assert s["std"]["ua"] == pytest.approx(np.std([0.5, 0.7], ddof=1))  # sample sd, as the ablation's
     table = markdown_table(s)
-    assert "60.00 ± 10.00" in table and table.count("\n") == 5
+    assert "60.00 ± 14.14" in table and table.count("\n") == 7 and "sample standard deviation" in table
 
 
 def test_feature_stats_combine_sessions_exactly():

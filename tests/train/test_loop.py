@@ -240,6 +240,27 @@ def _smooth_utterances(n: int, t: int, seed: int) -> list:
     return out
 
 
+def test_history_logs_the_ema_decay_each_epoch_really_used() -> None:
+    """history (and so history.csv) holds each epoch's mean decay, which follows the configured ramp."""
+    from serray.train.pretrain import PretrainTask, ema_momentum
+
+    feats = _smooth_utterances(24, 40, seed=0)
+    frames = np.concatenate(feats)
+    config = {"seed": 0, "config_yaml": "", "config_hash": "x", "features": {}, "pool": {}, "data_mode": "memory",
+              "feature_stats": [frames.mean(0, keepdims=True).tolist(), frames.std(0, keepdims=True).tolist()],
+              "model": dict(input_dim=D, d_model=16, num_layers=1, num_heads=2, ff_dim=32, dropout=0.0, mask_ratio=0.5,
+                            mask_span=4, num_clusters=4, pos_conv_kernel=9, pos_conv_groups=4),
+              "ema_decay": 0.9, "ema_decay_end": 0.99, "ema_half_life": None, "epochs": 3, "batch_size": 8,
+              "lr": 1e-3, "lr_end": 0.0, "weight_decay": 0.01, "warmup_frac": 0.0, "grad_clip": 1.0,
+              "max_frames": None, "bf16": False, "fail_at_step": None, "steps_per_epoch": 3}
+    history = run_loop(PretrainTask(config), config, LocalRuntime({"train": _rows(feats, [""] * len(feats))}))
+    total = 9
+    for h in history:
+        steps = range(3 * h["epoch"], 3 * h["epoch"] + 3)
+        assert h["ema_decay"] == pytest.approx(np.mean([ema_momentum(0.9, 0.99, total, s) for s in steps]))
+    assert history[0]["ema_decay"] < history[1]["ema_decay"] < history[2]["ema_decay"] < 0.99
+
+
 @pytest.mark.slow
 def test_pretraining_reconstructs_masked_frames_better_than_any_constant_per_utterance(tmp_path) -> None:
     from serray.models.adapter import Adapter

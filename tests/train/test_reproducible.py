@@ -87,3 +87,22 @@ def _fold_result(cfg, fold):
 
     d = Path(cfg.finetune.dir) / f"fold{fold}"
     return json.loads((d / "fold_result.json").read_text()), pd.read_csv(d / "predictions.csv")
+
+
+@pytest.mark.ray
+def test_test_evaluations_counts_every_scoring_of_the_test_split(featurized, tmp_path):
+    """test_evaluations was the literal 1, so the tests asserting it could not fail. It now counts the
+    scorings recorded in the fold's ledger: a fold trained without its test (a sweep trial) has none,
+    its first scoring makes 1, and scoring it again is visible as 2."""
+    from serray.train.finetune import TEST_LEDGER, run_fold, test_fold
+
+    cfg = _cfg(featurized, tmp_path, f"features.dir={featurized.features.dir}", "finetune.mode=none",
+               "finetune.epochs=2")
+    sel = run_fold(cfg, 3, score_test=False)
+    fold_dir = tmp_path / "finetune" / "fold3"
+    assert "ua" not in sel and not (fold_dir / TEST_LEDGER).exists() and not (fold_dir / "predictions.csv").exists()
+    first = test_fold(cfg, 3)
+    assert first["test_evaluations"] == 1 and first["val_ua"] == sel["val_ua"]
+    again = test_fold(cfg, 3)
+    assert again["test_evaluations"] == 2 and again["ua"] == first["ua"]
+    assert len((fold_dir / TEST_LEDGER).read_text().splitlines()) == 2
