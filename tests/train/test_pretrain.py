@@ -29,7 +29,8 @@ from serray.train.pretrain import ADAPTER_DIR, PretrainTask, pretrain_hash, run_
 MASK_RATIO = 0.5
 TINY = ["pretrain.epochs=2", "adapter.d_model=32", "adapter.ff_dim=64", "adapter.num_layers=2",
         "adapter.num_clusters=8", "pretrain.max_frames=100", "pretrain.batch_size=16",
-        f"adapter.mask_ratio={MASK_RATIO}", "pretrain.per_fold=false"]  # one shared adapter (per fold: below)
+        f"adapter.mask_ratio={MASK_RATIO}", "pretrain.per_fold=false",  # one shared adapter (per fold: below)
+        "adapter.ema_decay=0.3", "adapter.ema_decay_end=0.8"]  # a handful of steps: a teacher that follows in them
 LOSS_KEYS = ("loss", "loss_mask", "loss_distill", "loss_cluster")
 
 
