@@ -459,47 +459,17 @@ def _validate(cfg: DictConfig) -> None:
     if domains:
         raise _invalid(domains)
     problems = []
+    if not cfg.data.sessions:
+        problems.append("data.sessions must list at least one session")
     for s in cfg.data.sessions:
         if s not in (1, 2, 3, 4, 5):
             problems.append(f"data.sessions: {s} is not an IEMOCAP session (1-5)")
-    if cfg.features.batch_size < 1:
-        problems.append("features.batch_size must be >= 1")
-    if cfg.features.concurrency < 1:
-        problems.append("features.concurrency must be >= 1")
-    if cfg.ray.resource_timeout_s < 0:
-        problems.append(f"ray.resource_timeout_s must be >= 0, got {cfg.ray.resource_timeout_s}")
-    if cfg.features.max_concurrency is not None and cfg.features.max_concurrency < cfg.features.concurrency:
-        problems.append(f"features.max_concurrency must be >= features.concurrency ({cfg.features.concurrency}) or null, "
-                        f"got {cfg.features.max_concurrency}")
+    if cfg.synthetic.preset not in ("demo", "benchmark"):
+        problems.append(f"synthetic.preset must be demo or benchmark, got '{cfg.synthetic.preset}'")
     if cfg.encoder.device not in ("auto", "cpu", "cuda"):
         problems.append(f"encoder.device must be auto, cpu or cuda, got '{cfg.encoder.device}'")
-    if not 0.0 <= cfg.adapter.mask_ratio < 1.0:
-        problems.append(f"adapter.mask_ratio must be in [0, 1), got {cfg.adapter.mask_ratio}")
-    for key in ("ema_decay", "ema_decay_end"):
-        if not 0.0 <= cfg.adapter[key] <= 1.0:
-            problems.append(f"adapter.{key} must be in [0, 1], got {cfg.adapter[key]}")
-    if cfg.adapter.ema_decay_end < cfg.adapter.ema_decay:
-        problems.append(f"adapter.ema_decay_end ({cfg.adapter.ema_decay_end}) must be >= adapter.ema_decay "
-                        f"({cfg.adapter.ema_decay}): the decay rises over the run")
-    if cfg.adapter.num_clusters < 2:
-        problems.append("adapter.num_clusters must be >= 2")
-    for key in ("dropout", "attention_dropout"):
-        if not 0.0 <= cfg.adapter[key] < 1.0:
-            problems.append(f"adapter.{key} must be in [0, 1), got {cfg.adapter[key]}")
-    if cfg.adapter.mask_span_ms <= 0:
-        problems.append(f"adapter.mask_span_ms must be > 0, got {cfg.adapter.mask_span_ms}")
-    if cfg.adapter.pos_conv_ms < 0:
-        problems.append(f"adapter.pos_conv_ms must be >= 0 (0: no positional embedding), got {cfg.adapter.pos_conv_ms}")
     if cfg.adapter.pos_conv_ms > 0 and (cfg.adapter.pos_conv_groups < 1 or cfg.adapter.d_model % cfg.adapter.pos_conv_groups):
         problems.append(f"adapter.pos_conv_groups ({cfg.adapter.pos_conv_groups}) must divide adapter.d_model ({cfg.adapter.d_model})")
-    half = cfg.adapter.ema_half_life
-    if half is not None and not 0.0 < half <= 1.0:
-        problems.append(f"adapter.ema_half_life must be null (off) or in (0, 1] (a share of the pre-training steps), got {half}")
-    top_k = cfg.adapter.distill_top_k
-    if top_k is not None and not 1 <= top_k <= cfg.adapter.num_layers:
-        problems.append(f"adapter.distill_top_k must be in [1, adapter.num_layers={cfg.adapter.num_layers}] or null, got {top_k}")
-    if cfg.pretrain.steps is not None and cfg.pretrain.steps < 1:
-        problems.append(f"pretrain.steps must be >= 1 or null, got {cfg.pretrain.steps}")
     if cfg.adapter.d_model % cfg.adapter.num_heads:
         problems.append(f"adapter.d_model ({cfg.adapter.d_model}) must be divisible by adapter.num_heads ({cfg.adapter.num_heads})")
     if cfg.finetune.mode not in ("frozen", "finetune", "none"):
@@ -517,20 +487,10 @@ def _validate(cfg: DictConfig) -> None:
         strategy = cfg[section].placement_strategy
         if strategy not in ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"):
             problems.append(f"{section}.placement_strategy must be PACK, SPREAD, STRICT_PACK or STRICT_SPREAD, got '{strategy}'")
-    if not 0.0 < cfg.finetune.val_fraction < 0.5:
-        problems.append(f"finetune.val_fraction must be in (0, 0.5), got {cfg.finetune.val_fraction}")
     if cfg.finetune.val_split not in ("speaker", "dialog", "random"):
         problems.append(f"finetune.val_split must be speaker, dialog or random, got '{cfg.finetune.val_split}'")
     if cfg.finetune.init not in ("pretrained", "random"):
         problems.append(f"finetune.init must be pretrained or random, got '{cfg.finetune.init}'")
-    if not 0.0 < cfg.finetune.label_fraction <= 1.0:
-        problems.append(f"finetune.label_fraction must be in (0, 1], got {cfg.finetune.label_fraction}")
-    if cfg.finetune.body_lr_scale < 0:
-        problems.append(f"finetune.body_lr_scale must be >= 0, got {cfg.finetune.body_lr_scale}")
-    if not 0 <= cfg.finetune.freeze_epochs <= cfg.finetune.epochs:
-        problems.append(f"finetune.freeze_epochs must be in [0, finetune.epochs={cfg.finetune.epochs}], got {cfg.finetune.freeze_epochs}")
-    if cfg.finetune.patience is not None and cfg.finetune.patience < 1:
-        problems.append(f"finetune.patience must be >= 1 or null, got {cfg.finetune.patience}")
     problems += _validate_tune_and_ablate(cfg)
     for s in cfg.finetune.folds:
         if s not in cfg.data.sessions:
@@ -604,15 +564,7 @@ def _validate_tune_and_ablate(cfg: DictConfig) -> List[str]:
         if folds is not None and (not folds or any(f not in cfg.data.sessions for f in folds)):
             problems.append(f"tune.{key} must be null or a non-empty subset of data.sessions "
                             f"{list(cfg.data.sessions)}, got {list(folds)}")
-    for key, low in (("num_samples", 1), ("grace_period", 1), ("reduction_factor", 2), ("max_concurrent_trials", 1)):
-        if not t[key] >= low:
-            problems.append(f"tune.{key} must be >= {low}, got {t[key]}")
-    for key in ("cpus_per_trial", "gpus_per_trial"):
-        if not (t[key] >= 0 and math.isfinite(t[key])):
-            problems.append(f"tune.{key} must be >= 0, got {t[key]}")
     a = cfg.ablate
-    if a.seeds < 1:
-        problems.append(f"ablate.seeds must be >= 1 (the number of seeds per arm), got {a.seeds}")
     unknown = [arm for arm in a.arms if arm not in ARMS]
     if unknown or not a.arms:
         problems.append(f"ablate.arms: unknown arm(s) {unknown} (arms: {', '.join(ARMS)})" if unknown
@@ -623,10 +575,6 @@ def _validate_tune_and_ablate(cfg: DictConfig) -> List[str]:
     bad_fracs = [f for f in a.label_fractions if not 0.0 < f <= 1.0]
     if bad_fracs or not a.label_fractions:
         problems.append(f"ablate.label_fractions must be in (0, 1], got {list(a.label_fractions)}")
-    if a.bootstrap < 100:
-        problems.append(f"ablate.bootstrap must be >= 100 replicates, got {a.bootstrap}")
-    if a.max_concurrent < 1:
-        problems.append(f"ablate.max_concurrent must be >= 1, got {a.max_concurrent}")
     return problems
 
 
@@ -670,54 +618,84 @@ def as_dict(node: Any) -> Any:
 
 # ---------------------------------------------------------------- value domains
 
-_FINITE = "a finite number"
+class Domain:
+    """A value domain: a predicate, how it reads in an error, and a value outside it (for the tests)."""
+
+    def __init__(self, ok, text: str, outside):
+        self.ok, self.text, self.outside = ok, text, outside
 
 
-def _positive(v) -> bool:
-    return v > 0 and math.isfinite(v)
+def _finite(v) -> bool:
+    return v == v and math.isfinite(v)
 
 
-def _non_negative(v) -> bool:
-    return v >= 0 and math.isfinite(v)
+POSITIVE = Domain(lambda v: _finite(v) and v > 0, "> 0", 0)
+NON_NEGATIVE = Domain(lambda v: _finite(v) and v >= 0, ">= 0", -1)
+AT_LEAST_ONE = Domain(lambda v: _finite(v) and v >= 1, ">= 1", 0)
+AT_LEAST_TWO = Domain(lambda v: _finite(v) and v >= 2, ">= 2", 1)
+UNIT_OPEN = Domain(lambda v: _finite(v) and 0 <= v < 1, "in [0, 1)", 1.0)  # [0, 1)
+UNIT_CLOSED = Domain(lambda v: _finite(v) and 0 <= v <= 1, "in [0, 1]", 1.5)
+OPEN_UNIT = Domain(lambda v: _finite(v) and 0 < v <= 1, "in (0, 1]", 0.0)  # (0, 1]
+HALF = Domain(lambda v: _finite(v) and 0 < v < 0.5, "in (0, 0.5)", 0.5)
+PORT = Domain(lambda v: 1 <= v <= 65535, "in 1..65535", 0)
+QUEUE = Domain(lambda v: v == -1 or v >= 1, "-1 (no limit) or >= 1", 0)
+ONE_WINDOW = Domain(lambda v: _finite(v) and v >= 0.025, ">= 0.025 (one 25 ms analysis window)", 0.0)
+AT_LEAST_100 = Domain(lambda v: _finite(v) and v >= 100, ">= 100", 10)
+RATE = Domain(lambda v: _finite(v) and v >= 1000, ">= 1000 (Hz)", 100)
 
-
-def _at_least_one(v) -> bool:
-    return v >= 1 and math.isfinite(v)
-
-
-def _unit_interval_open(v) -> bool:  # [0, 1)
-    return 0 <= v < 1
-
-
-#: (keys, predicate, what the value must be). A key that is null, or that the schema no longer has,
-#: is not checked here (null is the documented "none" of the optional keys).
+#: (keys, domain). Every numeric key of the schema is here (tests/test_config.py walks them all); a key
+#: that is null is not checked (null is the documented "none" / "off" of the optional keys).
 _DOMAINS = [
-    (("pretrain.lr", "finetune.lr"), _positive, "> 0"),
-    (("pretrain.lr_end", "finetune.lr_end", "pretrain.weight_decay", "finetune.weight_decay",
-      "pretrain.grad_clip", "finetune.grad_clip", "pretrain.gpus_per_worker", "finetune.gpus_per_worker",
-      "finetune.body_lr_scale"), _non_negative, ">= 0"),
+    (("seed", "synthetic.seed"), NON_NEGATIVE),
+    (("ray.num_cpus",), AT_LEAST_ONE),
+    (("ray.resource_timeout_s",), NON_NEGATIVE),
+    (("synthetic.dialogs_per_session", "synthetic.utterances_per_dialog"), AT_LEAST_ONE),
+    (("synthetic.min_duration", "synthetic.max_duration"), ONE_WINDOW),
+    (("synthetic.sample_rate", "encoder.sample_rate", "serve.min_sample_rate", "serve.max_sample_rate"), RATE),
+    (("synthetic.drop_fraction",), UNIT_OPEN),
+    (("synthetic.excited_fraction",), UNIT_CLOSED),
+    (("encoder.num_mel_bins",), AT_LEAST_ONE),
+    (("features.batch_size", "features.concurrency", "features.max_concurrency"), AT_LEAST_ONE),
+    (("features.num_cpus", "features.max_seconds", "features.resource_timeout_s"), POSITIVE),
+    (("features.num_gpus", "features.cache_max_mb", "features.max_restarts"), NON_NEGATIVE),
+    (("features.min_seconds", "serve.min_seconds"), ONE_WINDOW),
+    (("adapter.d_model", "adapter.num_layers", "adapter.num_heads", "adapter.ff_dim", "adapter.pos_conv_groups",
+      "adapter.distill_top_k"), AT_LEAST_ONE),
+    (("adapter.dropout", "adapter.attention_dropout", "adapter.mask_ratio", "adapter.kmeans_decay"), UNIT_OPEN),
+    (("adapter.mask_span_ms",), POSITIVE),
+    (("adapter.pos_conv_ms", "adapter.w_mask", "adapter.w_distill", "adapter.w_cluster"), NON_NEGATIVE),
+    (("adapter.ema_decay", "adapter.ema_decay_end"), UNIT_CLOSED),
+    (("adapter.ema_half_life",), OPEN_UNIT),
+    (("adapter.num_clusters",), AT_LEAST_TWO),
+    (("pretrain.lr", "finetune.lr", "pretrain.cpus_per_worker", "finetune.cpus_per_worker"), POSITIVE),
+    (("pretrain.lr_end", "finetune.lr_end", "pretrain.weight_decay", "finetune.weight_decay", "pretrain.grad_clip",
+      "finetune.grad_clip", "pretrain.gpus_per_worker", "finetune.gpus_per_worker", "finetune.body_lr_scale",
+      "pretrain.max_failures", "finetune.max_failures", "finetune.freeze_epochs"), NON_NEGATIVE),
     (("pretrain.batch_size", "finetune.batch_size", "pretrain.epochs", "finetune.epochs", "pretrain.num_workers",
       "finetune.num_workers", "pretrain.keep_checkpoints", "finetune.keep_checkpoints", "pretrain.max_frames",
-      "finetune.max_frames", "finetune.attention_dim", "finetune.hidden_dim", "finetune.max_concurrent_folds"),
-     _at_least_one, ">= 1"),
-    (("pretrain.cpus_per_worker", "finetune.cpus_per_worker"), _positive, "> 0"),
-    (("pretrain.max_failures", "finetune.max_failures"), lambda v: v >= 0, ">= 0"),
-    (("pretrain.warmup_frac", "finetune.warmup_frac", "finetune.head_dropout"), _unit_interval_open, "in [0, 1)"),
-    (("adapter.num_layers", "adapter.ff_dim", "adapter.d_model", "adapter.num_heads"), _at_least_one, ">= 1"),
-    (("encoder.sample_rate", "encoder.num_mel_bins", "ray.num_cpus"), _at_least_one, ">= 1"),
-    (("features.num_cpus", "features.num_gpus", "features.min_seconds", "features.cache_max_mb"),
-     _non_negative, ">= 0"),
-    (("features.max_restarts",), lambda v: v >= 0, ">= 0"),
-    (("features.max_seconds", "features.resource_timeout_s"), _positive, "> 0"),
-    (("serve.port",), lambda v: 1 <= v <= 65535, "in 1..65535"),
+      "finetune.max_frames", "finetune.attention_dim", "finetune.hidden_dim", "finetune.max_concurrent_folds",
+      "pretrain.steps", "finetune.patience", "pretrain.fail_at_step", "finetune.fail_at_step"), AT_LEAST_ONE),
+    (("pretrain.warmup_frac", "finetune.warmup_frac", "finetune.head_dropout"), UNIT_OPEN),
+    (("finetune.val_fraction",), HALF),
+    (("finetune.label_fraction",), OPEN_UNIT),
+    (("tune.num_samples", "tune.grace_period", "tune.max_concurrent_trials", "ablate.seeds", "ablate.max_concurrent"),
+     AT_LEAST_ONE),
+    (("tune.reduction_factor",), AT_LEAST_TWO),
+    (("tune.cpus_per_trial", "tune.gpus_per_trial"), NON_NEGATIVE),
+    (("ablate.bootstrap",), AT_LEAST_100),
+    (("serve.port",), PORT),
     (("serve.max_batch_size", "serve.num_replicas", "serve.max_replicas", "serve.max_channels",
-      "serve.min_sample_rate", "serve.max_ongoing_requests"), _at_least_one, ">= 1"),
-    (("serve.batch_wait_timeout_s", "serve.num_cpus", "serve.num_gpus", "serve.min_seconds", "serve.min_replicas"),
-     _non_negative, ">= 0"),
+      "serve.max_ongoing_requests"), AT_LEAST_ONE),
+    (("serve.batch_wait_timeout_s", "serve.num_cpus", "serve.num_gpus", "serve.min_replicas"), NON_NEGATIVE),
     (("serve.max_body_mb", "serve.max_seconds", "serve.body_timeout_s", "serve.request_timeout_s",
-      "serve.start_timeout_s"), _positive, "> 0"),
-    (("serve.max_queued_requests",), lambda v: v == -1 or v >= 1, "-1 (no limit) or >= 1"),
+      "serve.start_timeout_s"), POSITIVE),
+    (("serve.max_queued_requests",), QUEUE),
 ]
+
+
+def domain_of(key: str) -> Optional[Domain]:
+    """The domain of a numeric config key (None: not numeric)."""
+    return next((d for keys, d in _DOMAINS if key in keys), None)
 
 
 def _number(cfg: DictConfig, key: str):
@@ -729,17 +707,20 @@ def _number(cfg: DictConfig, key: str):
 
 
 def _validate_domains(cfg: DictConfig) -> List[str]:
-    """The domain of every numeric key (one message per bad key, naming it), plus the relations between
-    keys of the features and serve sections. Run by :func:`_validate` before its other checks."""
+    """The domain of every numeric key (one message per bad key, naming it), plus the order of the
+    min / max pairs. Run by :func:`_validate` before its other checks."""
     problems = []
-    for keys, ok, what in _DOMAINS:
+    for keys, domain in _DOMAINS:
         for key in keys:
             v = _number(cfg, key)
-            if v is not None and not (v == v and ok(v)):  # v != v: NaN
-                problems.append(f"{key} must be {what}, got {v}")
+            if v is not None and not domain.ok(v):
+                problems.append(f"{key} must be {domain.text}, got {v}")
     pairs = [("features.min_seconds", "features.max_seconds", "<"), ("serve.min_seconds", "serve.max_seconds", "<"),
              ("serve.min_replicas", "serve.max_replicas", "<="), ("serve.min_sample_rate", "serve.max_sample_rate", "<="),
-             ("serve.max_batch_size", "serve.max_ongoing_requests", "<=")]
+             ("serve.max_batch_size", "serve.max_ongoing_requests", "<="),
+             ("synthetic.min_duration", "synthetic.max_duration", "<="), ("adapter.ema_decay", "adapter.ema_decay_end", "<="),
+             ("features.concurrency", "features.max_concurrency", "<="), ("finetune.freeze_epochs", "finetune.epochs", "<="),
+             ("adapter.distill_top_k", "adapter.num_layers", "<=")]
     for lo_key, hi_key, rel in pairs:
         lo, hi = _number(cfg, lo_key), _number(cfg, hi_key)
         if lo is None or hi is None or any(f"{k} must" in p for p in problems for k in (lo_key, hi_key)):
@@ -747,8 +728,7 @@ def _validate_domains(cfg: DictConfig) -> List[str]:
         if not (lo < hi if rel == "<" else lo <= hi):
             problems.append(f"{lo_key} ({lo}) must be {rel} {hi_key} ({hi})")
     sessions = OmegaConf.select(cfg, "data.sessions", default=None) or []
-    if OmegaConf.select(cfg, "pretrain.per_fold", default=True) is False:
-        outside = [s for s in (OmegaConf.select(cfg, "pretrain.sessions", default=None) or []) if s not in sessions]
-        if outside:
-            problems.append(f"pretrain.sessions: {outside} not in data.sessions {list(sessions)}")
+    outside = [s for s in (OmegaConf.select(cfg, "pretrain.sessions", default=None) or []) if s not in sessions]
+    if outside:  # checked under per_fold too: a key that names no session is wrong whether or not it is read
+        problems.append(f"pretrain.sessions: {outside} not in data.sessions {list(sessions)}")
     return problems

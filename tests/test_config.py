@@ -266,7 +266,7 @@ def test_cli_bad_value_exits_2(capsys):
     ("serve.max_seconds=nan", "serve.max_seconds must be > 0, got nan"),
     ("serve.batch_wait_timeout_s=-1", "serve.batch_wait_timeout_s must be >= 0, got -1"),
     ("serve.num_replicas=0", "serve.num_replicas must be >= 1, got 0"),
-    ("encoder.sample_rate=0", "encoder.sample_rate must be >= 1, got 0"),
+    ("encoder.sample_rate=0", "encoder.sample_rate must be >= 1000 (Hz), got 0"),
 ])
 def test_numeric_domains_name_the_key(override, message):
     with pytest.raises(ConfigError) as e:
@@ -279,7 +279,7 @@ def test_numeric_domains_name_the_key(override, message):
     ["pretrain.lr=1e-6", "finetune.warmup_frac=0.0", "pretrain.max_failures=0", "pretrain.grad_clip=0",
      "adapter.num_layers=1", "adapter.ff_dim=1", "serve.port=1", "serve.max_queued_requests=-1"],
     ["serve.port=65535", "finetune.head_dropout=0.99", "serve.min_replicas=2", "serve.max_replicas=2",
-     "serve.max_ongoing_requests=16", "features.min_seconds=0", "serve.min_seconds=0"],
+     "serve.max_ongoing_requests=16", "features.min_seconds=0.025", "serve.min_seconds=0.025"],
 ])
 def test_domain_boundaries_are_accepted(overrides):
     load_config(None, overrides)
@@ -297,3 +297,62 @@ def test_transductive_pretrain_sessions_within_data_sessions(sessions_overrides)
         load_config(None, [*sessions_overrides([1, 2]), "pretrain.per_fold=false", "pretrain.sessions=[1,5]"])
     load_config(None, [*sessions_overrides([1, 2]), "pretrain.per_fold=false", "pretrain.sessions=[1,2]"])
     load_config(None, [*sessions_overrides([1, 2])])  # per_fold: pretrain.sessions is not used
+
+
+def _numeric_keys():
+    """Every numeric leaf of the schema (optional ones too), as dotted keys."""
+    import dataclasses
+    import typing
+
+    from serray.config import SerrayConfig
+
+    def walk(cls, prefix):
+        for f in dataclasses.fields(cls):
+            t = typing.get_type_hints(cls)[f.name]
+            args = [a for a in typing.get_args(t) if a is not type(None)]
+            base = args[0] if typing.get_origin(t) is typing.Union and len(args) == 1 else t
+            if dataclasses.is_dataclass(base):
+                yield from walk(base, f"{prefix}{f.name}.")
+            elif base in (int, float):
+                yield f"{prefix}{f.name}"
+
+    return list(walk(SerrayConfig, ""))
+
+
+def test_every_numeric_key_has_a_domain_and_a_value_outside_it_is_one_line_naming_the_key():
+    """Walks every numeric key of configs/base.yaml (and the schema's optional ones): each has a
+    domain, and a value outside it is refused when the config loads, in one line that names the key.
+    Before, features.num_cpus=0 was a ZeroDivisionError at featurization, serve.min_seconds=0 a 500 for
+    a 399-sample clip, tune.num_samples=-1 a traceback when the sweep started, adapter.kmeans_decay=2
+    and adapter.w_cluster=nan were accepted."""
+    from serray.config import domain_of
+
+    keys = _numeric_keys()
+    assert len(keys) > 100
+    missing = [k for k in keys if domain_of(k) is None]
+    assert not missing, f"numeric keys without a domain: {missing}"
+    for key in keys:
+        bad = domain_of(key).outside
+        with pytest.raises(ConfigError) as e:
+            load_config(None, [f"{key}={bad}"])
+        msg = str(e.value)
+        assert msg.count("\n") == 0 and key in msg, (key, msg)
+    for key, value in (("adapter.w_cluster", "nan"), ("adapter.kmeans_decay", 2), ("features.num_cpus", 0),
+                       ("serve.min_seconds", 0), ("tune.num_samples", -1), ("tune.reduction_factor", 1),
+                       ("tune.grace_period", 0)):
+        with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+            load_config(None, [f"{key}={value}"])
+
+
+@pytest.mark.parametrize("overrides, needle", [
+    (["data.sessions=[]", "finetune.folds=[]", "pretrain.sessions=[]"], "data.sessions must list at least one session"),
+    (["pretrain.sessions=[7]"], "pretrain.sessions: [7] not in data.sessions"),
+    (["synthetic.preset=loud"], "synthetic.preset must be demo or benchmark"),
+    (["synthetic.min_duration=3", "synthetic.max_duration=2"], "synthetic.min_duration (3.0) must be <= synthetic.max_duration (2.0)"),
+    (["synthetic.sample_rate=0"], "synthetic.sample_rate must be >= 1000 (Hz), got 0"),
+    (["features.concurrency=3", "features.max_concurrency=2"], "features.concurrency (3) must be <= features.max_concurrency (2)"),
+])
+def test_cross_key_and_list_rules_are_checked_at_load(overrides, needle):
+    with pytest.raises(ConfigError) as e:
+        load_config(None, overrides)
+    assert needle in str(e.value)
