@@ -20,3 +20,7 @@ class DataError(SerrayError):
 
 class AudioError(SerrayError):
     """An audio file or buffer cannot be used (unreadable, empty, non-finite, too short...)."""
+
+
+class CheckpointError(DataError):
+    """A checkpoint (or another file a rerun reads) is missing, truncated or not what it claims to be."""

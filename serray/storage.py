@@ -189,17 +189,33 @@ def read_text(path) -> str:
     return read_bytes(path).decode()
 
 
-def write_text(path, text: str) -> None:
-    """Write a whole file (local: atomically, through a temporary file)."""
+def write_bytes(path, data: bytes) -> None:
+    """Write a whole file so that a reader sees the old file or the new one, never a part: locally
+    through a uniquely named temporary file beside it (flushed to disk) and a rename; on object
+    storage a PUT is all-or-nothing."""
     fs, p = resolve(path)
     if isinstance(fs, pafs.LocalFileSystem):
-        Path(p).parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(p).with_name(Path(p).name + ".tmp")
-        tmp.write_text(text)
-        tmp.replace(p)
+        import uuid
+
+        target = Path(p)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+        try:
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, target)
+        finally:
+            tmp.unlink(missing_ok=True)
         return
-    with fs.open_output_stream(p) as f:  # object stores: a PUT is all-or-nothing
-        f.write(text.encode())
+    with fs.open_output_stream(p) as f:
+        f.write(data)
+
+
+def write_text(path, text: str) -> None:
+    """Write a whole text file atomically (see :func:`write_bytes`)."""
+    write_bytes(path, text.encode())
 
 
 def makedirs(path) -> None:

@@ -189,14 +189,9 @@ def _trial(config: Dict[str, Any], cfg_dict: Dict[str, Any], folds: List[int]) -
 
 def _selected(cfg, fold: int) -> Optional[Dict[str, Any]]:
     """A fold this trial already trained and selected (a resumed trial), or None."""
-    from serray.train.finetune import FOLD_SELECTION, _fold_path, finetune_hash
+    from serray.train.finetune import FOLD_SELECTION, _fold_path, _read_record, finetune_hash
 
-    path = Path(_fold_path(cfg, fold)) / FOLD_SELECTION
-    if path.is_file():
-        sel = json.loads(path.read_text())
-        if sel.get("config_hash") == finetune_hash(cfg):
-            return sel
-    return None
+    return _read_record(storage.join(_fold_path(cfg, fold), FOLD_SELECTION), finetune_hash(cfg))
 
 
 def _session(speaker: str) -> int:

@@ -391,7 +391,7 @@ def run_fold(cfg, fold: int, report_to_tune: bool = False, report_pretrain: bool
         shutil.rmtree(model_dir, ignore_errors=True)
         best_ckpt.to_directory(str(model_dir))
         _slim_checkpoint(model_dir)
-        (local / FOLD_SELECTION).write_text(json.dumps(selection, indent=2))
+        storage.write_text(local / FOLD_SELECTION, json.dumps(selection, indent=2))
         if not score_test:
             return selection
         return _test_fold(cfg, fold, local, model_dir, split, selection)
@@ -401,12 +401,10 @@ def test_fold(cfg, fold: int) -> Dict[str, Any]:
     """Score the test split of a fold that :func:`run_fold` trained and selected with
     ``score_test=False`` (its ``selection.json`` and ``model/``), once; write ``fold_result.json``."""
     fold_dir = _fold_path(cfg, fold)
-    path = storage.join(fold_dir, FOLD_SELECTION)
-    if not storage.is_file(path):
-        raise DataError(f"fold {fold} has no selected model in {storage.describe(fold_dir)} (no {FOLD_SELECTION})")
-    selection = json.loads(storage.read_text(path))
-    if selection.get("config_hash") != finetune_hash(cfg):
-        raise DataError(f"the selected model of fold {fold} in {storage.describe(fold_dir)} was trained with another config")
+    selection = _read_record(storage.join(fold_dir, FOLD_SELECTION), finetune_hash(cfg))
+    if selection is None:
+        raise DataError(f"fold {fold} has no readable selected model of this config in {storage.describe(fold_dir)} "
+                        f"({FOLD_SELECTION}); run the fold again")
     with storage.staged(fold_dir) as local:
         model_dir = storage.local_copy(storage.join(fold_dir, "model")) if storage.is_uri(fold_dir) else local / "model"
         return _test_fold(cfg, fold, local, Path(model_dir), fold_split(cfg, fold), selection)
@@ -446,7 +444,7 @@ def _count_test_scoring(cfg, fold: int, local: Path, fhash: str, n_test: int) ->
     ledger = storage.join(_fold_path(cfg, fold), TEST_LEDGER)
     before = storage.read_text(ledger) if storage.is_file(ledger) else ""
     text = before + json.dumps({"config_hash": fhash, "n_test": n_test, "time": time.strftime("%Y-%m-%dT%H:%M:%S")}) + "\n"
-    (local / TEST_LEDGER).write_text(text)
+    storage.write_text(local / TEST_LEDGER, text)
     return sum(1 for line in text.splitlines() if line.strip() and json.loads(line).get("config_hash") == fhash)
 
 
@@ -467,7 +465,7 @@ def _test_fold(cfg, fold: int, fold_dir: Path, model_dir: Path, split, selection
     result = {**{k: v for k, v in selection.items() if k != "history"}, **m, "n_test": int(len(preds)),
               "classes_in_test": sorted(set(preds["label"])), "test_evaluations": test_evaluations,
               "history": selection.get("history", [])}
-    (fold_dir / FOLD_RESULT).write_text(json.dumps(result, indent=2))
+    storage.write_text(fold_dir / FOLD_RESULT, json.dumps(result, indent=2))
     return result
 
 
@@ -477,12 +475,20 @@ def _fold_path(cfg, fold: int) -> str:
 
 def fold_done(cfg, fold: int) -> Optional[Dict[str, Any]]:
     """The stored result of a finished fold with this config, or None."""
-    path = storage.join(_fold_path(cfg, fold), FOLD_RESULT)
-    if storage.is_file(path):
+    return _read_record(storage.join(_fold_path(cfg, fold), FOLD_RESULT), finetune_hash(cfg))
+
+
+def _read_record(path: str, config_hash: str) -> Optional[Dict[str, Any]]:
+    """A fold's JSON record (result or selection) when it is readable and of this config, else None
+    (a torn record is reported, and the fold is redone rather than blocking every rerun)."""
+    if not storage.is_file(path):
+        return None
+    try:
         res = json.loads(storage.read_text(path))
-        if res.get("config_hash") == finetune_hash(cfg):
-            return res
-    return None
+    except (ValueError, UnicodeDecodeError) as e:
+        log.warning("ignoring %s: not valid JSON (%s); the fold is redone", storage.describe(path), e)
+        return None
+    return res if isinstance(res, dict) and res.get("config_hash") == config_hash else None
 
 
 def _tune_storage(path: str) -> Dict[str, Any]:

@@ -149,13 +149,25 @@ class RayTrainRuntime:
         return ray.train.torch.prepare_model(core, parallel_strategy_kwargs={"find_unused_parameters": False})
 
     def checkpoint_state(self):
+        """The latest readable checkpoint's state: Ray Train's latest, or (when that one is torn) the
+        newest readable ``checkpoint_*`` beside it in the run's storage."""
         import ray.train
+        from ray.train import Checkpoint
 
         ckpt = ray.train.get_checkpoint()
         if ckpt is None:
             return None
-        with ckpt.as_directory() as d:
-            return load_checkpoint(d)[0]
+        import pyarrow.fs as pafs
+
+        parent = ckpt.path.rstrip("/").rsplit("/", 1)[0]
+        try:
+            infos = ckpt.filesystem.get_file_info(pafs.FileSelector(parent, recursive=False))
+            siblings = sorted((i.path for i in infos if i.type == pafs.FileType.Directory
+                               and i.base_name.startswith("checkpoint_") and i.path != ckpt.path), reverse=True)
+        except OSError:
+            siblings = []
+        candidates = [ckpt] + [Checkpoint(path=p, filesystem=ckpt.filesystem) for p in siblings]
+        return first_readable(candidates, lambda c: _load_ray_checkpoint(c), lambda c: c.path)
 
     def dataset(self, name: str):
         import ray.train
@@ -211,16 +223,20 @@ class LocalRuntime:
         return sorted(dirs, key=lambda d: int(storage.name(d).split("_")[1]))
 
     def checkpoint_state(self):
-        done = self._epoch_dirs()
-        return load_checkpoint(done[-1])[0] if done else None
+        """The newest readable epoch checkpoint's state (a torn one is reported and skipped)."""
+        return first_readable(list(reversed(self._epoch_dirs())), lambda d: load_checkpoint(d)[0], storage.describe)
 
     def kept_checkpoints(self) -> List[tuple]:
-        """``[(directory, metrics)]`` of the stored epochs, oldest first."""
+        """``[(directory, metrics)]`` of the stored, readable epochs, oldest first."""
         import json
 
         out = []
         for d in self._epoch_dirs():
-            meta = json.loads(storage.read_text(storage.join(d, "meta.json")))
+            try:
+                meta = json.loads(storage.read_text(storage.join(d, "meta.json")))
+            except (ValueError, UnicodeDecodeError):
+                log.warning("skipping checkpoint %s: its meta.json is not valid JSON", storage.describe(d))
+                continue
             out.append((d, meta.get("metrics", {})))
         return out
 
@@ -249,6 +265,27 @@ class LocalRuntime:
                         reverse=order == "max")
         for d, _ in ranked[self.keep:]:
             storage.remove(d)
+
+
+def first_readable(candidates: List[Any], load: Callable[[Any], Any], name: Callable[[Any], str]):
+    """``load`` of the first candidate that loads (newest first), reporting every torn one it skips;
+    None when there are none. A torn checkpoint must not block every rerun when an older one is intact."""
+    from serray.errors import CheckpointError
+
+    for i, c in enumerate(candidates):
+        try:
+            state = load(c)
+        except CheckpointError as e:
+            later = "the one before it" if i + 1 < len(candidates) else "no checkpoint (from the start)"
+            log.warning("cannot resume from %s (%s); resuming from %s", name(c), e, later)
+            continue
+        return state
+    return None
+
+
+def _load_ray_checkpoint(ckpt):
+    with ckpt.as_directory() as d:
+        return load_checkpoint(d)[0]
 
 
 # ---------------------------------------------------------------- the loop

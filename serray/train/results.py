@@ -63,8 +63,8 @@ def write_results(folds: List[Dict[str, Any]], out_dir: str | Path, extra: Dict[
     src = folds_dir or str(out)
     out.mkdir(parents=True, exist_ok=True)
     summary = {**summarise(folds), **extra}
-    (out / "metrics.json").write_text(json.dumps(summary, indent=2))
-    (out / "results.md").write_text(markdown_table(summary, extra.get("title", "")))
+    storage.write_text(out / "metrics.json", json.dumps(summary, indent=2))
+    storage.write_text(out / "results.md", markdown_table(summary, extra.get("title", "")))
     preds = pd.concat([pd.read_csv(io.StringIO(storage.read_text(storage.join(src, f"fold{f['fold']}", "predictions.csv"))))
                        for f in folds], ignore_index=True)
     preds.to_csv(out / "predictions.csv", index=False)

@@ -160,6 +160,35 @@ def test_frozen_warm_up_gives_the_body_no_gradient_no_optimizer_state_and_no_sha
     assert all(i in opt["state"] for i in head_ids)
 
 
+@pytest.mark.parametrize("torn", ["meta.json", "state.pt"])
+def test_a_torn_checkpoint_is_skipped_and_the_one_before_resumes(tmp_path, torn, caplog) -> None:
+    """A truncated epoch_1/meta.json was a JSONDecodeError, a truncated state.pt a PytorchStreamReader
+    error, on every rerun, although epoch_0 was intact. Now the rerun reports it and resumes from
+    epoch_0, and the redone epoch 1 is written whole."""
+    import logging
+
+    from serray.train.checkpoint import EPOCH_KEY, load_checkpoint
+    from serray.train.finetune import FinetuneTask
+
+    config = _finetune_config(epochs=2)
+    rows = _labelled()
+    config["steps_per_epoch"] = -(-len(rows) // config["batch_size"])
+    data = {"train": rows, "val": _labelled(16, 1)}
+    clean = run_loop(FinetuneTask(config), config, LocalRuntime(data, checkpoint_dir=str(tmp_path / "clean")))
+    run_loop(FinetuneTask(config), config, LocalRuntime(data, checkpoint_dir=str(tmp_path)))
+    f = tmp_path / "epoch_1" / torn
+    f.write_bytes(f.read_bytes()[: len(f.read_bytes()) // 2])
+    rt = LocalRuntime(data, checkpoint_dir=str(tmp_path))
+    with caplog.at_level(logging.WARNING, logger="serray.train.loop"):
+        assert rt.checkpoint_state()[EPOCH_KEY] == 0
+    assert "cannot resume from" in caplog.text and "epoch_1" in caplog.text
+    history = run_loop(FinetuneTask(config), config, rt)
+    assert [h["epoch"] for h in history] == [0, 1] and history[-1]["resumed_epoch"] == 1
+    assert history[-1]["val_ua"] == clean[-1]["val_ua"] and history[-1]["loss"] == pytest.approx(clean[-1]["loss"])
+    assert load_checkpoint(tmp_path / "epoch_1")[0][EPOCH_KEY] == 1  # rewritten whole
+    assert not list(tmp_path.glob("**/.*.tmp-*"))  # no temporaries left behind
+
+
 def test_early_stopping_on_validation_ua() -> None:
     from serray.train.finetune import FinetuneTask
 

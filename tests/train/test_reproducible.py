@@ -106,3 +106,24 @@ def test_test_evaluations_counts_every_scoring_of_the_test_split(featurized, tmp
     again = test_fold(cfg, 3)
     assert again["test_evaluations"] == 2 and again["ua"] == first["ua"]
     assert len((fold_dir / TEST_LEDGER).read_text().splitlines()) == 2
+
+
+@pytest.mark.ray
+def test_a_torn_fold_result_is_redone_not_a_traceback(featurized, tmp_path, caplog):
+    """fold_result.json was read with a bare json.loads: a truncated one broke every rerun."""
+    import logging
+
+    from serray.train.finetune import FOLD_RESULT, fold_done, run_fold
+
+    cfg = _cfg(featurized, tmp_path, f"features.dir={featurized.features.dir}", "finetune.mode=none",
+               "finetune.epochs=2")
+    first = run_fold(cfg, 4)
+    path = tmp_path / "finetune" / "fold4" / FOLD_RESULT
+    assert fold_done(cfg, 4)["ua"] == first["ua"]
+    path.write_text(path.read_text()[:40])
+    with caplog.at_level(logging.WARNING, logger="serray.train.finetune"):
+        assert fold_done(cfg, 4) is None
+    assert "not valid JSON" in caplog.text
+    again = run_fold(cfg, 4)  # training resumes from its last checkpoint; the test is scored again, and counted
+    assert again["ua"] == first["ua"] and again["test_evaluations"] == 2
+    assert fold_done(cfg, 4)["ua"] == first["ua"]
