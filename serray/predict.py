@@ -38,11 +38,23 @@ class Predictor:
     @classmethod
     def from_checkpoint(cls, directory: str | Path, device: str | torch.device = "cpu") -> "Predictor":
         """Rebuild the classifier from a checkpoint directory (weights-only load)."""
+        from serray.errors import CheckpointError
+
         state, meta = load_checkpoint(directory)
         if meta.get("kind") != "classifier":
             raise DataError(f"{directory} holds a '{meta.get('kind')}' checkpoint, not a classifier")
-        model = EmotionClassifier(**meta["model"])
-        model.load_state_dict(state[MODEL_KEY])
+        if not isinstance(meta.get("model"), dict) or not isinstance(meta.get("features"), dict):
+            raise CheckpointError(f"unreadable checkpoint {directory}: meta.json lacks the model or features record")
+        try:
+            model = EmotionClassifier(**meta["model"])
+        except (TypeError, ValueError) as e:
+            raise CheckpointError(f"unreadable checkpoint {directory}: meta.json's model arguments do not build a "
+                                  f"classifier ({str(e).splitlines()[0]})") from None
+        try:
+            model.load_state_dict(state[MODEL_KEY])
+        except (KeyError, RuntimeError) as e:
+            raise CheckpointError(f"unreadable checkpoint {directory}: its weights do not fit its model "
+                                  f"({str(e).strip().splitlines()[0]})") from None
         return cls(model, meta, device, directory=directory)
 
     @torch.no_grad()

@@ -99,11 +99,47 @@ def register(registry_dir: str | Path, model_dir: str | Path, *, metrics: Dict[s
         return record
     root = Path(registry_dir)
     root.mkdir(parents=True, exist_ok=True)
+    clean_stale(root)
     tmp = root / f".{entry_id}.tmp"
     fill(tmp)
     (tmp / ENTRY_FILE).write_text(entry_json)
     tmp.rename(root / entry_id)  # listed only once complete
     return record
+
+
+#: A ``.<id>.tmp`` directory older than this is an interrupted registration, removed by the next one.
+STALE_TMP_S = 3600.0
+
+
+def clean_stale(root: Path) -> List[Path]:
+    """Remove the temporaries of interrupted registrations (older than :data:`STALE_TMP_S`)."""
+    removed = []
+    now = time.time()
+    for d in root.glob(".*.tmp"):
+        try:
+            if d.is_dir() and not d.is_symlink() and now - d.stat().st_mtime > STALE_TMP_S:
+                shutil.rmtree(d)
+                removed.append(d)
+        except OSError:  # another process removed or renamed it meanwhile
+            continue
+    if removed:
+        log.info("registry: removed %d stale temporar%s of interrupted registrations", len(removed),
+                 "y" if len(removed) == 1 else "ies")
+    return removed
+
+
+def _outside(d: str, root: str | Path) -> Optional[str]:
+    """Why a local entry directory (or its model) must not be followed: a symbolic link, or a path
+    that resolves outside the registry directory. None for object storage and ordinary entries."""
+    if storage.is_uri(d):
+        return None
+    p, base = Path(d), Path(root).resolve()
+    for q in (p, p / MODEL_DIR):
+        if q.is_symlink():
+            return f"{q.name if q != p else 'the entry'} is a symbolic link to {q.resolve()}: not followed"
+    if base not in p.resolve().parents:
+        return f"it resolves outside the registry ({p.resolve()}): not followed"
+    return None
 
 
 def _entry_problem(rec: Any) -> Optional[str]:
@@ -125,6 +161,10 @@ def scan_entries(registry_dir: str | Path) -> Tuple[List[Dict[str, Any]], List[T
     for d in storage.listdir(registry_dir):
         f = storage.join(d, ENTRY_FILE)
         if storage.name(d).startswith(".") or not storage.is_file(f):
+            continue
+        outside = _outside(d, registry_dir)
+        if outside:
+            problems.append((storage.describe(d), outside))
             continue
         where = d if storage.is_uri(d) else str(Path(d).resolve())
         try:
@@ -219,12 +259,37 @@ def best_entry(registry_dir: str | Path, wanted: Optional[Dict[str, Any]] = None
                         + ", ".join(f"{e['id']} ({_describe_wanted(entry_evaluation(e))})" for e in entries)
                         + "); give serve.model=<id> to choose one")
     ranked = sorted(same, key=lambda r: (_metric(r, metric), r["created_ns"], r["id"]), reverse=True)
-    for e in ranked:  # the best one whose model is really there
-        if storage.is_file(storage.join(model_source(e), "meta.json")):
+    skipped = []
+    for e in ranked:  # the best one that really loads
+        why = loadable(e)
+        if why is None:
             return e
-        log.warning("skipping registry entry %s: it has no %s/meta.json", e["id"], MODEL_DIR)
-    raise DataError(f"no comparable registry entry in {storage.describe(registry_dir)} has a model checkpoint "
-                    f"({', '.join(e['id'] for e in same)} lack {MODEL_DIR}/meta.json)")
+        skipped.append(f"{e['id']} ({why})")
+        log.warning("skipping registry entry %s: %s", e["id"], why)
+    raise DataError(f"no comparable registry entry in {storage.describe(registry_dir)} loads: " + "; ".join(skipped))
+
+
+def loadable(entry: Dict[str, Any]) -> Optional[str]:
+    """Why an entry's model cannot be served (None: it loads): its weights, ``meta.json`` and model
+    arguments, and the encoder files it carries. One line, for warnings and errors."""
+    from serray.errors import SerrayError
+    from serray.predict import Predictor
+
+    source = model_source(entry)
+    if not storage.is_file(storage.join(source, "meta.json")):
+        return f"it has no {MODEL_DIR}/meta.json"
+    try:
+        local = model_dir(entry)
+        predictor = Predictor.from_checkpoint(local)
+    except SerrayError as e:
+        return str(e).splitlines()[0]
+    encoder = Path(local) / "encoder"
+    if predictor.features.get("encoder") not in (None, "fbank") and encoder.is_dir():
+        try:
+            json.loads((encoder / "config.json").read_text())
+        except (OSError, ValueError) as e:
+            return f"its encoder files are unreadable ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
+    return None
 
 
 def get_entry(registry_dir: str | Path, entry_id: Optional[str] = None,

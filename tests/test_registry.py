@@ -211,6 +211,68 @@ def test_best_skips_an_entry_whose_model_is_gone(registry):
     assert best_entry(reg, W())["id"] == ids[2]  # the next best
 
 
+@pytest.mark.parametrize("breakage", ["state.pt deleted", "state.pt truncated", "meta.json truncated",
+                                      "unknown model kwargs", "encoder unreadable"])
+def test_best_is_the_best_entry_that_loads_and_names_the_one_it_skipped(registry, breakage, caplog, capsys):
+    """best_entry checked only that meta.json existed: an entry without state.pt (val UA 0.90) beat a
+    good one, and serve / predict then failed. Now a broken best is skipped with a warning naming it."""
+    import logging
+
+    reg, ids = registry
+    model = reg / ids[1] / "model"  # the best by validation UA
+    if breakage == "state.pt deleted":
+        (model / "state.pt").unlink()
+    elif breakage == "state.pt truncated":
+        (model / "state.pt").write_bytes((model / "state.pt").read_bytes()[:100])
+    elif breakage == "meta.json truncated":
+        (model / "meta.json").write_text((model / "meta.json").read_text()[:30])
+    elif breakage == "unknown model kwargs":
+        meta = json.loads((model / "meta.json").read_text())
+        meta["model"]["num_expert_heads"] = 3
+        (model / "meta.json").write_text(json.dumps(meta))
+    else:
+        meta = json.loads((model / "meta.json").read_text())
+        meta["features"]["encoder"] = "/models/hubert"
+        (model / "meta.json").write_text(json.dumps(meta))
+        (model / "encoder").mkdir()
+        (model / "encoder" / "config.json").write_text("{not json")
+    with caplog.at_level(logging.WARNING, logger="serray.registry"):
+        assert best_entry(reg, W())["id"] == ids[2]
+    assert f"skipping registry entry {ids[1]}" in caplog.text
+    # asked for by id, it is a one-line error, not a traceback
+    if breakage != "encoder unreadable":
+        clip = reg.parent / "clip.wav"
+        sf.write(clip, synthetic_clip(1.0), 16000)
+        assert main(["predict", str(clip), f"registry.dir={reg}", f"serve.model={ids[1]}"]) == 2
+        err = capsys.readouterr().err
+        assert "Traceback" not in err and len([l for l in err.splitlines() if "error:" in l]) == 1
+
+
+def test_entries_are_never_followed_outside_the_registry_and_stale_temporaries_go(registry, tmp_path):
+    import os
+
+    reg, ids = registry
+    outside = tmp_path / "elsewhere"
+    import shutil
+
+    shutil.copytree(reg / ids[1], outside)
+    meta = json.loads((outside / "entry.json").read_text())
+    meta.update(id="20990101-000000-linked", metrics={**meta["metrics"], "val_ua": 0.99})
+    (outside / "entry.json").write_text(json.dumps(meta))
+    os.symlink(outside, reg / "20990101-000000-linked")
+    entries, problems = __import__("serray.registry", fromlist=["scan_entries"]).scan_entries(reg)
+    assert "20990101-000000-linked" not in [e["id"] for e in entries]
+    assert any("symbolic link" in why for _, why in problems)
+    assert best_entry(reg, W())["id"] == ids[1]
+    stale, fresh = reg / ".20000101-000000-aaaaaa.tmp", reg / ".20000101-000000-bbbbbb.tmp"
+    for d in (stale, fresh):
+        d.mkdir()
+    os.utime(stale, (time.time() - 7200, time.time() - 7200))
+    register(reg, make_demo_checkpoint(tmp_path / "ck_new", seed=4), metrics={"val_ua": 0.1}, config_yaml="",
+             source="test", extra=EVAL)
+    assert not stale.exists() and fresh.exists()  # a registration in progress elsewhere is left alone
+
+
 def test_entry_with_non_numeric_metric_ranks_last(registry, tmp_path):
     reg, ids = registry
     ck = make_demo_checkpoint(tmp_path / "ck_nan", seed=5)
