@@ -395,6 +395,7 @@ def load_config(path: Optional[str | os.PathLike] = None, overrides: Sequence[st
         raise ConfigError(f"invalid value for config key '{key}': {str(e).splitlines()[0]}") from None
     _validate(cfg)
     _absolute_paths(cfg)
+    _validate_paths(cfg)
     OmegaConf.set_readonly(cfg, True)
     return cfg
 
@@ -449,8 +450,30 @@ def derive(cfg: DictConfig, overrides: Sequence[str]) -> DictConfig:
         raise ConfigError(f"invalid value for config key '{getattr(e, 'full_key', None)}': {str(e).splitlines()[0]}") from None
     _validate(out)
     _absolute_paths(out)
+    _validate_paths(out)
     OmegaConf.set_readonly(out, True)
     return out
+
+
+#: Outputs and inputs that features.dir must not hold (``--overwrite`` clears features.dir).
+OTHER_OUTPUTS = ("output_dir", "data.root", "data.manifest", "pretrain.dir", "finetune.dir", "tune.dir", "registry.dir")
+
+
+def _within(inner: str, outer: str) -> bool:
+    """Whether path ``inner`` is ``outer`` or lies under it (string paths, local or URIs)."""
+    a, b = inner.rstrip("/").split("?", 1)[0], outer.rstrip("/").split("?", 1)[0]
+    return a == b or a.startswith(b + "/")
+
+
+def _validate_paths(cfg: DictConfig) -> None:
+    """features.dir holds features only: equal to, or above, another output or input is an error (a
+    re-featurization with ``--overwrite`` clears it)."""
+    features = str(cfg.features.dir)
+    for key in OTHER_OUTPUTS:
+        other = OmegaConf.select(cfg, key)
+        if isinstance(other, str) and other and _within(other, features):
+            raise ConfigError(f"invalid configuration: features.dir ({features.split('?', 1)[0]}) must not be {key} or "
+                              f"a directory above it ({other.split('?', 1)[0]}): it holds features only")
 
 
 def _validate(cfg: DictConfig) -> None:

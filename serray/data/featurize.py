@@ -60,6 +60,7 @@ IDENTITY_FILE = "_serray_identity.json"
 #: Config keys whose change changes the stored rows (a mismatch needs another features.dir or --overwrite).
 FEATURE_HASH_KEYS = ("encoder", "data.merge_excited", "pretrain.use_unlabelled")
 SKIPPED_FILE = "_skipped.csv"
+CONFIG_FILE = "_config.yaml"  # the run config beside the features
 FEATURE_COLUMNS = ["num_frames", "dim", "num_layers", "feat"]
 
 
@@ -336,6 +337,35 @@ def write_remote_args(fcfg, pool: tuple[int, int], num_blocks: int) -> dict:
     return {"ray_remote_args": {"num_cpus": 0}, "concurrency": max(1, min(pool[1], num_blocks))}
 
 
+def clear_features(features_dir: str) -> List[str]:
+    """``--overwrite``: remove what serray wrote as features (the identity and metadata files, the skip
+    list, ``session=<n>`` partitions of Parquet files, temporaries of atomic writes) and nothing else.
+
+    Raises:
+        DataError: the directory holds anything else (another run's outputs, a corpus...): nothing is
+            removed, and the error names what was found.
+    """
+    import re
+
+    ours, foreign = [], []
+    for p in storage.listdir(features_dir):
+        name = storage.name(p)
+        if name in (IDENTITY_FILE, META_FILE, SKIPPED_FILE, CONFIG_FILE) or re.fullmatch(r"\..+\.tmp-\d+-[0-9a-f]+", name):
+            ours.append(p)
+        elif re.fullmatch(r"session=\d+", name) and storage.is_dir(p):
+            other = [f for f in storage.find_files(p, "") if not f.endswith(".parquet")]
+            (foreign.extend(storage.name(f) for f in other) if other else ours.append(p))
+        else:
+            foreign.append(name + ("/" if storage.is_dir(p) else ""))
+    if foreign:
+        raise DataError(f"--overwrite would delete {storage.describe(features_dir)}, which holds more than serray's "
+                        f"features: {', '.join(sorted(foreign)[:6])}{' ...' if len(foreign) > 6 else ''}; nothing was "
+                        "removed. Choose another features.dir")
+    for p in ours:
+        storage.remove(p)
+    return ours
+
+
 def _stored_identity(features_dir: str) -> Optional[dict]:
     """The encoder identity + config hash recorded in ``features_dir`` (the metadata of a finished run,
     else the identity an interrupted run wrote before its first partition), or None."""
@@ -552,7 +582,7 @@ def _featurize(cfg, overwrite: bool, out_dir: str, wanted: pd.DataFrame, extra: 
             raise DataError(f"{where} holds feature files but no record of the encoder that made them ({META_FILE} / "
                             f"{IDENTITY_FILE}): they may come from another encoder; choose another features.dir or "
                             "pass --overwrite")
-        storage.remove(out_dir)
+        clear_features(out_dir)
     if old is not None and old.get("config_hash") != config_hash:
         if not overwrite:
             differ = [k for k in FEATURE_HASH_KEYS if k in (old.get("hashed") or {}) and old["hashed"][k] != hashed[k]]
@@ -563,7 +593,7 @@ def _featurize(cfg, overwrite: bool, out_dir: str, wanted: pd.DataFrame, extra: 
                 f"{old.get('config_hash')}), but this config asks for encoder '{cfg.encoder.name}' "
                 f"(hash {config_hash}){what}; choose another features.dir or pass --overwrite"
             )
-        storage.remove(out_dir)
+        clear_features(out_dir)
         old = None
     encoder_meta = describe_encoder(cfg.encoder)
     if old is not None:  # same hash: the identity must agree as well
@@ -635,7 +665,7 @@ def _featurize(cfg, overwrite: bool, out_dir: str, wanted: pd.DataFrame, extra: 
             "num_rows": int(len(stored)), "rows_per_session": rows_per_session,
             "labelled_rows_per_session": labelled, "extra_audio": extra_sources, "labels": list(LABELS),
             "created": time.strftime("%Y-%m-%dT%H:%M:%S"), "stats": stats}
-    storage.write_text(storage.join(out_dir, "_config.yaml"), to_yaml(cfg))  # '_' so Parquet readers skip it
+    storage.write_text(storage.join(out_dir, CONFIG_FILE), to_yaml(cfg))  # '_' so Parquet readers skip it
     _write_meta(out_dir, meta)  # last: the "done" marker of the whole directory
     return {"written": int(len(stored) - len(done)), "stored": int(len(stored)), "skipped": int(len(skipped)),
             "removed_broken_files": broken, "seconds": round(time.time() - start, 2),

@@ -580,6 +580,39 @@ def test_rows_without_any_identity_are_refused(featurized, make_cfg, tmp_path):
         featurize(cfg)
 
 
+def test_overwrite_removes_only_features_and_refuses_a_directory_with_anything_else(featurized, make_cfg, tmp_path):
+    """`serray featurize --overwrite` with features.dir = output_dir and another encoder removed
+    registry/, finetune/ and the manifest. Now features.dir cannot be output_dir (or above another
+    output), and --overwrite refuses a directory holding anything serray did not write as features."""
+    from serray.data.featurize import clear_features
+    from serray.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"features.dir \(.*\) must not be output_dir or a directory above it"):
+        make_cfg(tmp_path, f"features.dir={tmp_path}")
+    with pytest.raises(ConfigError, match="must not be registry.dir or a directory above it"):
+        make_cfg(tmp_path, f"features.dir={tmp_path}/shared", f"registry.dir={tmp_path}/shared/registry")
+    feats = copy_features(featurized, tmp_path)
+    (feats / "notes.txt").write_text("my notes")
+    (feats / "registry").mkdir()
+    (feats / "session=1" / "README").write_text("x")
+    before = _parquet_bytes(feats)
+    other = make_cfg(tmp_path, f"data.manifest={featurized.data.manifest}", f"features.dir={feats}",
+                     "encoder.num_mel_bins=40")
+    with pytest.raises(DataError) as e:
+        featurize(other, overwrite=True)
+    msg = str(e.value)
+    assert "holds more than serray's features" in msg and "notes.txt" in msg and "registry/" in msg and "README" in msg
+    assert "nothing was removed" in msg and _parquet_bytes(feats) == before and (feats / "notes.txt").exists()
+    for extra in ("notes.txt", "session=1/README"):
+        (feats / extra).unlink()
+    (feats / "registry").rmdir()
+    removed = clear_features(str(feats))
+    names = {Path(p).name for p in removed}
+    assert {"_config.yaml", "_serray_features.json", "_serray_identity.json"} <= names
+    assert {n for n in names if n.startswith("session=")} == {f"session={s}" for s in range(1, 6)}
+    assert list(feats.iterdir()) == []
+
+
 def test_a_transient_read_error_never_deletes_a_partition(featurized, make_cfg, tmp_path, monkeypatch):
     import pyarrow as pa
 
