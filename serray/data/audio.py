@@ -1,9 +1,12 @@
 """Audio I/O shared by featurization, offline prediction and serving.
 
-soundfile reads (WAV/FLAC, any sub-type); torchaudio (usual rates) or a polyphase filter (unusual
-rates) resamples. Every way audio can be unusable becomes an :class:`~serray.errors.AudioError`
+soundfile reads the containers of :data:`ALLOWED_FORMATS` (WAV incl. WAVE_FORMAT_EXTENSIBLE, RF64,
+W64, FLAC; any sub-type), recognised from the file's first bytes before libsndfile sees them: any
+other of libsndfile's ~25 formats is refused by name. torchaudio (usual rates) or a polyphase filter
+(unusual rates) resamples. Every way audio can be unusable becomes an :class:`~serray.errors.AudioError`
 naming the problem, and the work spent on any input is bounded by its header's rate, channel count
-and the caller's ``max_seconds`` before a sample is decoded.
+and the caller's ``max_seconds`` before a sample is decoded, and does not depend on the samples'
+values (denormal samples are flushed to zero as they are decoded).
 """
 
 from __future__ import annotations
@@ -25,27 +28,120 @@ from serray.errors import AudioError
 AudioSource = Union[str, Path, bytes]
 
 
-def check_complete_wav(head: bytes, total: int) -> None:
-    """Refuse a RIFF/WAVE file whose ``data`` chunk declares more bytes than the file holds.
+#: Containers decoded. Truncation is detected for every one of them (WAV / RF64 / W64 by their data
+#: chunk's declared size, FLAC by its decoder).
+ALLOWED_FORMATS = ("WAV", "RF64", "W64", "FLAC")
+_W64_RIFF = b"riff\x2e\x91\xcf\x11\xa5\xd6\x28\xdb\x04\xc1\x00\x00"
+_W64_WAVE = b"wave\xf3\xac\xd3\x11\x8c\xd1\x00\xc0\x4f\x8e\xdb\x8a"
+_W64_DATA = b"data\xf3\xac\xd3\x11\x8c\xd1\x00\xc0\x4f\x8e\xdb\x8a"
+_STREAMED = (0, 0xFFFFFFFF)  # a 32-bit data size that a streaming writer could not fill in
 
-    libsndfile decodes such a file (an upload or a copy cut short) as the shorter audio it finds; a
-    prediction on part of the clip is not what was asked for. ``head`` is the start of the file (at
-    least up to the data chunk header), ``total`` its full length. A declared size of 0 or
-    0xFFFFFFFF (streaming writers) means "unknown" and is accepted; other formats (FLAC, RF64, W64)
-    are left to the decoder, which detects their truncation itself.
+
+def sniff_format(head: bytes) -> str:
+    """The container of an audio file from its first bytes: one of :data:`ALLOWED_FORMATS`, or the
+    name of another format (to say what was sent), or ``unknown``."""
+    if len(head) >= 12 and head[:4] in (b"RIFF", b"RIFX") and head[8:12] == b"WAVE":
+        return "WAV"
+    if len(head) >= 12 and head[:4] in (b"RF64", b"BW64") and head[8:12] == b"WAVE":
+        return "RF64"
+    if head[:16] == _W64_RIFF and head[24:40] == _W64_WAVE:
+        return "W64"
+    if head[:4] == b"fLaC":
+        return "FLAC"
+    others = [(b"OggS", "Ogg (Vorbis / Opus / FLAC-in-Ogg)"), (b"ID3", "MP3"), (b"caff", "CAF"),
+              (b"NIST_1A", "NIST SPHERE"), (b"Creative Voice File", "VOC"), (b".snd", "AU"), (b"wvpk", "WavPack"),
+              (b"MThd", "MIDI"), (b"\x1aE\xdf\xa3", "Matroska / WebM"), (b"#!AMR", "AMR")]
+    if head[:4] == b"FORM" and head[8:12] in (b"AIFF", b"AIFC"):
+        return "AIFF"
+    if len(head) >= 12 and head[4:8] == b"ftyp":
+        return "MP4 / M4A"
+    if len(head) >= 2 and head[0] == 0xFF and head[1] & 0xE0 == 0xE0:
+        return "MPEG audio (MP3 / AAC)"
+    return next((name for magic, name in others if head.startswith(magic)), "unknown")
+
+
+def check_container(head: bytes, total: int) -> Tuple[str, Optional[Tuple[int, bytes]]]:
+    """Check what a file is before it is decoded: ``(format, patch)``.
+
+    Raises AudioError for a format outside :data:`ALLOWED_FORMATS`, and for a WAV / RF64 / W64 whose
+    ``data`` chunk declares more bytes than the file holds (an upload or a copy cut short: libsndfile
+    would decode the shorter audio it finds). ``patch`` is ``(offset, bytes)`` to apply to the header
+    of a *streamed* WAV (a data size of 0 that a streaming writer could not fill in): it marks the
+    length unknown, so the audio present is decoded (up to the caller's limit) instead of nothing.
+
+    ``head`` is the start of the file (at least up to the data chunk header), ``total`` its length.
     """
-    if len(head) < 12 or head[:4] not in (b"RIFF", b"RIFX") or head[8:12] != b"WAVE":
-        return
-    order = "<" if head[:4] == b"RIFF" else ">"
-    pos = 12
+    fmt = sniff_format(head)
+    if fmt not in ALLOWED_FORMATS:
+        raise AudioError(f"unsupported audio format: {fmt} (accepted: {', '.join(ALLOWED_FORMATS)})")
+    if len(head) < 12 and fmt != "FLAC":
+        raise AudioError(f"not a complete {fmt} header ({len(head)} bytes)")
+    if fmt == "W64":
+        pos = 40
+        while pos + 24 <= len(head):
+            guid, size = head[pos:pos + 16], struct.unpack("<Q", head[pos + 16:pos + 24])[0]
+            if guid == _W64_DATA:
+                _check_size("W64", size - 24, total - pos - 24)
+                return fmt, None
+            if size < 24:
+                raise AudioError(f"malformed W64: a chunk declares {size} bytes")
+            pos += size + (-size % 8)
+        return fmt, None
+    if fmt == "FLAC":
+        return fmt, None
+    order = ">" if head[:4] == b"RIFX" else "<"
+    pos, ds64 = 12, None
     while pos + 8 <= len(head):
         chunk, size = head[pos:pos + 4], struct.unpack(order + "I", head[pos + 4:pos + 8])[0]
+        if chunk == b"ds64" and size >= 24 and pos + 32 <= len(head):
+            ds64 = struct.unpack("<Q", head[pos + 16:pos + 24])[0]  # riff size (8), then the data size (8)
         if chunk == b"data":
             present = total - pos - 8
-            if size not in (0, 0xFFFFFFFF) and size > present:
-                raise AudioError(f"truncated WAV: its data chunk declares {size} bytes but only {present} are present")
-            return
+            declared = ds64 if fmt == "RF64" and ds64 is not None and size == 0xFFFFFFFF else size
+            if fmt == "WAV" and size in _STREAMED:
+                return fmt, ((pos + 4, struct.pack(order + "I", 0xFFFFFFFF)) if size == 0 and present > 0 else None)
+            _check_size(fmt, declared, present)
+            return fmt, None
         pos += 8 + size + (size & 1)
+    return fmt, None
+
+
+def _check_size(fmt: str, declared: int, present: int) -> None:
+    if declared > present:
+        raise AudioError(f"truncated {fmt}: its data chunk declares {declared} bytes but only {present} are present")
+
+
+class _Patched(io.RawIOBase):
+    """A read-only file that serves ``path`` with a few header bytes replaced (a streamed WAV's
+    unknown data size), without copying the file."""
+
+    def __init__(self, path: str, patch: Tuple[int, bytes]):
+        self._f = open(path, "rb")
+        self._at, self._bytes = patch
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        return self._f.seek(offset, whence)
+
+    def tell(self) -> int:
+        return self._f.tell()
+
+    def readinto(self, b) -> int:
+        start = self._f.tell()
+        n = self._f.readinto(b)
+        lo, hi = max(start, self._at), min(start + n, self._at + len(self._bytes))
+        if lo < hi:
+            b[lo - start:hi - start] = self._bytes[lo - self._at:hi - self._at]
+        return n
+
+    def close(self) -> None:
+        self._f.close()
+        super().close()
 
 
 #: Sample rates accepted (Hz). Below 4 kHz there is no speech band left to classify; above 192 kHz
@@ -70,6 +166,7 @@ MAX_POLYPHASE_TERM = 20_000
 #: Frames decoded per read: memory follows the samples really present, never a header's claim.
 READ_BLOCK_FRAMES = 1 << 18
 _UNKNOWN_LENGTH = (1 << 63) - 1  # libsndfile's frame count when the header does not give one
+_TINY = np.finfo(np.float32).tiny  # the smallest normal float32: below it, a sample is flushed to zero
 
 
 def _check_header(sr: int, channels: int, frames: int, max_seconds: Optional[float], max_channels: int,
@@ -85,21 +182,34 @@ def _check_header(sr: int, channels: int, frames: int, max_seconds: Optional[flo
 
 def _open(source: AudioSource) -> tuple[sf.SoundFile, str]:
     what = "audio bytes" if isinstance(source, (bytes, bytearray)) else str(source)
-    if isinstance(source, (bytes, bytearray)):
-        if len(source) == 0:
-            raise AudioError("empty audio: no bytes")
-        check_complete_wav(bytes(source[:65536]), len(source))
-        handle = io.BytesIO(source)
-    else:
-        if not Path(source).is_file():
-            raise AudioError(f"audio file not found: {source}")
-        with open(source, "rb") as f:
-            check_complete_wav(f.read(65536), Path(source).stat().st_size)
-        handle = str(source)
+    try:
+        if isinstance(source, (bytes, bytearray)):
+            if len(source) == 0:
+                raise AudioError("empty audio: no bytes")
+            _, patch = check_container(bytes(source[:65536]), len(source))
+            if patch is not None:
+                source = bytearray(source)
+                source[patch[0]:patch[0] + len(patch[1])] = patch[1]
+            handle = io.BytesIO(source)
+        else:
+            if not Path(source).is_file():
+                raise AudioError(f"audio file not found: {source}")
+            with open(source, "rb") as f:
+                head = f.read(65536)
+            if not head:
+                raise AudioError(f"empty audio: {what} has no bytes")
+            _, patch = check_container(head, Path(source).stat().st_size)
+            handle = str(source) if patch is None else _Patched(str(source), patch)
+    except OSError as e:  # the file exists but cannot be read (permissions, an I/O error of the disk or mount)
+        raise AudioError(f"cannot read {what}: {e.strerror or e}") from None
+    except AudioError as e:
+        if str(e).startswith(("unsupported audio format", "not a complete")):
+            raise AudioError(f"cannot decode {what}: {e}") from None
+        raise
     try:
         return sf.SoundFile(handle), what
-    except (sf.LibsndfileError, RuntimeError, ValueError, TypeError) as e:
-        raise AudioError(f"cannot decode {what} as WAV/FLAC: {e}") from None
+    except (sf.LibsndfileError, RuntimeError, ValueError, TypeError, OSError) as e:
+        raise AudioError(f"cannot decode {what} as {'/'.join(ALLOWED_FORMATS)}: {e}") from None
 
 
 def _read_mono(f: sf.SoundFile, what: str, max_frames: Optional[int]) -> np.ndarray:
@@ -115,7 +225,9 @@ def _read_mono(f: sf.SoundFile, what: str, max_frames: Optional[int]) -> np.ndar
         try:
             block = f.read(want, dtype="float32", always_2d=True)
         except (sf.LibsndfileError, RuntimeError, ValueError) as e:
-            raise AudioError(f"cannot decode {what} as WAV/FLAC: {e}") from None
+            raise AudioError(f"cannot decode {what} as {'/'.join(ALLOWED_FORMATS)}: {e}") from None
+        except OSError as e:
+            raise AudioError(f"cannot read {what}: {e.strerror or e}") from None
         if len(block) == 0:
             break
         if not np.isfinite(block).all():
@@ -124,7 +236,9 @@ def _read_mono(f: sf.SoundFile, what: str, max_frames: Optional[int]) -> np.ndar
         if peak > MAX_ABS_SAMPLE:
             raise AudioError(f"audio sample magnitude {peak:.3g} is out of range (accepted: |sample| <= "
                              f"{MAX_ABS_SAMPLE:g}; float WAV/FLAC samples are nominally within [-1, 1])")
-        blocks.append(block.mean(axis=1, dtype=np.float32) if block.shape[1] > 1 else block[:, 0].copy())
+        mono = block.mean(axis=1, dtype=np.float32) if block.shape[1] > 1 else block[:, 0].copy()
+        mono[np.abs(mono) < _TINY] = 0.0  # denormals: arithmetic on them (resampling) is 10-100x slower
+        blocks.append(mono)
         total += len(block)
         if len(block) < want:
             break

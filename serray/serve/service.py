@@ -20,7 +20,6 @@ import numpy as np
 
 from serray import storage
 from serray.data.audio import MAX_CHANNELS, MAX_SAMPLE_RATE, MIN_SAMPLE_RATE, load_audio
-from serray.data.audio import check_complete_wav as _check_complete_wav
 from serray.errors import AudioError
 from serray.serve.parsing import AUDIO_TYPES, MULTIPART
 
@@ -40,12 +39,6 @@ def json_safe(obj: Any) -> Any:
     if isinstance(obj, np.generic):
         return json_safe(obj.item())
     return obj
-
-
-def check_complete_wav(data: bytes) -> None:
-    """Refuse a WAV whose data chunk declares more bytes than the body holds (see
-    :func:`serray.data.audio.check_complete_wav`, which ``load_audio`` applies offline too)."""
-    _check_complete_wav(data[:65536], len(data))
 
 
 class SERService:
@@ -81,12 +74,12 @@ class SERService:
     # ------------------------------------------------------------------ work
 
     def decode(self, audio: bytes) -> np.ndarray:
-        """Encoded WAV/FLAC bytes -> mono float32 at the model's rate (raises AudioError).
+        """Encoded audio bytes -> mono float32 at the model's rate (raises AudioError).
 
-        The header's rate, channel count and length are checked against the ``serve`` limits before
-        any sample is decoded, and at most ``serve.max_seconds`` is decoded (see ``load_audio``).
+        The container must be one of ``ALLOWED_FORMATS`` and complete, and the header's rate, channel
+        count and length are checked against the ``serve`` limits before any sample is decoded; at most
+        ``serve.max_seconds`` is decoded (all in ``load_audio``, the same as offline).
         """
-        check_complete_wav(audio)
         s = self.settings
         try:
             return load_audio(audio, self.sample_rate, float(s["min_seconds"]), float(s["max_seconds"]),
