@@ -248,6 +248,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     _split_positionals(args)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    for handler in logging.getLogger().handlers:  # no storage credentials in any log line
+        handler.addFilter(storage.RedactingFilter())
     try:
         return COMMANDS[args.command][0](args)
     except SerrayError as e:

@@ -28,6 +28,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from serray.errors import ConfigError
+from serray.storage import redact as _redact
 
 BASE_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "base.yaml"
 
@@ -415,7 +416,7 @@ def _absolute_paths(cfg: DictConfig) -> None:
     for key in PATH_KEYS:
         value = OmegaConf.select(cfg, key)
         if isinstance(value, str) and "://" in value and key not in URI_KEYS:
-            raise ConfigError(f"{key}={value.split('?', 1)[0]} must be a local path (or a shared mount); storage URIs "
+            raise ConfigError(f"{key}={_redact(value)} must be a local path (or a shared mount); storage URIs "
                               f"are accepted by {', '.join(URI_KEYS)}")
         if isinstance(value, str) and "://" in value:
             # an interpolation such as ${pretrain.dir}/adapter appends after a URI's query string
@@ -472,8 +473,8 @@ def _validate_paths(cfg: DictConfig) -> None:
     for key in OTHER_OUTPUTS:
         other = OmegaConf.select(cfg, key)
         if isinstance(other, str) and other and _within(other, features):
-            raise ConfigError(f"invalid configuration: features.dir ({features.split('?', 1)[0]}) must not be {key} or "
-                              f"a directory above it ({other.split('?', 1)[0]}): it holds features only")
+            raise ConfigError(f"invalid configuration: features.dir ({_redact(features)}) must not be {key} or "
+                              f"a directory above it ({_redact(other)}): it holds features only")
 
 
 def _validate(cfg: DictConfig) -> None:
@@ -520,7 +521,7 @@ def _validate(cfg: DictConfig) -> None:
             problems.append(f"finetune.folds: session {s} is not in data.sessions {list(cfg.data.sessions)}")
     for p in cfg.pretrain.extra_audio:  # cheap existence check; contents are checked when featurizing
         if "://" in p:
-            problems.append(f"pretrain.extra_audio: {p.split('?', 1)[0]} must be a local path (or a shared mount)")
+            problems.append(f"pretrain.extra_audio: {_redact(p)} must be a local path (or a shared mount)")
         elif not os.path.exists(os.path.expanduser(p)) and not _made_with_the_corpus(cfg, p):
             problems.append(f"pretrain.extra_audio: {p} does not exist (an audio directory or a manifest file)")
     if problems:
@@ -602,8 +603,12 @@ def _validate_tune_and_ablate(cfg: DictConfig) -> List[str]:
 
 
 def to_yaml(cfg: DictConfig) -> str:
-    """The resolved config as YAML text."""
-    return OmegaConf.to_yaml(cfg, resolve=True)
+    """The resolved config as YAML text, as every saved config and ``serray config`` show it: storage
+    URIs without credentials or secret query parameters (:func:`serray.storage.strip_credentials`;
+    credentials come from the environment or the instance role)."""
+    from serray.storage import strip_credentials
+
+    return OmegaConf.to_yaml(OmegaConf.create(strip_credentials(OmegaConf.to_container(cfg, resolve=True))))
 
 
 def save_config(cfg: DictConfig, directory: str | os.PathLike, name: str = "config.yaml") -> Path:

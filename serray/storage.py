@@ -30,7 +30,7 @@ import shutil
 import tempfile
 from functools import lru_cache
 from pathlib import Path
-from typing import Iterator, List, Tuple
+from typing import Iterator, List, Optional, Tuple
 from urllib.parse import parse_qsl, urlsplit, urlunsplit
 
 import pyarrow.fs as pafs
@@ -98,34 +98,87 @@ def _same_form(template: str, fs_path: str) -> str:
     return urlunsplit((u.scheme, f"{user}@{bucket}" if user else bucket, "/" + rest, u.query, ""))
 
 
+def split_uri(uri: str) -> Tuple[str, Optional[str], str, str]:
+    """``(scheme, credentials, location, query)`` of a storage URI, for any character in the
+    credentials: they are everything between ``://`` and the **last** ``@`` of the authority and path
+    (so a secret holding ``/``, ``:`` or ``?`` stays whole; an ``@`` inside an object key makes the
+    split err on the side of hiding), the location is bucket + path, the query what follows the first
+    ``?`` after that. Used by every redaction: never a pattern over the text."""
+    scheme, _, rest = str(uri).partition("://")
+    at = rest.rfind("@")
+    creds, rest = (rest[:at], rest[at + 1:]) if at >= 0 else (None, rest)
+    location, _, query = rest.partition("?")
+    return scheme, creds, location.split("#", 1)[0], query
+
+
 def describe(path) -> str:
     """A path for messages (a URI without credentials or query string)."""
     if not is_uri(path):
         return str(path)
-    u = urlsplit(str(path))
-    return urlunsplit((u.scheme, u.hostname or "", u.path, "", ""))
+    scheme, _, location, _ = split_uri(str(path))
+    return f"{scheme}://{location}"
 
 
 #: Query parameters of a storage URI that are kept in messages and in ``GET /info``; every other
-#: value (access_key, secret_key, session_token, ...) is masked.
+#: value (access_key, secret_key, session_token, ...) is masked, and a parameter serray does not know
+#: is masked whole (its name could be part of a secret that held ``&``).
 PUBLIC_QUERY_KEYS = ("region", "scheme", "endpoint_override")
+SECRET_QUERY_KEYS = ("access_key", "secret_key", "session_token", "role_arn", "external_id", "password", "token")
 _URI_IN_TEXT = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^\s'\"<>,;()\[\]{}]+")
 
 
+def _masked_query(query: str) -> str:
+    parts = []
+    for item in query.split("&") if query else []:
+        k, eq, v = item.partition("=")
+        parts.append(item if k in PUBLIC_QUERY_KEYS else f"{k}=***" if k in SECRET_QUERY_KEYS else "***")
+    return "&".join(parts)
+
+
 def redact(path) -> str:
-    """A URI with its credentials (``user:secret@``) and its non-public query values masked;
-    anything else unchanged. ``s3://AK:SK@bucket/p?access_key=AK&region=x`` -> ``s3://***@bucket/p?access_key=***&region=x``."""
+    """A URI with its credentials (``user:secret@``, whatever characters they hold) and its non-public
+    query values masked; anything else unchanged.
+    ``s3://AK:SK@bucket/p?access_key=AK&region=x`` -> ``s3://***@bucket/p?access_key=***&region=x``."""
     text = str(path)
     if not is_uri(text):
         return text
-    try:
-        u = urlsplit(text)
-        netloc = ("***@" + u.netloc.rpartition("@")[2]) if "@" in u.netloc else u.netloc
-        query = "&".join(f"{k}={v if k in PUBLIC_QUERY_KEYS else '***'}"
-                         for k, v in parse_qsl(u.query, keep_blank_values=True))
-        return urlunsplit((u.scheme, netloc, u.path, query, ""))
-    except ValueError:  # not parseable as a URL: keep the scheme only
-        return text.split("://", 1)[0] + "://***"
+    scheme, creds, location, query = split_uri(text)
+    masked = _masked_query(query)
+    return f"{scheme}://{'***@' if creds is not None else ''}{location}{'?' + masked if masked else ''}"
+
+
+def without_credentials(path) -> str:
+    """What a saved config keeps of a location: a URI without credentials and without any query
+    parameter but the public ones (credentials then come from the environment, e.g.
+    ``AWS_ACCESS_KEY_ID`` / ``AWS_PROFILE``, or the instance role); anything else unchanged."""
+    text = str(path)
+    if not is_uri(text):
+        return text
+    scheme, _, location, query = split_uri(text)
+    kept = "&".join(i for i in (query.split("&") if query else []) if i.partition("=")[0] in PUBLIC_QUERY_KEYS)
+    return f"{scheme}://{location}{'?' + kept if kept else ''}"
+
+
+def strip_credentials(obj):
+    """A copy of a config container (dicts, lists, strings) with every URI passed through
+    :func:`without_credentials`: what every saved config holds."""
+    if isinstance(obj, dict):
+        return {k: strip_credentials(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [strip_credentials(v) for v in obj]
+    if isinstance(obj, str) and is_uri(obj):
+        return without_credentials(obj)
+    return obj
+
+
+class RedactingFilter:
+    """A logging filter that redacts every URI of a record's message (see :func:`redact_text`)."""
+
+    def filter(self, record) -> bool:
+        message = record.getMessage()
+        if "://" in message:
+            record.msg, record.args = redact_text(message), ()
+        return True
 
 
 def redact_text(text: str) -> str:

@@ -37,6 +37,7 @@ import soundfile as sf
 
 from serray.data.iemocap import MANIFEST_COLUMNS
 from serray.errors import ConfigError
+from serray.storage import redact as _redact
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +66,7 @@ def check_sources(sources: Iterable[str | Path]) -> None:
     for src in sources:
         p = Path(os.path.expanduser(str(src)))
         if "://" in str(src):
-            raise ConfigError(f"pretrain.extra_audio: {str(src).split('?', 1)[0]} must be a local path (or a shared mount)")
+            raise ConfigError(f"pretrain.extra_audio: {_redact(str(src))} must be a local path (or a shared mount)")
         if not p.exists():
             raise ConfigError(f"pretrain.extra_audio: {p} does not exist (give audio directories or manifest files)")
         if p.is_file() and p.suffix.lower() not in MANIFEST_SUFFIXES:

@@ -41,6 +41,13 @@ def json_safe(obj: Any) -> Any:
     return obj
 
 
+def _without_cluster_address(cfg: Optional[Dict[str, Any]]) -> Optional[Dict[str, Any]]:
+    """The training config a client sees holds no address of the cluster (``ray.address``)."""
+    if isinstance(cfg, dict) and isinstance(cfg.get("ray"), dict) and cfg["ray"].get("address"):
+        cfg = {**cfg, "ray": {**cfg["ray"], "address": "(hidden)"}}
+    return cfg
+
+
 class SERService:
     """The model card, the predictor and the counters of one replica.
 
@@ -169,7 +176,7 @@ class SERService:
             "classifier": meta.get("model"),
             "mode": meta.get("mode"),
             "fold": meta.get("fold"),
-            "config": self.training_config(),
+            "config": _without_cluster_address(self.training_config()),
             "serving": {"batching": bool(s["batching"]), "max_batch_size": int(s["max_batch_size"]),
                         "batch_wait_timeout_s": float(s["batch_wait_timeout_s"]),
                         "max_body_mb": float(s["max_body_mb"]), "min_seconds": float(s["min_seconds"]),

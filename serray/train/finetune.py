@@ -641,6 +641,6 @@ def register_result(cfg, summary: Dict[str, Any], source: str, hyperparameters: 
                         "them; Serve replicas will load it from the hub or their cache", model_cfg.encoder.name)
     record = {"config_hash": fhash, **ev, "model_fold": best["fold"],
               "selected_on": selected_on or "val_ua (epochs)", "std": dict(summary["std"]),
-              "finetune_dir": base, **{k: v for k, v in (extra or {}).items() if k != "config_hash"}}
+              "finetune_dir": storage.without_credentials(base), **{k: v for k, v in (extra or {}).items() if k != "config_hash"}}
     return register(cfg.registry.dir, model, metrics=metrics, config_yaml=to_yaml(model_cfg), source=source,
                     hyperparameters=hyperparameters, encoder_files=enc_files, extra=record)
