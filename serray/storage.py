@@ -359,11 +359,12 @@ class Busy(DataError):
 
 
 @contextlib.contextmanager
-def lock(path, wait: bool = True, what: str = "another serray process") -> Iterator[None]:
+def lock(path, wait: bool = True, what: str = "another serray process", shared: bool = False) -> Iterator[None]:
     """An exclusive lock on a storage path for this machine (an ``fcntl`` lock file beside a local
     path; in the local cache for a URI): two processes that would write the same output run one
     after the other, and the second then finds the first one's result. ``wait=False``: raise
-    :class:`Busy` at once instead (naming ``what`` holds it and its pid)."""
+    :class:`Busy` at once instead (naming ``what`` holds it and its pid). ``shared=True``: a reader's
+    lock, held by any number of readers at once and refused while a writer holds the exclusive one."""
     import fcntl
 
     if is_uri(path):
@@ -373,21 +374,23 @@ def lock(path, wait: bool = True, what: str = "another serray process") -> Itera
     lock_file.parent.mkdir(parents=True, exist_ok=True)
     with open(lock_file, "a+") as f:
         try:
-            fcntl.flock(f, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+            fcntl.flock(f, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | (0 if wait else fcntl.LOCK_NB))
         except BlockingIOError:
             f.seek(0)
             holder = f.read().strip() or "unknown"
-            raise Busy(f"{describe(path)} is being written by {what} (pid {holder}; lock file {lock_file}); "
+            raise Busy(f"{describe(path)} is in use by {what} (pid {holder}; lock file {lock_file}); "
                        "wait for it to finish, or use another directory") from None
         try:
-            f.seek(0)
-            f.truncate()
-            f.write(str(os.getpid()))
-            f.flush()
+            if not shared:  # a writer leaves its pid for the message above; readers leave the file alone
+                f.seek(0)
+                f.truncate()
+                f.write(str(os.getpid()))
+                f.flush()
             yield
         finally:
-            f.seek(0)
-            f.truncate()
+            if not shared:
+                f.seek(0)
+                f.truncate()
             fcntl.flock(f, fcntl.LOCK_UN)
 
 

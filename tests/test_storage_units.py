@@ -109,6 +109,18 @@ def test_lock_without_waiting_names_the_holder(tmp_path):
         with pytest.raises(storage.Busy) as e:
             with storage.lock(target, wait=False, what="another `serray featurize`"):
                 pass
-        assert "being written by another `serray featurize`" in str(e.value) and "pid" in str(e.value)
+        assert "is in use by another `serray featurize`" in str(e.value) and "pid" in str(e.value)
     with storage.lock(target, wait=False):  # released
         pass
+
+
+def test_readers_share_the_lock_and_a_writer_is_refused_while_they_read(tmp_path):
+    target = tmp_path / "features"
+    with storage.lock(target, wait=False, shared=True), storage.lock(target, wait=False, shared=True):
+        with pytest.raises(storage.Busy, match="is in use by a writer"):
+            with storage.lock(target, wait=False, what="a writer"):
+                pass
+    with storage.lock(target, wait=False, what="a writer"):
+        with pytest.raises(storage.Busy, match="is in use by a reader"):
+            with storage.lock(target, wait=False, shared=True, what="a reader"):
+                pass

@@ -565,7 +565,7 @@ def featurize(cfg, overwrite: bool = False) -> Dict[str, object]:
     hashed = {k: as_dict(OmegaConf.select(cfg, k)) for k in FEATURE_HASH_KEYS}
     config_hash = section_hash(cfg, *FEATURE_HASH_KEYS)
     # one writer per features.dir (this machine; on object storage, runs on other machines are not seen)
-    with storage.lock(out_dir, wait=False, what="another `serray featurize`"):
+    with storage.lock(out_dir, wait=False, what="another `serray featurize`, or training that reads it"):
         return _featurize(cfg, overwrite, out_dir, wanted, extra, extra_sources, hashed, config_hash)
 
 

@@ -337,6 +337,16 @@ def fold_datasets(cfg, fold: int, split: Optional[Dict[str, pd.DataFrame]] = Non
 
 def run_fold(cfg, fold: int, report_to_tune: bool = False, report_pretrain: bool = False,
              score_test: bool = True) -> Dict[str, Any]:
+    """Pre-train (if needed), train, select and test one leave-one-session-out fold (see
+    :func:`_run_fold`), holding ``features.dir`` against a concurrent re-featurization."""
+    from serray.train.pretrain import reading_features
+
+    with reading_features(cfg):
+        return _run_fold(cfg, fold, report_to_tune, report_pretrain, score_test)
+
+
+def _run_fold(cfg, fold: int, report_to_tune: bool = False, report_pretrain: bool = False,
+              score_test: bool = True) -> Dict[str, Any]:
     """Pre-train (if needed), train, select and test one leave-one-session-out fold; write its
     directory; return its result.
 

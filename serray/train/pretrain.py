@@ -13,6 +13,7 @@ nothing of the test session reaches it. ``per_fold=false`` trains one adapter on
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -235,6 +236,27 @@ def check_features(cfg) -> dict:
     return meta
 
 
+@contextlib.contextmanager
+def reading_features(cfg):
+    """A training run's hold on ``features.dir``: a shared lock for its duration (on this machine a
+    concurrent ``serray featurize`` is refused, and this run is refused while one writes), and the
+    feature metadata compared before and after (a re-featurization from another machine, which the
+    lock cannot see, fails the run instead of mixing features)."""
+    before = _meta_text(cfg.features.dir)
+    with storage.lock(cfg.features.dir, shared=True, wait=False, what="a `serray featurize` writing it"):
+        yield
+    if _meta_text(cfg.features.dir) != before:
+        raise DataError(f"the features in {storage.describe(cfg.features.dir)} changed while this run read them "
+                        "(a re-featurization ran meanwhile); run it again")
+
+
+def _meta_text(features_dir: str) -> Optional[str]:
+    from serray.data.featurize import META_FILE
+
+    path = storage.join(features_dir, META_FILE)
+    return storage.read_text(path) if storage.is_file(path) else None
+
+
 # ---------------------------------------------------------------- the driver
 
 
@@ -251,7 +273,7 @@ def run_pretrain(cfg, fold: Optional[int] = None, force: bool = False, report_to
     out = pretrain_dir(cfg, fold)
     export = storage.join(out, ADAPTER_DIR)
     phash = pretrain_hash(cfg, fold)
-    with storage.lock(out):  # trials / arms that share a pre-training wait for one another
+    with storage.lock(out), reading_features(cfg):  # trials / arms that share a pre-training wait for one another
         if not force and storage.is_file(storage.join(export, META_FILE)):
             meta = json.loads(storage.read_text(storage.join(export, META_FILE)))
             if meta.get("config_hash") == phash:

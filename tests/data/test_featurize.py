@@ -654,7 +654,7 @@ def test_two_runs_on_the_same_directory_are_refused(featurized, make_cfg, tmp_pa
     feats = copy_features(featurized, tmp_path)
     cfg = make_cfg(tmp_path, f"data.manifest={featurized.data.manifest}", f"features.dir={feats}")
     with storage.lock(str(feats), wait=False, what="another `serray featurize`"):
-        with pytest.raises(DataError, match=r"is being written by another `serray featurize` \(pid \d+"):
+        with pytest.raises(DataError, match=r"is in use by another `serray featurize`, or training that reads it \(pid \d+"):
             featurize(cfg)
 
 
@@ -692,3 +692,32 @@ def test_a_file_that_kills_its_actor_is_reported_and_skipped(featurized, manifes
     stored_now = set(stored_utterances(feats)["utt_id"])
     assert victim not in stored_now and set(rows["utt_id"]) - {victim} <= stored_now
     assert read_meta(feats)["num_rows"] == len(manifest) - 1
+
+
+def test_a_file_that_cannot_be_read_is_skipped_and_reported_not_fatal(synthetic_root, monkeypatch):
+    """An I/O error reading one corpus file (not a decode error) aborted the whole featurization: it
+    is now an AudioError like an undecodable file, so the encoder drops that row (and the driver lists
+    it in _skipped.csv) while the others are encoded."""
+    import errno
+
+    import serray.data.audio as audio
+    from serray.data.featurize import EncodeBatch, _skip_reason
+    from serray.errors import AudioError
+
+    wavs = sorted(p for p in synthetic_root.glob("Session1/sentences/wav/*/*.wav") if not p.name.startswith("._"))[:3]
+    bad = str(wavs[1])
+    real_open = open
+
+    def flaky_open(path, *a, **k):
+        if str(path) == bad:
+            raise OSError(errno.EIO, "Input/output error")
+        return real_open(path, *a, **k)
+
+    monkeypatch.setattr(audio, "open", flaky_open, raising=False)
+    with pytest.raises(AudioError, match="cannot read .*Input/output error"):
+        audio.load_audio(bad)
+    assert "Input/output error" in _skip_reason(bad, 16000, 0.1, 60)
+    enc = EncodeBatch({"name": "fbank", "layers": [], "sample_rate": 16000, "num_mel_bins": 80,
+                       "local_files_only": True, "device": "cpu"}, 0.1, 60.0)
+    out = enc._encode(pd.DataFrame({"utt_id": ["a", "b", "c"], "path": [str(p) for p in wavs]}))
+    assert list(out["utt_id"]) == ["a", "c"] and (out["num_frames"] > 0).all()

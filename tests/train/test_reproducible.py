@@ -127,3 +127,30 @@ def test_a_torn_fold_result_is_redone_not_a_traceback(featurized, tmp_path, capl
     again = run_fold(cfg, 4)  # training resumes from its last checkpoint; the test is scored again, and counted
     assert again["ua"] == first["ua"] and again["test_evaluations"] == 2
     assert fold_done(cfg, 4)["ua"] == first["ua"]
+
+
+def test_training_holds_the_features_against_a_concurrent_featurization(featurized, tmp_path):
+    """Pre-training and fine-tuning read features.dir with no guard: a re-featurization at the same
+    time could change the rows under them. Now training takes a shared lock (this machine) and
+    compares the feature metadata before and after (any machine)."""
+    import shutil
+
+    from serray import storage
+    from serray.data.featurize import META_FILE, featurize
+    from serray.errors import DataError
+    from serray.train.finetune import run_fold
+    from serray.train.pretrain import reading_features
+
+    feats = tmp_path / "features"
+    shutil.copytree(featurized.features.dir, feats)
+    cfg = _cfg(featurized, tmp_path, f"features.dir={feats}", "finetune.mode=none", "finetune.epochs=1")
+    with storage.lock(str(feats), wait=False, what="serray featurize"):  # a featurization is writing
+        with pytest.raises(DataError, match="is in use by a `serray featurize` writing it"):
+            run_fold(cfg, 2)
+    with reading_features(cfg):  # a training is reading: a featurization is refused
+        with pytest.raises(DataError, match="or training that reads it"):
+            featurize(cfg, overwrite=True)
+    with pytest.raises(DataError, match="changed while this run read them"):
+        with reading_features(cfg):
+            meta = feats / META_FILE
+            meta.write_text(meta.read_text().replace("{", '{"touched": 1, ', 1))  # another machine re-featurized
