@@ -31,7 +31,7 @@ import tempfile
 from functools import lru_cache
 from pathlib import Path
 from typing import Iterator, List, Optional, Tuple
-from urllib.parse import parse_qsl, urlsplit, urlunsplit
+from urllib.parse import urlsplit, urlunsplit
 
 import pyarrow.fs as pafs
 

@@ -76,7 +76,6 @@ def test_a_nested_sweep_chooses_each_folds_configuration_on_that_folds_validatio
     1's validation speakers come from sessions 2-5). Now fold 2 gets b, chosen on sessions 1, 3-5 only,
     and every fold's test split is scored once, for its own choice."""
     import serray.tune as st
-    from types import SimpleNamespace
 
     cfg = load_config(None, [f"output_dir={tmp_path}", "tune.folds=[1,2]"])
     hyper = {"a": {"adapter.mask_ratio": 0.3}, "b": {"adapter.mask_ratio": 0.6}}
