@@ -15,7 +15,7 @@ checkpoints), whose normalisation would see the padding, are run one utterance a
 from __future__ import annotations
 
 import logging
-from typing import List, Optional, Sequence
+from typing import List, Sequence
 
 import numpy as np
 import torch

@@ -28,7 +28,6 @@ paired bootstrap over test utterances plus a Wilcoxon test over seed x fold), ``
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from pathlib import Path

@@ -8,7 +8,6 @@ workers reach it without extra environment.
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pyarrow.fs as pafs
 import pytest
