@@ -503,7 +503,7 @@ def test_writes_run_while_cpu_actors_hold_every_cpu(ray_session, tmp_path):
 def test_max_concurrency_below_the_minimum_is_a_config_error(tmp_path):
     from serray.config import load_config
 
-    with pytest.raises(ConfigError, match="features.max_concurrency must be >= features.concurrency"):
+    with pytest.raises(ConfigError, match=r"features.concurrency \(2\) must be <= features.max_concurrency \(1\)"):
         load_config(None, [f"output_dir={tmp_path}", "features.concurrency=2", "features.max_concurrency=1"])
 
 

@@ -163,9 +163,9 @@ def test_the_guard_caps_the_teacher_half_life_and_long_runs_reach_their_end_valu
 
 
 @pytest.mark.parametrize("override, needle", [
-    ("adapter.ema_decay_end=0.9", "adapter.ema_decay_end (0.9) must be >= adapter.ema_decay"),
-    ("adapter.ema_half_life=0", "adapter.ema_half_life must be null (off) or in (0, 1]"),
-    ("adapter.ema_half_life=1.5", "adapter.ema_half_life must be null (off) or in (0, 1]"),
+    ("adapter.ema_decay_end=0.9", "adapter.ema_decay (0.996) must be <= adapter.ema_decay_end (0.9)"),
+    ("adapter.ema_half_life=0", "adapter.ema_half_life must be in (0, 1], got 0"),
+    ("adapter.ema_half_life=1.5", "adapter.ema_half_life must be in (0, 1], got 1.5"),
     ("adapter.ema_decay=nan", "adapter.ema_decay must be in [0, 1]"),
 ])
 def test_bad_ema_keys_are_one_line_config_errors(override, needle) -> None:
