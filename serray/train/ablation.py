@@ -281,9 +281,10 @@ def _oracle_file(cfg) -> str:
 
 def _reference_arms(cfg, seeds: List[int], folds: List[int], echo):
     """Predictions of the classical and oracle arms (logistic regression, same folds, seeds, splits and
-    label fractions as the neural arms), each with its recipe (feature subset and regularisation)
-    chosen on the fold's validation speakers, as the neural arms choose their epoch; and their
-    validation UA, ``{(arm, mode, fraction): {(seed, fold): val_ua}}``."""
+    label fractions as the neural arms, trained on the training split), each with its recipe (feature
+    subset and regularisation) chosen per fold by a leave-one-session-out cross-validation over the
+    fold's training sessions (:func:`serray.baselines.choose_recipe`; never the test session); and the
+    chosen recipes' cross-validated UA, ``{(arm, mode, fraction): {(seed, fold): val_ua}}``."""
     import numpy as np
 
     from serray.data.iemocap import LABELS
@@ -315,10 +316,15 @@ def _reference_arms(cfg, seeds: List[int], folds: List[int], echo):
                 scfg = derive(cfg, [f"seed={seed}", f"finetune.label_fraction={fraction}"])
                 for fold in folds:
                     split = fold_split(scfg, fold)
-                    xs = {k: feats[arm].loc[split[k]["utt_id"]].to_numpy() for k in ("train", "val", "test")}
-                    ys = {k: np.array([LABELS.index(l) for l in split[k]["label"]]) for k in ("train", "val")}
-                    pred, choice = baselines.fit_predict_selected(xs["train"], ys["train"], xs["val"], ys["val"],
-                                                                  xs["test"], seed, columns=recipes[arm])
+                    pool = pd.concat([split["train"], split["val"]])  # the training sessions' labelled rows
+                    choice = baselines.choose_recipe(feats[arm].loc[pool["utt_id"]].to_numpy(),
+                                                     np.array([LABELS.index(l) for l in pool["label"]]),
+                                                     pool["session"].to_numpy(), columns=recipes[arm], seed=seed)
+                    cols = (recipes[arm] or {"all": slice(None)})[choice["columns"]]
+                    pred, _ = baselines.fit_predict(feats[arm].loc[split["train"]["utt_id"]].to_numpy()[:, cols],
+                                                    np.array([LABELS.index(l) for l in split["train"]["label"]]),
+                                                    feats[arm].loc[split["test"]["utt_id"]].to_numpy()[:, cols], seed,
+                                                    C=choice["C"])
                     vals[(seed, fold)] = choice["val_ua"]
                     chosen.append(f"{choice['columns']}/C={choice['C']:g}")
                     frames.append(pd.DataFrame({"seed": seed, "fold": fold, "utt_id": split["test"]["utt_id"].to_numpy(),
@@ -331,6 +337,6 @@ def _reference_arms(cfg, seeds: List[int], folds: List[int], echo):
     if chosen:
         from collections import Counter
 
-        echo("[ablate] reference recipes chosen on validation UA: "
+        echo("[ablate] reference recipes chosen by cross-validation over the training sessions: "
              + ", ".join(f"{k} x{n}" for k, n in sorted(Counter(chosen).items())))
     return out, val
