@@ -53,6 +53,12 @@ def test_features_written_two_ways_give_identical_fold_results(featurized, tmp_p
     orders = {name: _stored_order(cfg.features.dir) for name, cfg in cfgs.items()}
     assert sorted(orders["small"]) == sorted(orders["large"])
     assert orders["small"] != orders["large"], "the two featurizations wrote the rows in the same order: no test"
+    # streamed sets (above features.cache_max_mb) come in one seeded order too, whatever the files
+    from serray.data.features import STREAM_KEY, training_data
+
+    streamed = [[r["utt_id"] for r in training_data(cfg.features.dir, [2, 3], None, 0.0, seed=7).ray_dataset()
+                 .select_columns(["utt_id", STREAM_KEY]).take_all()] for cfg in cfgs.values()]
+    assert streamed[0] == streamed[1] and sorted(streamed[0]) != streamed[0]  # the same shuffle, not sorted
     (res_a, preds_a), (res_b, preds_b) = (_fold(cfgs[n]) for n in ("small", "large"))
     for key in ("ua", "wa", "macro_f1", "val_ua", "val_loss", "best_epoch"):
         assert res_a[key] == res_b[key], key
