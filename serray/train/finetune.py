@@ -437,9 +437,13 @@ TRAIN_KEYS = ("epochs", "batch_size", "lr", "lr_end", "weight_decay", "warmup_fr
 
 def _slim_checkpoint(model_dir: Path) -> None:
     """Drop the optimiser from a selected checkpoint (the registry and serving need the weights only)."""
+    import io
+
     state = torch.load(model_dir / "state.pt", map_location="cpu", weights_only=True)
     if state.pop("optimizer", None) is not None:
-        torch.save(state, model_dir / "state.pt")
+        buf = io.BytesIO()
+        torch.save(state, buf)
+        storage.write_bytes(model_dir / "state.pt", buf.getvalue())
 
 
 FOLD_SELECTION = "selection.json"  # what a fold's training chose (epoch, validation metrics, audit), before any test
@@ -466,8 +470,8 @@ def _test_fold(cfg, fold: int, fold_dir: Path, model_dir: Path, split, selection
     test_ids = list(split["test"]["utt_id"])
     preds = predictor.predict_parquet(session_paths(cfg.features.dir, [fold]), utt_ids=test_ids)
     preds = preds.sort_values("utt_id", kind="stable").reset_index(drop=True)  # not the feature files' order
-    test_evaluations = _count_test_scoring(cfg, fold, fold_dir, selection["config_hash"], len(preds))
     assert len(preds) == len(test_ids) and set(preds["utt_id"]) == set(test_ids), "the test split was not scored whole"
+    test_evaluations = _count_test_scoring(cfg, fold, fold_dir, selection["config_hash"], len(preds))
     preds.insert(0, "fold", fold)
     preds.insert(1, "seed", cfg.seed)
     preds.to_csv(fold_dir / "predictions.csv", index=False)

@@ -3,8 +3,9 @@
 :func:`run_loop` is the loop. A *task* object (:class:`~serray.train.pretrain.PretrainTask` or
 :class:`~serray.train.finetune.FinetuneTask`, passed in by the caller, never imported here) supplies
 what differs between the stages: ``build_model``, ``param_groups``, ``lr_scale(group, epoch)``,
-``collate``, ``before_epoch`` (which parameters train this epoch), ``step(model, batch, step, rank) ->
-(loss, records)``, ``after_step`` (the EMA teacher update), ``evaluate``, ``should_stop`` (early stopping) and the checkpoint metadata. The loop owns
+``collate``, ``before_epoch`` (which parameters train this epoch), ``step(model, batch, step, rank)
+-> (loss, records)``, ``after_step`` (the EMA teacher update), ``evaluate``, ``should_stop`` (early
+stopping) and the checkpoint metadata. The loop owns
 everything else: device and DDP, AdamW with parameter groups and warm-up + cosine, gradient
 clipping, bf16 autocast on GPU, a seeded full shuffle of the training rows every epoch, per-epoch
 reports with a checkpoint that holds model, optimiser, step, epoch and history, exact resumption
@@ -166,7 +167,7 @@ class RayTrainRuntime:
         except OSError:
             siblings = []
         candidates = [ckpt] + [Checkpoint(path=p, filesystem=ckpt.filesystem) for p in siblings]
-        return first_readable(candidates, lambda c: _load_ray_checkpoint(c), lambda c: c.path)
+        return first_readable(candidates, _load_ray_checkpoint, lambda c: c.path)
 
     def dataset(self, name: str):
         import ray.train
