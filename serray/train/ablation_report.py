@@ -166,7 +166,8 @@ def reading(ablation: Mapping[str, Any]) -> str:
     """A plain-language paragraph on the comparisons plus a caution line, from the numbers.
 
     A difference is called established ("beats" / "is worse than") only when the primary, run-level
-    test says so (p < 0.05, :func:`serray.train.stats.verdict`); the utterance bootstrap never decides.
+    test says so (p < 0.05 and a 95 % interval that excludes 0, :func:`serray.train.stats.verdict`);
+    the utterance bootstrap never decides.
 
     Args:
         ablation: The ablation dict.
@@ -179,7 +180,7 @@ def reading(ablation: Mapping[str, Any]) -> str:
         name = _METRIC_NAMES.get(c["metric"], c["metric"])
         where = f"{c['mode']}, label fraction {_frac(c['label_fraction'])}"
         ci = c.get("ci95") or [None, None]
-        said = c.get("verdict") or verdict(c.get("p_value"), c.get("delta"))
+        said = c.get("verdict") or verdict(c.get("p_value"), c.get("delta"), c.get("ci95"))
         runs = f"{c['wins']} of {c['n_runs']} runs ahead" if c.get("wins") is not None else ""
         if said != "not established":
             clear.append(f"**{c['a']}** {said} **{c['b']}** ({where}) by {abs(100 * c['delta']):.2f} points of "
@@ -192,9 +193,10 @@ def reading(ablation: Mapping[str, Any]) -> str:
     else:
         parts = []
         if clear:
-            parts.append("By the run-level test (p < 0.05): " + "; ".join(clear) + ".")
+            parts.append("By the run-level test (p < 0.05 and a 95% CI that excludes 0): " + "; ".join(clear) + ".")
         else:
-            parts.append("No paired difference is established by the run-level test (p < 0.05).")
+            parts.append("No paired difference is established by the run-level test (p < 0.05 and a 95% CI that "
+                         "excludes 0).")
         if unclear:
             parts.append("Not established: " + "; ".join(unclear) + ".")
         text = " ".join(parts)
@@ -252,7 +254,7 @@ def ablation_markdown(ablation: Mapping[str, Any]) -> str:
             lines.append(f"| {c['a']} | {c['b']} | {c['mode']} | {_frac(c['label_fraction'])} | "
                          f"{_METRIC_NAMES.get(c['metric'], c['metric'])} | {_pts(c.get('delta'))} | "
                          f"[{_pts(ci[0])}, {_pts(ci[1])}] | {_p(c.get('p_value'))} | {wins} | "
-                         f"{c.get('verdict') or verdict(c.get('p_value'), c.get('delta'))} | "
+                         f"{c.get('verdict') or verdict(c.get('p_value'), c.get('delta'), c.get('ci95'))} | "
                          f"[{_pts(uci[0])}, {_pts(uci[1])}] | {_p(c.get('utterance_p'))} | {_p(c.get('wilcoxon_p'))} |")
     lines += ["", reading(ablation), ""]
     return "\n".join(lines)

@@ -489,10 +489,17 @@ def _run_level(preds_a, preds_b, metric, n_boot, seed, labels):
     return out, runs_a, runs_b
 
 
-def verdict(p_value: Optional[float], delta: Optional[float], alpha: float = ALPHA) -> str:
-    """``"beats"``, ``"is worse than"`` or ``"not established"`` from the run-level test."""
+def verdict(p_value: Optional[float], delta: Optional[float], ci95: Optional[Sequence[Optional[float]]] = None,
+            alpha: float = ALPHA) -> str:
+    """``"beats"``, ``"is worse than"`` or ``"not established"`` from the run-level test: established
+    only when its p is below ``alpha`` **and** its 95 % interval lies on one side of 0 (the two can
+    disagree near the boundary; a claim needs both)."""
     if p_value is None or delta is None or not p_value < alpha or delta == 0:
         return "not established"
+    if ci95 is not None:
+        lo, hi = (list(ci95) + [None, None])[:2]
+        if lo is None or hi is None or lo <= 0 <= hi:
+            return "not established"
     return "beats" if delta > 0 else "is worse than"
 
 
@@ -518,7 +525,7 @@ def compare(preds_a: pd.DataFrame, preds_b: pd.DataFrame, a: str, b: str, mode: 
     wil = wilcoxon_runs(runs_a, runs_b, metric=metric)
     return {"a": a, "b": b, "mode": mode, "label_fraction": float(label_fraction), "metric": metric,
             "delta": primary["delta"], "ci95": primary["ci95"], "p_value": primary["p_value"],
-            "test": primary["test"], "verdict": verdict(primary["p_value"], primary["delta"]),
+            "test": primary["test"], "verdict": verdict(primary["p_value"], primary["delta"], primary["ci95"]),
             "wins": primary["wins"], "losses": primary["losses"],
             "utterance_ci95": boot["ci95"], "utterance_p": boot["p_value"], "wilcoxon_p": wil["p_value"],
             "n_boot": primary["n_boot"], "n_runs": primary["n_runs"]}

@@ -94,7 +94,7 @@ def test_build_ablation_schema_and_numbers(ablation, arm_preds):
         assert c["metric"] == "ua" and c["test"] == stats.RUN_LEVEL_TEST
         assert set(c) >= {"a", "b", "mode", "label_fraction", "metric", "delta", "ci95", "p_value", "test", "verdict",
                           "wins", "losses", "utterance_ci95", "utterance_p", "wilcoxon_p"}
-        assert c["verdict"] == stats.verdict(c["p_value"], c["delta"])
+        assert c["verdict"] == stats.verdict(c["p_value"], c["delta"], c["ci95"])
     json.dumps(ablation, allow_nan=False)
 
 

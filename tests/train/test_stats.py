@@ -327,6 +327,14 @@ def test_compare_is_run_level_first_with_the_utterance_bootstrap_and_wilcoxon_be
     json.dumps(res, allow_nan=False)
 
 
+def test_a_win_needs_both_the_run_level_p_and_an_interval_that_excludes_zero():
+    assert stats.verdict(0.01, 0.03, [0.01, 0.05]) == "beats"
+    assert stats.verdict(0.01, -0.03, [-0.05, -0.01]) == "is worse than"
+    assert stats.verdict(0.043, 0.032, [-0.005, 0.07]) == "not established"  # p below 0.05, the CI holds 0
+    assert stats.verdict(0.2, 0.03, [0.01, 0.05]) == "not established"
+    assert stats.verdict(None, 0.03) == "not established"
+
+
 def test_sign_flip_p_exact_values():
     """All 2^n sign patterns are enumerated: n equal positive differences give 2 / 2^n (both extremes)."""
     assert stats.sign_flip_p([0.1] * 5) == pytest.approx(2 / 32)
