@@ -38,14 +38,14 @@ def _quiet(cfg, args):
 
 
 def cmd_make_corpus(args) -> int:
-    from serray.data.synthetic import make_corpus
+    from serray.pipeline import make_synthetic
 
     cfg = _cfg(args, [f"data.root={args.out}"] if args.out else None)
-    from serray.pipeline import synthetic_kwargs
-
-    root = make_corpus(cfg.data.root, **synthetic_kwargs(cfg), progress=True)
-    print(f"synthetic IEMOCAP-layout corpus written to {root}")
-    if cfg.synthetic.preset == "benchmark":
+    layout = args.layout or str(cfg.data.corpus)
+    root = make_synthetic(cfg, Path(cfg.data.root), layout)
+    print(f"synthetic corpus in the {layout} layout written to {root}"
+          + (f"\nread it with: serray manifest --root {root} data.corpus={layout}" if layout != "iemocap" else ""))
+    if cfg.synthetic.preset == "benchmark" and layout == "iemocap":
         from serray.data.synthetic import benchmark_paths
 
         paths = benchmark_paths(root)
@@ -55,12 +55,12 @@ def cmd_make_corpus(args) -> int:
 
 
 def cmd_manifest(args) -> int:
-    from serray.data.iemocap import build_manifest, write_manifest
+    from serray.data import corpora
+    from serray.data.iemocap import write_manifest
 
     extra = ([f"data.root={args.root}"] if args.root else []) + ([f"data.manifest={args.out}"] if args.out else [])
     cfg = _cfg(args, extra)
-    report = build_manifest(cfg.data.root, cfg.data.sessions, cfg.data.merge_excited,
-                            keep_unlabelled=cfg.pretrain.use_unlabelled)
+    report = corpora.build_manifest(cfg)
     path = write_manifest(report.kept, cfg.data.manifest)
     print(report.summary())
     print(f"manifest: {len(report.kept)} utterances -> {path}")
@@ -148,6 +148,16 @@ def cmd_models(args) -> int:
     return 0
 
 
+def cmd_evaluate(args) -> int:
+    from serray.evaluate import run_evaluate
+    from serray.progress import echo
+
+    cfg = _cfg(args)
+    with _quiet(cfg, args):
+        run_evaluate(cfg, args.model, echo=echo)
+    return 0
+
+
 def cmd_predict(args) -> int:
     from serray.predict import Predictor
     from serray.registry import resolve_model
@@ -177,8 +187,8 @@ def cmd_config(args) -> int:
 
 
 COMMANDS: Dict[str, tuple[Callable, str]] = {
-    "make-corpus": (cmd_make_corpus, "write the synthetic corpus in IEMOCAP_full_release layout"),
-    "manifest": (cmd_manifest, "parse an IEMOCAP tree into a Parquet manifest"),
+    "make-corpus": (cmd_make_corpus, "write the synthetic corpus (IEMOCAP layout, or --layout crema-d / ravdess / emodb / msp-podcast / csv)"),
+    "manifest": (cmd_manifest, "parse a corpus (data.corpus) into a Parquet manifest"),
     "featurize": (cmd_featurize, "frozen-encoder features with Ray Data -> Parquet partitioned by session"),
     "pretrain": (cmd_pretrain, "pre-train the adapter (teacher-student, EMA, local attributes) on Ray Train"),
     "finetune": (cmd_finetune, "SAP + classifier, 5-fold leave-one-session-out (folds as parallel Tune trials)"),
@@ -186,6 +196,7 @@ COMMANDS: Dict[str, tuple[Callable, str]] = {
     "pipeline": (cmd_pipeline, "the main job, end to end"),
     "tune": (cmd_tune, "Ray Tune sweep (ASHA) over adapter hyper-parameters; registers the best trial"),
     "models": (cmd_models, "the model registry: `serray models list`, `serray models show ID`"),
+    "evaluate": (cmd_evaluate, "score a registered model on another corpus's test split (cross-corpus)"),
     "predict": (cmd_predict, "predict emotions of audio files with a registered model"),
     "serve": (cmd_serve, "Ray Serve HTTP endpoint for a registered model (blocks until Ctrl-C)"),
     "config": (cmd_config, "print the resolved config"),
@@ -201,14 +212,18 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_, description=help_)
         if name == "make-corpus":
             p.add_argument("--out", help="corpus root to create (default: data.root)")
+            p.add_argument("--layout", default=None, help="iemocap | crema-d | ravdess | emodb | msp-podcast | csv "
+                                                          "(default: data.corpus)")
         if name == "manifest":
-            p.add_argument("--root", help="IEMOCAP_full_release directory (default: data.root)")
+            p.add_argument("--root", help="the corpus's release directory, or the CSV (default: data.root)")
             p.add_argument("--out", help="manifest Parquet file (default: data.manifest)")
         if name == "featurize":
             p.add_argument("--overwrite", action="store_true", help="replace features made with another encoder")
         if name == "models":
             p.add_argument("action", choices=("list", "show"))
             p.add_argument("id", nargs="?", default=None, help="entry id for `show` (default: the best)")
+        if name == "evaluate":
+            p.add_argument("--model", default=None, help="registry entry id (default: the best by validation UA)")
         if name == "predict":
             p.add_argument("files", nargs="+", help="WAV/FLAC files")
             p.add_argument("--json", action="store_true", help="print JSON records")

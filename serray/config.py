@@ -45,12 +45,15 @@ class RayConfig:
 
 @dataclass
 class DataConfig:
-    """The IEMOCAP corpus and its manifest."""
+    """The corpus and its manifest."""
 
+    corpus: str = "iemocap"  # iemocap | crema-d | ravdess | emodb | msp-podcast | csv (serray.data.corpora)
     root: str = "${output_dir}/synthetic/IEMOCAP_full_release"
     manifest: str = "${output_dir}/manifest.parquet"
-    merge_excited: bool = True  # the standard 4-class setup merges excited into happy
-    sessions: List[int] = field(default_factory=lambda: [1, 2, 3, 4, 5])
+    merge_excited: bool = True  # the standard 4-class setup merges excited into happy (IEMOCAP)
+    sessions: Optional[List[int]] = None  # fold groups used (None: every group of the corpus's protocol)
+    num_folds: int = 5  # speaker-grouped k-fold corpora (crema-d, ravdess, csv): k
+    label_map: Dict[str, str] = field(default_factory=dict)  # raw label -> neu|hap|sad|ang, or '' to drop
 
 
 @dataclass
@@ -154,7 +157,7 @@ class PretrainConfig(TrainerConfig):
 
     dir: str = "${output_dir}/pretrain"
     per_fold: bool = True  # one adapter per LOSO fold, pre-trained without the fold's test session (inductive)
-    sessions: List[int] = field(default_factory=lambda: [1, 2, 3, 4, 5])  # per_fold=false only (transductive)
+    sessions: Optional[List[int]] = None  # per_fold=false only (transductive) (None: data.sessions)
     epochs: int = 10
     steps: Optional[int] = None  # pre-train for exactly this many steps (overrides epochs; pool size then costs nothing)
     lr: float = 1e-3
@@ -171,8 +174,9 @@ class FinetuneConfig(TrainerConfig):
     branch: str = "teacher"  # adapter branch used downstream (DINO evaluates the teacher)
     init: str = "pretrained"  # pretrained: the adapter from pre-training | random: the same body, random init (control)
     init_from: Optional[str] = None  # an adapter directory ({fold} is replaced); None: pretrain.dir's adapter(s)
-    folds: List[int] = field(default_factory=lambda: [1, 2, 3, 4, 5])  # test sessions to run
-    val_split: str = "speaker"  # validation from the training sessions: speaker | dialog | random
+    folds: Optional[List[int]] = None  # test groups to run (None: the corpus's, e.g. IEMOCAP sessions 1-5)
+    val_split: str = "speaker"  # validation from the training groups: speaker | dialog | random | group
+    val_groups: List[int] = field(default_factory=list)  # val_split=group: these groups are the validation set
     val_fraction: float = 0.15  # share of training-session speakers / dialogs / utterances held out for validation
     label_fraction: float = 1.0  # share of training labels used per class (label-efficiency runs)
     body_lr_scale: float = 1.0  # learning rate of the pre-trained body = lr x this (the new head gets lr)
@@ -394,6 +398,7 @@ def load_config(path: Optional[str | os.PathLike] = None, overrides: Sequence[st
     except OmegaConfBaseException as e:
         key = getattr(e, "full_key", None)
         raise ConfigError(f"invalid value for config key '{key}': {str(e).splitlines()[0]}") from None
+    _resolve_corpus(cfg)
     _validate(cfg)
     _absolute_paths(cfg)
     _validate_paths(cfg)
@@ -477,6 +482,19 @@ def _validate_paths(cfg: DictConfig) -> None:
                               f"a directory above it ({_redact(other)}): it holds features only")
 
 
+def _resolve_corpus(cfg: DictConfig) -> None:
+    """Fill ``data.sessions`` and ``finetune.folds`` left null with the corpus's protocol."""
+    from serray.data import corpora
+
+    corpus = corpora.get(str(cfg.data.corpus))  # an unknown name lists the known ones
+    if cfg.data.sessions is None:
+        cfg.data.sessions = corpus.groups(cfg.data)
+    if cfg.finetune.folds is None:
+        cfg.finetune.folds = [g for g in corpus.default_folds(cfg.data) if g in cfg.data.sessions]
+    if cfg.pretrain.sessions is None:
+        cfg.pretrain.sessions = list(cfg.data.sessions)
+
+
 def _validate(cfg: DictConfig) -> None:
     """Value checks that types alone cannot express."""
     domains = _validate_domains(cfg)  # value domains first: the checks below divide by and compare these
@@ -485,9 +503,14 @@ def _validate(cfg: DictConfig) -> None:
     problems = []
     if not cfg.data.sessions:
         problems.append("data.sessions must list at least one session")
+    from serray.data import corpora
+
+    corpus = corpora.get(str(cfg.data.corpus))
+    groups = corpus.groups(cfg.data)
     for s in cfg.data.sessions:
-        if s not in (1, 2, 3, 4, 5):
-            problems.append(f"data.sessions: {s} is not an IEMOCAP session (1-5)")
+        if s not in groups and s not in corpus.extra_groups:
+            problems.append(f"data.sessions: {s} is not a {corpus.group_name} of {corpus.title} "
+                            f"({groups[0]}-{groups[-1]}, {corpus.evaluation_name(cfg.data)})")
     if cfg.synthetic.preset not in ("demo", "benchmark"):
         problems.append(f"synthetic.preset must be demo or benchmark, got '{cfg.synthetic.preset}'")
     if cfg.encoder.device not in ("auto", "cpu", "cuda"):
@@ -511,8 +534,15 @@ def _validate(cfg: DictConfig) -> None:
         strategy = cfg[section].placement_strategy
         if strategy not in ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"):
             problems.append(f"{section}.placement_strategy must be PACK, SPREAD, STRICT_PACK or STRICT_SPREAD, got '{strategy}'")
-    if cfg.finetune.val_split not in ("speaker", "dialog", "random"):
-        problems.append(f"finetune.val_split must be speaker, dialog or random, got '{cfg.finetune.val_split}'")
+    if cfg.finetune.val_split not in ("speaker", "dialog", "random", "group"):
+        problems.append(f"finetune.val_split must be speaker, dialog, random or group, got '{cfg.finetune.val_split}'")
+    if cfg.finetune.val_split == "group":
+        val_groups = list(cfg.finetune.val_groups)
+        if not val_groups or any(g not in cfg.data.sessions for g in val_groups):
+            problems.append(f"finetune.val_groups must list groups of data.sessions {list(cfg.data.sessions)} "
+                            f"when finetune.val_split=group, got {val_groups}")
+        elif any(g in val_groups for g in cfg.finetune.folds):
+            problems.append(f"finetune.folds {list(cfg.finetune.folds)} must not test a validation group {val_groups}")
     if cfg.finetune.init not in ("pretrained", "random"):
         problems.append(f"finetune.init must be pretrained or random, got '{cfg.finetune.init}'")
     problems += _validate_tune_and_ablate(cfg)
@@ -676,6 +706,7 @@ RATE = Domain(lambda v: _finite(v) and v >= 1000, ">= 1000 (Hz)", 100)
 _DOMAINS = [
     (("seed", "synthetic.seed"), NON_NEGATIVE),
     (("ray.num_cpus",), AT_LEAST_ONE),
+    (("data.num_folds",), AT_LEAST_TWO),
     (("ray.resource_timeout_s",), NON_NEGATIVE),
     (("synthetic.dialogs_per_session", "synthetic.utterances_per_dialog"), AT_LEAST_ONE),
     (("synthetic.min_duration", "synthetic.max_duration"), ONE_WINDOW),

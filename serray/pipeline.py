@@ -22,17 +22,29 @@ def synthetic_kwargs(cfg) -> dict:
     return kw
 
 
+def make_synthetic(cfg, root: Path, layout: str) -> Path:
+    """The synthetic corpus in ``layout`` at ``root`` (a ``csv`` root names the CSV inside the folder)."""
+    if layout == "iemocap":
+        from serray.data.synthetic import make_corpus
+
+        return make_corpus(root, **synthetic_kwargs(cfg), progress=True)
+    from serray.data.synthetic_layouts import make_layout
+
+    return make_layout(root.parent if layout == "csv" and root.suffix == ".csv" else root, layout,
+                       **synthetic_kwargs(cfg))
+
+
 def prepare_corpus(cfg, echo: Callable[[str], Any] = print):
-    """Make the synthetic corpus when enabled and missing; build and write the manifest."""
-    from serray.data.iemocap import build_manifest, write_manifest
+    """Make the synthetic corpus (in ``data.corpus``'s layout) when enabled and missing; build and
+    write the manifest."""
+    from serray.data import corpora
+    from serray.data.iemocap import write_manifest
 
     root = Path(cfg.data.root)
     if cfg.synthetic.enabled and not root.exists():
-        from serray.data.synthetic import make_corpus
-
-        echo(f"making the synthetic corpus in {root}")
-        make_corpus(root, **synthetic_kwargs(cfg), progress=True)
-    report = build_manifest(root, cfg.data.sessions, cfg.data.merge_excited, keep_unlabelled=cfg.pretrain.use_unlabelled)
+        echo(f"making the synthetic corpus in {root} ({cfg.data.corpus} layout)")
+        make_synthetic(cfg, root, str(cfg.data.corpus))
+    report = corpora.build_manifest(cfg, root)
     write_manifest(report.kept, cfg.data.manifest)
     echo(f"manifest: {len(report.kept)} utterances -> {cfg.data.manifest}")
     echo(report.summary())

@@ -20,7 +20,10 @@ from typing import Any, Dict
 SELECTIONS = ("fixed", "nested", "non-nested")
 
 #: The keys of an evaluation record (and of every registry entry).
-EVALUATION_KEYS = ("protocol", "folds", "val_split", "val_fraction", "label_fraction", "selection")
+EVALUATION_KEYS = ("corpus", "protocol", "folds", "val_split", "val_fraction", "label_fraction", "selection")
+
+#: Entries registered before corpora were pluggable were all IEMOCAP (or its layout).
+LEGACY = {"corpus": "iemocap"}
 
 
 def protocol(cfg) -> str:
@@ -29,11 +32,21 @@ def protocol(cfg) -> str:
     return "inductive" if cfg.pretrain.per_fold else "transductive"
 
 
+def corpus_protocol(cfg) -> Dict[str, Any]:
+    """The corpus and its evaluation protocol in words (``metrics.json``'s ``corpus`` / ``evaluation`` /
+    ``group_name``), e.g. ``{"corpus": "crema-d", "evaluation": "speaker-grouped 5-fold", ...}``."""
+    from serray.data import corpora
+
+    corpus = corpora.of(cfg)
+    return {"corpus": corpus.name, "evaluation": corpus.evaluation_name(cfg.data), "group_name": corpus.group_name}
+
+
 def evaluation(cfg, selection: str = "fixed") -> Dict[str, Any]:
     """The evaluation record of a run with this config (see :data:`EVALUATION_KEYS`)."""
     if selection not in SELECTIONS:
         raise ValueError(f"selection must be one of {SELECTIONS}, got {selection!r}")
-    return {"protocol": protocol(cfg), "folds": [int(f) for f in cfg.finetune.folds],
+    return {"corpus": str(getattr(cfg.data, "corpus", "iemocap")), "protocol": protocol(cfg),
+            "folds": [int(f) for f in cfg.finetune.folds],
             "val_split": str(cfg.finetune.val_split), "val_fraction": float(cfg.finetune.val_fraction),
             "label_fraction": float(cfg.finetune.label_fraction), "selection": selection}
 
@@ -45,6 +58,7 @@ def same_evaluation(entry: Dict[str, Any], wanted: Dict[str, Any]) -> bool:
         if value is None:
             continue
         have = entry.get(key)
+        have = LEGACY.get(key) if have is None else have
         if key == "folds":
             have, value = list(have or []), list(value)
         elif key in ("val_fraction", "label_fraction") and have is not None:

@@ -183,7 +183,7 @@ def _trial(config: Dict[str, Any], cfg_dict: Dict[str, Any], folds: List[int]) -
         f.write(time.strftime("%Y-%m-%dT%H:%M:%S") + "\n")
     results = [_selected(tcfg, fold) or run_fold(tcfg, fold, report_to_tune=True, score_test=False) for fold in folds]
     val = {k: float(sum(r[k] for r in results) / len(results)) for k in VAL_KEYS if all(k in r for r in results)}
-    val_sessions = sorted({_session(spk) for r in results for spk in r["val_speakers"]})
+    val_sessions = sorted({int(g) for r in results for g in r["val_sessions"]})
     ray.tune.report({**val, "val_sessions": json.dumps(val_sessions), "trial_dir": str(trial_dir), "done_trial": 1})
 
 
@@ -191,12 +191,8 @@ def _selected(cfg, fold: int) -> Optional[Dict[str, Any]]:
     """A fold this trial already trained and selected (a resumed trial), or None."""
     from serray.train.finetune import FOLD_SELECTION, _fold_path, _read_record, finetune_hash
 
-    return _read_record(storage.join(_fold_path(cfg, fold), FOLD_SELECTION), finetune_hash(cfg))
-
-
-def _session(speaker: str) -> int:
-    """The IEMOCAP session of a speaker id (``Ses03F`` -> 3)."""
-    return int(str(speaker)[3:5])
+    record = _read_record(storage.join(_fold_path(cfg, fold), FOLD_SELECTION), finetune_hash(cfg))
+    return record if record and "val_sessions" in record else None  # older records lack the guard's input
 
 
 # ---------------------------------------------------------------- the sweep

@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import soundfile as sf
 
@@ -91,3 +92,51 @@ def test_terminal_shows_compact_progress_and_ray_lines_go_to_the_log(pipeline):
         assert noise not in out
     log = (run / "logs" / "ray.log").read_text()
     assert "Configuration for experiment" in log  # Tune's box went to the log file
+
+
+def test_cross_corpus_evaluation_scores_a_registered_model_on_another_layout(pipeline, tmp_path):
+    """The IEMOCAP-layout model of the pipeline, scored on the synthetic corpus written as CREMA-D:
+    the target is featurized with the model's encoder and every group is tested (no official split)."""
+    from serray.cli import main
+
+    run, _ = pipeline
+    out = tmp_path / "on-cremad"
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        rc = main(["evaluate", f"registry.dir={run / 'registry'}", "data.corpus=crema-d", f"output_dir={out}",
+                   "synthetic.utterances_per_dialog=4", "synthetic.dialogs_per_session=2", "ray.progress_bars=false"])
+    assert rc == 0
+    entry = json.loads(next((run / "registry").glob("*/entry.json")).read_text())
+    res = out / "evaluate" / entry["id"]
+    metrics = json.loads((res / "metrics.json").read_text())
+    preds = pd.read_csv(res / "predictions.csv")
+    assert metrics["source"]["corpus"] == "iemocap" and metrics["target"]["corpus"] == "crema-d"
+    assert metrics["target"]["evaluation"] == "speaker-grouped 5-fold" and metrics["target"]["test_groups"] == [1, 2, 3, 4, 5]
+    manifest = pd.read_parquet(out / "manifest.parquet")
+    assert len(preds) == manifest["label"].isin(["neu", "hap", "sad", "ang"]).sum() == metrics["pooled"]["n_test"]
+    recall = preds.assign(ok=preds["label"] == preds["pred"]).groupby("label")["ok"].mean()
+    assert metrics["pooled"]["ua"] == pytest.approx(recall.mean())
+    assert sum(g["n_test"] for g in metrics["groups"]) == len(preds)
+    assert (res / "confusion_matrix.png").stat().st_size > 0 and "confusion" in buf.getvalue()
+
+
+def test_official_split_pipeline_on_the_msp_podcast_layout(ray_session, tmp_path):
+    """configs/msp-podcast.yaml end to end on the synthetic corpus in the MSP-Podcast layout: epochs
+    chosen on Development (group 2), Test1 (group 1) tested once, the split named in metrics.json."""
+    from serray.cli import main
+
+    out = tmp_path / "msp"
+    with contextlib.redirect_stdout(io.StringIO()):
+        rc = main(["pipeline", "--config", "configs/msp-podcast.yaml", f"output_dir={out}", *TINY[:2],
+                   "finetune.mode=none", "finetune.epochs=2", "finetune.folds=[1]", "finetune.attention_dim=16",
+                   "finetune.hidden_dim=16", "ray.progress_bars=false"])
+    assert rc == 0
+    metrics = json.loads((out / "finetune" / "metrics.json").read_text())
+    assert metrics["corpus"] == "msp-podcast" and metrics["evaluation"] == "official split"
+    assert [f["fold"] for f in metrics["folds"]] == [1]
+    selection = json.loads((out / "finetune" / "fold1" / "selection.json").read_text())
+    assert selection["val_sessions"] == [2]
+    manifest = pd.read_parquet(out / "manifest.parquet")
+    test = manifest[(manifest["session"] == 1) & manifest["label"].isin(["neu", "hap", "sad", "ang"])]
+    assert metrics["folds"][0]["n_test"] == len(test)
+    assert not set(test["speaker"]) & set(manifest.loc[manifest["session"] != 1, "speaker"])

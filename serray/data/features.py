@@ -257,9 +257,16 @@ class PadCollate(NumpyBatchCollateFn):
 
 def read_rows(features_dir: str | Path, sessions: Iterable[int], columns: Sequence[str] = ("utt_id", "label", "speaker")):
     """Small metadata columns of some sessions as a pandas frame (no features), sorted by ``utt_id``
-    (canonical: not the order the featurization happened to write them in)."""
+    (canonical: not the order the featurization happened to write them in), with each row's
+    ``session`` (fold group, from its partition). Columns the files do not store are left out."""
     import pandas as pd
 
+    from serray.data.stored import session_of
+
     columns = list(columns) if "utt_id" in columns else ["utt_id", *columns]
-    frames = [storage.parquet_file(f).read(columns=columns).to_pandas() for f in session_paths(features_dir, sessions)]
+    frames = []
+    for f in session_paths(features_dir, sessions):
+        pf = storage.parquet_file(f)
+        have = [c for c in columns if c in pf.schema_arrow.names]
+        frames.append(pf.read(columns=have).to_pandas().assign(session=session_of(f)))
     return pd.concat(frames, ignore_index=True).sort_values("utt_id", kind="stable").reset_index(drop=True)

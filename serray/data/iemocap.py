@@ -21,18 +21,15 @@ from __future__ import annotations
 import logging
 import math
 import re
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 import pandas as pd
 
+from serray.data.corpus import LABELS, MANIFEST_COLUMNS, Corpus, ManifestReport, cfg_get
 from serray.errors import DataError
 
 log = logging.getLogger(__name__)
-
-LABELS: Tuple[str, ...] = ("neu", "hap", "sad", "ang")
-"""The standard 4-class label set, in class-index order."""
 
 _UTT_LINE = re.compile(
     r"^\[(?P<start>\d+(?:\.\d+)?)\s*-\s*(?P<end>\d+(?:\.\d+)?)\]\t(?P<utt>\S+)\t(?P<label>\S+)\t"
@@ -40,57 +37,21 @@ _UTT_LINE = re.compile(
 )
 _UTT_ID = re.compile(r"^Ses(?P<session>0[1-5])(?P<lead>[FM])_(?P<method>impro|script)\w*_(?P<gender>[FM])\d+$")
 
-MANIFEST_COLUMNS = [
-    "utt_id", "session", "dialog", "method", "speaker", "gender", "raw_label", "label",
-    "valence", "activation", "dominance", "start", "end", "duration", "path",
-]
 
-
-@dataclass
-class ManifestReport:
-    """What the parser kept, dropped and could not find."""
-
-    kept: pd.DataFrame
-    dropped: Dict[Tuple[int, str], int] = field(default_factory=dict)  # (session, raw_label) -> count
-    missing_wav: List[str] = field(default_factory=list)  # label lines whose wav does not exist
-    malformed: List[str] = field(default_factory=list)  # "file:line: text" of unparseable utterance lines
-    unlabelled_kept: bool = False  # the `dropped` utterances are in `kept` with label "" (pre-training only)
-
-    def summary(self) -> str:
-        """A per-session x class table of kept 4-class utterances plus the drop / missing counts."""
-        df = self.kept
-        lines = ["IEMOCAP manifest: kept utterances per session x class"]
-        df = df[df["label"].isin(LABELS)]  # the table counts the 4 classes only
-        if len(df):
-            table = pd.crosstab(df["session"], df["label"]).reindex(columns=list(LABELS), fill_value=0)
-            table["total"] = table.sum(axis=1)
-            table.loc["total"] = table.sum(axis=0)
-            lines.append(table.to_string())
-        else:
-            lines.append("  (none)")
-        if self.dropped:
-            drop = pd.Series(self.dropped).unstack(fill_value=0)
-            drop.index.name, drop.columns.name = "session", "dropped"
-            drop["total"] = drop.sum(axis=1)
-            if self.unlabelled_kept:
-                lines.append(f"label outside the 4-class setup: {int(drop['total'].sum())}, "
-                             "kept with no 4-class label (pre-training only)")
-            else:
-                lines.append(f"dropped (label outside the 4-class setup): {int(drop['total'].sum())}")
-            lines.append(drop.to_string())
-        if self.missing_wav:
-            shown = ", ".join(self.missing_wav[:5]) + (" ..." if len(self.missing_wav) > 5 else "")
-            lines.append(f"label lines whose wav is missing (skipped): {len(self.missing_wav)}: {shown}")
-        if self.malformed:
-            lines.append(f"malformed utterance lines (skipped): {len(self.malformed)}: {self.malformed[0]}")
-        return "\n".join(lines)
-
-
-def label_map(merge_excited: bool = True) -> Dict[str, str]:
-    """Raw IEMOCAP label -> 4-class label; labels absent from the map are dropped (or kept unlabelled)."""
+def label_map(merge_excited: bool = True, overrides: Optional[Mapping[str, str]] = None) -> Dict[str, str]:
+    """Raw IEMOCAP label -> 4-class label; labels absent from the map are dropped (or kept unlabelled).
+    ``overrides`` (``data.label_map``) map more raw labels, or drop one with ``""``."""
     mapping = {"neu": "neu", "hap": "hap", "sad": "sad", "ang": "ang"}
     if merge_excited:
         mapping["exc"] = "hap"
+    for raw, cls in dict(overrides or {}).items():
+        cls = "" if cls is None else str(cls)
+        if cls and cls not in LABELS:
+            raise DataError(f"data.label_map: {raw!r} -> {cls!r}: a label maps to one of {list(LABELS)} or to '' (dropped)")
+        if cls:
+            mapping[str(raw)] = cls
+        else:
+            mapping.pop(str(raw), None)
     return mapping
 
 
@@ -147,7 +108,7 @@ def _line_problem(m: re.Match) -> Optional[str]:
 
 def build_manifest(
     root: str | Path, sessions: Sequence[int] = (1, 2, 3, 4, 5), merge_excited: bool = True,
-    keep_unlabelled: bool = False,
+    keep_unlabelled: bool = False, overrides: Optional[Mapping[str, str]] = None,
 ) -> ManifestReport:
     """Parse an IEMOCAP tree into a manifest of the 4-class utterances (or of every labelled one).
 
@@ -158,6 +119,7 @@ def build_manifest(
         keep_unlabelled: keep the utterances whose raw label is outside the 4-class map too, with
             ``label == ""`` and their ``raw_label`` (for pre-training; ``pretrain.use_unlabelled``).
             They are still counted in ``dropped`` (label outside the 4-class setup).
+        overrides: ``data.label_map`` entries (raw label -> class, or ``""`` to drop it).
 
     Returns:
         A :class:`ManifestReport` whose ``kept`` frame has :data:`MANIFEST_COLUMNS`, sorted by
@@ -168,7 +130,7 @@ def build_manifest(
     """
     root = Path(root).expanduser().resolve()
     check_layout(root, sessions)
-    mapping = label_map(merge_excited)
+    mapping = label_map(merge_excited, overrides)
     rows, dropped, missing, malformed = [], {}, [], []
     for session in sessions:
         files = _annotation_files(root, session)
@@ -224,6 +186,21 @@ def build_manifest(
     kept["session"] = kept["session"].astype("int64")
     return ManifestReport(kept=kept, dropped=dropped, missing_wav=missing, malformed=malformed,
                           unlabelled_kept=keep_unlabelled)
+
+
+def _build(root, data_cfg, keep_unlabelled: bool = False) -> ManifestReport:
+    return build_manifest(root, cfg_get(data_cfg, "sessions") or (1, 2, 3, 4, 5),
+                          cfg_get(data_cfg, "merge_excited", True), keep_unlabelled, cfg_get(data_cfg, "label_map"))
+
+
+#: IEMOCAP as a :class:`~serray.data.corpus.Corpus`: leave-one-session-out over its 5 sessions.
+CORPUS = Corpus(
+    name="iemocap", title="IEMOCAP", group_name="session", protocol="leave_one_session_out",
+    layout="IEMOCAP_full_release/Session{1..5}/{sentences/wav,dialog/EmoEvaluation}",
+    raw_labels={"neu": "neu", "hap": "hap", "exc": "hap", "sad": "sad", "ang": "ang", "fru": "", "sur": "",
+                "fea": "", "dis": "", "oth": "", "xxx": ""},
+    build=_build, groups=lambda data_cfg: [1, 2, 3, 4, 5],
+)
 
 
 def write_manifest(df: pd.DataFrame, path: str | Path) -> Path:

@@ -24,7 +24,7 @@ import math
 import shutil
 from collections import Counter
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
 import pandas as pd
@@ -172,10 +172,10 @@ def finetune_hash(cfg) -> str:
 
 def labelled_rows(cfg) -> pd.DataFrame:
     """utt_id / label / speaker / dialog / session of the four-class utterances of ``data.sessions``."""
-    rows = read_rows(cfg.features.dir, cfg.data.sessions, columns=("utt_id", "label", "speaker"))
+    rows = read_rows(cfg.features.dir, cfg.data.sessions, columns=("utt_id", "label", "speaker", "dialog"))
     rows = rows[rows["label"].isin(LABELS)].reset_index(drop=True)
-    rows["session"] = rows["speaker"].str.slice(3, 5).astype(int)
-    rows["dialog"] = rows["utt_id"].str.rsplit("_", n=1).str[0]
+    if str(cfg.data.corpus) == "iemocap":  # IEMOCAP's dialog is the utterance id without its turn
+        rows["dialog"] = rows["utt_id"].str.rsplit("_", n=1).str[0]
     return rows
 
 
@@ -188,12 +188,13 @@ def _holdout_groups(groups: pd.Series, fraction: float, seed: int) -> set:
 
 
 def split_fold(rows: pd.DataFrame, test_session: int, val_fraction: float, seed: int,
-               val_split: str = "random") -> Dict[str, pd.DataFrame]:
-    """Leave-one-session-out split: test = that session; train / val from the other sessions.
+               val_split: str = "random", val_groups: Sequence[int] = ()) -> Dict[str, pd.DataFrame]:
+    """Leave-one-group-out split: test = that fold group (an IEMOCAP session, a group of speakers,
+    one speaker, an official test set); train / val from the other groups.
 
     ``val_split``: ``speaker`` holds out whole speakers (validation shares no speaker with
     training), ``dialog`` whole dialogs (both speakers of a conversation), ``random`` a stratified
-    random share of the utterances.
+    random share of the utterances, ``group`` the groups ``val_groups`` (an official development set).
 
     Raises:
         AssertionError: a speaker of the test session appears in training or validation, or a
@@ -212,6 +213,10 @@ def split_fold(rows: pd.DataFrame, test_session: int, val_fraction: float, seed:
             rest = rest.assign(dialog=rest["utt_id"].str.rsplit("_", n=1).str[0])
         held = _holdout_groups(rest[key], val_fraction, rng_seed)
         val, train = rest[rest[key].isin(held)], rest[~rest[key].isin(held)]
+    elif val_split == "group":
+        if not val_groups or test_session in val_groups:
+            raise ValueError(f"val_split=group needs val_groups without the test group {test_session}, got {list(val_groups)}")
+        val, train = rest[rest["session"].isin(list(val_groups))], rest[~rest["session"].isin(list(val_groups))]
     elif val_split == "random":
         n_val = math.ceil(val_fraction * len(rest))  # sklearn's rounding of a float test_size
         counts = rest["label"].value_counts()
@@ -219,7 +224,7 @@ def split_fold(rows: pd.DataFrame, test_session: int, val_fraction: float, seed:
         train, val = train_test_split(rest, test_size=val_fraction, random_state=seed + test_session,
                                       stratify=rest["label"] if stratified else None)
     else:
-        raise ValueError(f"val_split must be speaker, dialog or random, got {val_split!r}")
+        raise ValueError(f"val_split must be speaker, dialog, random or group, got {val_split!r}")
     leak = set(test["speaker"]) & (set(train["speaker"]) | set(val["speaker"]))
     assert not leak, f"speaker leakage into fold {test_session}: {sorted(leak)}"
     if val_split == "speaker":
@@ -318,7 +323,8 @@ def check_adapter(cfg, feat_meta: dict, path: str) -> dict:
 def fold_split(cfg, fold: int) -> Dict[str, pd.DataFrame]:
     """The train / val / test rows of one fold (metadata only; training labels subsampled by
     ``finetune.label_fraction``)."""
-    split = split_fold(labelled_rows(cfg), fold, cfg.finetune.val_fraction, cfg.seed, cfg.finetune.val_split)
+    split = split_fold(labelled_rows(cfg), fold, cfg.finetune.val_fraction, cfg.seed, cfg.finetune.val_split,
+                       list(cfg.finetune.val_groups))
     if cfg.finetune.label_fraction < 1.0:
         split["train"] = subsample_labels(split["train"], cfg.finetune.label_fraction, cfg.seed * 7919 + fold)
     return split
@@ -394,7 +400,8 @@ def _run_fold(cfg, fold: int, report_to_tune: bool = False, report_pretrain: boo
                  **{k: float(best_metrics[k]) for k in ("val_ua", "val_wa", "val_macro_f1", "val_loss") if k in best_metrics},
                  "epochs_run": len(history), "config_hash": fhash, "seed": cfg.seed,
                  "pretrain_sessions": audit["pretrain_sessions"], "stats_sessions": audit["stats_sessions"],
-                 "val_speakers": sorted(set(split["val"]["speaker"])), "protocol": audit["protocol"],
+                 "val_speakers": sorted(set(split["val"]["speaker"])),
+                 "val_sessions": sorted(int(g) for g in set(split["val"]["session"])), "protocol": audit["protocol"],
                  "val_split": tcfg.val_split, "label_fraction": float(tcfg.label_fraction), "history": history}
     with storage.staged(fold_dir) as local:  # a URI: written locally, uploaded when the fold is complete
         model_dir = local / "model"
@@ -613,12 +620,18 @@ def write_loso(cfg, folds: List[Dict[str, Any]], out_dir: str, extra: Optional[D
     from serray.config import save_config
     from serray.train.results import write_results
 
-    title = f"leave-one-session-out, mode={cfg.finetune.mode}, encoder={cfg.encoder.name}, protocol={protocol(cfg)}"
+    from serray.protocol import corpus_protocol
+
+    where = corpus_protocol(cfg)
+    title = (f"{where['evaluation']}, corpus={where['corpus']}, mode={cfg.finetune.mode}, encoder={cfg.encoder.name}, "
+             f"protocol={protocol(cfg)}") if where["corpus"] != "iemocap" else \
+        f"leave-one-session-out, mode={cfg.finetune.mode}, encoder={cfg.encoder.name}, protocol={protocol(cfg)}"
     with storage.staged(out_dir) as out:
         save_config(cfg, out)
         return write_results(folds, out, {"mode": cfg.finetune.mode, "encoder": cfg.encoder.name,
                                           "protocol": protocol(cfg), "config_hash": config_hash or finetune_hash(cfg),
-                                          "title": title, **(extra or {})},
+                                          "title": title, **where, "folds_tested": [int(f) for f in cfg.finetune.folds],
+                                          **(extra or {})},
                              folds_dir=storage.absolute(out_dir))
 
 

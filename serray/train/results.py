@@ -38,7 +38,8 @@ def summarise(folds: List[Dict[str, Any]]) -> Dict[str, Any]:
 def markdown_table(summary: Dict[str, Any], title: str = "") -> str:
     """A paper-style table in percent: one row per fold and a mean ± sd (sample, n − 1) row."""
     lines = [f"### {title}", ""] if title else []
-    lines += ["| fold (test session) | n_test | UA % | WA % | macro-F1 % |", "|---|---:|---:|---:|---:|"]
+    lines += [f"| fold (test {summary.get('group_name', 'session')}) | n_test | UA % | WA % | macro-F1 % |",
+              "|---|---:|---:|---:|---:|"]
     for f in summary["folds"]:
         lines.append(f"| {f['fold']} | {f['n_test']} | {100 * f['ua']:.2f} | {100 * f['wa']:.2f} | {100 * f['macro_f1']:.2f} |")
     m, s = summary["mean"], summary["std"]
@@ -92,7 +93,7 @@ def _plot_confusion(cm: np.ndarray, path: Path, summary: Dict[str, Any]) -> None
             ax.text(j, i, f"{norm[i, j]:.2f}\n({cm[i, j]})", ha="center", va="center", fontsize=7,
                     color="white" if norm[i, j] > 0.5 else "black")
     m = summary["mean"]
-    ax.set_title(f"LOSO, all folds: UA {100 * m['ua']:.1f}  WA {100 * m['wa']:.1f}  F1 {100 * m['macro_f1']:.1f}", fontsize=8)
+    ax.set_title(f"{summary.get('plot_title', 'LOSO, all folds')}: UA {100 * m['ua']:.1f}  WA {100 * m['wa']:.1f}  F1 {100 * m['macro_f1']:.1f}", fontsize=8)
     fig.colorbar(im, ax=ax, fraction=0.046)
     fig.tight_layout()
     fig.savefig(path, dpi=120)

@@ -1,0 +1,330 @@
+"""What a corpus is to serray: a root directory turned into the manifest table, a label map to the
+four classes, and an evaluation protocol expressed as integer *fold groups*.
+
+Every corpus module (:mod:`serray.data.iemocap`, :mod:`serray.data.crema_d`,
+:mod:`serray.data.ravdess`, :mod:`serray.data.emodb`, :mod:`serray.data.msp_podcast`,
+:mod:`serray.data.labelled_csv`) defines one :class:`Corpus`; :mod:`serray.data.corpora` looks them
+up by ``data.corpus``. Downstream code sees only the manifest:
+
+* ``session`` is the **fold group** (1..K), the unit the protocol holds out: an IEMOCAP session, a
+  group of actors of a speaker-grouped k-fold, one speaker of leave-one-speaker-out, or a part of an
+  official split (MSP-Podcast: 1 = Test1, 2 = Development, 3 = Train). Features are partitioned by
+  it, folds hold one group out, and the audit checks that no speaker of the held-out group reaches
+  training.
+* ``speaker`` is always the true speaker (never a dialog or a recording prefix), ``gender`` ``F`` /
+  ``M`` or ``""`` when unknown.
+* ``raw_label`` is the corpus's own label, ``label`` its class among :data:`LABELS` (``""``: no
+  class; kept for pre-training only when ``pretrain.use_unlabelled``).
+
+Label maps are explicit: a corpus declares every raw label it can hold, each mapped to a class or
+dropped (``""``); ``data.label_map`` overrides entries (``{calm: neu}``). A raw label the map does not
+list is an error naming it and where it occurs, never a silent filter.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
+
+import pandas as pd
+
+from serray.errors import DataError
+
+log = logging.getLogger(__name__)
+
+LABELS: Tuple[str, ...] = ("neu", "hap", "sad", "ang")
+"""The standard 4-class label set, in class-index order."""
+
+MANIFEST_COLUMNS = [
+    "utt_id", "session", "dialog", "method", "speaker", "gender", "raw_label", "label",
+    "valence", "activation", "dominance", "start", "end", "duration", "path",
+]
+
+#: Evaluation protocols a corpus can declare (``metrics.json`` names the one a run used).
+PROTOCOLS = {
+    "leave_one_session_out": "leave-one-session-out",
+    "speaker_kfold": "speaker-grouped {k}-fold",
+    "leave_one_speaker_out": "leave-one-speaker-out",
+    "official_split": "official split",
+}
+
+
+@dataclass
+class ManifestReport:
+    """What a parser kept, dropped and could not find."""
+
+    kept: pd.DataFrame
+    dropped: Dict[Tuple[int, str], int] = field(default_factory=dict)  # (group, raw_label) -> count
+    missing_wav: List[str] = field(default_factory=list)  # labelled utterances whose audio does not exist
+    malformed: List[str] = field(default_factory=list)  # "where: text" of unparseable entries
+    unlabelled_kept: bool = False  # the `dropped` utterances are in `kept` with label "" (pre-training only)
+    corpus: str = "IEMOCAP"
+    group_name: str = "session"
+    ignored: Dict[str, int] = field(default_factory=dict)  # decoys skipped on purpose (reason -> count)
+    notes: List[str] = field(default_factory=list)  # what a user must know about these folds
+
+    def summary(self) -> str:
+        """A per-group x class table of kept 4-class utterances plus the drop / missing counts."""
+        df = self.kept
+        lines = [f"{self.corpus} manifest: kept utterances per {self.group_name} x class"]
+        df = df[df["label"].isin(LABELS)]  # the table counts the 4 classes only
+        if len(df):
+            table = pd.crosstab(df["session"], df["label"]).reindex(columns=list(LABELS), fill_value=0)
+            table.index.name = self.group_name
+            table["total"] = table.sum(axis=1)
+            table.loc["total"] = table.sum(axis=0)
+            lines.append(table.to_string())
+        else:
+            lines.append("  (none)")
+        if self.dropped:
+            drop = pd.Series(self.dropped).unstack(fill_value=0)
+            drop.index.name, drop.columns.name = self.group_name, "dropped"
+            drop["total"] = drop.sum(axis=1)
+            if self.unlabelled_kept:
+                lines.append(f"label outside the 4-class setup: {int(drop['total'].sum())}, "
+                             "kept with no 4-class label (pre-training only)")
+            else:
+                lines.append(f"dropped (label outside the 4-class setup): {int(drop['total'].sum())}")
+            lines.append(drop.to_string())
+        if self.missing_wav:
+            shown = ", ".join(self.missing_wav[:5]) + (" ..." if len(self.missing_wav) > 5 else "")
+            lines.append(f"labelled utterances whose wav is missing (skipped): {len(self.missing_wav)}: {shown}")
+        if self.malformed:
+            lines.append(f"malformed utterance lines (skipped): {len(self.malformed)}: {self.malformed[0]}")
+        if self.ignored:
+            lines.append("ignored: " + ", ".join(f"{n} {why}" for why, n in sorted(self.ignored.items())))
+        lines += [f"note: {n}" for n in self.notes]
+        return "\n".join(lines)
+
+
+@dataclass(frozen=True)
+class Corpus:
+    """One corpus: how to read its release, its labels and its protocol.
+
+    Attributes:
+        name: the ``data.corpus`` value.
+        title: the name printed in tables.
+        layout: what a root of this corpus holds (quoted when a root does not match).
+        protocol: a key of :data:`PROTOCOLS`.
+        raw_labels: every raw label the release can hold -> its default class (``""``: dropped).
+        build: ``build(root, data_cfg, keep_unlabelled) -> ManifestReport``.
+        groups: ``groups(data_cfg) -> [fold groups]`` (the default ``data.sessions``).
+        test_groups: ``test_groups(data_cfg) -> [groups a fold tests]`` (the default ``finetune.folds``).
+        group_name: what a fold group is called in tables (``session``, ``fold``, ``speaker``, ``split``).
+        extra_groups: groups outside the default ``data.sessions`` that a run may add (MSP-Podcast's Test2).
+    """
+
+    name: str
+    title: str
+    layout: str
+    protocol: str
+    raw_labels: Mapping[str, str]
+    build: Callable[..., ManifestReport]
+    groups: Callable[[Any], List[int]]
+    test_groups: Optional[Callable[[Any], List[int]]] = None
+    group_name: str = "fold"
+    extra_groups: Tuple[int, ...] = ()  # groups a run may list in data.sessions beyond the default ones
+
+    def evaluation_name(self, data_cfg) -> str:
+        """The protocol in words, e.g. ``speaker-grouped 5-fold``."""
+        return PROTOCOLS[self.protocol].format(k=len(self.groups(data_cfg)))
+
+    def default_folds(self, data_cfg) -> List[int]:
+        return list(self.test_groups(data_cfg)) if self.test_groups else list(self.groups(data_cfg))
+
+
+def cfg_get(data_cfg, key: str, default=None):
+    """``data_cfg.key`` for a DictConfig, a dict or a namespace (tests pass plain ones)."""
+    if isinstance(data_cfg, Mapping):
+        return data_cfg.get(key, default)
+    return getattr(data_cfg, key, default)
+
+
+def kfold_groups(data_cfg) -> List[int]:
+    """Groups 1..``data.num_folds`` of a speaker-grouped k-fold."""
+    return list(range(1, int(cfg_get(data_cfg, "num_folds", 5) or 5) + 1))
+
+
+# ---------------------------------------------------------------- labels
+
+
+def label_map(corpus: Corpus, overrides: Optional[Mapping[str, str]] = None) -> Dict[str, str]:
+    """The corpus's raw label -> class map (``""``: dropped) with ``data.label_map`` applied.
+
+    Raises:
+        DataError: an override maps to something other than one of :data:`LABELS` or ``""``.
+    """
+    mapping = dict(corpus.raw_labels)
+    for raw, cls in dict(overrides or {}).items():
+        cls = "" if cls is None else str(cls)
+        if cls not in LABELS and cls != "":
+            raise DataError(f"data.label_map: {raw!r} -> {cls!r}: a label maps to one of {list(LABELS)} "
+                            f"or to '' (dropped)")
+        mapping[str(raw)] = cls
+    return mapping
+
+
+def check_labels(raws: Iterable[Tuple[str, str]], mapping: Mapping[str, str], corpus: str) -> None:
+    """Fail on raw labels the map does not list: ``raws`` holds ``(raw_label, where)`` pairs.
+
+    Raises:
+        DataError: naming each unknown label, how often and where it first occurs, and the fix.
+    """
+    unknown: Dict[str, List[str]] = {}
+    for raw, where in raws:
+        if raw not in mapping:
+            unknown.setdefault(raw, []).append(where)
+    if unknown:
+        parts = [f"{raw!r} ({len(w)}x, e.g. {w[0]})" for raw, w in sorted(unknown.items())]
+        raise DataError(
+            f"{corpus}: labels the label map does not list: {', '.join(parts[:8])}"
+            f"{' ...' if len(parts) > 8 else ''}. Map each to one of {list(LABELS)} or drop it with '', "
+            f"e.g. data.label_map={{{next(iter(sorted(unknown)))}: ''}} (known: {sorted(mapping)})")
+
+
+# ---------------------------------------------------------------- folds
+
+
+def speaker_folds(speakers: Mapping[str, str], k: int, corpus: str) -> Dict[str, int]:
+    """Speaker-grouped k-fold: speaker -> group 1..k, deterministic from the speaker ids alone.
+
+    Speakers are ordered by gender then id and dealt round-robin, so each group gets both genders
+    when the corpus has them and the groups differ in size by at most one speaker.
+
+    Raises:
+        DataError: fewer speakers than folds.
+    """
+    if k < 2:
+        raise DataError(f"{corpus}: data.num_folds must be at least 2, got {k}")
+    order = sorted(speakers, key=lambda s: (str(speakers[s] or ""), s))
+    if len(order) < k:
+        raise DataError(f"{corpus}: {len(order)} speakers cannot make {k} speaker-disjoint folds "
+                        f"(set data.num_folds to at most {len(order)})")
+    return {spk: i % k + 1 for i, spk in enumerate(order)}
+
+
+# ---------------------------------------------------------------- files
+
+
+def check_root(root: str | Path, corpus: Corpus) -> Path:
+    """The root as an absolute directory, or a DataError naming the expected layout."""
+    path = Path(root).expanduser()
+    if not path.exists():
+        raise DataError(f"{corpus.title} root not found: {path} (set data.root or --root to a directory laid out as "
+                        f"{corpus.layout})")
+    if not path.is_dir():
+        raise DataError(f"{corpus.title} root is not a directory: {path} (expected {corpus.layout})")
+    return path.resolve()
+
+
+def no_match(root: Path, corpus: Corpus, what: str) -> DataError:
+    """The error for a root that holds none of the corpus's files: what was expected, what was found."""
+    found = sorted(p.name + ("/" if p.is_dir() else "") for p in root.iterdir() if not p.name.startswith("."))
+    shown = ", ".join(found[:10]) + (" ..." if len(found) > 10 else "")
+    return DataError(f"{root} is not a {corpus.title} release: expected {corpus.layout}; {what} "
+                     f"(found: {shown or 'nothing'}; data.corpus={corpus.name})")
+
+
+def is_decoy(name: str) -> bool:
+    """macOS AppleDouble companions (``._x.wav``), ``.DS_Store`` and other hidden files."""
+    return name.startswith(".")
+
+
+def walk_files(root: Path, suffixes: Sequence[str] = (".wav",)) -> Tuple[List[Path], Dict[str, int]]:
+    """Files under ``root`` with one of ``suffixes`` (case-insensitive), sorted; ``__MACOSX`` trees and
+    hidden files skipped and counted."""
+    out, ignored = [], {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        if "__MACOSX" in dirnames:
+            ignored["__MACOSX entries"] = ignored.get("__MACOSX entries", 0) + sum(
+                len(f) for _, _, f in os.walk(Path(dirpath) / "__MACOSX"))
+        dirnames[:] = sorted(d for d in dirnames if d != "__MACOSX" and not d.startswith("."))
+        for name in filenames:
+            if not name.lower().endswith(tuple(suffixes)):
+                continue
+            if is_decoy(name):
+                ignored["hidden / AppleDouble files"] = ignored.get("hidden / AppleDouble files", 0) + 1
+                continue
+            out.append(Path(dirpath) / name)
+    return sorted(out), ignored
+
+
+LFS_MAGIC = b"version https://git-lfs"
+
+
+def is_lfs_pointer(path: Path) -> bool:
+    """A Git LFS pointer file (a clone without LFS or a GitHub zip) instead of the audio."""
+    try:
+        with open(path, "rb") as f:
+            return f.read(len(LFS_MAGIC)) == LFS_MAGIC
+    except OSError:
+        return False
+
+
+def duration(path: Path) -> float:
+    """Seconds of audio from the file header (NaN when the header cannot be read)."""
+    import soundfile as sf
+
+    try:
+        info = sf.info(str(path))
+        return round(info.frames / info.samplerate, 4) if info.samplerate else math.nan
+    except Exception:  # an unreadable header: featurization reports the file, the manifest keeps going
+        return math.nan
+
+
+def row(utt_id: str, group: int, speaker: str, gender: str, raw: str, label: str, path: Path, *,
+        dialog: str = "", method: str = "", vad: Tuple[float, float, float] = (math.nan,) * 3,
+        dur: Optional[float] = None) -> dict:
+    """One manifest row (``start`` 0, ``end`` = ``duration`` from the header unless given)."""
+    d = duration(path) if dur is None else dur
+    return {"utt_id": utt_id, "session": int(group), "dialog": dialog, "method": method, "speaker": speaker,
+            "gender": gender, "raw_label": raw, "label": label, "valence": vad[0], "activation": vad[1],
+            "dominance": vad[2], "start": 0.0, "end": d, "duration": d, "path": str(path)}
+
+
+def finish(rows: List[dict], report_kw: dict) -> ManifestReport:
+    """The manifest frame (:data:`MANIFEST_COLUMNS`, sorted by ``utt_id``, one row per id) and its report."""
+    kept = pd.DataFrame(rows, columns=MANIFEST_COLUMNS)
+    dup = int(kept["utt_id"].duplicated().sum())
+    if dup:
+        log.warning("%d duplicate utterance ids kept once", dup)
+    kept = kept.drop_duplicates("utt_id").sort_values("utt_id", ignore_index=True)
+    kept["session"] = kept["session"].astype("int64")
+    for c in ("valence", "activation", "dominance", "start", "end", "duration"):
+        kept[c] = kept[c].astype("float64")
+    return ManifestReport(kept=kept, **report_kw)
+
+
+def labelled_rows(entries: Iterable[dict], mapping: Mapping[str, str], keep_unlabelled: bool,
+                  corpus: Corpus, report_kw: dict) -> ManifestReport:
+    """Apply the label map to parsed entries (each a :func:`row` dict plus ``where``), count drops and
+    missing audio, and build the report. Unknown raw labels are an error (:func:`check_labels`)."""
+    entries = list(entries)
+    check_labels(((e["raw_label"], e.pop("where")) for e in entries), mapping, corpus.title)
+    rows, dropped, missing = [], {}, []
+    lfs = []
+    for e in entries:
+        cls = mapping[e["raw_label"]]
+        if not cls:
+            key = (e["session"], e["raw_label"])
+            dropped[key] = dropped.get(key, 0) + 1
+            if not keep_unlabelled:
+                continue
+        if not Path(e["path"]).is_file():
+            missing.append(e["utt_id"])
+            continue
+        if is_lfs_pointer(Path(e["path"])):
+            lfs.append(e["path"])
+            continue
+        rows.append({**e, "label": cls})
+    if lfs:
+        raise DataError(f"{corpus.title}: {len(lfs)} audio files are Git LFS pointers, not audio (e.g. {lfs[0]}): "
+                        "the release was cloned without LFS or downloaded as a zip; run `git lfs pull` in it")
+    if missing:
+        log.warning("%d labelled utterances have no audio (skipped), e.g. %s", len(missing), missing[0])
+    return finish(rows, {**report_kw, "dropped": dropped, "missing_wav": missing, "unlabelled_kept": keep_unlabelled,
+                         "corpus": corpus.title, "group_name": corpus.group_name})

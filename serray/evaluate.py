@@ -1,0 +1,128 @@
+"""Cross-corpus evaluation: a registered model scored on another corpus's test split.
+
+``serray evaluate registry.dir=runs/iemocap/registry data.corpus=crema-d data.root=/data/CREMA-D
+output_dir=runs/on-cremad`` builds the target's manifest, featurizes it with the model's own frozen
+encoder (its identity comes from the model, so features cannot be mixed), and predicts the
+four-class utterances of the target's test groups (``finetune.folds``: the official test set of a
+corpus that has one, MSP-Podcast's Test1; every group of a corpus without one, since a model from
+another corpus never saw any of its speakers). Nothing of the target reaches the model: it is used
+as registered, its normalisation statistics are its training folds'.
+
+Writes ``<output_dir>/evaluate/<model id>/``: ``metrics.json`` (UA / WA / macro-F1 over the target's
+test utterances, per test group and pooled, the source and target corpora and protocols),
+``predictions.csv``, ``confusion_matrix.png`` and ``results.md``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Callable, Dict, Optional
+
+import numpy as np
+import pandas as pd
+
+from serray import storage
+
+
+def model_encoder_overrides(features: Dict[str, Any], model_dir: Path) -> list:
+    """``encoder.*`` overrides that make the target's features with the model's encoder."""
+    from serray.train.checkpoint import ENCODER_DIR
+
+    name = str(features["encoder"])
+    bundled = model_dir / ENCODER_DIR
+    if name != "fbank" and (bundled / "config.json").is_file() and not Path(name).is_dir():
+        name = str(bundled)
+    out = [f"encoder.name={name}", f"encoder.layers={json.dumps(list(features.get('layers') or []))}",
+           f"encoder.sample_rate={int(features.get('sample_rate', 16000))}"]
+    if name == "fbank":
+        out.append(f"encoder.num_mel_bins={int(features['dim'])}")
+    return out
+
+
+def score(preds: pd.DataFrame, labels) -> Dict[str, Any]:
+    """UA / WA / macro-F1 (fractions) of a predictions frame, pooled and per test group."""
+    from serray.train.metrics import classification_metrics
+
+    index = {l: i for i, l in enumerate(labels)}
+
+    def metrics(df):
+        m = classification_metrics([index[l] for l in df["label"]], [index[l] for l in df["pred"]])
+        return {k: float(m[k]) for k in ("ua", "wa", "macro_f1")} | {"n_test": int(len(df))}
+
+    return {"pooled": metrics(preds),
+            "groups": [{"group": int(g), **metrics(df)} for g, df in preds.groupby("session", sort=True)]}
+
+
+def run_evaluate(cfg, model: Optional[str] = None, echo: Callable[[str], Any] = print) -> Dict[str, Any]:
+    """Score registry entry ``model`` (id; None: the best by validation UA) on the config's corpus."""
+    from serray.config import derive, save_config
+    from serray.data.featurize import featurize, featurize_summary
+    from serray.data.features import session_paths
+    from serray.pipeline import prepare_corpus
+    from serray.predict import Predictor
+    from serray.protocol import corpus_protocol
+    from serray.registry import entry_evaluation, get_entry, model_dir
+    from serray.train.finetune import labelled_rows
+    from serray.train.metrics import confusion
+    from serray.train.results import _plot_confusion
+
+    entry = get_entry(cfg.registry.dir, model, {"selection": None})
+    local = model_dir(entry)
+    predictor = Predictor.from_checkpoint(local)
+    cfg = derive(cfg, model_encoder_overrides(predictor.features, Path(local)))
+    source = entry_evaluation(entry)
+    target = corpus_protocol(cfg)
+    folds = [int(f) for f in cfg.finetune.folds]
+    echo(f"model {entry['id']} (trained on {source.get('corpus') or 'iemocap'}, encoder "
+         f"{predictor.features['encoder']}) -> {target['corpus']} ({storage.describe(cfg.data.root)}), test "
+         f"{target['group_name']}s {folds}")
+    prepare_corpus(cfg, echo)
+    echo(featurize_summary(featurize(cfg)))
+    rows = labelled_rows(cfg)
+    rows = rows[rows["session"].isin(folds)]
+    if rows.empty:
+        from serray.errors import DataError
+
+        raise DataError(f"{target['corpus']} has no four-class utterances in test groups {folds}")
+    preds = predictor.predict_parquet(session_paths(cfg.features.dir, folds), utt_ids=rows["utt_id"].tolist())
+    preds = preds.merge(rows[["utt_id", "session"]], on="utt_id").sort_values("utt_id", ignore_index=True)
+    result = score(preds, predictor.labels)
+    out = Path(cfg.output_dir) / "evaluate" / entry["id"]
+    out.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, out)
+    summary = {"model": entry["id"], "source": {k: source.get(k) for k in ("corpus", "protocol", "folds")},
+               "target": {**target, "root": storage.describe(cfg.data.root), "test_groups": folds},
+               "labels": list(predictor.labels), **result,
+               "mean": {k: result["pooled"][k] for k in ("ua", "wa", "macro_f1")},
+               "plot_title": f"{entry['id']} on {target['corpus']}"}
+    storage.write_text(out / "metrics.json", json.dumps(summary, indent=2))
+    preds.to_csv(out / "predictions.csv", index=False)
+    index = {l: i for i, l in enumerate(predictor.labels)}
+    cm = confusion([index[l] for l in preds["label"]], [index[l] for l in preds["pred"]], len(predictor.labels))
+    _plot_confusion(cm, out / "confusion_matrix.png", summary)
+    summary["confusion"] = cm.tolist()
+    text = markdown(summary)
+    storage.write_text(out / "results.md", text)
+    echo(text)
+    echo(f"results in {out}: metrics.json, results.md, predictions.csv, confusion_matrix.png")
+    return summary
+
+
+def markdown(summary: Dict[str, Any]) -> str:
+    """The cross-corpus table: per test group and pooled, and the confusion counts."""
+    labels = summary["labels"]
+    t = summary["target"]
+    lines = [f"### model {summary['model']} ({summary['source'].get('corpus') or 'iemocap'}) on {t['corpus']} "
+             f"({t['evaluation']}, test {t['group_name']}s {t['test_groups']})", "",
+             f"| test {t['group_name']} | n_test | UA % | WA % | macro-F1 % |", "|---|---:|---:|---:|---:|"]
+    for g in summary["groups"]:
+        lines.append(f"| {g['group']} | {g['n_test']} | {100 * g['ua']:.2f} | {100 * g['wa']:.2f} | {100 * g['macro_f1']:.2f} |")
+    p = summary["pooled"]
+    lines.append(f"| **pooled** | {p['n_test']} | {100 * p['ua']:.2f} | {100 * p['wa']:.2f} | {100 * p['macro_f1']:.2f} |")
+    cm = np.asarray(summary.get("confusion", []))
+    if cm.size:
+        lines += ["", "confusion (rows: true, columns: predicted)", "",
+                  "| | " + " | ".join(labels) + " |", "|---|" + "---:|" * len(labels)]
+        lines += [f"| {labels[i]} | " + " | ".join(str(int(v)) for v in cm[i]) + " |" for i in range(len(labels))]
+    return "\n".join(lines) + "\n"
