@@ -63,7 +63,7 @@ def run_evaluate(cfg, model: Optional[str] = None, echo: Callable[[str], Any] = 
     from serray.predict import Predictor
     from serray.protocol import corpus_protocol
     from serray.registry import entry_evaluation, get_entry, model_dir
-    from serray.train.finetune import labelled_rows
+    from serray.train.folds import labelled_rows
     from serray.train.metrics import confusion
     from serray.train.results import _plot_confusion
 

@@ -288,7 +288,7 @@ def _reference_arms(cfg, seeds: List[int], folds: List[int], echo):
     import numpy as np
 
     from serray.data.iemocap import LABELS
-    from serray.train.finetune import fold_split, labelled_rows
+    from serray.train.folds import fold_split, labelled_rows
 
     arms = [a for a in cfg.ablate.arms if a in REFERENCE_ARMS]
     if not arms:

@@ -1,8 +1,10 @@
-"""SER fine-tuning and the paper's evaluation: SAP + classifier, 5-fold leave-one-session-out.
+"""SER fine-tuning and the paper's evaluation: SAP + classifier, one fold per held-out group of the
+corpus's protocol (IEMOCAP: 5-fold leave-one-session-out).
 
-Each fold trains on four sessions, selects the epoch on a validation part held out from those
-sessions (``finetune.val_split``: whole speakers by default, so validation shares no speaker with
-training), and scores its held-out test session exactly once, with the selected checkpoint.
+Each fold trains on the other groups, selects the epoch on a validation part held out from them
+(``finetune.val_split``: whole speakers by default, so validation shares no speaker with training;
+or an official development set), and scores its held-out test group exactly once, with the selected
+checkpoint. The splits, the pre-training pool and the audit live in :mod:`serray.train.folds`.
 
 Protocol (see ``docs/protocol.md``): with ``pretrain.per_fold=true`` (*inductive*, the default) the
 fold's adapter is pre-trained on the fold's pool only (:mod:`serray.train.pretrain`), and every arm
@@ -20,11 +22,10 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import shutil
 from collections import Counter
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional
 
 import numpy as np
 import pandas as pd
@@ -33,7 +34,7 @@ import torch.nn.functional as F
 
 from serray import storage
 from serray.config import OPERATIONAL_KEYS, as_dict, section_hash, to_yaml
-from serray.data.features import LABEL_INDEX, PadCollate, read_rows, session_paths, training_data
+from serray.data.features import LABEL_INDEX, PadCollate, session_paths, training_data
 from serray.data.featurize import feature_identity, feature_stats
 from serray.data.iemocap import LABELS
 from serray.errors import DataError
@@ -43,7 +44,9 @@ from serray.protocol import evaluation, protocol  # noqa: F401  (protocol: re-ex
 from serray.train.checkpoint import META_FILE, MODEL_KEY, load_checkpoint
 from serray.train.loop import eval_batches, fit, run_seed, steps_per_epoch
 from serray.train.metrics import classification_metrics
-from serray.train.pretrain import adapter_kwargs, adapter_path, check_features, pool_sessions, run_pretrain
+from serray.train.folds import (audit_fold, fold_split, labelled_rows, pool_sessions, split_fold,  # noqa: F401
+                                subsample_labels)  # (re-exported: the stages' public names)
+from serray.train.pretrain import adapter_kwargs, adapter_path, check_features, run_pretrain
 
 log = logging.getLogger(__name__)
 
@@ -170,108 +173,6 @@ def finetune_hash(cfg) -> str:
     return section_hash(cfg, *keys, exclude=OPERATIONAL_KEYS + FOLD_NEUTRAL_KEYS)
 
 
-def labelled_rows(cfg) -> pd.DataFrame:
-    """utt_id / label / speaker / dialog / session of the four-class utterances of ``data.sessions``."""
-    rows = read_rows(cfg.features.dir, cfg.data.sessions, columns=("utt_id", "label", "speaker", "dialog"))
-    rows = rows[rows["label"].isin(LABELS)].reset_index(drop=True)
-    if str(cfg.data.corpus) == "iemocap":  # IEMOCAP's dialog is the utterance id without its turn
-        rows["dialog"] = rows["utt_id"].str.rsplit("_", n=1).str[0]
-    return rows
-
-
-def _holdout_groups(groups: pd.Series, fraction: float, seed: int) -> set:
-    """``round(fraction x #groups)`` (at least 1) groups drawn with the seed."""
-    names = sorted(set(groups))
-    n = min(len(names) - 1, max(1, int(round(fraction * len(names)))))
-    rng = np.random.default_rng(seed)
-    return set(rng.choice(names, size=n, replace=False).tolist()) if n > 0 else set()
-
-
-def split_fold(rows: pd.DataFrame, test_session: int, val_fraction: float, seed: int,
-               val_split: str = "random", val_groups: Sequence[int] = ()) -> Dict[str, pd.DataFrame]:
-    """Leave-one-group-out split: test = that fold group (an IEMOCAP session, a group of speakers,
-    one speaker, an official test set); train / val from the other groups.
-
-    ``val_split``: ``speaker`` holds out whole speakers (validation shares no speaker with
-    training), ``dialog`` whole dialogs (both speakers of a conversation), ``random`` a stratified
-    random share of the utterances, ``group`` the groups ``val_groups`` (an official development set).
-
-    Raises:
-        AssertionError: a speaker of the test session appears in training or validation, or a
-            validation speaker in training under ``val_split=speaker``.
-    """
-    from sklearn.model_selection import train_test_split
-
-    if "session" not in rows:
-        rows = rows.assign(session=rows["speaker"].str.slice(3, 5).astype(int))
-    test = rows[rows["session"] == test_session]
-    rest = rows[rows["session"] != test_session]
-    rng_seed = seed * 1009 + test_session
-    if val_split in ("speaker", "dialog"):
-        key = "speaker" if val_split == "speaker" else "dialog"
-        if key == "dialog" and "dialog" not in rest:
-            rest = rest.assign(dialog=rest["utt_id"].str.rsplit("_", n=1).str[0])
-        held = _holdout_groups(rest[key], val_fraction, rng_seed)
-        val, train = rest[rest[key].isin(held)], rest[~rest[key].isin(held)]
-    elif val_split == "group":
-        if not val_groups or test_session in val_groups:
-            raise ValueError(f"val_split=group needs val_groups without the test group {test_session}, got {list(val_groups)}")
-        val, train = rest[rest["session"].isin(list(val_groups))], rest[~rest["session"].isin(list(val_groups))]
-    elif val_split == "random":
-        n_val = math.ceil(val_fraction * len(rest))  # sklearn's rounding of a float test_size
-        counts = rest["label"].value_counts()
-        stratified = counts.min() >= 2 and n_val >= len(counts) and len(rest) - n_val >= len(counts)
-        train, val = train_test_split(rest, test_size=val_fraction, random_state=seed + test_session,
-                                      stratify=rest["label"] if stratified else None)
-    else:
-        raise ValueError(f"val_split must be speaker, dialog, random or group, got {val_split!r}")
-    leak = set(test["speaker"]) & (set(train["speaker"]) | set(val["speaker"]))
-    assert not leak, f"speaker leakage into fold {test_session}: {sorted(leak)}"
-    if val_split == "speaker":
-        shared = set(val["speaker"]) & set(train["speaker"])
-        assert not shared, f"validation speakers also in training for fold {test_session}: {sorted(shared)}"
-    return {"train": train.sort_values("utt_id"), "val": val.sort_values("utt_id"), "test": test.sort_values("utt_id")}
-
-
-def subsample_labels(df: pd.DataFrame, fraction: float, seed: int, label_col: str = "label") -> pd.DataFrame:
-    """Keep ``fraction`` of the rows of every class (at least one each), seeded; order preserved."""
-    from serray.train.stats import subsample_labels as _sub
-
-    return _sub(df, fraction, seed, label_col)
-
-
-def audit_fold(fold: int, split: Dict[str, pd.DataFrame], pretrain_pool: Optional[dict], stats_sessions: List[int],
-               protocol_name: str) -> Dict[str, Any]:
-    """The leakage audit of one fold; raises when the protocol is broken.
-
-    Always fatal: a test-session speaker or utterance in training or validation. Fatal under the
-    inductive protocol (recorded under the transductive one): the test session or one of its speakers
-    in the adapter's pre-training pool, or the test session among the normalisation statistics.
-
-    Returns:
-        What was checked: the test speakers, the pre-training sessions and the statistics' sessions.
-    """
-    test_spk = set(split["test"]["speaker"])
-    test_utt = set(split["test"]["utt_id"])
-    problems = []
-    for part in ("train", "val"):
-        if test_spk & set(split[part]["speaker"]) or test_utt & set(split[part]["utt_id"]):
-            problems.append(f"test-session speakers/utterances in {part}")
-    pool_sessions_ = list((pretrain_pool or {}).get("sessions", []))
-    pool_speakers = set((pretrain_pool or {}).get("speakers", []))
-    transductive = []
-    if fold in pool_sessions_ or test_spk & pool_speakers:
-        transductive.append(f"test session {fold} (speakers {sorted(test_spk & pool_speakers)}) in the adapter's pre-training pool")
-    if fold in stats_sessions:
-        transductive.append(f"test session {fold} in the normalisation statistics")
-    if protocol_name == "inductive":
-        problems += transductive
-    if problems:
-        raise AssertionError(f"leakage audit failed for fold {fold}: " + "; ".join(problems))
-    return {"protocol": protocol_name, "test_speakers": sorted(test_spk), "pretrain_sessions": pool_sessions_,
-            "stats_sessions": list(stats_sessions), "transductive_exposure": transductive}
-
-
 # ---------------------------------------------------------------- one fold
 
 
@@ -318,16 +219,6 @@ def check_adapter(cfg, feat_meta: dict, path: str) -> dict:
     check_identity(feat_meta, ameta["features"], f"features in {storage.describe(cfg.features.dir)}",
                    f"adapter checkpoint {storage.describe(path)}")
     return ameta
-
-
-def fold_split(cfg, fold: int) -> Dict[str, pd.DataFrame]:
-    """The train / val / test rows of one fold (metadata only; training labels subsampled by
-    ``finetune.label_fraction``)."""
-    split = split_fold(labelled_rows(cfg), fold, cfg.finetune.val_fraction, cfg.seed, cfg.finetune.val_split,
-                       list(cfg.finetune.val_groups))
-    if cfg.finetune.label_fraction < 1.0:
-        split["train"] = subsample_labels(split["train"], cfg.finetune.label_fraction, cfg.seed * 7919 + fold)
-    return split
 
 
 def fold_datasets(cfg, fold: int, split: Optional[Dict[str, pd.DataFrame]] = None) -> Dict[str, Any]:

@@ -27,13 +27,14 @@ import torch
 from serray import storage
 from serray.config import OPERATIONAL_KEYS, as_dict, section_hash, to_yaml
 from serray.data.encoders import check_identity, describe_encoder
-from serray.data.features import PadCollate, read_rows, training_data
+from serray.data.features import PadCollate, training_data
 from serray.data.featurize import feature_identity, feature_stats, read_meta
 from serray.data.iemocap import LABELS
 from serray.errors import DataError
 from serray.models.adapter import Adapter
 from serray.models.wap import kernel_frames
 from serray.train.checkpoint import META_FILE
+from serray.train.folds import EXTRA_SESSION, pool_rows, pool_sessions  # noqa: F401 (EXTRA_SESSION re-exported)
 from serray.train.loop import fit, run_seed, steps_per_epoch, wait_for_workers
 from serray.train.report import write_history
 from serray.train.schedules import cosine_schedule
@@ -41,7 +42,7 @@ from serray.train.schedules import cosine_schedule
 log = logging.getLogger(__name__)
 
 ADAPTER_DIR = "adapter"  # the exported pre-trained adapter under its pre-training directory
-EXTRA_SESSION = 0  # the partition of pretrain.extra_audio in the feature store
+
 PRETRAIN_KEYS = ("loss", "loss_mask", "loss_distill", "loss_cluster", "cos_ts", "cluster_entropy", "dead_clusters",
                  "ema_decay", "student_drift", "teacher_drift")
 DRIFT_WARNING = ("the teacher moved less than half as far from its initialisation as the student ({t:.3g} vs {s:.3g}): "
@@ -174,31 +175,6 @@ def adapter_kwargs(cfg, feat_meta: dict) -> Dict[str, Any]:
             "w_distill": a.w_distill, "w_cluster": a.w_cluster, "distill_top_k": a.distill_top_k,
             "pos_conv_kernel": kernel_frames(a.pos_conv_ms, rate) if a.pos_conv_ms > 0 else 0,
             "pos_conv_groups": a.pos_conv_groups, "attention_dropout": a.attention_dropout}
-
-
-def pool_sessions(cfg, fold: Optional[int], feat_meta: dict) -> List[int]:
-    """The sessions a pre-training reads: the fold's training sessions (per fold) or
-    ``pretrain.sessions`` (shared), plus the extra-audio partition when it is stored."""
-    if cfg.pretrain.per_fold:
-        if fold is None:
-            raise ValueError("pretrain.per_fold=true needs a fold")
-        sessions = [s for s in cfg.data.sessions if s != fold]
-    else:
-        sessions = list(cfg.pretrain.sessions)
-    extra = list(getattr(cfg.pretrain, "extra_audio", []) or [])
-    if extra and str(EXTRA_SESSION) in (feat_meta.get("rows_per_session") or {}):
-        sessions = [EXTRA_SESSION] + sessions
-    return sessions
-
-
-def pool_rows(cfg, sessions: List[int]):
-    """utt_id / speaker / label of the pre-training pool (every stored utterance of those sessions
-    with ``pretrain.use_unlabelled``, else only the four-class ones; extra audio always)."""
-    rows = read_rows(cfg.features.dir, sessions, columns=("utt_id", "label", "speaker"))
-    if not getattr(cfg.pretrain, "use_unlabelled", False):
-        extra = rows["utt_id"].str.startswith("extra/")
-        rows = rows[rows["label"].isin(LABELS) | extra]
-    return rows.reset_index(drop=True)
 
 
 def pretrain_hash(cfg, fold: Optional[int] = None) -> str:

@@ -1,0 +1,172 @@
+"""Folds, corpus-agnostic: the rows of a run's fold groups, one fold's train / validation / test
+split, the adapter's pre-training pool and the leakage audit of a fold.
+
+Pre-training, fine-tuning, the ablation, sweeps and cross-corpus evaluation all call these. A fold
+holds out one *fold group* (``session`` in the manifest and the feature store: an IEMOCAP session,
+a group of speakers, one speaker, an official test set; :mod:`serray.data.corpus`); validation comes
+from the other groups by speaker, dialog, utterance or a designated group; :func:`audit_fold`
+asserts that no speaker or utterance of the test group reaches training or validation, and under
+the inductive protocol neither the adapter's pre-training pool nor the normalisation statistics.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Dict, List, Optional, Sequence
+
+import numpy as np
+import pandas as pd
+
+from serray.data.corpus import LABELS
+from serray.data.extra_audio import EXTRA_SESSION
+from serray.data.features import read_rows
+
+
+
+
+# ---------------------------------------------------------------- rows and splits
+
+
+def labelled_rows(cfg) -> pd.DataFrame:
+    """utt_id / label / speaker / dialog / session of the four-class utterances of ``data.sessions``."""
+    rows = read_rows(cfg.features.dir, cfg.data.sessions, columns=("utt_id", "label", "speaker", "dialog"))
+    rows = rows[rows["label"].isin(LABELS)].reset_index(drop=True)
+    if str(cfg.data.corpus) == "iemocap":  # IEMOCAP's dialog is the utterance id without its turn
+        rows["dialog"] = rows["utt_id"].str.rsplit("_", n=1).str[0]
+    return rows
+
+
+def _holdout_groups(groups: pd.Series, fraction: float, seed: int) -> set:
+    """``round(fraction x #groups)`` (at least 1) groups drawn with the seed."""
+    names = sorted(set(groups))
+    n = min(len(names) - 1, max(1, int(round(fraction * len(names)))))
+    rng = np.random.default_rng(seed)
+    return set(rng.choice(names, size=n, replace=False).tolist()) if n > 0 else set()
+
+
+def split_fold(rows: pd.DataFrame, test_session: int, val_fraction: float, seed: int,
+               val_split: str = "random", val_groups: Sequence[int] = ()) -> Dict[str, pd.DataFrame]:
+    """Leave-one-group-out split: test = that fold group (an IEMOCAP session, a group of speakers,
+    one speaker, an official test set); train / val from the other groups.
+
+    ``val_split``: ``speaker`` holds out whole speakers (validation shares no speaker with
+    training), ``dialog`` whole dialogs (both speakers of a conversation), ``random`` a stratified
+    random share of the utterances, ``group`` the groups ``val_groups`` (an official development set).
+
+    Raises:
+        AssertionError: a speaker of the test session appears in training or validation, or a
+            validation speaker in training under ``val_split=speaker``.
+    """
+    from sklearn.model_selection import train_test_split
+
+    if "session" not in rows:
+        rows = rows.assign(session=rows["speaker"].str.slice(3, 5).astype(int))
+    test = rows[rows["session"] == test_session]
+    rest = rows[rows["session"] != test_session]
+    rng_seed = seed * 1009 + test_session
+    if val_split in ("speaker", "dialog"):
+        key = "speaker" if val_split == "speaker" else "dialog"
+        if key == "dialog" and "dialog" not in rest:
+            rest = rest.assign(dialog=rest["utt_id"].str.rsplit("_", n=1).str[0])
+        held = _holdout_groups(rest[key], val_fraction, rng_seed)
+        val, train = rest[rest[key].isin(held)], rest[~rest[key].isin(held)]
+    elif val_split == "group":
+        if not val_groups or test_session in val_groups:
+            raise ValueError(f"val_split=group needs val_groups without the test group {test_session}, got {list(val_groups)}")
+        val, train = rest[rest["session"].isin(list(val_groups))], rest[~rest["session"].isin(list(val_groups))]
+    elif val_split == "random":
+        n_val = math.ceil(val_fraction * len(rest))  # sklearn's rounding of a float test_size
+        counts = rest["label"].value_counts()
+        stratified = counts.min() >= 2 and n_val >= len(counts) and len(rest) - n_val >= len(counts)
+        train, val = train_test_split(rest, test_size=val_fraction, random_state=seed + test_session,
+                                      stratify=rest["label"] if stratified else None)
+    else:
+        raise ValueError(f"val_split must be speaker, dialog, random or group, got {val_split!r}")
+    leak = set(test["speaker"]) & (set(train["speaker"]) | set(val["speaker"]))
+    assert not leak, f"speaker leakage into fold {test_session}: {sorted(leak)}"
+    if val_split == "speaker":
+        shared = set(val["speaker"]) & set(train["speaker"])
+        assert not shared, f"validation speakers also in training for fold {test_session}: {sorted(shared)}"
+    return {"train": train.sort_values("utt_id"), "val": val.sort_values("utt_id"), "test": test.sort_values("utt_id")}
+
+
+def subsample_labels(df: pd.DataFrame, fraction: float, seed: int, label_col: str = "label") -> pd.DataFrame:
+    """Keep ``fraction`` of the rows of every class (at least one each), seeded; order preserved."""
+    from serray.train.stats import subsample_labels as _sub
+
+    return _sub(df, fraction, seed, label_col)
+
+
+def fold_split(cfg, fold: int) -> Dict[str, pd.DataFrame]:
+    """The train / val / test rows of one fold (metadata only; training labels subsampled by
+    ``finetune.label_fraction``)."""
+    split = split_fold(labelled_rows(cfg), fold, cfg.finetune.val_fraction, cfg.seed, cfg.finetune.val_split,
+                       list(cfg.finetune.val_groups))
+    if cfg.finetune.label_fraction < 1.0:
+        split["train"] = subsample_labels(split["train"], cfg.finetune.label_fraction, cfg.seed * 7919 + fold)
+    return split
+
+
+
+# ---------------------------------------------------------------- pre-training pool
+
+
+def pool_sessions(cfg, fold: Optional[int], feat_meta: dict) -> List[int]:
+    """The sessions a pre-training reads: the fold's training sessions (per fold) or
+    ``pretrain.sessions`` (shared), plus the extra-audio partition when it is stored."""
+    if cfg.pretrain.per_fold:
+        if fold is None:
+            raise ValueError("pretrain.per_fold=true needs a fold")
+        sessions = [s for s in cfg.data.sessions if s != fold]
+    else:
+        sessions = list(cfg.pretrain.sessions)
+    extra = list(getattr(cfg.pretrain, "extra_audio", []) or [])
+    if extra and str(EXTRA_SESSION) in (feat_meta.get("rows_per_session") or {}):
+        sessions = [EXTRA_SESSION] + sessions
+    return sessions
+
+
+def pool_rows(cfg, sessions: List[int]):
+    """utt_id / speaker / label of the pre-training pool (every stored utterance of those sessions
+    with ``pretrain.use_unlabelled``, else only the four-class ones; extra audio always)."""
+    rows = read_rows(cfg.features.dir, sessions, columns=("utt_id", "label", "speaker"))
+    if not getattr(cfg.pretrain, "use_unlabelled", False):
+        extra = rows["utt_id"].str.startswith("extra/")
+        rows = rows[rows["label"].isin(LABELS) | extra]
+    return rows.reset_index(drop=True)
+
+
+
+# ---------------------------------------------------------------- the audit
+
+
+def audit_fold(fold: int, split: Dict[str, pd.DataFrame], pretrain_pool: Optional[dict], stats_sessions: List[int],
+               protocol_name: str) -> Dict[str, Any]:
+    """The leakage audit of one fold; raises when the protocol is broken.
+
+    Always fatal: a test-session speaker or utterance in training or validation. Fatal under the
+    inductive protocol (recorded under the transductive one): the test session or one of its speakers
+    in the adapter's pre-training pool, or the test session among the normalisation statistics.
+
+    Returns:
+        What was checked: the test speakers, the pre-training sessions and the statistics' sessions.
+    """
+    test_spk = set(split["test"]["speaker"])
+    test_utt = set(split["test"]["utt_id"])
+    problems = []
+    for part in ("train", "val"):
+        if test_spk & set(split[part]["speaker"]) or test_utt & set(split[part]["utt_id"]):
+            problems.append(f"test-session speakers/utterances in {part}")
+    pool_sessions_ = list((pretrain_pool or {}).get("sessions", []))
+    pool_speakers = set((pretrain_pool or {}).get("speakers", []))
+    transductive = []
+    if fold in pool_sessions_ or test_spk & pool_speakers:
+        transductive.append(f"test session {fold} (speakers {sorted(test_spk & pool_speakers)}) in the adapter's pre-training pool")
+    if fold in stats_sessions:
+        transductive.append(f"test session {fold} in the normalisation statistics")
+    if protocol_name == "inductive":
+        problems += transductive
+    if problems:
+        raise AssertionError(f"leakage audit failed for fold {fold}: " + "; ".join(problems))
+    return {"protocol": protocol_name, "test_speakers": sorted(test_spk), "pretrain_sessions": pool_sessions_,
+            "stats_sessions": list(stats_sessions), "transductive_exposure": transductive}
