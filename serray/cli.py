@@ -154,7 +154,7 @@ def cmd_evaluate(args) -> int:
 
     cfg = _cfg(args)
     with _quiet(cfg, args):
-        run_evaluate(cfg, args.model, echo=echo)
+        run_evaluate(cfg, args.model, echo=echo, reference_features=None if args.reference == "none" else args.reference)
     return 0
 
 
@@ -224,6 +224,8 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("id", nargs="?", default=None, help="entry id for `show` (default: the best)")
         if name == "evaluate":
             p.add_argument("--model", default=None, help="registry entry id (default: the best by validation UA)")
+            p.add_argument("--reference", default="egemaps", choices=("egemaps", "compare", "none"),
+                           help="openSMILE functionals + logistic regression beside the model (default: egemaps)")
         if name == "predict":
             p.add_argument("files", nargs="+", help="WAV/FLAC files")
             p.add_argument("--json", action="store_true", help="print JSON records")

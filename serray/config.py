@@ -240,6 +240,7 @@ class AblateConfig:
     label_fractions: List[float] = field(default_factory=lambda: [1.0])  # e.g. [0.1, 0.25, 1.0]
     bootstrap: int = 2000  # paired bootstrap replicates of the comparisons
     max_concurrent: int = 2  # (seed, fold) units running at once
+    classical_features: str = "stats"  # classical arm: stats (log-mel / MFCC statistics) | egemaps | compare (openSMILE)
     oracle_file: Optional[str] = None  # synthesis parameters of a synthetic corpus (arm `oracle`); None: beside data.root
     pretrain_dir: Optional[str] = None  # where the arms' per-fold pre-trainings live (None: output_dir/ablation/pretrain,
     #                                     and pretrain.dir for the full arm of `seed`); share it between ablations
@@ -543,6 +544,8 @@ def _validate(cfg: DictConfig) -> None:
                             f"when finetune.val_split=group, got {val_groups}")
         elif any(g in val_groups for g in cfg.finetune.folds):
             problems.append(f"finetune.folds {list(cfg.finetune.folds)} must not test a validation group {val_groups}")
+    if cfg.ablate.classical_features not in ("stats", "egemaps", "compare"):
+        problems.append(f"ablate.classical_features must be stats, egemaps or compare, got '{cfg.ablate.classical_features}'")
     if cfg.finetune.init not in ("pretrained", "random"):
         problems.append(f"finetune.init must be pretrained or random, got '{cfg.finetune.init}'")
     problems += _validate_tune_and_ablate(cfg)

@@ -10,7 +10,9 @@ as registered, its normalisation statistics are its training folds'.
 
 Writes ``<output_dir>/evaluate/<model id>/``: ``metrics.json`` (UA / WA / macro-F1 over the target's
 test utterances, per test group and pooled, the source and target corpora and protocols),
-``predictions.csv``, ``confusion_matrix.png`` and ``results.md``.
+``predictions.csv``, ``confusion_matrix.png`` and ``results.md``. Beside the model, the field's
+standard baseline (:func:`reference`: openSMILE eGeMAPS functionals + logistic regression trained
+on the same source groups) is scored on the same utterances.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ def model_encoder_overrides(features: Dict[str, Any], model_dir: Path) -> list:
 
     name = str(features["encoder"])
     bundled = model_dir / ENCODER_DIR
-    if name != "fbank" and (bundled / "config.json").is_file() and not Path(name).is_dir():
+    if name not in ("fbank", "egemaps", "compare") and (bundled / "config.json").is_file() and not Path(name).is_dir():
         name = str(bundled)
     out = [f"encoder.name={name}", f"encoder.layers={json.dumps(list(features.get('layers') or []))}",
            f"encoder.sample_rate={int(features.get('sample_rate', 16000))}"]
@@ -54,8 +56,44 @@ def score(preds: pd.DataFrame, labels) -> Dict[str, Any]:
             "groups": [{"group": int(g), **metrics(df)} for g, df in preds.groupby("session", sort=True)]}
 
 
-def run_evaluate(cfg, model: Optional[str] = None, echo: Callable[[str], Any] = print) -> Dict[str, Any]:
-    """Score registry entry ``model`` (id; None: the best by validation UA) on the config's corpus."""
+def reference(entry: Dict[str, Any], target_rows: pd.DataFrame, target_paths: Dict[str, str], labels,
+              kind: str = "egemaps", echo: Callable[[str], Any] = print) -> Optional[Dict[str, Any]]:
+    """The field's standard baseline beside the model: openSMILE ``kind`` functionals + logistic
+    regression trained on the model's own training groups of the source corpus (every group but the
+    entry's test fold), its C chosen by a leave-one-group-out cross-validation over those groups;
+    scored on the target's test utterances. None (with a warning) when the source manifest is not on
+    this machine."""
+    import yaml
+
+    from serray import baselines
+    from serray.data.iemocap import read_manifest
+    from serray.data.opensmile_features import functionals
+    from serray.errors import SerrayError
+
+    try:
+        saved = yaml.safe_load(storage.read_text(storage.join(entry["path"], "config.yaml"))) or {}
+        source = read_manifest(saved["data"]["manifest"])
+    except (SerrayError, OSError, KeyError, TypeError) as e:
+        echo(f"reference column skipped: the source corpus's manifest is not readable here ({str(e).splitlines()[0]})")
+        return None
+    held = entry.get("model_fold")
+    sessions = [int(g) for g in saved["data"].get("sessions") or sorted(source["session"].unique())]
+    train = source[source["label"].isin(labels) & source["session"].isin([g for g in sessions if g != held])]
+    echo(f"reference: openSMILE {kind} functionals + logistic regression, trained on {len(train)} source utterances "
+         f"(groups {sorted(set(train['session']))}), scored on {len(target_rows)} target utterances")
+    x_train = functionals(train["path"].tolist(), kind)
+    y_train = np.array([labels.index(lab) for lab in train["label"]])
+    choice = baselines.choose_recipe(x_train, y_train, train["session"].to_numpy())
+    x_test = functionals([target_paths[u] for u in target_rows["utt_id"]], kind)
+    pred, _ = baselines.fit_predict(x_train, y_train, x_test, seed=0, C=choice["C"])
+    preds = target_rows[["utt_id", "label", "session"]].assign(pred=[labels[i] for i in pred])
+    return {"features": kind, "C": choice["C"], "source_cv_ua": choice["val_ua"], **score(preds, labels)}
+
+
+def run_evaluate(cfg, model: Optional[str] = None, echo: Callable[[str], Any] = print,
+                 reference_features: Optional[str] = "egemaps") -> Dict[str, Any]:
+    """Score registry entry ``model`` (id; None: the best by validation UA) on the config's corpus,
+    with an openSMILE reference column (``reference_features``: egemaps | compare | None)."""
     from serray.config import derive, save_config
     from serray.data.featurize import featurize, featurize_summary
     from serray.data.features import session_paths
@@ -88,6 +126,11 @@ def run_evaluate(cfg, model: Optional[str] = None, echo: Callable[[str], Any] = 
     preds = predictor.predict_parquet(session_paths(cfg.features.dir, folds), utt_ids=rows["utt_id"].tolist())
     preds = preds.merge(rows[["utt_id", "session"]], on="utt_id").sort_values("utt_id", ignore_index=True)
     result = score(preds, predictor.labels)
+    if reference_features:
+        from serray.data.iemocap import read_manifest
+
+        paths = read_manifest(cfg.data.manifest).set_index("utt_id")["path"].to_dict()
+        result["reference"] = reference(entry, rows, paths, list(predictor.labels), reference_features, echo)
     out = Path(cfg.output_dir) / "evaluate" / entry["id"]
     out.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out)
@@ -120,6 +163,11 @@ def markdown(summary: Dict[str, Any]) -> str:
         lines.append(f"| {g['group']} | {g['n_test']} | {100 * g['ua']:.2f} | {100 * g['wa']:.2f} | {100 * g['macro_f1']:.2f} |")
     p = summary["pooled"]
     lines.append(f"| **pooled** | {p['n_test']} | {100 * p['ua']:.2f} | {100 * p['wa']:.2f} | {100 * p['macro_f1']:.2f} |")
+    ref = summary.get("reference")
+    if ref:
+        r = ref["pooled"]
+        lines.append(f"| reference: {ref['features']} + logistic regression (C={ref['C']:g}), pooled | {r['n_test']} | "
+                     f"{100 * r['ua']:.2f} | {100 * r['wa']:.2f} | {100 * r['macro_f1']:.2f} |")
     cm = np.asarray(summary.get("confusion", []))
     if cm.size:
         lines += ["", "confusion (rows: true, columns: predicted)", "",

@@ -46,8 +46,10 @@ MODEL_DIR = "model"
 
 def encoder_files(name: str) -> Optional[Path]:
     """The local directory holding a Hugging Face encoder's files (``name`` a directory, or a hub id in
-    this machine's cache); None for fbank or when the files are not on this machine."""
-    if name == "fbank":
+    this machine's cache); None for the built-in encoders or when the files are not on this machine."""
+    from serray.data.encoders import BUILTIN_ENCODERS
+
+    if name in BUILTIN_ENCODERS:
         return None
     p = Path(name).expanduser()
     if p.is_dir():
@@ -284,7 +286,7 @@ def loadable(entry: Dict[str, Any]) -> Optional[str]:
     except SerrayError as e:
         return str(e).splitlines()[0]
     encoder = Path(local) / "encoder"
-    if predictor.features.get("encoder") not in (None, "fbank") and encoder.is_dir():
+    if predictor.features.get("encoder") not in (None, "fbank", "egemaps", "compare") and encoder.is_dir():
         try:
             json.loads((encoder / "config.json").read_text())
         except (OSError, ValueError) as e:

@@ -1,8 +1,9 @@
 """Frozen upstream encoders: waveform(s) -> frame features.
 
-Two kinds behind one interface (:class:`Encoder`):
+Three kinds behind one interface (:class:`Encoder`):
 
 * ``fbank``: torchaudio's Kaldi log-mel filterbank (100 frames/s), the offline default;
+* ``egemaps`` / ``compare``: openSMILE's low-level descriptors made for emotion (100 frames/s);
 * a Hugging Face HuBERT / wav2vec2 / WavLM checkpoint, by hub name or local directory
   (50 frames/s), keeping a configurable list of hidden layers.
 
@@ -70,6 +71,40 @@ class FbankEncoder(Encoder):
                             energy_floor=0.0)
             out.append(f.numpy())
         return out
+
+
+class OpenSmileEncoder(Encoder):
+    """openSMILE low-level descriptors (``egemaps``: 25, ``compare``: 65 per frame, 100 frames/s),
+    features made for emotion (:mod:`serray.data.opensmile_features`); each signal processed alone."""
+
+    def __init__(self, name: str, sample_rate: int = 16000):
+        from serray.data.opensmile_features import FRAME_RATE, LLD_DIMS, smile_for
+
+        self.smile = smile_for(name, "LowLevelDescriptors")
+        self.name, self.num_layers, self.layers = name, 1, []
+        self.dim, self.frame_rate, self.sample_rate = LLD_DIMS[name], FRAME_RATE, sample_rate
+
+    def num_frames(self, num_samples: int) -> int:
+        from serray.data.opensmile_features import lld_frames
+
+        return lld_frames(num_samples, self.sample_rate)
+
+    def encode(self, wavs: Sequence[np.ndarray]) -> List[np.ndarray]:
+        import warnings
+
+        out = []
+        for w in wavs:
+            with warnings.catch_warnings():  # "Segment too short": featurization skips those first
+                warnings.simplefilter("ignore", UserWarning)
+                f = self.smile.process_signal(np.asarray(w, dtype=np.float32), self.sample_rate).to_numpy(np.float32)
+            out.append(np.nan_to_num(f, nan=0.0, posinf=0.0, neginf=0.0))
+        return out
+
+
+#: ``encoder.name`` values served by openSMILE.
+OPENSMILE_ENCODERS = ("egemaps", "compare")
+#: Encoders computed by code in serray (no model files to load, bundle or download).
+BUILTIN_ENCODERS = ("fbank", *OPENSMILE_ENCODERS)
 
 
 def resolve_device(device: str) -> torch.device:
@@ -162,6 +197,10 @@ def describe_encoder(cfg) -> dict:
     if cfg.name == "fbank":
         enc = FbankEncoder(num_mel_bins=cfg.num_mel_bins, sample_rate=cfg.sample_rate)
         return enc.identity()
+    if cfg.name in OPENSMILE_ENCODERS:
+        from serray.data.opensmile_features import identity
+
+        return identity(cfg.name, cfg.sample_rate)
     config = _hf_config(cfg.name, cfg.local_files_only)
     layers = _hf_layers(config, cfg.name, list(cfg.layers))
     return {"encoder": cfg.name, "layers": layers, "dim": config.hidden_size, "num_layers": len(layers),
@@ -174,6 +213,10 @@ def build_encoder(cfg) -> Encoder:
         if cfg.layers:
             raise ConfigError("encoder.layers applies to Hugging Face encoders only; fbank has one layer")
         return FbankEncoder(num_mel_bins=cfg.num_mel_bins, sample_rate=cfg.sample_rate)
+    if cfg.name in OPENSMILE_ENCODERS:
+        if cfg.layers:
+            raise ConfigError(f"encoder.layers applies to Hugging Face encoders only; {cfg.name} has one layer")
+        return OpenSmileEncoder(cfg.name, sample_rate=cfg.sample_rate)
     return HFEncoder(cfg.name, layers=list(cfg.layers), sample_rate=cfg.sample_rate,
                      local_files_only=cfg.local_files_only, device=cfg.device)
 
@@ -189,4 +232,4 @@ def check_identity(found: dict, expected: dict, what_found: str, what_expected: 
         raise DataError(f"{what_found} and {what_expected} disagree ({what_found} vs {what_expected}) on {parts}")
 
 
-__all__ = ["Encoder", "FbankEncoder", "HFEncoder", "build_encoder", "check_identity", "describe_encoder", "resolve_device"]
+__all__ = ["Encoder", "FbankEncoder", "HFEncoder", "OpenSmileEncoder", "build_encoder", "check_identity", "describe_encoder", "resolve_device"]

@@ -300,10 +300,19 @@ def _reference_arms(cfg, seeds: List[int], folds: List[int], echo):
     feats, recipes = {}, {}
     if "classical" in arms:
         manifest = read_manifest(cfg.data.manifest).set_index("utt_id")
-        echo(f"[ablate] classical baseline: utterance statistics of log-mel / MFCC frames of {len(rows)} utterances")
-        x = baselines.classical_features(manifest.loc[rows["utt_id"], "path"].tolist(), cfg.encoder.sample_rate)
+        paths = manifest.loc[rows["utt_id"], "path"].tolist()
+        kind = str(cfg.ablate.classical_features)
+        if kind == "stats":
+            echo(f"[ablate] classical baseline: utterance statistics of log-mel / MFCC frames of {len(rows)} utterances")
+            x = baselines.classical_features(paths, cfg.encoder.sample_rate)
+            recipes["classical"] = baselines.classical_recipes()
+        else:
+            from serray.data.opensmile_features import functionals
+
+            echo(f"[ablate] classical baseline: openSMILE {kind} functionals of {len(rows)} utterances")
+            x = functionals(paths, kind, cfg.encoder.sample_rate)
+            recipes["classical"] = None  # the whole feature set; only the regularisation is chosen
         feats["classical"] = pd.DataFrame(np.asarray(x), index=rows["utt_id"])
-        recipes["classical"] = baselines.classical_recipes()
     if "oracle" in arms:
         x = baselines.oracle_features(_oracle_file(cfg), rows["utt_id"].tolist())
         feats["oracle"] = pd.DataFrame(np.asarray(x), index=rows["utt_id"])

@@ -550,7 +550,7 @@ def register_result(cfg, summary: Dict[str, Any], source: str, hyperparameters: 
     model = storage.join(base, f"fold{best['fold']}", "model")
     metrics = {**summary["mean"], "val_ua": float(np.mean([f.get("val_ua", float("nan")) for f in summary["folds"]]))}
     enc_files = None
-    if model_cfg.registry.include_encoder and model_cfg.encoder.name != "fbank":
+    if model_cfg.registry.include_encoder and model_cfg.encoder.name not in ("fbank", "egemaps", "compare"):
         from serray.registry import encoder_files
 
         enc_files = encoder_files(model_cfg.encoder.name)

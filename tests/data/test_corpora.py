@@ -4,7 +4,6 @@ speaker-disjoint for every protocol, explicit label maps, and clear errors for b
 from __future__ import annotations
 
 import shutil
-from pathlib import Path
 from types import SimpleNamespace
 
 import pandas as pd
