@@ -21,8 +21,9 @@ and the no-adapter and reference arms (which have no body) run once per fraction
 The unit of work is one (seed, fold): a Ray Tune trial that pre-trains that fold's two adapters and
 fine-tunes every arm x mode x fraction, all resumable (a rerun reuses what is finished). The
 driver then pairs the arms' test predictions: ``ablation.json`` (per-arm mean / sd / 95 % interval and
-every run; paired comparisons full vs random_init, full vs no_local, random_init vs none by a
-paired bootstrap over test utterances plus a Wilcoxon test over seed x fold), ``ablation.md`` and
+every run; paired comparisons full vs random_init, full vs no_local, random_init vs none, full vs
+none and full vs classical: a run-level sign-flip test, with an utterance bootstrap and a Wilcoxon
+test over seed x fold beside it), ``ablation.md`` and
 ``ablation.png`` (:mod:`serray.train.ablation_report`).
 """
 
