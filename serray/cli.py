@@ -260,6 +260,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     args, rest = parser.parse_known_args(argv)
     if args.command == "models":
         args.overrides = rest
+    elif rest and hasattr(args, "overrides") and all("=" in r and not r.startswith("-") for r in rest):
+        args.overrides = [*(args.overrides or []), *rest]  # key=value after an option (`--model X k=v`)
     elif rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     _split_positionals(args)

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Callable, Dict, Optional
+from typing import Any, Callable, Dict, Optional, Sequence
 
 import numpy as np
 import pandas as pd
@@ -56,29 +56,74 @@ def score(preds: pd.DataFrame, labels) -> Dict[str, Any]:
             "groups": [{"group": int(g), **metrics(df)} for g, df in preds.groupby("session", sort=True)]}
 
 
-def reference(entry: Dict[str, Any], target_rows: pd.DataFrame, target_paths: Dict[str, str], labels,
-              kind: str = "egemaps", echo: Callable[[str], Any] = print) -> Optional[Dict[str, Any]]:
-    """The field's standard baseline beside the model: openSMILE ``kind`` functionals + logistic
-    regression trained on the model's own training groups of the source corpus (every group but the
-    entry's test fold), its C chosen by a leave-one-group-out cross-validation over those groups;
-    scored on the target's test utterances. None (with a warning) when the source manifest is not on
-    this machine."""
+def source_training(entry: Dict[str, Any], labels) -> Optional[pd.DataFrame]:
+    """The source corpus's four-class utterances the entry's model trained on (every group of its run
+    but the entry's test fold), from the manifest its saved config names; None when that manifest is
+    not on this machine."""
     import yaml
 
-    from serray import baselines
     from serray.data.iemocap import read_manifest
-    from serray.data.opensmile_features import functionals
     from serray.errors import SerrayError
 
     try:
         saved = yaml.safe_load(storage.read_text(storage.join(entry["path"], "config.yaml"))) or {}
         source = read_manifest(saved["data"]["manifest"])
-    except (SerrayError, OSError, KeyError, TypeError) as e:
-        echo(f"reference column skipped: the source corpus's manifest is not readable here ({str(e).splitlines()[0]})")
+    except (SerrayError, OSError, KeyError, TypeError, AttributeError):
         return None
     held = entry.get("model_fold")
     sessions = [int(g) for g in saved["data"].get("sessions") or sorted(source["session"].unique())]
-    train = source[source["label"].isin(labels) & source["session"].isin([g for g in sessions if g != held])]
+    return source[source["label"].isin(labels) & source["session"].isin([g for g in sessions if g != held])]
+
+
+def _fingerprint(path: str):
+    """Size and a hash of the first 64 KiB: the same audio under another name, in another layout, or
+    through a link is the same file to this check."""
+    import hashlib
+
+    try:
+        with open(path, "rb") as f:
+            head = f.read(65536)
+        return Path(path).stat().st_size, hashlib.blake2b(head, digest_size=16).hexdigest()
+    except OSError:
+        return None
+
+
+def check_unseen(train: Optional[pd.DataFrame], target_paths: Sequence[str], echo: Callable[[str], Any] = print) -> None:
+    """Cross-corpus scores are only meaningful on audio the model never trained on: refuse a target
+    whose test files hold audio of the model's training data (the same bytes under any name, layout or
+    link: :func:`_fingerprint`).
+
+    Raises:
+        DataError: naming how many and one of them.
+    """
+    from serray.errors import DataError
+
+    if train is None:
+        echo("note: the model's training manifest is not on this machine; cannot check that the target's test "
+             "files are unseen")
+        return
+    seen = {i for i in map(_fingerprint, train["path"]) if i is not None}
+    overlap = [p for p in target_paths if _fingerprint(p) in seen]
+    if overlap:
+        raise DataError(f"{len(overlap)} of the target's {len(target_paths)} test files are files the model trained on "
+                        f"(e.g. {overlap[0]}): score another corpus, other speakers, or the model's own test fold")
+
+
+def reference(entry: Dict[str, Any], target_rows: pd.DataFrame, target_paths: Dict[str, str], labels,
+              kind: str = "egemaps", echo: Callable[[str], Any] = print,
+              train: Optional[pd.DataFrame] = None) -> Optional[Dict[str, Any]]:
+    """The field's standard baseline beside the model: openSMILE ``kind`` functionals + logistic
+    regression trained on the model's own training groups of the source corpus (every group but the
+    entry's test fold), its C chosen by a leave-one-group-out cross-validation over those groups;
+    scored on the target's test utterances. None (with a warning) when the source manifest is not on
+    this machine."""
+    from serray import baselines
+    from serray.data.opensmile_features import functionals
+
+    train = source_training(entry, labels) if train is None else train
+    if train is None:
+        echo("reference column skipped: the source corpus's manifest is not readable on this machine")
+        return None
     echo(f"reference: openSMILE {kind} functionals + logistic regression, trained on {len(train)} source utterances "
          f"(groups {sorted(set(train['session']))}), scored on {len(target_rows)} target utterances")
     x_train = functionals(train["path"].tolist(), kind)
@@ -123,14 +168,16 @@ def run_evaluate(cfg, model: Optional[str] = None, echo: Callable[[str], Any] = 
         from serray.errors import DataError
 
         raise DataError(f"{target['corpus']} has no four-class utterances in test groups {folds}")
+    from serray.data.iemocap import read_manifest
+
+    paths = read_manifest(cfg.data.manifest).set_index("utt_id")["path"].to_dict()
+    train = source_training(entry, list(predictor.labels))
+    check_unseen(train, [paths[u] for u in rows["utt_id"]], echo)
     preds = predictor.predict_parquet(session_paths(cfg.features.dir, folds), utt_ids=rows["utt_id"].tolist())
     preds = preds.merge(rows[["utt_id", "session"]], on="utt_id").sort_values("utt_id", ignore_index=True)
     result = score(preds, predictor.labels)
     if reference_features:
-        from serray.data.iemocap import read_manifest
-
-        paths = read_manifest(cfg.data.manifest).set_index("utt_id")["path"].to_dict()
-        result["reference"] = reference(entry, rows, paths, list(predictor.labels), reference_features, echo)
+        result["reference"] = reference(entry, rows, paths, list(predictor.labels), reference_features, echo, train)
     out = Path(cfg.output_dir) / "evaluate" / entry["id"]
     out.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out)

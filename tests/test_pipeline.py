@@ -95,8 +95,9 @@ def test_terminal_shows_compact_progress_and_ray_lines_go_to_the_log(pipeline):
 
 
 def test_cross_corpus_evaluation_scores_a_registered_model_on_another_layout(pipeline, tmp_path):
-    """The IEMOCAP-layout model of the pipeline, scored on the synthetic corpus written as CREMA-D:
-    the target is featurized with the model's encoder and every group is tested (no official split)."""
+    """The IEMOCAP-layout model of the pipeline, scored on a synthetic corpus of other voices
+    (``synthetic.seed=1``) written as CREMA-D: the target is featurized with the model's encoder, every
+    group is tested (no official split), and the eGeMAPS reference is scored on the same utterances."""
     from serray.cli import main
 
     run, _ = pipeline
@@ -104,7 +105,8 @@ def test_cross_corpus_evaluation_scores_a_registered_model_on_another_layout(pip
     buf = io.StringIO()
     with contextlib.redirect_stdout(buf):
         rc = main(["evaluate", f"registry.dir={run / 'registry'}", "data.corpus=crema-d", f"output_dir={out}",
-                   "synthetic.utterances_per_dialog=4", "synthetic.dialogs_per_session=2", "ray.progress_bars=false"])
+                   "synthetic.seed=1", "synthetic.utterances_per_dialog=4", "synthetic.dialogs_per_session=2",
+                   "ray.progress_bars=false"])
     assert rc == 0
     entry = json.loads(next((run / "registry").glob("*/entry.json")).read_text())
     res = out / "evaluate" / entry["id"]
@@ -118,6 +120,8 @@ def test_cross_corpus_evaluation_scores_a_registered_model_on_another_layout(pip
     assert metrics["pooled"]["ua"] == pytest.approx(recall.mean())
     assert sum(g["n_test"] for g in metrics["groups"]) == len(preds)
     assert (res / "confusion_matrix.png").stat().st_size > 0 and "confusion" in buf.getvalue()
+    ref = metrics["reference"]
+    assert ref["features"] == "egemaps" and ref["pooled"]["n_test"] == len(preds) and 0 <= ref["pooled"]["ua"] <= 1
 
 
 def test_official_split_pipeline_on_the_msp_podcast_layout(ray_session, tmp_path):
@@ -140,3 +144,19 @@ def test_official_split_pipeline_on_the_msp_podcast_layout(ray_session, tmp_path
     test = manifest[(manifest["session"] == 1) & manifest["label"].isin(["neu", "hap", "sad", "ang"])]
     assert metrics["folds"][0]["n_test"] == len(test)
     assert not set(test["speaker"]) & set(manifest.loc[manifest["session"] != 1, "speaker"])
+
+
+def test_evaluate_refuses_a_target_holding_the_models_training_audio(pipeline, tmp_path):
+    """The pipeline's own corpus re-filed as EmoDB (the same audio under other names): the model
+    trained on most of it, so a cross-corpus score would be a training score. Refused, one line."""
+    from serray.cli import main
+    from serray.data.synthetic_layouts import make_layout
+
+    run, _ = pipeline
+    root = make_layout(tmp_path / "emodb", "emodb", seed=0, utterances_per_dialog=4, dialogs_per_session=2)
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+        rc = main(["evaluate", f"registry.dir={run / 'registry'}", "data.corpus=emodb", f"data.root={root}",
+                   f"output_dir={tmp_path / 'out'}", "--reference", "none", "ray.progress_bars=false"])
+    assert rc == 2
+    assert "test files are files the model trained on" in err.getvalue() and "Traceback" not in err.getvalue()
