@@ -299,7 +299,7 @@ def finish(rows: List[dict], report_kw: dict) -> ManifestReport:
     return ManifestReport(kept=kept, **report_kw)
 
 
-def labelled_rows(entries: Iterable[dict], mapping: Mapping[str, str], keep_unlabelled: bool,
+def apply_labels(entries: Iterable[dict], mapping: Mapping[str, str], keep_unlabelled: bool,
                   corpus: Corpus, report_kw: dict) -> ManifestReport:
     """Apply the label map to parsed entries (each a :func:`row` dict plus ``where``), count drops and
     missing audio, and build the report. Unknown raw labels are an error (:func:`check_labels`)."""

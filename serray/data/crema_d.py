@@ -24,7 +24,7 @@ import csv
 import re
 from pathlib import Path
 
-from serray.data.corpus import (Corpus, ManifestReport, cfg_get, check_root, kfold_groups, label_map, labelled_rows,
+from serray.data.corpus import (Corpus, ManifestReport, cfg_get, check_root, kfold_groups, label_map, apply_labels,
                                 no_match, row, speaker_folds, walk_files)
 
 NAME_RE = re.compile(r"^(?P<actor>\d{4})_(?P<sentence>[A-Z]{3})_(?P<emotion>[A-Z]{3})_(?P<level>LO|MD|HI|XX)\.wav$",
@@ -64,7 +64,7 @@ def build(root, data_cfg, keep_unlabelled: bool = False) -> ManifestReport:
                       dialog=m["sentence"].upper(), method=m["level"].upper()), "where": path.name}
                for path, m in parsed]
     mapping = label_map(CORPUS, cfg_get(data_cfg, "label_map"))
-    return labelled_rows(entries, mapping, keep_unlabelled, CORPUS, {"malformed": malformed, "ignored": ignored})
+    return apply_labels(entries, mapping, keep_unlabelled, CORPUS, {"malformed": malformed, "ignored": ignored})
 
 
 CORPUS = Corpus(

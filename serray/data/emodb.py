@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import re
 
-from serray.data.corpus import (Corpus, ManifestReport, cfg_get, check_root, label_map, labelled_rows, no_match,
+from serray.data.corpus import (Corpus, ManifestReport, cfg_get, check_root, label_map, apply_labels, no_match,
                                 row, walk_files)
 
 NAME_RE = re.compile(r"^(?P<speaker>\d\d)(?P<text>[ab]\d\d)(?P<emotion>[WLEAFTN])(?P<version>[a-z])\.wav$")
@@ -53,7 +53,7 @@ def build(root, data_cfg, keep_unlabelled: bool = False) -> ManifestReport:
                       method=m["version"]), "where": path.name}
                for path, m in parsed]
     mapping = label_map(CORPUS, cfg_get(data_cfg, "label_map"))
-    return labelled_rows(entries, mapping, keep_unlabelled, CORPUS, {"malformed": malformed, "ignored": ignored})
+    return apply_labels(entries, mapping, keep_unlabelled, CORPUS, {"malformed": malformed, "ignored": ignored})
 
 
 CORPUS = Corpus(

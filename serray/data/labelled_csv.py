@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from serray.data.corpus import (Corpus, ManifestReport, cfg_get, kfold_groups, label_map, labelled_rows, row,
+from serray.data.corpus import (Corpus, ManifestReport, cfg_get, kfold_groups, label_map, apply_labels, row,
                                 speaker_folds)
 from serray.errors import DataError
 
@@ -90,7 +90,7 @@ def build(root, data_cfg, keep_unlabelled: bool = False) -> ManifestReport:
         utt = Path(p).with_suffix("").as_posix().lstrip("./").replace("/", "__")
         entries.append({**row(utt, g, spk, gender, label, "", audio), "where": f"{path.name}:{i + 2}"})
     mapping = label_map(CORPUS, cfg_get(data_cfg, "label_map"))
-    report = labelled_rows(entries, mapping, keep_unlabelled, CORPUS, {})
+    report = apply_labels(entries, mapping, keep_unlabelled, CORPUS, {})
     if not has_speaker:
         report.notes.append("no speaker column: each file is its own speaker, so the folds are NOT speaker-independent")
     return report

@@ -27,7 +27,7 @@ import os
 
 import pandas as pd
 
-from serray.data.corpus import (Corpus, ManifestReport, cfg_get, check_root, label_map, labelled_rows, no_match, row)
+from serray.data.corpus import (Corpus, ManifestReport, cfg_get, check_root, label_map, apply_labels, no_match, row)
 from serray.errors import DataError
 
 SPLITS = {"Test1": 1, "Development": 2, "Validation": 2, "Train": 3, "Test2": 4}
@@ -98,7 +98,7 @@ def build(root, data_cfg, keep_unlabelled: bool = False) -> ManifestReport:
     if not entries:
         raise no_match(root, CORPUS, f"{path} lists no turns of {sorted(SPLITS)}")
     mapping = label_map(CORPUS, cfg_get(data_cfg, "label_map"))
-    return labelled_rows(entries, mapping, keep_unlabelled, CORPUS, {"malformed": malformed, "ignored": ignored})
+    return apply_labels(entries, mapping, keep_unlabelled, CORPUS, {"malformed": malformed, "ignored": ignored})
 
 
 CORPUS = Corpus(

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import re
 
-from serray.data.corpus import (Corpus, ManifestReport, cfg_get, check_root, kfold_groups, label_map, labelled_rows,
+from serray.data.corpus import (Corpus, ManifestReport, cfg_get, check_root, kfold_groups, label_map, apply_labels,
                                 no_match, row, speaker_folds, walk_files)
 
 NAME_RE = re.compile(r"^(?P<modality>\d\d)-(?P<channel>\d\d)-(?P<emotion>0[1-8])-(?P<intensity>0[12])-"
@@ -57,7 +57,7 @@ def build(root, data_cfg, keep_unlabelled: bool = False) -> ManifestReport:
                       method="strong" if m["intensity"] == "02" else "normal"), "where": path.name}
                for path, m in parsed]
     mapping = label_map(CORPUS, cfg_get(data_cfg, "label_map"))
-    return labelled_rows(entries, mapping, keep_unlabelled, CORPUS, {"malformed": malformed, "ignored": ignored})
+    return apply_labels(entries, mapping, keep_unlabelled, CORPUS, {"malformed": malformed, "ignored": ignored})
 
 
 CORPUS = Corpus(
