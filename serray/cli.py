@@ -82,13 +82,16 @@ def cmd_pretrain(args) -> int:
 
     from serray.progress import echo
 
+    from serray.tracking import Tracker
+
     cfg = _cfg(args)
+    target = Tracker.of(cfg).target()  # one MLflow run per pre-training (serray-pretrain)
     with _quiet(cfg, args):
         if cfg.pretrain.per_fold:
             for fold in cfg.finetune.folds:  # one adapter per fold, each without its test session
-                echo(pretrain_summary(run_pretrain(cfg, fold, force=args.force)))
+                echo(pretrain_summary(run_pretrain(cfg, fold, force=args.force, tracking=target)))
         else:
-            echo(pretrain_summary(run_pretrain(cfg, force=args.force)))
+            echo(pretrain_summary(run_pretrain(cfg, force=args.force, tracking=target)))
     return 0
 
 
@@ -269,6 +272,9 @@ def main(argv: Optional[List[str]] = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     for handler in logging.getLogger().handlers:  # no storage credentials in any log line
         handler.addFilter(storage.RedactingFilter())
+    from serray import tracking
+
+    tracking.COMMAND["name"] = args.command  # the default MLflow experiment: serray-<command>
     try:
         return COMMANDS[args.command][0](args)
     except SerrayError as e:

@@ -247,6 +247,16 @@ class AblateConfig:
 
 
 @dataclass
+class TrackingConfig:
+    """Experiment tracking in MLflow (serray.tracking)."""
+
+    enabled: bool = True
+    uri: Optional[str] = None  # null: sqlite:///<output_dir>/mlflow.db; or http://server:5000, sqlite:///..., a .db path
+    experiment: Optional[str] = None  # null: serray-<command>
+    timeout_s: float = 5.0  # a tracking server that does not answer within this: one warning, tracking off
+
+
+@dataclass
 class RegistryConfig:
     """Selected models (what Serve loads)."""
 
@@ -301,6 +311,7 @@ class SerrayConfig:
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     tune: TuneConfig = field(default_factory=TuneConfig)
     ablate: AblateConfig = field(default_factory=AblateConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
     registry: RegistryConfig = field(default_factory=RegistryConfig)
     serve: ServeConfig = field(default_factory=ServeConfig)
 
@@ -403,6 +414,7 @@ def load_config(path: Optional[str | os.PathLike] = None, overrides: Sequence[st
     _validate(cfg)
     _absolute_paths(cfg)
     _validate_paths(cfg)
+    _resolve_tracking(cfg)
     OmegaConf.set_readonly(cfg, True)
     return cfg
 
@@ -458,6 +470,7 @@ def derive(cfg: DictConfig, overrides: Sequence[str]) -> DictConfig:
     _validate(out)
     _absolute_paths(out)
     _validate_paths(out)
+    _resolve_tracking(out)
     OmegaConf.set_readonly(out, True)
     return out
 
@@ -481,6 +494,17 @@ def _validate_paths(cfg: DictConfig) -> None:
         if isinstance(other, str) and other and _within(other, features):
             raise ConfigError(f"invalid configuration: features.dir ({_redact(features)}) must not be {key} or "
                               f"a directory above it ({_redact(other)}): it holds features only")
+
+
+def _resolve_tracking(cfg: DictConfig) -> None:
+    """``tracking.uri`` as MLflow takes it (null: the embedded store under ``output_dir``), absolute:
+    Tune trials and Ray Train workers do not run in the caller's cwd."""
+    from serray.tracking import resolve_uri
+
+    try:
+        cfg.tracking.uri = resolve_uri(cfg.tracking.uri, cfg.output_dir)
+    except ValueError as e:
+        raise _invalid([str(e)]) from None
 
 
 def _resolve_corpus(cfg: DictConfig) -> None:
@@ -752,6 +776,7 @@ _DOMAINS = [
     (("serve.max_body_mb", "serve.max_seconds", "serve.body_timeout_s", "serve.request_timeout_s",
       "serve.start_timeout_s"), POSITIVE),
     (("serve.max_queued_requests",), QUEUE),
+    (("tracking.timeout_s",), POSITIVE),
 ]
 
 

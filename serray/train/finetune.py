@@ -233,17 +233,17 @@ def fold_datasets(cfg, fold: int, split: Optional[Dict[str, pd.DataFrame]] = Non
 
 
 def run_fold(cfg, fold: int, report_to_tune: bool = False, report_pretrain: bool = False,
-             score_test: bool = True) -> Dict[str, Any]:
+             score_test: bool = True, tracking: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
     """Pre-train (if needed), train, select and test one leave-one-session-out fold (see
     :func:`_run_fold`), holding ``features.dir`` against a concurrent re-featurization."""
     from serray.train.pretrain import reading_features
 
     with reading_features(cfg):
-        return _run_fold(cfg, fold, report_to_tune, report_pretrain, score_test)
+        return _run_fold(cfg, fold, report_to_tune, report_pretrain, score_test, tracking)
 
 
 def _run_fold(cfg, fold: int, report_to_tune: bool = False, report_pretrain: bool = False,
-              score_test: bool = True) -> Dict[str, Any]:
+              score_test: bool = True, tracking: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
     """Pre-train (if needed), train, select and test one leave-one-session-out fold; write its
     directory; return its result.
 
@@ -251,8 +251,11 @@ def _run_fold(cfg, fold: int, report_to_tune: bool = False, report_pretrain: boo
     ``report_pretrain``: so is every pre-training epoch (progress lines only; a sweep's scheduler
     needs validation metrics in every result, so sweeps leave it off). ``score_test=False`` stops
     after the epoch is selected (``selection.json`` and ``model/``, no test score): a nested sweep's
-    trials, whose one chosen model per fold is scored later by :func:`test_fold`.
+    trials, whose one chosen model per fold is scored later by :func:`test_fold`. ``tracking``: the
+    MLflow run the fold's runs (pre-training, fine-tuning) nest under (None: untracked).
     """
+    from serray.tracking import Tracker, loop_spec, stage_key
+
     feat_meta = check_features(cfg)
     proto = protocol(cfg)
     pool = None
@@ -260,7 +263,7 @@ def _run_fold(cfg, fold: int, report_to_tune: bool = False, report_pretrain: boo
     if uses_pretraining(cfg):
         adapter = adapter_path(cfg, fold)
         if cfg.finetune.init_from is None and cfg.pretrain.per_fold:
-            run_pretrain(cfg, fold, report_to_tune=report_pretrain)  # reused when it exists and matches the config
+            run_pretrain(cfg, fold, report_to_tune=report_pretrain, tracking=tracking)  # reused when it matches the config
         pool = check_adapter(cfg, feat_meta, adapter).get("pool") or {}
     tcfg, fhash = cfg.finetune, finetune_hash(cfg)
     fold_dir = _fold_path(cfg, fold)
@@ -281,6 +284,10 @@ def _run_fold(cfg, fold: int, report_to_tune: bool = False, report_pretrain: boo
         **{k: v for k, v in as_dict(tcfg).items() if k in TRAIN_KEYS},
         "steps_per_epoch": steps_per_epoch(len(split["train"]), tcfg.batch_size, tcfg.num_workers),
         "fault_marker": storage.join(fold_dir, "fault_injected.marker"),
+        "tracking": loop_spec(tracking, stage_key("fold", fhash, fold_dir), f"fold {fold}",
+                              tags={"stage": "finetune", "fold": fold, "mode": tcfg.mode},
+                              params={"fold": fold, "test_session": fold, "n_train": len(split["train"]),
+                                      "n_val": len(split["val"]), "val_speakers": sorted(set(split["val"]["speaker"]))}),
     }
     result = fit(FinetuneTask, loop_config, datasets, tcfg, storage_path=storage.join(storage.absolute(tcfg.dir), "ray"),
                  name=f"fold{fold}-{fhash[:8]}", score=(SELECTION_KEY, "max"), report_to_tune=report_to_tune)
@@ -302,7 +309,13 @@ def _run_fold(cfg, fold: int, report_to_tune: bool = False, report_pretrain: boo
         storage.write_text(local / FOLD_SELECTION, json.dumps(selection, indent=2))
         if not score_test:
             return selection
-        return _test_fold(cfg, fold, local, model_dir, split, selection)
+        res = _test_fold(cfg, fold, local, model_dir, split, selection)
+    if loop_config["tracking"]:
+        tracker = Tracker.from_target(tracking)
+        run_id = tracker.find_run(loop_config["tracking"]["key"])
+        tracker.log_metrics(run_id, {f"test_{k}": res[k] for k in ("ua", "wa", "macro_f1", "n_test") if k in res}
+                            | {"best_epoch": selection["best_epoch"]})
+    return res
 
 
 def test_fold(cfg, fold: int) -> Dict[str, Any]:
@@ -409,9 +422,9 @@ def _tune_storage(path: str) -> Dict[str, Any]:
     return {"storage_path": p, "storage_filesystem": fs}
 
 
-def run_folds(cfg) -> List[Dict[str, Any]]:
+def run_folds(cfg, tracking: Optional[Dict[str, Any]] = None) -> List[Dict[str, Any]]:
     """Run every pending fold as a parallel Ray Tune trial (pre-training included); finished folds are
-    reused."""
+    reused. ``tracking``: the MLflow run the folds' runs nest under."""
     import ray.tune as tune
 
     from serray.ray_utils import init_ray
@@ -419,7 +432,7 @@ def run_folds(cfg) -> List[Dict[str, Any]]:
     feat_meta = check_features(cfg)  # fail fast, before any trial starts
     if uses_pretraining(cfg) and (cfg.finetune.init_from or not cfg.pretrain.per_fold):
         if not cfg.pretrain.per_fold and not cfg.finetune.init_from:
-            run_pretrain(cfg)  # the one shared (transductive) adapter
+            run_pretrain(cfg, tracking=tracking)  # the one shared (transductive) adapter
         for f in cfg.finetune.folds:
             check_adapter(cfg, feat_meta, adapter_path(cfg, f))
     done = {f: r for f in cfg.finetune.folds if (r := fold_done(cfg, f)) is not None}
@@ -430,7 +443,8 @@ def run_folds(cfg) -> List[Dict[str, Any]]:
         init_ray(cfg)
         from serray.progress import EpochProgress
 
-        trainable = tune.with_resources(tune.with_parameters(_fold_trial, cfg_dict=as_dict(cfg)), trial_resources(cfg))
+        trainable = tune.with_resources(tune.with_parameters(_fold_trial, cfg_dict=as_dict(cfg), tracking=tracking),
+                                        trial_resources(cfg))
         epochs = cfg.finetune.epochs + (cfg.pretrain.epochs if uses_pretraining(cfg) and cfg.pretrain.per_fold
                                         and not cfg.finetune.init_from else 0)
         tuner = tune.Tuner(
@@ -481,13 +495,13 @@ def trial_resources(cfg, extra_cpu: float = 0.0) -> Dict[str, float]:
     return {"cpu": extra_cpu, "memory": 64 * 1024**2} if extra_cpu else {"cpu": 0, "memory": 64 * 1024**2}
 
 
-def _fold_trial(config: Dict[str, Any], cfg_dict: Dict[str, Any]) -> None:
+def _fold_trial(config: Dict[str, Any], cfg_dict: Dict[str, Any], tracking: Optional[Dict[str, Any]] = None) -> None:
     """One Tune trial = one fold (pre-training if needed, a Ray Train run, the test)."""
     import ray.tune
     from omegaconf import OmegaConf
 
     cfg = OmegaConf.create(cfg_dict)
-    res = run_fold(cfg, int(config["fold"]), report_to_tune=True, report_pretrain=True)
+    res = run_fold(cfg, int(config["fold"]), report_to_tune=True, report_pretrain=True, tracking=tracking)
     ray.tune.report({k: v for k, v in res.items() if isinstance(v, (int, float))})
 
 
@@ -495,13 +509,26 @@ def run_finetune(cfg, extra: Optional[Dict[str, Any]] = None, selection: str = "
                  hyperparameters: Optional[Dict[str, Any]] = None, selected_on: Optional[str] = None) -> Dict[str, Any]:
     """All folds, then metrics.json / results.md / predictions.csv / plots under ``finetune.dir``
     (``extra`` is added to metrics.json); registered when ``finetune.register`` (``selection`` says how
-    the configuration was chosen: ``fixed`` for a config as given)."""
-    folds = run_folds(cfg)
-    summary = write_loso(cfg, folds, cfg.finetune.dir, extra)
-    if cfg.finetune.register:
-        summary["registered"] = register_result(cfg, summary, source="tune" if selection != "fixed" else "finetune",
-                                                selection=selection, hyperparameters=hyperparameters,
-                                                selected_on=selected_on)["id"]
+    the configuration was chosen: ``fixed`` for a config as given). Tracked as one MLflow run with a
+    child run per fold and per pre-training (:mod:`serray.tracking`)."""
+    from serray.tracking import Tracker, config_params, log_loso, stage_key
+
+    tracker, fhash = Tracker.of(cfg), finetune_hash(cfg)
+    with tracker.run(stage_key("loso", fhash, storage.absolute(cfg.finetune.dir)), f"loso {cfg.finetune.mode} {fhash[:8]}",
+                     tags={"stage": "loso", "mode": cfg.finetune.mode, "selection": selection,
+                           "encoder": storage.public_name(cfg.encoder.name)},
+                     params=config_params(cfg)) as run_id:
+        folds = run_folds(cfg, tracking=tracker.target(run_id))
+        summary = write_loso(cfg, folds, cfg.finetune.dir, extra)
+        log_loso(tracker, run_id, summary, cfg.finetune.dir)
+        if run_id:
+            summary["mlflow_run_id"] = run_id
+        if cfg.finetune.register:
+            summary["registered"] = register_result(cfg, summary, source="tune" if selection != "fixed" else "finetune",
+                                                    selection=selection, hyperparameters=hyperparameters,
+                                                    selected_on=selected_on,
+                                                    extra={"mlflow_run_id": run_id} if run_id else None)["id"]
+            tracker.set_tags(run_id, {"registry_entry": summary["registered"]})
     return summary
 
 

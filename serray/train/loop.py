@@ -347,58 +347,67 @@ def run_loop(task, config: Dict[str, Any], rt) -> List[Dict[str, Any]]:
     rows = rt.rows("train") if memory else None
     if history and task.should_stop(history):
         return history
-    for epoch in range(start_epoch, config["epochs"]):
-        model.train()
-        task.before_epoch(core, epoch)  # e.g. a frozen warm-up: the body gets no gradients this epoch
-        acc, frames, t0 = defaultdict(list), 0, time.time()
-        collate = task.collate(train=True, epoch=epoch)
-        if memory:
-            order = epoch_order(len(rows), seed, epoch, rt.rank, rt.world)
-            batches = memory_batches(rows, order, config["batch_size"], collate)
-        else:
-            batches = rt.stream("train", config["batch_size"], collate)
-        scales = [task.lr_scale(g, epoch) for g in optimizer.param_groups]
-        for batch in batches:
-            if step >= total_steps:  # pretrain.steps: the last epoch may end early
+    from serray.tracking import LoopRun
+
+    tracking = LoopRun(config.get("tracking"), rt.rank)  # MLflow through Ray's setup_mlflow on rank 0; a resume continues the run
+    try:
+        for epoch in range(start_epoch, config["epochs"]):
+            model.train()
+            task.before_epoch(core, epoch)  # e.g. a frozen warm-up: the body gets no gradients this epoch
+            acc, frames, t0 = defaultdict(list), 0, time.time()
+            collate = task.collate(train=True, epoch=epoch)
+            if memory:
+                order = epoch_order(len(rows), seed, epoch, rt.rank, rt.world)
+                batches = memory_batches(rows, order, config["batch_size"], collate)
+            else:
+                batches = rt.stream("train", config["batch_size"], collate)
+            scales = [task.lr_scale(g, epoch) for g in optimizer.param_groups]
+            for batch in batches:
+                if step >= total_steps:  # pretrain.steps: the last epoch may end early
+                    break
+                batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+                lr = cosine_schedule(config["lr"], config.get("lr_end", 0.0), total_steps, warmup, step)
+                for g, scale in zip(optimizer.param_groups, scales):
+                    g["lr"] = lr * scale
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+                    loss, records = task.step(model, batch, step, rt.rank)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                if config.get("grad_clip"):
+                    records["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(params, config["grad_clip"]))
+                optimizer.step()
+                records.update(task.after_step(core, step, total_steps))
+                records["lr"] = lr
+                for g in optimizer.param_groups:  # what each group really got (body x body_lr_scale, frozen = 0)
+                    records[f"lr_{g.get('name', 'group')}"] = g["lr"]
+                for k, v in records.items():
+                    acc[k].append(float(v))
+                frames += int((~batch["padding_mask"]).sum())
+                step += 1
+                _maybe_inject_fault(config, step, rt.rank)
+            metrics = {"epoch": epoch, "epochs": config["epochs"], "stage_id": getattr(task, "stage_id", -1), "step": step,
+                       **_mean_records(acc), **resumed_at, "frames_per_s": frames * rt.world / max(1e-9, time.time() - t0)}
+            metrics.update(task.evaluate(model, core, rt, epoch))
+            history.append(metrics)
+            tracking.log(metrics, epoch)
+            stop = task.should_stop(history)
+
+            def save(d: str, epoch=epoch, step=step, metrics=None) -> None:
+                state = {MODEL_KEY: core.state_dict(), OPTIMIZER_KEY: optimizer.state_dict(), STEP_KEY: step,
+                         EPOCH_KEY: epoch, HISTORY_KEY: history, **task.extra_state()}
+                meta = task.checkpoint_meta(core, step, epoch)
+                if metrics is not None:  # the local backend ranks its checkpoints by these
+                    meta["metrics"] = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
+                save_checkpoint(d, state, meta, config["config_yaml"])
+
+            rt.report({**metrics, "stopped_early": int(stop)}, save)
+            if stop:
+                log.info("early stop after epoch %d", epoch)
                 break
-            batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-            lr = cosine_schedule(config["lr"], config.get("lr_end", 0.0), total_steps, warmup, step)
-            for g, scale in zip(optimizer.param_groups, scales):
-                g["lr"] = lr * scale
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-                loss, records = task.step(model, batch, step, rt.rank)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if config.get("grad_clip"):
-                records["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(params, config["grad_clip"]))
-            optimizer.step()
-            records.update(task.after_step(core, step, total_steps))
-            records["lr"] = lr
-            for g in optimizer.param_groups:  # what each group really got (body x body_lr_scale, frozen = 0)
-                records[f"lr_{g.get('name', 'group')}"] = g["lr"]
-            for k, v in records.items():
-                acc[k].append(float(v))
-            frames += int((~batch["padding_mask"]).sum())
-            step += 1
-            _maybe_inject_fault(config, step, rt.rank)
-        metrics = {"epoch": epoch, "epochs": config["epochs"], "stage_id": getattr(task, "stage_id", -1), "step": step,
-                   **_mean_records(acc), **resumed_at, "frames_per_s": frames * rt.world / max(1e-9, time.time() - t0)}
-        metrics.update(task.evaluate(model, core, rt, epoch))
-        history.append(metrics)
-        stop = task.should_stop(history)
-
-        def save(d: str, epoch=epoch, step=step, metrics=None) -> None:
-            state = {MODEL_KEY: core.state_dict(), OPTIMIZER_KEY: optimizer.state_dict(), STEP_KEY: step,
-                     EPOCH_KEY: epoch, HISTORY_KEY: history, **task.extra_state()}
-            meta = task.checkpoint_meta(core, step, epoch)
-            if metrics is not None:  # the local backend ranks its checkpoints by these
-                meta["metrics"] = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
-            save_checkpoint(d, state, meta, config["config_yaml"])
-
-        rt.report({**metrics, "stopped_early": int(stop)}, save)
-        if stop:
-            log.info("early stop after epoch %d", epoch)
-            break
+    except BaseException:
+        tracking.close("FAILED")
+        raise
+    tracking.close()
     return history
 
 

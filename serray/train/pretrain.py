@@ -236,8 +236,11 @@ def _meta_text(features_dir: str) -> Optional[str]:
 # ---------------------------------------------------------------- the driver
 
 
-def run_pretrain(cfg, fold: Optional[int] = None, force: bool = False, report_to_tune: bool = False) -> Dict[str, Any]:
+def run_pretrain(cfg, fold: Optional[int] = None, force: bool = False, report_to_tune: bool = False,
+                 tracking: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
     """Pre-train the adapter of one fold (or the shared one) with Ray Train; export it.
+
+    ``tracking``: where its MLflow run goes (:meth:`serray.tracking.Tracker.target`; None: untracked).
 
     Returns:
         A summary: the exported adapter directory, final metrics, the pool (sessions, rows, speakers),
@@ -257,7 +260,7 @@ def run_pretrain(cfg, fold: Optional[int] = None, force: bool = False, report_to
                          storage.describe(export))
                 return {"adapter": export, "reused": True, "metrics": meta.get("final_metrics", {}), "fold": fold,
                         "pool": meta.get("pool", {})}
-        return _train(cfg, fold, out, export, phash, force, report_to_tune)
+        return _train(cfg, fold, out, export, phash, force, report_to_tune, tracking)
 
 
 def pretrain_inputs(cfg, fold: Optional[int] = None):
@@ -292,10 +295,14 @@ def pretrain_inputs(cfg, fold: Optional[int] = None):
     return loop_config, data
 
 
-def _train(cfg, fold, out, export, phash, force, report_to_tune) -> Dict[str, Any]:
+def _train(cfg, fold, out, export, phash, force, report_to_tune, tracking=None) -> Dict[str, Any]:
     from serray.ray_utils import init_ray
+    from serray.tracking import Tracker, config_params, loop_spec, stage_key
 
     loop_config, data = pretrain_inputs(cfg, fold)
+    loop_config["tracking"] = spec = loop_spec(
+        tracking, stage_key("pretrain", phash, out), "pretrain" + (f" fold {fold}" if fold is not None else ""),
+        tags={"stage": "pretrain", "fold": fold if fold is not None else "shared"}, params=config_params(cfg))
     pool = loop_config["pool"]
     tcfg = cfg.pretrain
     init_ray(cfg)
@@ -318,6 +325,11 @@ def _train(cfg, fold, out, export, phash, force, report_to_tune) -> Dict[str, An
         shutil.rmtree(local / ADAPTER_DIR, ignore_errors=True)
         os.replace(tmp, local / ADAPTER_DIR)
         curves = write_history(history, local, PRETRAIN_KEYS, "adapter pre-training" + (f", fold {fold}" if fold else ""))
+        if spec:
+            tracker = Tracker.from_target(spec)
+            run_id = tracker.find_run(spec["key"])
+            tracker.log_artifacts(run_id, [curves, local / "history.csv"])
+            tracker.set_tags(run_id, {"adapter": storage.redact(export)})
     final = history[-1] if history else {}
     warning = None
     if final.get("teacher_drift", 1.0) < 0.5 * final.get("student_drift", 0.0):

@@ -9,6 +9,12 @@ from typing import Dict, List, Sequence
 import pandas as pd
 
 
+def grid_shape(n: int, max_cols: int = 4) -> tuple:
+    """(rows, columns) of a panel grid a person reads at a glance: at most ``max_cols`` wide."""
+    cols = max(1, min(max_cols, n))
+    return max(1, -(-n // cols)), cols
+
+
 def write_history(history: List[Dict[str, float]], out_dir: str | Path, keys: Sequence[str], title: str) -> Path:
     """Write ``history.json``, ``history.csv`` and ``curves.png`` (one panel per key) into ``out_dir``."""
     import matplotlib
@@ -22,8 +28,13 @@ def write_history(history: List[Dict[str, float]], out_dir: str | Path, keys: Se
     df = pd.DataFrame(history)
     df.to_csv(out / "history.csv", index=False)
     keys = [k for k in keys if k in df.columns]
-    fig, axes = plt.subplots(1, max(1, len(keys)), figsize=(3.2 * max(1, len(keys)), 2.8), squeeze=False)
-    for ax, k in zip(axes[0], keys):
+    rows, cols = grid_shape(len(keys))
+    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 2.6 * rows + 0.4), squeeze=False)
+    for i, ax in enumerate(axes.flat):
+        if i >= len(keys):
+            ax.set_axis_off()
+            continue
+        k = keys[i]
         ax.plot(df["epoch"], df[k], marker="o", ms=3)
         ax.set_title(k, fontsize=9)
         ax.set_xlabel("epoch", fontsize=8)
