@@ -134,6 +134,9 @@ class Tracker:
         self._client = None
         self._stack: List[Optional[str]] = []
 
+    def __getstate__(self):  # pickled with a Tune callback (tuner.pkl): no client, no open runs
+        return {**self.__dict__, "_client": None, "_stack": []}
+
     # -------------------------------------------------------------- construction
 
     @classmethod
@@ -339,6 +342,8 @@ def _trial_callback(tracker: Tracker, parent, key_prefix, params_of, tags):
     class TrialRuns(MLflowLoggerCallback):
         """``MLflowLoggerCallback`` with serray's run keys, nesting and guards."""
 
+        serray_tracking = True
+
         def setup(self, *args, **kwargs):
             try:
                 super().setup(*args, **kwargs)
@@ -401,6 +406,7 @@ class LoopRun:
                                             params=spec.get("params"))
         if self.run_id is None:
             return
+        self.tracker.set_tags(self.run_id, {"logged_from_node": _node_id()})
         previous = os.environ.get("MLFLOW_RUN_ID")
         try:
             from ray.air.integrations.mlflow import setup_mlflow
@@ -433,6 +439,16 @@ class LoopRun:
         except Exception as e:
             self.tracker.disable("ending a run", e)
         self.mlflow = None
+
+
+def _node_id() -> str:
+    """The Ray node this process runs on ("driver" outside Ray)."""
+    try:
+        import ray
+
+        return ray.get_runtime_context().get_node_id() if ray.is_initialized() else "driver"
+    except Exception:
+        return "unknown"
 
 
 # ------------------------------------------------------------------ what the stages log

@@ -276,6 +276,17 @@ def run_sweep(cfg, echo: Callable[[str], Any] = print) -> Dict[str, Any]:
     root.mkdir(parents=True, exist_ok=True)
     space_file.write_text(json.dumps({**key, "space": {k: list(v) for k, v in flat.items()}}))
     init_ray(cfg)
+    from serray.tracking import Tracker, config_params, stage_key
+
+    tracker = Tracker.of(cfg)  # one MLflow run for the sweep, a child per trial and for the final run
+    with tracker.run(stage_key("sweep", key["hash"], str(root), cfg.tune.selection), f"sweep {cfg.tune.name}",
+                     tags={"stage": "sweep", "selection": cfg.tune.selection},
+                     params={**config_params(cfg), **{f"space.{k}": f"{form} {list(args)}" for k, (form, args) in flat.items()}}):
+        return _sweep(cfg, flat, echo)
+
+
+def _sweep(cfg, flat, echo) -> Dict[str, Any]:
+    root = Path(cfg.tune.dir) / cfg.tune.name
     n = len(enumerate_space(flat, cfg.tune.num_samples, cfg.seed)) if is_discrete(flat) else cfg.tune.num_samples
     how = "distinct configurations (drawn without replacement)" if is_discrete(flat) else "samples"
     if cfg.tune.selection == "nested":
@@ -306,9 +317,14 @@ def _fit(cfg, flat, folds: List[int], echo):
     """Run (or resume) the Tune experiment of trials on ``folds``; the result grid and its directory."""
     import ray.tune as tune
 
+    from serray.tracking import Tracker
     from serray.train.finetune import trial_resources
 
     exp_dir = Path(cfg.tune.dir) / cfg.tune.name / _experiment(cfg, folds)
+    tracker = Tracker.of(cfg)
+    tracking = tracker.tune_callback(tracker.current, f"trial/{_space_hash(flat)}/{exp_dir.name}",
+                                     params_of=lambda c: {**trial_hyperparameters(c), "folds": folds},
+                                     tags={"stage": "trial", "experiment": exp_dir.name})
     resources = trial_resources(cfg, extra_cpu=cfg.tune.cpus_per_trial)
     if cfg.tune.gpus_per_trial:
         resources["gpu"] = resources.get("gpu", 0) + cfg.tune.gpus_per_trial
@@ -316,6 +332,11 @@ def _fit(cfg, flat, folds: List[int], echo):
     if tune.Tuner.can_restore(str(exp_dir)):
         echo(f"resuming {exp_dir} (finished trials are kept)")
         tuner = tune.Tuner.restore(str(exp_dir), trainable=trainable, resume_unfinished=True, resume_errored=True)
+        # a restored Tuner brings back the RunConfig it pickled (Tuner.restore takes none): this run's tracking
+        # callback replaces the pickled one (its trials find their MLflow runs by key and continue them)
+        run_config = tuner._local_tuner.get_run_config()
+        run_config.callbacks = [c for c in (run_config.callbacks or []) if not getattr(c, "serray_tracking", False)] \
+            + ([tracking] if tracking is not None else [])
     else:
         space = param_space(flat, cfg.tune.num_samples, cfg.seed)
         tuner = tune.Tuner(
@@ -323,7 +344,8 @@ def _fit(cfg, flat, folds: List[int], echo):
             tune_config=tune.TuneConfig(num_samples=1 if COMBO_KEY in space else cfg.tune.num_samples,
                                         scheduler=_scheduler(cfg, folds),
                                         max_concurrent_trials=cfg.tune.max_concurrent_trials),
-            run_config=tune.RunConfig(storage_path=str(exp_dir.parent), name=exp_dir.name, verbose=1),
+            run_config=tune.RunConfig(storage_path=str(exp_dir.parent), name=exp_dir.name, verbose=1,
+                                      callbacks=[tracking] if tracking is not None else None),
         )
     return tuner.fit(), exp_dir
 
@@ -435,7 +457,7 @@ def selected_on(cfg) -> str:
 
 
 def _finish_nested(cfg, flat, results, choices, final_dir: Path, echo) -> Dict[str, Any]:
-    from serray.train.finetune import register_result, write_loso
+    from serray.train.finetune import write_loso
     from serray.train.results import markdown_table
 
     folds = sweep_folds(cfg)
@@ -446,6 +468,21 @@ def _finish_nested(cfg, flat, results, choices, final_dir: Path, echo) -> Dict[s
                  "selected_on": selected_on(cfg)}
     summary = write_loso(run_cfg, results, str(final_dir), {"selection": selection}, config_hash=sweep_id)
     echo(markdown_table(summary, f"nested sweep: each fold tested once with its own choice, folds {folds}"))
+    from serray.tracking import Tracker, log_loso, stage_key
+
+    tracker = Tracker.of(cfg)
+    with tracker.run(stage_key("final", sweep_id, str(final_dir)), "final (nested)", tags={"stage": "final", "selection": "nested"},
+                     params={f"fold{k}.{h}": v for k, c in choices.items() for h, v in
+                             {"trial_id": c["trial_id"], **c["hyperparameters"]}.items()}) as run_id:
+        log_loso(tracker, run_id, summary, str(final_dir))
+        tracker.log_artifacts(run_id, [Path(cfg.tune.dir) / cfg.tune.name / "trials.md"])
+        return _register_nested(cfg, summary, choices, selection, run_cfg, sweep_id, final_dir, run_id, echo)
+
+
+def _register_nested(cfg, summary, choices, selection, run_cfg, sweep_id, final_dir: Path, run_id, echo) -> Dict[str, Any]:
+    from serray.train.finetune import register_result
+
+    folds = sweep_folds(cfg)
     out: Dict[str, Any] = {"dir": str(final_dir.parent.parent), "choices": choices,
                            "final": {"mean": summary["mean"], "std": summary["std"], "folds": folds}}
     if cfg.tune.register_best:
@@ -454,7 +491,8 @@ def _finish_nested(cfg, flat, results, choices, final_dir: Path, echo) -> Dict[s
         entry = register_result(run_cfg, summary, source="tune", hyperparameters=choices[best_fold]["hyperparameters"],
                                 selected_on=selected_on(cfg), selection="nested", model_cfg=model_cfg,
                                 finetune_dir=str(final_dir),
-                                extra={"config_hash": sweep_id, "per_fold": selection["per_fold"]})
+                                extra={"config_hash": sweep_id, "per_fold": selection["per_fold"],
+                                       **({"mlflow_run_id": run_id} if run_id else {})})
         out["registered"] = entry["id"]
         echo(f"registered as {entry['id']} in {storage.describe(cfg.registry.dir)}")
     return out

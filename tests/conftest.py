@@ -13,6 +13,8 @@ Fixture names are a contract other test modules rely on (keep them):
   run to some sessions (``data.sessions`` and the keys validated against it).
 * ``tiny_hubert`` / ``tiny_hubert_group`` (session) -- random-init HuBERT checkpoints saved with
   ``save_pretrained`` (hidden size 32, 2 layers; layer-norm resp. group-norm feature extractor).
+* ``mlflow_server`` (session) -- a real ``mlflow server`` (SQLite backend) on 127.0.0.1, its URI;
+  stopped at the end of the session.
 
 Nothing here reads ``$CI``: the configs set ``ray.progress_bars=false`` explicitly.
 """
@@ -153,3 +155,48 @@ def tiny_hubert(tmp_path_factory) -> Path:
 def tiny_hubert_group(tmp_path_factory) -> Path:
     """The same tiny HuBERT with a group-norm feature extractor (the *base* checkpoints' kind)."""
     return _save_tiny_hubert(tmp_path_factory.mktemp("tiny_hubert_group"), "group")
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory):
+    """``mlflow server`` with a SQLite backend and local artifacts on a free 127.0.0.1 port; yields
+    ``http://127.0.0.1:<port>``; stopped (and waited for) at the end of the session."""
+    import shutil
+    import socket
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    base = tmp_path_factory.mktemp("mlflow_server")
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    exe = shutil.which("mlflow", path=str(Path(sys.executable).parent)) or shutil.which("mlflow")
+    log = (base / "server.log").open("w")
+    proc = subprocess.Popen([exe, "server", "--backend-store-uri", f"sqlite:///{base / 'mlflow.db'}",
+                             "--artifacts-destination", str(base / "artifacts"), "--host", "127.0.0.1",
+                             "--port", str(port), "--workers", "1"], stdout=log, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    uri = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 240  # 82 s measured at load average 13 on 2 cores
+    try:
+        while True:
+            try:
+                urllib.request.urlopen(uri + "/health", timeout=2).close()
+                break
+            except OSError:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"mlflow server did not start:\n{(base / 'server.log').read_text()[-3000:]}")
+                time.sleep(0.5)
+        yield uri
+    finally:
+        import os
+        import signal
+
+        try:
+            os.killpg(proc.pid, signal.SIGTERM)
+            proc.wait(timeout=30)
+        except (ProcessLookupError, subprocess.TimeoutExpired):
+            os.killpg(proc.pid, signal.SIGKILL)
+        log.close()

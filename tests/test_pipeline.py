@@ -78,6 +78,46 @@ def test_rerun_skips_every_stage(pipeline):
     assert len(list((run / "registry").glob("*/entry.json"))) == 1  # the same result is not registered twice
 
 
+def test_the_pipeline_is_tracked_in_the_embedded_store_and_its_rerun_continues_it(pipeline, capsys):
+    """With no setup: output_dir/mlflow.db holds one LOSO run (the resolved config as params, the fold
+    means and files) with a child run per fold (every epoch, the fold's test scores) and per
+    pre-training (every epoch, curves.png, the adapter); the rerun reopened these runs (no new ones),
+    and the registry entry names the LOSO run (``serray models show`` prints it)."""
+    from mlflow import MlflowClient
+
+    from serray.cli import main
+
+    run, _ = pipeline
+    assert (run / "mlflow.db").is_file() and (run / "mlartifacts").is_dir()
+    client = MlflowClient(f"sqlite:///{run / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("serray-pipeline").experiment_id])
+    by_name = {r.info.run_name: r for r in runs}
+    assert len(runs) == 5 and all(r.info.status == "FINISHED" for r in runs), [r.info.run_name for r in runs]
+    loso = next(r for r in runs if r.data.tags["stage"] == "loso")
+    metrics = json.loads((run / "finetune" / "metrics.json").read_text())
+    assert loso.data.metrics["test_ua"] == pytest.approx(metrics["mean"]["ua"])
+    assert loso.data.metrics["test_ua_std"] == pytest.approx(metrics["std"]["ua"])
+    assert loso.data.params["finetune.epochs"] == "2" and loso.data.params["output_dir"] == str(run)
+    assert {a.path for a in client.list_artifacts(loso.info.run_id)} >= {
+        "metrics.json", "results.md", "confusion_matrix.png", "learning_curves.png", "config.yaml"}
+    for fold in (1, 2):
+        f, p = by_name[f"fold {fold}"], by_name[f"pretrain fold {fold}"]
+        assert f.data.tags["mlflow.parentRunId"] == p.data.tags["mlflow.parentRunId"] == loso.info.run_id
+        result = next(x for x in metrics["folds"] if x["fold"] == fold)
+        assert f.data.metrics["test_ua"] == pytest.approx(result["ua"])
+        assert [m.step for m in client.get_metric_history(f.info.run_id, "val_ua")] == [0, 1]
+        history = json.loads((run / "pretrain" / f"fold{fold}" / "history.json").read_text())
+        logged = client.get_metric_history(p.info.run_id, "teacher_drift")
+        assert [(m.step, m.value) for m in logged] == [(h["epoch"], pytest.approx(h["teacher_drift"])) for h in history]
+        assert p.data.params["adapter.d_model"] == "32" and p.data.tags["adapter"].endswith(f"fold{fold}/adapter")
+        assert {a.path for a in client.list_artifacts(p.info.run_id)} == {"curves.png", "history.csv"}
+    (entry,) = [json.loads(p.read_text()) for p in (run / "registry").glob("*/entry.json")]
+    assert entry["mlflow_run_id"] == loso.info.run_id
+    capsys.readouterr()
+    assert main(["models", "show", entry["id"], f"output_dir={run}"]) == 0
+    assert f'"mlflow_run_id": "{loso.info.run_id}"' in capsys.readouterr().out
+
+
 def test_terminal_shows_compact_progress_and_ray_lines_go_to_the_log(pipeline):
     """The terminal shows the stages, one line per epoch (fold, stage, k/n, metrics, time left) and the
     table; Ray's own lines (Tune's experiment boxes, dataset plans) are in output_dir/logs/ray.log."""

@@ -180,7 +180,42 @@ class _Progress:
 
 
 def run_ablation(cfg, echo: Callable[[str], Any] = print) -> Dict[str, Any]:
-    """Run (or resume) every unit, then pair the predictions and write ablation.json / .md / .png."""
+    """Run (or resume) every unit, then pair the predictions and write ablation.json / .md / .png;
+    tracked as one MLflow run with a child run per arm x mode x label fraction x seed."""
+    from serray.tracking import Tracker, config_params, short_hash, stage_key
+
+    tracker = Tracker.of(cfg)
+    key = stage_key("ablation", short_hash(sorted(cfg.ablate.arms), sorted(cfg.ablate.modes), sorted(cfg.ablate.label_fractions),
+                                           seeds_of(cfg), list(cfg.finetune.folds)), str(Path(cfg.output_dir) / ABLATION_DIR))
+    with tracker.run(key, "ablation", tags={"stage": "ablation"}, params=config_params(cfg)) as run_id:
+        ablation = _run_ablation(cfg, echo)
+        _track_arms(tracker, run_id, ablation.pop("_predictions"))
+        tracker.log_artifacts(run_id, [Path(cfg.output_dir) / ABLATION_DIR / f"ablation.{x}" for x in ("json", "md", "png")])
+        return ablation
+
+
+def _track_arms(tracker, parent: Optional[str], arm_preds: Dict[Tuple[str, str, float], pd.DataFrame]) -> None:
+    """One MLflow run per arm x mode x label fraction x seed: its folds' test UA / WA / F1 (step = fold)
+    and their means."""
+    from serray.tracking import stage_key
+    from serray.train.metrics import classification_metrics
+
+    if not parent:
+        return
+    for (arm, mode, fraction), preds in sorted(arm_preds.items()):
+        for seed, runs in preds.groupby("seed"):
+            folds = {int(f): classification_metrics(p["label"], p["pred"]) for f, p in runs.groupby("fold")}
+            run_id = tracker.open_run(stage_key("arm", f"{arm}-{mode}-{fraction:g}-{seed}", parent), f"{arm} {mode} x{fraction:g} seed {seed}",
+                                      parent=parent, tags={"arm": arm, "mode": mode, "label_fraction": fraction, "seed": seed},
+                                      params={"arm": arm, "mode": mode, "label_fraction": fraction, "seed": seed})
+            for fold, m in folds.items():
+                tracker.log_metrics(run_id, {f"fold_test_{k}": v for k, v in m.items()}, step=fold)
+            tracker.log_metrics(run_id, {f"test_{k}": sum(m[k] for m in folds.values()) / len(folds)
+                                         for k in next(iter(folds.values()))})
+            tracker.finish(run_id)
+
+
+def _run_ablation(cfg, echo: Callable[[str], Any]) -> Dict[str, Any]:
     import ray.tune as tune
 
     from serray.data.featurize import featurize
@@ -231,7 +266,7 @@ def run_ablation(cfg, echo: Callable[[str], Any] = print) -> Dict[str, Any]:
     paths = write_ablation(ablation, out)
     echo(paths["md"].read_text())
     echo(f"ablation written to {paths['json']}, {paths['md']} and {paths['png']} in {(time.time() - t0) / 60:.1f} min")
-    return ablation
+    return {**ablation, "_predictions": arm_preds}
 
 
 def _unit_arg(config):  # Tune passes {"unit": {...}}

@@ -69,8 +69,16 @@ def main(out: Path, overrides: list[str]) -> int:
         report["featurize"] = {k: v for k, v in featurize(cfg).items() if isinstance(v, (int, float, str))}
         report["featurize_s"] = round(time.time() - t1, 1)
         t2 = time.time()
-        summary = run_pretrain(cfg)
+        from serray.tracking import Tracker
+
+        tracker = Tracker.of(cfg)  # the embedded store under output_dir: the nodes share this machine's disk
+        summary = run_pretrain(cfg, tracking=tracker.target())
         report["pretrain_s"] = round(time.time() - t2, 1)
+        runs = tracker.client().search_runs([tracker.experiment_id])
+        report["mlflow_runs"] = [{"name": r.info.run_name, "status": r.info.status, "tags": r.data.tags,
+                                  "metrics": sorted(r.data.metrics),
+                                  "epochs": [m.step for m in tracker.client().get_metric_history(r.info.run_id, "loss")]}
+                                 for r in runs]
         report["pretrain"] = {"adapter": summary["adapter"], "reused": summary["reused"],
                               "ray_dir": summary.get("ray_dir")}
         report.update(_placement())

@@ -78,6 +78,19 @@ def test_pretraining_finished_with_synchronised_centroids(run) -> None:
         assert epoch["loss"] == epoch["loss"]  # not NaN
 
 
+def test_rank_0_on_either_node_logs_to_the_shared_mlflow_store(run) -> None:
+    """``setup_mlflow`` on rank 0 (whichever node it landed on) wrote every epoch into the SQLite store
+    under the shared output_dir; the run records the node that logged it."""
+    runs = run["report"]["mlflow_runs"]
+    assert len(runs) == 1, runs
+    (r,) = runs
+    assert r["name"] == "pretrain" and r["status"] == "FINISHED" and r["tags"]["stage"] == "pretrain"
+    assert r["epochs"] == [0], r  # pretrain.epochs=1
+    assert {"loss", "loss_cluster", "teacher_drift", "frames_per_s"} <= set(r["metrics"])
+    assert r["tags"]["logged_from_node"] in run["report"]["nodes"], (r["tags"], run["report"]["nodes"])
+    assert (run["out"] / "mlflow.db").is_file()
+
+
 def test_private_cluster_is_gone_and_other_rays_untouched(run) -> None:
     assert run["leftovers"]["left"] == []
     assert ray_isolation.pids_of_private_ray(run["tmpdir"]) == []

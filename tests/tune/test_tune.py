@@ -207,13 +207,14 @@ SPACE = ("    adapter:\n      mask_ratio: {grid: [0.3, 0.6]}\n"
 
 
 @pytest.fixture(scope="module")
-def sweep(featurized, tmp_path_factory):
+def sweep(featurized, tmp_path_factory, mlflow_server):
     """A nested sweep on folds 1 and 2, 4 trials each; the two with finetune.fail_at_step=2 crash once per
-    fold (max_failures=0): the sweep is interrupted, and rerunning the same command resumes it."""
+    fold (max_failures=0): the sweep is interrupted, and rerunning the same command resumes it. Tracked
+    on a real MLflow server (experiment ``sweep-test``)."""
     from serray.tune import run_sweep
 
     tmp = tmp_path_factory.mktemp("sweep")
-    cfg = _cfg(featurized, tmp, SPACE)
+    cfg = _cfg(featurized, tmp, SPACE, f"tracking.uri={mlflow_server}", "tracking.experiment=sweep-test")
     failures = []
     for _ in range(3):  # fold 1's crashes stop the first run, fold 2's the second
         try:
@@ -276,6 +277,44 @@ def test_a_resumed_sweep_does_not_rerun_finished_trials_and_shares_pretraining(s
             assert (root / f"fold{fold}" / f).stat().st_size > 0
     # trials with the same pre-training settings share one pre-training: 2 mask ratios x 2 folds
     assert len(list((root / "pretrain").glob("*/fold*/adapter/meta.json"))) == 4
+
+
+@pytest.mark.ray
+@pytest.mark.sweep
+def test_the_sweep_is_tracked_one_run_per_trial_continued_on_resume(sweep, mlflow_server):
+    """The sweep's MLflow run holds one child run per Tune trial (MLflowLoggerCallback) with its swept
+    values and results, a crashed-then-resumed trial continuing its own run, and the final run."""
+    from mlflow import MlflowClient
+
+    cfg, failures, out, _ = sweep
+    client = MlflowClient(mlflow_server)
+    runs = client.search_runs([client.get_experiment_by_name("sweep-test").experiment_id], max_results=1000)
+    stage = {s: [r for r in runs if r.data.tags.get("stage") == s] for s in ("sweep", "trial", "final")}
+    assert sum(map(len, stage.values())) == len(runs)
+    (sweep_run,) = stage["sweep"]  # the interrupted runs and the resume are one run
+    assert sweep_run.info.status == "FINISHED"
+    assert sweep_run.data.params["adapter.mask_ratio"] == "0.5"  # the base config; the swept space beside it
+    assert sweep_run.data.params["space.adapter.mask_ratio"] == "grid [0.3, 0.6]"
+    trials = stage["trial"]
+    assert len(trials) == 8 and len({r.data.tags["trial_id"] + r.data.tags["experiment"] for r in trials}) == 8
+    root = Path(cfg.tune.dir) / cfg.tune.name
+    for r in trials:
+        assert r.data.tags["mlflow.parentRunId"] == sweep_run.info.run_id and r.info.status == "FINISHED"
+        assert r.data.params["adapter.mask_ratio"] in ("0.3", "0.6")
+        fold = int(r.data.tags["experiment"][len("fold"):])
+        table = pd.read_csv(root / f"fold{fold}" / "trials.csv").set_index("trial_id")
+        row = table.loc[r.data.tags["trial_id"]]
+        assert r.data.metrics["val_ua"] == pytest.approx(row["val_ua"])
+        steps = [m.step for m in client.get_metric_history(r.info.run_id, "val_ua")]
+        if row["finetune.fail_at_step"] == 2:  # crashed in its first attempt, resumed by the rerun: one run
+            assert _attempts(root / f"fold{fold}" / "trials" / row.name) == 2 and steps[-1] >= 1, steps
+    (final,) = stage["final"]
+    assert final.data.tags["mlflow.parentRunId"] == sweep_run.info.run_id
+    assert final.data.metrics["test_ua"] == pytest.approx(out["final"]["mean"]["ua"])
+    assert final.data.params["fold1.trial_id"] == out["choices"][1]["trial_id"]
+    assert {a.path for a in client.list_artifacts(final.info.run_id)} >= {"metrics.json", "results.md", "trials.md"}
+    (entry,) = list_entries(cfg.registry.dir)
+    assert entry["mlflow_run_id"] == final.info.run_id
 
 
 def _fake_grid(rows):
