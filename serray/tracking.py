@@ -43,8 +43,9 @@ PARENT_TAG = "mlflow.parentRunId"
 DB_FILE = "mlflow.db"
 ARTIFACTS_DIR = "mlartifacts"
 
-#: The command whose runs this process records (``serray <command>`` sets it): the default experiment.
-COMMAND = {"name": "serray"}
+#: The command whose runs this process records (``serray <command>`` sets it): the default experiment
+#: is ``serray-<command>`` (``serray`` when the stages are called as a library).
+COMMAND: Dict[str, Optional[str]] = {"name": None}
 
 _TRACKERS: Dict[tuple, "Tracker"] = {}
 
@@ -143,7 +144,7 @@ class Tracker:
     def of(cls, cfg) -> "Tracker":
         """The tracker of a config in this process (one per store and experiment)."""
         t = cfg.tracking
-        experiment = str(t.experiment or f"serray-{COMMAND['name']}")
+        experiment = str(t.experiment or (f"serray-{COMMAND['name']}" if COMMAND["name"] else "serray"))
         uri = resolve_uri(t.uri, cfg.output_dir)
         key = (uri, experiment, bool(t.enabled))
         if key not in _TRACKERS:

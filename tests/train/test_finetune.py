@@ -35,10 +35,11 @@ def _cfg(featurized, out, *overrides):
 
 
 @pytest.fixture(scope="module")
-def ablation(featurized, tmp_path_factory):
+def ablation(featurized, tmp_path_factory, mlflow_server):
     from serray.train.ablation import run_ablation
 
-    cfg = _cfg(featurized, tmp_path_factory.mktemp("ablation"))
+    cfg = _cfg(featurized, tmp_path_factory.mktemp("ablation"), f"tracking.uri={mlflow_server}",
+               "tracking.experiment=ablation-test")
     lines = []
     return cfg, run_ablation(cfg, echo=lines.append), lines
 
@@ -195,6 +196,29 @@ def test_results_files_and_metrics_equal_sklearn(ablation):
         assert 0 <= f["best_epoch"] < cfg.finetune.epochs
         assert f["epochs_run"] == cfg.finetune.epochs  # the history of the whole run, not up to the selected epoch
         assert (out / f"fold{f['fold']}" / "model" / "state.pt").is_file()
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+def test_the_ablation_is_tracked_one_run_per_arm_mode_fraction_and_seed(ablation, mlflow_server):
+    """On a real MLflow server: the ablation's run (its tables as artifacts) holds one tagged child run
+    per arm x mode x label fraction x seed, whose test UA is that seed's mean over the folds."""
+    from mlflow import MlflowClient
+
+    cfg, summary, _ = ablation
+    client = MlflowClient(mlflow_server)
+    runs = client.search_runs([client.get_experiment_by_name("ablation-test").experiment_id], max_results=1000)
+    (parent,) = [r for r in runs if r.data.tags.get("stage") == "ablation"]
+    assert parent.info.status == "FINISHED" and parent.data.params["ablate.seeds"] == "2"
+    assert {a.path for a in client.list_artifacts(parent.info.run_id)} == {"ablation.json", "ablation.md", "ablation.png"}
+    arms = [r for r in runs if r is not parent]
+    assert len(arms) == 4 * 2 * 2 and all(r.data.tags["mlflow.parentRunId"] == parent.info.run_id for r in arms)
+    for r in arms:
+        tags = r.data.tags
+        a = _arm(summary, tags["arm"], float(tags["label_fraction"]), tags["mode"])
+        uas = [x["ua"] for x in a["runs"] if x["seed"] == int(tags["seed"])]
+        assert r.data.metrics["test_ua"] == pytest.approx(np.mean(uas))
+        assert {m.step for m in client.get_metric_history(r.info.run_id, "fold_test_ua")} == {1, 2, 3}
 
 
 @pytest.mark.slow
