@@ -73,3 +73,22 @@ def encode_audio(data: np.ndarray, sample_rate: int = 16000, fmt: str = "WAV", s
     buf = io.BytesIO()
     sf.write(buf, data, sample_rate, format=fmt, subtype=subtype or "PCM_16")
     return buf.getvalue()
+
+
+def synthetic_recording(clips, gap_s: float = 1.0, noise_db: float = -60.0, sample_rate: int = 16000, seed: int = 0,
+                        lead_s: Optional[float] = None):
+    """Clips joined by ``gap_s`` of silence (``lead_s`` before the first, default ``gap_s``), with white
+    background noise of ``noise_db`` dBFS RMS over the whole recording (None: digital silence between
+    clean clips), as one long recording: ``(samples, [(start_s, end_s), ...])``, the span of every clip."""
+    gap = int(round(gap_s * sample_rate))
+    lead = gap if lead_s is None else int(round(lead_s * sample_rate))
+    parts, spans, pos = [np.zeros(lead, np.float32)], [], lead
+    for clip in clips:
+        clip = np.asarray(clip, np.float32)
+        parts += [clip, np.zeros(gap, np.float32)]
+        spans.append((pos / sample_rate, (pos + len(clip)) / sample_rate))
+        pos += len(clip) + gap
+    out = np.concatenate(parts)
+    if noise_db is not None:
+        out += (10 ** (noise_db / 20) * np.random.default_rng(seed).standard_normal(len(out))).astype(np.float32)
+    return out, spans
