@@ -167,3 +167,20 @@ def format_table(result: Dict[str, Any]) -> str:
     lines.append(f"{a['num_segments']} segments, {a['segment_s']:.1f} s classified; dominant: {a['dominant']}; "
                  "distribution (duration-weighted): " + ", ".join(f"{k} {v:.3f}" for k, v in a["distribution"].items()))
     return "\n".join(lines)
+
+
+def predict_segments_cli(predictor, path: str, cfg, *, as_json: bool = False, model: str = "") -> int:
+    """``serray predict --segments FILE``: print the segments (a table, or JSON with ``--json``)."""
+    import json
+
+    s = cfg.serve
+    result = segment_file(predictor, path, settings_of(cfg), min_seconds=float(s.min_seconds),
+                          max_channels=int(s.max_channels), min_sample_rate=int(s.min_sample_rate),
+                          max_sample_rate=int(s.max_sample_rate))
+    if as_json:
+        print(json.dumps(result, indent=2))
+    else:
+        if model:
+            print(model)
+        print(format_table(result))
+    return 0
