@@ -300,7 +300,7 @@ class SegmentConfig:
     pad_s: float = 0.1  # added before and after each region
     energy_margin_db: float = 12.0  # vad=energy: a frame is speech this far above the noise floor
     energy_min_db: float = -60.0  # vad=energy: the noise floor is never taken below this (dBFS)
-    energy_floor_s: float = 5.0  # vad=energy: the noise floor is the quietest frame of this many seconds
+    energy_floor_s: float = 20.0  # vad=energy: the noise floor is the quietest frame of this many seconds
     batch_size: int = 16  # segments per classifier forward
 
 
