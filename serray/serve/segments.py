@@ -89,7 +89,10 @@ class GrowingFile(io.RawIOBase):
 
     def readinto(self, b) -> int:
         want = len(b)
-        self._wait(lambda: self.size >= self._pos + want)
+        try:
+            self._wait(lambda: self.size >= self._pos + want)
+        except AudioError:  # called from libsndfile's read callback, which cannot raise: end of file
+            return 0        # (the request's own error is the answer)
         n = max(0, min(want, self.size - self._pos))
         if n == 0:
             return 0
@@ -140,10 +143,16 @@ async def segments_answer(request, svc, seg: Dict[str, Any], settings: Dict[str,
     task = asyncio.ensure_future(run(work))
     try:
         try:
-            async for chunk in iter_body(request, max_bytes, float(settings["segments_body_timeout_s"]),
-                                         SIZE_KEY, TIME_KEY):
-                body.append(chunk)
-                if task.done():  # refused from the bytes so far (e.g. not WAV / FLAC): stop reading
+            chunks = iter_body(request, max_bytes, float(settings["segments_body_timeout_s"]), SIZE_KEY, TIME_KEY)
+            while True:  # the next chunk, or the decoder's answer (e.g. not WAV / FLAC) if that comes first
+                nxt = asyncio.ensure_future(chunks.__anext__())
+                await asyncio.wait({nxt, task}, return_when=asyncio.FIRST_COMPLETED)
+                if not nxt.done():
+                    nxt.cancel()
+                    break
+                try:
+                    body.append(nxt.result())
+                except StopAsyncIteration:
                     break
             if declared is not None and body.size < declared and not task.done():
                 raise RequestError(400, f"the body ended after {body.size} of the {declared} bytes its "
