@@ -18,7 +18,7 @@ from serray.data.audio_stream import StreamResampler, open_stream
 from serray.data.vad import EnergyVAD, Segmenter, build_vad
 from serray.errors import AudioError
 from serray.segment import segment_file, segment_stream, settings_of
-from serray.serve.demo import synthetic_recording
+from serray.serve.demo import LevelModel as LoudnessModel, synthetic_recording
 
 #: Largest |found - true| boundary accepted, seconds.
 TOLERANCE_S = 0.4
@@ -123,20 +123,6 @@ def test_sliding_window_covers_the_recording():
     pieces, s = _cut(rec, _seg(vad="none", window_s=4.0, hop_s=2.0), block=7000)
     assert [(a / 16000, b / 16000) for a, b, _ in pieces] == [(0, 4), (2, 6), (4, 8), (6, 10), (6.5, 10.5)]
     assert s.max_kept <= 4 * 16000 + 2 * 7000
-
-
-class LoudnessModel:
-    """A stand-in model whose label is the waveform's level: ang above -17 dBFS, hap above -27, else sad."""
-
-    labels = ["neu", "hap", "sad", "ang"]
-    features = {"sample_rate": 16000}
-
-    def predict_waveforms(self, wavs):
-        out = np.zeros((len(wavs), 4), np.float32)
-        for i, w in enumerate(wavs):
-            db = 10 * np.log10(np.mean(np.square(w)) + 1e-12)
-            out[i, 3 if db > -17 else 1 if db > -27 else 2] = 1.0
-        return out
 
 
 def _at_level(clip, db):

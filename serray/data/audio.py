@@ -226,6 +226,16 @@ def checked_mono(block: np.ndarray) -> np.ndarray:
     return mono
 
 
+def read_block(f: sf.SoundFile, what: str, frames: int) -> np.ndarray:
+    """Up to ``frames`` frames ``[frames, channels]`` float32; a decoder or I/O error is an AudioError."""
+    try:
+        return f.read(frames, dtype="float32", always_2d=True)
+    except (sf.LibsndfileError, RuntimeError, ValueError) as e:
+        raise AudioError(f"cannot decode {what} as {'/'.join(ALLOWED_FORMATS)}: {e}") from None
+    except OSError as e:
+        raise AudioError(f"cannot read {what}: {e.strerror or e}") from None
+
+
 def _read_mono(f: sf.SoundFile, what: str, max_frames: Optional[int]) -> np.ndarray:
     """Decode block by block, at most ``max_frames + 1`` frames, checking and mixing down each block.
 
@@ -236,12 +246,7 @@ def _read_mono(f: sf.SoundFile, what: str, max_frames: Optional[int]) -> np.ndar
     limit = None if max_frames is None else max_frames + 1  # one more frame tells "too long"
     while limit is None or total < limit:
         want = READ_BLOCK_FRAMES if limit is None else min(READ_BLOCK_FRAMES, limit - total)
-        try:
-            block = f.read(want, dtype="float32", always_2d=True)
-        except (sf.LibsndfileError, RuntimeError, ValueError) as e:
-            raise AudioError(f"cannot decode {what} as {'/'.join(ALLOWED_FORMATS)}: {e}") from None
-        except OSError as e:
-            raise AudioError(f"cannot read {what}: {e.strerror or e}") from None
+        block = read_block(f, what, want)
         if len(block) == 0:
             break
         blocks.append(checked_mono(block))

@@ -21,7 +21,7 @@ import soundfile as sf
 
 from serray.data.audio import (ALLOWED_FORMATS, MAX_CHANNELS, MAX_SAMPLE_RATE, MAX_SINC_KERNEL_TAPS, MIN_SAMPLE_RATE,
                                _Patched, _check_header,
-                               _open, _sinc_kernel_taps, check_container, checked_mono, polyphase_ratio, resample)
+                               _open, _sinc_kernel_taps, check_container, checked_mono, polyphase_ratio, read_block, resample)
 from serray.errors import AudioError
 
 #: Seconds of audio decoded per block (at the file's own rate): 2 s of 48 kHz stereo float32 is 0.8 MB.
@@ -114,12 +114,7 @@ class AudioStream:
         want = max(1, int(block_seconds * self.sample_rate))
         rs = StreamResampler(self.sample_rate, self.target_sr)
         while True:
-            try:
-                block = self.f.read(want, dtype="float32", always_2d=True)
-            except (sf.LibsndfileError, RuntimeError, ValueError) as e:
-                raise AudioError(f"cannot decode {self.what} as {'/'.join(ALLOWED_FORMATS)}: {e}") from None
-            except OSError as e:
-                raise AudioError(f"cannot read {self.what}: {e.strerror or e}") from None
+            block = read_block(self.f, self.what, want)
             if len(block) == 0:
                 break
             self.decoded += len(block)

@@ -92,3 +92,21 @@ def synthetic_recording(clips, gap_s: float = 1.0, noise_db: float = -60.0, samp
     if noise_db is not None:
         out += (10 ** (noise_db / 20) * np.random.default_rng(seed).standard_normal(len(out))).astype(np.float32)
     return out, spans
+
+
+class LevelModel:
+    """A stand-in model for tests: the label is the waveform's level (``ang`` above ``loud_db`` dBFS,
+    ``hap`` above ``mid_db``, else ``sad``), so a segment's label says which audio it holds."""
+
+    labels = ["neu", "hap", "sad", "ang"]
+    features = {"sample_rate": 16000}
+
+    def __init__(self, loud_db: float = -17.0, mid_db: float = -27.0):
+        self.loud_db, self.mid_db = loud_db, mid_db
+
+    def predict_waveforms(self, wavs):
+        out = np.zeros((len(wavs), 4), np.float32)
+        for i, w in enumerate(wavs):
+            db = 10 * np.log10(np.mean(np.square(w)) + 1e-12)
+            out[i, 3 if db > self.loud_db else 1 if db > self.mid_db else 2] = 1.0
+        return out

@@ -16,7 +16,7 @@ import pytest
 
 from serray.config import load_config
 from serray.segment import segment_file, settings_of
-from serray.serve.demo import encode_audio, synthetic_recording
+from serray.serve.demo import LevelModel, encode_audio, synthetic_recording
 from serray.serve.parsing import RequestError
 from serray.serve.segments import GrowingFile, segments_answer
 
@@ -41,23 +41,12 @@ class StreamedRequest:
             yield c
 
 
-class LoudnessModel:
-    labels = ["neu", "hap", "sad", "ang"]
-    features = {"sample_rate": 16000}
-
-    def predict_waveforms(self, wavs):
-        out = np.zeros((len(wavs), 4), np.float32)
-        for i, w in enumerate(wavs):
-            out[i, 3 if 10 * np.log10(np.mean(np.square(w)) + 1e-12) > -25 else 2] = 1.0
-        return out
-
-
 SETTINGS = {"segments_max_body_mb": 2.0, "segments_body_timeout_s": 30.0, "min_seconds": 0.25, "max_channels": 8,
             "min_sample_rate": 4000, "max_sample_rate": 192000}
 
 
 def answer(request):
-    svc = SimpleNamespace(predictor=LoudnessModel(), settings=SETTINGS)
+    svc = SimpleNamespace(predictor=LevelModel(-25.0, -25.0), settings=SETTINGS)
     seg = settings_of(load_config(None, ["segment.vad=energy"]))
     pool = ThreadPoolExecutor(1)
 
@@ -91,7 +80,7 @@ def test_segments_of_a_streamed_body_equal_those_of_the_file(tmp_path, length):
         assert abs(s["start"] - a) <= 0.4 and abs(s["end"] - b) <= 0.4, (s, (a, b))
     path = tmp_path / "r.wav"
     path.write_bytes(body)
-    offline = segment_file(LoudnessModel(), path, settings_of(load_config(None, ["segment.vad=energy"])))
+    offline = segment_file(LevelModel(-25.0, -25.0), path, settings_of(load_config(None, ["segment.vad=energy"])))
     assert res["segments"] == offline["segments"] and res["aggregate"] == offline["aggregate"]
 
 
