@@ -22,6 +22,7 @@ of at most ``segment.window_s``, or (``segment.vad=none``) windows of ``segment.
 from __future__ import annotations
 
 import math
+import threading
 from collections import deque
 from typing import Deque, List, Optional, Tuple
 
@@ -37,6 +38,8 @@ FRAME_SECONDS = 0.032
 NEG_OFFSET = 0.15
 
 Piece = Tuple[int, int, np.ndarray]  # (start sample, end sample, samples)
+#: Silero's model, one per thread (it carries state from frame to frame, so threads never share one).
+_LOADED = threading.local()
 
 
 def frame_length(sample_rate: int) -> int:
@@ -85,14 +88,16 @@ class SileroVAD:
         except ImportError:
             raise ConfigError("segment.vad=silero needs the silero-vad package (pip install silero-vad); "
                               "or use segment.vad=energy, which needs nothing") from None
-        import warnings
-
         import torch
 
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # torch.jit.load's deprecation notice
-            self.model = load_silero_vad(onnx=False)
-        self.model.reset_states()
+        self.model = getattr(_LOADED, "silero", None)
+        if self.model is None:  # loaded once per thread (1-4 s), reused by every recording that thread segments
+            import warnings
+
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # torch.jit.load's deprecation notice
+                self.model = _LOADED.silero = load_silero_vad(onnx=False)
+        self.model.reset_states()  # the network is recurrent: a new recording starts from a clean state
         self.sample_rate = sample_rate
         self._torch = torch
 

@@ -628,6 +628,8 @@ def test_segments_route_streams_a_recording_larger_than_the_predict_limit(srv, s
 
 
 def test_segments_route_bad_input(srv):
+    status, info = request(srv, "GET", "/info")
+    assert info["serving"]["segments_max_body_mb"] == SEGMENTS_MAX_BODY_MB and info["serving"]["segment"]["vad"] == "silero"
     status, body = request(srv, "POST", "/segments", encode_audio(np.zeros(16000 * 4, np.float32)))
     assert status == 200 and body["segments"] == [] and body["message"].startswith("no speech found")
     status, body = request(srv, "POST", "/segments", b"OggS" + bytes(5000))
