@@ -242,3 +242,28 @@ def test_segment_keys_are_checked_at_load(override, needle):
 
     with pytest.raises(ConfigError, match=needle.replace("(", r"\(").replace(")", r"\)")):
         load_config(None, [override])
+
+
+class Pattern:
+    """A detector that replays given frame scores (1 = speech), then silence."""
+
+    def __init__(self, scores):
+        self.left = list(scores)
+
+    def scores(self, frames):
+        out, self.left = self.left[:len(frames)], self.left[len(frames):]
+        return np.array(out + [0.0] * (len(frames) - len(out)), np.float32)
+
+
+def test_a_blip_too_short_to_keep_leaves_nothing_behind():
+    """A 2-frame blip (dropped: under min_speech_s) must not move the next region's start nor keep audio."""
+    frame = 512
+    scores = [0] * 50 + [1, 1] + [0] * 200 + [1] * 60 + [0] * 30  # blip at frame 50, speech at 252..311
+    s = Segmenter(Pattern(scores), 16000, window_s=4.0, hop_s=4.0, min_speech_s=0.25, min_silence_s=0.3, pad_s=0.1)
+    rec = np.zeros(len(scores) * frame, np.float32)
+    pieces = []
+    for i in range(0, len(rec), frame * 7):
+        pieces += s.feed(rec[i:i + frame * 7])
+    pieces += s.finish()
+    assert [(a, b) for a, b, _ in pieces] == [(252 * frame - 1600, 312 * frame + 1600)]
+    assert s.max_kept < 100 * frame

@@ -187,6 +187,7 @@ class Segmenter:
         self._pending: Deque[Tuple[int, int]] = deque()  # closed regions waiting for their end padding
         self._last_end = 0  # no piece starts before the end of the previous region
         self._cursor: Optional[int] = None  # where the unemitted part of the open region starts
+        self._cursor_region: Optional[int] = None  # the first frame of the region the cursor belongs to
         self._next_window = 0  # the sliding window's next start
         self.max_kept = 0  # the most samples held at once (the memory bound, tested)
 
@@ -237,7 +238,8 @@ class Segmenter:
 
     def _on_regions(self, regions: List[Tuple[int, int]]) -> None:
         for fs, fe in regions:
-            start = self._cursor if self._cursor is not None else max(self._last_end, fs * self.frame - self.pad)
+            own = self._cursor is not None and self._cursor_region == fs  # the part not yet emitted
+            start = self._cursor if own else max(self._last_end, fs * self.frame - self.pad)
             end = fe * self.frame + self.pad
             self._cursor = None
             self._pending.append((start, end))
@@ -246,9 +248,11 @@ class Segmenter:
     def _open_region(self) -> List[Piece]:
         """A long region still open: emit whole windows while at least two windows of it are held."""
         if self.tracker.start is None:
+            self._cursor = None  # a region that closed too short to keep leaves nothing behind
             return []
-        if self._cursor is None:
+        if self._cursor is None or self._cursor_region != self.tracker.start:
             self._cursor = max(self._last_end, self.tracker.start * self.frame - self.pad)
+            self._cursor_region = self.tracker.start
         out = []
         confirmed = self.tracker.n * self.frame
         while confirmed - self._cursor >= 2 * self.window:
