@@ -16,7 +16,7 @@ from typing import Callable, Dict, List, Optional
 
 from serray import storage
 from serray.config import load_config, to_yaml
-from serray.errors import SerrayError
+from serray.errors import ConfigError, SerrayError
 
 log = logging.getLogger("serray")
 
@@ -166,8 +166,14 @@ def cmd_predict(args) -> int:
     from serray.registry import resolve_model
 
     cfg = _cfg(args)
+    if bool(args.segments) == bool(args.files):
+        raise ConfigError("give audio files, or one recording with --segments FILE")
     path, entry = resolve_model(cfg)
     predictor = Predictor.from_checkpoint(path)
+    if args.segments:
+        from serray.segment import predict_segments_cli
+
+        return predict_segments_cli(predictor, args.segments, cfg, as_json=args.json, model=f"model {entry['id']} ({path})")
     df = predictor.predict_files(args.files, min_seconds=cfg.serve.min_seconds, max_seconds=cfg.serve.max_seconds)
     if args.json:
         print(df.to_json(orient="records", indent=2))
@@ -230,7 +236,9 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--reference", default="egemaps", choices=("egemaps", "compare", "none"),
                            help="openSMILE functionals + logistic regression beside the model (default: egemaps)")
         if name == "predict":
-            p.add_argument("files", nargs="+", help="WAV/FLAC files")
+            p.add_argument("files", nargs="*", help="WAV/FLAC files")
+            p.add_argument("--segments", metavar="FILE", default=None,
+                           help="a recording of any length: time-stamped segments + an aggregate (segment.*)")
             p.add_argument("--json", action="store_true", help="print JSON records")
         if name in ("pretrain",):
             p.add_argument("--force", action="store_true", help="train again even if the output matches the config")

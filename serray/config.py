@@ -293,6 +293,25 @@ class ServeConfig:
     max_ongoing_requests: int = 32  # per replica (>= max_batch_size, so a batch can fill)
     max_queued_requests: int = 64  # per deployment, waiting for a replica; beyond it requests get 503 at once
     start_timeout_s: float = 300.0  # resources + replicas must be up within this, else a clear error
+    segments_max_body_mb: float = 256.0  # POST /segments: larger bodies get 413 (streamed, never held in memory)
+    segments_body_timeout_s: float = 600.0  # POST /segments: the whole body must arrive within this, else 408
+
+
+@dataclass
+class SegmentConfig:
+    """Long recordings (`serray predict --segments`, POST /segments): see docs/segments.md."""
+
+    vad: str = "silero"  # silero | energy | none (a sliding window of window_s every hop_s)
+    window_s: float = 4.0  # longest segment classified; a longer speech region is split into equal parts
+    hop_s: float = 2.0  # the sliding window's step (vad=none)
+    threshold: float = 0.5  # speech probability that starts a region (ends below threshold - 0.15)
+    min_speech_s: float = 0.25  # shorter regions are dropped
+    min_silence_s: float = 0.3  # a region ends after this much non-speech
+    pad_s: float = 0.1  # added before and after each region
+    energy_margin_db: float = 12.0  # vad=energy: a frame is speech this far above the noise floor
+    energy_min_db: float = -60.0  # vad=energy: the noise floor is never taken below this (dBFS)
+    energy_floor_s: float = 20.0  # vad=energy: the noise floor is the quietest frame of this many seconds
+    batch_size: int = 16  # segments per classifier forward
 
 
 @dataclass
@@ -314,6 +333,7 @@ class SerrayConfig:
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     registry: RegistryConfig = field(default_factory=RegistryConfig)
     serve: ServeConfig = field(default_factory=ServeConfig)
+    segment: SegmentConfig = field(default_factory=SegmentConfig)
 
 
 def _schema() -> DictConfig:
@@ -528,6 +548,8 @@ def _validate(cfg: DictConfig) -> None:
     problems = []
     if not cfg.data.sessions:
         problems.append("data.sessions must list at least one session")
+    if cfg.segment.vad not in ("energy", "silero", "none"):
+        problems.append(f"segment.vad must be energy, silero or none, got '{cfg.segment.vad}'")
     from serray.data import corpora
 
     corpus = corpora.get(str(cfg.data.corpus))
@@ -777,6 +799,12 @@ _DOMAINS = [
       "serve.start_timeout_s"), POSITIVE),
     (("serve.max_queued_requests",), QUEUE),
     (("tracking.timeout_s",), POSITIVE),
+    (("serve.segments_max_body_mb", "serve.segments_body_timeout_s", "segment.window_s", "segment.hop_s",
+      "segment.energy_floor_s"), POSITIVE),
+    (("segment.threshold",), UNIT_OPEN),
+    (("segment.min_speech_s", "segment.min_silence_s", "segment.pad_s", "segment.energy_margin_db"), NON_NEGATIVE),
+    (("segment.energy_min_db",), Domain(lambda v: _finite(v) and v < 0, "< 0 (dBFS)", 0)),
+    (("segment.batch_size",), AT_LEAST_ONE),
 ]
 
 
@@ -807,7 +835,7 @@ def _validate_domains(cfg: DictConfig) -> List[str]:
              ("serve.max_batch_size", "serve.max_ongoing_requests", "<="),
              ("synthetic.min_duration", "synthetic.max_duration", "<="), ("adapter.ema_decay", "adapter.ema_decay_end", "<="),
              ("features.concurrency", "features.max_concurrency", "<="), ("finetune.freeze_epochs", "finetune.epochs", "<="),
-             ("adapter.distill_top_k", "adapter.num_layers", "<=")]
+             ("adapter.distill_top_k", "adapter.num_layers", "<="), ("segment.hop_s", "segment.window_s", "<=")]
     for lo_key, hi_key, rel in pairs:
         lo, hi = _number(cfg, lo_key), _number(cfg, hi_key)
         if lo is None or hi is None or any(f"{k} must" in p for p in problems for k in (lo_key, hi_key)):

@@ -115,8 +115,8 @@ class _Patched(io.RawIOBase):
     """A read-only file that serves ``path`` with a few header bytes replaced (a streamed WAV's
     unknown data size), without copying the file."""
 
-    def __init__(self, path: str, patch: Tuple[int, bytes]):
-        self._f = open(path, "rb")
+    def __init__(self, path, patch: Tuple[int, bytes]):
+        self._f = open(path, "rb") if isinstance(path, (str, Path)) else path  # a path, or a readable file object
         self._at, self._bytes = patch
 
     def readable(self) -> bool:
@@ -212,6 +212,30 @@ def _open(source: AudioSource) -> tuple[sf.SoundFile, str]:
         raise AudioError(f"cannot decode {what} as {'/'.join(ALLOWED_FORMATS)}: {e}") from None
 
 
+def checked_mono(block: np.ndarray) -> np.ndarray:
+    """A decoded ``[frames, channels]`` float32 block -> mono float32, refusing NaN/inf and out-of-range
+    samples (AudioError) and flushing denormals to zero."""
+    if not np.isfinite(block).all():
+        raise AudioError("audio holds NaN or infinite samples")
+    peak = float(np.abs(block).max())
+    if peak > MAX_ABS_SAMPLE:
+        raise AudioError(f"audio sample magnitude {peak:.3g} is out of range (accepted: |sample| <= "
+                         f"{MAX_ABS_SAMPLE:g}; float WAV/FLAC samples are nominally within [-1, 1])")
+    mono = block.mean(axis=1, dtype=np.float32) if block.shape[1] > 1 else block[:, 0].copy()
+    mono[np.abs(mono) < _TINY] = 0.0  # denormals: arithmetic on them (resampling) is 10-100x slower
+    return mono
+
+
+def read_block(f: sf.SoundFile, what: str, frames: int) -> np.ndarray:
+    """Up to ``frames`` frames ``[frames, channels]`` float32; a decoder or I/O error is an AudioError."""
+    try:
+        return f.read(frames, dtype="float32", always_2d=True)
+    except (sf.LibsndfileError, RuntimeError, ValueError) as e:
+        raise AudioError(f"cannot decode {what} as {'/'.join(ALLOWED_FORMATS)}: {e}") from None
+    except OSError as e:
+        raise AudioError(f"cannot read {what}: {e.strerror or e}") from None
+
+
 def _read_mono(f: sf.SoundFile, what: str, max_frames: Optional[int]) -> np.ndarray:
     """Decode block by block, at most ``max_frames + 1`` frames, checking and mixing down each block.
 
@@ -222,23 +246,10 @@ def _read_mono(f: sf.SoundFile, what: str, max_frames: Optional[int]) -> np.ndar
     limit = None if max_frames is None else max_frames + 1  # one more frame tells "too long"
     while limit is None or total < limit:
         want = READ_BLOCK_FRAMES if limit is None else min(READ_BLOCK_FRAMES, limit - total)
-        try:
-            block = f.read(want, dtype="float32", always_2d=True)
-        except (sf.LibsndfileError, RuntimeError, ValueError) as e:
-            raise AudioError(f"cannot decode {what} as {'/'.join(ALLOWED_FORMATS)}: {e}") from None
-        except OSError as e:
-            raise AudioError(f"cannot read {what}: {e.strerror or e}") from None
+        block = read_block(f, what, want)
         if len(block) == 0:
             break
-        if not np.isfinite(block).all():
-            raise AudioError("audio holds NaN or infinite samples")
-        peak = float(np.abs(block).max())
-        if peak > MAX_ABS_SAMPLE:
-            raise AudioError(f"audio sample magnitude {peak:.3g} is out of range (accepted: |sample| <= "
-                             f"{MAX_ABS_SAMPLE:g}; float WAV/FLAC samples are nominally within [-1, 1])")
-        mono = block.mean(axis=1, dtype=np.float32) if block.shape[1] > 1 else block[:, 0].copy()
-        mono[np.abs(mono) < _TINY] = 0.0  # denormals: arithmetic on them (resampling) is 10-100x slower
-        blocks.append(mono)
+        blocks.append(checked_mono(block))
         total += len(block)
         if len(block) < want:
             break

@@ -10,6 +10,9 @@ checkpoint directory ``serve.checkpoint``). Routes, under ``serve.route_prefix``
   ``{"label", "probabilities": {label: p}, "version", "duration_s", "batch_size"}``.
   Errors are ``{"error": "..."}`` with 400 (empty, undecodable, truncated, NaN/inf, too short or too
   long audio), 413 (body over ``serve.max_body_mb``), 415 (other content types).
+* ``POST /segments`` -- a recording of any length as the raw body, decoded while it arrives and never
+  held in memory: time-stamped segments and an aggregate (:mod:`serray.serve.segments`; its own limits
+  ``serve.segments_max_body_mb`` and ``serve.segments_body_timeout_s``, settings ``segment.*``).
 * ``GET /healthz`` -- ``{"status": "ok", "version"}``; ``GET /info`` -- the model card;
   ``GET /stats`` -- this replica's counters (requests, errors, batch sizes seen).
 
@@ -101,6 +104,9 @@ class SERDeployment:
         # so the event loop stays free to queue the next batch and to answer /healthz meanwhile.
         self._model_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="serray-model")
         self._decode_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="serray-decode")
+        # POST /segments: one long recording at a time per replica (decode + VAD + its segments' forwards)
+        self._segments_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="serray-segments")
+        self.segment_settings = dict(settings.get("segment") or {})
         log.info("serving model %s (%s), labels %s, batching=%s", self.service.version, checkpoint,
                  self.service.predictor.labels, self.batching)
 
@@ -145,6 +151,26 @@ class SERDeployment:
             log.exception("prediction failed")
             svc.count_error(500)
             return _error(500, f"internal error: {type(e).__name__}: {e}")
+
+    @api.post("/segments")
+    async def segments(self, request: Request) -> JSONResponse:
+        """A recording of any length, streamed: time-stamped segments + an aggregate (serray.serve.segments)."""
+        from serray.serve.segments import segments_answer
+
+        svc = self.service
+        svc.count_request()
+        try:
+            status, answer = await segments_answer(request, svc, self.segment_settings, svc.settings,
+                                                   lambda fn: self._run(self._segments_pool, fn))
+        except RequestError as e:
+            status, answer = e.status, e.message
+        except Exception as e:  # a bug or a broken model: say so, keep serving
+            log.exception("segmentation failed")
+            status, answer = 500, f"internal error: {type(e).__name__}: {e}"
+        if status != 200:
+            svc.count_error(status)
+            return _error(status, answer)
+        return _json(answer)
 
     @api.get("/healthz")
     async def healthz(self) -> JSONResponse:
@@ -214,7 +240,8 @@ def deployment_options(s: Dict[str, Any]) -> Dict[str, Any]:
 def _settings(cfg) -> Dict[str, Any]:
     from omegaconf import OmegaConf
 
-    return OmegaConf.to_container(cfg.serve, resolve=True)
+    return {**OmegaConf.to_container(cfg.serve, resolve=True),
+            "segment": OmegaConf.to_container(cfg.segment, resolve=True)}  # POST /segments
 
 
 def build_app(cfg):

@@ -73,3 +73,40 @@ def encode_audio(data: np.ndarray, sample_rate: int = 16000, fmt: str = "WAV", s
     buf = io.BytesIO()
     sf.write(buf, data, sample_rate, format=fmt, subtype=subtype or "PCM_16")
     return buf.getvalue()
+
+
+def synthetic_recording(clips, gap_s: float = 1.0, noise_db: float = -60.0, sample_rate: int = 16000, seed: int = 0,
+                        lead_s: Optional[float] = None):
+    """Clips joined by ``gap_s`` of silence (``lead_s`` before the first, default ``gap_s``), with white
+    background noise of ``noise_db`` dBFS RMS over the whole recording (None: digital silence between
+    clean clips), as one long recording: ``(samples, [(start_s, end_s), ...])``, the span of every clip."""
+    gap = int(round(gap_s * sample_rate))
+    lead = gap if lead_s is None else int(round(lead_s * sample_rate))
+    parts, spans, pos = [np.zeros(lead, np.float32)], [], lead
+    for clip in clips:
+        clip = np.asarray(clip, np.float32)
+        parts += [clip, np.zeros(gap, np.float32)]
+        spans.append((pos / sample_rate, (pos + len(clip)) / sample_rate))
+        pos += len(clip) + gap
+    out = np.concatenate(parts)
+    if noise_db is not None:
+        out += (10 ** (noise_db / 20) * np.random.default_rng(seed).standard_normal(len(out))).astype(np.float32)
+    return out, spans
+
+
+class LevelModel:
+    """A stand-in model for tests: the label is the waveform's level (``ang`` above ``loud_db`` dBFS,
+    ``hap`` above ``mid_db``, else ``sad``), so a segment's label says which audio it holds."""
+
+    labels = ["neu", "hap", "sad", "ang"]
+    features = {"sample_rate": 16000}
+
+    def __init__(self, loud_db: float = -17.0, mid_db: float = -27.0):
+        self.loud_db, self.mid_db = loud_db, mid_db
+
+    def predict_waveforms(self, wavs):
+        out = np.zeros((len(wavs), 4), np.float32)
+        for i, w in enumerate(wavs):
+            db = 10 * np.log10(np.mean(np.square(w)) + 1e-12)
+            out[i, 3 if db > self.loud_db else 1 if db > self.mid_db else 2] = 1.0
+        return out

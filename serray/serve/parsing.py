@@ -70,14 +70,30 @@ def check_content_type(content_type: Optional[str]) -> Tuple[str, Dict[str, str]
                             f"Content-Type {', '.join(AUDIO_TYPES)}, or as a {MULTIPART} upload (field 'file')")
 
 
-def _too_large(size: int, max_bytes: int, how: str) -> RequestError:
+def _too_large(size: int, max_bytes: int, how: str, key: str = "serve.max_body_mb") -> RequestError:
     return RequestError(413, f"request body too large: {how} {size} bytes > limit {max_bytes} bytes "
-                             f"({max_bytes / 2**20:g} MB, serve.max_body_mb)")
+                             f"({max_bytes / 2**20:g} MB, {key})")
 
 
-def _timeout(seconds: float) -> RequestError:
-    return RequestError(408, f"request body not received within {seconds:g} s (serve.body_timeout_s): "
+def _timeout(seconds: float, key: str = "serve.body_timeout_s") -> RequestError:
+    return RequestError(408, f"request body not received within {seconds:g} s ({key}): "
                              "send the whole file at once")
+
+
+def declared_length(request, max_bytes: int, key: str = "serve.max_body_mb") -> Optional[int]:
+    """The Content-Length (None when absent), or a 400 (malformed) / 413 (over ``max_bytes``)."""
+    length = request.headers.get("content-length")
+    if length is None:
+        return None
+    try:
+        n = int(length)
+        if n < 0:
+            raise ValueError(length)
+    except ValueError:
+        raise RequestError(400, f"invalid Content-Length header: {length!r}") from None
+    if n > max_bytes:
+        raise _too_large(n, max_bytes, "Content-Length", key)
+    return n
 
 
 async def read_body(request, max_bytes: int, timeout_s: Optional[float] = None) -> bytes:
@@ -87,17 +103,14 @@ async def read_body(request, max_bytes: int, timeout_s: Optional[float] = None) 
     Checks the Content-Length header first, then counts the streamed bytes (which also covers
     chunked bodies without a length and clients that send more than they announced).
     """
-    length = request.headers.get("content-length")
-    if length is not None:
-        try:
-            n = int(length)
-            if n < 0:
-                raise ValueError(length)
-        except ValueError:
-            raise RequestError(400, f"invalid Content-Length header: {length!r}") from None
-        if n > max_bytes:
-            raise _too_large(n, max_bytes, "Content-Length")
-    chunks: List[bytes] = []
+    declared_length(request, max_bytes)
+    return b"".join([chunk async for chunk in iter_body(request, max_bytes, timeout_s)])
+
+
+async def iter_body(request, max_bytes: int, timeout_s: Optional[float] = None,
+                    size_key: str = "serve.max_body_mb", time_key: str = "serve.body_timeout_s"):
+    """The request body chunk by chunk as it arrives, with :func:`read_body`'s 413 / 408 / 400 rules
+    (``size_key`` / ``time_key``: the config keys the messages name)."""
     size = 0
     deadline = None if timeout_s is None else time.monotonic() + timeout_s
     stream = request.stream().__aiter__()
@@ -110,16 +123,16 @@ async def read_body(request, max_bytes: int, timeout_s: Optional[float] = None) 
         except StopAsyncIteration:
             break
         except asyncio.TimeoutError:
-            raise _timeout(timeout_s) from None
+            raise _timeout(timeout_s, time_key) from None
         except Exception as e:  # starlette.requests.ClientDisconnect and friends
             if type(e).__name__ == "ClientDisconnect":
                 raise RequestError(400, "the client disconnected before sending the whole body") from None
             raise
         size += len(chunk)
         if size > max_bytes:
-            raise _too_large(size, max_bytes, "streamed more than")
-        chunks.append(chunk)
-    return b"".join(chunks)
+            raise _too_large(size, max_bytes, "streamed more than", size_key)
+        if chunk:
+            yield chunk
 
 
 def check_boundary(boundary: Optional[str]) -> bytes:

@@ -186,6 +186,8 @@ class SERService:
                                          int(s.get("max_sample_rate", MAX_SAMPLE_RATE))],
                         "body_timeout_s": s.get("body_timeout_s"), "request_timeout_s": s.get("request_timeout_s"),
                         "content_types": [*AUDIO_TYPES, MULTIPART],
-                        "device": str(self.predictor.device)},
+                        "device": str(self.predictor.device),
+                        "segments_max_body_mb": s.get("segments_max_body_mb"),  # POST /segments
+                        "segment": s.get("segment")},
             "stats": self.stats(),
         }, path_keys))

@@ -25,6 +25,7 @@ MAX_BODY_MB = 0.5
 MAX_SECONDS = 5.0
 BODY_TIMEOUT_S = 2.0
 FIVE = [1, 2, 3, 4, 5]
+SEGMENTS_MAX_BODY_MB = 3.0  # POST /segments' own limit, above serve.max_body_mb
 #: Planted in the served entry's training config: /info must show neither.
 SECRET_KEY, ACCESS_KEY = "SECRETSERRAYTEST", "AKIDSERRAYTEST"
 
@@ -88,7 +89,8 @@ def srv(ray_session, tmp_path_factory):
     port = _free_port()
     overrides = [f"output_dir={base}", f"registry.dir={reg}", f"serve.port={port}", f"serve.max_body_mb={MAX_BODY_MB}",
                  f"serve.max_seconds={MAX_SECONDS}", "serve.batch_wait_timeout_s=0.2", "serve.max_batch_size=16",
-                 f"serve.body_timeout_s={BODY_TIMEOUT_S}", "ray.progress_bars=false"]
+                 f"serve.body_timeout_s={BODY_TIMEOUT_S}", "ray.progress_bars=false",
+                 f"serve.segments_max_body_mb={SEGMENTS_MAX_BODY_MB}"]
     cfg = load_config(None, overrides)
     run_server(cfg, blocking=False, logging_config={"enable_access_log": False})
     from serray.registry import get_entry
@@ -585,3 +587,77 @@ def test_serve_limits_are_checked_at_load(override, message):
     with pytest.raises(ConfigError) as e:
         load_config(None, [override])
     assert message in str(e.value)
+
+
+# ---------------------------------------------------------------------------- POST /segments
+
+
+def _recording(root, seconds_gap=1.5, n=5):
+    """Clips of the synthetic corpus (speech-like enough for Silero VAD) joined by silence."""
+    from serray.serve.demo import synthetic_recording
+
+    wavs = sorted(w for w in root.glob("Session2/sentences/wav/*/*.wav") if not w.name.startswith("._"))[:n]
+    return synthetic_recording([sf.read(w, dtype="float32")[0] for w in wavs], gap_s=seconds_gap, noise_db=-55.0)
+
+
+@pytest.mark.parametrize("chunked", [False, True])
+def test_segments_route_streams_a_recording_larger_than_the_predict_limit(srv, synthetic_root, tmp_path, chunked):
+    """A 1.3 MB recording (over serve.max_body_mb = 0.5 MB, under the route's own 3 MB): time-stamped
+    segments equal to `serray predict --segments` on the same file, with and without Content-Length."""
+    from serray.predict import Predictor
+    from serray.segment import segment_file, settings_of
+
+    rec, spans = _recording(synthetic_root)
+    rec = np.concatenate([rec, np.zeros(16000 * 30, np.float32)])  # 30 s of trailing silence
+    body = encode_audio(rec)
+    assert MAX_BODY_MB * 2**20 < len(body) < SEGMENTS_MAX_BODY_MB * 2**20
+    status, res = request(srv, "POST", "/segments", body, chunked=chunked)
+    assert status == 200, res
+    assert len(res["segments"]) == len(spans)
+    for seg, (a, b) in zip(res["segments"], spans):
+        assert abs(seg["start"] - a) <= 0.4 and abs(seg["end"] - b) <= 0.4
+        assert set(seg["probabilities"]) == {"neu", "hap", "sad", "ang"}
+    assert res["aggregate"]["num_segments"] == len(spans) and res["file"] == "the request body"
+    path = tmp_path / "rec.wav"
+    path.write_bytes(body)
+    offline = segment_file(Predictor.from_checkpoint(srv.checkpoint), path, settings_of(srv.cfg), min_seconds=0.25)
+    assert [(s["start"], s["end"], s["label"]) for s in offline["segments"]] == \
+        [(s["start"], s["end"], s["label"]) for s in res["segments"]]
+    status, predict = request(srv, "POST", "/predict", body)
+    assert status == 413 and "serve.max_body_mb" in predict["error"]
+
+
+def test_segments_route_bad_input(srv):
+    status, info = request(srv, "GET", "/info")
+    assert info["serving"]["segments_max_body_mb"] == SEGMENTS_MAX_BODY_MB and info["serving"]["segment"]["vad"] == "silero"
+    status, body = request(srv, "POST", "/segments", encode_audio(np.zeros(16000 * 4, np.float32)))
+    assert status == 200 and body["segments"] == [] and body["message"].startswith("no speech found")
+    status, body = request(srv, "POST", "/segments", b"OggS" + bytes(5000))
+    assert status == 400 and "unsupported audio format: Ogg" in body["error"]
+    status, body = request(srv, "POST", "/segments", b"")
+    assert status == 400 and "empty" in body["error"]
+    form, ctype = multipart([("file", "a.wav", clip_bytes())])
+    status, body = request(srv, "POST", "/segments", form, content_type=ctype)
+    assert status == 415 and "raw request body" in body["error"]
+    big = bytes(int(SEGMENTS_MAX_BODY_MB * 2**20) + 1)
+    for chunked in (False, True):
+        status, body = request(srv, "POST", "/segments", big, chunked=chunked)
+        assert status == 413 and "serve.segments_max_body_mb" in body["error"], body
+
+
+def test_segments_route_answers_before_the_body_has_arrived(srv):
+    """Streaming, not buffering: an Ogg file is refused from its first chunk while the client still owes
+    most of the 2 MB it announced (the answer comes without the rest being sent)."""
+    conn = http.client.HTTPConnection("127.0.0.1", srv.port, timeout=30)
+    try:
+        conn.putrequest("POST", "/segments")
+        conn.putheader("Content-Type", "audio/wav")
+        conn.putheader("Content-Length", str(2 * 2**20))
+        conn.endheaders()
+        conn.send(b"OggS" + bytes(65536))
+        t0 = time.monotonic()
+        r = conn.getresponse()
+        answer = json.loads(r.read())
+        assert r.status == 400 and "Ogg" in answer["error"] and time.monotonic() - t0 < 20
+    finally:
+        conn.close()
