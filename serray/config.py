@@ -192,6 +192,11 @@ class FinetuneConfig(TrainerConfig):
     max_frames: Optional[int] = None
     keep_checkpoints: int = 1
     register: bool = True  # put the result into the model registry (the fold model with the best val UA)
+    task: str = "categorical"  # categorical (4 classes) | dimensional (V/A/D regression) | multitask (both heads)
+    dimensions: List[str] = field(default_factory=lambda: ["valence", "arousal", "dominance"])  # dimensional targets
+    dim_loss: str = "ccc"  # ccc: 1 - CCC per dimension | mse
+    dim_loss_weight: float = 1.0  # multitask: loss = cross-entropy + this x dimensional loss
+    select_metric: Optional[str] = None  # epoch selection: val_ua | val_ccc_mean | val_ccc_<dim> (None: the task's)
 
 
 def _default_search_space() -> Dict[str, Any]:
@@ -557,8 +562,40 @@ def _validate(cfg: DictConfig) -> None:
             problems.append(f"pretrain.extra_audio: {_redact(p)} must be a local path (or a shared mount)")
         elif not os.path.exists(os.path.expanduser(p)) and not _made_with_the_corpus(cfg, p):
             problems.append(f"pretrain.extra_audio: {p} does not exist (an audio directory or a manifest file)")
+    problems += _validate_task(cfg, corpus)
     if problems:
         raise _invalid(problems)
+
+
+def _validate_task(cfg: DictConfig, corpus) -> List[str]:
+    """``finetune.task`` and its keys (serray.train.dimensional)."""
+    from serray.data.corpus import DIMENSION_COLUMNS
+
+    f, problems = cfg.finetune, []
+    if f.task not in ("categorical", "dimensional", "multitask"):
+        return [f"finetune.task must be categorical, dimensional or multitask, got '{f.task}'"]
+    unknown = [d for d in f.dimensions if d not in DIMENSION_COLUMNS]
+    if unknown or not f.dimensions or len(set(f.dimensions)) != len(f.dimensions):
+        problems.append(f"finetune.dimensions: unknown or repeated dimension(s) {unknown or list(f.dimensions)} "
+                        f"(known: {', '.join(DIMENSION_COLUMNS)})")
+    if f.dim_loss not in ("ccc", "mse"):
+        problems.append(f"finetune.dim_loss must be ccc or mse, got '{f.dim_loss}'")
+    if not (_finite(f.dim_loss_weight) and f.dim_loss_weight >= 0):
+        problems.append(f"finetune.dim_loss_weight must be >= 0, got {f.dim_loss_weight}")
+    dims = f.task != "categorical"
+    if dims and corpus.dimension_range is None:
+        problems.append(f"finetune.task={f.task}: corpus {corpus.name} ({corpus.title}) has no emotion dimensions "
+                        "(corpora with V/A/D ratings: iemocap, msp-podcast); use finetune.task=categorical")
+    allowed = (["val_ua"] if f.task != "dimensional" else []) + (
+        ["val_ccc_mean", *(f"val_ccc_{d}" for d in f.dimensions)] if dims else [])
+    if f.select_metric is not None and f.select_metric not in allowed:
+        problems.append(f"finetune.select_metric for finetune.task={f.task} must be one of {', '.join(allowed)} "
+                        f"(or null), got '{f.select_metric}'")
+    for key in ("metric", "scheduler_metric"):
+        m = cfg.tune[key]
+        if str(m).startswith("val_ccc_") and not dims:
+            problems.append(f"tune.{key}={m} needs finetune.task=dimensional or multitask")
+    return problems
 
 
 def _invalid(problems: Sequence[str]) -> ConfigError:
@@ -578,13 +615,15 @@ def _made_with_the_corpus(cfg: DictConfig, path: str) -> bool:
 
 
 #: Metrics a sweep may rank trials on (validation only), and what a test metric there is told.
-VAL_METRICS = ("val_ua", "val_wa", "val_macro_f1", "val_loss")
+VAL_METRICS = ("val_ua", "val_wa", "val_macro_f1", "val_loss", "val_ccc_mean", "val_ccc_valence", "val_ccc_arousal",
+               "val_ccc_dominance")  # (val_ccc_*: finetune.task dimensional / multitask)
 TEST_METRICS = ("ua", "wa", "macro_f1")
 ARMS = ("none", "random_init", "no_local", "full", "classical", "oracle")
 
 
 #: The direction of every metric a sweep may rank on or stop by.
-METRIC_MODE = {"val_ua": "max", "val_wa": "max", "val_macro_f1": "max", "val_loss": "min"}
+METRIC_MODE = {"val_ua": "max", "val_wa": "max", "val_macro_f1": "max", "val_loss": "min", "val_ccc_mean": "max",
+               "val_ccc_valence": "max", "val_ccc_arousal": "max", "val_ccc_dominance": "max"}
 
 
 def metric_mode(metric: str) -> str:
