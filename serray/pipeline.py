@@ -77,8 +77,14 @@ def run_pipeline(cfg, echo: Callable[[str], Any] = print) -> Dict[str, Any]:
     else:
         echo(f"[3/3] leave-one-session-out fine-tuning (finetune.mode={cfg.finetune.mode}), folds {folds}")
     results = run_finetune(cfg)
-    echo(markdown_table(results, results.get("title", "")))
     out = storage.describe(cfg.finetune.dir)
-    echo(f"results in {out}: metrics.json, results.md, predictions.csv, confusion_matrix.png, learning_curves.png")
+    if cfg.finetune.task != "categorical":  # CCC per dimension (serray.train.dim_results)
+        from serray.train.dim_results import markdown_table as dim_table
+
+        echo(dim_table(results, results["dimensions"], cfg.finetune.task == "multitask", results.get("title", "")))
+        echo(f"results in {out}: metrics.json, results.md, predictions.csv, dimensions_scatter.png, learning_curves.png")
+    else:
+        echo(markdown_table(results, results.get("title", "")))
+        echo(f"results in {out}: metrics.json, results.md, predictions.csv, confusion_matrix.png, learning_curves.png")
     echo(f"protocol: {protocol(cfg)}; pipeline finished in {time.time() - t0:.0f} s")
     return {"results": results, "pretrain": pre, "seconds": time.time() - t0}
