@@ -179,3 +179,34 @@ def test_multitask_returns_both_and_keeps_the_splits(featurized, tmp_path):
     (a,) = svc.infer([sf.read(pd.read_parquet(cfg.data.manifest)["path"].iloc[0], dtype="float32")[0]])
     assert a["label"] == ans["label"].iloc[0] and a["dimensions"]["valence"] == pytest.approx(ans["valence"].iloc[0], abs=1e-5)
     assert set(svc.info()["outputs"]) == {"schema", "label", "dimensions"}
+
+
+def _dim_frame(seeds, folds, noise, rng):
+    rows = []
+    for fold in folds:
+        y = rng.uniform(1, 5, (30, 2))
+        for s in seeds:
+            p = y + rng.normal(0, noise, y.shape)
+            rows += [{"seed": s, "fold": fold, "utt_id": f"f{fold}_{i:02d}", "valence": y[i, 0], "arousal": y[i, 1],
+                      "pred_valence": p[i, 0], "pred_arousal": p[i, 1]} for i in range(len(y))]
+    return pd.DataFrame(rows)
+
+
+def test_run_level_ccc_comparison_pairs_runs_like_ua():
+    from serray.train.dim_stats import _weighted_ccc, run_level_test_ccc, run_metrics_ccc
+
+    rng = np.random.default_rng(0)
+    names = ["valence", "arousal"]
+    good = _dim_frame([0, 1, 2], [1, 2, 3], 0.3, np.random.default_rng(5))
+    bad = _dim_frame([0, 1, 2], [1, 2, 3], 1.5, np.random.default_rng(5))  # same truths, noisier predictions
+    assert np.allclose(good[names].to_numpy(), bad[names].to_numpy())
+    y, p = rng.normal(size=20), rng.normal(size=20)
+    assert _weighted_ccc(y, p, np.ones((1, 20)))[0] == pytest.approx(ccc(y, p))  # weights 1 = plain CCC
+    runs = run_metrics_ccc(good, names)
+    assert len(runs) == 9 and all(r["ccc_mean"] > 0.9 for r in runs)
+    res = run_level_test_ccc(good, bad, "ccc_mean", names, n_boot=300)
+    assert res["delta"] > 0.2 and res["ci95"][0] > 0 and res["wins"] == 9 and res["p_value"] == pytest.approx(2 / 2**9)
+    same = run_level_test_ccc(good, good, "ccc_arousal", names, n_boot=100)
+    assert same["delta"] == 0 and same["p_value"] == 1.0
+    with pytest.raises(ValueError, match="unknown metric"):
+        run_level_test_ccc(good, bad, "ccc_dominance", names)
