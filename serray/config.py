@@ -247,6 +247,7 @@ class AblateConfig:
     max_concurrent: int = 2  # (seed, fold) units running at once
     classical_features: str = "stats"  # classical arm: stats (log-mel / MFCC statistics) | egemaps | compare (openSMILE)
     oracle_file: Optional[str] = None  # synthesis parameters of a synthetic corpus (arm `oracle`); None: beside data.root
+    metric: str = "ua"  # what arms are compared on: ua | ccc_mean | ccc_<dimension> (finetune.task dimensional/multitask)
     pretrain_dir: Optional[str] = None  # where the arms' per-fold pre-trainings live (None: output_dir/ablation/pretrain,
     #                                     and pretrain.dir for the full arm of `seed`); share it between ablations
 
@@ -591,6 +592,14 @@ def _validate_task(cfg: DictConfig, corpus) -> List[str]:
     if f.select_metric is not None and f.select_metric not in allowed:
         problems.append(f"finetune.select_metric for finetune.task={f.task} must be one of {', '.join(allowed)} "
                         f"(or null), got '{f.select_metric}'")
+    am = str(cfg.ablate.metric)
+    if am != "ua" and am not in ("ccc_mean", *(f"ccc_{d}" for d in f.dimensions)):
+        problems.append(f"ablate.metric must be ua, ccc_mean or ccc_<dimension> of finetune.dimensions, got '{am}'")
+    elif am != "ua" and not dims:
+        problems.append(f"ablate.metric={am} needs finetune.task=dimensional or multitask")
+    elif am != "ua" and set(cfg.ablate.arms) & {"classical", "oracle"}:
+        problems.append(f"ablate.metric={am}: the reference arms (classical, oracle) are scored on UA only; "
+                        "leave them out of ablate.arms")
     for key in ("metric", "scheduler_metric"):
         m = cfg.tune[key]
         if str(m).startswith("val_ccc_") and not dims:

@@ -210,3 +210,25 @@ def test_run_level_ccc_comparison_pairs_runs_like_ua():
     assert same["delta"] == 0 and same["p_value"] == 1.0
     with pytest.raises(ValueError, match="unknown metric"):
         run_level_test_ccc(good, bad, "ccc_dominance", names)
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+def test_ablation_compares_arms_on_ccc(featurized, tmp_path):
+    from serray.train.ablation import run_ablation
+
+    cfg = _cfg(featurized, tmp_path, "finetune.task=dimensional", "ablate.metric=ccc_arousal",
+               "ablate.arms=[none,random_init]", "ablate.seeds=2", "ablate.bootstrap=100", "finetune.epochs=3",
+               "adapter.d_model=32", "adapter.ff_dim=64", "adapter.num_layers=1", "finetune.register=false")
+    lines = []
+    ab = run_ablation(cfg, echo=lines.append)
+    data = json.loads((Path(cfg.output_dir) / "ablation" / "ablation.json").read_text())
+    assert data["metric"] == "ccc_arousal" and data["seeds"] == [0, 1] and data["folds"] == [1, 2]
+    arms = {a["arm"]: a for a in data["arms"]}
+    assert set(arms) == {"none", "random_init"} and len(arms["none"]["runs"]) == 4
+    assert arms["none"]["ccc_arousal"]["mean"] == pytest.approx(np.mean([r["ccc_arousal"] for r in arms["none"]["runs"]]))
+    (c,) = data["comparisons"]
+    assert (c["a"], c["b"], c["n_runs"]) == ("random_init", "none", 4)
+    diffs = [a["ccc_arousal"] - b["ccc_arousal"] for a, b in zip(arms["random_init"]["runs"], arms["none"]["runs"])]
+    assert c["delta"] == pytest.approx(np.mean(diffs))
+    assert any("test ccc_arousal" in line for line in lines) and ab["metric"] == "ccc_arousal"
