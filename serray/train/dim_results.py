@@ -122,3 +122,13 @@ def _plot_curves(folds: List[Dict[str, Any]], path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def loso_table(cfg, summary: Dict[str, Any], title: str = "") -> str:
+    """The LOSO table of a run of ``cfg``'s task (the four-class table, or CCC per dimension)."""
+    task = str(cfg.finetune.get("task", "categorical") or "categorical")
+    if task == "categorical":
+        from serray.train.results import markdown_table as categorical_table
+
+        return categorical_table(summary, title)
+    return markdown_table(summary, list(cfg.finetune.dimensions), task == "multitask", title)

@@ -22,7 +22,7 @@ multitask run's UA is comparable fold by fold with a categorical one.
 from __future__ import annotations
 
 import logging
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Sequence, Tuple
 
 import numpy as np
 import pandas as pd

@@ -106,7 +106,7 @@ def test_dimensional_loso_learns_the_ratings_and_writes_its_results(featurized, 
     from serray.train.finetune import run_finetune
 
     cfg = _cfg(featurized, tmp_path, "finetune.task=dimensional")
-    summary = run_finetune(cfg)
+    run_finetune(cfg)
     out = Path(cfg.finetune.dir)
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["task"] == "dimensional" and metrics["dimensions"] == ["valence", "arousal", "dominance"]
