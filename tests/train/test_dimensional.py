@@ -232,3 +232,25 @@ def test_ablation_compares_arms_on_ccc(featurized, tmp_path):
     diffs = [a["ccc_arousal"] - b["ccc_arousal"] for a, b in zip(arms["random_init"]["runs"], arms["none"]["runs"])]
     assert c["delta"] == pytest.approx(np.mean(diffs))
     assert any("test ccc_arousal" in line for line in lines) and ab["metric"] == "ccc_arousal"
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+def test_a_nested_sweep_ranks_trials_on_validation_ccc_and_registers_the_task(featurized, tmp_path):
+    from serray.registry import list_entries
+    from serray.tune import run_sweep
+
+    space = tmp_path / "space.yaml"
+    space.write_text("tune:\n  search_space:\n    finetune:\n      lr: {grid: [0.001, 0.003]}\n")
+    cfg = load_config(space, [f"output_dir={tmp_path}", f"data.root={featurized.data.root}", "ray.progress_bars=false",
+                              f"features.dir={featurized.features.dir}", f"data.manifest={featurized.data.manifest}",
+                              *SHORT, "finetune.epochs=3", "finetune.task=dimensional", "tune.metric=val_ccc_arousal",
+                              "tune.scheduler_metric=val_ccc_mean", "tune.folds=[1]", "tune.num_samples=1"])
+    lines = []
+    out = run_sweep(cfg, echo=lines.append)
+    trials = pd.read_csv(Path(cfg.tune.dir) / cfg.tune.name / "fold1" / "trials.csv")
+    chosen = out["choices"][1]
+    assert chosen["val_ccc_arousal"] == pytest.approx(trials["val_ccc_arousal"].max())  # ranked on validation CCC
+    assert "test_ccc_mean" in chosen and any("test CCC" in line for line in lines)
+    (entry,) = list_entries(cfg.registry.dir)
+    assert entry["task"] == "dimensional" and "ccc_mean" in entry["metrics"]
