@@ -581,8 +581,6 @@ def _validate_task(cfg: DictConfig, corpus) -> List[str]:
                         f"(known: {', '.join(DIMENSION_COLUMNS)})")
     if f.dim_loss not in ("ccc", "mse"):
         problems.append(f"finetune.dim_loss must be ccc or mse, got '{f.dim_loss}'")
-    if not (_finite(f.dim_loss_weight) and f.dim_loss_weight >= 0):
-        problems.append(f"finetune.dim_loss_weight must be >= 0, got {f.dim_loss_weight}")
     dims = f.task != "categorical"
     if dims and corpus.dimension_range is None:
         problems.append(f"finetune.task={f.task}: corpus {corpus.name} ({corpus.title}) has no emotion dimensions "
@@ -780,7 +778,8 @@ _DOMAINS = [
     (("pretrain.lr", "finetune.lr", "pretrain.cpus_per_worker", "finetune.cpus_per_worker"), POSITIVE),
     (("pretrain.lr_end", "finetune.lr_end", "pretrain.weight_decay", "finetune.weight_decay", "pretrain.grad_clip",
       "finetune.grad_clip", "pretrain.gpus_per_worker", "finetune.gpus_per_worker", "finetune.body_lr_scale",
-      "pretrain.max_failures", "finetune.max_failures", "finetune.freeze_epochs"), NON_NEGATIVE),
+      "pretrain.max_failures", "finetune.max_failures", "finetune.freeze_epochs", "finetune.dim_loss_weight"),
+     NON_NEGATIVE),
     (("pretrain.batch_size", "finetune.batch_size", "pretrain.epochs", "finetune.epochs", "pretrain.num_workers",
       "finetune.num_workers", "pretrain.keep_checkpoints", "finetune.keep_checkpoints", "pretrain.max_frames",
       "finetune.max_frames", "finetune.attention_dim", "finetune.hidden_dim", "finetune.max_concurrent_folds",
