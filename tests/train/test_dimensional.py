@@ -254,3 +254,21 @@ def test_a_nested_sweep_ranks_trials_on_validation_ccc_and_registers_the_task(fe
     assert "test_ccc_mean" in chosen and any("test CCC" in line for line in lines)
     (entry,) = list_entries(cfg.registry.dir)
     assert entry["task"] == "dimensional" and "ccc_mean" in entry["metrics"]
+
+
+def test_the_loso_table_follows_the_task(tmp_path):
+    """`serray finetune` / `pipeline` print the CCC table for dimensional runs (the four-class table
+    used to raise KeyError 'ua' on them) and the four-class one, unchanged, for categorical runs."""
+    from serray.train.dim_results import loso_table, metric_keys, summarise
+
+    names = ["valence", "arousal", "dominance"]
+    folds = [{"fold": k, "n_test": 30, **{key: 0.1 * k for key in metric_keys(names, True)}} for k in (1, 2)]
+    dim = load_config(None, [f"output_dir={tmp_path}", "finetune.task=dimensional"])
+    mt = load_config(None, [f"output_dir={tmp_path}", "finetune.task=multitask"])
+    cat = load_config(None, [f"output_dir={tmp_path}"])
+    summary = summarise(folds, metric_keys(names, True))
+    text = loso_table(dim, summary, "t")
+    assert "| 2 | 30 | 0.200 | 0.200 | 0.200 | 0.200 |" in text and "UA" not in text
+    assert "| **mean ± sd** | 60 | 0.150 ± 0.071" in text
+    assert "| 1 | 30 | 0.100 | 0.100 | 0.100 | 0.100 | 10.00 |" in loso_table(mt, summary, "t")
+    assert "| 1 | 30 | 10.00 | 10.00 | 10.00 |" in loso_table(cat, summary, "t")
