@@ -35,9 +35,9 @@ DIMS = ["valence", "arousal", "dominance"]
 SEEDS = [0, 1, 2]
 
 
-def _preds(root: Path, task: str) -> pd.DataFrame:
+def _preds(root: Path, task: str, seeds=SEEDS) -> pd.DataFrame:
     sub = "finetune" if task == "categorical" else f"finetune-{task}"
-    return pd.concat([pd.read_csv(root / f"m-s{s}" / sub / "predictions.csv") for s in SEEDS], ignore_index=True)
+    return pd.concat([pd.read_csv(root / f"m-s{s}" / sub / "predictions.csv") for s in seeds], ignore_index=True)
 
 
 def _ms(v) -> str:
@@ -45,12 +45,12 @@ def _ms(v) -> str:
     return f"{v.mean():.3f} ± {v.std(ddof=1):.3f}"
 
 
-def main(root: Path) -> None:
-    preds = {t: _preds(root, t) for t in ("categorical", "dimensional", "multitask")}
-    out = {"seeds": SEEDS, "folds": sorted(preds["categorical"]["fold"].unique().tolist()), "tasks": {}}
+def main(root: Path, seeds=SEEDS, write: bool = True) -> None:
+    preds = {t: _preds(root, t, seeds) for t in ("categorical", "dimensional", "multitask")}
+    out = {"seeds": list(seeds), "folds": sorted(preds["categorical"]["fold"].unique().tolist()), "tasks": {}}
     lines = ["# Dimensional study: CCC per dimension and what multitask does to UA", "",
              "Default synthetic corpus (200 utterances, 170 four-class), leave-one-session-out, training seeds "
-             f"{SEEDS}; mean ± sd over the {3 * len(out['folds'])} seed x fold runs (each run: CCC over its fold's "
+             f"{list(seeds)}; mean ± sd over the {len(seeds) * len(out['folds'])} seed x fold runs (each run: CCC over its fold's "
              "whole test split).", "",
              "| task | " + " | ".join(f"CCC {d}" for d in DIMS) + " | CCC mean | Pearson r (V / A / D) | MAE (V / A / D, 1-5) | UA % |",
              "|---|" + "---:|" * (len(DIMS) + 4)]
@@ -93,7 +93,7 @@ def main(root: Path) -> None:
     c = run_level_test(mt, cat, "ua", n_boot=2000, seed=0)
     comps.append({"a": "multitask", "b": "categorical", "metric": "ua", **c})
     out["comparisons"] = comps
-    lines += ["", "Paired over the 15 seed x fold runs (run-level sign-flip p; 95 % interval: two-level bootstrap):", "",
+    lines += ["", f"Paired over the {len(seeds) * len(out['folds'])} seed x fold runs (run-level sign-flip p; 95 % interval: two-level bootstrap):", "",
               "| comparison | metric | Δ (A − B) | 95 % interval | p | runs A > B / A < B |", "|---|---|---:|---:|---:|---:|"]
     for c in comps:
         scale = 100 if c["metric"] == "ua" else 1
@@ -101,9 +101,11 @@ def main(root: Path) -> None:
         lines.append(f"| {c['a']} vs {c['b']} | {c['metric']}{' (points)' if scale == 100 else ''} | "
                      f"{fmt.format(scale * c['delta'])} | [{fmt.format(scale * c['ci95'][0])}, {fmt.format(scale * c['ci95'][1])}] "
                      f"| {c['p_value']:.3f} | {c['wins']} / {c['losses']} |")
-    (Path(__file__).parent / "dimensional.json").write_text(json.dumps(out, indent=2) + "\n")
+    if write:
+        (Path(__file__).parent / "dimensional.json").write_text(json.dumps(out, indent=2) + "\n")
     print("\n".join(lines))
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1] if len(sys.argv) > 1 else "runs"))
+    main(Path(sys.argv[1] if len(sys.argv) > 1 else "runs"),
+         [int(x) for x in sys.argv[2].split(",")] if len(sys.argv) > 2 else SEEDS)
