@@ -16,7 +16,7 @@ varies), each task from the same adapter of its fold (2-core machine: ~12 min, t
       serray finetune output_dir=$O seed=$s $base finetune.init_from=$PWD/$C/pretrain/fold{fold}/adapter \
         finetune.task=$t finetune.dir=$O/finetune-$t   # (categorical: finetune.dir=$O/finetune)
     done; done
-    python docs/results/dimensional_study.py runs > docs/results/dimensional.md
+    python docs/results/dimensional_study.py runs   # prints the tables of docs/dimensional.md, writes dimensional.json
 """
 
 from __future__ import annotations
