@@ -272,3 +272,20 @@ def test_the_loso_table_follows_the_task(tmp_path):
     assert "| **mean ± sd** | 60 | 0.150 ± 0.071" in text
     assert "| 1 | 30 | 0.100 | 0.100 | 0.100 | 0.100 | 10.00 |" in loso_table(mt, summary, "t")
     assert "| 1 | 30 | 10.00 | 10.00 | 10.00 |" in loso_table(cat, summary, "t")
+
+
+@pytest.mark.slow
+def test_benchmark_ratings_follow_its_events(tmp_path):
+    """The benchmark preset's V/A/D come from its realised local events (oracle file), not the class."""
+    from serray.data.iemocap import build_manifest
+    from serray.data.synthetic import benchmark_paths, make_corpus
+
+    root = make_corpus(tmp_path / "IEMOCAP_full_release", seed=0, preset="benchmark", scale=0.1,
+                       unlabelled_factor=0.5, processes=1)
+    df = build_manifest(root, [1, 2, 3, 4, 5], True).kept.merge(pd.read_csv(benchmark_paths(root).oracle), on="utt_id")
+    rate = lambda *ev: sum(df[f"n_{e}"] for e in ev) / df["duration_x"]  # noqa: E731
+    assert np.corrcoef(rate("laugh", "risefall") - rate("sigh", "sob"), df["valence"])[0, 1] > 0.5
+    assert np.corrcoef(rate("accent", "creak"), df["activation"])[0, 1] > 0.4
+    means = df.groupby("label_x")[["valence", "activation"]].mean()
+    assert means.loc["hap", "valence"] > means.loc["sad", "valence"] + 1.5
+    assert means.loc["ang", "activation"] > means.loc["sad", "activation"] + 1.5
