@@ -96,13 +96,13 @@ def cmd_pretrain(args) -> int:
 
 
 def cmd_finetune(args) -> int:
+    from serray.train.dim_results import loso_table
     from serray.train.finetune import run_finetune
-    from serray.train.results import markdown_table
 
     cfg = _cfg(args)
     with _quiet(cfg, args):
         summary = run_finetune(cfg)
-    print(markdown_table(summary, summary.get("title", "")))
+    print(loso_table(cfg, summary, summary.get("title", "")))  # (finetune.task: the four classes or CCC per dimension)
     print(f"results in {storage.describe(cfg.finetune.dir)}: metrics.json, results.md, predictions.csv, confusion_matrix.png")
     return 0
 

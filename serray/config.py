@@ -192,6 +192,11 @@ class FinetuneConfig(TrainerConfig):
     max_frames: Optional[int] = None
     keep_checkpoints: int = 1
     register: bool = True  # put the result into the model registry (the fold model with the best val UA)
+    task: str = "categorical"  # categorical (4 classes) | dimensional (V/A/D regression) | multitask (both heads)
+    dimensions: List[str] = field(default_factory=lambda: ["valence", "arousal", "dominance"])  # dimensional targets
+    dim_loss: str = "ccc"  # ccc: 1 - CCC per dimension | mse
+    dim_loss_weight: float = 1.0  # multitask: loss = cross-entropy + this x dimensional loss
+    select_metric: Optional[str] = None  # epoch selection: val_ua | val_ccc_mean | val_ccc_<dim> (None: the task's)
 
 
 def _default_search_space() -> Dict[str, Any]:
@@ -242,6 +247,7 @@ class AblateConfig:
     max_concurrent: int = 2  # (seed, fold) units running at once
     classical_features: str = "stats"  # classical arm: stats (log-mel / MFCC statistics) | egemaps | compare (openSMILE)
     oracle_file: Optional[str] = None  # synthesis parameters of a synthetic corpus (arm `oracle`); None: beside data.root
+    metric: str = "ua"  # what arms are compared on: ua | ccc_mean | ccc_<dimension> (finetune.task dimensional/multitask)
     pretrain_dir: Optional[str] = None  # where the arms' per-fold pre-trainings live (None: output_dir/ablation/pretrain,
     #                                     and pretrain.dir for the full arm of `seed`); share it between ablations
 
@@ -603,8 +609,46 @@ def _validate(cfg: DictConfig) -> None:
             problems.append(f"pretrain.extra_audio: {_redact(p)} must be a local path (or a shared mount)")
         elif not os.path.exists(os.path.expanduser(p)) and not _made_with_the_corpus(cfg, p):
             problems.append(f"pretrain.extra_audio: {p} does not exist (an audio directory or a manifest file)")
+    problems += _validate_task(cfg, corpus)
     if problems:
         raise _invalid(problems)
+
+
+def _validate_task(cfg: DictConfig, corpus) -> List[str]:
+    """``finetune.task`` and its keys (serray.train.dimensional)."""
+    from serray.data.corpus import DIMENSION_COLUMNS
+
+    f, problems = cfg.finetune, []
+    if f.task not in ("categorical", "dimensional", "multitask"):
+        return [f"finetune.task must be categorical, dimensional or multitask, got '{f.task}'"]
+    unknown = [d for d in f.dimensions if d not in DIMENSION_COLUMNS]
+    if unknown or not f.dimensions or len(set(f.dimensions)) != len(f.dimensions):
+        problems.append(f"finetune.dimensions: unknown or repeated dimension(s) {unknown or list(f.dimensions)} "
+                        f"(known: {', '.join(DIMENSION_COLUMNS)})")
+    if f.dim_loss not in ("ccc", "mse"):
+        problems.append(f"finetune.dim_loss must be ccc or mse, got '{f.dim_loss}'")
+    dims = f.task != "categorical"
+    if dims and corpus.dimension_range is None:
+        problems.append(f"finetune.task={f.task}: corpus {corpus.name} ({corpus.title}) has no emotion dimensions "
+                        "(corpora with V/A/D ratings: iemocap, msp-podcast); use finetune.task=categorical")
+    allowed = (["val_ua"] if f.task != "dimensional" else []) + (
+        ["val_ccc_mean", *(f"val_ccc_{d}" for d in f.dimensions)] if dims else [])
+    if f.select_metric is not None and f.select_metric not in allowed:
+        problems.append(f"finetune.select_metric for finetune.task={f.task} must be one of {', '.join(allowed)} "
+                        f"(or null), got '{f.select_metric}'")
+    am = str(cfg.ablate.metric)
+    if am != "ua" and am not in ("ccc_mean", *(f"ccc_{d}" for d in f.dimensions)):
+        problems.append(f"ablate.metric must be ua, ccc_mean or ccc_<dimension> of finetune.dimensions, got '{am}'")
+    elif am != "ua" and not dims:
+        problems.append(f"ablate.metric={am} needs finetune.task=dimensional or multitask")
+    elif am != "ua" and set(cfg.ablate.arms) & {"classical", "oracle"}:
+        problems.append(f"ablate.metric={am}: the reference arms (classical, oracle) are scored on UA only; "
+                        "leave them out of ablate.arms")
+    for key in ("metric", "scheduler_metric"):
+        m = cfg.tune[key]
+        if str(m).startswith("val_ccc_") and not dims:
+            problems.append(f"tune.{key}={m} needs finetune.task=dimensional or multitask")
+    return problems
 
 
 def _invalid(problems: Sequence[str]) -> ConfigError:
@@ -624,13 +668,15 @@ def _made_with_the_corpus(cfg: DictConfig, path: str) -> bool:
 
 
 #: Metrics a sweep may rank trials on (validation only), and what a test metric there is told.
-VAL_METRICS = ("val_ua", "val_wa", "val_macro_f1", "val_loss")
+VAL_METRICS = ("val_ua", "val_wa", "val_macro_f1", "val_loss", "val_ccc_mean", "val_ccc_valence", "val_ccc_arousal",
+               "val_ccc_dominance")  # (val_ccc_*: finetune.task dimensional / multitask)
 TEST_METRICS = ("ua", "wa", "macro_f1")
 ARMS = ("none", "random_init", "no_local", "full", "classical", "oracle")
 
 
 #: The direction of every metric a sweep may rank on or stop by.
-METRIC_MODE = {"val_ua": "max", "val_wa": "max", "val_macro_f1": "max", "val_loss": "min"}
+METRIC_MODE = {"val_ua": "max", "val_wa": "max", "val_macro_f1": "max", "val_loss": "min", "val_ccc_mean": "max",
+               "val_ccc_valence": "max", "val_ccc_arousal": "max", "val_ccc_dominance": "max"}
 
 
 def metric_mode(metric: str) -> str:
@@ -778,7 +824,8 @@ _DOMAINS = [
     (("pretrain.lr", "finetune.lr", "pretrain.cpus_per_worker", "finetune.cpus_per_worker"), POSITIVE),
     (("pretrain.lr_end", "finetune.lr_end", "pretrain.weight_decay", "finetune.weight_decay", "pretrain.grad_clip",
       "finetune.grad_clip", "pretrain.gpus_per_worker", "finetune.gpus_per_worker", "finetune.body_lr_scale",
-      "pretrain.max_failures", "finetune.max_failures", "finetune.freeze_epochs"), NON_NEGATIVE),
+      "pretrain.max_failures", "finetune.max_failures", "finetune.freeze_epochs", "finetune.dim_loss_weight"),
+     NON_NEGATIVE),
     (("pretrain.batch_size", "finetune.batch_size", "pretrain.epochs", "finetune.epochs", "pretrain.num_workers",
       "finetune.num_workers", "pretrain.keep_checkpoints", "finetune.keep_checkpoints", "pretrain.max_frames",
       "finetune.max_frames", "finetune.attention_dim", "finetune.hidden_dim", "finetune.max_concurrent_folds",

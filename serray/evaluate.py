@@ -143,6 +143,7 @@ def run_evaluate(cfg, model: Optional[str] = None, echo: Callable[[str], Any] = 
     from serray.data.featurize import featurize, featurize_summary
     from serray.data.features import session_paths
     from serray.pipeline import prepare_corpus
+    from serray.errors import DataError
     from serray.predict import Predictor
     from serray.protocol import corpus_protocol
     from serray.registry import entry_evaluation, get_entry, model_dir
@@ -153,6 +154,9 @@ def run_evaluate(cfg, model: Optional[str] = None, echo: Callable[[str], Any] = 
     entry = get_entry(cfg.registry.dir, model, {"selection": None})
     local = model_dir(entry)
     predictor = Predictor.from_checkpoint(local)
+    if not predictor.has_classes:
+        raise DataError(f"model {entry['id']} predicts emotion dimensions only (finetune.task=dimensional); "
+                        "cross-corpus evaluation scores the four classes (use a categorical or multitask model)")
     cfg = derive(cfg, model_encoder_overrides(predictor.features, Path(local)))
     source = entry_evaluation(entry)
     target = corpus_protocol(cfg)

@@ -56,7 +56,7 @@ def run_pipeline(cfg, echo: Callable[[str], Any] = print) -> Dict[str, Any]:
     from serray.data.featurize import featurize, featurize_summary
     from serray.train.finetune import protocol, run_finetune, uses_pretraining
     from serray.train.pretrain import pretrain_summary, run_pretrain
-    from serray.train.results import markdown_table
+    from serray.train.dim_results import loso_table
 
     t0 = time.time()
     save_config(cfg, cfg.output_dir)
@@ -77,8 +77,9 @@ def run_pipeline(cfg, echo: Callable[[str], Any] = print) -> Dict[str, Any]:
     else:
         echo(f"[3/3] leave-one-session-out fine-tuning (finetune.mode={cfg.finetune.mode}), folds {folds}")
     results = run_finetune(cfg)
-    echo(markdown_table(results, results.get("title", "")))
     out = storage.describe(cfg.finetune.dir)
-    echo(f"results in {out}: metrics.json, results.md, predictions.csv, confusion_matrix.png, learning_curves.png")
+    echo(loso_table(cfg, results, results.get("title", "")))  # (finetune.task: the four classes or CCC per dimension)
+    plots = "confusion_matrix.png" if cfg.finetune.task == "categorical" else "dimensions_scatter.png"
+    echo(f"results in {out}: metrics.json, results.md, predictions.csv, {plots}, learning_curves.png")
     echo(f"protocol: {protocol(cfg)}; pipeline finished in {time.time() - t0:.0f} s")
     return {"results": results, "pretrain": pre, "seconds": time.time() - t0}

@@ -19,6 +19,7 @@ from serray.data.stored import decode_feature
 from serray.data.iemocap import LABELS
 from serray.errors import DataError
 from serray.models.classifier import EmotionClassifier
+from serray.models.dimensional import build_model
 from serray.train.checkpoint import ENCODER_DIR, MODEL_KEY, load_checkpoint
 
 
@@ -34,6 +35,11 @@ class Predictor:
         self.labels: List[str] = list(meta.get("labels", LABELS))
         self.features = meta["features"]
         self._encoder = None
+        self.task = str(meta.get("task", "categorical"))  # finetune.task the model was trained for
+        dims = meta.get("dimensions") or {}
+        self.dimensions: List[str] = list(dims.get("names", []))  # dimensional / multitask models only
+        self.dimension_scale = tuple(dims.get("scale", (0.0, 1.0)))  # the corpus's rating scale
+        self.has_classes = self.task != "dimensional"
 
     @classmethod
     def from_checkpoint(cls, directory: str | Path, device: str | torch.device = "cpu") -> "Predictor":
@@ -46,7 +52,7 @@ class Predictor:
         if not isinstance(meta.get("model"), dict) or not isinstance(meta.get("features"), dict):
             raise CheckpointError(f"unreadable checkpoint {directory}: meta.json lacks the model or features record")
         try:
-            model = EmotionClassifier(**meta["model"])
+            model = build_model(meta["model"])
         except (TypeError, ValueError) as e:
             raise CheckpointError(f"unreadable checkpoint {directory}: meta.json's model arguments do not build a "
                                   f"classifier ({str(e).splitlines()[0]})") from None
@@ -60,17 +66,32 @@ class Predictor:
     @torch.no_grad()
     def predict_arrays(self, feats: Sequence[np.ndarray], batch_size: int = 16) -> np.ndarray:
         """Class probabilities [N, C] for feature arrays [T, D] (or [L, T, D])."""
-        probs = []
+        if not self.has_classes:
+            raise DataError("this model predicts emotion dimensions, not classes (use predict_outputs)")
+        return self.predict_outputs(feats, batch_size)["probs"]
+
+    @torch.no_grad()
+    def predict_outputs(self, feats: Sequence[np.ndarray], batch_size: int = 16) -> dict:
+        """``{"probs": [N, C] or None, "dims": [N, K] on the corpus's rating scale or None}``."""
+        probs, dims = [], []
         order = np.argsort([f.shape[-2] for f in feats])  # similar lengths per batch
         for i in range(0, len(feats), batch_size):
             idx = order[i : i + batch_size]
             x, mask = pad_features([np.asarray(feats[j], dtype=np.float32) for j in idx])
-            logits = self.model(x.to(self.device), mask.to(self.device))
-            probs.append((idx, torch.softmax(logits.float(), dim=-1).cpu().numpy()))
-        out = np.zeros((len(feats), len(self.labels)), dtype=np.float32)
-        for idx, p in probs:
-            out[idx] = p
-        return out
+            out = self.model(x.to(self.device), mask.to(self.device))
+            logits = out.get("logits") if isinstance(out, dict) else out
+            if logits is not None:
+                probs.append((idx, torch.softmax(logits.float(), dim=-1).cpu().numpy()))
+            if isinstance(out, dict):
+                lo, hi = self.dimension_scale
+                dims.append((idx, lo + (hi - lo) * out["dims"].float().cpu().numpy()))
+        result = {"probs": None, "dims": None}
+        for key, parts, width in (("probs", probs, len(self.labels)), ("dims", dims, len(self.dimensions))):
+            if parts:
+                result[key] = np.zeros((len(feats), width), dtype=np.float32)
+                for idx, p in parts:
+                    result[key][idx] = p
+        return result
 
     def predict_parquet(self, files: Iterable[str | Path], batch_rows: int = 64,
                         utt_ids: Optional[Sequence[str]] = None) -> pd.DataFrame:
@@ -92,11 +113,15 @@ class Predictor:
                         continue
                 d = rb.to_pydict()
                 feats = [decode_feature(b, t, dm, l) for b, t, dm, l in zip(d["feat"], d["num_frames"], d["dim"], d["num_layers"])]
-                p = self.predict_arrays(feats)
-                df = pd.DataFrame({"utt_id": d["utt_id"], "speaker": d["speaker"], "label": d["label"],
-                                   "pred": [self.labels[i] for i in p.argmax(1)]})
-                for j, name in enumerate(self.labels):
-                    df[f"p_{name}"] = p[:, j]
+                res = self.predict_outputs(feats)
+                df = pd.DataFrame({"utt_id": d["utt_id"], "speaker": d["speaker"], "label": d["label"]})
+                p = res["probs"]
+                if p is not None:
+                    df["pred"] = [self.labels[i] for i in p.argmax(1)]
+                    for j, name in enumerate(self.labels):
+                        df[f"p_{name}"] = p[:, j]
+                for j, name in enumerate(self.dimensions):  # on the corpus's scale
+                    df[f"pred_{name}"] = res["dims"][:, j]
                 frames.append(df)
         return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
 
@@ -120,6 +145,31 @@ class Predictor:
         """Probabilities [N, C] for mono 16 kHz waveforms."""
         return self.predict_arrays(self.encoder().encode(list(wavs)))
 
+    def predict_waveform_outputs(self, wavs: Sequence[np.ndarray]) -> dict:
+        """:meth:`predict_outputs` for mono 16 kHz waveforms."""
+        return self.predict_outputs(self.encoder().encode(list(wavs)))
+
+    def predict_records(self, wavs: Sequence[np.ndarray]) -> List[dict]:
+        """One answer dict per mono 16 kHz waveform: ``label`` and ``probabilities`` (None / empty for a
+        dimensional-only model) and, for a dimensional or multitask model, ``dimensions`` on the corpus's
+        rating scale (what :mod:`serray.segment` reports per segment and averages)."""
+        res = self.predict_waveform_outputs(wavs)
+        out = []
+        for i in range(len(wavs)):
+            rec: dict = {"label": None, "probabilities": {}}
+            if res["probs"] is not None:
+                p = res["probs"][i]
+                rec.update(label=self.labels[int(np.argmax(p))], probabilities={k: float(v) for k, v in zip(self.labels, p)})
+            if res["dims"] is not None:
+                rec["dimensions"] = {k: float(v) for k, v in zip(self.dimensions, res["dims"][i])}
+            out.append(rec)
+        return out
+
+    def scale_name(self) -> str:
+        """The dimensions' scale in words, e.g. ``1-5``."""
+        lo, hi = self.dimension_scale
+        return f"{lo:g}-{hi:g}"
+
     def predict_files(self, paths: Sequence[str | Path], min_seconds: float = 0.1,
                       max_seconds: Optional[float] = None) -> pd.DataFrame:
         """Label and probabilities for audio files (WAV/FLAC, any channels / sample rate)."""
@@ -127,6 +177,8 @@ class Predictor:
 
         sr = int(self.features.get("sample_rate", 16000))
         wavs = [load_audio(p, sr, min_seconds, max_seconds) for p in paths]
+        if self.task != "categorical":
+            return self._dimension_frame(paths, self.predict_waveform_outputs(wavs))
         probs = self.predict_waveforms(wavs)
         bad = [str(p) for p, row in zip(paths, probs) if not np.isfinite(row).all()]
         if bad:
@@ -134,4 +186,21 @@ class Predictor:
         df = pd.DataFrame({"path": [str(p) for p in paths], "label": [self.labels[i] for i in probs.argmax(1)]})
         for j, name in enumerate(self.labels):
             df[f"p_{name}"] = probs[:, j]
+        return df
+
+    def _dimension_frame(self, paths, res: dict) -> pd.DataFrame:
+        """A dimensional / multitask model's answer: the dimensions on the corpus's scale (``scale``
+        names it) and, for multitask, the label and probabilities."""
+        rows = [r for r in (res["probs"], res["dims"]) if r is not None]
+        bad = [str(p) for i, p in enumerate(paths) if not all(np.isfinite(r[i]).all() for r in rows)]
+        if bad:
+            raise DataError(f"the model produced non-finite outputs for {', '.join(bad)}")
+        df = pd.DataFrame({"path": [str(p) for p in paths]})
+        if res["probs"] is not None:
+            df["label"] = [self.labels[i] for i in res["probs"].argmax(1)]
+            for j, name in enumerate(self.labels):
+                df[f"p_{name}"] = res["probs"][:, j]
+        for j, name in enumerate(self.dimensions):
+            df[name] = res["dims"][:, j]
+        df["scale"] = self.scale_name()
         return df

@@ -66,7 +66,8 @@ class _Aggregate:
         self.seconds += d
         for k, v in rec["probabilities"].items():
             self.prob[k] = self.prob.get(k, 0.0) + d * float(v)
-        self.label_s[rec["label"]] = self.label_s.get(rec["label"], 0.0) + d
+        if rec.get("label") is not None:  # a dimensional-only model has no label
+            self.label_s[rec["label"]] = self.label_s.get(rec["label"], 0.0) + d
         for key, value in rec.items():
             if key not in _META and isinstance(value, dict):
                 acc = self.other.setdefault(key, {})
@@ -79,7 +80,7 @@ class _Aggregate:
             return {"num_segments": 0, "segment_s": 0.0, "distribution": {}, "dominant": None, "label_s": {}}
         dist = {k: round(v / self.seconds, 6) for k, v in self.prob.items()}
         out = {"num_segments": n, "segment_s": round(self.seconds, 3), "distribution": dist,
-               "dominant": max(dist, key=dist.get), "label_s": {k: round(v, 3) for k, v in self.label_s.items()}}
+               "dominant": max(dist, key=dist.get) if dist else None, "label_s": {k: round(v, 3) for k, v in self.label_s.items()}}
         for key, acc in self.other.items():
             out[key] = {name: round(v / self.seconds, 6) for name, v in acc.items()}
         return out
@@ -159,13 +160,17 @@ def format_table(result: Dict[str, Any]) -> str:
     if result.get("message"):
         return "\n".join(lines + [result["message"]])
     labels = list(result["aggregate"]["distribution"])
-    lines.append(f"{'start':>9} {'end':>9}  {'label':<6} " + " ".join(f"{k:>6}" for k in labels))
+    dims = list(result["aggregate"].get("dimensions", {}))  # a dimensional / multitask model's ratings
+    lines.append(f"{'start':>9} {'end':>9}  {'label':<6} " + " ".join(f"{k[:9]:>9}" for k in labels + dims))
     for s in result["segments"]:
-        lines.append(f"{s['start']:9.2f} {s['end']:9.2f}  {s['label']:<6} "
-                     + " ".join(f"{s['probabilities'].get(k, float('nan')):6.3f}" for k in labels))
+        lines.append(f"{s['start']:9.2f} {s['end']:9.2f}  {s.get('label') or '-':<6} "
+                     + " ".join(f"{s['probabilities'].get(k, float('nan')):9.3f}" for k in labels)
+                     + "".join(f" {s.get('dimensions', {}).get(k, float('nan')):9.3f}" for k in dims))
     a = result["aggregate"]
     lines.append(f"{a['num_segments']} segments, {a['segment_s']:.1f} s classified; dominant: {a['dominant']}; "
                  "distribution (duration-weighted): " + ", ".join(f"{k} {v:.3f}" for k, v in a["distribution"].items()))
+    if dims:
+        lines.append("dimensions (duration-weighted): " + ", ".join(f"{k} {v:.3f}" for k, v in a["dimensions"].items()))
     return "\n".join(lines)
 
 

@@ -461,15 +461,25 @@ def stage_key(kind: str, config_hash: str, where: str, *more: Any) -> str:
     return "/".join([kind, config_hash, short_hash(where), *[str(m) for m in more]])
 
 
+#: A fold result's test scores (categorical: UA / WA / macro-F1; dimensional: CCC, Pearson r, MAE per dimension).
+TEST_SCORES = ("ua", "wa", "macro_f1", "n_test", "ccc", "pearson", "mae")
+
+
+def test_scores(result: Dict[str, Any], prefix: str = "test_") -> Dict[str, float]:
+    """The test scores of a fold result (or a LOSO mean) under ``prefix``."""
+    return {f"{prefix}{k}": v for k, v in numeric(result).items() if k in TEST_SCORES or k.split("_")[0] in TEST_SCORES}
+
+
 def log_loso(tracker: Tracker, run_id: Optional[str], summary: Dict[str, Any], out_dir: str) -> None:
-    """A LOSO run's fold means and sds, per-fold test scores (step = fold) and its files."""
+    """A LOSO run's fold means and sds, per-fold test scores (step = fold) and its files (those the
+    task wrote: a dimensional run has scatter plots, no confusion matrix)."""
     if not run_id:
         return
-    tracker.log_metrics(run_id, {f"test_{k}": v for k, v in summary.get("mean", {}).items()})
-    tracker.log_metrics(run_id, {f"test_{k}_std": v for k, v in summary.get("std", {}).items()})
+    tracker.log_metrics(run_id, test_scores(summary.get("mean", {})))
+    tracker.log_metrics(run_id, {f"{k}_std": v for k, v in test_scores(summary.get("std", {})).items()})
     for f in summary.get("folds", []):
-        tracker.log_metrics(run_id, {f"fold_test_{k}": f[k] for k in ("ua", "wa", "macro_f1") if k in f},
-                            step=int(f["fold"]))
+        tracker.log_metrics(run_id, test_scores(f, "fold_test_"), step=int(f["fold"]))
     if not storage.is_uri(out_dir):
-        tracker.log_artifacts(run_id, [Path(out_dir) / n for n in ("metrics.json", "results.md", "confusion_matrix.png",
-                                                                  "learning_curves.png", "config.yaml")])
+        out = Path(out_dir)
+        tracker.log_artifacts(run_id, [out / n for n in ("metrics.json", "results.md", "learning_curves.png", "config.yaml")]
+                              + sorted(p for p in out.glob("*.png") if p.name != "learning_curves.png"))

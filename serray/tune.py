@@ -162,7 +162,8 @@ def trial_config(cfg, hyper: Dict[str, Any], trial_dir: Path, folds: Optional[Li
 # ---------------------------------------------------------------- the trial
 
 
-VAL_KEYS = ("val_ua", "val_wa", "val_macro_f1", "val_loss")
+VAL_KEYS = ("val_ua", "val_wa", "val_macro_f1", "val_loss", "val_ccc_mean", "val_ccc_valence", "val_ccc_arousal",
+            "val_ccc_dominance")  # (val_ccc_*: finetune.task dimensional / multitask; each reported when every fold has it)
 
 
 def _trial(config: Dict[str, Any], cfg_dict: Dict[str, Any], folds: List[int]) -> None:
@@ -427,10 +428,10 @@ def _nested(cfg, flat, echo) -> Dict[str, Any]:
         _copy_fold(Path(tcfg.finetune.dir) / f"fold{fold}", final_dir / f"fold{fold}")
         choices[fold] = {"trial_id": str(best["trial_id"]), "hyperparameters": hyper,
                          cfg.tune.metric: float(best[cfg.tune.metric]), "ranked_on": f"fold {fold}'s validation speakers "
-                         f"(sessions {json.loads(best['val_sessions'])})", "test_ua": float(res["ua"])}
+                         f"(sessions {json.loads(best['val_sessions'])})", f"test_{_test_key(res)}": float(res[_test_key(res)])}
         results.append(res)
         echo(f"fold {fold}: chose trial {best['trial_id']} ({cfg.tune.metric}={best[cfg.tune.metric]:.4f} on fold {fold}'s "
-             f"validation speakers; " + ", ".join(f"{k}={v}" for k, v in hyper.items()) + f"); test UA {100 * res['ua']:.2f}")
+             f"validation speakers; " + ", ".join(f"{k}={v}" for k, v in hyper.items()) + "); " + (f"test UA {100 * res['ua']:.2f}" if "ua" in res else f"test CCC {res['ccc_mean']:.3f}"))
     (root / "trials.md").write_text(_nested_markdown(cfg, flat, tables, choices))
     return _finish_nested(cfg, flat, results, choices, final_dir, echo)
 
@@ -448,6 +449,15 @@ def _copy_fold(src: Path, dst: Path) -> None:
     shutil.copytree(src, dst, ignore=shutil.ignore_patterns("fault_injected.marker"))
 
 
+def _test_key(res: Dict[str, Any]) -> str:
+    """The test metric a fold result is reported by: UA, or mean CCC for a dimensional task."""
+    return "ua" if "ua" in res else "ccc_mean"
+
+
+def _test_cell(choice: Dict[str, Any]) -> str:
+    return f"{100 * choice['test_ua']:.2f}" if "test_ua" in choice else f"CCC {choice['test_ccc_mean']:.3f}"
+
+
 def selected_on(cfg) -> str:
     m = f"{cfg.tune.metric} ({objective_mode(cfg)})"
     if cfg.tune.selection == "nested":
@@ -457,8 +467,8 @@ def selected_on(cfg) -> str:
 
 
 def _finish_nested(cfg, flat, results, choices, final_dir: Path, echo) -> Dict[str, Any]:
+    from serray.train.dim_results import loso_table
     from serray.train.finetune import write_loso
-    from serray.train.results import markdown_table
 
     folds = sweep_folds(cfg)
     run_cfg = derive(cfg, [f"finetune.folds={json.dumps(folds)}", f"finetune.dir={final_dir}", "finetune.init_from=null"])
@@ -467,7 +477,7 @@ def _finish_nested(cfg, flat, results, choices, final_dir: Path, echo) -> Dict[s
     selection = {"mode": "nested", "metric": cfg.tune.metric, "per_fold": {str(k): v for k, v in choices.items()},
                  "selected_on": selected_on(cfg)}
     summary = write_loso(run_cfg, results, str(final_dir), {"selection": selection}, config_hash=sweep_id)
-    echo(markdown_table(summary, f"nested sweep: each fold tested once with its own choice, folds {folds}"))
+    echo(loso_table(cfg, summary, f"nested sweep: each fold tested once with its own choice, folds {folds}"))
     from serray.tracking import Tracker, log_loso, stage_key
 
     tracker = Tracker.of(cfg)
@@ -486,7 +496,8 @@ def _register_nested(cfg, summary, choices, selection, run_cfg, sweep_id, final_
     out: Dict[str, Any] = {"dir": str(final_dir.parent.parent), "choices": choices,
                            "final": {"mean": summary["mean"], "std": summary["std"], "folds": folds}}
     if cfg.tune.register_best:
-        best_fold = max(summary["folds"], key=lambda f: (f.get("val_ua", 0.0), -f["fold"]))["fold"]
+        sel = "val_ua" if "val_ua" in summary["folds"][0] else "val_ccc_mean"  # (a dimensional task has no UA)
+        best_fold = max(summary["folds"], key=lambda f: (f.get(sel, 0.0), -f["fold"]))["fold"]
         model_cfg = trial_config(cfg, choices[best_fold]["hyperparameters"], final_dir.parent, folds=[best_fold])
         entry = register_result(run_cfg, summary, source="tune", hyperparameters=choices[best_fold]["hyperparameters"],
                                 selected_on=selected_on(cfg), selection="nested", model_cfg=model_cfg,
@@ -502,7 +513,7 @@ def run_final(cfg, hyper: Dict[str, Any], trial_id: str, echo: Callable[[str], A
     """Non-nested: the chosen configuration on ``tune.final_folds``, labelled non-nested, registered
     (pre-trainings shared with the sweep's trials are reused)."""
     from serray.train.finetune import run_finetune
-    from serray.train.results import markdown_table
+    from serray.train.dim_results import loso_table
 
     exp_dir = Path(cfg.tune.dir) / cfg.tune.name
     hyper = without_faults(hyper)
@@ -514,7 +525,7 @@ def run_final(cfg, hyper: Dict[str, Any], trial_id: str, echo: Callable[[str], A
                  "selected_on": selected_on(cfg)}
     summary = run_finetune(fcfg, extra={"selection": selection}, selection="non-nested", hyperparameters=hyper,
                            selected_on=selected_on(cfg))
-    echo(markdown_table(summary, f"chosen configuration (NON-NESTED selection), leave-one-session-out on folds "
+    echo(loso_table(cfg, summary, f"chosen configuration (NON-NESTED selection), leave-one-session-out on folds "
                                  f"{final_folds(cfg)}"))
     if summary.get("registered"):
         echo(f"registered as {summary['registered']} in {storage.describe(cfg.registry.dir)} (non-nested: never the "
@@ -546,7 +557,7 @@ def _nested_markdown(cfg, flat, tables, choices) -> str:
              "|---:|---|" + "---|" * len(flat) + "---:|---|---:|"]
     for fold, c in choices.items():
         parts.append(f"| {fold} | {c['trial_id']} | " + " | ".join(str(c["hyperparameters"].get(k)) for k in flat)
-                     + f" | {c[cfg.tune.metric]:.4f} | {c['ranked_on']} | {100 * c['test_ua']:.2f} |")
+                     + f" | {c[cfg.tune.metric]:.4f} | {c['ranked_on']} | {_test_cell(c)} |")
     for fold, table in tables.items():
         parts += ["", f"## Fold {fold}: trials", "", _markdown(table, list(flat), cfg.tune.metric)]
     return "\n".join(parts) + "\n"

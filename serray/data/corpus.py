@@ -39,6 +39,9 @@ log = logging.getLogger(__name__)
 LABELS: Tuple[str, ...] = ("neu", "hap", "sad", "ang")
 """The standard 4-class label set, in class-index order."""
 
+#: Emotion dimensions (``finetune.dimensions``) -> their manifest column (IEMOCAP's "activation" is arousal).
+DIMENSION_COLUMNS: Dict[str, str] = {"valence": "valence", "arousal": "activation", "dominance": "dominance"}
+
 MANIFEST_COLUMNS = [
     "utt_id", "session", "dialog", "method", "speaker", "gender", "raw_label", "label",
     "valence", "activation", "dominance", "start", "end", "duration", "path",
@@ -128,6 +131,7 @@ class Corpus:
     test_groups: Optional[Callable[[Any], List[int]]] = None
     group_name: str = "fold"
     extra_groups: Tuple[int, ...] = ()  # groups a run may list in data.sessions beyond the default ones
+    dimension_range: Optional[Tuple[float, float]] = None  # the V/A/D rating scale (None: no dimensions)
 
     def evaluation_name(self, data_cfg) -> str:
         """The protocol in words, e.g. ``speaker-grouped 5-fold``."""

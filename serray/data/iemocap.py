@@ -199,7 +199,7 @@ CORPUS = Corpus(
     layout="IEMOCAP_full_release/Session{1..5}/{sentences/wav,dialog/EmoEvaluation}",
     raw_labels={"neu": "neu", "hap": "hap", "exc": "hap", "sad": "sad", "ang": "ang", "fru": "", "sur": "",
                 "fea": "", "dis": "", "oth": "", "xxx": ""},
-    build=_build, groups=lambda data_cfg: [1, 2, 3, 4, 5],
+    build=_build, groups=lambda data_cfg: [1, 2, 3, 4, 5], dimension_range=(1.0, 5.0),
 )
 
 

@@ -106,5 +106,5 @@ CORPUS = Corpus(
     layout="Audios/*.wav + Labels/labels_consensus.csv (FileName, EmoClass, EmoAct, EmoVal, EmoDom, SpkrID, "
            "Gender, Split_Set)",
     raw_labels=CLASSES, build=build, groups=lambda data_cfg: [1, 2, 3], test_groups=lambda data_cfg: [1],
-    extra_groups=(4,),
+    extra_groups=(4,), dimension_range=(1.0, 7.0),
 )

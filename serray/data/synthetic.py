@@ -28,7 +28,11 @@ consonant noise bursts, spectral tilt, background noise). Emotion changes the pr
 quality (pitch level/range, energy, speaking rate, spectral tilt, jitter/shimmer, breathiness)
 with a large per-utterance spread, and every one of the 10 speakers has its own voice (base f0,
 vocal-tract length, loudness, tilt), so emotion is learnable from audio alone, on unseen
-speakers, but not trivially.
+speakers, but not trivially. The valence / arousal / dominance annotations are what the audio
+carries too (:func:`_perceived_vad`: arousal from energy and rate, valence from the f0 contour and
+rough-voice events, dominance from level and pitch range, plus expression noise and the evaluators'
+integer ratings), so a dimensional model can learn them; they have their own RNG, so the audio and
+the labels are the same as before they existed.
 
 Everything is deterministic from ``seed``: speaker voices from ``(seed, session, gender)``,
 labels from ``(seed, session)``, each utterance's audio from ``(seed, utterance index)`` only.
@@ -135,6 +139,7 @@ class _Utt:
     label: str
     n_samples: int
     start: float = 0.0
+    vad: tuple | None = None   # perceived (valence, arousal, dominance) on 1..5, from the audio's parameters
 
 
 def _speaker(seed: int, session: int, gender: str) -> _Speaker:
@@ -220,8 +225,11 @@ def _resonator_sos(freqs: np.ndarray, sr: int) -> np.ndarray:
     return np.stack([gain, z, z, np.ones_like(r), c, r * r], axis=1)
 
 
-def _synthesize(rng: np.random.Generator, n: int, sr: int, spk: _Speaker, label: str) -> np.ndarray:
+def _synthesize(rng: np.random.Generator, n: int, sr: int, spk: _Speaker, label: str,
+                params_out: dict | None = None) -> np.ndarray:
     p = _class_params(rng, label, spk)
+    if params_out is not None:   # the drawn parameters, for the V/A/D annotation (no extra draws)
+        params_out.update(p)
 
     # --- syllable / pause plan (a short Python loop over ~10 syllables; samples are vectorised)
     lead = int(rng.uniform(0.03, 0.10) * sr)
@@ -319,6 +327,28 @@ def _synthesize(rng: np.random.Generator, n: int, sr: int, spk: _Speaker, label:
     return np.clip(y, -0.98, 0.98)
 
 
+def _perceived_vad(p: dict, spk: _Speaker, rng: np.random.Generator) -> tuple:
+    """What a listener hears, on IEMOCAP's 1..5 scale, from an utterance's drawn synthesis
+    parameters relative to its speaker's own voice (the speaker offsets are taken back out):
+
+    * arousal from energy (dB) and speaking rate;
+    * valence from the f0 contour (pitch level and movement) and rough-voice events;
+    * dominance from level and pitch range;
+
+    plus a per-utterance expression noise (sd 0.25) from ``rng``, clipped to 1..5. The weights are
+    set by hand so the class means land near IEMOCAP's (``_VAD_MEAN``: angry high arousal and low
+    valence, sad low both, happy high valence). The evaluators' integer ratings around this value
+    (:func:`_annotation_block`) add the annotator spread."""
+    energy = p["energy"] - spk.loud_db
+    rate = p["rate"] / spk.rate
+    movement = np.log(p["range"] / spk.range / 2.5)
+    arousal = 2.9 + 0.09 * energy + 1.5 * np.log(rate / 4.5)
+    valence = 3.0 + 0.25 * p["pitch"] + 0.6 * movement - 15.0 * p["rough"]
+    dominance = 2.9 + 0.10 * energy + 0.3 * movement
+    vad = np.array([valence, arousal, dominance]) + rng.normal(0.0, 0.25, 3)
+    return tuple(float(x) for x in np.clip(vad, 1.0, 5.0))
+
+
 def _fmt_vad(v: np.ndarray) -> str:
     return f"[{v[0]:.4f}, {v[1]:.4f}, {v[2]:.4f}]"
 
@@ -335,7 +365,7 @@ def _annotation_block(rng: np.random.Generator, u: _Utt, end: float) -> tuple[li
         others = [w for w in _CAT_WORD.values() if w != _CAT_WORD[lab]]
         if rng.random() < 0.6:      # one dissenting evaluator, majority still holds
             words[int(rng.integers(n_eval))] = str(rng.choice(others))
-    mean = np.array(_VAD_MEAN[lab])
+    mean = np.array(u.vad if getattr(u, "vad", None) is not None else _VAD_MEAN[lab])
     evals = np.clip(np.rint(mean + rng.normal(0.0, 0.6, (2, 3))), 1, 5).astype(int)   # A-E*
     own = np.clip(np.rint(mean + rng.normal(0.0, 0.7, 3)), 1, 5).astype(int)           # self
     vad = evals.mean(axis=0)
@@ -471,7 +501,11 @@ def make_corpus(out_dir, *, seed: int = 0, dialogs_per_session: int = 4,
             wav_dir = sess_dir / "sentences" / "wav" / dialog
             for u in utts:
                 arng = np.random.default_rng([seed, 0x077, u.index, 1])
-                audio = _synthesize(arng, u.n_samples, sr, speakers[u.gender], u.label)
+                params: dict = {}
+                audio = _synthesize(arng, u.n_samples, sr, speakers[u.gender], u.label, params)
+                # V/A/D from the drawn parameters, with its own RNG: the audio streams are untouched
+                u.vad = _perceived_vad(params, speakers[u.gender],
+                                       np.random.default_rng([seed, 0x7AD, u.index]))
                 _write_wav(wav_dir / f"{u.utt_id}.wav", audio, sr)
                 if len(first_audio) < 2:
                     first_audio.append(audio)

@@ -588,6 +588,31 @@ def _render(rng: np.random.Generator, n: int, sr: int, voice: _Voice, label: str
 # jobs (run in worker processes; each depends only on its own arguments)
 
 
+def _perceived_vad(params: dict, duration: float, rng: np.random.Generator) -> tuple:
+    """What a listener hears, on IEMOCAP's 1..5 scale, from an utterance's synthesis parameters
+    (:func:`_render`'s ``params``: the utterance offsets and the realised local events, per second):
+
+    * arousal from energy, speaking rate, accents, creak and laughter (sighs lower it);
+    * valence from laughter and rise-fall contours (up), sighs, sobs and creak (down), pitch level and
+      the utterance contour;
+    * dominance from energy, pitch range, accents and creak (sobs lower it);
+
+    plus an expression noise (sd 0.25) from ``rng``, clipped to 1..5; the evaluators' integer ratings
+    around it add the annotator spread (:func:`serray.data.synthetic._annotation_block`). The weights
+    put the class means near IEMOCAP's (the demo preset's ``_VAD_MEAN``)."""
+    r = {e: params[f"n_{e}"] / max(duration, 0.5) for e in EVENTS}
+    energy, pitch = params["off_energy"], params["off_pitch"]
+    contour = {"final_rise": 0.2, "final_drop": -0.2}.get(params["contour"], 0.0)
+    arousal = (2.6 + 0.12 * energy + 1.5 * math.log(params["off_rate"]) + (r["accent"] + r["creak"])
+               + r["laugh"] - r["sigh"])
+    valence = (3.0 + 1.2 * (r["laugh"] + r["risefall"]) - 1.5 * (r["sigh"] + r["sob"]) - 2.0 * r["creak"]
+               + 0.15 * pitch + contour)
+    dominance = (2.7 + 0.10 * energy + 0.5 * math.log(params["off_range"]) + r["accent"] + 0.6 * r["creak"]
+                 - 2.0 * r["sob"])
+    vad = np.array([valence, arousal, dominance]) + rng.normal(0.0, 0.25, 3)
+    return tuple(float(x) for x in np.clip(vad, 1.0, 5.0))
+
+
 def _voice_cols(v: _Voice) -> dict:
     return {"spk_f0": round(v.f0, 4), "spk_vt": round(v.vt, 5), "spk_loud_db": round(v.loud_db, 4),
             "spk_bright": round(v.bright, 5), "spk_rate": round(v.rate, 5),
@@ -794,6 +819,8 @@ def make_benchmark_corpus(out_dir, *, seed: int = 0, sample_rate: int = 16000, s
         cat, atr, trans = [], [], []
         for u in utts:
             end = u.start + u.n_samples / sr
+            # V/A/D from the drawn parameters and realised events, with its own RNG (audio untouched)
+            u.vad = _perceived_vad(by_index[u.index], u.n_samples / sr, np.random.default_rng([seed, 0x7AD, u.index]))
             block, ev = _demo._annotation_block(drng, u, end)
             emo += block + [""]
             cat.append(f"{u.utt_id} :{ev['words'][0].replace('Neutral', 'Neutral state')}; ()")

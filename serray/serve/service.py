@@ -24,6 +24,10 @@ from serray.errors import AudioError
 from serray.serve.parsing import AUDIO_TYPES, MULTIPART
 
 
+#: Version of the answer of ``POST /predict`` (docs/serving.md): 2 added ``schema`` and ``task`` to every
+#: answer, and ``dimensions`` / ``scale`` for dimensional and multitask models (1: the four-class answer alone).
+ANSWER_SCHEMA = 2
+
 #: Key of an :meth:`SERService.infer` item whose probabilities are not finite (the endpoint answers 500).
 NON_FINITE = "_non_finite"
 
@@ -99,7 +103,11 @@ class SERService:
     def infer(self, wavs: Sequence[np.ndarray]) -> List[Dict[str, Any]]:
         """One padded forward for a batch of waveforms -> one response dict per waveform."""
         t0 = time.perf_counter()
-        probs = self.predictor.predict_waveforms(list(wavs))
+        if self.predictor.task != "categorical":
+            res = self.predictor.predict_waveform_outputs(list(wavs))
+            probs, dims = res["probs"], res["dims"]
+        else:
+            probs, dims = self.predictor.predict_waveforms(list(wavs)), None
         spent = time.perf_counter() - t0
         labels = self.predictor.labels
         with self._lock:
@@ -108,15 +116,22 @@ class SERService:
             self.batch_sizes[len(wavs)] += 1
             self.predictions += len(wavs)
         out: List[Dict[str, Any]] = []
-        for w, p in zip(wavs, probs):  # one bad item never spoils the others of its batch
-            if not np.isfinite(p).all():
-                out.append({NON_FINITE: "the model produced non-finite probabilities for this audio"})
+        for i, w in enumerate(wavs):  # one bad item never spoils the others of its batch
+            p = probs[i] if probs is not None else None
+            d = dims[i] if dims is not None else None
+            if any(v is not None and not np.isfinite(v).all() for v in (p, d)):
+                out.append({NON_FINITE: "the model produced non-finite "
+                                        f"{'probabilities' if d is None else 'outputs'} for this audio"})
                 continue
-            out.append({"label": labels[int(np.argmax(p))],
-                        "probabilities": {name: float(v) for name, v in zip(labels, p)},
-                        "version": self.version,
-                        "duration_s": round(len(w) / self.sample_rate, 4),
-                        "batch_size": len(wavs)})
+            answer: Dict[str, Any] = {"schema": ANSWER_SCHEMA, "task": self.predictor.task}
+            if p is not None:
+                answer.update(label=labels[int(np.argmax(p))],
+                              probabilities={name: float(v) for name, v in zip(labels, p)})
+            if d is not None:  # on the corpus's rating scale, which "scale" names
+                answer.update(dimensions={name: float(v) for name, v in zip(self.predictor.dimensions, d)},
+                              scale=[float(v) for v in self.predictor.dimension_scale])
+            answer.update(version=self.version, duration_s=round(len(w) / self.sample_rate, 4), batch_size=len(wavs))
+            out.append(answer)
         return out
 
     # ------------------------------------------------------------------ bookkeeping
@@ -141,6 +156,16 @@ class SERService:
                     "infer_s": round(self.infer_s, 4),
                     "infer_ms_per_prediction": round(1e3 * self.infer_s / self.predictions, 3) if self.predictions else 0.0,
                     "uptime_s": round(time.time() - self.started, 1)}
+
+    def outputs(self) -> Dict[str, Any]:
+        """What ``POST /predict`` answers for this model (answer schema :data:`ANSWER_SCHEMA`)."""
+        p = self.predictor
+        out: Dict[str, Any] = {"schema": ANSWER_SCHEMA}
+        if p.has_classes:
+            out["label"] = {"classes": list(p.labels)}
+        if p.task != "categorical":
+            out["dimensions"] = {"names": list(p.dimensions), "scale": [float(v) for v in p.dimension_scale]}
+        return out
 
     def training_config(self) -> Optional[Dict[str, Any]]:
         """The resolved run config that produced the model (the checkpoint's ``config.yaml``)."""
@@ -170,6 +195,8 @@ class SERService:
             "version": self.version,
             "model": {k: card.get(k) for k in ("id", "created", "source") if k in card},
             "labels": list(self.predictor.labels),
+            "task": self.predictor.task,
+            "outputs": self.outputs(),
             "metrics": card.get("metrics", {}),
             "hyperparameters": card.get("hyperparameters", {}),
             "encoder": dict(self.predictor.features),

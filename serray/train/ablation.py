@@ -117,11 +117,32 @@ def run_unit(cfg, seed: int, fold: int, on_run: Optional[Callable[[int, Dict[str
         acfg = arm_config(cfg, arm, mode, fraction, seed)
         t0 = time.time()
         res = fold_done(acfg, fold) or run_fold(acfg, fold)
-        out[f"{arm}|{mode}|{fraction}"] = {"ua": res["ua"], "dir": str(Path(acfg.finetune.dir) / f"fold{fold}")}
+        metric, val_metric = _metrics(cfg)
+        out[f"{arm}|{mode}|{fraction}"] = {metric: res[metric], "dir": str(Path(acfg.finetune.dir) / f"fold{fold}")}
         if on_run is not None:
-            on_run(i, {"arm": ARMS_INDEX[arm], "mode": MODES_INDEX[mode], "fraction": fraction, "ua": res["ua"],
-                       "val_ua": res["val_ua"], "seconds": time.time() - t0})
+            on_run(i, {"arm": ARMS_INDEX[arm], "mode": MODES_INDEX[mode], "fraction": fraction, "ua": res[metric],
+                       "val_ua": res[val_metric], "seconds": time.time() - t0})
     return out
+
+
+def _metrics(cfg) -> Tuple[str, str]:
+    """``ablate.metric`` and the validation score of the selected epochs beside it (``ua``: ``val_ua``;
+    a CCC metric: finetune.select_metric, by default ``val_ccc_mean``)."""
+    metric = str(cfg.ablate.get("metric", "ua") or "ua")
+    if metric == "ua":
+        if str(cfg.finetune.get("task", "categorical")) == "dimensional":
+            from serray.errors import ConfigError
+
+            raise ConfigError("ablate.metric=ua needs a class head: a finetune.task=dimensional ablation compares "
+                              "arms on ablate.metric=ccc_mean (or ccc_<dimension>)")
+        return "ua", "val_ua"
+    from serray.train.dimensional import select_metric
+
+    return metric, select_metric(cfg)
+
+
+def _is_ccc(cfg) -> bool:
+    return _metrics(cfg)[0] != "ua"
 
 
 ARMS_INDEX = {a: i for i, a in enumerate(NEURAL_ARMS)}  # Tune results carry numbers only
@@ -141,10 +162,15 @@ def _unit_trial(config: Dict[str, Any], cfg_dict: Dict[str, Any]) -> None:
     ray.tune.report({"done": 1, "seconds": time.time() - t0})
 
 
+def _fmt(v: float, metric: str) -> str:
+    """UA in percent, CCC as it is."""
+    return f"{100 * v:.1f}" if metric == "UA" else f"{v:.3f}"
+
+
 class _Progress:
     """A Tune callback that prints one line per finished (seed, fold) unit, with an estimate of what is left."""
 
-    def __new__(cls, total: int, echo: Callable[[str], Any]):
+    def __new__(cls, total: int, echo: Callable[[str], Any], metric: str = "UA"):
         from ray.tune import Callback
 
         class Progress(Callback):
@@ -158,8 +184,8 @@ class _Progress:
                 arm = NEURAL_ARMS[int(result["arm"])]
                 mode = "frozen" if result["mode"] else "finetune"
                 echo(f"[ablate] seed {c['seed']} fold {c['fold']}: run {int(result['run'])}/{int(result['runs'])} "
-                     f"{arm} ({mode}, labels x{result['fraction']:g}) test UA {100 * result['ua']:.1f} "
-                     f"(val UA {100 * result['val_ua']:.1f}) in {result['seconds']:.0f} s")
+                     f"{arm} ({mode}, labels x{result['fraction']:g}) test {metric} {_fmt(result['ua'], metric)} "
+                     f"(val {metric} {_fmt(result['val_ua'], metric)}) in {result['seconds']:.0f} s")
 
             def on_trial_complete(self, iteration, trials, trial, **info):
                 self.done += 1
@@ -198,13 +224,12 @@ def _track_arms(tracker, parent: Optional[str], arm_preds: Dict[Tuple[str, str, 
     """One MLflow run per arm x mode x label fraction x seed: its folds' test UA / WA / F1 (step = fold)
     and their means."""
     from serray.tracking import stage_key
-    from serray.train.metrics import classification_metrics
 
     if not parent:
         return
     for (arm, mode, fraction), preds in sorted(arm_preds.items()):
         for seed, runs in preds.groupby("seed"):
-            folds = {int(f): classification_metrics(p["label"], p["pred"]) for f, p in runs.groupby("fold")}
+            folds = {int(f): _run_scores(p) for f, p in runs.groupby("fold")}
             run_id = tracker.open_run(stage_key("arm", f"{arm}-{mode}-{fraction:g}-{seed}", parent), f"{arm} {mode} x{fraction:g} seed {seed}",
                                       parent=parent, tags={"arm": arm, "mode": mode, "label_fraction": fraction, "seed": seed},
                                       params={"arm": arm, "mode": mode, "label_fraction": fraction, "seed": seed})
@@ -213,6 +238,18 @@ def _track_arms(tracker, parent: Optional[str], arm_preds: Dict[Tuple[str, str, 
             tracker.log_metrics(run_id, {f"test_{k}": sum(m[k] for m in folds.values()) / len(folds)
                                          for k in next(iter(folds.values()))})
             tracker.finish(run_id)
+
+
+def _run_scores(preds: pd.DataFrame) -> Dict[str, float]:
+    """One run's test scores from its predictions: UA / WA / macro-F1 (``label``, ``pred``) or, for a
+    CCC ablation, CCC / r / MAE per dimension (``<dim>``, ``pred_<dim>``)."""
+    from serray.train.dim_metrics import dimensional_metrics
+    from serray.train.metrics import classification_metrics
+
+    if "label" in preds.columns:
+        return classification_metrics(preds["label"], preds["pred"])
+    dims = [c[len("pred_"):] for c in preds.columns if c.startswith("pred_")]
+    return dimensional_metrics(preds[dims].to_numpy(float), preds[[f"pred_{d}" for d in dims]].to_numpy(float), dims)
 
 
 def _run_ablation(cfg, echo: Callable[[str], Any]) -> Dict[str, Any]:
@@ -235,6 +272,7 @@ def _run_ablation(cfg, echo: Callable[[str], Any]) -> Dict[str, Any]:
     check_features(cfg)
     runs = _neural_runs(cfg)
     units = [(s, f) for s in seeds for f in folds]
+    name = "UA" if not _is_ccc(cfg) else _metrics(cfg)[0]
     echo(f"[ablate] arms {list(cfg.ablate.arms)} x modes {list(cfg.ablate.modes)} x label fractions "
          f"{list(cfg.ablate.label_fractions)}; seeds {seeds} x folds {folds} = {len(units)} units of "
          f"{len(runs)} fine-tuning runs each; protocol {protocol(cfg)}")
@@ -247,13 +285,26 @@ def _run_ablation(cfg, echo: Callable[[str], Any]) -> Dict[str, Any]:
             tune_config=tune.TuneConfig(max_concurrent_trials=cfg.ablate.max_concurrent),
             run_config=tune.RunConfig(**_tune_storage(str(Path(cfg.output_dir) / ABLATION_DIR / "tune")),
                                       name=f"units-{int(time.time())}", verbose=0,
-                                      callbacks=[_Progress(len(units), echo)]),
+                                      callbacks=[_Progress(len(units), echo, name)]),
         )
         grid = tuner.fit()
         errors = [r.error for r in grid if r.error is not None]
         if errors:
             raise errors[0]
     arm_preds, arm_val = _collect(cfg, seeds, folds)
+    if _is_ccc(cfg):  # ablate.metric on CCC: the same run-level statistics (serray.train.dim_stats)
+        from serray.train.dim_stats import build_dim_ablation, write_dim_ablation
+
+        ablation = build_dim_ablation(arm_preds, protocol(cfg), folds, seeds, _metrics(cfg)[0],
+                                      list(cfg.finetune.dimensions), n_boot=cfg.ablate.bootstrap, boot_seed=cfg.seed,
+                                      arm_val=arm_val)
+        ablation.update({"encoder": cfg.encoder.name, "task": str(cfg.finetune.task), "arms_config": list(cfg.ablate.arms),
+                         "modes": list(cfg.ablate.modes), "label_fractions": list(cfg.ablate.label_fractions),
+                         "seconds": round(time.time() - t0, 1)})
+        paths = write_dim_ablation(ablation, Path(cfg.output_dir) / ABLATION_DIR)
+        echo(paths["md"].read_text())
+        echo(f"ablation written to {paths['json']} and {paths['md']} in {(time.time() - t0) / 60:.1f} min")
+        return ablation
     refs, ref_val = _reference_arms(cfg, seeds, folds, echo)
     arm_preds.update(refs)
     arm_val.update(ref_val)
@@ -288,6 +339,8 @@ def _collect(cfg, seeds: List[int], folds: List[int]):
         raise SerrayError(f"the ablation is incomplete: {len(missing)} of {len(runs)} fine-tuning runs have no "
                           f"result (the first: {arm}, {mode}, labels x{fraction:g}, seed {seed}, fold {fold}); the "
                           "sweep was interrupted or a unit failed. Rerun the same command: finished runs are kept.")
+    _, val_metric = _metrics(cfg)
+    columns = ["label", "pred"] if not _is_ccc(cfg) else [c for d in cfg.finetune.dimensions for c in (d, f"pred_{d}")]
     out: Dict[Tuple[str, str, float], pd.DataFrame] = {}
     val: Dict[Tuple[str, str, float], Dict[Tuple[int, int], float]] = {}
     for arm, mode, fraction in _neural_runs(cfg):
@@ -296,8 +349,8 @@ def _collect(cfg, seeds: List[int], folds: List[int]):
             acfg = arm_config(cfg, arm, mode, fraction, seed)
             for fold in folds:
                 p = pd.read_csv(Path(acfg.finetune.dir) / f"fold{fold}" / "predictions.csv")
-                frames.append(p.assign(seed=seed, fold=fold)[["seed", "fold", "utt_id", "label", "pred"]])
-                vals[(seed, fold)] = float(fold_done(acfg, fold)["val_ua"])
+                frames.append(p.assign(seed=seed, fold=fold)[["seed", "fold", "utt_id", *columns]])
+                vals[(seed, fold)] = float(fold_done(acfg, fold)[val_metric])
         preds = pd.concat(frames, ignore_index=True)
         for m in (cfg.ablate.modes if arm in BODYLESS_ARMS else [mode]):
             out[(arm, m, fraction)] = preds

@@ -40,6 +40,7 @@ from serray.data.iemocap import LABELS
 from serray.errors import DataError
 from serray.models.adapter import param_groups
 from serray.models.classifier import EmotionClassifier, body_state_from_adapter
+from serray.models.dimensional import build_model
 from serray.protocol import evaluation, protocol  # noqa: F401  (protocol: re-exported for the stages)
 from serray.train.checkpoint import META_FILE, MODEL_KEY, load_checkpoint
 from serray.train.loop import eval_batches, fit, run_seed, steps_per_epoch
@@ -69,7 +70,7 @@ class FinetuneTask:
         self._val_rows = None  # compact float16 rows, decoded one batch at a time
 
     def build_model(self) -> EmotionClassifier:
-        model = EmotionClassifier(**self.config["model"])
+        model = build_model(self.config["model"])  # EmotionClassifier, or the dimensional heads (finetune.task)
         model.set_feature_stats(*self.config["feature_stats"])  # the no-adapter baseline
         if self.config["init_from"]:
             state, _ = load_checkpoint(self.config["init_from"])
@@ -254,7 +255,7 @@ def _run_fold(cfg, fold: int, report_to_tune: bool = False, report_pretrain: boo
     trials, whose one chosen model per fold is scored later by :func:`test_fold`. ``tracking``: the
     MLflow run the fold's runs (pre-training, fine-tuning) nest under (None: untracked).
     """
-    from serray.tracking import Tracker, loop_spec, stage_key
+    from serray.tracking import Tracker, loop_spec, stage_key, test_scores
 
     feat_meta = check_features(cfg)
     proto = protocol(cfg)
@@ -267,7 +268,7 @@ def _run_fold(cfg, fold: int, report_to_tune: bool = False, report_pretrain: boo
         pool = check_adapter(cfg, feat_meta, adapter).get("pool") or {}
     tcfg, fhash = cfg.finetune, finetune_hash(cfg)
     fold_dir = _fold_path(cfg, fold)
-    split = fold_split(cfg, fold)
+    split, dims_dropped = _task_split(cfg, fold)
     # every arm normalises with the same sessions: the fold's pool (a pre-trained body brings the
     # statistics its pre-training used, which are the same sessions under per-fold pre-training)
     stats_sessions = pool_sessions(cfg, fold, feat_meta)
@@ -289,13 +290,22 @@ def _run_fold(cfg, fold: int, report_to_tune: bool = False, report_pretrain: boo
                               params={"fold": fold, "test_session": fold, "n_train": len(split["train"]),
                                       "n_val": len(split["val"]), "val_speakers": sorted(set(split["val"]["speaker"]))}),
     }
-    result = fit(FinetuneTask, loop_config, datasets, tcfg, storage_path=storage.join(storage.absolute(tcfg.dir), "ray"),
+    task_cls = FinetuneTask
+    if _task(cfg) != "categorical":  # finetune.task: the dimensional heads and targets (serray.train.dimensional)
+        from serray.train import dimensional
+
+        loop_config.update(dimensional.loop_config(cfg, split, loop_config["model"]))
+        task_cls = dimensional.DimensionalTask
+    result = fit(task_cls, loop_config, datasets, tcfg, storage_path=storage.join(storage.absolute(tcfg.dir), "ray"),
                  name=f"fold{fold}-{fhash[:8]}", score=(SELECTION_KEY, "max"), report_to_tune=report_to_tune)
     best_ckpt, best_metrics = max(result.best_checkpoints, key=lambda cm: cm[1][SELECTION_KEY])
     history = _run_history(result.checkpoint)  # every epoch run (the selected checkpoint's stops at its epoch)
     selection = {"fold": fold, "test_session": fold, "n_train": int(len(split["train"])), "n_val": int(len(split["val"])),
                  "best_epoch": int(best_metrics["epoch"]),
                  **{k: float(best_metrics[k]) for k in ("val_ua", "val_wa", "val_macro_f1", "val_loss") if k in best_metrics},
+                 **({"task": _task(cfg), "dims_dropped": dims_dropped,
+                     **{k: float(v) for k, v in best_metrics.items() if k.startswith("val_ccc_")}}
+                    if _task(cfg) != "categorical" else {}),
                  "epochs_run": len(history), "config_hash": fhash, "seed": cfg.seed,
                  "pretrain_sessions": audit["pretrain_sessions"], "stats_sessions": audit["stats_sessions"],
                  "val_speakers": sorted(set(split["val"]["speaker"])),
@@ -313,8 +323,7 @@ def _run_fold(cfg, fold: int, report_to_tune: bool = False, report_pretrain: boo
     if loop_config["tracking"]:
         tracker = Tracker.from_target(tracking)
         run_id = tracker.find_run(loop_config["tracking"]["key"])
-        tracker.log_metrics(run_id, {f"test_{k}": res[k] for k in ("ua", "wa", "macro_f1", "n_test") if k in res}
-                            | {"best_epoch": selection["best_epoch"]})
+        tracker.log_metrics(run_id, test_scores(res) | {"best_epoch": selection["best_epoch"]})
     return res
 
 
@@ -328,7 +337,7 @@ def test_fold(cfg, fold: int) -> Dict[str, Any]:
                         f"({FOLD_SELECTION}); run the fold again")
     with storage.staged(fold_dir) as local:
         model_dir = storage.local_copy(storage.join(fold_dir, "model")) if storage.is_uri(fold_dir) else local / "model"
-        return _test_fold(cfg, fold, local, Path(model_dir), fold_split(cfg, fold), selection)
+        return _test_fold(cfg, fold, local, Path(model_dir), _task_split(cfg, fold)[0], selection)
 
 
 def _run_history(checkpoint) -> List[Dict[str, Any]]:
@@ -386,12 +395,33 @@ def _test_fold(cfg, fold: int, fold_dir: Path, model_dir: Path, split, selection
     preds.insert(0, "fold", fold)
     preds.insert(1, "seed", cfg.seed)
     preds.to_csv(fold_dir / "predictions.csv", index=False)
-    m = classification_metrics([LABEL_INDEX[l] for l in preds["label"]], [LABEL_INDEX[l] for l in preds["pred"]])
+    if _task(cfg) != "categorical":
+        from serray.train.dimensional import test_metrics
+
+        preds, m = test_metrics(cfg, preds, split["test"])
+        preds.to_csv(fold_dir / "predictions.csv", index=False)  # with the true ratings beside the predicted
+    else:
+        m = classification_metrics([LABEL_INDEX[l] for l in preds["label"]], [LABEL_INDEX[l] for l in preds["pred"]])
     result = {**{k: v for k, v in selection.items() if k != "history"}, **m, "n_test": int(len(preds)),
               "classes_in_test": sorted(set(preds["label"])), "test_evaluations": test_evaluations,
               "history": selection.get("history", [])}
     storage.write_text(fold_dir / FOLD_RESULT, json.dumps(result, indent=2))
     return result
+
+
+def _task(cfg) -> str:
+    return str(cfg.finetune.get("task", "categorical") or "categorical")
+
+
+def _task_split(cfg, fold: int):
+    """:func:`fold_split`, and for a dimensional task each row's ratings (rows without valid ones
+    dropped, counted per split and group)."""
+    split = fold_split(cfg, fold)
+    if _task(cfg) == "categorical":
+        return split, {}
+    from serray.train.dimensional import attach_dimensions
+
+    return attach_dimensions(cfg, split)
 
 
 def _fold_path(cfg, fold: int) -> str:
@@ -544,8 +574,19 @@ def write_loso(cfg, folds: List[Dict[str, Any]], out_dir: str, extra: Optional[D
     title = (f"{where['evaluation']}, corpus={where['corpus']}, mode={cfg.finetune.mode}, encoder={cfg.encoder.name}, "
              f"protocol={protocol(cfg)}") if where["corpus"] != "iemocap" else \
         f"leave-one-session-out, mode={cfg.finetune.mode}, encoder={cfg.encoder.name}, protocol={protocol(cfg)}"
+    if _task(cfg) != "categorical":
+        title += f", task={_task(cfg)}"
     with storage.staged(out_dir) as out:
         save_config(cfg, out)
+        if _task(cfg) != "categorical":
+            from serray.train.dim_results import write_dimensional_results
+
+            return write_dimensional_results(
+                folds, out, {"mode": cfg.finetune.mode, "task": _task(cfg), "encoder": cfg.encoder.name,
+                             "protocol": protocol(cfg), "config_hash": config_hash or finetune_hash(cfg),
+                             "title": title, **where, "folds_tested": [int(f) for f in cfg.finetune.folds],
+                             **(extra or {})},
+                list(cfg.finetune.dimensions), _task(cfg) == "multitask", folds_dir=storage.absolute(out_dir))
         return write_results(folds, out, {"mode": cfg.finetune.mode, "encoder": cfg.encoder.name,
                                           "protocol": protocol(cfg), "config_hash": config_hash or finetune_hash(cfg),
                                           "title": title, **where, "folds_tested": [int(f) for f in cfg.finetune.folds],
@@ -572,10 +613,15 @@ def register_result(cfg, summary: Dict[str, Any], source: str, hyperparameters: 
     for entry in list_entries(cfg.registry.dir):
         if entry.get("config_hash") == fhash and entry.get("folds") == ev["folds"]:
             return entry
-    best = max(summary["folds"], key=lambda f: (f.get("val_ua", 0.0), -f["fold"]))
+    sel = "val_ua"
+    if _task(model_cfg) != "categorical":  # the fold model with the best validation score of the task's metric
+        from serray.train.dimensional import select_metric
+
+        sel = select_metric(model_cfg)
+    best = max(summary["folds"], key=lambda f: (f.get(sel, 0.0), -f["fold"]))
     base = finetune_dir or storage.absolute(cfg.finetune.dir)
     model = storage.join(base, f"fold{best['fold']}", "model")
-    metrics = {**summary["mean"], "val_ua": float(np.mean([f.get("val_ua", float("nan")) for f in summary["folds"]]))}
+    metrics = {**summary["mean"], sel: float(np.mean([f.get(sel, float("nan")) for f in summary["folds"]]))}
     enc_files = None
     if model_cfg.registry.include_encoder and model_cfg.encoder.name not in ("fbank", "egemaps", "compare"):
         from serray.registry import encoder_files
@@ -585,7 +631,7 @@ def register_result(cfg, summary: Dict[str, Any], source: str, hyperparameters: 
             log.warning("registry: the files of encoder %s are not on this machine, so the entry does not carry "
                         "them; Serve replicas will load it from the hub or their cache", model_cfg.encoder.name)
     record = {"config_hash": fhash, **ev, "model_fold": best["fold"],
-              "selected_on": selected_on or "val_ua (epochs)", "std": dict(summary["std"]),
+              "selected_on": selected_on or f"{sel} (epochs)", "std": dict(summary["std"]), "task": _task(model_cfg),
               "finetune_dir": storage.without_credentials(base), **{k: v for k, v in (extra or {}).items() if k != "config_hash"}}
     return register(cfg.registry.dir, model, metrics=metrics, config_yaml=to_yaml(model_cfg), source=source,
                     hyperparameters=hyperparameters, encoder_files=enc_files, extra=record)
