@@ -203,6 +203,13 @@ def cmd_export(args) -> int:
     return 0
 
 
+def cmd_reproduce(args) -> int:
+    from serray.progress import echo
+    from serray.reproduce import reproduce
+
+    return 0 if reproduce(args.run_dir, args.out, args.tolerance, args.overrides, echo=echo) else 1
+
+
 def cmd_serve(args) -> int:
     from serray.serve.app import run_server
 
@@ -228,6 +235,7 @@ COMMANDS: Dict[str, tuple[Callable, str]] = {
     "evaluate": (cmd_evaluate, "score a registered model on another corpus's test split (cross-corpus)"),
     "predict": (cmd_predict, "predict emotions of audio files with a registered model"),
     "export": (cmd_export, "write a registry entry as one ONNX graph (`serray export --format onnx [ID]`)"),
+    "reproduce": (cmd_reproduce, "re-run a run from the provenance in its metrics.json and compare the metrics"),
     "serve": (cmd_serve, "Ray Serve HTTP endpoint for a registered model (blocks until Ctrl-C)"),
     "config": (cmd_config, "print the resolved config"),
 }
@@ -268,6 +276,11 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--no-encoder", action="store_true",
                            help="leave the front end out: the graph takes features (export.include_encoder=false)")
             p.add_argument("--int8", action="store_true", help="also write a dynamically int8-quantised graph")
+        if name == "reproduce":
+            p.add_argument("run_dir", help="the output_dir of a finished run (or its finetune/)")
+            p.add_argument("--out", default=None, help="where the new run goes (default: RUN_DIR-reproduced)")
+            p.add_argument("--tolerance", type=float, default=0.0,
+                           help="largest accepted |difference| of a metric (fraction; default 0: exact)")
         if name in ("pretrain",):
             p.add_argument("--force", action="store_true", help="train again even if the output matches the config")
         if name == "models":

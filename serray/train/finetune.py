@@ -32,7 +32,7 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
-from serray import storage
+from serray import provenance, storage
 from serray.config import OPERATIONAL_KEYS, as_dict, section_hash, to_yaml
 from serray.data.features import LABEL_INDEX, PadCollate, session_paths, training_data
 from serray.data.featurize import feature_identity, feature_stats
@@ -517,12 +517,15 @@ def write_loso(cfg, folds: List[Dict[str, Any]], out_dir: str, extra: Optional[D
     title = (f"{where['evaluation']}, corpus={where['corpus']}, mode={cfg.finetune.mode}, encoder={cfg.encoder.name}, "
              f"protocol={protocol(cfg)}") if where["corpus"] != "iemocap" else \
         f"leave-one-session-out, mode={cfg.finetune.mode}, encoder={cfg.encoder.name}, protocol={protocol(cfg)}"
+    tested = [int(f) for f in cfg.finetune.folds]
+    seeds = {f: {"pretrain": run_seed(cfg.seed, f, "pretrain"), "finetune": run_seed(cfg.seed, f, "finetune")}
+             for f in tested}
     with storage.staged(out_dir) as out:
         save_config(cfg, out)
         return write_results(folds, out, {"mode": cfg.finetune.mode, "encoder": cfg.encoder.name,
                                           "protocol": protocol(cfg), "config_hash": config_hash or finetune_hash(cfg),
-                                          "title": title, **where, "folds_tested": [int(f) for f in cfg.finetune.folds],
-                                          **(extra or {})},
+                                          "title": title, **where, "folds_tested": tested,
+                                          **(extra or {}), "provenance": provenance.collect(cfg, tested, seeds)},
                              folds_dir=storage.absolute(out_dir))
 
 
@@ -558,6 +561,7 @@ def register_result(cfg, summary: Dict[str, Any], source: str, hyperparameters: 
             log.warning("registry: the files of encoder %s are not on this machine, so the entry does not carry "
                         "them; Serve replicas will load it from the hub or their cache", model_cfg.encoder.name)
     record = {"config_hash": fhash, **ev, "model_fold": best["fold"],
+              "provenance": summary.get("provenance") or provenance.collect(cfg, [int(f["fold"]) for f in summary["folds"]]),
               "selected_on": selected_on or "val_ua (epochs)", "std": dict(summary["std"]),
               "finetune_dir": storage.without_credentials(base), **{k: v for k, v in (extra or {}).items() if k != "config_hash"}}
     return register(cfg.registry.dir, model, metrics=metrics, config_yaml=to_yaml(model_cfg), source=source,
