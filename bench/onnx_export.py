@@ -5,7 +5,7 @@
     python bench/onnx_export.py --run runs/default      # a finished `serray pipeline` output_dir
     python bench/onnx_export.py --threads 1 --rounds 5
 
-1. The model: the registry's best entry of ``--run`` (made when missing with ``serray pipeline
+1. The model: the newest registry entry of ``--run`` (made when missing with ``serray pipeline
    finetune.folds=[1]``: the default recipe, one fold), exported with ``serray export --format onnx
    --int8``.
 2. Parity: random clips (a gliding tone in noise, random level) of 0.5 to 30 s, ``--clips`` per
@@ -13,7 +13,8 @@
    classifier) and the graph (onnxruntime): max |probability difference| per length.
 3. Accuracy: every 4-class utterance of the entry's test session(s) (never seen in training) through
    torch, the float graph and the int8 graph: UA / WA of each, how many labels int8 changes and its
-   max |probability difference| to the float graph.
+   max |probability difference| to the float graph; then how many labels int8 changes over every
+   4-class utterance of the corpus (agreement, not accuracy: most were training data).
 4. Speed: the same utterances one at a time (batch 1, as ``serray predict --onnx`` runs), ``--threads``
    threads for torch and onnxruntime alike, ``--rounds`` rounds with the order of the three rotated;
    the median round's seconds per clip.
@@ -70,19 +71,19 @@ def main() -> int:
     if not list((run / "registry").glob("*/entry.json")):
         print(f"no model in {run}: training one (serray pipeline finetune.folds=[1])", flush=True)
         serray("pipeline", f"output_dir={run}", "finetune.folds=[1]", "ray.progress_bars=false")
-    out = run / "export"
-    serray("export", "--format", "onnx", f"output_dir={run}", "--out", str(out / "model.onnx"), "--int8")
-
     import pandas as pd
     import torch
 
     from serray.config import load_config
     from serray.predict import Predictor
     from serray.predict_onnx import OnnxPredictor
-    from serray.registry import resolve_model
+    from serray.registry import list_entries, resolve_model
 
+    newest = list_entries(run / "registry")[-1]["id"]
+    out = run / "export"
+    serray("export", "--format", "onnx", newest, f"output_dir={run}", "--out", str(out / "model.onnx"), "--int8")
     torch.set_num_threads(args.threads)
-    cfg = load_config(None, [f"output_dir={run}"])
+    cfg = load_config(None, [f"output_dir={run}", f"serve.model={newest}"])
     path, entry = resolve_model(cfg)
     torch_p = Predictor.from_checkpoint(path)
     fp32, int8 = OnnxPredictor(out / "model.onnx", args.threads), OnnxPredictor(out / "model.int8.onnx", args.threads)
@@ -121,6 +122,12 @@ def main() -> int:
           f"{np.abs(probs['onnx-int8'] - probs['onnx']).max():.3f}, UA change "
           f"{100 * (scores['onnx-int8'][0] - scores['onnx'][0]):+.2f} points")
 
+    every = manifest[manifest["label"].isin(torch_p.labels)]
+    agree = [int(np.argmax(fp32.predict_input(w)) == np.argmax(int8.predict_input(w)))
+             for w in (fp32.load(p) for p in every["path"])]
+    print(f"  int8 vs float graph on all {len(agree)} four-class utterances of the corpus (training sessions too: "
+          f"agreement, not accuracy): {len(agree) - sum(agree)} labels changed")
+
     times = {k: [] for k in runners}
     order = list(runners)
     for r in range(args.rounds):
@@ -132,7 +139,8 @@ def main() -> int:
     med = {k: float(np.median(v)) for k, v in times.items()}
     print("\nseconds per clip, batch 1 (median of rounds): " + ", ".join(f"{k} {1e3 * v:.2f} ms" for k, v in med.items()))
     print(f"  float graph vs torch: {med['torch'] / med['onnx']:.2f}x; int8 vs float graph: {med['onnx'] / med['onnx-int8']:.2f}x")
-    (out / "bench.json").write_text(json.dumps({"parity": parity, "scores": scores, "int8_changed": changed,
+    (out / "bench.json").write_text(json.dumps({"parity": parity, "scores": scores, "int8_changed": changed, "int8_changed_all": len(agree) - sum(agree),
+                                                "n_all": len(agree),
                                                 "n": len(wavs), "seconds_per_clip": med, "threads": args.threads,
                                                 "load_average": os.getloadavg()[0]}, indent=2))
     print(f"RESULT onnx_int8 ratio={med['onnx'] / med['onnx-int8']:.2f} target=1.0")

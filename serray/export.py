@@ -173,8 +173,12 @@ def quantize_int8(src: str | Path, dst: str | Path) -> Path:
     front = [n.name for n in model.graph.node
              if any(p.key == "pkg.torch.onnx.name_scopes" and "'front_end'" in p.value for p in n.metadata_props)]
     kind = json.loads(next((p.value for p in model.metadata_props if p.key == "serray.front_end"), "{}")).get("kind")
-    quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul", "Gemm"],
-                     nodes_to_exclude=front if kind == "fbank" else [])
+    logging.disable(logging.INFO)  # the quantiser logs a line per tensor on the root logger
+    try:
+        quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul", "Gemm"],
+                         nodes_to_exclude=front if kind == "fbank" else [])
+    finally:
+        logging.disable(logging.NOTSET)
     out = onnx.load(str(dst))
     onnx.helper.set_metadata_props(out, {**{p.key: p.value for p in model.metadata_props}, "serray.int8": "dynamic"})
     onnx.save(out, str(dst))
