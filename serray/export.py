@@ -155,7 +155,11 @@ def parity(graph: nn.Module, session, input_name: str, predictor, seconds=CHECK_
 def metadata(predictor, entry: Dict[str, Any], front: Optional[Dict[str, Any]], input_name: str) -> Dict[str, str]:
     """The graph's ``metadata_props`` (string values; JSON where structured)."""
     f = predictor.features
-    card = {k: entry.get(k) for k in ("id", "created", "source", "metrics", "protocol", "folds", "provenance") if k in entry}
+    card = {k: entry.get(k) for k in ("id", "created", "source", "metrics", "protocol", "folds") if k in entry}
+    prov = entry.get("provenance")
+    if isinstance(prov, dict):  # what the model was made from, without the training machine's paths
+        card["provenance"] = {k: ({kk: vv for kk, vv in v.items() if kk not in ("path", "dir")} if isinstance(v, dict) else v)
+                              for k, v in prov.items() if k not in ("config", "argv")}
     return {"serray.format": FORMAT, "serray.input": input_name, "serray.labels": json.dumps(list(predictor.labels)),
             "serray.sample_rate": str(int(f["sample_rate"])), "serray.features": json.dumps(dict(f)),
             "serray.front_end": json.dumps(front or {"kind": "none"}), "serray.entry": json.dumps(card, default=str),

@@ -211,3 +211,18 @@ def test_predict_onnx_refuses_a_graph_serray_did_not_write(tmp_path):
     sf.write(f, np.zeros(16000, np.float32), 16000)
     rc, _, err = _run(["predict", "--onnx", str(tmp_path / "other.onnx"), str(f)])
     assert rc == 2 and "not written by `serray export`" in err
+
+
+def test_metadata_carries_the_entrys_provenance_without_config_or_paths():
+    from types import SimpleNamespace
+
+    from serray.export import metadata
+
+    predictor = SimpleNamespace(features=_fbank_identity(), labels=["neu", "hap", "sad", "ang"], meta={"model": {}})
+    prov = {"git": {"commit": "abc", "dirty": False}, "config": {"output_dir": "/home/me/run"}, "argv": ["serray"],
+            "manifest": {"path": "/home/me/run/manifest.parquet", "sha256": "m" * 64}, "seed": 0, "folds": [1]}
+    meta = metadata(predictor, {"id": "x", "metrics": {"ua": 0.7}, "provenance": prov}, None, "features")
+    card = json.loads(meta["serray.entry"])
+    assert card["provenance"] == {"git": {"commit": "abc", "dirty": False}, "manifest": {"sha256": "m" * 64},
+                                  "seed": 0, "folds": [1]}
+    assert "/home/me" not in json.dumps(meta) and json.loads(meta["serray.front_end"]) == {"kind": "none"}
