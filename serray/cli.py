@@ -162,12 +162,24 @@ def cmd_evaluate(args) -> int:
 
 
 def cmd_predict(args) -> int:
-    from serray.predict import Predictor
-    from serray.registry import resolve_model
-
     cfg = _cfg(args)
     if bool(args.segments) == bool(args.files):
         raise ConfigError("give audio files, or one recording with --segments FILE")
+    if args.onnx and args.segments:
+        raise ConfigError("--segments runs a registered model; --onnx classifies whole clips (give the files)")
+    if args.onnx:  # onnxruntime only: neither torch nor Ray is imported
+        import pandas as pd
+
+        from serray.predict_onnx import OnnxPredictor
+
+        rows = OnnxPredictor(args.onnx).predict_files(args.files, cfg.serve.min_seconds, cfg.serve.max_seconds)
+        df = pd.DataFrame(rows)
+        print(df.to_json(orient="records", indent=2) if args.json else
+              f"model {args.onnx} (onnxruntime)\n" + df.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+        return 0
+    from serray.predict import Predictor
+    from serray.registry import resolve_model
+
     path, entry = resolve_model(cfg)
     predictor = Predictor.from_checkpoint(path)
     if args.segments:
@@ -181,6 +193,32 @@ def cmd_predict(args) -> int:
         print(f"model {entry['id']} ({path})")
         print(df.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
     return 0
+
+
+def cmd_export(args) -> int:
+    from serray.export import export_onnx
+    from serray.registry import resolve_model
+
+    cfg = _cfg(args, [f"serve.model={args.id}"] if args.id else None)
+    path, entry = resolve_model(cfg)
+    out = args.out or str(Path(cfg.export.dir) / f"{entry['id']}.onnx")
+    s = export_onnx(path, entry, out, include_encoder=cfg.export.include_encoder and not args.no_encoder,
+                    int8=cfg.export.int8 or args.int8)
+    worst = max(s["parity_max_abs_diff"].values())
+    print(f"entry {entry['id']} -> {s['path']} ({s['bytes'] / 2**20:.1f} MB, input '{s['input']}', "
+          f"labels {s['labels']}, {s['sample_rate']} Hz) in {s['seconds']} s\n"
+          f"parity with torch on random clips of {', '.join(s['parity_max_abs_diff'])} s: max |dp| = {worst:.1e}")
+    if "int8_path" in s:
+        print(f"int8: {s['int8_path']} ({s['int8_bytes'] / 2**20:.1f} MB)")
+    print(f"run it: serray predict --onnx {s['path']} FILE...")
+    return 0
+
+
+def cmd_reproduce(args) -> int:
+    from serray.progress import echo
+    from serray.reproduce import reproduce
+
+    return 0 if reproduce(args.run_dir, args.out, args.tolerance, args.overrides, echo=echo) else 1
 
 
 def cmd_serve(args) -> int:
@@ -207,6 +245,8 @@ COMMANDS: Dict[str, tuple[Callable, str]] = {
     "models": (cmd_models, "the model registry: `serray models list`, `serray models show ID`"),
     "evaluate": (cmd_evaluate, "score a registered model on another corpus's test split (cross-corpus)"),
     "predict": (cmd_predict, "predict emotions of audio files with a registered model"),
+    "export": (cmd_export, "write a registry entry as one ONNX graph (`serray export --format onnx [ID]`)"),
+    "reproduce": (cmd_reproduce, "re-run a run from the provenance in its metrics.json and compare the metrics"),
     "serve": (cmd_serve, "Ray Serve HTTP endpoint for a registered model (blocks until Ctrl-C)"),
     "config": (cmd_config, "print the resolved config"),
 }
@@ -240,6 +280,20 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--segments", metavar="FILE", default=None,
                            help="a recording of any length: time-stamped segments + an aggregate (segment.*)")
             p.add_argument("--json", action="store_true", help="print JSON records")
+            p.add_argument("--onnx", default=None, metavar="MODEL.onnx",
+                           help="run a graph written by `serray export` with onnxruntime (no torch, no Ray)")
+        if name == "export":
+            p.add_argument("--format", required=True, choices=("onnx",), help="onnx (the only format)")
+            p.add_argument("id", nargs="?", default=None, help="registry entry id (default: the best)")
+            p.add_argument("--out", default=None, help="the .onnx file (default: export.dir/<id>.onnx)")
+            p.add_argument("--no-encoder", action="store_true",
+                           help="leave the front end out: the graph takes features (export.include_encoder=false)")
+            p.add_argument("--int8", action="store_true", help="also write a dynamically int8-quantised graph")
+        if name == "reproduce":
+            p.add_argument("run_dir", help="the output_dir of a finished run (or its finetune/)")
+            p.add_argument("--out", default=None, help="where the new run goes (default: RUN_DIR-reproduced)")
+            p.add_argument("--tolerance", type=float, default=0.0,
+                           help="largest accepted |difference| of a metric (fraction; default 0: exact)")
         if name in ("pretrain",):
             p.add_argument("--force", action="store_true", help="train again even if the output matches the config")
         if name == "models":
@@ -255,6 +309,8 @@ def _split_positionals(args: argparse.Namespace) -> None:
         items = list(args.files)
         args.files = [a for a in items if "=" not in a or Path(a).exists()]
         args.overrides = [a for a in items if a not in args.files]
+    elif args.command == "export" and args.id is not None and "=" in args.id:
+        args.overrides, args.id = [args.id, *args.overrides], None
     elif args.command == "models":
         extra = list(getattr(args, "overrides", []) or [])
         if args.id is not None and "=" in args.id:

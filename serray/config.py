@@ -271,6 +271,15 @@ class RegistryConfig:
 
 
 @dataclass
+class ExportConfig:
+    """``serray export --format onnx``: a registry entry as one ONNX graph (docs/export.md)."""
+
+    dir: str = "${output_dir}/export"  # where <entry id>.onnx goes (--out FILE wins)
+    include_encoder: bool = True  # the front end inside the graph (false: features in, featurized outside)
+    int8: bool = False  # also write <id>.int8.onnx, MatMul/Gemm weights quantised dynamically (onnxruntime)
+
+
+@dataclass
 class ServeConfig:
     """Ray Serve HTTP endpoint."""
 
@@ -338,6 +347,7 @@ class SerrayConfig:
     ablate: AblateConfig = field(default_factory=AblateConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     registry: RegistryConfig = field(default_factory=RegistryConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
     serve: ServeConfig = field(default_factory=ServeConfig)
     segment: SegmentConfig = field(default_factory=SegmentConfig)
 
@@ -448,7 +458,7 @@ def load_config(path: Optional[str | os.PathLike] = None, overrides: Sequence[st
 #: Path keys made absolute at load time: Ray Tune trials and Ray jobs do not run in the caller's cwd.
 PATH_KEYS = ("output_dir", "data.root", "data.manifest", "features.dir", "pretrain.dir", "finetune.dir",
              "finetune.init_from", "tune.dir", "registry.dir", "serve.checkpoint", "ablate.pretrain_dir",
-             "ablate.oracle_file")
+             "ablate.oracle_file", "export.dir")
 
 
 #: Storage keys that also accept a pyarrow filesystem URI (s3://, gs://, hdfs://, file://); see

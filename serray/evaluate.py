@@ -139,6 +139,7 @@ def run_evaluate(cfg, model: Optional[str] = None, echo: Callable[[str], Any] = 
                  reference_features: Optional[str] = "egemaps") -> Dict[str, Any]:
     """Score registry entry ``model`` (id; None: the best by validation UA) on the config's corpus,
     with an openSMILE reference column (``reference_features``: egemaps | compare | None)."""
+    from serray import provenance
     from serray.config import derive, save_config
     from serray.data.featurize import featurize, featurize_summary
     from serray.data.features import session_paths
@@ -189,7 +190,7 @@ def run_evaluate(cfg, model: Optional[str] = None, echo: Callable[[str], Any] = 
                "target": {**target, "root": storage.describe(cfg.data.root), "test_groups": folds},
                "labels": list(predictor.labels), **result,
                "mean": {k: result["pooled"][k] for k in ("ua", "wa", "macro_f1")},
-               "plot_title": f"{entry['id']} on {target['corpus']}"}
+               "plot_title": f"{entry['id']} on {target['corpus']}", "provenance": provenance.collect(cfg, folds)}
     storage.write_text(out / "metrics.json", json.dumps(summary, indent=2))
     preds.to_csv(out / "predictions.csv", index=False)
     index = {l: i for i, l in enumerate(predictor.labels)}

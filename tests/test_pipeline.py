@@ -154,6 +154,7 @@ def test_cross_corpus_evaluation_scores_a_registered_model_on_another_layout(pip
     preds = pd.read_csv(res / "predictions.csv")
     assert metrics["source"]["corpus"] == "iemocap" and metrics["target"]["corpus"] == "crema-d"
     assert metrics["target"]["evaluation"] == "speaker-grouped 5-fold" and metrics["target"]["test_groups"] == [1, 2, 3, 4, 5]
+    assert metrics["provenance"]["folds"] == [1, 2, 3, 4, 5] and metrics["provenance"]["manifest"]["sha256"]
     manifest = pd.read_parquet(out / "manifest.parquet")
     assert len(preds) == manifest["label"].isin(["neu", "hap", "sad", "ang"]).sum() == metrics["pooled"]["n_test"]
     recall = preds.assign(ok=preds["label"] == preds["pred"]).groupby("label")["ok"].mean()
@@ -200,3 +201,65 @@ def test_evaluate_refuses_a_target_holding_the_models_training_audio(pipeline, t
                    f"output_dir={tmp_path / 'out'}", "--reference", "none", "ray.progress_bars=false"])
     assert rc == 2
     assert "test files are files the model trained on" in err.getvalue() and "Traceback" not in err.getvalue()
+
+
+def test_metrics_and_registry_entry_record_provenance(pipeline):
+    """What the run was made from: commit, config, package versions, manifest and feature hashes, seeds, folds."""
+    run, _ = pipeline
+    metrics = json.loads((run / "finetune" / "metrics.json").read_text())
+    entry = json.loads(next((run / "registry").glob("*/entry.json")).read_text())
+    for prov in (metrics["provenance"], entry["provenance"]):
+        assert {"git", "config", "packages", "manifest", "features", "seed", "folds", "fold_seeds"} <= set(prov)
+        assert prov["seed"] == 0 and prov["folds"] == [1, 2] and set(prov["fold_seeds"]) == {"1", "2"}
+        assert prov["fold_seeds"]["1"]["pretrain"] != prov["fold_seeds"]["2"]["pretrain"]
+        assert prov["config"]["output_dir"] == str(run) and prov["config"]["adapter"]["d_model"] == 32
+        assert all(prov["packages"][p] for p in ("serray", "torch", "torchaudio", "ray", "numpy", "pyarrow"))
+        assert "commit" in prov["git"] and "dirty" in prov["git"]
+        assert len(prov["manifest"]["sha256"]) == 64 and prov["manifest"]["rows"] == len(pd.read_parquet(run / "manifest.parquet"))
+        assert prov["features"]["identity"]["encoder"] == "fbank" and len(prov["features"]["sha256"]) == 64
+
+
+@pytest.fixture(scope="module")
+def reproduced(pipeline, tmp_path_factory):
+    from serray.cli import main
+
+    run, _ = pipeline
+    again = tmp_path_factory.mktemp("reproduced") / "again"
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        rc = main(["reproduce", str(run), "--out", str(again)])
+    return again, rc, buf.getvalue()
+
+
+def test_reproduce_makes_the_run_again_with_the_same_metrics(pipeline, reproduced):
+    run, _ = pipeline
+    again, rc, out = reproduced
+    assert rc == 0 and "reproduced: every metric agrees" in out
+    assert "| fold 1 |" in out and "| fold 2 |" in out and "| mean |" in out
+    old = json.loads((run / "finetune" / "metrics.json").read_text())
+    new = json.loads((again / "finetune" / "metrics.json").read_text())
+    assert [(f["ua"], f["val_ua"]) for f in new["folds"]] == [(f["ua"], f["val_ua"]) for f in old["folds"]]
+    for part in ("manifest", "features"):
+        assert new["provenance"][part]["sha256"] == old["provenance"][part]["sha256"]
+    assert new["provenance"]["config"]["output_dir"] == str(again) and (again / "synthetic").is_dir()
+
+
+def test_reproduce_fails_on_a_metric_that_differs(pipeline, reproduced, tmp_path):
+    """A recorded fold UA moved by 3 points: exit 1, that fold marked (the reproduction's stages are done)."""
+    import shutil
+
+    from serray.cli import main
+
+    run, _ = pipeline
+    again, *_ = reproduced
+    copy = tmp_path / "run"
+    shutil.copytree(run / "finetune", copy / "finetune")
+    metrics = json.loads((copy / "finetune" / "metrics.json").read_text())
+    metrics["folds"][1]["ua"] += 0.03
+    (copy / "finetune" / "metrics.json").write_text(json.dumps(metrics))
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        rc = main(["reproduce", str(copy), "--out", str(again)])
+    out = buf.getvalue()
+    assert rc == 1 and "NOT reproduced" in out
+    assert "**" in next(line for line in out.splitlines() if line.startswith("| fold 2 |"))

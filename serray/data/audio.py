@@ -20,8 +20,6 @@ from typing import Optional, Tuple, Union
 
 import numpy as np
 import soundfile as sf
-import torch
-import torchaudio.functional as AF
 
 from serray.errors import AudioError
 
@@ -286,6 +284,9 @@ def resample(mono: np.ndarray, sr: int, target_sr: int) -> np.ndarray:
     if sr == target_sr or len(mono) == 0:
         return mono
     if _sinc_kernel_taps(sr, target_sr) <= MAX_SINC_KERNEL_TAPS:
+        import torch  # here, not at import: decoding alone (``serray predict --onnx``) needs no torch
+        import torchaudio.functional as AF
+
         return AF.resample(torch.from_numpy(mono), sr, target_sr).numpy()
     from scipy.signal import resample_poly
 

@@ -32,7 +32,7 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
-from serray import storage
+from serray import provenance, storage
 from serray.config import OPERATIONAL_KEYS, as_dict, section_hash, to_yaml
 from serray.data.features import LABEL_INDEX, PadCollate, session_paths, training_data
 from serray.data.featurize import feature_identity, feature_stats
@@ -576,6 +576,9 @@ def write_loso(cfg, folds: List[Dict[str, Any]], out_dir: str, extra: Optional[D
         f"leave-one-session-out, mode={cfg.finetune.mode}, encoder={cfg.encoder.name}, protocol={protocol(cfg)}"
     if _task(cfg) != "categorical":
         title += f", task={_task(cfg)}"
+    tested = [int(f) for f in cfg.finetune.folds]
+    seeds = {f: {"pretrain": run_seed(cfg.seed, f, "pretrain"), "finetune": run_seed(cfg.seed, f, "finetune")}
+             for f in tested}
     with storage.staged(out_dir) as out:
         save_config(cfg, out)
         if _task(cfg) != "categorical":
@@ -584,13 +587,13 @@ def write_loso(cfg, folds: List[Dict[str, Any]], out_dir: str, extra: Optional[D
             return write_dimensional_results(
                 folds, out, {"mode": cfg.finetune.mode, "task": _task(cfg), "encoder": cfg.encoder.name,
                              "protocol": protocol(cfg), "config_hash": config_hash or finetune_hash(cfg),
-                             "title": title, **where, "folds_tested": [int(f) for f in cfg.finetune.folds],
-                             **(extra or {})},
+                             "title": title, **where, "folds_tested": tested,
+                             **(extra or {}), "provenance": provenance.collect(cfg, tested, seeds)},
                 list(cfg.finetune.dimensions), _task(cfg) == "multitask", folds_dir=storage.absolute(out_dir))
         return write_results(folds, out, {"mode": cfg.finetune.mode, "encoder": cfg.encoder.name,
                                           "protocol": protocol(cfg), "config_hash": config_hash or finetune_hash(cfg),
-                                          "title": title, **where, "folds_tested": [int(f) for f in cfg.finetune.folds],
-                                          **(extra or {})},
+                                          "title": title, **where, "folds_tested": tested,
+                                          **(extra or {}), "provenance": provenance.collect(cfg, tested, seeds)},
                              folds_dir=storage.absolute(out_dir))
 
 
@@ -631,6 +634,7 @@ def register_result(cfg, summary: Dict[str, Any], source: str, hyperparameters: 
             log.warning("registry: the files of encoder %s are not on this machine, so the entry does not carry "
                         "them; Serve replicas will load it from the hub or their cache", model_cfg.encoder.name)
     record = {"config_hash": fhash, **ev, "model_fold": best["fold"],
+              "provenance": summary.get("provenance") or provenance.collect(cfg, [int(f["fold"]) for f in summary["folds"]]),
               "selected_on": selected_on or f"{sel} (epochs)", "std": dict(summary["std"]), "task": _task(model_cfg),
               "finetune_dir": storage.without_credentials(base), **{k: v for k, v in (extra or {}).items() if k != "config_hash"}}
     return register(cfg.registry.dir, model, metrics=metrics, config_yaml=to_yaml(model_cfg), source=source,
