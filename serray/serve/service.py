@@ -46,9 +46,12 @@ def json_safe(obj: Any) -> Any:
 
 
 def _without_cluster_address(cfg: Optional[Dict[str, Any]]) -> Optional[Dict[str, Any]]:
-    """The training config a client sees holds no address of the cluster (``ray.address``)."""
+    """The training config a client sees holds no address of the cluster (``ray.address``) nor of the
+    tracking store (``tracking.uri``: a server's address, or a path on the training machine)."""
     if isinstance(cfg, dict) and isinstance(cfg.get("ray"), dict) and cfg["ray"].get("address"):
         cfg = {**cfg, "ray": {**cfg["ray"], "address": "(hidden)"}}
+    if isinstance(cfg, dict) and isinstance(cfg.get("tracking"), dict) and cfg["tracking"].get("uri"):
+        cfg = {**cfg, "tracking": {**cfg["tracking"], "uri": "(hidden)"}}
     return cfg
 
 

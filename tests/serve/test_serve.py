@@ -133,6 +133,7 @@ def test_info_exposes_no_paths_or_credentials(srv):
     assert "path" not in info["model"]
     assert info["config"]["features"]["dir"] == "s3://bucket/features"  # where, without credentials or query
     assert info["config"]["output_dir"].startswith(".../")
+    assert info["config"]["tracking"]["uri"] == "(hidden)"  # a path on the training machine, or a server's address
     assert info["serving"]["max_channels"] == 8 and info["serving"]["sample_rates"] == [4000, 192000]
 
 
