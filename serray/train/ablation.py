@@ -304,7 +304,7 @@ def _run_ablation(cfg, echo: Callable[[str], Any]) -> Dict[str, Any]:
         paths = write_dim_ablation(ablation, Path(cfg.output_dir) / ABLATION_DIR)
         echo(paths["md"].read_text())
         echo(f"ablation written to {paths['json']} and {paths['md']} in {(time.time() - t0) / 60:.1f} min")
-        return ablation
+        return {**ablation, "_predictions": arm_preds}
     refs, ref_val = _reference_arms(cfg, seeds, folds, echo)
     arm_preds.update(refs)
     arm_val.update(ref_val)

@@ -243,7 +243,8 @@ def test_ablation_compares_arms_on_ccc(featurized, tmp_path):
 
     cfg = _cfg(featurized, tmp_path, "finetune.task=dimensional", "ablate.metric=ccc_arousal",
                "ablate.arms=[none,random_init]", "ablate.seeds=2", "ablate.bootstrap=100", "finetune.epochs=3",
-               "adapter.d_model=32", "adapter.ff_dim=64", "adapter.num_layers=1", "finetune.register=false")
+               "adapter.d_model=32", "adapter.ff_dim=64", "adapter.num_layers=1", "finetune.register=false",
+               "tracking.experiment=dim-ablation")
     lines = []
     ab = run_ablation(cfg, echo=lines.append)
     data = json.loads((Path(cfg.output_dir) / "ablation" / "ablation.json").read_text())
@@ -256,6 +257,15 @@ def test_ablation_compares_arms_on_ccc(featurized, tmp_path):
     diffs = [a["ccc_arousal"] - b["ccc_arousal"] for a, b in zip(arms["random_init"]["runs"], arms["none"]["runs"])]
     assert c["delta"] == pytest.approx(np.mean(diffs))
     assert any("test ccc_arousal" in line for line in lines) and ab["metric"] == "ccc_arousal"
+    from mlflow import MlflowClient  # tracked like a UA ablation: one run per arm x seed, scored on CCC
+
+    client = MlflowClient(cfg.tracking.uri)
+    runs = client.search_runs([client.get_experiment_by_name("dim-ablation").experiment_id])
+    arm_runs = {(r.data.tags["arm"], int(r.data.tags["seed"])): r for r in runs if "arm" in r.data.tags}
+    assert len(arm_runs) == 4
+    for (arm, seed), r in arm_runs.items():
+        uas = [x["ccc_arousal"] for x in arms[arm]["runs"] if x["seed"] == seed]
+        assert r.data.metrics["test_ccc_arousal"] == pytest.approx(np.mean(uas))
 
 
 @pytest.mark.slow
