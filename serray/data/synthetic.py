@@ -45,9 +45,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import soundfile as sf
 from scipy.signal import lfilter, sosfilt
 
+from serray.data.synthetic_benchmark import benchmark_paths, make_benchmark_corpus
+from serray.data.synthetic_common import (_APPLEDOUBLE, _F4, _VOWELS, _WORDS, LABELS_DROPPED,
+                                          LABELS_KEPT, N_SESSIONS, _annotation_block, _dialog_names,
+                                          _moving_average, _resonator_sos, _Utt, _write_text,
+                                          _write_wav)
 from serray.errors import ConfigError
 
 __all__ = ["LABELS_KEPT", "LABELS_DROPPED", "N_SESSIONS", "PRESETS", "benchmark_paths", "make_corpus"]
@@ -56,27 +60,12 @@ __all__ = ["LABELS_KEPT", "LABELS_DROPPED", "N_SESSIONS", "PRESETS", "benchmark_
 #: channels, imbalance, unlabelled pool, oracle; :mod:`serray.data.synthetic_benchmark`).
 PRESETS = ("demo", "benchmark")
 
-#: Labels a SER parser keeps (``exc`` is merged into ``hap``).
-LABELS_KEPT = ("neu", "hap", "exc", "sad", "ang")
-#: Labels present in the annotations that a 4-class SER parser drops.
-LABELS_DROPPED = ("fru", "sur", "fea", "dis", "oth", "xxx")
-N_SESSIONS = 5
 
 _BASE_CLASSES = ("neu", "hap", "sad", "ang")
 _DROPPED_P = {"fru": 0.40, "xxx": 0.20, "sur": 0.10, "oth": 0.10, "fea": 0.10, "dis": 0.10}
 # Dropped labels sound like a random mixture of two base classes.
 _DROPPED_MIX = {"fru": ("ang", "neu"), "sur": ("hap", "ang"), "fea": ("sad", "hap"),
                 "dis": ("ang", "sad"), "oth": None, "xxx": None}
-
-# Words used in the evaluator lines of EmoEvaluation/<dialog>.txt, as in the real release.
-_CAT_WORD = {"neu": "Neutral", "hap": "Happiness", "exc": "Excited", "sad": "Sadness",
-             "ang": "Anger", "fru": "Frustration", "sur": "Surprise", "fea": "Fear",
-             "dis": "Disgust", "oth": "Other"}
-# Mean (valence, activation, dominance) on IEMOCAP's 1..5 scale.
-_VAD_MEAN = {"neu": (3.0, 2.4, 2.6), "hap": (4.0, 3.0, 3.0), "exc": (3.8, 3.7, 3.3),
-             "sad": (2.0, 2.2, 2.3), "ang": (1.8, 3.9, 3.9), "fru": (2.0, 3.3, 3.3),
-             "sur": (3.3, 3.6, 2.9), "fea": (2.1, 3.4, 2.2), "dis": (1.8, 3.1, 3.3),
-             "oth": (3.0, 3.0, 3.0), "xxx": (2.7, 3.0, 3.0)}
 
 # Class-dependent synthesis means.
 #   pitch: semitones relative to the speaker's base f0     range: f0 movement (semitones)
@@ -102,22 +91,6 @@ _SPREAD = {"pitch": ("add", 1.6), "range": ("mul", 0.30), "energy": ("add", 2.5)
            "shimmer": ("mul", 0.30), "rough": ("mul", 0.30), "breath": ("mul", 0.35),
            "oq": ("add", 0.04), "pause": ("mul", 0.2)}
 
-# Peterson & Barney-like adult-male vowel formants (F1, F2, F3), Hz.
-_VOWELS = np.array([[270, 2290, 3010], [390, 1990, 2550], [530, 1840, 2480], [660, 1720, 2410],
-                    [730, 1090, 2440], [570, 840, 2410], [440, 1020, 2240], [300, 870, 2240],
-                    [640, 1190, 2390], [490, 1350, 1690]], dtype=np.float64)
-_F4 = 3500.0
-_BANDWIDTHS = np.array([80.0, 100.0, 150.0, 250.0])
-
-_WORDS = ("I", "you", "we", "it", "that", "know", "just", "what", "really", "not", "going",
-          "can't", "here", "now", "well", "okay", "yeah", "no", "why", "believe", "think",
-          "told", "time", "right", "about", "home", "again", "never", "always", "so", "the",
-          "job", "letter", "money", "car", "tomorrow", "sure", "mean", "look", "want")
-
-_APPLEDOUBLE = (b"\x00\x05\x16\x07\x00\x02\x00\x00Mac OS X        \x00\x02\x00\x00\x00\t"
-                b"\x00\x00\x002\x00\x00\x0e\xb0\x00\x00\x00\x02\x00\x00\x0e\xe2\x00\x00\x01\x1e")
-
-
 @dataclass(frozen=True)
 class _Speaker:
     f0: float          # base f0, Hz
@@ -129,19 +102,6 @@ class _Speaker:
     range: float       # pitch-range factor
 
 
-@dataclass
-class _Utt:
-    index: int         # global utterance index (seeds the audio)
-    session: int
-    dialog: str
-    utt_id: str
-    gender: str        # "F" | "M": the speaker, from the utterance id
-    label: str
-    n_samples: int
-    start: float = 0.0
-    vad: tuple | None = None   # perceived (valence, arousal, dominance) on 1..5, from the audio's parameters
-
-
 def _speaker(seed: int, session: int, gender: str) -> _Speaker:
     rng = np.random.default_rng([seed, 0x5BEA, session, 0 if gender == "F" else 1])
     if gender == "F":
@@ -151,19 +111,6 @@ def _speaker(seed: int, session: int, gender: str) -> _Speaker:
     return _Speaker(f0=float(f0), vt=float(vt), loud_db=float(rng.normal(0.0, 2.0)),
                     bright=float(rng.normal(0.0, 0.15)), rate=float(rng.lognormal(0.0, 0.08)),
                     breath=float(rng.lognormal(0.0, 0.25)), range=float(rng.lognormal(0.0, 0.15)))
-
-
-def _dialog_names(session: int, count: int) -> list[str]:
-    """F-led impro, M-led impro, F-led script, M-led script, then the next numbers."""
-    names = []
-    for k in range(count):
-        j, r = divmod(k, 4)
-        lead = "FM"[r % 2]
-        if r < 2:
-            names.append(f"Ses{session:02d}{lead}_impro{j + 1:02d}")
-        else:
-            names.append(f"Ses{session:02d}{lead}_script{j // 2 + 1:02d}_{j % 2 + 1}")
-    return names
 
 
 def _session_labels(seed: int, session: int, n: int, drop_fraction: float,
@@ -204,25 +151,6 @@ def _class_params(rng: np.random.Generator, label: str, spk: _Speaker) -> dict:
     out["energy"] += spk.loud_db
     out["oq"] = float(np.clip(out["oq"], 0.35, 0.85))
     return out
-
-
-def _moving_average(x: np.ndarray, width: int) -> np.ndarray:
-    if width <= 1:
-        return x
-    pad = width // 2
-    xp = np.concatenate([np.full(pad, x[0]), x, np.full(width - pad, x[-1])])
-    c = np.cumsum(xp)
-    return (c[width:] - c[:-width])[: len(x)] / width
-
-
-def _resonator_sos(freqs: np.ndarray, sr: int) -> np.ndarray:
-    """Cascade of unity-DC-gain 2nd-order resonators as an (n, 6) sos array."""
-    freqs = np.minimum(freqs, 0.45 * sr)
-    r = np.exp(-np.pi * _BANDWIDTHS[: len(freqs)] / sr)
-    c = -2.0 * r * np.cos(2.0 * np.pi * freqs / sr)
-    gain = 1.0 + c + r * r
-    z = np.zeros_like(r)
-    return np.stack([gain, z, z, np.ones_like(r), c, r * r], axis=1)
 
 
 def _synthesize(rng: np.random.Generator, n: int, sr: int, spk: _Speaker, label: str,
@@ -349,51 +277,6 @@ def _perceived_vad(p: dict, spk: _Speaker, rng: np.random.Generator) -> tuple:
     return tuple(float(x) for x in np.clip(vad, 1.0, 5.0))
 
 
-def _fmt_vad(v: np.ndarray) -> str:
-    return f"[{v[0]:.4f}, {v[1]:.4f}, {v[2]:.4f}]"
-
-
-def _annotation_block(rng: np.random.Generator, u: _Utt, end: float) -> tuple[list[str], dict]:
-    """The EmoEvaluation block of one utterance, plus per-evaluator values for other files."""
-    lab = u.label
-    n_eval = 3
-    if lab == "xxx":                 # no majority: evaluators disagree
-        words = list(rng.choice(["Neutral", "Frustration", "Anger", "Sadness", "Happiness",
-                                 "Excited", "Surprise", "Other"], size=n_eval, replace=False))
-    else:
-        words = [_CAT_WORD[lab]] * n_eval
-        others = [w for w in _CAT_WORD.values() if w != _CAT_WORD[lab]]
-        if rng.random() < 0.6:      # one dissenting evaluator, majority still holds
-            words[int(rng.integers(n_eval))] = str(rng.choice(others))
-    mean = np.array(u.vad if getattr(u, "vad", None) is not None else _VAD_MEAN[lab])
-    evals = np.clip(np.rint(mean + rng.normal(0.0, 0.6, (2, 3))), 1, 5).astype(int)   # A-E*
-    own = np.clip(np.rint(mean + rng.normal(0.0, 0.7, 3)), 1, 5).astype(int)           # self
-    vad = evals.mean(axis=0)
-    ev_ids = sorted(rng.choice([1, 2, 3, 4, 5, 6], size=n_eval, replace=False).tolist())
-    self_id = f"{u.gender}1"
-    lines = [f"[{u.start:.4f} - {end:.4f}]\t{u.utt_id}\t{lab}\t{_fmt_vad(vad)}"]
-    for e, w in zip(ev_ids, words):
-        extra = f" {_CAT_WORD['fru']};" if rng.random() < 0.1 and w != _CAT_WORD["fru"] else ""
-        lines.append(f"C-E{e}:\t{w};{extra}\t()")
-    self_word = words[0] if lab != "xxx" else "Other"
-    note = str(rng.choice(["", "", "", "curious", "tense", "calm", "annoyed"]))
-    lines.append(f"C-{self_id}:\t{self_word};\t({note})")
-    for e, (v, a, d) in zip(ev_ids[:2], evals):
-        lines.append(f"A-E{e}:\tval {v}; act {a}; dom  {d};\t()")
-    lines.append(f"A-{self_id}:\tval {own[0]}; act {own[1]}; dom  {own[2]};\t()")
-    return lines, {"ev_ids": ev_ids, "words": words, "evals": evals}
-
-
-def _write_text(path: Path, lines: list[str]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
-
-
-def _write_wav(path: Path, audio: np.ndarray, sr: int) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    sf.write(str(path), audio, sr, subtype="PCM_16", format="WAV")
-
-
 def _validate(dialogs_per_session, utterances_per_dialog, min_duration, max_duration,
               sample_rate, drop_fraction, excited_fraction) -> None:
     if int(dialogs_per_session) < 1:
@@ -444,8 +327,6 @@ def make_corpus(out_dir, *, seed: int = 0, dialogs_per_session: int = 4,
         raise ConfigError(f"unknown synthetic preset {preset!r}: valid presets are "
                           f"{', '.join(PRESETS)}")
     if preset == "benchmark":
-        from serray.data.synthetic_benchmark import make_benchmark_corpus
-
         return make_benchmark_corpus(out_dir, seed=seed, sample_rate=sample_rate, scale=scale,
                                      unlabelled_factor=unlabelled_factor, processes=processes,
                                      progress=progress)
@@ -551,12 +432,3 @@ def make_corpus(out_dir, *, seed: int = 0, dialogs_per_session: int = 4,
             print(f"[synthetic] Session{session}: {len(dialogs)} dialogs, {n_written} utterances",
                   file=sys.stderr, flush=True)
     return root
-
-
-def benchmark_paths(root):
-    """The files the benchmark preset writes beside a release root: a
-    :class:`~serray.data.synthetic_benchmark.BenchmarkPaths` (``unlabelled``, ``oracle``,
-    ``unlabelled_oracle``)."""
-    from serray.data.synthetic_benchmark import benchmark_paths as _paths
-
-    return _paths(root)

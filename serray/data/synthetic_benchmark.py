@@ -96,7 +96,7 @@ import numpy as np
 import soundfile as sf
 from scipy.signal import butter, lfilter, oaconvolve, sosfilt
 
-from serray.data import synthetic as _demo
+from serray.data import synthetic_common as _demo
 from serray.errors import ConfigError
 
 __all__ = ["EVENTS", "CONTOURS", "EVENT_RATES", "CONTOUR_P", "CLASS_SHARES", "ORACLE_FEATURES",

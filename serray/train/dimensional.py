@@ -34,7 +34,7 @@ from serray.data.corpus import DIMENSION_COLUMNS
 from serray.data.features import PadCollate
 from serray.errors import DataError
 from serray.train.dim_metrics import ccc_loss, dimensional_metrics
-from serray.train.finetune import SELECTION_KEY, FinetuneTask
+from serray.train.finetune_task import SELECTION_KEY, FinetuneTask
 from serray.train.loop import eval_batches
 from serray.train.metrics import classification_metrics
 

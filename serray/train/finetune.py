@@ -30,21 +30,18 @@ from typing import Any, Dict, List, Optional
 import numpy as np
 import pandas as pd
 import torch
-import torch.nn.functional as F
 
 from serray import provenance, storage
 from serray.config import OPERATIONAL_KEYS, as_dict, section_hash, to_yaml
-from serray.data.features import LABEL_INDEX, PadCollate, session_paths, training_data
+from serray.data.features import LABEL_INDEX, session_paths, training_data
 from serray.data.featurize import feature_identity, feature_stats
 from serray.data.iemocap import LABELS
 from serray.errors import DataError
-from serray.models.adapter import param_groups
-from serray.models.classifier import EmotionClassifier, body_state_from_adapter
-from serray.models.dimensional import build_model
 from serray.protocol import evaluation, protocol  # noqa: F401  (protocol: re-exported for the stages)
-from serray.train.checkpoint import META_FILE, MODEL_KEY, load_checkpoint
-from serray.train.loop import eval_batches, fit, run_seed, steps_per_epoch
+from serray.train.checkpoint import META_FILE, load_checkpoint
+from serray.train.loop import fit, run_seed, steps_per_epoch
 from serray.train.metrics import classification_metrics
+from serray.train.finetune_task import SELECTION_KEY, FinetuneTask  # noqa: F401  (FinetuneTask: re-exported)
 from serray.train.folds import (audit_fold, fold_split, labelled_rows, pool_sessions, split_fold,  # noqa: F401
                                 subsample_labels)  # (re-exported: the stages' public names)
 from serray.train.pretrain import adapter_kwargs, adapter_path, check_features, run_pretrain
@@ -55,109 +52,6 @@ FOLD_RESULT = "fold_result.json"
 BODY_KEYS = ("input_dim", "d_model", "num_layers", "num_heads", "ff_dim", "dropout", "num_input_layers",
              "pos_conv_kernel", "pos_conv_groups", "attention_dropout")
 BODY_DEFAULTS = {"pos_conv_kernel": 0, "pos_conv_groups": 16, "attention_dropout": 0.0}  # adapters from before these keys
-#: checkpoint score: validation UA, ties broken by validation loss (1e-6 x loss is far below one utterance of UA)
-SELECTION_KEY = "val_selection"
-
-
-class FinetuneTask:
-    """The fine-tuning task plugged into the shared loop."""
-
-    stage_id = 1  # progress lines: "fine-tune"
-
-    def __init__(self, config: Dict[str, Any]):
-        self.config = config
-        self.weight = torch.tensor(config["class_weights"], dtype=torch.float32) if config["class_weights"] else None
-        self._val_rows = None  # compact float16 rows, decoded one batch at a time
-
-    def build_model(self) -> EmotionClassifier:
-        model = build_model(self.config["model"])  # EmotionClassifier, or the dimensional heads (finetune.task)
-        model.set_feature_stats(*self.config["feature_stats"])  # the no-adapter baseline
-        if self.config["init_from"]:
-            state, _ = load_checkpoint(self.config["init_from"])
-            model.body.load_state_dict(body_state_from_adapter(state[MODEL_KEY], self.config["branch"]))
-        elif model.body is not None:  # random init (the control): same statistics as every other arm
-            model.body.input_norm.set_stats(*self.config["feature_stats"])
-        return model
-
-    def param_groups(self, model: EmotionClassifier, weight_decay: float) -> list:
-        """The pre-trained body learns at ``lr x body_lr_scale``, the new head (and the baseline's
-        layer weights) at ``lr``; no weight decay on norms, biases and logits."""
-        body = [(f"body.{n}", p) for n, p in model.body.named_parameters()] if model.body is not None else []
-        head = [(n, p) for n, p in model.named_parameters() if not n.startswith("body.")]
-        return (param_groups(body, weight_decay, self.config["body_lr_scale"], "body_")
-                + param_groups(head, weight_decay, 1.0, "head_"))
-
-    def lr_scale(self, group: dict, epoch: int) -> float:
-        if group.get("name", "").startswith("body_") and self._body_frozen(epoch):
-            return 0.0  # (logged as the body's rate; the body gets no gradient at all, see before_epoch)
-        return group.get("lr_scale", 1.0)
-
-    def _body_frozen(self, epoch: int) -> bool:
-        return epoch < self.config.get("freeze_epochs", 0)
-
-    def before_epoch(self, core: EmotionClassifier, epoch: int) -> None:
-        """``finetune.freeze_epochs``: during the warm-up the body takes no gradient (so it has no
-        optimizer state and stays outside the clipping norm) and runs in eval mode, as in ``frozen``."""
-        if core.body is None or core.freeze_body:
-            return
-        frozen = self._body_frozen(epoch)
-        core.body.requires_grad_(not frozen)
-        if frozen:
-            core.body.eval()
-
-    def collate(self, train: bool, epoch: int = 0) -> PadCollate:
-        return PadCollate(self.config["max_frames"] if train else None, random_crop=train,
-                          seed=self.config.get("run_seed", self.config["seed"]) * 1000 + epoch)
-
-    def step(self, model, batch, step: int, rank: int = 0):
-        logits = model(batch["x"], batch["padding_mask"])
-        weight = None if self.weight is None else self.weight.to(logits.device)
-        loss = F.cross_entropy(logits.float(), batch["labels"], weight=weight)
-        return loss, {"loss": float(loss.detach())}
-
-    def after_step(self, core, step: int, total_steps: int) -> Dict[str, float]:
-        return {}
-
-    @torch.no_grad()
-    def evaluate(self, model, core, rt, epoch: int) -> Dict[str, float]:
-        """UA / WA / macro-F1 and loss on the validation part (every worker sees all of it)."""
-        core.eval()
-        if self._val_rows is None:
-            self._val_rows = rt.rows("val")
-        ys, preds, loss = [], [], 0.0
-        for batch in eval_batches(self._val_rows, self.config["batch_size"], self.collate(train=False)):
-            logits = core(batch["x"].to(rt.device), batch["padding_mask"].to(rt.device)).float()
-            labels = batch["labels"].to(rt.device)
-            loss += float(F.cross_entropy(logits, labels, reduction="sum"))
-            ys.append(labels.cpu().numpy())
-            preds.append(logits.argmax(-1).cpu().numpy())
-        y, p = np.concatenate(ys), np.concatenate(preds)
-        m = classification_metrics(y, p)
-        val_loss = loss / max(1, len(y))
-        return {"val_loss": val_loss, "val_ua": m["ua"], "val_wa": m["wa"], "val_macro_f1": m["macro_f1"],
-                SELECTION_KEY: m["ua"] - 1e-6 * val_loss}
-
-    def should_stop(self, history: list) -> bool:
-        """Early stopping: ``patience`` epochs without a better validation selection score."""
-        patience = self.config.get("patience")
-        if not patience or not history:
-            return False
-        best = max(range(len(history)), key=lambda i: (history[i][SELECTION_KEY], -i))
-        return len(history) - 1 - best >= patience
-
-    def extra_state(self) -> Dict[str, Any]:
-        return {}
-
-    def load_extra_state(self, state: Dict[str, Any]) -> None:
-        pass
-
-    def checkpoint_meta(self, core: EmotionClassifier, step: int, epoch: int) -> Dict[str, Any]:
-        return {"kind": "classifier", "model": core.config, "features": self.config["features"],
-                "labels": list(LABELS), "fold": self.config["fold"], "test_session": self.config["fold"],
-                "mode": self.config["mode"], "init": self.config["init"], "config_hash": self.config["config_hash"],
-                "step": step, "epoch": epoch, "audit": self.config["audit"]}
-
-
 # ---------------------------------------------------------------- protocol
 
 

@@ -1,0 +1,78 @@
+"""Imports run one way, from the CLI and the pipeline down to the models: no module of serray imports,
+directly or through others, a module that imports it back -- counting imports inside functions, which
+hide a circle from Python but not from a reader."""
+
+import ast
+from pathlib import Path
+
+import serray
+
+ROOT = Path(serray.__file__).parent
+
+
+def _module_graph() -> dict:
+    mods = {}
+    for f in ROOT.rglob("*.py"):
+        parts = ("serray",) + f.relative_to(ROOT).with_suffix("").parts
+        name = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+        mods[name] = f
+
+    def resolve(name: str):
+        while name and name not in mods:
+            name = name.rpartition(".")[0]
+        return name or None
+
+    graph = {m: set() for m in mods}
+    for m, f in mods.items():
+        for node in ast.walk(ast.parse(f.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ImportFrom) and node.level == 0 and (node.module or "").startswith("serray"):
+                targets = [resolve(f"{node.module}.{a.name}") for a in node.names]
+            elif isinstance(node, ast.Import):
+                targets = [resolve(a.name) for a in node.names if a.name.startswith("serray")]
+            else:
+                continue
+            graph[m].update(t for t in targets if t and t != m and not m.startswith(t + ".") and t != "serray")
+    return graph
+
+
+def _cycles(graph: dict) -> list:
+    """Strongly connected components of more than one module (Tarjan)."""
+    index, low, stack, on, out, counter = {}, {}, [], set(), [], [0]
+
+    def visit(v):
+        index[v] = low[v] = counter[0]
+        counter[0] += 1
+        stack.append(v)
+        on.add(v)
+        for w in sorted(graph[v]):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            comp = []
+            while True:
+                w = stack.pop()
+                on.discard(w)
+                comp.append(w)
+                if w == v:
+                    break
+            if len(comp) > 1:
+                out.append(sorted(comp))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return out
+
+
+def test_cycle_finder_sees_a_circle_through_a_function_level_import():
+    assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+    assert _cycles({"a": {"b"}, "b": set()}) == []
+
+
+def test_serray_has_no_import_circle():
+    graph = _module_graph()
+    assert "serray.train.finetune" in graph and "serray.train.finetune_task" in graph["serray.train.finetune"]
+    assert _cycles(graph) == []
