@@ -218,6 +218,9 @@ def cmd_reproduce(args) -> int:
     from serray.progress import echo
     from serray.reproduce import reproduce
 
+    if args.config is not None:
+        raise ConfigError(f"serray reproduce runs the config recorded in {args.run_dir}'s metrics.json, so --config "
+                          f"{args.config} would not be used: leave it out (key=value overrides still apply)")
     return 0 if reproduce(args.run_dir, args.out, args.tolerance, args.overrides, echo=echo) else 1
 
 

@@ -265,6 +265,12 @@ class Tracker:
         for i in range(0, len(items), 100):  # MLflow's batch limit
             client.log_batch(run_id, params=items[i:i + 100])
 
+    def metrics_of(self, run_id: Optional[str]) -> Dict[str, float]:
+        """The latest value of every metric a run holds ({} when tracking is off or the run is new)."""
+        if not run_id:
+            return {}
+        return self._call("reading a run", lambda c: dict(c.get_run(run_id).data.metrics), {}) or {}
+
     def log_metrics(self, run_id: Optional[str], metrics: Dict[str, Any], step: Optional[int] = None,
                     skip: tuple = ()) -> None:
         if not run_id:

@@ -128,3 +128,16 @@ def test_reproduce_names_what_an_evaluation_or_a_sweep_is(tmp_path):
     (run / "metrics.json").write_text(json.dumps({**_metrics(prov), "selection": "nested"}))
     rc, _, err = _run(["reproduce", str(run)])
     assert rc == 2 and "comes from a sweep" in err
+
+
+def test_reproduce_refuses_a_config_file_it_would_not_use(tmp_path):
+    """The run's own recorded config is what reproduce runs: a --config used to be accepted and ignored."""
+    from serray.provenance import REQUIRED
+
+    run = tmp_path / "run"
+    (run / "finetune").mkdir(parents=True)
+    prov = {k: {} for k in REQUIRED} | {"config": {"output_dir": str(run)}, "seed": 0, "folds": [1]}
+    (run / "finetune" / "metrics.json").write_text(json.dumps(_metrics(prov)))
+    rc, _, err = _run(["reproduce", str(run), "--config", "configs/iemocap.yaml", "--out", str(tmp_path / "new")])
+    assert rc == 2 and "--config configs/iemocap.yaml would not be used" in err and "Traceback" not in err
+    assert not (tmp_path / "new").exists()

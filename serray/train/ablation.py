@@ -30,6 +30,7 @@ test over seed x fold beside it), ``ablation.md`` and
 from __future__ import annotations
 
 import logging
+import math
 import time
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Tuple
@@ -233,10 +234,13 @@ def _track_arms(tracker, parent: Optional[str], arm_preds: Dict[Tuple[str, str, 
             run_id = tracker.open_run(stage_key("arm", f"{arm}-{mode}-{fraction:g}-{seed}", parent), f"{arm} {mode} x{fraction:g} seed {seed}",
                                       parent=parent, tags={"arm": arm, "mode": mode, "label_fraction": fraction, "seed": seed},
                                       params={"arm": arm, "mode": mode, "label_fraction": fraction, "seed": seed})
-            for fold, m in folds.items():
-                tracker.log_metrics(run_id, {f"fold_test_{k}": v for k, v in m.items()}, step=fold)
-            tracker.log_metrics(run_id, {f"test_{k}": sum(m[k] for m in folds.values()) / len(folds)
-                                         for k in next(iter(folds.values()))})
+            means = {f"test_{k}": sum(m[k] for m in folds.values()) / len(folds) for k in next(iter(folds.values()))}
+            logged = tracker.metrics_of(run_id)
+            if not all(k in logged and math.isclose(logged[k], v, rel_tol=1e-9, abs_tol=1e-12)
+                       for k, v in means.items() if math.isfinite(v)):  # a rerun of a logged arm adds nothing
+                for fold, m in folds.items():
+                    tracker.log_metrics(run_id, {f"fold_test_{k}": v for k, v in m.items()}, step=fold)
+                tracker.log_metrics(run_id, means)
             tracker.finish(run_id)
 
 

@@ -223,7 +223,9 @@ def test_the_ablation_is_tracked_one_run_per_arm_mode_fraction_and_seed(ablation
 
 @pytest.mark.slow
 @pytest.mark.ray
-def test_rerun_reuses_everything_and_same_seed_same_numbers(ablation, featurized):
+def test_rerun_reuses_everything_and_same_seed_same_numbers(ablation, featurized, mlflow_server):
+    from mlflow import MlflowClient
+
     from serray.train.ablation import run_ablation
     from serray.train.finetune import run_finetune
 
@@ -233,6 +235,15 @@ def test_rerun_reuses_everything_and_same_seed_same_numbers(ablation, featurized
     assert len([p for p in made if p.name == "fold_result.json"]) >= 2 * 3 * 4  # (seed, fold) x arms, at least
     again = run_ablation(cfg, echo=lambda *_: None)  # every run is finished: nothing trains
     assert [a["ua"] for a in again["arms"]] == [a["ua"] for a in summary["arms"]]
+    # ... and nothing is logged twice: each arm run keeps one value per fold and one mean (a rerun used to
+    # append the same values again to every arm run's history)
+    client = MlflowClient(mlflow_server)
+    runs = client.search_runs([client.get_experiment_by_name("ablation-test").experiment_id], max_results=1000)
+    arms = [r for r in runs if "arm" in r.data.tags]
+    assert len(arms) == 4 * 2 * 2
+    for r in arms:
+        assert sorted(m.step for m in client.get_metric_history(r.info.run_id, "fold_test_ua")) == [1, 2, 3]
+        assert len(client.get_metric_history(r.info.run_id, "test_ua")) == 1
     # nothing was trained, pre-trained or rewritten again (a timing would depend on the machine's load)
     assert {p: p.stat().st_mtime_ns for p in made} == made
     assert {p for pat in ("fold_result.json", "state.pt", "meta.json") for p in out.rglob(pat)} == set(made)
