@@ -40,8 +40,8 @@ from serray.errors import DataError
 from serray.protocol import evaluation, protocol  # noqa: F401  (protocol: re-exported for the stages)
 from serray.train.checkpoint import META_FILE, load_checkpoint
 from serray.train.loop import fit, run_seed, steps_per_epoch
+from serray.train.finetune_task import SELECTION_KEY, FinetuneTask
 from serray.train.metrics import classification_metrics
-from serray.train.finetune_task import SELECTION_KEY, FinetuneTask  # noqa: F401  (FinetuneTask: re-exported)
 from serray.train.folds import (audit_fold, fold_split, labelled_rows, pool_sessions, split_fold,  # noqa: F401
                                 subsample_labels)  # (re-exported: the stages' public names)
 from serray.train.pretrain import adapter_kwargs, adapter_path, check_features, run_pretrain
