@@ -29,16 +29,17 @@ from serray import storage
 
 def model_encoder_overrides(features: Dict[str, Any], model_dir: Path) -> list:
     """``encoder.*`` overrides that make the target's features with the model's encoder."""
+    from serray.data.encoders import BUILTIN_ENCODERS, encoder_section
     from serray.train.checkpoint import ENCODER_DIR
 
     name = str(features["encoder"])
     bundled = model_dir / ENCODER_DIR
-    if name not in ("fbank", "egemaps", "compare") and (bundled / "config.json").is_file() and not Path(name).is_dir():
+    if name not in BUILTIN_ENCODERS and (bundled / "config.json").is_file() and not Path(name).is_dir():
         name = str(bundled)
-    out = [f"encoder.name={name}", f"encoder.layers={json.dumps(list(features.get('layers') or []))}",
-           f"encoder.sample_rate={int(features.get('sample_rate', 16000))}"]
-    if name == "fbank":
-        out.append(f"encoder.num_mel_bins={int(features['dim'])}")
+    enc = encoder_section(features, name)
+    out = [f"encoder.name={name}", f"encoder.layers={json.dumps(enc['layers'])}", f"encoder.sample_rate={enc['sample_rate']}"]
+    if name in ("fbank", "fbank_pitch"):
+        out.append(f"encoder.num_mel_bins={enc['num_mel_bins']}")
     return out
 
 

@@ -93,7 +93,7 @@ def _no_encoder_hint(features: Dict[str, Any]) -> str:
 def build_front_end(predictor) -> tuple[nn.Module, Dict[str, Any]]:
     """The exportable front end of a :class:`~serray.predict.Predictor`'s encoder and its settings
     (for the metadata); :class:`NotExportable` for the openSMILE encoders."""
-    from serray.data.encoders import OPENSMILE_ENCODERS
+    from serray.data.encoders import NEEDS_OPENSMILE
     from serray.models.fbank import KaldiFbank
 
     f = predictor.features
@@ -103,9 +103,9 @@ def build_front_end(predictor) -> tuple[nn.Module, Dict[str, Any]]:
         return fb, {"kind": "fbank", "num_mel_bins": fb.num_mel_bins, "frame_length": fb.frame_length,
                     "frame_shift": fb.frame_shift, "window": "povey", "preemphasis": 0.97, "dither": 0.0,
                     "snip_edges": True, "scale": 32768.0}
-    if name in OPENSMILE_ENCODERS:
-        raise NotExportable(f"the encoder front end '{name}' (openSMILE low-level descriptors, computed by a C++ "
-                            f"library outside PyTorch) cannot be exported to ONNX; {_no_encoder_hint(f)}")
+    if name in NEEDS_OPENSMILE:
+        raise NotExportable(f"the encoder front end '{name}' (openSMILE {'pitch' if name == 'fbank_pitch' else 'low-level descriptors'}, "
+                            f"computed by a C++ library outside PyTorch) cannot be exported to ONNX; {_no_encoder_hint(f)}")
     enc = predictor.encoder()
     return HFFrontEnd(enc).eval(), {"kind": "huggingface", "layers": list(enc.layers), "normalize": bool(enc.normalize)}
 

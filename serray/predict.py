@@ -130,14 +130,13 @@ class Predictor:
         if self._encoder is None:
             from omegaconf import OmegaConf
 
-            from serray.data.encoders import build_encoder
+            from serray.data.encoders import build_encoder, encoder_section
 
             f = self.features
             bundled = self.directory / ENCODER_DIR if self.directory is not None else None
-            name = str(bundled) if bundled is not None and (bundled / "config.json").is_file() else f["encoder"]
-            cfg = OmegaConf.create({"name": name, "layers": list(f.get("layers") or []),
-                                    "sample_rate": int(f.get("sample_rate", 16000)), "num_mel_bins": int(f["dim"]),
-                                    "local_files_only": True, "device": "cpu" if self.device.type == "cpu" else "cuda"})
+            name = str(bundled) if bundled is not None and (bundled / "config.json").is_file() else None
+            cfg = OmegaConf.create({**encoder_section(f, name), "local_files_only": True,
+                                    "device": "cpu" if self.device.type == "cpu" else "cuda"})
             self._encoder = build_encoder(cfg)
         return self._encoder
 

@@ -286,7 +286,9 @@ def loadable(entry: Dict[str, Any]) -> Optional[str]:
     except SerrayError as e:
         return str(e).splitlines()[0]
     encoder = Path(local) / "encoder"
-    if predictor.features.get("encoder") not in (None, "fbank", "egemaps", "compare") and encoder.is_dir():
+    from serray.data.encoders import BUILTIN_ENCODERS
+
+    if predictor.features.get("encoder") not in (None, *BUILTIN_ENCODERS) and encoder.is_dir():
         try:
             json.loads((encoder / "config.json").read_text())
         except (OSError, ValueError) as e:

@@ -1,9 +1,15 @@
 """Frozen upstream encoders: waveform(s) -> frame features.
 
-Three kinds behind one interface (:class:`Encoder`):
+Four kinds behind one interface (:class:`Encoder`):
 
-* ``fbank``: torchaudio's Kaldi log-mel filterbank (100 frames/s), the offline default;
-* ``egemaps`` / ``compare``: openSMILE's low-level descriptors made for emotion (100 frames/s);
+* ``fbank``: torchaudio's Kaldi log-mel filterbank (100 frames/s);
+* ``fbank_pitch``: the same filterbank plus two prosody channels per frame, log-F0 (interpolated
+  over unvoiced frames) and the voicing probability, from openSMILE's pitch tracker: Kaldi's
+  "fbank + pitch" front end, for which a 25 ms log-mel alone carries pitch only as a shallow
+  harmonic ripple (nearly none for low voices);
+* ``egemaps`` / ``compare``: openSMILE's low-level descriptors made for emotion (100 frames/s), their
+  unvoiced-frame sentinels replaced and a voicing channel added
+  (:func:`serray.data.opensmile_features.clean_llds`);
 * a Hugging Face HuBERT / wav2vec2 / WavLM checkpoint, by hub name or local directory
   (50 frames/s), keeping a configurable list of hidden layers.
 
@@ -16,7 +22,7 @@ checkpoints), whose normalisation would see the padding, are run one utterance a
 from __future__ import annotations
 
 import logging
-from typing import List, Sequence
+from typing import List, Optional, Sequence
 
 import numpy as np
 import torch
@@ -53,7 +59,7 @@ class FbankEncoder(Encoder):
 
     def __init__(self, num_mel_bins: int = 80, sample_rate: int = 16000):
         self.name, self.dim, self.num_layers, self.layers = "fbank", num_mel_bins, 1, []
-        self.sample_rate = sample_rate
+        self.num_mel_bins, self.sample_rate = num_mel_bins, sample_rate
         self.frame_length = int(round(0.025 * sample_rate))
         self.frame_shift = int(round(0.010 * sample_rate))
         self.frame_rate = sample_rate / self.frame_shift
@@ -67,15 +73,41 @@ class FbankEncoder(Encoder):
         out = []
         for w in wavs:
             x = torch.from_numpy(np.asarray(w, dtype=np.float32)).unsqueeze(0) * 32768.0
-            f = kaldi.fbank(x, num_mel_bins=self.dim, sample_frequency=self.sample_rate, dither=0.0,
+            f = kaldi.fbank(x, num_mel_bins=self.num_mel_bins, sample_frequency=self.sample_rate, dither=0.0,
                             energy_floor=0.0)
             out.append(f.numpy())
         return out
 
 
+class FbankPitchEncoder(FbankEncoder):
+    """Kaldi fbank + [log-F0 in semitones, voicing probability] per frame
+    (:func:`serray.data.opensmile_features.pitch_track`, on the fbank's own 25 ms / 10 ms grid)."""
+
+    def __init__(self, num_mel_bins: int = 80, sample_rate: int = 16000):
+        from serray.data.opensmile_features import pitch_smile
+
+        super().__init__(num_mel_bins, sample_rate)
+        self.name, self.dim = "fbank_pitch", num_mel_bins + PITCH_CHANNELS
+        self.smile = pitch_smile()
+
+    def encode(self, wavs: Sequence[np.ndarray]) -> List[np.ndarray]:
+        from serray.data.opensmile_features import pitch_track
+
+        out = []
+        for w, fb in zip(wavs, super().encode(wavs)):
+            pitch = pitch_track(w, self.sample_rate, len(fb), self.smile)
+            out.append(np.concatenate([fb, pitch], axis=1).astype(np.float32))
+        return out
+
+
+#: The channels ``fbank_pitch`` adds to the filterbank.
+PITCH_CHANNELS = 2
+
+
 class OpenSmileEncoder(Encoder):
     """openSMILE low-level descriptors (``egemaps``: 25, ``compare``: 65 per frame, 100 frames/s),
-    features made for emotion (:mod:`serray.data.opensmile_features`); each signal processed alone."""
+    features made for emotion (:mod:`serray.data.opensmile_features`), sentinels replaced and a voicing
+    channel added (26 / 66 per frame); each signal processed alone."""
 
     def __init__(self, name: str, sample_rate: int = 16000):
         from serray.data.opensmile_features import FRAME_RATE, LLD_DIMS, smile_for
@@ -92,19 +124,31 @@ class OpenSmileEncoder(Encoder):
     def encode(self, wavs: Sequence[np.ndarray]) -> List[np.ndarray]:
         import warnings
 
+        from serray.data.opensmile_features import clean_llds
+
         out = []
         for w in wavs:
             with warnings.catch_warnings():  # "Segment too short": featurization skips those first
                 warnings.simplefilter("ignore", UserWarning)
-                f = self.smile.process_signal(np.asarray(w, dtype=np.float32), self.sample_rate).to_numpy(np.float32)
-            out.append(np.nan_to_num(f, nan=0.0, posinf=0.0, neginf=0.0))
+                frame = self.smile.process_signal(np.asarray(w, dtype=np.float32), self.sample_rate)
+            out.append(clean_llds(frame, self.name))
         return out
 
 
-#: ``encoder.name`` values served by openSMILE.
+#: ``encoder.name`` values served by openSMILE alone, and those that need it (not exportable to ONNX).
 OPENSMILE_ENCODERS = ("egemaps", "compare")
+NEEDS_OPENSMILE = (*OPENSMILE_ENCODERS, "fbank_pitch")
 #: Encoders computed by code in serray (no model files to load, bundle or download).
-BUILTIN_ENCODERS = ("fbank", *OPENSMILE_ENCODERS)
+BUILTIN_ENCODERS = ("fbank", "fbank_pitch", *OPENSMILE_ENCODERS)
+
+
+def encoder_section(features: dict, name: Optional[str] = None) -> dict:
+    """The ``encoder`` config keys that rebuild the encoder of stored features / a checkpoint's
+    ``features`` identity (``name`` overrides the identity's, e.g. a bundled model directory)."""
+    enc = str(name or features["encoder"])
+    dim = int(features["dim"])
+    return {"name": enc, "layers": list(features.get("layers") or []), "sample_rate": int(features.get("sample_rate", 16000)),
+            "num_mel_bins": dim - PITCH_CHANNELS if features["encoder"] == "fbank_pitch" else dim}
 
 
 def resolve_device(device: str) -> torch.device:
@@ -194,9 +238,10 @@ def _hf_frame_rate(config, sample_rate: int) -> float:
 
 def describe_encoder(cfg) -> dict:
     """The identity an ``encoder`` config section produces (name, layers, dim, frame rate), without loading weights."""
-    if cfg.name == "fbank":
+    if cfg.name in ("fbank", "fbank_pitch"):
         enc = FbankEncoder(num_mel_bins=cfg.num_mel_bins, sample_rate=cfg.sample_rate)
-        return enc.identity()
+        extra = PITCH_CHANNELS if cfg.name == "fbank_pitch" else 0
+        return {**enc.identity(), "encoder": cfg.name, "dim": enc.dim + extra}
     if cfg.name in OPENSMILE_ENCODERS:
         from serray.data.opensmile_features import identity
 
@@ -209,10 +254,11 @@ def describe_encoder(cfg) -> dict:
 
 def build_encoder(cfg) -> Encoder:
     """Build the encoder an ``encoder`` config section names."""
-    if cfg.name == "fbank":
+    if cfg.name in ("fbank", "fbank_pitch"):
         if cfg.layers:
-            raise ConfigError("encoder.layers applies to Hugging Face encoders only; fbank has one layer")
-        return FbankEncoder(num_mel_bins=cfg.num_mel_bins, sample_rate=cfg.sample_rate)
+            raise ConfigError(f"encoder.layers applies to Hugging Face encoders only; {cfg.name} has one layer")
+        cls = FbankEncoder if cfg.name == "fbank" else FbankPitchEncoder
+        return cls(num_mel_bins=cfg.num_mel_bins, sample_rate=cfg.sample_rate)
     if cfg.name in OPENSMILE_ENCODERS:
         if cfg.layers:
             raise ConfigError(f"encoder.layers applies to Hugging Face encoders only; {cfg.name} has one layer")
@@ -232,4 +278,4 @@ def check_identity(found: dict, expected: dict, what_found: str, what_expected: 
         raise DataError(f"{what_found} and {what_expected} disagree ({what_found} vs {what_expected}) on {parts}")
 
 
-__all__ = ["Encoder", "FbankEncoder", "HFEncoder", "OpenSmileEncoder", "build_encoder", "check_identity", "describe_encoder", "resolve_device"]
+__all__ = ["Encoder", "FbankEncoder", "FbankPitchEncoder", "HFEncoder", "OpenSmileEncoder", "build_encoder", "check_identity", "describe_encoder", "resolve_device"]

@@ -298,11 +298,12 @@ def feature_stats(meta: dict, sessions) -> tuple[np.ndarray, np.ndarray]:
         raise DataError(f"the feature metadata has no statistics for sessions {missing}; run `serray featurize` again")
     if not sessions:
         raise DataError("no stored features for feature statistics: the selected sessions are empty")
-    n = sum(stats[str(s)]["frames"] for s in sessions)
+    # per dimension, the frames with a value (NaN: none; statistics written before that count was kept: all frames)
+    n = sum(np.asarray(stats[str(s)].get("count", stats[str(s)]["frames"]), dtype=np.float64) for s in sessions)
     s1 = sum(np.asarray(stats[str(s)]["sum"]) for s in sessions)
     s2 = sum(np.asarray(stats[str(s)]["sumsq"]) for s in sessions)
-    mean = s1 / max(n, 1)
-    std = np.sqrt(np.maximum(s2 / max(n, 1) - mean**2, 0.0)) + 1e-5
+    mean = s1 / np.maximum(n, 1)
+    std = np.sqrt(np.maximum(s2 / np.maximum(n, 1) - mean**2, 0.0)) + 1e-5
     return mean.astype(np.float32), std.astype(np.float32)
 
 

@@ -29,26 +29,33 @@ def session_of(path: str) -> Optional[int]:
 
 
 def partial_sums(batch: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
-    """Per-session frame count, sum and sum of squares ([L, D], float64) of one batch of stored rows."""
+    """Per-session frame count, and per dimension ([L, D], float64) the count of defined values, their sum
+    and sum of squares, of one batch of stored rows. A NaN (a descriptor with no value in an utterance,
+    e.g. F0 where nothing is voiced: :func:`serray.data.opensmile_features.clean_llds`) is left out."""
     acc: Dict[int, list] = {}
     for path, b, t, d, l in zip(batch["path"], batch["feat"], batch["num_frames"], batch["dim"], batch["num_layers"]):
         t, d, l = int(t), int(d), int(l)
         x = decode_feature(b, t, d, l).astype(np.float64).reshape(l, t, d)
-        a = acc.setdefault(session_of(str(path)), [0, 0.0, 0.0])
+        ok = np.isfinite(x)
+        x = np.where(ok, x, 0.0)
+        a = acc.setdefault(session_of(str(path)), [0, 0.0, 0.0, 0.0])
         a[0] += t
         a[1] = a[1] + x.sum(1)
         a[2] = a[2] + (x * x).sum(1)
+        a[3] = a[3] + ok.sum(1)
     keys = sorted(acc)
     return {"session": np.array(keys, dtype=np.int64), "frames": np.array([acc[k][0] for k in keys], dtype=np.int64),
-            "sum": np.stack([acc[k][1] for k in keys]), "sumsq": np.stack([acc[k][2] for k in keys])}
+            "sum": np.stack([acc[k][1] for k in keys]), "sumsq": np.stack([acc[k][2] for k in keys]),
+            "count": np.stack([acc[k][3] for k in keys]).astype(np.float64)}
 
 
 def reduce_partials(rows) -> Dict[str, dict]:
     """Sum per-batch partials (rows of :func:`partial_sums`) into per-session statistics."""
     out: Dict[str, dict] = {}
     for part in rows:
-        o = out.setdefault(str(int(part["session"])), {"frames": 0, "sum": 0.0, "sumsq": 0.0})
+        o = out.setdefault(str(int(part["session"])), {"frames": 0, "sum": 0.0, "sumsq": 0.0, "count": 0.0})
         o["frames"] += int(part["frames"])
-        o["sum"] = o["sum"] + np.asarray(part["sum"], dtype=np.float64)
-        o["sumsq"] = o["sumsq"] + np.asarray(part["sumsq"], dtype=np.float64)
-    return {k: {"frames": v["frames"], "sum": v["sum"].tolist(), "sumsq": v["sumsq"].tolist()} for k, v in out.items()}
+        for k in ("sum", "sumsq", "count"):
+            o[k] = o[k] + np.asarray(part[k], dtype=np.float64)
+    return {k: {"frames": v["frames"], "sum": v["sum"].tolist(), "sumsq": v["sumsq"].tolist(),
+                "count": np.asarray(v["count"]).astype(np.int64).tolist()} for k, v in out.items()}

@@ -50,7 +50,8 @@ class FeatureNorm(nn.Module):
     statistics of the training sessions (:meth:`set_stats`) and saved in every checkpoint, so a
     served model normalises exactly as it was trained. Unlike a per-frame LayerNorm it keeps the
     frame-level energy and spectral-level differences that carry emotion (loudness, tilt).
-    Identity until statistics are set.
+    Identity until statistics are set. A missing value (NaN: a descriptor an utterance does not have,
+    such as F0 where nothing is voiced) becomes 0, the statistics' mean.
     """
 
     def __init__(self, input_dim: int, num_input_layers: int = 1) -> None:
@@ -65,10 +66,12 @@ class FeatureNorm(nn.Module):
         self.std.copy_(torch.as_tensor(std, dtype=self.std.dtype).reshape_as(self.std))
 
     def forward(self, x: Tensor) -> Tensor:
-        """``(x - mean) / std`` for ``[B, T, D]`` or ``[B, L, T, D]`` features."""
+        """``(x - mean) / std`` for ``[B, T, D]`` or ``[B, L, T, D]`` features (NaN -> 0)."""
         if x.dim() == 4:
-            return (x - self.mean[None, :, None, :]) / self.std[None, :, None, :]
-        return (x - self.mean[0]) / self.std[0]
+            y = (x - self.mean[None, :, None, :]) / self.std[None, :, None, :]
+        else:
+            y = (x - self.mean[0]) / self.std[0]
+        return torch.where(torch.isnan(y), torch.zeros((), dtype=y.dtype, device=y.device), y)
 
 
 def kernel_frames(ms: float, frame_rate: float) -> int:

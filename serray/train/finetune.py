@@ -520,7 +520,9 @@ def register_result(cfg, summary: Dict[str, Any], source: str, hyperparameters: 
     model = storage.join(base, f"fold{best['fold']}", "model")
     metrics = {**summary["mean"], sel: float(np.mean([f.get(sel, float("nan")) for f in summary["folds"]]))}
     enc_files = None
-    if model_cfg.registry.include_encoder and model_cfg.encoder.name not in ("fbank", "egemaps", "compare"):
+    from serray.data.encoders import BUILTIN_ENCODERS
+
+    if model_cfg.registry.include_encoder and model_cfg.encoder.name not in BUILTIN_ENCODERS:
         from serray.registry import encoder_files
 
         enc_files = encoder_files(model_cfg.encoder.name)

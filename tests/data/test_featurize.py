@@ -721,3 +721,32 @@ def test_a_file_that_cannot_be_read_is_skipped_and_reported_not_fatal(synthetic_
                        "local_files_only": True, "device": "cpu"}, 0.1, 60.0)
     out = enc._encode(pd.DataFrame({"utt_id": ["a", "b", "c"], "path": [str(p) for p in wavs]}))
     assert list(out["utt_id"]) == ["a", "c"] and (out["num_frames"] > 0).all()
+
+
+def test_statistics_leave_out_missing_values_and_the_normalisation_maps_them_to_the_mean():
+    """A descriptor an utterance does not have is stored as NaN (an LLD encoder's F0 where nothing is
+    voiced); the session statistics count only the defined values per dimension, the pooled mean and sd
+    are those of the defined values, and FeatureNorm turns a NaN into 0 (the mean) instead of NaN."""
+    import torch
+
+    from serray.data.stored import partial_sums, reduce_partials
+    from serray.models.wap import FeatureNorm
+
+    a = np.array([[1.0, 10.0], [3.0, 12.0]], dtype=np.float16)
+    b = np.array([[5.0, np.nan], [7.0, np.nan], [9.0, np.nan]], dtype=np.float16)  # no value in column 1
+    batch = {"path": np.array(["f/session=1/a.parquet", "f/session=1/b.parquet"], dtype=object),
+             "feat": np.array([a.tobytes(), b.tobytes()], dtype=object), "num_frames": np.array([2, 3]),
+             "dim": np.array([2, 2]), "num_layers": np.array([1, 1])}
+    stats = reduce_partials([{k: v[0] for k, v in partial_sums(batch).items()}])
+    assert stats["1"]["frames"] == 5 and stats["1"]["count"] == [[5, 2]]
+    mean, std = feature_stats({"stats": stats}, [1])
+    np.testing.assert_allclose(mean, [[5.0, 11.0]])
+    np.testing.assert_allclose(std, [[np.sqrt(8.0) + 1e-5, 1.0 + 1e-5]], rtol=1e-6)
+    # statistics written before the per-dimension count: every frame counts (the old behaviour)
+    legacy = {"1": {k: v for k, v in stats["1"].items() if k != "count"}}
+    np.testing.assert_allclose(feature_stats({"stats": legacy}, [1])[0], [[5.0, 22.0 / 5]])
+    norm = FeatureNorm(2)
+    norm.set_stats(mean, std)
+    y = norm(torch.tensor(b.astype(np.float32))[None])
+    assert torch.isfinite(y).all() and (y[0, :, 1] == 0).all()
+    np.testing.assert_allclose(y[0, :, 0].numpy(), (b[:, 0] - 5.0) / std[0, 0], rtol=1e-5)

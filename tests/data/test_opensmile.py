@@ -15,7 +15,7 @@ def _tone(seconds: float, f0: float = 140.0, sr: int = 16000) -> np.ndarray:
     return (0.2 * np.sin(2 * np.pi * f0 * t * (1 + 0.05 * np.sin(3 * t))) + 0.01 * rng.normal(size=len(t))).astype(np.float32)
 
 
-@pytest.mark.parametrize("name,dim", [("egemaps", 25), ("compare", 65)])
+@pytest.mark.parametrize("name,dim", [("egemaps", 26), ("compare", 66)])  # the descriptors + the voicing channel
 def test_lld_encoder_frames_dims_and_batch_invariance(name, dim):
     from omegaconf import OmegaConf
 
@@ -32,6 +32,66 @@ def test_lld_encoder_frames_dims_and_batch_invariance(name, dim):
         np.testing.assert_array_equal(f, enc.encode([w])[0])  # each signal alone: the batch does not matter
     assert enc.num_frames(32000) == 196 and enc.num_frames(799) == 0
     assert name in BUILTIN_ENCODERS
+
+
+def _voiced_then_silent(sr: int = 16000, f0: float = 110.0) -> np.ndarray:
+    """0.5 s of silence, 1 s of a harmonic voice at ``f0``, 0.5 s of silence."""
+    t = np.arange(sr) / sr
+    voice = sum(np.sin(2 * np.pi * h * f0 * t) / h for h in range(1, 8)) * 0.1
+    return np.concatenate([np.zeros(sr // 2), voice, np.zeros(sr // 2)]).astype(np.float32)
+
+
+def test_lld_sentinels_are_replaced_before_any_statistic_and_voicing_is_a_channel():
+    """openSMILE writes 0 (F0, jitter, shimmer, HNR, H1-H2, H1-A3) and -201 (formant amplitudes) in
+    unvoiced frames; the encoder interpolates them from the voiced frames, says voicing in its own
+    channel, and gives NaN (missing, not 0) to an utterance with no voiced frame."""
+    from serray.data.opensmile_features import RAW_LLD_DIMS, SENTINEL_COLUMNS, smile_for
+
+    enc = OpenSmileEncoder("egemaps")
+    wav = _voiced_then_silent()
+    raw = smile_for("egemaps", "LowLevelDescriptors").process_signal(wav, 16000)
+    f0_raw = raw["F0semitoneFrom27.5Hz_sma3nz"].to_numpy()
+    assert (f0_raw == 0).sum() > 50 and (raw["F1amplitudeLogRelF0_sma3nz"].to_numpy() == -201).any()  # the sentinels exist
+    x = enc.encode([wav])[0]
+    assert x.shape == (len(raw), RAW_LLD_DIMS["egemaps"] + 1)
+    voiced = x[:, -1]
+    np.testing.assert_array_equal(voiced, (f0_raw > 0).astype(np.float32))
+    for col in SENTINEL_COLUMNS["egemaps"][1]:
+        v = x[:, raw.columns.get_loc(col)]
+        assert np.isfinite(v).all() and not (v == 0).any() and (v > -200).all(), col
+    f0 = x[:, raw.columns.get_loc("F0semitoneFrom27.5Hz_sma3nz")]
+    expected = 12 * np.log2(110 / 27.5)  # 24 semitones
+    assert abs(np.median(f0) - expected) < 1.0 and abs(f0[0] - expected) < 1.5  # unvoiced start: the first voiced value
+    # a descriptor that is not a sentinel column (loudness) is left as openSMILE wrote it
+    np.testing.assert_allclose(x[:, 0], raw["Loudness_sma3"].to_numpy(), rtol=1e-6)
+    silent = enc.encode([np.zeros(16000, dtype=np.float32) + 1e-4 * np.random.default_rng(0).normal(size=16000).astype(np.float32)])[0]
+    cols = [raw.columns.get_loc(c) for c in SENTINEL_COLUMNS["egemaps"][1]]
+    assert np.isnan(silent[:, cols]).all() and (silent[:, -1] == 0).all()
+    others = np.delete(silent, cols, axis=1)
+    assert np.isfinite(others).all()
+
+
+def test_fbank_pitch_tracks_log_f0_on_the_fbank_grid_for_low_and_high_voices():
+    """fbank_pitch = Kaldi fbank (unchanged) + log-F0 in semitones + voicing probability, frame for frame:
+    a 2-semitone step is 2 semitones for a 100 Hz voice as for a 220 Hz one (the log-mel barely shows it
+    for the low voice)."""
+    from omegaconf import OmegaConf
+
+    cfg = OmegaConf.create({"name": "fbank_pitch", "layers": [], "sample_rate": 16000, "num_mel_bins": 40,
+                            "local_files_only": True, "device": "cpu"})
+    enc = build_encoder(cfg)
+    assert describe_encoder(cfg) == enc.identity() and enc.dim == 42 and "fbank_pitch" in BUILTIN_ENCODERS
+    plain = build_encoder(OmegaConf.merge(cfg, {"name": "fbank"}))
+    for f0 in (100.0, 220.0):
+        low, high = _voiced_then_silent(f0=f0), _voiced_then_silent(f0=f0 * 2 ** (2 / 12))
+        a, b = enc.encode([low, high])
+        assert a.shape == (plain.num_frames(len(low)), 42)
+        np.testing.assert_array_equal(a[:, :40], plain.encode([low])[0])  # the filterbank is fbank's
+        mid = slice(70, 130)  # inside the voiced second
+        assert np.median(a[mid, 40]) == pytest.approx(12 * np.log2(f0 / 27.5), abs=0.5)
+        assert np.median(b[mid, 40] - a[mid, 40]) == pytest.approx(2.0, abs=0.3)
+        assert np.median(a[mid, 41]) > 0.5 > np.median(a[:30, 41])  # voicing probability: voiced vs silence
+        assert np.isfinite(a).all()
 
 
 def test_egemaps_functionals_are_88_deterministic_and_tell_pitch_apart(tmp_path):
