@@ -15,8 +15,10 @@ paper-style Markdown report and as a figure. The ablation dict's schema::
                        "wilcoxon_p", "n_boot", "n_runs"}]
     }
 
-``ci95`` / ``p_value`` / ``verdict`` of a comparison are the run-level test
-(:func:`serray.train.stats.run_level_test`); the utterance-only bootstrap and Wilcoxon are secondary.
+``ci95`` / ``p_value`` / ``verdict`` of a comparison are the run-level test, a statement about **these
+test groups** (:func:`serray.train.stats.run_level_test`); ``fold_ci95`` / ``fold_p_value`` /
+``fold_verdict`` the fold-level test, about **new test groups**
+(:func:`serray.train.stats.scoped_inference`); the utterance-only bootstrap and Wilcoxon are secondary.
 Every "sd" is the sample standard deviation (n - 1) over the runs.
 
 Metric values, deltas and intervals are fractions (0..1) in the dict and the JSON; the Markdown
@@ -34,7 +36,7 @@ import numpy as np
 import pandas as pd
 
 from serray.data.iemocap import LABELS
-from serray.train.stats import METRICS, compare, run_metrics, summarise_runs, verdict
+from serray.train.stats import FOLD_LEVEL_TEST, METRICS, RUN_LEVEL_TEST, compare, run_metrics, scoped_verdicts, summarise_runs
 
 ARM_ORDER: Tuple[str, ...] = ("classical", "none", "random_init", "no_local", "full", "oracle")
 """Display order of the known arms (unknown arms follow, alphabetically)."""
@@ -180,14 +182,16 @@ def reading(ablation: Mapping[str, Any]) -> str:
         name = _METRIC_NAMES.get(c["metric"], c["metric"])
         where = f"{c['mode']}, label fraction {_frac(c['label_fraction'])}"
         ci = c.get("ci95") or [None, None]
-        said = c.get("verdict") or verdict(c.get("p_value"), c.get("delta"), c.get("ci95"))
+        said = c.get("verdict") or scoped_verdicts(c)["verdict"]
         runs = f"{c['wins']} of {c['n_runs']} runs ahead" if c.get("wins") is not None else ""
+        new = _new_groups_text(c)
         if said != "not established":
-            clear.append(f"**{c['a']}** {said} **{c['b']}** ({where}) by {abs(100 * c['delta']):.2f} points of "
-                         f"{name} (95% CI {_pts(ci[0])} to {_pts(ci[1])}, p {_p_text(c.get('p_value'))}, {runs})")
+            clear.append(f"**{c['a']}** {said} **{c['b']}** on these test groups ({where}) by {abs(100 * c['delta']):.2f} "
+                         f"points of {name} (95% CI {_pts(ci[0])} to {_pts(ci[1])}, p {_p_text(c.get('p_value'))}, {runs}); "
+                         f"{new}")
         else:
             unclear.append(f"{c['a']} vs {c['b']} ({where}: {_pts(c.get('delta'))} points, "
-                           f"95% CI {_pts(ci[0])} to {_pts(ci[1])}, p {_p_text(c.get('p_value'))}, {runs})")
+                           f"95% CI {_pts(ci[0])} to {_pts(ci[1])}, p {_p_text(c.get('p_value'))}, {runs}; {new})")
     if not clear and not unclear:
         text = "No paired comparisons were made."
     else:
@@ -206,10 +210,25 @@ def reading(ablation: Mapping[str, Any]) -> str:
         lo_n, hi_n = min(n_tests), max(n_tests)
         size = f" ({lo_n} utterances per run)" if lo_n == hi_n else f" ({lo_n}-{hi_n} utterances per run)"
     caution = (f"Caution: the test sets are small{size} and training is noisy. The run-level test treats every "
-               "(seed, fold) run as a unit, so a difference carried by a few lucky runs is not established; the "
-               "utterance-bootstrap column holds the trained models fixed and is shown for comparison only. "
-               "Runs share training data across folds, so the intervals are approximate.")
+               "(seed, fold) run as a unit, so a difference carried by a few lucky runs is not established; it holds "
+               "for these test groups only. A claim about new sessions or speakers rests on the fold-level test, whose "
+               "units are the folds. The utterance-bootstrap column holds the trained models fixed and is shown for "
+               "comparison only. Runs share training data across folds, so the intervals are approximate.")
     return text + "\n\n" + caution
+
+
+def _new_groups_text(c: Mapping[str, Any]) -> str:
+    """What a comparison says about new test groups (the fold-level test), in words."""
+    if c.get("fold_p_value") is None:
+        return "new test groups: not tested"
+    fv = c.get("fold_verdict") or scoped_verdicts(c).get("fold_verdict")
+    fci = c.get("fold_ci95") or [None, None]
+    k = c.get("n_folds")
+    detail = (f"fold-level p {_p_text(c.get('fold_p_value'))}, the smallest {k} folds allow is {_p(c.get('fold_p_min'))}, "
+              f"95% CI {_pts(fci[0])} to {_pts(fci[1])}, {c.get('folds_ahead')} of {k} folds ahead")
+    if fv and fv.startswith("not testable"):
+        return f"for new test groups it cannot be established with {k} folds ({detail})"
+    return f"for new test groups: {fv} ({detail})"
 
 
 def _p_text(p: Optional[float]) -> str:
@@ -241,20 +260,25 @@ def ablation_markdown(ablation: Mapping[str, Any]) -> str:
     comps = ablation.get("comparisons", [])
     if comps:
         lines += ["", "#### Paired comparisons (A − B)", "",
-                  "Primary: run-level (sign-flip permutation over seed × fold runs; 95% CI by a two-level bootstrap "
-                  "over runs and test utterances). Secondary: the bootstrap over test utterances with the trained "
-                  "models fixed, and a Wilcoxon signed-rank test over runs.", "",
-                  "| A | B | mode | label fraction | metric | Δ (points) | 95% CI (points) | p | runs A > B | verdict | "
-                  "utterance-bootstrap CI | utterance p | Wilcoxon p |",
-                  "|---|---|---|---:|---|---:|---:|---:|---:|---|---:|---:|---:|"]
+                  f"These test groups (the primary test): {RUN_LEVEL_TEST}. New test groups: {FOLD_LEVEL_TEST}. "
+                  "Secondary: the bootstrap over test utterances with the trained models fixed, and a Wilcoxon "
+                  "signed-rank test over runs.", "",
+                  "| A | B | mode | label fraction | metric | Δ (points) | these test groups: 95% CI | p | runs A > B | "
+                  "verdict | new test groups: 95% CI | p (floor) | folds A > B | verdict | utterance-bootstrap CI | "
+                  "utterance p | Wilcoxon p |",
+                  "|---|---|---|---:|---|---:|---:|---:|---:|---|---:|---:|---:|---|---:|---:|---:|"]
         for c in comps:
             ci = c.get("ci95") or [None, None]
+            fci = c.get("fold_ci95") or [None, None]
             uci = c.get("utterance_ci95") or [None, None]
             wins = f"{c['wins']}/{c['n_runs']}" if c.get("wins") is not None else "n/a"
+            folds = f"{c['folds_ahead']}/{c['n_folds']}" if c.get("folds_ahead") is not None else "n/a"
+            said = {**scoped_verdicts(c), **{k: c[k] for k in ("verdict", "fold_verdict") if c.get(k)}}
             lines.append(f"| {c['a']} | {c['b']} | {c['mode']} | {_frac(c['label_fraction'])} | "
                          f"{_METRIC_NAMES.get(c['metric'], c['metric'])} | {_pts(c.get('delta'))} | "
-                         f"[{_pts(ci[0])}, {_pts(ci[1])}] | {_p(c.get('p_value'))} | {wins} | "
-                         f"{c.get('verdict') or verdict(c.get('p_value'), c.get('delta'), c.get('ci95'))} | "
+                         f"[{_pts(ci[0])}, {_pts(ci[1])}] | {_p(c.get('p_value'))} | {wins} | {said['verdict']} | "
+                         f"[{_pts(fci[0])}, {_pts(fci[1])}] | {_p(c.get('fold_p_value'))} ({_p(c.get('fold_p_min'))}) | "
+                         f"{folds} | {said.get('fold_verdict', 'n/a')} | "
                          f"[{_pts(uci[0])}, {_pts(uci[1])}] | {_p(c.get('utterance_p'))} | {_p(c.get('wilcoxon_p'))} |")
     lines += ["", reading(ablation), ""]
     return "\n".join(lines)

@@ -18,7 +18,7 @@ from typing import Any, Dict, List, Sequence
 import numpy as np
 import pandas as pd
 
-from serray.train.stats import RUN_LEVEL_TEST, sign_flip_p, summarise_runs  # noqa: F401  (summarise_runs: re-exported)
+from serray.train.stats import FOLD_LEVEL_TEST, RUN_LEVEL_TEST, scoped_inference, summarise_runs  # noqa: F401
 
 
 def _weighted_ccc(y: np.ndarray, p: np.ndarray, w: np.ndarray) -> np.ndarray:
@@ -79,24 +79,18 @@ def run_level_test_ccc(preds_a: pd.DataFrame, preds_b: pd.DataFrame, metric: str
     ka, kb = {(r["seed"], r["fold"]): r[metric] for r in ra}, {(r["seed"], r["fold"]): r[metric] for r in rb}
     if set(ka) != set(kb):
         raise ValueError("the two arms have different (seed, fold) runs")
-    keys = sorted(ka)
-    diff = np.array([ka[k] - kb[k] for k in keys])
     rng = np.random.default_rng(seed)
-    per_run = []
-    for _fold, y, pa, pb in _fold_arrays(preds_a, preds_b, names):
+    per_fold = []
+    idx = [names.index(d) for d in dims]
+    for fold, y, pa, pb in _fold_arrays(preds_a, preds_b, names):
+        seeds = sorted(s for s, f in ka if f == fold)
+        observed = np.array([ka[(s, fold)] - kb[(s, fold)] for s in seeds])
         w = rng.multinomial(len(y), np.full(len(y), 1.0 / len(y)), size=n_boot).astype(float)  # (B, n)
-        idx = [names.index(d) for d in dims]
         da = np.mean([_weighted_ccc(y[:, j], pa[:, :, j], w) for j in idx], axis=0)  # (B, S)
         db = np.mean([_weighted_ccc(y[:, j], pb[:, :, j], w) for j in idx], axis=0)
-        per_run.append((da - db).T)  # (S, B)
-    replicates = np.concatenate(per_run, axis=0)
-    n_runs = replicates.shape[0]
-    pick = rng.integers(0, n_runs, size=(n_boot, n_runs))
-    boot = np.nanmean(replicates[pick, np.arange(n_boot)[:, None]], axis=1)
-    lo, hi = np.nanpercentile(boot, [2.5, 97.5])
-    return {"metric": metric, "delta": float(diff.mean()), "ci95": [float(lo), float(hi)],
-            "p_value": sign_flip_p(diff, seed=seed), "test": RUN_LEVEL_TEST, "n_boot": int(n_boot),
-            "n_runs": int(len(diff)), "wins": int((diff > 0).sum()), "losses": int((diff < 0).sum())}
+        per_fold.append((observed, (da - db).T))  # (S,), (S, B)
+    return {"metric": metric, **scoped_inference(per_fold, rng, seed), "test": RUN_LEVEL_TEST,
+            "fold_test": FOLD_LEVEL_TEST}
 
 
 # ------------------------------------------------------------------ the ablation on CCC (ablate.metric)
@@ -109,7 +103,7 @@ def build_dim_ablation(cells: Dict[Any, pd.DataFrame], protocol: str, folds: Seq
     per arm the metric's mean / sd / 95 % t-interval over the runs (and the selected epochs'
     validation score), and the paired comparisons by :func:`run_level_test_ccc`."""
     from serray.train.ablation_report import DEFAULT_COMPARISONS, _sort_key
-    from serray.train.stats import verdict
+    from serray.train.stats import scoped_verdicts
 
     arms = []
     for arm, mode, fraction in sorted(cells, key=lambda k: _sort_key(*k)):
@@ -129,7 +123,7 @@ def build_dim_ablation(cells: Dict[Any, pd.DataFrame], protocol: str, folds: Seq
             res = run_level_test_ccc(cells[(a, mode, fraction)], cells[(b, mode, fraction)], metric, names, n_boot,
                                      boot_seed)
             results.append({"a": a, "b": b, "mode": mode, "label_fraction": float(fraction), **res,
-                            "verdict": verdict(res["p_value"], res["delta"], res["ci95"])})
+                            **scoped_verdicts(res)})
     return {"protocol": protocol, "metric": metric, "dimensions": list(names), "folds": [int(f) for f in folds],
             "seeds": [int(s) for s in seeds], "arms": arms, "comparisons": results}
 
@@ -143,13 +137,16 @@ def dim_ablation_markdown(ab: Dict[str, Any]) -> str:
         val = f"{r['val']['mean']:.3f}" if r.get("val") and r["val"]["mean"] is not None else "-"
         lines.append(f"| {r['arm']} | {r['mode']} | x{r['label_fraction']:g} | {r[m]['mean']:.3f} ± {r[m]['sd']:.3f} "
                      f"| {val} |")
-    lines += ["", "| comparison | mode | labels | Δ (A − B) | 95 % interval | p | runs A > B | reading |",
-              "|---|---|---:|---:|---:|---:|---:|---|"]
+    lines += ["", "| comparison | mode | labels | Δ (A − B) | these test groups: 95 % interval | p | runs A > B | reading "
+              "| new test groups: 95 % interval | p | folds A > B | reading |",
+              "|---|---|---:|---:|---:|---:|---:|---|---:|---:|---:|---|"]
     for c in ab["comparisons"]:
+        fci = c.get("fold_ci95") or [float("nan")] * 2
         lines.append(f"| {c['a']} vs {c['b']} | {c['mode']} | x{c['label_fraction']:g} | {c['delta']:+.3f} | "
                      f"[{c['ci95'][0]:+.3f}, {c['ci95'][1]:+.3f}] | {c['p_value']:.3f} | {c['wins']}/{c['n_runs']} | "
-                     f"A {c['verdict']} B |")
-    lines += ["", f"p: {RUN_LEVEL_TEST}."]
+                     f"A {c['verdict']} B | [{fci[0]:+.3f}, {fci[1]:+.3f}] | {c.get('fold_p_value', float('nan')):.3f} | "
+                     f"{c.get('folds_ahead', '-')}/{c.get('n_folds', '-')} | {c.get('fold_verdict', '-')} |")
+    lines += ["", f"{RUN_LEVEL_TEST}.", f"{FOLD_LEVEL_TEST}."]
     return "\n".join(lines) + "\n"
 
 

@@ -13,11 +13,21 @@ one row per test utterance per seed per fold. A *run* is one (seed, fold) pair.
 
 Test sets are small (20-160 utterances per fold) and training is noisy (another seed moves a fold's
 UA by several points), so a claim that arm A beats arm B rests on a *paired* comparison over the same
-seeds, folds and test utterances that accounts for **both**: the primary test (:func:`run_level_test`)
-is a sign-flip permutation test over the (seed, fold) runs' paired differences, with a two-level
-bootstrap interval (runs, then test utterances within each run). The utterance-only bootstrap
-(:func:`paired_bootstrap`, the trained models held fixed) and a Wilcoxon signed-rank test over runs
-(:func:`wilcoxon_runs`) are reported alongside as secondary columns. All metric values are fractions
+seeds, folds and test utterances that accounts for **both**. Every comparison is made at two scopes
+(:func:`scoped_inference`):
+
+* **these test groups** (the primary test of :func:`run_level_test`): a sign-flip permutation test over
+  the (seed, fold) runs' paired differences, with an interval from a bootstrap that holds the folds
+  fixed and resamples the seeds within each fold, then the fold's test utterances. It answers "does A
+  beat B on these test sessions / speakers?" and says nothing about other ones;
+* **new test groups**: a sign-flip test over the folds (each fold's difference averaged over its
+  seeds), with a hierarchical bootstrap interval (folds, then seeds within a fold, then utterances).
+  Folds are the units that generalise: with K folds its p cannot go below ``2 / 2**K`` (0.0625 for five
+  sessions), so a five-fold design can never establish a claim about new sessions; a
+  leave-one-speaker-out design (ten folds on IEMOCAP) can.
+
+The utterance-only bootstrap (:func:`paired_bootstrap`, the trained models held fixed) and a Wilcoxon
+signed-rank test over runs (:func:`wilcoxon_runs`) are reported alongside as secondary columns. All metric values are fractions
 in [0, 1] returned as plain Python floats (never NaN: an undefined value is ``None``), so every result
 is JSON-serialisable as is.
 """
@@ -43,7 +53,11 @@ METRICS: Tuple[str, ...] = ("ua", "wa", "macro_f1")
 
 BOOTSTRAP_TEST = "paired bootstrap over test utterances"
 WILCOXON_TEST = "Wilcoxon signed-rank over seed x fold"
-RUN_LEVEL_TEST = "sign-flip permutation over seed x fold runs; 95% CI: two-level bootstrap (runs, then test utterances)"
+RUN_LEVEL_TEST = ("these test groups: sign-flip permutation over seed x fold runs; 95% CI: bootstrap of the seeds "
+                  "within each fold, then its test utterances (folds fixed)")
+FOLD_LEVEL_TEST = ("new test groups: sign-flip permutation over folds (each fold's mean over seeds); 95% CI: "
+                   "hierarchical bootstrap (folds, then seeds within a fold, then test utterances)")
+SCOPES = {"run": "these test groups", "fold": "new test groups"}
 ALPHA = 0.05  # a comparison "beats" / "is worse than" only when the run-level p is below this
 EXACT_MAX_RUNS = 20  # up to 2**20 sign patterns are enumerated; more runs: Monte Carlo
 
@@ -439,24 +453,77 @@ def sign_flip_p(diff: Sequence[float], n_perm: int = 100_000, seed: int = 0) -> 
     return (hits + 1) / (int(n_perm) + 1)
 
 
+def scoped_inference(per_fold: Sequence[Tuple[np.ndarray, np.ndarray]], rng: np.random.Generator,
+                     seed: int = 0) -> Dict[str, Any]:
+    """Both scopes of a paired comparison from each fold's run differences.
+
+    Args:
+        per_fold: one ``(d, reps)`` per fold: ``d`` (S,) the observed differences A - B of the fold's S
+            seeds, ``reps`` (S, B) the same differences under B resamples of the fold's test utterances
+            (one draw per replicate shared by both arms and every seed: the pairing). Undefined
+            replicate values (NaN: a CCC of a constant resample) are left out of the means.
+        rng: the generator of the seed and fold draws.
+        seed: seed of the Monte Carlo sign patterns (more than 20 units).
+
+    Returns:
+        ``delta`` (the mean over runs), ``ci95`` / ``p_value`` / ``wins`` / ``losses`` / ``n_runs`` for
+        **these test groups** (runs; seeds resampled within each fold, folds fixed), and
+        ``fold_ci95`` / ``fold_p_value`` / ``folds_ahead`` / ``folds_behind`` / ``n_folds`` /
+        ``fold_p_min`` (the smallest p the design allows, ``2 / 2**K``) for **new test groups**
+        (folds; hierarchical bootstrap: folds, seeds within a fold, utterances).
+    """
+    diffs = [np.asarray(d, dtype=float) for d, _ in per_fold]
+    reps = [np.asarray(r, dtype=float) for _, r in per_fold]
+    if not diffs or any(len(d) == 0 for d in diffs):
+        raise ValueError("every fold needs at least one run")
+    n_boot = reps[0].shape[1]
+    diff = np.concatenate(diffs)
+    fold_means = np.array([d.mean() for d in diffs])
+    k = len(diffs)
+    # within-fold resamples: replicate b of fold f = mean of its S seeds drawn with replacement at utterance draw b
+    within = np.empty((k, n_boot))
+    for f, r in enumerate(reps):
+        s = r.shape[0]
+        pick = rng.integers(0, s, size=(n_boot, s))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            within[f] = np.nanmean(r[pick, np.arange(n_boot)[:, None]], axis=1)
+    sizes = np.array([len(d) for d in diffs], dtype=float)
+    conditional = (sizes[:, None] * within).sum(0) / sizes.sum()  # these folds, weighted by their runs
+    folds = rng.integers(0, k, size=(n_boot, k))
+    cols = rng.integers(0, n_boot, size=(n_boot, k))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        hierarchical = np.nanmean(within[folds, cols], axis=1)
+        lo, hi = np.nanpercentile(conditional, [2.5, 97.5])
+        flo, fhi = np.nanpercentile(hierarchical, [2.5, 97.5])
+    return {"delta": float(diff.mean()), "ci95": [float(lo), float(hi)], "p_value": sign_flip_p(diff, seed=seed),
+            "n_runs": int(len(diff)), "wins": int((diff > 0).sum()), "losses": int((diff < 0).sum()),
+            "fold_delta": float(fold_means.mean()), "fold_ci95": [float(flo), float(fhi)],
+            "fold_p_value": sign_flip_p(fold_means, seed=seed), "n_folds": int(k),
+            "folds_ahead": int((fold_means > 0).sum()), "folds_behind": int((fold_means < 0).sum()),
+            "fold_p_min": fold_p_floor(k), "n_boot": int(n_boot)}
+
+
+def fold_p_floor(n_folds: int) -> float:
+    """The smallest two-sided p a sign-flip test over ``n_folds`` units can give: ``2 / 2**n``."""
+    return min(1.0, 2.0 / 2 ** int(n_folds))
+
+
 def run_level_test(preds_a: pd.DataFrame, preds_b: pd.DataFrame, metric: str = "ua", n_boot: int = 2000,
                    seed: int = 0, labels: Sequence[str] = LABELS) -> Dict[str, Any]:
-    """The primary comparison: a test and an interval that account for training variance.
+    """The primary comparison, at both scopes (:func:`scoped_inference`), accounting for training variance.
 
     * ``p_value``: :func:`sign_flip_p` over the per-run differences ``metric(a) - metric(b)`` of the
       (seed, fold) runs (exact for up to 20 runs): a run's difference carries its training noise, so
-      one lucky seed cannot make a difference significant;
-    * ``ci95``: a two-level bootstrap: each replicate draws ``n_runs`` runs with replacement, and for
-      each drawn run resamples its fold's test utterances (stratified by class, the same draw for both
-      arms and every seed of the fold, as in :func:`paired_bootstrap`); the percentile interval of the
-      replicates' mean difference.
-
-    Runs are treated as exchangeable units; they are not fully independent (the folds share training
-    sessions, a seed's runs share nothing but the seed), so read the interval as approximate.
+      one lucky seed cannot make a difference significant. It is a statement about **these test
+      groups** (``ci95``: the folds fixed, seeds resampled within each fold, then the fold's test
+      utterances, stratified by class, the same draw for both arms and every seed of the fold);
+    * ``fold_p_value`` / ``fold_ci95``: the same question for **new test groups**, over folds.
 
     Returns:
-        ``{"delta", "ci95", "p_value", "test", "n_boot", "n_runs", "wins", "losses"}`` (fractions;
-        ``wins`` / ``losses``: runs where A is above / below B).
+        The keys of :func:`scoped_inference` plus ``test``, ``fold_test`` (fractions; ``wins`` /
+        ``losses``: runs where A is above / below B).
     """
     return _run_level(preds_a, preds_b, metric, n_boot, seed, labels)[0]
 
@@ -468,25 +535,28 @@ def _run_level(preds_a, preds_b, metric, n_boot, seed, labels):
     n_boot = int(n_boot)
     folds = _fold_arrays(preds_a, preds_b, labels)
     runs_a, runs_b = run_metrics(preds_a, labels), run_metrics(preds_b, labels)
-    va, vb = _paired_values(runs_a, runs_b, metric)
-    diff = va - vb
+    _paired_values(runs_a, runs_b, metric)  # the same (seed, fold) runs in both arms
     rng = np.random.default_rng(seed)
-    # every run's difference under each replicate's resample of its fold's test utterances (runs of one
-    # fold share the draw: the pairing); the run draw below picks rows of this table
-    per_run = []
+    per_fold = []
     for _fold, y, pa, pb in folds:
         w = _stratified_weights(y, n_boot, rng)
+        observed = fast_metrics(y, pa, len(labels))[metric][0] - fast_metrics(y, pb, len(labels))[metric][0]  # (S,)
         d = fast_metrics(y, pa, len(labels), w)[metric] - fast_metrics(y, pb, len(labels), w)[metric]  # (B, S)
-        per_run.append(d.T)  # (S, B)
-    replicates = np.concatenate(per_run, axis=0)  # (n_runs, B)
-    n_runs = replicates.shape[0]
-    pick = rng.integers(0, n_runs, size=(n_boot, n_runs))
-    boot = replicates[pick, np.arange(n_boot)[:, None]].mean(axis=1)
-    lo, hi = np.percentile(boot, [2.5, 97.5])
-    out = {"delta": float(diff.mean()), "ci95": [float(lo), float(hi)], "p_value": sign_flip_p(diff, seed=seed),
-           "test": RUN_LEVEL_TEST, "n_boot": n_boot, "n_runs": int(len(diff)),
-           "wins": int((diff > 0).sum()), "losses": int((diff < 0).sum())}
+        per_fold.append((observed, d.T))
+    out = {**scoped_inference(per_fold, rng, seed), "test": RUN_LEVEL_TEST, "fold_test": FOLD_LEVEL_TEST}
     return out, runs_a, runs_b
+
+
+def scoped_verdicts(res: Mapping[str, Any]) -> Dict[str, str]:
+    """``verdict`` (these test groups, the run-level test) and ``fold_verdict`` (new test groups, the
+    fold-level test) of a comparison: each "beats" / "is worse than" / "not established", and for the
+    fold level "not testable with K folds" when ``2 / 2**K`` is not below :data:`ALPHA`."""
+    out = {"verdict": verdict(res.get("p_value"), res.get("delta"), res.get("ci95"))}
+    if res.get("fold_p_value") is not None:
+        k = int(res.get("n_folds") or 0)
+        out["fold_verdict"] = (f"not testable with {k} folds" if fold_p_floor(k) >= ALPHA else
+                               verdict(res.get("fold_p_value"), res.get("fold_delta", res.get("delta")), res.get("fold_ci95")))
+    return out
 
 
 def verdict(p_value: Optional[float], delta: Optional[float], ci95: Optional[Sequence[Optional[float]]] = None,
@@ -514,8 +584,9 @@ def compare(preds_a: pd.DataFrame, preds_b: pd.DataFrame, a: str, b: str, mode: 
 
     Returns:
         ``{"a", "b", "mode", "label_fraction", "metric", "delta", "ci95", "p_value", "test", "verdict",
-        "wins", "losses", "utterance_ci95", "utterance_p", "wilcoxon_p", "n_boot", "n_runs"}`` (delta and
-        intervals as fractions).
+        "wins", "losses", "utterance_ci95", "utterance_p", "wilcoxon_p", "n_boot", "n_runs"}`` (these test
+        groups) and ``{"fold_delta", "fold_ci95", "fold_p_value", "fold_test", "fold_verdict", "n_folds",
+        "folds_ahead", "folds_behind", "fold_p_min"}`` (new test groups); delta and intervals as fractions.
 
     Raises:
         ValueError: As :func:`paired_bootstrap`.
@@ -524,11 +595,8 @@ def compare(preds_a: pd.DataFrame, preds_b: pd.DataFrame, a: str, b: str, mode: 
     boot = _paired_bootstrap(preds_a, preds_b, metric, n_boot, seed, labels)[0]
     wil = wilcoxon_runs(runs_a, runs_b, metric=metric)
     return {"a": a, "b": b, "mode": mode, "label_fraction": float(label_fraction), "metric": metric,
-            "delta": primary["delta"], "ci95": primary["ci95"], "p_value": primary["p_value"],
-            "test": primary["test"], "verdict": verdict(primary["p_value"], primary["delta"], primary["ci95"]),
-            "wins": primary["wins"], "losses": primary["losses"],
-            "utterance_ci95": boot["ci95"], "utterance_p": boot["p_value"], "wilcoxon_p": wil["p_value"],
-            "n_boot": primary["n_boot"], "n_runs": primary["n_runs"]}
+            **primary, **scoped_verdicts(primary),
+            "utterance_ci95": boot["ci95"], "utterance_p": boot["p_value"], "wilcoxon_p": wil["p_value"]}
 
 
 # ------------------------------------------------------------------------------------ labels

@@ -141,7 +141,11 @@ def test_write_ablation_files_and_markdown_numbers(ablation, tmp_path):
     assert cells[8] == "6/6" and cells[9] == "beats"
 
     # the reading: the clear gain is stated, the null comparison (full vs no_local) is not claimed
-    assert f"**full** beats **random_init** (finetune, label fraction 1) by {100 * comp['delta']:.2f} points" in md
+    assert (f"**full** beats **random_init** on these test groups (finetune, label fraction 1) by "
+            f"{100 * comp['delta']:.2f} points") in md
+    # three folds: no claim about new test groups is possible (2 / 2^3 = 0.25), and the report says so
+    assert comp["n_folds"] == 3 and comp["fold_p_min"] == 0.25 and comp["fold_verdict"] == "not testable with 3 folds"
+    assert cells[13] == "not testable with 3 folds" and "for new test groups it cannot be established with 3 folds" in md
     nl = next(c for c in ablation["comparisons"] if c["b"] == "no_local")
     assert nl["verdict"] == "not established" and nl["p_value"] > 0.05
     assert "full vs no_local (finetune, label fraction 1" in md and "**full** beats **no_local**" not in md

@@ -423,3 +423,70 @@ def test_subsample_labels_other_column_and_missing():
     with pytest.raises(ValueError, match="missing"):
         holes = df.assign(emotion=df["emotion"].where(df.index != 100))
         stats.subsample_labels(holes, 0.5, seed=0, label_col="emotion")
+
+
+# ---------------------------------------------------------------- scope: these test groups vs new ones
+
+
+def _fold_runs(effects, seeds, noise, rng, n_boot=200):
+    """per_fold input of scoped_inference: fold f's seeds differ by effects[f] + training noise; its
+    utterance replicates scatter around each run's difference."""
+    out = []
+    for e in effects:
+        d = e + noise * rng.normal(size=seeds)
+        out.append((d, d[:, None] + 0.01 * rng.normal(size=(seeds, n_boot))))
+    return out
+
+
+def test_a_fold_by_arm_effect_is_significant_for_these_groups_but_not_for_new_ones():
+    """Fold effects of +-4 points that cancel on average (the arms differ per test group, not overall)
+    but one seed's noise small: the run-level test finds the difference on these groups (a real
+    statement about them), the fold-level test does not generalise it to new groups."""
+    rng = np.random.default_rng(0)
+    effects = np.array([0.06, 0.05, 0.04, 0.05, -0.01, 0.06, 0.04, 0.05])  # mostly ahead, one fold behind
+    res = stats.scoped_inference(_fold_runs(effects, 2, 0.005, rng), np.random.default_rng(1))
+    assert res["n_folds"] == 8 and res["n_runs"] == 16
+    assert res["p_value"] < 0.01 and res["ci95"][0] > 0  # these test groups
+    assert res["fold_p_value"] == pytest.approx(2 * 2 / 2**8)  # 7 of 8 folds ahead: the fold with -0.01 flips
+    assert res["fold_ci95"][0] < res["ci95"][0] and res["fold_ci95"][1] > res["ci95"][1]  # wider: folds resampled
+    cancelling = np.array([0.04, -0.04, 0.03, -0.03, 0.04, -0.04, 0.02, -0.02])
+    res = stats.scoped_inference(_fold_runs(cancelling, 2, 0.002, rng), np.random.default_rng(1))
+    said = stats.scoped_verdicts(res)
+    assert said["fold_verdict"] == "not established" and res["fold_p_value"] > 0.5
+
+
+def test_the_fold_level_test_keeps_its_level_where_the_run_level_test_does_not():
+    """Simulated null for new groups: each fold has its own arm effect drawn from N(0, 3 points), the
+    population mean is 0. The run-level sign-flip (these test groups) rejects far more than 5 % of the
+    time (it answers another question); the fold-level test stays near its nominal 5 %."""
+    rng = np.random.default_rng(3)
+    run_rej = fold_rej = 0
+    sims = 300
+    for _ in range(sims):
+        per_fold = [(e + 0.01 * rng.normal(size=2), np.zeros((2, 1))) for e in 0.03 * rng.normal(size=8)]
+        diffs = np.concatenate([d for d, _ in per_fold])
+        run_rej += stats.sign_flip_p(diffs) < 0.05
+        fold_rej += stats.sign_flip_p(np.array([d.mean() for d, _ in per_fold])) < 0.05
+    assert run_rej / sims > 0.15
+    assert fold_rej / sims < 0.08
+
+
+def test_five_folds_can_never_establish_a_claim_about_new_groups_ten_can():
+    rng = np.random.default_rng(4)
+    five = stats.scoped_inference(_fold_runs(np.full(5, 0.08), 3, 0.002, rng), rng)
+    assert five["folds_ahead"] == 5 and five["fold_p_value"] == five["fold_p_min"] == 0.0625
+    assert stats.scoped_verdicts(five) == {"verdict": "beats", "fold_verdict": "not testable with 5 folds"}
+    ten = stats.scoped_inference(_fold_runs(np.full(10, 0.08), 1, 0.002, rng), rng)
+    assert ten["fold_p_value"] == pytest.approx(2 / 1024) and ten["fold_p_min"] == pytest.approx(2 / 1024)
+    assert stats.scoped_verdicts(ten)["fold_verdict"] == "beats"
+
+
+def test_compare_reports_both_scopes_from_predictions():
+    """compare() on predictions frames carries the fold-level keys beside the run-level ones, and the
+    run-level interval holds the folds fixed (it no longer draws runs across folds)."""
+    a, b = make_preds(0.9, seeds=(0, 1), seed=7), make_preds(0.5, seeds=(0, 1), seed=8)
+    c = stats.compare(a, b, "A", "B", "finetune", 1.0, n_boot=200)
+    assert c["n_folds"] == 5 and c["fold_test"] == stats.FOLD_LEVEL_TEST and c["test"] == stats.RUN_LEVEL_TEST
+    assert c["verdict"] == "beats" and c["fold_verdict"] == "not testable with 5 folds"
+    assert c["fold_delta"] == pytest.approx(c["delta"])  # balanced: two seeds in every fold
+    assert c["fold_p_value"] == pytest.approx(0.0625) and c["folds_ahead"] == 5
