@@ -54,6 +54,7 @@ class DataConfig:
     sessions: Optional[List[int]] = None  # fold groups used (None: every group of the corpus's protocol)
     num_folds: int = 5  # speaker-grouped k-fold corpora (crema-d, ravdess, csv): k
     label_map: Dict[str, str] = field(default_factory=dict)  # raw label -> neu|hap|sad|ang, or '' to drop
+    protocol: Optional[str] = None  # None: the corpus's own; leave_one_speaker_out (IEMOCAP: 10 folds)
 
 
 @dataclass
@@ -119,6 +120,7 @@ class AdapterConfig:
     ema_decay: float = 0.996  # teacher EMA decay at step 0 ...
     ema_decay_end: float = 0.9999  # ... rising to this by a cosine schedule (DINO / data2vec) ...
     ema_half_life: Optional[float] = None  # guard, off by default: cap the decay so the teacher's half-life is at most this share of the run
+    ema_layers_only: bool = False  # data2vec: the EMA covers the Transformer layers; input projection and positional conv are the student's
     num_clusters: int = 32  # K local attributes
     kmeans_decay: float = 0.99  # online k-means: EMA of per-cluster sums and counts
     w_mask: float = 1.0  # mask prediction loss weight (0 disables it)
@@ -197,6 +199,9 @@ class FinetuneConfig(TrainerConfig):
     dim_loss: str = "ccc"  # ccc: 1 - CCC per dimension | mse
     dim_loss_weight: float = 1.0  # multitask: loss = cross-entropy + this x dimensional loss
     select_metric: Optional[str] = None  # epoch selection: val_ua | val_ccc_mean | val_ccc_<dim> (None: the task's)
+    epoch_selection: str = "val"  # val: the best epoch on held-out training speakers | inner_cv: the epoch count by
+    #                               cross-validation over the training groups, then one model trained on all of them
+    select_smooth: int = 1  # val: the selection metric averaged over this many trailing epochs (ties: the later epoch)
 
 
 def _default_search_space() -> Dict[str, Any]:
@@ -569,10 +574,15 @@ def _validate(cfg: DictConfig) -> None:
     from serray.data import corpora
 
     corpus = corpora.get(str(cfg.data.corpus))
+    if cfg.data.protocol is not None and cfg.data.protocol not in (corpus.protocol, *corpus.other_protocols):
+        options = ", ".join(corpus.other_protocols) or "none: its own protocol only"
+        problems.append(f"data.protocol={cfg.data.protocol} is not a protocol {corpus.title} offers "
+                        f"(it runs {corpus.protocol}; data.protocol can choose: {options})")
+        raise _invalid(problems)
     groups = corpus.groups(cfg.data)
     for s in cfg.data.sessions:
         if s not in groups and s not in corpus.extra_groups:
-            problems.append(f"data.sessions: {s} is not a {corpus.group_name} of {corpus.title} "
+            problems.append(f"data.sessions: {s} is not a {corpus.group_name_of(cfg.data)} of {corpus.title} "
                             f"({groups[0]}-{groups[-1]}, {corpus.evaluation_name(cfg.data)})")
     if cfg.synthetic.preset not in ("demo", "benchmark"):
         problems.append(f"synthetic.preset must be demo or benchmark, got '{cfg.synthetic.preset}'")
@@ -586,6 +596,17 @@ def _validate(cfg: DictConfig) -> None:
         problems.append(f"finetune.mode must be frozen, finetune or none, got '{cfg.finetune.mode}'")
     if cfg.finetune.branch not in ("teacher", "student"):
         problems.append(f"finetune.branch must be teacher or student, got '{cfg.finetune.branch}'")
+    if cfg.finetune.epoch_selection not in ("val", "inner_cv"):
+        problems.append(f"finetune.epoch_selection must be val or inner_cv, got '{cfg.finetune.epoch_selection}'")
+    elif cfg.finetune.epoch_selection == "inner_cv":
+        if cfg.finetune.patience:
+            problems.append("finetune.patience (early stopping on a validation part) and finetune.epoch_selection=inner_cv "
+                            "(no validation part: the epoch count comes from the inner folds) exclude each other")
+        for f in cfg.finetune.folds or []:
+            if len([s for s in cfg.data.sessions if s != f]) < 2:
+                problems.append(f"finetune.epoch_selection=inner_cv needs at least 2 training groups; fold {f} has "
+                                f"{[s for s in cfg.data.sessions if s != f]}")
+                break
     if cfg.finetune.class_weighting not in ("loss", "none"):
         problems.append(f"finetune.class_weighting must be loss or none, got '{cfg.finetune.class_weighting}'")
     for section in ("pretrain", "finetune"):
@@ -839,7 +860,8 @@ _DOMAINS = [
     (("pretrain.batch_size", "finetune.batch_size", "pretrain.epochs", "finetune.epochs", "pretrain.num_workers",
       "finetune.num_workers", "pretrain.keep_checkpoints", "finetune.keep_checkpoints", "pretrain.max_frames",
       "finetune.max_frames", "finetune.attention_dim", "finetune.hidden_dim", "finetune.max_concurrent_folds",
-      "pretrain.steps", "finetune.patience", "pretrain.fail_at_step", "finetune.fail_at_step"), AT_LEAST_ONE),
+      "pretrain.steps", "finetune.patience", "pretrain.fail_at_step", "finetune.fail_at_step", "finetune.select_smooth"),
+     AT_LEAST_ONE),
     (("pretrain.warmup_frac", "finetune.warmup_frac", "finetune.head_dropout"), UNIT_OPEN),
     (("finetune.val_fraction",), HALF),
     (("finetune.label_fraction",), OPEN_UNIT),

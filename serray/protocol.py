@@ -20,10 +20,12 @@ from typing import Any, Dict
 SELECTIONS = ("fixed", "nested", "non-nested")
 
 #: The keys of an evaluation record (and of every registry entry).
-EVALUATION_KEYS = ("corpus", "protocol", "folds", "val_split", "val_fraction", "label_fraction", "selection")
+EVALUATION_KEYS = ("corpus", "protocol", "folds", "val_split", "val_fraction", "label_fraction", "selection",
+                   "epoch_selection")
 
-#: Entries registered before corpora were pluggable were all IEMOCAP (or its layout).
-LEGACY = {"corpus": "iemocap"}
+#: Entries registered before corpora were pluggable were all IEMOCAP (or its layout), and before
+#: ``finetune.epoch_selection`` all chose their epochs on a validation part.
+LEGACY = {"corpus": "iemocap", "epoch_selection": "val"}
 
 
 def protocol(cfg) -> str:
@@ -38,7 +40,13 @@ def corpus_protocol(cfg) -> Dict[str, Any]:
     from serray.data import corpora
 
     corpus = corpora.of(cfg)
-    return {"corpus": corpus.name, "evaluation": corpus.evaluation_name(cfg.data), "group_name": corpus.group_name}
+    return {"corpus": corpus.name, "evaluation": corpus.evaluation_name(cfg.data), "group_name": corpus.group_name_of(cfg.data)}
+
+
+def grouping_keys(cfg) -> list:
+    """Config keys beyond a stage's own that change which utterances form a fold: ``data.protocol`` when
+    it is set (left out when null, so the hashes of runs that never set it stay as they were)."""
+    return ["data.protocol"] if cfg.data.get("protocol") else []
 
 
 def evaluation(cfg, selection: str = "fixed") -> Dict[str, Any]:
@@ -48,7 +56,8 @@ def evaluation(cfg, selection: str = "fixed") -> Dict[str, Any]:
     return {"corpus": str(getattr(cfg.data, "corpus", "iemocap")), "protocol": protocol(cfg),
             "folds": [int(f) for f in cfg.finetune.folds],
             "val_split": str(cfg.finetune.val_split), "val_fraction": float(cfg.finetune.val_fraction),
-            "label_fraction": float(cfg.finetune.label_fraction), "selection": selection}
+            "label_fraction": float(cfg.finetune.label_fraction), "selection": selection,
+            "epoch_selection": str(cfg.finetune.get("epoch_selection", "val") or "val")}
 
 
 def same_evaluation(entry: Dict[str, Any], wanted: Dict[str, Any]) -> bool:

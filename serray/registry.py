@@ -265,10 +265,19 @@ def best_entry(registry_dir: str | Path, wanted: Optional[Dict[str, Any]] = None
     for e in ranked:  # the best one that really loads
         why = loadable(e)
         if why is None:
-            return e
+            return {**e, "chosen_as": best_label(e, len(same), metric)}
         skipped.append(f"{e['id']} ({why})")
         log.warning("skipping registry entry %s: %s", e["id"], why)
     raise DataError(f"no comparable registry entry in {storage.describe(registry_dir)} loads: " + "; ".join(skipped))
+
+
+def best_label(entry: Dict[str, Any], among: int, metric: str = BEST_METRIC) -> str:
+    """How the registry's best was chosen, in words (``serray models show``, ``GET /info``)."""
+    ev = entry_evaluation(entry)
+    how = ("epoch counts by inner cross-validation over each fold's training groups" if ev.get("epoch_selection") == "inner_cv"
+           else f"epochs chosen on held-out training {ev.get('val_split')}s ({ev.get('val_fraction')})")
+    return (f"best of {among} comparable entr{'y' if among == 1 else 'ies'} by mean {metric} ({how}; "
+            f"{ev.get('selection')} configuration); test metrics were not used")
 
 
 def loadable(entry: Dict[str, Any]) -> Optional[str]:
@@ -361,10 +370,11 @@ def format_entries(entries: List[Dict[str, Any]], problems: Optional[List[Tuple[
         ev = entry_evaluation(e)
         folds = ",".join(str(f) for f in ev["folds"] or []) or "-"
         split = f"{ev['val_split']} {ev['val_fraction']:g}" if ev["val_split"] and ev["val_fraction"] is not None else "-"
+        split = "inner_cv" if ev.get("epoch_selection") == "inner_cv" else split
         labels = f"{ev['label_fraction']:g}" if ev["label_fraction"] is not None else "-"
         lines.append(f"{e['id']:<24} {e['created']:<20} {str(e.get('source')):<9} {str(ev['protocol'] or '-'):<12} "
                      f"{folds:<11} {split:<14} {labels:>6} {ev['selection']:<10} {pct('val_ua')} {pct('ua')} {pct('wa')} "
                      f"{pct('macro_f1')}  {storage.public_name(e['encoder'].get('encoder')):<14} {e.get('selected_on') or '-'}")
-    lines.append("(best = highest valUA among entries evaluated alike: protocol, folds, validation split, label fraction; "
-                 "non-nested sweep entries are never best; UA/WA/F1 are LOSO test metrics)")
+    lines.append("(best = highest valUA among entries evaluated alike: protocol, folds, validation split or inner_cv, label "
+                 "fraction; non-nested sweep entries are never best; UA/WA/F1 are LOSO test metrics)")
     return "\n".join(lines + bad)

@@ -162,7 +162,7 @@ def trial_config(cfg, hyper: Dict[str, Any], trial_dir: Path, folds: Optional[Li
 # ---------------------------------------------------------------- the trial
 
 
-VAL_KEYS = ("val_ua", "val_wa", "val_macro_f1", "val_loss", "val_ccc_mean", "val_ccc_valence", "val_ccc_arousal",
+VAL_KEYS = ("val_ua", "val_wa", "val_macro_f1", "val_loss", "val_bal_loss", "val_ccc_mean", "val_ccc_valence", "val_ccc_arousal",
             "val_ccc_dominance")  # (val_ccc_*: finetune.task dimensional / multitask; each reported when every fold has it)
 
 
@@ -224,11 +224,20 @@ def objective_mode(cfg) -> str:
     return cfg.tune.mode or metric_mode(cfg.tune.metric)
 
 
+#: what breaks a tie on the sweep's metric, in order: a proper score of the same validation predictions
+#: (the class-balanced cross-entropy, lower is better: on a one-speaker validation set UA ties often, and
+#: in a nested 2 x 2 sweep every trial of a fold once tied), then the plain cross-entropy
+TIE_BREAKS = ("val_bal_loss", "val_loss")
+
+
 def best_trial(finished, metric: str, mode: str):
-    """The row of the best finished trial by ``metric``; ties go to the first trial of the search space
-    (lowest ``trial_id``), so the choice does not depend on the order in which trials happened to
-    finish (an interrupted sweep and its resumed run must pick the same trial when scores tie)."""
-    ranked = finished.sort_values([metric, "trial_id"], ascending=[mode == "min", True], kind="stable")
+    """The row of the best finished trial by ``metric``; ties are broken by :data:`TIE_BREAKS` (lower
+    is better) and only then by the trial id (the first trial of the search space), so the choice does
+    not depend on the order in which trials happened to finish (an interrupted sweep and its resumed run
+    pick the same trial)."""
+    breaks = [k for k in TIE_BREAKS if k in finished.columns and k != metric and finished[k].notna().all()]
+    ranked = finished.sort_values([metric, *breaks, "trial_id"], ascending=[mode == "min", *[True] * len(breaks), True],
+                                  kind="stable")
     return ranked.iloc[0]
 
 
@@ -534,7 +543,7 @@ def run_final(cfg, hyper: Dict[str, Any], trial_id: str, echo: Callable[[str], A
 
 
 def _markdown(df, keys: List[str], metric: str) -> str:
-    cols = ["trial_id", *keys, "status", "val_ua", "val_loss", "val_sessions", "training_iteration"]
+    cols = ["trial_id", *keys, "status", "val_ua", "val_bal_loss", "val_loss", "val_sessions", "training_iteration"]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for _, r in df.iterrows():
         cells = []

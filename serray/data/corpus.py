@@ -119,6 +119,8 @@ class Corpus:
         test_groups: ``test_groups(data_cfg) -> [groups a fold tests]`` (the default ``finetune.folds``).
         group_name: what a fold group is called in tables (``session``, ``fold``, ``speaker``, ``split``).
         extra_groups: groups outside the default ``data.sessions`` that a run may add (MSP-Podcast's Test2).
+        other_protocols: protocols ``data.protocol`` may choose instead of ``protocol`` (the corpus's
+            ``build`` and ``groups`` follow it).
     """
 
     name: str
@@ -132,10 +134,19 @@ class Corpus:
     group_name: str = "fold"
     extra_groups: Tuple[int, ...] = ()  # groups a run may list in data.sessions beyond the default ones
     dimension_range: Optional[Tuple[float, float]] = None  # the V/A/D rating scale (None: no dimensions)
+    other_protocols: Tuple[str, ...] = ()  # what data.protocol may choose instead (IEMOCAP: leave_one_speaker_out)
+
+    def protocol_of(self, data_cfg) -> str:
+        """``data.protocol`` when set (one of :attr:`other_protocols`), else the corpus's own."""
+        return str(cfg_get(data_cfg, "protocol") or self.protocol)
+
+    def group_name_of(self, data_cfg) -> str:
+        """What a fold group is under the chosen protocol (``speaker`` for leave-one-speaker-out)."""
+        return "speaker" if self.protocol_of(data_cfg) == "leave_one_speaker_out" else self.group_name
 
     def evaluation_name(self, data_cfg) -> str:
         """The protocol in words, e.g. ``speaker-grouped 5-fold``."""
-        return PROTOCOLS[self.protocol].format(k=len(self.groups(data_cfg)))
+        return PROTOCOLS[self.protocol_of(data_cfg)].format(k=len(self.groups(data_cfg)))
 
     def default_folds(self, data_cfg) -> List[int]:
         return list(self.test_groups(data_cfg)) if self.test_groups else list(self.groups(data_cfg))

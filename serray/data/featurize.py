@@ -226,6 +226,25 @@ def _prune_session(features_dir: str, session: int, keep: set, before_change=Non
     return removed
 
 
+def _prune_moved(features_dir: str, wanted: pd.DataFrame, before_change=None) -> int:
+    """Remove the stored rows of wanted utterances that sit in another fold group's partition than the
+    manifest now gives them (a changed ``data.protocol``), so they are encoded again into their own:
+    training reads a fold group's partition, and a row left in the old one would train or test in the
+    wrong fold. Rows the manifest does not want are left alone."""
+    stored = stored_utterances(features_dir)
+    if stored.empty:
+        return 0
+    group = stored["utt_id"].map(dict(zip(wanted["utt_id"], wanted["session"].astype(int))))
+    moved = stored[group.notna() & (group != stored["session"])]
+    removed = 0
+    for session, rows in moved.groupby("session"):
+        keep = set(stored.loc[stored["session"] == session, "utt_id"]) - set(rows["utt_id"])
+        removed += _prune_session(features_dir, int(session), keep, before_change)
+    if removed:
+        log.info("%d stored rows belong to another fold group now; they are encoded again", removed)
+    return removed
+
+
 def _bucketed_blocks(df: pd.DataFrame, batch_size: int, min_blocks: int) -> List[pd.DataFrame]:
     """Sort rows by duration and cut them into blocks of whole batches (length bucketing), longest
     block first.
@@ -612,6 +631,7 @@ def _featurize(cfg, overwrite: bool, out_dir: str, wanted: pd.DataFrame, extra: 
 
     broken = _remove_broken_files(out_dir, invalidate)
     pruned = _prune_session(out_dir, EXTRA_SESSION, set(extra["utt_id"]), invalidate)  # sources no longer listed
+    _prune_moved(out_dir, wanted, invalidate)
     done = stored_utterances(out_dir)
     pending = wanted[~wanted["utt_id"].isin(set(done["utt_id"]))]
     log.info("featurize: %d utterances wanted (%d extra audio), %d already stored, %d to do",

@@ -22,7 +22,7 @@ import logging
 import math
 import re
 from pathlib import Path
-from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
+from typing import Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 import pandas as pd
 
@@ -109,6 +109,7 @@ def _line_problem(m: re.Match) -> Optional[str]:
 def build_manifest(
     root: str | Path, sessions: Sequence[int] = (1, 2, 3, 4, 5), merge_excited: bool = True,
     keep_unlabelled: bool = False, overrides: Optional[Mapping[str, str]] = None,
+    group_of: Optional[Callable[[str], int]] = None,
 ) -> ManifestReport:
     """Parse an IEMOCAP tree into a manifest of the 4-class utterances (or of every labelled one).
 
@@ -120,6 +121,7 @@ def build_manifest(
             ``label == ""`` and their ``raw_label`` (for pre-training; ``pretrain.use_unlabelled``).
             They are still counted in ``dropped`` (label outside the 4-class setup).
         overrides: ``data.label_map`` entries (raw label -> class, or ``""`` to drop it).
+        group_of: the fold group of a speaker (``session`` column and drop counts); None: the session.
 
     Returns:
         A :class:`ManifestReport` whose ``kept`` frame has :data:`MANIFEST_COLUMNS`, sorted by
@@ -151,8 +153,10 @@ def build_manifest(
                 if ident is None or int(ident["session"]) != session:
                     malformed.append(f"{ann}:{lineno}: unexpected utterance id {utt!r}")
                     continue
+                speaker = f"Ses{ident['session']}_{ident['gender']}"
+                group = group_of(speaker) if group_of else session
                 if raw not in mapping:
-                    dropped[(session, raw)] = dropped.get((session, raw), 0) + 1
+                    dropped[(group, raw)] = dropped.get((group, raw), 0) + 1
                     if not keep_unlabelled:
                         continue
                 wav = root / f"Session{session}" / "sentences" / "wav" / dialog / f"{utt}.wav"
@@ -162,10 +166,10 @@ def build_manifest(
                 start, end = float(m["start"]), float(m["end"])
                 rows.append({
                     "utt_id": utt,
-                    "session": session,
+                    "session": group,
                     "dialog": dialog,
                     "method": ident["method"],
-                    "speaker": f"Ses{ident['session']}_{ident['gender']}",
+                    "speaker": speaker,
                     "gender": ident["gender"],
                     "raw_label": raw,
                     "label": mapping.get(raw, ""),
@@ -185,21 +189,45 @@ def build_manifest(
     kept = kept.drop_duplicates("utt_id").sort_values("utt_id", ignore_index=True)
     kept["session"] = kept["session"].astype("int64")
     return ManifestReport(kept=kept, dropped=dropped, missing_wav=missing, malformed=malformed,
-                          unlabelled_kept=keep_unlabelled)
+                          unlabelled_kept=keep_unlabelled, group_name="speaker" if group_of else "session")
+
+
+def speaker_group(speaker: str) -> int:
+    """Leave-one-speaker-out fold group of an IEMOCAP speaker: ``Ses01_F`` 1, ``Ses01_M`` 2, ... ``Ses05_M`` 10."""
+    return 2 * (int(speaker[3:5]) - 1) + (1 if speaker.endswith("F") else 2)
+
+
+def _by_speaker(data_cfg) -> bool:
+    return cfg_get(data_cfg, "protocol") == "leave_one_speaker_out"
 
 
 def _build(root, data_cfg, keep_unlabelled: bool = False) -> ManifestReport:
-    return build_manifest(root, cfg_get(data_cfg, "sessions") or (1, 2, 3, 4, 5),
-                          cfg_get(data_cfg, "merge_excited", True), keep_unlabelled, cfg_get(data_cfg, "label_map"))
+    groups = list(cfg_get(data_cfg, "sessions") or _groups(data_cfg))
+    if not _by_speaker(data_cfg):
+        return build_manifest(root, groups, cfg_get(data_cfg, "merge_excited", True), keep_unlabelled,
+                              cfg_get(data_cfg, "label_map"))
+    # leave-one-speaker-out: the fold group is the speaker (10 folds, each testing one actor)
+    report = build_manifest(root, sorted({(g + 1) // 2 for g in groups}), cfg_get(data_cfg, "merge_excited", True),
+                            keep_unlabelled, cfg_get(data_cfg, "label_map"), group_of=speaker_group)
+    report.kept = report.kept[report.kept["session"].isin(groups)].reset_index(drop=True)
+    report.dropped = {k: n for k, n in report.dropped.items() if k[0] in groups}
+    report.notes.append("leave-one-speaker-out (data.protocol): fold group k is speaker k "
+                        "(Ses01_F = 1, Ses01_M = 2, ... Ses05_M = 10)")
+    return report
 
 
-#: IEMOCAP as a :class:`~serray.data.corpus.Corpus`: leave-one-session-out over its 5 sessions.
+def _groups(data_cfg) -> List[int]:
+    return list(range(1, 11)) if _by_speaker(data_cfg) else [1, 2, 3, 4, 5]
+
+
+#: IEMOCAP as a :class:`~serray.data.corpus.Corpus`: leave-one-session-out over its 5 sessions, or
+#: (``data.protocol: leave_one_speaker_out``) over its 10 speakers.
 CORPUS = Corpus(
     name="iemocap", title="IEMOCAP", group_name="session", protocol="leave_one_session_out",
     layout="IEMOCAP_full_release/Session{1..5}/{sentences/wav,dialog/EmoEvaluation}",
     raw_labels={"neu": "neu", "hap": "hap", "exc": "hap", "sad": "sad", "ang": "ang", "fru": "", "sur": "",
                 "fea": "", "dis": "", "oth": "", "xxx": ""},
-    build=_build, groups=lambda data_cfg: [1, 2, 3, 4, 5], dimension_range=(1.0, 5.0),
+    build=_build, groups=_groups, dimension_range=(1.0, 5.0), other_protocols=("leave_one_speaker_out",),
 )
 
 

@@ -109,6 +109,10 @@ def param_groups(named_params, weight_decay: float, lr_scale: float = 1.0, tag: 
     return [g for g in groups if g["params"]]
 
 
+#: The teacher's parameters that follow the EMA under ``layers_only`` (the rest are the student's).
+EMA_LAYER_PARAMS = ("layers.", "out_norms.", "layer_logits")
+
+
 class Adapter(nn.Module):
     """Student/teacher adapter trained with masked local-attribute objectives.
 
@@ -324,14 +328,21 @@ class Adapter(nn.Module):
         }
 
     @torch.no_grad()
-    def update_teacher(self, momentum: float) -> None:
+    def update_teacher(self, momentum: float, layers_only: bool = False) -> None:
         """EMA update ``p_t = m * p_t + (1 - m) * p_s``; buffers are copied.
 
         Args:
             momentum: EMA momentum ``m`` in ``[0, 1]``.
+            layers_only: data2vec's ``ema_layers_only``: only the Transformer layers, their output norms
+                and the layer weights follow the EMA; the input projection, the positional convolution
+                and the input-layer weights are the student's (copied), so the teacher reads its input
+                as the student has learned to.
         """
-        for pt, ps in zip(self.teacher.parameters(), self.student.parameters()):
-            pt.copy_(momentum * pt + (1 - momentum) * ps.detach())
+        for (name, pt), ps in zip(self.teacher.named_parameters(), self.student.parameters()):
+            if layers_only and not name.startswith(EMA_LAYER_PARAMS):
+                pt.copy_(ps.detach())
+            else:
+                pt.copy_(momentum * pt + (1 - momentum) * ps.detach())
         for bt, bs in zip(self.teacher.buffers(), self.student.buffers()):
             bt.copy_(bs)
 

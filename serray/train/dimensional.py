@@ -34,7 +34,7 @@ from serray.data.corpus import DIMENSION_COLUMNS
 from serray.data.features import PadCollate
 from serray.errors import DataError
 from serray.train.dim_metrics import ccc_loss, dimensional_metrics
-from serray.train.finetune_task import SELECTION_KEY, FinetuneTask
+from serray.train.finetune_task import FinetuneTask, cv_estimate
 from serray.train.loop import eval_batches
 from serray.train.metrics import classification_metrics
 
@@ -148,7 +148,10 @@ class DimensionalTask(FinetuneTask):
     @torch.no_grad()
     def evaluate(self, model, core, rt, epoch: int) -> Dict[str, float]:
         """CCC / Pearson r / MAE per dimension over the whole validation part (and UA / WA / F1 for
-        multitask); the loss is the training objective on the whole part."""
+        multitask); the loss is the training objective on the whole part (under inner cross-validation:
+        the inner folds' estimate, as :meth:`FinetuneTask.evaluate`)."""
+        if self.config.get("cv_curve"):
+            return cv_estimate(self.config["cv_curve"], epoch)
         core.eval()
         if self._val_rows is None:
             self._val_rows = rt.rows("val")
@@ -168,8 +171,6 @@ class DimensionalTask(FinetuneTask):
             m = classification_metrics(np.concatenate(ys), np.concatenate(preds))
             metrics.update(val_ua=m["ua"], val_wa=m["wa"], val_macro_f1=m["macro_f1"])
         metrics["val_loss"] = val_loss
-        score = metrics.get(self.config["select_metric"], float("nan"))
-        metrics[SELECTION_KEY] = (score if np.isfinite(score) else -1.0) - 1e-6 * val_loss
         return metrics
 
     def checkpoint_meta(self, core, step: int, epoch: int) -> Dict[str, Any]:

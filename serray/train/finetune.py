@@ -62,7 +62,9 @@ FOLD_NEUTRAL_KEYS = ("folds", "max_concurrent_folds", "register")
 
 def finetune_hash(cfg) -> str:
     """What makes two fine-tuning runs the same (the adapter and pre-training count unless mode=none)."""
-    keys = ["encoder", "finetune", "seed", "data.merge_excited", "pretrain.per_fold"]
+    from serray.protocol import grouping_keys
+
+    keys = ["encoder", "finetune", "seed", "data.merge_excited", "pretrain.per_fold", *grouping_keys(cfg)]
     if cfg.finetune.mode != "none":
         keys += ["adapter", "pretrain"]
     return section_hash(cfg, *keys, exclude=OPERATIONAL_KEYS + FOLD_NEUTRAL_KEYS)
@@ -123,6 +125,8 @@ def fold_datasets(cfg, fold: int, split: Optional[Dict[str, pd.DataFrame]] = Non
     train_sessions = [s for s in cfg.data.sessions if s != fold]
     train = training_data(cfg.features.dir, train_sessions, split["train"]["utt_id"].tolist(),
                           cfg.features.cache_max_mb, seed=cfg.seed * 31 + fold)
+    if split["val"].empty:  # inner cross-validation's final model: every training speaker trains
+        return {"train": train}
     val = training_data(cfg.features.dir, train_sessions, split["val"]["utt_id"].tolist(), float("inf"))
     return {"train": train, "val": val}
 
@@ -167,7 +171,6 @@ def _run_fold(cfg, fold: int, report_to_tune: bool = False, report_pretrain: boo
     # statistics its pre-training used, which are the same sessions under per-fold pre-training)
     stats_sessions = pool_sessions(cfg, fold, feat_meta)
     audit = audit_fold(fold, split, pool, pool["sessions"] if pool else stats_sessions, proto)
-    datasets = fold_datasets(cfg, fold, split)
     loop_config = {
         "seed": cfg.seed, "run_seed": run_seed(cfg.seed, fold, "finetune"), "fold": fold, "mode": tcfg.mode,
         "branch": tcfg.branch, "init": tcfg.init, "config_yaml": to_yaml(cfg), "config_hash": fhash,
@@ -190,20 +193,29 @@ def _run_fold(cfg, fold: int, report_to_tune: bool = False, report_pretrain: boo
 
         loop_config.update(dimensional.loop_config(cfg, split, loop_config["model"]))
         task_cls = dimensional.DimensionalTask
-    result = fit(task_cls, loop_config, datasets, tcfg, storage_path=storage.join(storage.absolute(tcfg.dir), "ray"),
+    loop_config["select_metric"] = loop_config.get("select_metric") or "val_ua"
+    ray_dir = storage.join(storage.absolute(tcfg.dir), "ray")
+    inner = None
+    if epoch_selection(cfg) == "inner_cv":  # the epoch count from the inner folds, then every training speaker trains
+        inner = _inner_cv(cfg, fold, split, loop_config, task_cls, ray_dir, f"fold{fold}-{fhash[:8]}")
+        loop_config.update(cv_curve=inner["curve"], stop_epoch=inner["epoch"])
+    result = fit(task_cls, loop_config, fold_datasets(cfg, fold, split), tcfg, storage_path=ray_dir,
                  name=f"fold{fold}-{fhash[:8]}", score=(SELECTION_KEY, "max"), report_to_tune=report_to_tune)
     best_ckpt, best_metrics = max(result.best_checkpoints, key=lambda cm: cm[1][SELECTION_KEY])
     history = _run_history(result.checkpoint)  # every epoch run (the selected checkpoint's stops at its epoch)
-    selection = {"fold": fold, "test_session": fold, "n_train": int(len(split["train"])), "n_val": int(len(split["val"])),
-                 "best_epoch": int(best_metrics["epoch"]),
-                 **{k: float(best_metrics[k]) for k in ("val_ua", "val_wa", "val_macro_f1", "val_loss") if k in best_metrics},
+    val_rows = split["train"] if inner else split["val"]  # under inner_cv every training row validated once
+    selection = {"fold": fold, "test_session": fold, "n_train": int(len(split["train"])), "n_val": int(len(val_rows)),
+                 "best_epoch": int(best_metrics["epoch"]), "epoch_selection": epoch_selection(cfg),
+                 **({"inner_cv": {k: v for k, v in inner.items() if k != "epoch"}} if inner else {}),
+                 **{k: float(best_metrics[k]) for k in ("val_ua", "val_wa", "val_macro_f1", "val_loss", "val_bal_loss",
+                                                        "val_smoothed") if k in best_metrics},
                  **({"task": _task(cfg), "dims_dropped": dims_dropped,
                      **{k: float(v) for k, v in best_metrics.items() if k.startswith("val_ccc_")}}
                     if _task(cfg) != "categorical" else {}),
                  "epochs_run": len(history), "config_hash": fhash, "seed": cfg.seed,
                  "pretrain_sessions": audit["pretrain_sessions"], "stats_sessions": audit["stats_sessions"],
-                 "val_speakers": sorted(set(split["val"]["speaker"])),
-                 "val_sessions": sorted(int(g) for g in set(split["val"]["session"])), "protocol": audit["protocol"],
+                 "val_speakers": sorted(set(val_rows["speaker"])),
+                 "val_sessions": sorted(int(g) for g in set(val_rows["session"])), "protocol": audit["protocol"],
                  "val_split": tcfg.val_split, "label_fraction": float(tcfg.label_fraction), "history": history}
     with storage.staged(fold_dir) as local:  # a URI: written locally, uploaded when the fold is complete
         model_dir = local / "model"
@@ -219,6 +231,46 @@ def _run_fold(cfg, fold: int, report_to_tune: bool = False, report_pretrain: boo
         run_id = tracker.find_run(loop_config["tracking"]["key"])
         tracker.log_metrics(run_id, test_scores(res) | {"best_epoch": selection["best_epoch"]})
     return res
+
+
+def epoch_selection(cfg) -> str:
+    """``finetune.epoch_selection``: ``val`` (the epoch with the best smoothed score on held-out training
+    speakers) or ``inner_cv`` (the epoch count from a cross-validation over the training groups, then a
+    model trained on all of them)."""
+    return str(cfg.finetune.get("epoch_selection", "val") or "val")
+
+
+#: the validation metrics averaged over the inner folds into the final fit's per-epoch estimate
+CV_KEYS = ("val_ua", "val_wa", "val_macro_f1", "val_loss", "val_bal_loss")
+
+
+def _inner_cv(cfg, fold: int, split: Dict[str, pd.DataFrame], loop_config: Dict[str, Any], task_cls, ray_dir: str,
+              name: str) -> Dict[str, Any]:
+    """The epoch count of a fold chosen by cross-validation over its training groups: one fit per
+    training group held out (trained on the others, validated on it, with the fold's recipe, adapter and
+    statistics), their per-epoch validation metrics averaged, the best epoch of the mean curve taken
+    (ties: the later epoch). Nothing of the fold's test group takes part (asserted)."""
+    train = split["train"]
+    groups = sorted(int(g) for g in set(train["session"]))
+    if fold in groups or set(train["speaker"]) & set(split["test"]["speaker"]):
+        raise AssertionError(f"leakage: fold {fold}'s inner cross-validation holds its test group")
+    tcfg = cfg.finetune
+    histories = {}
+    for g in groups:
+        inner = {"train": train[train["session"] != g], "val": train[train["session"] == g], "test": split["test"]}
+        config = {**loop_config, "run_seed": run_seed(cfg.seed, fold, "finetune", "inner", g), "tracking": None,
+                  "class_weights": _class_weights(inner["train"]["label"], tcfg.class_weighting),
+                  "steps_per_epoch": steps_per_epoch(len(inner["train"]), tcfg.batch_size, tcfg.num_workers)}
+        result = fit(task_cls, config, fold_datasets(cfg, fold, inner), tcfg, storage_path=ray_dir,
+                     name=f"{name}-inner{g}", score=(SELECTION_KEY, "max"))
+        histories[g] = _run_history(result.checkpoint)
+    keys = [k for k in (*CV_KEYS, loop_config["select_metric"]) if all(k in h[0] for h in histories.values())]
+    epochs = min(len(h) for h in histories.values())
+    curve = {k: [float(np.nanmean([h[e][k] for h in histories.values()])) for e in range(epochs)] for k in dict.fromkeys(keys)}
+    score = curve[loop_config["select_metric"]]
+    best = max(range(epochs), key=lambda e: (score[e], e))  # ties: the later epoch
+    return {"epoch": best, "groups": groups, "curve": curve,
+            "per_group": {str(g): [float(h[e][loop_config["select_metric"]]) for e in range(epochs)] for g, h in histories.items()}}
 
 
 def test_fold(cfg, fold: int) -> Dict[str, Any]:
@@ -245,7 +297,7 @@ def _run_history(checkpoint) -> List[Dict[str, Any]]:
     return list(state.get("history", []))
 
 
-TRAIN_KEYS = ("epochs", "batch_size", "lr", "lr_end", "weight_decay", "warmup_frac", "grad_clip", "max_frames",
+TRAIN_KEYS = ("epochs", "batch_size", "lr", "lr_end", "weight_decay", "warmup_frac", "grad_clip", "max_frames", "select_smooth",
               "bf16", "fail_at_step", "body_lr_scale", "freeze_epochs", "patience")
 
 
@@ -531,7 +583,8 @@ def register_result(cfg, summary: Dict[str, Any], source: str, hyperparameters: 
                         "them; Serve replicas will load it from the hub or their cache", model_cfg.encoder.name)
     record = {"config_hash": fhash, **ev, "model_fold": best["fold"],
               "provenance": summary.get("provenance") or provenance.collect(cfg, [int(f["fold"]) for f in summary["folds"]]),
-              "selected_on": selected_on or f"{sel} (epochs)", "std": dict(summary["std"]), "task": _task(model_cfg),
+              "selected_on": selected_on or (f"{sel} (epoch counts by inner cross-validation)" if epoch_selection(model_cfg) == "inner_cv"
+                                             else f"{sel} (epochs)"), "std": dict(summary["std"]), "task": _task(model_cfg),
               "finetune_dir": storage.without_credentials(base), **{k: v for k, v in (extra or {}).items() if k != "config_hash"}}
     return register(cfg.registry.dir, model, metrics=metrics, config_yaml=to_yaml(model_cfg), source=source,
                     hyperparameters=hyperparameters, encoder_files=enc_files, extra=record)

@@ -8,7 +8,7 @@ one, so the imports run one way: ``finetune`` -> ``dimensional`` -> ``finetune_t
 
 from __future__ import annotations
 
-from typing import Any, Dict
+from typing import Any, Dict, List
 
 import numpy as np
 import torch
@@ -23,8 +23,18 @@ from serray.train.checkpoint import MODEL_KEY, load_checkpoint
 from serray.train.loop import eval_batches
 from serray.train.metrics import classification_metrics
 
-#: checkpoint score: validation UA, ties broken by validation loss (1e-6 x loss is far below one utterance of UA)
+#: checkpoint score: the selection metric (validation UA, or ``finetune.select_metric``), averaged over the
+#: last ``finetune.select_smooth`` epochs; ties go to the later epoch (1e-7 x epoch is far below one utterance)
 SELECTION_KEY = "val_selection"
+TIE_TO_LATER = 1e-7
+
+
+def class_balanced_nll(logits: torch.Tensor, labels: torch.Tensor) -> float:
+    """The mean over the classes present of each class's mean negative log-likelihood: a proper score
+    that weighs the classes as UA does (the unweighted mean lets the largest class decide)."""
+    nll = F.cross_entropy(logits.float(), labels, reduction="none")
+    per_class = [float(nll[labels == c].mean()) for c in torch.unique(labels)]
+    return float(np.mean(per_class)) if per_class else float("nan")
 
 
 class FinetuneTask:
@@ -88,29 +98,45 @@ class FinetuneTask:
 
     @torch.no_grad()
     def evaluate(self, model, core, rt, epoch: int) -> Dict[str, float]:
-        """UA / WA / macro-F1 and loss on the validation part (every worker sees all of it)."""
+        """UA / WA / macro-F1, the loss and the class-balanced loss on the validation part (every worker
+        sees all of it); under ``finetune.epoch_selection: inner_cv`` (no validation part: the model trains
+        on every training speaker), the inner cross-validation's estimate for this many epochs."""
+        if self.config.get("cv_curve"):
+            return cv_estimate(self.config["cv_curve"], epoch)
         core.eval()
         if self._val_rows is None:
             self._val_rows = rt.rows("val")
-        ys, preds, loss = [], [], 0.0
+        ys, preds, logit_parts = [], [], []
         for batch in eval_batches(self._val_rows, self.config["batch_size"], self.collate(train=False)):
             logits = core(batch["x"].to(rt.device), batch["padding_mask"].to(rt.device)).float()
-            labels = batch["labels"].to(rt.device)
-            loss += float(F.cross_entropy(logits, labels, reduction="sum"))
-            ys.append(labels.cpu().numpy())
+            ys.append(batch["labels"].numpy())
             preds.append(logits.argmax(-1).cpu().numpy())
+            logit_parts.append(logits.cpu())
         y, p = np.concatenate(ys), np.concatenate(preds)
+        logits, labels = torch.cat(logit_parts), torch.from_numpy(y)
         m = classification_metrics(y, p)
-        val_loss = loss / max(1, len(y))
-        return {"val_loss": val_loss, "val_ua": m["ua"], "val_wa": m["wa"], "val_macro_f1": m["macro_f1"],
-                SELECTION_KEY: m["ua"] - 1e-6 * val_loss}
+        return {"val_loss": float(F.cross_entropy(logits, labels)), "val_bal_loss": class_balanced_nll(logits, labels),
+                "val_ua": m["ua"], "val_wa": m["wa"], "val_macro_f1": m["macro_f1"]}
+
+    def score_epoch(self, history: list) -> Dict[str, float]:
+        """The selection score of the latest epoch (:data:`SELECTION_KEY`): its selection metric averaged
+        over the last ``select_smooth`` epochs (a one-speaker validation set moves UA in steps of several
+        points from one epoch to the next), plus a tie-break towards the later epoch."""
+        key = self.config.get("select_metric") or "val_ua"
+        window = history[-max(1, int(self.config.get("select_smooth") or 1)):]
+        values = [h.get(key, float("nan")) for h in window]
+        score = float(np.mean([v if np.isfinite(v) else -1.0 for v in values]))
+        return {SELECTION_KEY: score + TIE_TO_LATER * int(history[-1]["epoch"]), "val_smoothed": score}
 
     def should_stop(self, history: list) -> bool:
-        """Early stopping: ``patience`` epochs without a better validation selection score."""
+        """Early stopping: ``patience`` epochs without a better validation selection score; under inner
+        cross-validation, the epoch count the inner folds chose (``stop_epoch``)."""
+        if self.config.get("stop_epoch") is not None and history:
+            return int(history[-1]["epoch"]) >= int(self.config["stop_epoch"])
         patience = self.config.get("patience")
         if not patience or not history:
             return False
-        best = max(range(len(history)), key=lambda i: (history[i][SELECTION_KEY], -i))
+        best = max(range(len(history)), key=lambda i: history[i][SELECTION_KEY])
         return len(history) - 1 - best >= patience
 
     def extra_state(self) -> Dict[str, Any]:
@@ -124,3 +150,8 @@ class FinetuneTask:
                 "labels": list(LABELS), "fold": self.config["fold"], "test_session": self.config["fold"],
                 "mode": self.config["mode"], "init": self.config["init"], "config_hash": self.config["config_hash"],
                 "step": step, "epoch": epoch, "audit": self.config["audit"]}
+
+
+def cv_estimate(curve: Dict[str, List[float]], epoch: int) -> Dict[str, float]:
+    """The validation metrics of ``epoch`` from an inner cross-validation's mean curves."""
+    return {k: float(v[min(epoch, len(v) - 1)]) for k, v in curve.items()}

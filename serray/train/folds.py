@@ -99,9 +99,17 @@ def subsample_labels(df: pd.DataFrame, fraction: float, seed: int, label_col: st
 
 def fold_split(cfg, fold: int) -> Dict[str, pd.DataFrame]:
     """The train / val / test rows of one fold (metadata only; training labels subsampled by
-    ``finetune.label_fraction``)."""
-    split = split_fold(labelled_rows(cfg), fold, cfg.finetune.val_fraction, cfg.seed, cfg.finetune.val_split,
-                       list(cfg.finetune.val_groups))
+    ``finetune.label_fraction``). Under ``finetune.epoch_selection: inner_cv`` there is no validation
+    part: every labelled row of the training groups trains (the epoch count comes from the inner folds)."""
+    if str(cfg.finetune.get("epoch_selection", "val")) == "inner_cv":
+        rows = labelled_rows(cfg)
+        test, rest = rows[rows["session"] == fold], rows[rows["session"] != fold]
+        leak = set(test["speaker"]) & set(rest["speaker"])
+        assert not leak, f"speaker leakage into fold {fold}: {sorted(leak)}"
+        split = {"train": rest.sort_values("utt_id"), "val": rest.iloc[:0], "test": test.sort_values("utt_id")}
+    else:
+        split = split_fold(labelled_rows(cfg), fold, cfg.finetune.val_fraction, cfg.seed, cfg.finetune.val_split,
+                           list(cfg.finetune.val_groups))
     if cfg.finetune.label_fraction < 1.0:
         split["train"] = subsample_labels(split["train"], cfg.finetune.label_fraction, cfg.seed * 7919 + fold)
     return split

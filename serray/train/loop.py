@@ -389,6 +389,8 @@ def run_loop(task, config: Dict[str, Any], rt) -> List[Dict[str, Any]]:
                        **_mean_records(acc), **resumed_at, "frames_per_s": frames * rt.world / max(1e-9, time.time() - t0)}
             metrics.update(task.evaluate(model, core, rt, epoch))
             history.append(metrics)
+            if hasattr(task, "score_epoch"):  # a score over the epochs so far (smoothed selection metric)
+                metrics.update(task.score_epoch(history))
             tracking.log(metrics, epoch)
             stop = task.should_stop(history)
 

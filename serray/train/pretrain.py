@@ -126,7 +126,7 @@ class PretrainTask:
     def after_step(self, core: Adapter, step: int, total_steps: int) -> Dict[str, float]:
         c = self.config
         m = ema_momentum(c["ema_decay"], c["ema_decay_end"], total_steps, step, c.get("ema_half_life"))
-        core.update_teacher(m)
+        core.update_teacher(m, layers_only=bool(c.get("ema_layers_only", False)))
         return {"ema_decay": m}
 
     def evaluate(self, model, core: Adapter, rt, epoch: int) -> Dict[str, float]:
@@ -180,7 +180,9 @@ def adapter_kwargs(cfg, feat_meta: dict) -> Dict[str, Any]:
 def pretrain_hash(cfg, fold: Optional[int] = None) -> str:
     """What makes two pre-trainings the same: encoder, adapter, the pre-training section, the seed
     and (per fold) the fold."""
-    h = section_hash(cfg, "encoder", "adapter", "pretrain", "seed", exclude=OPERATIONAL_KEYS)
+    from serray.protocol import grouping_keys
+
+    h = section_hash(cfg, "encoder", "adapter", "pretrain", "seed", *grouping_keys(cfg), exclude=OPERATIONAL_KEYS)
     return h if fold is None else section_hash_str(h, f"fold{fold}")
 
 
@@ -287,7 +289,7 @@ def pretrain_inputs(cfg, fold: Optional[int] = None):
         "feature_stats": [a.tolist() for a in feature_stats(feat_meta, sessions)],
         "model": adapter_kwargs(cfg, feat_meta),
         "ema_decay": cfg.adapter.ema_decay, "ema_decay_end": cfg.adapter.ema_decay_end,
-        "ema_half_life": cfg.adapter.ema_half_life,
+        "ema_half_life": cfg.adapter.ema_half_life, "ema_layers_only": bool(cfg.adapter.ema_layers_only),
         **{k: v for k, v in as_dict(tcfg).items() if k not in ("dir", "sessions", "extra_audio")},
         "epochs": epochs, "steps_per_epoch": spe, "total_steps": tcfg.steps,
         "fault_marker": storage.join(pretrain_dir(cfg, fold), "fault_injected.marker"),

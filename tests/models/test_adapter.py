@@ -65,6 +65,29 @@ def test_update_teacher_formula() -> None:
         assert torch.equal(pt, ps)
 
 
+def test_update_teacher_layers_only_shares_the_input_projection_and_positions() -> None:
+    """data2vec's ema_layers_only: the Transformer layers (and their output norms and weights) follow the
+    EMA; the input projection, the positional convolution and the input-layer weights become the
+    student's at every update."""
+    model = _adapter(pos_conv_kernel=5, pos_conv_groups=4, num_input_layers=2)
+    with torch.no_grad():
+        for p in model.student.parameters():
+            p.add_(torch.randn_like(p))
+    t0 = {n: p.clone() for n, p in model.teacher.named_parameters()}
+    s0 = dict(model.student.named_parameters())
+    model.update_teacher(0.9, layers_only=True)
+    shared, averaged = [], []
+    for n, pt in model.teacher.named_parameters():
+        if n.startswith(("layers.", "out_norms.", "layer_logits")):
+            assert torch.equal(pt, 0.9 * t0[n] + (1 - 0.9) * s0[n].detach()), n
+            averaged.append(n)
+        else:
+            assert torch.equal(pt, s0[n]), n
+            shared.append(n)
+    assert {n.split(".")[0] for n in shared} == {"input_layer_logits", "input_proj", "pos_conv"}
+    assert any(n.startswith("layers.") for n in averaged) and "layer_logits" in averaged
+
+
 @pytest.mark.parametrize("off", ["mask", "distill", "cluster"])
 def test_objective_can_be_disabled(off: str) -> None:
     model = _adapter(**{f"w_{off}": 0.0}).train()

@@ -360,3 +360,20 @@ def test_best_trial_breaks_ties_by_trial_id_not_by_finishing_order():
     for perm in itertools.permutations(rows):
         assert best_trial(pd.DataFrame(list(perm)), "val_ua", "max")["trial_id"] == "ab_00000"
         assert best_trial(pd.DataFrame(list(perm)), "val_ua", "min")["trial_id"] == "ab_00003"
+
+
+def test_trial_ties_are_broken_by_a_proper_score_before_the_trial_id():
+    """Three trials tie on validation UA; the one whose validation predictions have the lowest
+    class-balanced cross-entropy wins, whatever its place in the search space (the trial id decides only
+    when that ties too)."""
+    import itertools
+
+    rows = [{"trial_id": "ab_00000", "val_ua": 0.5, "val_bal_loss": 1.20, "val_loss": 1.0},
+            {"trial_id": "ab_00001", "val_ua": 0.5, "val_bal_loss": 0.95, "val_loss": 1.1},
+            {"trial_id": "ab_00002", "val_ua": 0.5, "val_bal_loss": 0.95, "val_loss": 1.2},
+            {"trial_id": "ab_00003", "val_ua": 0.4, "val_bal_loss": 0.50, "val_loss": 0.5}]
+    for perm in itertools.permutations(rows):
+        assert best_trial(pd.DataFrame(list(perm)), "val_ua", "max")["trial_id"] == "ab_00001"
+    # a table without the proper score (a sweep recorded before it existed): the plain loss, then the id
+    old = pd.DataFrame([{k: v for k, v in r.items() if k != "val_bal_loss"} for r in rows])
+    assert best_trial(old, "val_ua", "max")["trial_id"] == "ab_00000"
