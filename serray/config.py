@@ -362,7 +362,7 @@ def _schema() -> DictConfig:
 
 
 #: Free-form mappings inside the schema (their keys are checked by the stage that reads them).
-OPEN_SECTIONS = ("tune.search_space",)
+OPEN_SECTIONS = ("tune.search_space", "data.label_map")
 
 
 def _all_keys(node: Any, prefix: str = "") -> List[str]:
@@ -574,6 +574,12 @@ def _validate(cfg: DictConfig) -> None:
     from serray.data import corpora
 
     corpus = corpora.get(str(cfg.data.corpus))
+    from serray.data.corpus import LABELS
+
+    for raw, cls in (cfg.data.label_map or {}).items():
+        if cls is not None and str(cls) not in (*LABELS, ""):
+            problems.append(f"data.label_map: {raw!r} -> {cls!r}: a raw label maps to one of {list(LABELS)} or to '' "
+                            "(dropped)")
     if cfg.data.protocol is not None and cfg.data.protocol not in (corpus.protocol, *corpus.other_protocols):
         options = ", ".join(corpus.other_protocols) or "none: its own protocol only"
         problems.append(f"data.protocol={cfg.data.protocol} is not a protocol {corpus.title} offers "

@@ -196,7 +196,8 @@ class SERService:
         path_keys = {f"config.{k}" for k in (*PATH_KEYS, "pretrain.extra_audio", "encoder.name")} | {"encoder.encoder"}
         return json_safe(storage.public_value({
             "version": self.version,
-            "model": {k: card.get(k) for k in ("id", "created", "source") if k in card},
+            "model": {k: card.get(k) for k in ("id", "created", "source", "selection", "epoch_selection", "selected_on",
+                                               "chosen_as") if k in card},
             "labels": list(self.predictor.labels),
             "task": self.predictor.task,
             "outputs": self.outputs(),

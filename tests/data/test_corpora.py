@@ -250,3 +250,30 @@ def test_group_validation_split_uses_the_development_set():
     assert set(sp["val"]["session"]) == {2} and set(sp["train"]["session"]) == {3} and set(sp["test"]["session"]) == {1}
     with pytest.raises(ValueError, match="val_groups"):
         split_fold(rows, 2, 0.15, seed=0, val_split="group", val_groups=[2])
+
+
+def test_label_map_is_set_from_the_command_line_and_from_yaml_and_checked_at_load(tmp_path, layouts, capsys):
+    """``data.label_map`` as a user sets it: the RAVDESS calm merge through ``serray manifest`` on the command
+    line and from a YAML file (it was an "unknown config key 'data.label_map.calm'"), and a class outside the
+    four refused when the config loads, naming the key."""
+    import yaml
+
+    from serray.cli import main
+
+    root = layouts["ravdess"]
+    default = parse("ravdess", root)
+    calm = sum(n for (g, raw), n in default.dropped.items() if raw == "calm")
+    neu = int((default.kept["label"] == "neu").sum())
+    out = tmp_path / "m.parquet"
+    assert main(["manifest", "--root", str(root), "--out", str(out), "data.corpus=ravdess",
+                 "data.label_map={calm: neu}"]) == 0
+    assert int((pd.read_parquet(out)["label"] == "neu").sum()) == neu + calm > neu
+    cfg_file = tmp_path / "ravdess.yaml"
+    cfg_file.write_text(yaml.safe_dump({"data": {"corpus": "ravdess", "label_map": {"calm": "neu"}}}))
+    out2 = tmp_path / "m2.parquet"
+    assert main(["manifest", "--config", str(cfg_file), "--root", str(root), "--out", str(out2)]) == 0
+    pd.testing.assert_frame_equal(pd.read_parquet(out), pd.read_parquet(out2))
+    capsys.readouterr()
+    assert main(["manifest", "--root", str(root), "--out", str(out), "data.corpus=ravdess",
+                 "data.label_map={calm: relaxed}"]) != 0
+    assert "data.label_map: 'calm' -> 'relaxed'" in capsys.readouterr().err
