@@ -585,6 +585,17 @@ def _validate(cfg: DictConfig) -> None:
         problems.append(f"data.protocol={cfg.data.protocol} is not a protocol {corpus.title} offers "
                         f"(it runs {corpus.protocol}; data.protocol can choose: {options})")
         raise _invalid(problems)
+    held = [g for g in corpus.test_only_groups if g in cfg.data.sessions]
+    if held:  # an official test set is tested, never trained, validated or pre-trained on
+        names = f"{corpus.title}'s official test set{'s' if len(held) > 1 else ''} {held}"
+        if cfg.finetune.val_split == "group" and set(cfg.finetune.val_groups) & set(held):
+            problems.append(f"finetune.val_groups {list(cfg.finetune.val_groups)} holds {names}: validation would "
+                            "choose epochs on test data")
+        if not cfg.pretrain.per_fold and set(cfg.pretrain.sessions or []) & set(held):
+            problems.append(f"pretrain.sessions {list(cfg.pretrain.sessions)} holds {names}: the shared adapter "
+                            "would be pre-trained on test audio")
+        if not [s for s in cfg.data.sessions if s not in corpus.test_only_groups]:
+            problems.append(f"data.sessions {list(cfg.data.sessions)} holds nothing to train on beside {names}")
     groups = corpus.groups(cfg.data)
     for s in cfg.data.sessions:
         if s not in groups and s not in corpus.extra_groups:
@@ -609,9 +620,9 @@ def _validate(cfg: DictConfig) -> None:
             problems.append("finetune.patience (early stopping on a validation part) and finetune.epoch_selection=inner_cv "
                             "(no validation part: the epoch count comes from the inner folds) exclude each other")
         for f in cfg.finetune.folds or []:
-            if len([s for s in cfg.data.sessions if s != f]) < 2:
-                problems.append(f"finetune.epoch_selection=inner_cv needs at least 2 training groups; fold {f} has "
-                                f"{[s for s in cfg.data.sessions if s != f]}")
+            train = [s for s in cfg.data.sessions if s != f and s not in corpus.test_only_groups]
+            if len(train) < 2:
+                problems.append(f"finetune.epoch_selection=inner_cv needs at least 2 training groups; fold {f} has {train}")
                 break
     if cfg.finetune.class_weighting not in ("loss", "none"):
         problems.append(f"finetune.class_weighting must be loss or none, got '{cfg.finetune.class_weighting}'")

@@ -166,25 +166,33 @@ def test_cross_corpus_evaluation_scores_a_registered_model_on_another_layout(pip
 
 
 def test_official_split_pipeline_on_the_msp_podcast_layout(ray_session, tmp_path):
-    """configs/msp-podcast.yaml end to end on the synthetic corpus in the MSP-Podcast layout: epochs
-    chosen on Development (group 2), Test1 (group 1) tested once, the split named in metrics.json."""
+    """configs/msp-podcast.yaml end to end on the synthetic corpus in the MSP-Podcast layout, with the
+    documented Test2 route (``data.sessions=[1,2,3,4]``): epochs chosen on Development (group 2), Test1
+    (group 1) and Test2 (group 4) each tested once, and neither test set trained, validated or
+    pre-trained on by the other's fold (Test1 was training data for the Test2 fold before)."""
     from serray.cli import main
 
     out = tmp_path / "msp"
     with contextlib.redirect_stdout(io.StringIO()):
         rc = main(["pipeline", "--config", "configs/msp-podcast.yaml", f"output_dir={out}", *TINY[:2],
-                   "finetune.mode=none", "finetune.epochs=2", "finetune.folds=[1]", "finetune.attention_dim=16",
-                   "finetune.hidden_dim=16", "ray.progress_bars=false"])
+                   "finetune.epochs=2", "pretrain.epochs=1", "data.sessions=[1,2,3,4]", "finetune.folds=[1,4]",
+                   "finetune.attention_dim=16", "finetune.hidden_dim=16", "adapter.d_model=32", "adapter.ff_dim=64",
+                   "adapter.num_layers=1", "adapter.num_clusters=4", "ray.progress_bars=false", "tracking.enabled=false"])
     assert rc == 0
     metrics = json.loads((out / "finetune" / "metrics.json").read_text())
     assert metrics["corpus"] == "msp-podcast" and metrics["evaluation"] == "official split"
-    assert [f["fold"] for f in metrics["folds"]] == [1]
-    selection = json.loads((out / "finetune" / "fold1" / "selection.json").read_text())
-    assert selection["val_sessions"] == [2]
+    assert [f["fold"] for f in metrics["folds"]] == [1, 4]
     manifest = pd.read_parquet(out / "manifest.parquet")
-    test = manifest[(manifest["session"] == 1) & manifest["label"].isin(["neu", "hap", "sad", "ang"])]
-    assert metrics["folds"][0]["n_test"] == len(test)
-    assert not set(test["speaker"]) & set(manifest.loc[manifest["session"] != 1, "speaker"])
+    four = manifest[manifest["label"].isin(["neu", "hap", "sad", "ang"])]
+    for fold, other in ((1, 4), (4, 1)):
+        selection = json.loads((out / "finetune" / f"fold{fold}" / "selection.json").read_text())
+        assert selection["val_sessions"] == [2]
+        assert selection["n_train"] == int((four["session"] == 3).sum())  # Train only
+        assert selection["pretrain_sessions"] == selection["stats_sessions"] == [2, 3]
+        result = next(f for f in metrics["folds"] if f["fold"] == fold)
+        assert result["n_test"] == int((four["session"] == fold).sum())
+        test = manifest[manifest["session"] == fold]
+        assert not set(test["speaker"]) & set(manifest.loc[~manifest["session"].isin([fold, other]), "speaker"])
 
 
 def test_evaluate_refuses_a_target_holding_the_models_training_audio(pipeline, tmp_path):

@@ -121,6 +121,8 @@ class Corpus:
         extra_groups: groups outside the default ``data.sessions`` that a run may add (MSP-Podcast's Test2).
         other_protocols: protocols ``data.protocol`` may choose instead of ``protocol`` (the corpus's
             ``build`` and ``groups`` follow it).
+        test_only_groups: groups that are official test sets (MSP-Podcast's Test1 and Test2): a fold may
+            test one, no fold trains, validates or pre-trains on any of them.
     """
 
     name: str
@@ -135,6 +137,7 @@ class Corpus:
     extra_groups: Tuple[int, ...] = ()  # groups a run may list in data.sessions beyond the default ones
     dimension_range: Optional[Tuple[float, float]] = None  # the V/A/D rating scale (None: no dimensions)
     other_protocols: Tuple[str, ...] = ()  # what data.protocol may choose instead (IEMOCAP: leave_one_speaker_out)
+    test_only_groups: Tuple[int, ...] = ()  # official test sets: tested, never trained, validated or pre-trained on
 
     def protocol_of(self, data_cfg) -> str:
         """``data.protocol`` when set (one of :attr:`other_protocols`), else the corpus's own."""

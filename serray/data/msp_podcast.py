@@ -15,7 +15,8 @@ Facts of the release this parser relies on (release readme; the lab's challenge 
 Protocol: the official split, no k-fold. Fold groups: 1 = Test1 (tested), 2 = Development (the
 validation set: ``finetune.val_split: group`` with ``finetune.val_groups: [2]``, see
 ``configs/msp-podcast.yaml``), 3 = Train, 4 = Test2 (listed in ``data.sessions`` only when wanted;
-``finetune.folds=[4]`` tests it). At 100,000+ turns the parser reads one directory listing and each
+``finetune.folds=[4]`` tests it). Test1 and Test2 are test-only groups: whichever a fold tests, neither
+is trained, validated or pre-trained on. At 100,000+ turns the parser reads one directory listing and each
 file's header (see ``bench/manifest_scale.py``).
 """
 
@@ -106,5 +107,5 @@ CORPUS = Corpus(
     layout="Audios/*.wav + Labels/labels_consensus.csv (FileName, EmoClass, EmoAct, EmoVal, EmoDom, SpkrID, "
            "Gender, Split_Set)",
     raw_labels=CLASSES, build=build, groups=lambda data_cfg: [1, 2, 3], test_groups=lambda data_cfg: [1],
-    extra_groups=(4,), dimension_range=(1.0, 7.0),
+    extra_groups=(4,), dimension_range=(1.0, 7.0), test_only_groups=(1, 4),
 )

@@ -143,7 +143,7 @@ def _emodb(df: pd.DataFrame, out: Path) -> int:
 
 
 def _msp_podcast(df: pd.DataFrame, out: Path) -> int:
-    splits = {1: "Train", 2: "Train", 3: "Train", 4: "Development", 5: "Test1"}
+    splits = {1: "Train", 2: "Train", 3: "Test2", 4: "Development", 5: "Test1"}
     spk_ids = {s: str(100 + i) for i, (s, _) in enumerate(_speakers(df))}
     rows = []
     n = 0

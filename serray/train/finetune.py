@@ -43,7 +43,7 @@ from serray.train.loop import fit, run_seed, steps_per_epoch
 from serray.train.finetune_task import SELECTION_KEY, FinetuneTask
 from serray.train.metrics import classification_metrics
 from serray.train.folds import (audit_fold, fold_split, labelled_rows, pool_sessions, split_fold,  # noqa: F401
-                                subsample_labels)  # (re-exported: the stages' public names)
+                                subsample_labels, training_groups)  # (re-exported: the stages' public names)
 from serray.train.pretrain import adapter_kwargs, adapter_path, check_features, run_pretrain
 
 log = logging.getLogger(__name__)
@@ -122,7 +122,7 @@ def fold_datasets(cfg, fold: int, split: Optional[Dict[str, pd.DataFrame]] = Non
     """The ``train`` and ``val`` :class:`~serray.data.features.TrainingData` of a fold (validation is
     always held in memory: compact float16 rows, decoded a batch at a time)."""
     split = split if split is not None else fold_split(cfg, fold)
-    train_sessions = [s for s in cfg.data.sessions if s != fold]
+    train_sessions = training_groups(cfg, fold)
     train = training_data(cfg.features.dir, train_sessions, split["train"]["utt_id"].tolist(),
                           cfg.features.cache_max_mb, seed=cfg.seed * 31 + fold)
     if split["val"].empty:  # inner cross-validation's final model: every training speaker trains

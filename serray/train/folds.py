@@ -97,19 +97,37 @@ def subsample_labels(df: pd.DataFrame, fraction: float, seed: int, label_col: st
     return _sub(df, fraction, seed, label_col)
 
 
+def test_only_groups(cfg) -> List[int]:
+    """The corpus's official test sets among ``data.sessions`` (MSP-Podcast: Test1, Test2)."""
+    from serray.data import corpora
+
+    return [int(g) for g in corpora.of(cfg).test_only_groups]
+
+
+def training_groups(cfg, fold: Optional[int]) -> List[int]:
+    """The fold groups a fold trains, validates and pre-trains on: ``data.sessions`` without the fold
+    and without any official test set (:func:`test_only_groups`)."""
+    held = set(test_only_groups(cfg))
+    return [int(s) for s in cfg.data.sessions if s != fold and int(s) not in held]
+
+
 def fold_split(cfg, fold: int) -> Dict[str, pd.DataFrame]:
     """The train / val / test rows of one fold (metadata only; training labels subsampled by
     ``finetune.label_fraction``). Under ``finetune.epoch_selection: inner_cv`` there is no validation
     part: every labelled row of the training groups trains (the epoch count comes from the inner folds)."""
+    rows = labelled_rows(cfg)
+    rows = rows[rows["session"].isin([fold, *training_groups(cfg, fold)])]  # no other official test set
     if str(cfg.finetune.get("epoch_selection", "val")) == "inner_cv":
-        rows = labelled_rows(cfg)
         test, rest = rows[rows["session"] == fold], rows[rows["session"] != fold]
         leak = set(test["speaker"]) & set(rest["speaker"])
         assert not leak, f"speaker leakage into fold {fold}: {sorted(leak)}"
         split = {"train": rest.sort_values("utt_id"), "val": rest.iloc[:0], "test": test.sort_values("utt_id")}
     else:
-        split = split_fold(labelled_rows(cfg), fold, cfg.finetune.val_fraction, cfg.seed, cfg.finetune.val_split,
+        split = split_fold(rows, fold, cfg.finetune.val_fraction, cfg.seed, cfg.finetune.val_split,
                            list(cfg.finetune.val_groups))
+    held = set(test_only_groups(cfg)) - {fold}
+    assert not held & (set(split["train"]["session"]) | set(split["val"]["session"])), \
+        f"leakage: fold {fold} trains or validates on an official test set ({sorted(held)})"
     if cfg.finetune.label_fraction < 1.0:
         split["train"] = subsample_labels(split["train"], cfg.finetune.label_fraction, cfg.seed * 7919 + fold)
     return split
@@ -125,7 +143,7 @@ def pool_sessions(cfg, fold: Optional[int], feat_meta: dict) -> List[int]:
     if cfg.pretrain.per_fold:
         if fold is None:
             raise ValueError("pretrain.per_fold=true needs a fold")
-        sessions = [s for s in cfg.data.sessions if s != fold]
+        sessions = training_groups(cfg, fold)
     else:
         sessions = list(cfg.pretrain.sessions)
     extra = list(getattr(cfg.pretrain, "extra_audio", []) or [])

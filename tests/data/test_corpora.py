@@ -130,7 +130,8 @@ def test_msp_podcast_splits_unknown_speakers_withheld_and_missing(layouts, tmp_p
     assert report.ignored == {"Test3 turns (labels withheld)": 1}
     assert report.missing_wav == ["MSP-PODCAST_9999_0002"]
     split = dict(zip(labels["FileName"].str[:-4], labels["Split_Set"]))
-    assert (df["session"] == df["utt_id"].map(split).map({"Test1": 1, "Development": 2, "Train": 3})).all()
+    assert (df["session"] == df["utt_id"].map(split).map({"Test1": 1, "Development": 2, "Train": 3, "Test2": 4})).all()
+    assert set(df["session"]) == {1, 2, 3, 4}
     assert (df["speaker"] == "unknown-Train").sum() == 2 and set(df.loc[df["speaker"] == "unknown-Train", "gender"]) == {""}
     # X (no agreement) and O (other) are never a class
     assert df.loc[df["raw_label"].isin(["X", "O"]), "label"].eq("").all()
@@ -277,3 +278,20 @@ def test_label_map_is_set_from_the_command_line_and_from_yaml_and_checked_at_loa
     assert main(["manifest", "--root", str(root), "--out", str(out), "data.corpus=ravdess",
                  "data.label_map={calm: relaxed}"]) != 0
     assert "data.label_map: 'calm' -> 'relaxed'" in capsys.readouterr().err
+
+
+def test_official_test_sets_are_never_validation_or_shared_pretraining_data():
+    """MSP-Podcast's Test1 / Test2 are test-only groups: a config that would validate or pre-train the
+    shared adapter on one is refused when it loads, naming the key."""
+    from serray.config import load_config
+
+    msp = ["data.corpus=msp-podcast", "data.sessions=[1,2,3,4]", "finetune.folds=[4]",
+           "finetune.val_split=group"]
+    with pytest.raises(ConfigError, match=r"finetune.val_groups \[1\] holds MSP-Podcast's official test sets \[1, 4\]"):
+        load_config(None, [*msp, "finetune.val_groups=[1]"])
+    with pytest.raises(ConfigError, match=r"pretrain.sessions .* would be pre-trained on test audio"):
+        load_config(None, [*msp, "finetune.val_groups=[2]", "pretrain.per_fold=false", "pretrain.sessions=[1,2,3,4]"])
+    cfg = load_config(None, [*msp, "finetune.val_groups=[2]"])
+    from serray.train.folds import training_groups
+
+    assert training_groups(cfg, 4) == [2, 3] and training_groups(cfg, 1) == [2, 3]
