@@ -34,6 +34,14 @@ def make_synthetic(cfg, root: Path, layout: str) -> Path:
                        **synthetic_kwargs(cfg))
 
 
+def is_builtin_root(cfg, root: Path) -> bool:
+    """Whether ``root`` is where the built-in synthetic corpus lives: under ``output_dir/synthetic``
+    (the default ``data.root`` and the shipped configs'); a corpus a config names elsewhere is never
+    replaced by a synthetic one."""
+    base = (Path(cfg.output_dir) / "synthetic").resolve()
+    return root.resolve() == base or base in root.resolve().parents
+
+
 def prepare_corpus(cfg, echo: Callable[[str], Any] = print):
     """Make the synthetic corpus (in ``data.corpus``'s layout) when enabled and missing; build and
     write the manifest."""
@@ -42,6 +50,13 @@ def prepare_corpus(cfg, echo: Callable[[str], Any] = print):
 
     root = Path(cfg.data.root)
     if cfg.synthetic.enabled and not root.exists():
+        if not is_builtin_root(cfg, root):
+            from serray.data import corpora
+            from serray.errors import DataError
+
+            raise DataError(f"{corpora.of(cfg).title} root not found: {root} (data.root). serray makes its synthetic "
+                            f"corpus only under output_dir/synthetic/ ({Path(cfg.output_dir) / 'synthetic'}), never in "
+                            "place of a corpus a config names: check the path, or run `serray make-corpus --out DIR`")
         echo(f"making the synthetic corpus in {root} ({cfg.data.corpus} layout)")
         make_synthetic(cfg, root, str(cfg.data.corpus))
     report = corpora.build_manifest(cfg, root)

@@ -271,3 +271,14 @@ def test_reproduce_fails_on_a_metric_that_differs(pipeline, reproduced, tmp_path
     out = buf.getvalue()
     assert rc == 1 and "NOT reproduced" in out
     assert "**" in next(line for line in out.splitlines() if line.startswith("| fold 2 |"))
+
+
+def test_a_mistyped_corpus_root_is_an_error_never_a_synthetic_corpus(tmp_path, capsys):
+    """A ``data.root`` that does not exist outside ``output_dir/synthetic`` is a clear error naming it; the
+    synthetic corpus used to be written there and reported under the corpus's name."""
+    from serray.cli import main
+
+    root = tmp_path / "data" / "CREMA-D-typo"
+    assert main(["pipeline", f"output_dir={tmp_path / 'run'}", "data.corpus=crema-d", f"data.root={root}"]) != 0
+    err = capsys.readouterr().err
+    assert f"CREMA-D root not found: {root} (data.root)" in err and not root.exists()
