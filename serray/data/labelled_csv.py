@@ -72,7 +72,12 @@ def build(root, data_cfg, keep_unlabelled: bool = False) -> ManifestReport:
         empty_groups = sorted(set(range(1, k + 1)) - set(groups))
         if empty_groups:
             raise DataError(f"{path}: groups {empty_groups} hold no rows; set data.num_folds to the number of groups")
-    has_speaker = "speaker" in df.columns and (df["speaker"] != "").all()
+    if "speaker" in df.columns and (df["speaker"] == "").any():
+        blank = df["speaker"] == ""
+        raise DataError(f"{path}: rows {_rows_of(df, blank)} have no speaker; fill them in (folds are grouped by speaker, "
+                        "and a blank would make every file its own speaker), or leave out the speaker column for a "
+                        "corpus without speaker identities (then the folds are not speaker-independent)")
+    has_speaker = "speaker" in df.columns
     if not has_speaker:
         log.warning("%s has no speaker for every row: each file is its own speaker, so the folds are NOT "
                     "speaker-independent", path)
@@ -83,11 +88,24 @@ def build(root, data_cfg, keep_unlabelled: bool = False) -> ManifestReport:
         spk_gender = dict(zip(speakers, genders))
         folds = speaker_folds(spk_gender, k, CORPUS.title)
         groups = [folds[s] for s in speakers]
+    if "group" in df.columns:  # the CSV's own groups must keep each speaker in one
+        per_speaker = pd.DataFrame({"speaker": speakers, "group": groups}).groupby("speaker")["group"].nunique()
+        split = sorted(per_speaker[per_speaker > 1].index)
+        if split:
+            rows = df.index[df["speaker"].isin(split)] if has_speaker else df.index[:0]
+            raise DataError(f"{path}: speakers {split[:5]} appear in more than one group (rows "
+                            f"{', '.join(str(i + 2) for i in rows[:8])}{' ...' if len(rows) > 8 else ''}); a fold group "
+                            "must hold all of a speaker's files, or the test speakers would also train")
+    ids = [Path(p).with_suffix("").as_posix().lstrip("./").replace("/", "__") for p in df["path"]]
+    dup = pd.Series(ids).duplicated(keep=False)
+    if dup.any():
+        pairs = ", ".join(f"{df['path'].iloc[i]!r} (line {i + 2})" for i in list(dup[dup].index)[:6])
+        raise DataError(f"{path}: {int(dup.sum())} files get the same utterance id from their paths: {pairs}; "
+                        "rename or move them so that no two paths differ only in their extension or in '/' vs '__'")
     entries = []
-    for i, (p, label, spk, gender, g) in enumerate(zip(df["path"], df["label"], speakers, genders, groups)):
+    for i, (p, utt, label, spk, gender, g) in enumerate(zip(df["path"], ids, df["label"], speakers, genders, groups)):
         audio = Path(p).expanduser()
         audio = audio if audio.is_absolute() else path.parent / audio
-        utt = Path(p).with_suffix("").as_posix().lstrip("./").replace("/", "__")
         entries.append({**row(utt, g, spk, gender, label, "", audio), "where": f"{path.name}:{i + 2}"})
     mapping = label_map(CORPUS, cfg_get(data_cfg, "label_map"))
     report = apply_labels(entries, mapping, keep_unlabelled, CORPUS, {})

@@ -4,6 +4,7 @@ speaker-disjoint for every protocol, explicit label maps, and clear errors for b
 from __future__ import annotations
 
 import shutil
+from pathlib import Path
 from types import SimpleNamespace
 
 import pandas as pd
@@ -295,3 +296,39 @@ def test_official_test_sets_are_never_validation_or_shared_pretraining_data():
     from serray.train.folds import training_groups
 
     assert training_groups(cfg, 4) == [2, 3] and training_groups(cfg, 1) == [2, 3]
+
+
+def test_csv_blank_speakers_split_speakers_and_colliding_ids_are_errors_naming_rows(tmp_path, layouts):
+    """No silent degradation in a labelled CSV: one blank speaker cell used to make every file its own speaker
+    (a log warning; metrics.json still said speaker-grouped); a speaker in two groups failed mid-training
+    with an AssertionError; paths whose ids collide (a/b.wav vs a__b.wav, x.wav vs x.flac) lost rows."""
+    root = layouts["csv"].parent
+    df = pd.read_csv(root / "labels.csv").assign(path=lambda d: [str(root / p) for p in d["path"]])
+    df.assign(speaker=[""] + list(df["speaker"][1:])).to_csv(tmp_path / "blank.csv", index=False)
+    with pytest.raises(DataError, match=r"rows 2 have no speaker"):
+        parse("csv", tmp_path / "blank.csv")
+    spk = df["speaker"].iloc[0]
+    groups = [1 + (i % 5) for i in range(len(df))]
+    df.assign(group=groups).to_csv(tmp_path / "split.csv", index=False)
+    with pytest.raises(DataError, match=rf"speakers \[.*'{spk}'.*\] appear in more than one group \(rows 2, "):
+        parse("csv", tmp_path / "split.csv")
+    first = Path(df["path"].iloc[0])
+    twin = first.with_suffix(".flac")
+    import soundfile as sf
+
+    x, sr = sf.read(first)
+    sf.write(twin, x, sr)
+    collide = pd.concat([df, df.iloc[:1].assign(path=str(twin))], ignore_index=True)
+    collide.to_csv(tmp_path / "collide.csv", index=False)
+    with pytest.raises(DataError, match=r"2 files get the same utterance id .*line 2\).*\.flac' \(line "):
+        parse("csv", tmp_path / "collide.csv")
+    nested = tmp_path / "a" / "b.wav"
+    nested.parent.mkdir()
+    flat = tmp_path / "a__b.wav"
+    for p in (nested, flat):
+        sf.write(p, x, sr)
+    rel = pd.concat([df, df.iloc[:2].assign(path=["a/b.wav", "a__b.wav"], speaker="x")], ignore_index=True)
+    rel.to_csv(tmp_path / "rel.csv", index=False)
+    n = len(df)
+    with pytest.raises(DataError, match=rf"'a/b.wav' \(line {n + 2}\), 'a__b.wav' \(line {n + 3}\)"):
+        parse("csv", tmp_path / "rel.csv")
