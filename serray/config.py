@@ -637,6 +637,9 @@ def _validate(cfg: DictConfig) -> None:
             problems.append(f"{section}.placement_strategy must be PACK, SPREAD, STRICT_PACK or STRICT_SPREAD, got '{strategy}'")
     if cfg.finetune.val_split not in ("speaker", "dialog", "random", "group"):
         problems.append(f"finetune.val_split must be speaker, dialog, random or group, got '{cfg.finetune.val_split}'")
+    if cfg.finetune.val_split == "dialog" and corpus.name != "iemocap":
+        problems.append(f"finetune.val_split=dialog needs a corpus with dialogs (IEMOCAP); {corpus.title} has none, "
+                        "so its validation part would be empty: use speaker, random or group")
     if cfg.finetune.val_split == "group":
         val_groups = list(cfg.finetune.val_groups)
         if not val_groups or any(g not in cfg.data.sessions for g in val_groups):

@@ -34,7 +34,8 @@ from serray.errors import DataError
 SPLITS = {"Test1": 1, "Development": 2, "Validation": 2, "Train": 3, "Test2": 4}
 CANONICAL = {"Validation": "Development"}  # the older releases' name
 WITHHELD = ("Test3",)
-CLASSES = {"A": "ang", "H": "hap", "S": "sad", "N": "neu", "U": "", "F": "", "D": "", "C": "", "O": "", "X": ""}
+CLASSES = {"A": "ang", "H": "hap", "S": "sad", "N": "neu", "U": "", "F": "", "D": "", "C": "", "O": "", "X": "",
+           "": ""}  # a blank EmoClass: a turn without a consensus class (kept unlabelled, pre-training only)
 COLUMNS = ("FileName", "EmoClass", "EmoAct", "EmoVal", "EmoDom", "SpkrID", "Gender", "Split_Set")
 LABEL_FILES = ("labels_consensus.csv", "labels_consensus.json", "labels_concensus.csv", "labels_concensus.json")
 

@@ -82,6 +82,11 @@ def split_fold(rows: pd.DataFrame, test_session: int, val_fraction: float, seed:
                                       stratify=rest["label"] if stratified else None)
     else:
         raise ValueError(f"val_split must be speaker, dialog, random or group, got {val_split!r}")
+    if val.empty and not rest.empty:
+        from serray.errors import DataError
+
+        raise DataError(f"fold {test_session}: the validation part (finetune.val_split={val_split}, val_fraction "
+                        f"{val_fraction}) is empty; raise finetune.val_fraction or choose another finetune.val_split")
     leak = set(test["speaker"]) & (set(train["speaker"]) | set(val["speaker"]))
     assert not leak, f"speaker leakage into fold {test_session}: {sorted(leak)}"
     if val_split == "speaker":

@@ -332,3 +332,29 @@ def test_csv_blank_speakers_split_speakers_and_colliding_ids_are_errors_naming_r
     n = len(df)
     with pytest.raises(DataError, match=rf"'a/b.wav' \(line {n + 2}\), 'a__b.wav' \(line {n + 3}\)"):
         parse("csv", tmp_path / "rel.csv")
+
+
+def test_dialog_validation_outside_iemocap_and_an_empty_validation_part_are_errors(layouts):
+    """val_split=dialog on a corpus without dialogs gave an empty validation set (epochs chosen on nothing)."""
+    from serray.config import load_config
+    from serray.train.folds import split_fold
+
+    with pytest.raises(ConfigError, match="val_split=dialog needs a corpus with dialogs"):
+        load_config(None, ["data.corpus=crema-d", "finetune.val_split=dialog"])
+    rows = parse("crema-d", layouts["crema-d"]).kept
+    rows = rows[rows["label"] != ""].assign(dialog="")
+    with pytest.raises(DataError, match="fold 1: the validation part .* is empty"):
+        split_fold(rows, 1, 0.15, 0, "dialog")
+
+
+def test_a_blank_msp_podcast_class_is_an_unlabelled_turn_not_an_error(tmp_path, layouts):
+    """A blank EmoClass in any split used to refuse the whole corpus and suggest an invalid override."""
+    root = tmp_path / "msp"
+    shutil.copytree(layouts["msp-podcast"], root)
+    csv = root / "Labels" / "labels_consensus.csv"
+    t = pd.read_csv(csv, dtype=str, keep_default_na=False)
+    t.loc[5, "EmoClass"] = ""
+    t.to_csv(csv, index=False)
+    report = parse("msp-podcast", root, keep_unlabelled=True)
+    turn = t.loc[5, "FileName"][:-4]
+    assert report.kept.set_index("utt_id").loc[turn, "label"] == ""
