@@ -8,11 +8,20 @@ corpus that has one, MSP-Podcast's Test1; every group of a corpus without one, s
 another corpus never saw any of its speakers). Nothing of the target reaches the model: it is used
 as registered, its normalisation statistics are its training folds'.
 
-Writes ``<output_dir>/evaluate/<model id>/``: ``metrics.json`` (UA / WA / macro-F1 over the target's
+Evaluation is its own run: everything it writes is under ``<output_dir>/evaluate/``, never in a
+source run's manifest or feature store, even when ``output_dir`` is the source run. The target's
+manifest and features (its test groups only) are in ``<output_dir>/evaluate/<corpus>-<root hash>/``;
+``<output_dir>/evaluate/<model id>/`` holds ``metrics.json`` (UA / WA / macro-F1 over the target's
 test utterances, per test group and pooled, the source and target corpora and protocols),
 ``predictions.csv``, ``confusion_matrix.png`` and ``results.md``. Beside the model, the field's
-standard baseline (:func:`reference`: openSMILE eGeMAPS functionals + logistic regression trained
-on the same source groups) is scored on the same utterances.
+standard baseline (:func:`reference`: openSMILE eGeMAPS functionals + logistic regression trained on
+exactly the utterances the model's fold trained on, computed in parallel and cached) is scored on the
+same utterances; a file it cannot read is skipped and listed, and the model's scores are written first.
+
+The target must be audio the model never heard (:func:`check_unseen`): its test files are compared by
+their decoded samples with every file of the source run's training groups and pre-training pool
+(``pretrain.extra_audio`` too), so a re-encoded copy or one with another header is caught and two
+different clips that merely start alike are not.
 """
 
 from __future__ import annotations
@@ -57,83 +66,183 @@ def score(preds: pd.DataFrame, labels) -> Dict[str, Any]:
             "groups": [{"group": int(g), **metrics(df)} for g, df in preds.groupby("session", sort=True)]}
 
 
-def source_training(entry: Dict[str, Any], labels) -> Optional[pd.DataFrame]:
-    """The source corpus's four-class utterances the entry's model trained on (every group of its run
-    but the entry's test fold), from the manifest its saved config names; None when that manifest is
-    not on this machine."""
+def _saved_config(entry: Dict[str, Any]) -> Optional[dict]:
     import yaml
 
+    try:
+        return yaml.safe_load(storage.read_text(storage.join(entry["path"], "config.yaml"))) or {}
+    except (OSError, ValueError):
+        return None
+
+
+def source_audio(entry: Dict[str, Any], labels) -> Optional[Dict[str, pd.DataFrame]]:
+    """What the entry's model was made from, from the source run's manifest and its fold's split record:
+    ``train`` (the four-class utterances its fold trained on: exactly, when the fold recorded its split,
+    else every group of its run but its test fold) and ``heard`` (everything its training and
+    pre-training read: the training groups' utterances, labelled or not, and ``pretrain.extra_audio``).
+    None when the source manifest is not on this machine."""
+    from serray.data.extra_audio import extra_audio_manifest
     from serray.data.iemocap import read_manifest
     from serray.errors import SerrayError
+    from serray.train.finetune import SPLIT_FILE
 
+    saved = _saved_config(entry)
     try:
-        saved = yaml.safe_load(storage.read_text(storage.join(entry["path"], "config.yaml"))) or {}
         source = read_manifest(saved["data"]["manifest"])
     except (SerrayError, OSError, KeyError, TypeError, AttributeError):
         return None
     held = entry.get("model_fold")
     sessions = [int(g) for g in saved["data"].get("sessions") or sorted(source["session"].unique())]
-    return source[source["label"].isin(labels) & source["session"].isin([g for g in sessions if g != held])]
+    groups = source[source["session"].isin([g for g in sessions if g != held])]
+    train = groups[groups["label"].isin(labels)]
+    record = storage.join(str(entry.get("finetune_dir") or ""), f"fold{held}", SPLIT_FILE)
+    if entry.get("finetune_dir") and storage.is_file(record):
+        ids = set(json.loads(storage.read_text(record))["train"])
+        train = source[source["utt_id"].isin(ids)]
+    heard = [groups[["utt_id", "path"]]]
+    extra = list((saved.get("pretrain") or {}).get("extra_audio") or [])
+    if extra:
+        try:
+            heard.append(extra_audio_manifest(extra)[["utt_id", "path"]])
+        except (SerrayError, OSError):
+            pass  # not on this machine: counted as unreadable below
+    return {"train": train, "heard": pd.concat(heard, ignore_index=True)}
 
 
-def _fingerprint(path: str):
-    """Size and a hash of the first 64 KiB: the same audio under another name, in another layout, or
-    through a link is the same file to this check."""
+
+def _audio_fingerprint(path: str) -> Optional[str]:
+    """A hash of the decoded samples (mono, 16 kHz, 16-bit): the same audio re-encoded (FLAC, float, WAVE
+    EXTENSIBLE), with another header or metadata chunk, under another name or behind a link hashes the
+    same; two clips that differ anywhere do not. None when the file cannot be decoded here."""
     import hashlib
 
+    from serray.data.audio import load_audio
+    from serray.errors import AudioError
+
     try:
-        with open(path, "rb") as f:
-            head = f.read(65536)
-        return Path(path).stat().st_size, hashlib.blake2b(head, digest_size=16).hexdigest()
-    except OSError:
+        x = load_audio(path, 16000)
+    except (AudioError, OSError):
         return None
+    q = np.clip(np.round(np.asarray(x, dtype=np.float64) * 32768.0), -32768, 32767).astype("<i2")
+    return hashlib.blake2b(q.tobytes(), digest_size=16).hexdigest()
 
 
-def check_unseen(train: Optional[pd.DataFrame], target_paths: Sequence[str], echo: Callable[[str], Any] = print) -> None:
-    """Cross-corpus scores are only meaningful on audio the model never trained on: refuse a target
-    whose test files hold audio of the model's training data (the same bytes under any name, layout or
-    link: :func:`_fingerprint`).
+def check_unseen(heard: Optional[pd.DataFrame], target_paths: Sequence[str], echo: Callable[[str], Any] = print,
+                 fingerprints: Optional[Callable[[Sequence[str]], list]] = None) -> None:
+    """Cross-corpus scores are only meaningful on audio the model never heard: refuse a target whose test
+    files hold audio of the model's training or pre-training data (:func:`_audio_fingerprint`: the same
+    samples under any name, layout, container or header). Says how many source files could not be read.
 
     Raises:
         DataError: naming how many and one of them.
     """
     from serray.errors import DataError
 
-    if train is None:
+    if heard is None:
         echo("note: the model's training manifest is not on this machine; cannot check that the target's test "
              "files are unseen")
         return
-    seen = {i for i in map(_fingerprint, train["path"]) if i is not None}
-    overlap = [p for p in target_paths if _fingerprint(p) in seen]
+    fingerprints = fingerprints or (lambda paths: [_audio_fingerprint(p) for p in paths])
+    source = fingerprints(list(heard["path"]))
+    unreadable = sum(f is None for f in source)
+    seen = {f for f in source if f is not None}
+    target = fingerprints(list(target_paths))
+    overlap = [p for p, f in zip(target_paths, target) if f is not None and f in seen]
     if overlap:
-        raise DataError(f"{len(overlap)} of the target's {len(target_paths)} test files are files the model trained on "
-                        f"(e.g. {overlap[0]}): score another corpus, other speakers, or the model's own test fold")
+        raise DataError(f"{len(overlap)} of the target's {len(target_paths)} test files hold audio the model trained or "
+                        f"pre-trained on (e.g. {overlap[0]}): score another corpus, other speakers, or the model's own "
+                        "test fold")
+    echo(f"unseen-audio check: {len(target_paths)} target files against {len(source)} source files (training and "
+         f"pre-training): no overlap" + (f"; {unreadable} source files could not be read here and were not compared"
+                                        if unreadable else ""))
 
 
-def reference(entry: Dict[str, Any], target_rows: pd.DataFrame, target_paths: Dict[str, str], labels,
-              kind: str = "egemaps", echo: Callable[[str], Any] = print,
-              train: Optional[pd.DataFrame] = None) -> Optional[Dict[str, Any]]:
-    """The field's standard baseline beside the model: openSMILE ``kind`` functionals + logistic
-    regression trained on the model's own training groups of the source corpus (every group but the
-    entry's test fold), its C chosen by a leave-one-group-out cross-validation over those groups;
-    scored on the target's test utterances. None (with a warning) when the source manifest is not on
-    this machine."""
-    from serray import baselines
+def _functionals_one(path: str, kind: str) -> Optional[list]:
+    """One file's openSMILE functionals (None when it cannot be read or is too short)."""
     from serray.data.opensmile_features import functionals
+    from serray.errors import SerrayError
 
-    train = source_training(entry, labels) if train is None else train
+    try:
+        return functionals([path], kind)[0].tolist()
+    except (SerrayError, OSError, ValueError, RuntimeError):
+        return None
+
+
+def cached_map(cfg, paths: Sequence[str], fn: Callable[[str], Any], cache_file: Path) -> list:
+    """``fn(path)`` of every path, computed in parallel (Ray tasks over chunks of files) and cached in a
+    Parquet file keyed by (path, size, modification time): a second evaluation of the same source or
+    target decodes nothing again. A value of None (an unreadable file) is not cached."""
+    import os
+
+    import ray
+
+    def key(p):
+        try:
+            st = os.stat(p)
+            return f"{p}|{st.st_size}|{st.st_mtime_ns}"
+        except OSError:
+            return None
+
+    keys = [key(p) for p in paths]
+    cache = {}
+    if cache_file.is_file():
+        df = pd.read_parquet(cache_file)
+        cache = dict(zip(df["key"], df["value"]))
+    todo = sorted({(k, p) for k, p in zip(keys, paths) if k is not None and k not in cache})
+    if todo:
+        from serray.ray_utils import init_ray
+
+        init_ray(cfg)
+        task = ray.remote(num_cpus=1)(lambda chunk: [json.dumps(fn(p)) for p in chunk])
+        chunk = max(1, len(todo) // (4 * max(1, int(ray.cluster_resources().get("CPU", 1)))) + 1)
+        parts = [todo[i : i + chunk] for i in range(0, len(todo), chunk)]
+        results = ray.get([task.remote([p for _, p in part]) for part in parts])
+        fresh = {k: v for part, vals in zip(parts, results) for (k, _), v in zip(part, vals) if v != "null"}
+        cache.update(fresh)
+        if fresh:
+            cache_file.parent.mkdir(parents=True, exist_ok=True)
+            pd.DataFrame({"key": list(cache), "value": list(cache.values())}).to_parquet(cache_file, index=False)
+    return [json.loads(cache[k]) if k is not None and k in cache else None for k in keys]
+
+
+def reference(cfg, train: Optional[pd.DataFrame], target_rows: pd.DataFrame, target_paths: Dict[str, str], labels,
+              kind: str = "egemaps", echo: Callable[[str], Any] = print,
+              cache_dir: Optional[Path] = None) -> Optional[Dict[str, Any]]:
+    """The field's standard baseline beside the model: openSMILE ``kind`` functionals + logistic
+    regression trained on the utterances the model's fold trained on (:func:`source_audio`), its C
+    chosen by a leave-one-group-out cross-validation over their groups; scored on the target's test
+    utterances. Functionals are computed in parallel and cached (:func:`cached_map`); a file that cannot
+    be read is skipped and listed (``skipped``). None (with a note) when the source manifest is not on
+    this machine."""
+    from functools import partial
+
+    from serray import baselines
+
     if train is None:
         echo("reference column skipped: the source corpus's manifest is not readable on this machine")
         return None
     echo(f"reference: openSMILE {kind} functionals + logistic regression, trained on {len(train)} source utterances "
          f"(groups {sorted(set(train['session']))}), scored on {len(target_rows)} target utterances")
-    x_train = functionals(train["path"].tolist(), kind)
-    y_train = np.array([labels.index(lab) for lab in train["label"]])
-    choice = baselines.choose_recipe(x_train, y_train, train["session"].to_numpy())
-    x_test = functionals([target_paths[u] for u in target_rows["utt_id"]], kind)
-    pred, _ = baselines.fit_predict(x_train, y_train, x_test, seed=0, C=choice["C"])
-    preds = target_rows[["utt_id", "label", "session"]].assign(pred=[labels[i] for i in pred])
-    return {"features": kind, "C": choice["C"], "source_cv_ua": choice["val_ua"], **score(preds, labels)}
+    cache = (cache_dir or Path(".")) / f"{kind}_functionals.parquet"
+    target_files = [target_paths[u] for u in target_rows["utt_id"]]
+    values = cached_map(cfg, [*train["path"], *target_files], partial(_functionals_one, kind=kind), cache)
+    x_train, x_test = values[: len(train)], values[len(train):]
+    skipped = [p for p, v in zip([*train["path"], *target_files], values) if v is None]
+    ok_train = [v is not None for v in x_train]
+    ok_test = np.array([v is not None for v in x_test])
+    if skipped:
+        echo(f"reference: {len(skipped)} files could not be read and are left out, e.g. {skipped[0]}")
+    if not any(ok_train) or not ok_test.any():
+        return {"features": kind, "skipped": skipped, "pooled": None, "groups": []}
+    train_ok = train[ok_train]
+    x_tr = np.asarray([v for v in x_train if v is not None], dtype=np.float64)
+    y_train = np.array([labels.index(lab) for lab in train_ok["label"]])
+    choice = baselines.choose_recipe(x_tr, y_train, train_ok["session"].to_numpy())
+    pred, _ = baselines.fit_predict(x_tr, y_train, np.asarray([v for v in x_test if v is not None], dtype=np.float64),
+                                    seed=0, C=choice["C"])
+    preds = target_rows[ok_test][["utt_id", "label", "session"]].assign(pred=[labels[i] for i in pred])
+    return {"features": kind, "C": choice["C"], "source_cv_ua": choice["val_ua"], "n_train": int(len(train_ok)),
+            "skipped": skipped, **score(preds, labels)}
 
 
 def run_evaluate(cfg, model: Optional[str] = None, echo: Callable[[str], Any] = print,
@@ -159,50 +268,64 @@ def run_evaluate(cfg, model: Optional[str] = None, echo: Callable[[str], Any] = 
     if not predictor.has_classes:
         raise DataError(f"model {entry['id']} predicts emotion dimensions only (finetune.task=dimensional); "
                         "cross-corpus evaluation scores the four classes (use a categorical or multitask model)")
-    cfg = derive(cfg, model_encoder_overrides(predictor.features, Path(local)))
+    folds = [int(f) for f in cfg.finetune.folds]
+    base = Path(cfg.output_dir) / "evaluate"
+    work = base / target_key(cfg)  # the target's own manifest and features: never a source run's
+    cfg = derive(cfg, [*model_encoder_overrides(predictor.features, Path(local)), f"data.manifest={work / 'manifest.parquet'}",
+                       f"features.dir={work / 'features'}", f"data.sessions={json.dumps(folds)}",
+                       f"pretrain.sessions={json.dumps(folds)}", "pretrain.use_unlabelled=false", "pretrain.extra_audio=[]",
+                       "finetune.val_split=speaker"])
     source = entry_evaluation(entry)
     target = corpus_protocol(cfg)
-    folds = [int(f) for f in cfg.finetune.folds]
     echo(f"model {entry['id']} (trained on {source.get('corpus') or 'iemocap'}, encoder "
          f"{predictor.features['encoder']}) -> {target['corpus']} ({storage.describe(cfg.data.root)}), test "
-         f"{target['group_name']}s {folds}")
+         f"{target['group_name']}s {folds} (only they are featurized, in {work})")
     prepare_corpus(cfg, echo)
     echo(featurize_summary(featurize(cfg)))
     rows = labelled_rows(cfg)
     rows = rows[rows["session"].isin(folds)]
     if rows.empty:
-        from serray.errors import DataError
-
         raise DataError(f"{target['corpus']} has no four-class utterances in test groups {folds}")
     from serray.data.iemocap import read_manifest
 
     paths = read_manifest(cfg.data.manifest).set_index("utt_id")["path"].to_dict()
-    train = source_training(entry, list(predictor.labels))
-    check_unseen(train, [paths[u] for u in rows["utt_id"]], echo)
+    made_of = source_audio(entry, list(predictor.labels))
+    check_unseen(None if made_of is None else made_of["heard"], [paths[u] for u in rows["utt_id"]], echo,
+                 fingerprints=lambda ps: cached_map(cfg, ps, _audio_fingerprint, base / "cache" / "audio_fingerprints.parquet"))
     preds = predictor.predict_parquet(session_paths(cfg.features.dir, folds), utt_ids=rows["utt_id"].tolist())
-    preds = preds.merge(rows[["utt_id", "session"]], on="utt_id").sort_values("utt_id", ignore_index=True)
-    result = score(preds, predictor.labels)
-    if reference_features:
-        result["reference"] = reference(entry, rows, paths, list(predictor.labels), reference_features, echo, train)
-    out = Path(cfg.output_dir) / "evaluate" / entry["id"]
+    preds = preds.drop(columns=[c for c in ("label",) if c in preds.columns]).merge(
+        rows[["utt_id", "label", "session"]], on="utt_id").sort_values("utt_id", ignore_index=True)
+    out = base / entry["id"]
     out.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out)
     summary = {"model": entry["id"], "source": {k: source.get(k) for k in ("corpus", "protocol", "folds")},
                "target": {**target, "root": storage.describe(cfg.data.root), "test_groups": folds},
-               "labels": list(predictor.labels), **result,
-               "mean": {k: result["pooled"][k] for k in ("ua", "wa", "macro_f1")},
+               "labels": list(predictor.labels), **score(preds, predictor.labels),
                "plot_title": f"{entry['id']} on {target['corpus']}", "provenance": provenance.collect(cfg, folds)}
-    storage.write_text(out / "metrics.json", json.dumps(summary, indent=2))
+    summary["mean"] = {k: summary["pooled"][k] for k in ("ua", "wa", "macro_f1")}
     preds.to_csv(out / "predictions.csv", index=False)
     index = {l: i for i, l in enumerate(predictor.labels)}
     cm = confusion([index[l] for l in preds["label"]], [index[l] for l in preds["pred"]], len(predictor.labels))
-    _plot_confusion(cm, out / "confusion_matrix.png", summary)
     summary["confusion"] = cm.tolist()
+    storage.write_text(out / "metrics.json", json.dumps(summary, indent=2))  # the model's scores first
+    if reference_features:
+        summary["reference"] = reference(cfg, None if made_of is None else made_of["train"], rows, paths,
+                                         list(predictor.labels), reference_features, echo, base / "cache")
+        storage.write_text(out / "metrics.json", json.dumps(summary, indent=2))
+    _plot_confusion(cm, out / "confusion_matrix.png", summary)
     text = markdown(summary)
     storage.write_text(out / "results.md", text)
     echo(text)
     echo(f"results in {out}: metrics.json, results.md, predictions.csv, confusion_matrix.png")
     return summary
+
+
+def target_key(cfg) -> str:
+    """``<corpus>-<hash of its root>``: the directory a target corpus's manifest and features live in."""
+    import hashlib
+
+    root = str(cfg.data.root) if storage.is_uri(str(cfg.data.root)) else str(Path(cfg.data.root).expanduser().resolve())
+    return f"{cfg.data.corpus}-{hashlib.sha256(root.encode()).hexdigest()[:8]}"
 
 
 def markdown(summary: Dict[str, Any]) -> str:
@@ -217,7 +340,7 @@ def markdown(summary: Dict[str, Any]) -> str:
     p = summary["pooled"]
     lines.append(f"| **pooled** | {p['n_test']} | {100 * p['ua']:.2f} | {100 * p['wa']:.2f} | {100 * p['macro_f1']:.2f} |")
     ref = summary.get("reference")
-    if ref:
+    if ref and ref.get("pooled"):
         r = ref["pooled"]
         lines.append(f"| reference: {ref['features']} + logistic regression (C={ref['C']:g}), pooled | {r['n_test']} | "
                      f"{100 * r['ua']:.2f} | {100 * r['wa']:.2f} | {100 * r['macro_f1']:.2f} |")

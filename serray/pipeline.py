@@ -46,8 +46,12 @@ def prepare_corpus(cfg, echo: Callable[[str], Any] = print):
     """Make the synthetic corpus (in ``data.corpus``'s layout) when enabled and missing; build and
     write the manifest."""
     from serray.data import corpora
+    from serray.data.featurize import check_corpus, stored_identity
     from serray.data.iemocap import write_manifest
 
+    stored = stored_identity(cfg.features.dir)  # another corpus's store: refused before its manifest is replaced
+    if stored is not None:
+        check_corpus(stored, cfg, f"features.dir {storage.describe(cfg.features.dir)}")
     root = Path(cfg.data.root)
     if cfg.synthetic.enabled and not root.exists():
         if not is_builtin_root(cfg, root):

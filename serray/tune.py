@@ -190,9 +190,9 @@ def _trial(config: Dict[str, Any], cfg_dict: Dict[str, Any], folds: List[int]) -
 
 def _selected(cfg, fold: int) -> Optional[Dict[str, Any]]:
     """A fold this trial already trained and selected (a resumed trial), or None."""
-    from serray.train.finetune import FOLD_SELECTION, _fold_path, _read_record, finetune_hash
+    from serray.train.finetune import FOLD_SELECTION, fold_record
 
-    record = _read_record(storage.join(_fold_path(cfg, fold), FOLD_SELECTION), finetune_hash(cfg))
+    record = fold_record(cfg, fold, FOLD_SELECTION)
     return record if record and "val_sessions" in record else None  # older records lack the guard's input
 
 

@@ -155,7 +155,8 @@ def test_cross_corpus_evaluation_scores_a_registered_model_on_another_layout(pip
     assert metrics["source"]["corpus"] == "iemocap" and metrics["target"]["corpus"] == "crema-d"
     assert metrics["target"]["evaluation"] == "speaker-grouped 5-fold" and metrics["target"]["test_groups"] == [1, 2, 3, 4, 5]
     assert metrics["provenance"]["folds"] == [1, 2, 3, 4, 5] and metrics["provenance"]["manifest"]["sha256"]
-    manifest = pd.read_parquet(out / "manifest.parquet")
+    (manifest_path,) = (out / "evaluate").glob("crema-d-*/manifest.parquet")  # the target's own run directory
+    manifest = pd.read_parquet(manifest_path)
     assert len(preds) == manifest["label"].isin(["neu", "hap", "sad", "ang"]).sum() == metrics["pooled"]["n_test"]
     recall = preds.assign(ok=preds["label"] == preds["pred"]).groupby("label")["ok"].mean()
     assert metrics["pooled"]["ua"] == pytest.approx(recall.mean())
@@ -208,7 +209,57 @@ def test_evaluate_refuses_a_target_holding_the_models_training_audio(pipeline, t
         rc = main(["evaluate", f"registry.dir={run / 'registry'}", "data.corpus=emodb", f"data.root={root}",
                    f"output_dir={tmp_path / 'out'}", "--reference", "none", "ray.progress_bars=false"])
     assert rc == 2
-    assert "test files are files the model trained on" in err.getvalue() and "Traceback" not in err.getvalue()
+    assert "test files hold audio the model trained or pre-trained on" in err.getvalue() and "Traceback" not in err.getvalue()
+
+
+def _reencode(src: Path, dst: Path, subtype: str, fmt: str, metadata: bool = False) -> None:
+    x, sr = sf.read(src, dtype="float32")
+    with sf.SoundFile(dst, "w", sr, 1, subtype=subtype, format=fmt) as f:
+        if metadata:
+            f.title, f.comment = "a re-tagged copy", "same samples"
+        f.write(x)
+
+
+def test_evaluate_compares_decoded_audio_and_never_touches_the_source_run(pipeline, tmp_path, capsys):
+    """The unseen-audio check decodes: a FLAC, a float WAV and a re-tagged WAV of training files are
+    caught (a size + first-64-KiB hash let them through), while different clips that start with the same
+    two seconds of silence pass (that hash refused them). And ``evaluate`` pointed at the source run writes
+    only under its evaluate/ folder: the run's manifest and features are as they were."""
+    from serray.cli import main
+
+    run, _ = pipeline
+    manifest = pd.read_parquet(run / "manifest.parquet")
+    trained = manifest[(manifest["session"] == 3) & (manifest["label"] != "")].head(3)  # session 3 trained both folds' models
+    tree = tmp_path / "csv"
+    tree.mkdir()
+    rows = []
+    for (i, r), (subtype, fmt, meta) in zip(trained.iterrows(), (("PCM_16", "FLAC", False), ("FLOAT", "WAV", False),
+                                                                ("PCM_16", "WAV", True))):
+        dst = tree / f"copy{i}.{fmt.lower()}"
+        _reencode(Path(r["path"]), dst, subtype, fmt, meta)
+        rows.append({"path": dst.name, "label": r["label"], "speaker": f"x{len(rows)}"})
+    pd.DataFrame(rows).to_csv(tree / "labels.csv", index=False)
+    before = {p: p.read_bytes() for p in [run / "manifest.parquet", *sorted((run / "features").rglob("*.parquet"))]}
+    args = ["evaluate", f"output_dir={run}", f"registry.dir={run / 'registry'}", "data.corpus=csv",
+            f"data.root={tree / 'labels.csv'}", "data.num_folds=2", "--reference", "none", "ray.progress_bars=false"]
+    capsys.readouterr()
+    assert main(args) == 2
+    assert "3 of the target's 3 test files hold audio the model trained or pre-trained on" in capsys.readouterr().err
+    # other clips that start with 2 s of digital silence, of equal size: unseen
+    rng = np.random.default_rng(0)
+    quiet = tmp_path / "quiet"
+    quiet.mkdir()
+    rows = []
+    for i in range(6):
+        x = np.concatenate([np.zeros(32000), 0.1 * rng.normal(size=16000)]).astype(np.float32)
+        sf.write(quiet / f"q{i}.wav", x, 16000, subtype="PCM_16")
+        rows.append({"path": f"q{i}.wav", "label": ["neu", "hap", "sad"][i % 3], "speaker": f"s{i % 2}"})
+    pd.DataFrame(rows).to_csv(quiet / "labels.csv", index=False)
+    args[4] = f"data.root={quiet / 'labels.csv'}"
+    assert main(args) == 0, capsys.readouterr().err
+    assert "no overlap" in capsys.readouterr().out
+    after = {p: p.read_bytes() for p in before}
+    assert after == before and sorted((run / "features").rglob("*.parquet")) == sorted(p for p in before if p.suffix == ".parquet" and "features" in p.parts)
 
 
 def test_metrics_and_registry_entry_record_provenance(pipeline):

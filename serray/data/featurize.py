@@ -386,7 +386,26 @@ def clear_features(features_dir: str) -> List[str]:
     return ours
 
 
-def _stored_identity(features_dir: str) -> Optional[dict]:
+def corpus_identity(cfg) -> dict:
+    """The corpus a feature store holds: ``data.corpus`` and the absolute ``data.root``."""
+    root = str(cfg.data.root)
+    return {"name": str(cfg.data.corpus), "root": root if storage.is_uri(root) else str(Path(root).expanduser().resolve())}
+
+
+def _corpus_text(c: dict) -> str:
+    return f"data.corpus={c.get('name')} at {storage.redact(str(c.get('root')))}"
+
+
+def check_corpus(meta: dict, cfg, where: str) -> None:
+    """A clear error when stored features hold another corpus than the config names (stores written
+    before the corpus was recorded pass: their rows are read through the current manifest anyway)."""
+    found = meta.get("corpus")
+    if found is not None and found != corpus_identity(cfg):
+        raise DataError(f"{where} holds features of {_corpus_text(found)}, not of {_corpus_text(corpus_identity(cfg))}; "
+                        "run `serray featurize` for this corpus in its own output_dir or features.dir")
+
+
+def stored_identity(features_dir: str) -> Optional[dict]:
     """The encoder identity + config hash recorded in ``features_dir`` (the metadata of a finished run,
     else the identity an interrupted run wrote before its first partition), or None."""
     for name in (META_FILE, IDENTITY_FILE):
@@ -596,13 +615,21 @@ def _featurize(cfg, overwrite: bool, out_dir: str, wanted: pd.DataFrame, extra: 
     where = storage.describe(out_dir)
     meta_path = storage.join(out_dir, META_FILE)
     skipped_path = storage.join(out_dir, SKIPPED_FILE)
-    old = _stored_identity(out_dir)
+    old = stored_identity(out_dir)
     if old is None and storage.exists(out_dir) and parquet_files(out_dir):
         if not overwrite:
             raise DataError(f"{where} holds feature files but no record of the encoder that made them ({META_FILE} / "
                             f"{IDENTITY_FILE}): they may come from another encoder; choose another features.dir or "
                             "pass --overwrite")
         clear_features(out_dir)
+    corpus = corpus_identity(cfg)
+    if old is not None and old.get("corpus") not in (None, corpus):
+        if not overwrite:
+            raise DataError(f"{where} holds features of another corpus ({_corpus_text(old['corpus'])}); this config asks "
+                            f"for {_corpus_text(corpus)}. One feature store holds one corpus: choose another output_dir "
+                            "or features.dir, or pass --overwrite")
+        clear_features(out_dir)
+        old = None
     if old is not None and old.get("config_hash") != config_hash:
         if not overwrite:
             differ = [k for k in FEATURE_HASH_KEYS if k in (old.get("hashed") or {}) and old["hashed"][k] != hashed[k]]
@@ -621,7 +648,7 @@ def _featurize(cfg, overwrite: bool, out_dir: str, wanted: pd.DataFrame, extra: 
     storage.makedirs(out_dir)
     # the identity goes first, before any partition exists
     storage.write_text(storage.join(out_dir, IDENTITY_FILE),
-                       json.dumps({**encoder_meta, "config_hash": config_hash, "hashed": hashed}, indent=2))
+                       json.dumps({**encoder_meta, "config_hash": config_hash, "hashed": hashed, "corpus": corpus}, indent=2))
     old_meta = read_meta(out_dir) if storage.is_file(meta_path) else {}
 
     def invalidate() -> None:
@@ -682,7 +709,7 @@ def _featurize(cfg, overwrite: bool, out_dir: str, wanted: pd.DataFrame, extra: 
         init_ray(cfg)
     fresh = _session_stats(out_dir, [int(s) for s in stale])
     stats = {s: ({**fresh[s], "utt_digest": digests[s]} if s in stale else old_stats[s]) for s in rows_per_session}
-    meta = {**encoder_meta, "dtype": "float16", "config_hash": config_hash, "hashed": hashed,
+    meta = {**encoder_meta, "dtype": "float16", "config_hash": config_hash, "hashed": hashed, "corpus": corpus,
             "num_rows": int(len(stored)), "rows_per_session": rows_per_session,
             "labelled_rows_per_session": labelled, "extra_audio": extra_sources, "labels": list(LABELS),
             "created": time.strftime("%Y-%m-%dT%H:%M:%S"), "stats": stats}

@@ -42,7 +42,7 @@ from serray.train.checkpoint import META_FILE, load_checkpoint
 from serray.train.loop import fit, run_seed, steps_per_epoch
 from serray.train.finetune_task import SELECTION_KEY, FinetuneTask
 from serray.train.metrics import classification_metrics
-from serray.train.folds import (audit_fold, fold_split, labelled_rows, pool_sessions, split_fold,  # noqa: F401
+from serray.train.folds import (audit_fold, fold_split, labelled_rows, pool_sessions, split_digest, split_fold,  # noqa: F401
                                 subsample_labels, training_groups)  # (re-exported: the stages' public names)
 from serray.train.pretrain import adapter_kwargs, adapter_path, check_features, run_pretrain
 
@@ -204,7 +204,8 @@ def _run_fold(cfg, fold: int, report_to_tune: bool = False, report_pretrain: boo
     best_ckpt, best_metrics = max(result.best_checkpoints, key=lambda cm: cm[1][SELECTION_KEY])
     history = _run_history(result.checkpoint)  # every epoch run (the selected checkpoint's stops at its epoch)
     val_rows = split["train"] if inner else split["val"]  # under inner_cv every training row validated once
-    selection = {"fold": fold, "test_session": fold, "n_train": int(len(split["train"])), "n_val": int(len(val_rows)),
+    selection = {"fold": fold, "test_session": fold, "split_digest": split_digest(split),
+                 "n_train": int(len(split["train"])), "n_val": int(len(val_rows)),
                  "best_epoch": int(best_metrics["epoch"]), "epoch_selection": epoch_selection(cfg),
                  **({"inner_cv": {k: v for k, v in inner.items() if k != "epoch"}} if inner else {}),
                  **{k: float(best_metrics[k]) for k in ("val_ua", "val_wa", "val_macro_f1", "val_loss", "val_bal_loss",
@@ -223,6 +224,7 @@ def _run_fold(cfg, fold: int, report_to_tune: bool = False, report_pretrain: boo
         best_ckpt.to_directory(str(model_dir))
         _slim_checkpoint(model_dir)
         storage.write_text(local / FOLD_SELECTION, json.dumps(selection, indent=2))
+        storage.write_text(local / SPLIT_FILE, json.dumps({k: sorted(v["utt_id"]) for k, v in split.items()}))
         if not score_test:
             return selection
         res = _test_fold(cfg, fold, local, model_dir, split, selection)
@@ -277,7 +279,7 @@ def test_fold(cfg, fold: int) -> Dict[str, Any]:
     """Score the test split of a fold that :func:`run_fold` trained and selected with
     ``score_test=False`` (its ``selection.json`` and ``model/``), once; write ``fold_result.json``."""
     fold_dir = _fold_path(cfg, fold)
-    selection = _read_record(storage.join(fold_dir, FOLD_SELECTION), finetune_hash(cfg))
+    selection = fold_record(cfg, fold, FOLD_SELECTION)
     if selection is None:
         raise DataError(f"fold {fold} has no readable selected model of this config in {storage.describe(fold_dir)} "
                         f"({FOLD_SELECTION}); run the fold again")
@@ -313,6 +315,7 @@ def _slim_checkpoint(model_dir: Path) -> None:
 
 
 FOLD_SELECTION = "selection.json"  # what a fold's training chose (epoch, validation metrics, audit), before any test
+SPLIT_FILE = "split.json"  # the fold's utterance ids: train / val / test (cross-corpus evaluation's reference trains on them)
 TEST_LEDGER = "test_scorings.jsonl"  # one line per scoring of the fold's test split
 
 
@@ -337,6 +340,8 @@ def _test_fold(cfg, fold: int, fold_dir: Path, model_dir: Path, split, selection
     preds = predictor.predict_parquet(session_paths(cfg.features.dir, [fold]), utt_ids=test_ids)
     preds = preds.sort_values("utt_id", kind="stable").reset_index(drop=True)  # not the feature files' order
     assert len(preds) == len(test_ids) and set(preds["utt_id"]) == set(test_ids), "the test split was not scored whole"
+    if "label" in preds.columns:  # the class the manifest gives now, not the one stored with the features
+        preds["label"] = preds["utt_id"].map(dict(zip(split["test"]["utt_id"], split["test"]["label"])))
     test_evaluations = _count_test_scoring(cfg, fold, fold_dir, selection["config_hash"], len(preds))
     preds.insert(0, "fold", fold)
     preds.insert(1, "seed", cfg.seed)
@@ -375,8 +380,24 @@ def _fold_path(cfg, fold: int) -> str:
 
 
 def fold_done(cfg, fold: int) -> Optional[Dict[str, Any]]:
-    """The stored result of a finished fold with this config, or None."""
-    return _read_record(storage.join(_fold_path(cfg, fold), FOLD_RESULT), finetune_hash(cfg))
+    """The stored result of a finished fold with this config and these rows, or None."""
+    return fold_record(cfg, fold, FOLD_RESULT)
+
+
+def fold_record(cfg, fold: int, name: str) -> Optional[Dict[str, Any]]:
+    """A fold's stored record (``fold_result.json`` / ``selection.json``) when it was made with this config
+    **and** the rows the fold has now (:func:`serray.train.folds.split_digest`: an edited CSV or label map,
+    another ``data.num_folds`` or ``data.sessions`` change the rows while the config hash stays), else None."""
+    from serray.train.folds import split_digest
+
+    record = _read_record(storage.join(_fold_path(cfg, fold), name), finetune_hash(cfg))
+    if record is None or "split_digest" not in record:  # (records written before the digest: reused as before)
+        return record
+    now = split_digest(_task_split(cfg, fold)[0])
+    if record.get("split_digest") != now:
+        log.info("fold %d's rows changed since %s was written; it is trained again", fold, name)
+        return None
+    return record
 
 
 def _read_record(path: str, config_hash: str) -> Optional[Dict[str, Any]]:

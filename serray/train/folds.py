@@ -27,10 +27,40 @@ from serray.data.features import read_rows
 # ---------------------------------------------------------------- rows and splits
 
 
+def manifest_rows(cfg, sessions: Sequence[int], labelled_only: bool) -> pd.DataFrame:
+    """utt_id / label / speaker / dialog / session of the manifest's utterances of ``sessions`` that the
+    feature store holds: labels, speakers and fold groups as the **current** manifest says them (an
+    edited CSV or label map, a changed ``data.num_folds`` or ``data.protocol``), never as they were when
+    the features were stored; a stored row the manifest does not list is never read.
+
+    Raises:
+        DataError: rows the manifest wants are stored under another fold group than it gives them now
+            (run ``serray featurize``: it moves them).
+    """
+    from serray.data.featurize import stored_utterances
+    from serray.data.features import session_paths
+    from serray.data.iemocap import read_manifest
+    from serray.errors import DataError
+
+    session_paths(cfg.features.dir, sessions)  # a clear error when the store holds none of them
+    manifest = read_manifest(cfg.data.manifest)
+    rows = manifest[manifest["session"].isin([int(s) for s in sessions])]
+    if labelled_only:
+        rows = rows[rows["label"].isin(LABELS)]
+    stored = stored_utterances(cfg.features.dir).rename(columns={"session": "stored_in"})
+    rows = rows[["utt_id", "label", "speaker", "dialog", "session"]].merge(stored, on="utt_id", how="inner")
+    moved = rows[rows["session"] != rows["stored_in"]]
+    if len(moved):
+        raise DataError(f"{len(moved)} utterances are stored under another fold group than the manifest gives them now "
+                        f"(e.g. {moved['utt_id'].iloc[0]}: stored in {int(moved['stored_in'].iloc[0])}, manifest "
+                        f"{int(moved['session'].iloc[0])}); run `serray featurize` (or the pipeline) to move them")
+    return rows.drop(columns="stored_in").sort_values("utt_id", kind="stable").reset_index(drop=True)
+
+
 def labelled_rows(cfg) -> pd.DataFrame:
-    """utt_id / label / speaker / dialog / session of the four-class utterances of ``data.sessions``."""
-    rows = read_rows(cfg.features.dir, cfg.data.sessions, columns=("utt_id", "label", "speaker", "dialog"))
-    rows = rows[rows["label"].isin(LABELS)].reset_index(drop=True)
+    """utt_id / label / speaker / dialog / session of the four-class utterances of ``data.sessions``
+    (:func:`manifest_rows`)."""
+    rows = manifest_rows(cfg, cfg.data.sessions, labelled_only=True)
     if str(cfg.data.corpus) == "iemocap":  # IEMOCAP's dialog is the utterance id without its turn
         rows["dialog"] = rows["utt_id"].str.rsplit("_", n=1).str[0]
     return rows
@@ -93,6 +123,16 @@ def split_fold(rows: pd.DataFrame, test_session: int, val_fraction: float, seed:
         shared = set(val["speaker"]) & set(train["speaker"])
         assert not shared, f"validation speakers also in training for fold {test_session}: {sorted(shared)}"
     return {"train": train.sort_values("utt_id"), "val": val.sort_values("utt_id"), "test": test.sort_values("utt_id")}
+
+
+def split_digest(split: Dict[str, pd.DataFrame]) -> str:
+    """A short hash of what a fold trains, validates and tests on: every row's part, id, class and group
+    (a stored fold result is reused only while this stays the same)."""
+    import hashlib
+
+    lines = sorted(f"{part}|{u}|{l}|{g}" for part, rows in split.items()
+                   for u, l, g in zip(rows["utt_id"], rows["label"], rows["session"]))
+    return hashlib.sha256("\n".join(lines).encode()).hexdigest()[:16]
 
 
 def subsample_labels(df: pd.DataFrame, fraction: float, seed: int, label_col: str = "label") -> pd.DataFrame:
@@ -158,13 +198,15 @@ def pool_sessions(cfg, fold: Optional[int], feat_meta: dict) -> List[int]:
 
 
 def pool_rows(cfg, sessions: List[int]):
-    """utt_id / speaker / label of the pre-training pool (every stored utterance of those sessions
-    with ``pretrain.use_unlabelled``, else only the four-class ones; extra audio always)."""
-    rows = read_rows(cfg.features.dir, sessions, columns=("utt_id", "label", "speaker"))
-    if not getattr(cfg.pretrain, "use_unlabelled", False):
-        extra = rows["utt_id"].str.startswith("extra/")
-        rows = rows[rows["label"].isin(LABELS) | extra]
-    return rows.reset_index(drop=True)
+    """utt_id / speaker / label / session of the pre-training pool: the manifest's stored utterances of
+    those fold groups (:func:`manifest_rows`; every one with ``pretrain.use_unlabelled``, else the
+    four-class ones) and the stored extra audio (session 0, which no manifest lists)."""
+    groups = [s for s in sessions if s != EXTRA_SESSION]
+    parts = [manifest_rows(cfg, groups, labelled_only=not getattr(cfg.pretrain, "use_unlabelled", False))
+             [["utt_id", "label", "speaker", "session"]]] if groups else []
+    if EXTRA_SESSION in sessions:
+        parts.append(read_rows(cfg.features.dir, [EXTRA_SESSION], columns=("utt_id", "label", "speaker")))
+    return pd.concat(parts, ignore_index=True).sort_values("utt_id", kind="stable").reset_index(drop=True)
 
 
 

@@ -209,8 +209,11 @@ def adapter_path(cfg, fold: Optional[int] = None) -> str:
 
 def check_features(cfg) -> dict:
     """The feature metadata, checked against the config's encoder (a clear error naming both)."""
+    from serray.data.featurize import check_corpus
+
     meta = read_meta(cfg.features.dir)
     check_identity(meta, describe_encoder(cfg.encoder), f"features in {cfg.features.dir}", f"config encoder.name={cfg.encoder.name}")
+    check_corpus(meta, cfg, f"features in {storage.describe(cfg.features.dir)}")
     return meta
 
 
@@ -257,7 +260,7 @@ def run_pretrain(cfg, fold: Optional[int] = None, force: bool = False, report_to
     with storage.lock(out), reading_features(cfg):  # trials / arms that share a pre-training wait for one another
         if not force and storage.is_file(storage.join(export, META_FILE)):
             meta = json.loads(storage.read_text(storage.join(export, META_FILE)))
-            if meta.get("config_hash") == phash:
+            if meta.get("config_hash") == phash and (meta.get("pool") or {}).get("digest") == pool_digest(cfg, fold):
                 log.info("pre-trained adapter in %s matches the config; skipping (use --force to retrain)",
                          storage.describe(export))
                 return {"adapter": export, "reused": True, "metrics": meta.get("final_metrics", {}), "fold": fold,
@@ -265,22 +268,35 @@ def run_pretrain(cfg, fold: Optional[int] = None, force: bool = False, report_to
         return _train(cfg, fold, out, export, phash, force, report_to_tune, tracking)
 
 
+def _pool(cfg, fold: Optional[int]):
+    """The sessions and rows of a pre-training's pool."""
+    sessions = pool_sessions(cfg, fold if cfg.pretrain.per_fold else None, check_features(cfg))
+    return sessions, pool_rows(cfg, sessions)
+
+
+def pool_digest(cfg, fold: Optional[int] = None) -> str:
+    """A short hash of the utterances a pre-training reads (an adapter is reused only while it stays)."""
+    import hashlib
+
+    _, rows = _pool(cfg, fold)
+    return hashlib.sha256("\n".join(sorted(rows["utt_id"])).encode()).hexdigest()[:16]
+
+
 def pretrain_inputs(cfg, fold: Optional[int] = None):
     """What one pre-training trains on: ``(loop_config, TrainingData)`` (also used by
     ``bench/pretrain.py`` to run the very same loop without Ray)."""
     fold = fold if cfg.pretrain.per_fold else None
     feat_meta = check_features(cfg)
-    sessions = pool_sessions(cfg, fold, feat_meta)
+    sessions, rows = _pool(cfg, fold)
     if fold is not None and fold in sessions:
         raise AssertionError(f"leakage: fold {fold}'s pre-training pool holds its test session")
-    rows = pool_rows(cfg, sessions)
     if rows.empty:
         raise DataError(f"no stored features for pre-training sessions {sessions} in {storage.describe(cfg.features.dir)}")
     tcfg = cfg.pretrain
     spe = steps_per_epoch(len(rows), tcfg.batch_size, tcfg.num_workers)
     epochs = math.ceil(tcfg.steps / spe) if tcfg.steps else tcfg.epochs
     pool = {"sessions": sessions, "rows": int(len(rows)), "speakers": sorted(set(rows["speaker"])),
-            "labelled_rows": int(rows["label"].isin(LABELS).sum()), "fold": fold}
+            "labelled_rows": int(rows["label"].isin(LABELS).sum()), "fold": fold, "digest": pool_digest(cfg, fold)}
     data = training_data(cfg.features.dir, sessions, rows["utt_id"].tolist(), cfg.features.cache_max_mb, cfg.seed)
     loop_config = {
         "seed": cfg.seed, "run_seed": run_seed(cfg.seed, fold or 0, "pretrain"),
