@@ -1,0 +1,124 @@
+"""Tables of the recipe study (docs/results.md): front ends, the pre-trained body, epoch selection.
+
+Each study is one ``serray ablate`` output directory; this script reads its arms' test predictions and
+selected-epoch validation scores from the run directories (so studies made by earlier code are
+compared with today's statistics: both scopes, serray.train.stats), and the reference arms' summaries
+from its ``ablation.json``. Usage::
+
+    python docs/results/recipe_study.py [--arms none,random_init,full] [--modes finetune] \\
+        [--fractions 1] [--json OUT.json] LABEL=DIR [LABEL=DIR ...]
+
+prints one Markdown table: per study and mode, each arm's test UA and validation UA (mean ± sd over the
+seed x fold runs) and the paired comparisons full - random_init, full - none and full - classical at
+both scopes (these test groups: run-level sign-flip; new test groups: fold-level sign-flip, with the
+smallest p its fold count allows).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from serray.train.ablation_report import build_ablation
+from serray.train.stats import scoped_verdicts
+
+COMPARISONS = (("full", "random_init"), ("full", "none"), ("random_init", "none"))
+
+
+def _run_dir(out: Path, arm: str, mode: str, fraction: float, seed: int, main_seed: int = 0) -> Path:
+    """Where ``serray ablate`` put one arm x mode x fraction x seed run (serray.train.ablation.arm_overrides)."""
+    frac = f"frac{fraction:g}"
+    if arm == "none":
+        return out / "ablation" / "none" / frac / f"seed{seed}"
+    if arm == "full" and seed == main_seed and mode == "finetune" and fraction == 1.0:
+        return out / "finetune"
+    return out / "ablation" / arm / mode / frac / f"seed{seed}"
+
+
+def collect(out: Path, arms, modes, fractions):
+    """``({(arm, mode, fraction): predictions}, {(arm, mode, fraction): {(seed, fold): val_ua}}, ablation.json)``."""
+    summary = json.loads((out / "ablation" / "ablation.json").read_text())
+    seeds, folds = summary["seeds"], summary["folds"]
+    preds, val = {}, {}
+    for arm in arms:
+        for mode in modes:
+            for frac in fractions:
+                frames, v = [], {}
+                for s in seeds:
+                    d = _run_dir(out, arm, mode if arm != "none" else "finetune", frac, s)
+                    for k in folds:
+                        p = pd.read_csv(d / f"fold{k}" / "predictions.csv")
+                        frames.append(p.assign(seed=s, fold=k)[["seed", "fold", "utt_id", "label", "pred"]])
+                        v[(s, k)] = json.loads((d / f"fold{k}" / "fold_result.json").read_text())["val_ua"]
+                preds[(arm, mode, frac)] = pd.concat(frames, ignore_index=True)
+                val[(arm, mode, frac)] = v
+    return preds, val, summary
+
+
+def _pm(s) -> str:
+    return "n/a" if not s or s.get("mean") is None else f"{100 * s['mean']:.2f} ± {100 * s['sd']:.2f}"
+
+
+def _cmp(c) -> str:
+    if c is None:
+        return "-"
+    said = scoped_verdicts(c)
+    ci = c["ci95"]
+    fold = (f"folds {c['folds_ahead']}/{c['n_folds']}, p {c['fold_p_value']:.3f} (floor {c['fold_p_min']:.3f}): "
+            f"{said['fold_verdict']}")
+    return (f"{100 * c['delta']:+.2f} [{100 * ci[0]:+.2f}, {100 * ci[1]:+.2f}], p {c['p_value']:.3f}, "
+            f"{c['wins']}/{c['n_runs']} runs: {said['verdict']}; {fold}")
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("studies", nargs="+", help="LABEL=DIR of a `serray ablate` output_dir")
+    ap.add_argument("--arms", default="none,random_init,full")
+    ap.add_argument("--modes", default="finetune")
+    ap.add_argument("--fractions", default="1")
+    ap.add_argument("--json", default=None, help="write every number here too")
+    args = ap.parse_args(argv)
+    arms, modes = args.arms.split(","), args.modes.split(",")
+    fractions = [float(f) for f in args.fractions.split(",")]
+    rows, record = [], {}
+    head = ("| study | mode | labels | " + " | ".join(f"{a} UA % (val)" for a in arms) + " | classical UA % | "
+            + " | ".join(f"{a} − {b}: points [95 % CI], run-level p; fold level" for a, b in COMPARISONS
+                         if a in arms and b in arms) + " | full − classical (run-level) |")
+    rows += [head, "|" + "---|" * (head.count("|") - 1)]
+    for spec in args.studies:
+        label, path = spec.split("=", 1)
+        preds, val, summary = collect(Path(path), arms, modes, fractions)
+        ab = build_ablation(preds, summary.get("protocol", ""), summary["folds"], summary["seeds"],
+                            comparisons=[c for c in COMPARISONS if c[0] in arms and c[1] in arms],
+                            n_boot=2000, arm_val=val)
+        record[label] = {"dir": path, "ablation": ab,
+                         "reference": [a for a in summary["arms"] if a["arm"] in ("classical", "oracle")],
+                         "reference_comparisons": [c for c in summary.get("comparisons", []) if c["b"] == "classical"]}
+        for mode in modes:
+            for frac in fractions:
+                cells = []
+                for a in arms:
+                    e = next(x for x in ab["arms"] if (x["arm"], x["mode"], x["label_fraction"]) == (a, mode, frac))
+                    cells.append(f"{_pm(e['ua'])} ({_pm(e.get('val_ua'))})")
+                ref = next((x for x in summary["arms"] if x["arm"] == "classical" and x["label_fraction"] == frac), None)
+                comps = [next((c for c in ab["comparisons"] if (c["a"], c["b"], c["mode"], c["label_fraction"]) ==
+                               (a, b, mode, frac)), None) for a, b in COMPARISONS if a in arms and b in arms]
+                vs = next((c for c in summary.get("comparisons", []) if (c["a"], c["b"], c["label_fraction"]) ==
+                           ("full", "classical", frac) and c["mode"] == mode), None)
+                vs_text = "-" if vs is None else (f"{100 * vs['delta']:+.2f} [{100 * vs['ci95'][0]:+.2f}, "
+                                                  f"{100 * vs['ci95'][1]:+.2f}], p {vs['p_value']:.3f}")
+                rows.append(f"| {label} | {mode} | {frac:g} | " + " | ".join(cells) + f" | {_pm(ref['ua']) if ref else '-'} | "
+                            + " | ".join(_cmp(c) for c in comps) + f" | {vs_text} |")
+    print("\n".join(rows))
+    if args.json:
+        Path(args.json).write_text(json.dumps(record, indent=1, default=lambda o: o.item() if isinstance(o, np.generic) else str(o)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
