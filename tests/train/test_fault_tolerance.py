@@ -20,7 +20,8 @@ TINY = ["pretrain.epochs=2", "adapter.d_model=32", "adapter.ff_dim=64", "adapter
 
 def _cfg(featurized, out, *overrides):
     return load_config(None, [f"output_dir={out}", f"data.root={featurized.data.root}", "ray.progress_bars=false",
-                              f"features.dir={featurized.features.dir}", *TINY, *overrides])
+                              f"features.dir={featurized.features.dir}", f"data.manifest={featurized.data.manifest}",
+                              *TINY, *overrides])
 
 
 @pytest.mark.ray
