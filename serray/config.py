@@ -75,9 +75,9 @@ class SyntheticConfig:
 
 @dataclass
 class EncoderConfig:
-    """The frozen upstream: ``fbank`` or a Hugging Face HuBERT / wav2vec2 / WavLM name or directory."""
+    """The frozen upstream: ``egemaps`` (default), ``compare``, ``fbank``, ``fbank_pitch``, or a Hugging Face HuBERT / wav2vec2 / WavLM name or directory."""
 
-    name: str = "fbank"
+    name: str = "egemaps"
     layers: List[int] = field(default_factory=list)  # hidden_states indices to keep; [] = last layer
     sample_rate: int = 16000
     num_mel_bins: int = 80  # fbank only

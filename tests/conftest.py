@@ -73,8 +73,10 @@ def synthetic_root(tmp_path_factory) -> Path:
 def _make_cfg(root: Path, tmp_path, *overrides: str):
     from serray.config import load_config
 
+    # unit tests run the fbank front end (80 dims, no openSMILE: fast and independent of it); the shipped
+    # default (egemaps) is what the CLI tests of the main path run (tests/test_pipeline.py)
     return load_config(None, [f"output_dir={tmp_path}", f"data.root={root}", "ray.progress_bars=false",
-                              *overrides])
+                              "encoder.name=fbank", *overrides])
 
 
 def _sessions_overrides(sessions) -> list:

@@ -179,6 +179,7 @@ def test_an_opensmile_encoder_is_named_with_the_alternative_and_no_encoder_works
     assert rc == 2 and "without its encoder" in err
 
 
+@pytest.mark.slow
 def test_a_hugging_face_encoder_exports_with_several_layers(tiny_hubert, tmp_path):
     """A tiny HuBERT (two stored layers) inside the graph: parity with the torch path on 3 lengths."""
     from serray.data.encoders import describe_encoder

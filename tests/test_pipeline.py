@@ -166,6 +166,7 @@ def test_cross_corpus_evaluation_scores_a_registered_model_on_another_layout(pip
     assert ref["features"] == "egemaps" and ref["pooled"]["n_test"] == len(preds) and 0 <= ref["pooled"]["ua"] <= 1
 
 
+@pytest.mark.slow
 def test_official_split_pipeline_on_the_msp_podcast_layout(ray_session, tmp_path):
     """configs/msp-podcast.yaml end to end on the synthetic corpus in the MSP-Podcast layout, with the
     documented Test2 route (``data.sessions=[1,2,3,4]``): epochs chosen on Development (group 2), Test1
@@ -196,6 +197,7 @@ def test_official_split_pipeline_on_the_msp_podcast_layout(ray_session, tmp_path
         assert not set(test["speaker"]) & set(manifest.loc[~manifest["session"].isin([fold, other]), "speaker"])
 
 
+@pytest.mark.slow
 def test_evaluate_refuses_a_target_holding_the_models_training_audio(pipeline, tmp_path):
     """The pipeline's own corpus re-filed as EmoDB (the same audio under other names): the model
     trained on most of it, so a cross-corpus score would be a training score. Refused, one line."""
@@ -220,6 +222,7 @@ def _reencode(src: Path, dst: Path, subtype: str, fmt: str, metadata: bool = Fal
         f.write(x)
 
 
+@pytest.mark.slow
 def test_evaluate_compares_decoded_audio_and_never_touches_the_source_run(pipeline, tmp_path, capsys):
     """The unseen-audio check decodes: a FLAC, a float WAV and a re-tagged WAV of training files are
     caught (a size + first-64-KiB hash let them through), while different clips that start with the same
@@ -275,7 +278,7 @@ def test_metrics_and_registry_entry_record_provenance(pipeline):
         assert all(prov["packages"][p] for p in ("serray", "torch", "torchaudio", "ray", "numpy", "pyarrow"))
         assert "commit" in prov["git"] and "dirty" in prov["git"]
         assert len(prov["manifest"]["sha256"]) == 64 and prov["manifest"]["rows"] == len(pd.read_parquet(run / "manifest.parquet"))
-        assert prov["features"]["identity"]["encoder"] == "fbank" and len(prov["features"]["sha256"]) == 64
+        assert prov["features"]["identity"]["encoder"] == "egemaps" and len(prov["features"]["sha256"]) == 64
 
 
 @pytest.fixture(scope="module")
@@ -290,6 +293,7 @@ def reproduced(pipeline, tmp_path_factory):
     return again, rc, buf.getvalue()
 
 
+@pytest.mark.slow
 def test_reproduce_makes_the_run_again_with_the_same_metrics(pipeline, reproduced):
     run, _ = pipeline
     again, rc, out = reproduced
@@ -303,6 +307,7 @@ def test_reproduce_makes_the_run_again_with_the_same_metrics(pipeline, reproduce
     assert new["provenance"]["config"]["output_dir"] == str(again) and (again / "synthetic").is_dir()
 
 
+@pytest.mark.slow
 def test_reproduce_fails_on_a_metric_that_differs(pipeline, reproduced, tmp_path):
     """A recorded fold UA moved by 3 points: exit 1, that fold marked (the reproduction's stages are done)."""
     import shutil

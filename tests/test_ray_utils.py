@@ -31,7 +31,7 @@ def test_training_on_a_gpu_the_cluster_lacks_is_a_config_error_not_a_hang(featur
     from serray.train.finetune import run_folds
     from serray.train.pretrain import run_pretrain
 
-    cfg = load_config(None, [f"output_dir={tmp_path}", f"data.root={featurized.data.root}",
+    cfg = load_config(None, [f"output_dir={tmp_path}", f"data.root={featurized.data.root}", "encoder.name=fbank",
                              f"data.manifest={featurized.data.manifest}", f"features.dir={featurized.features.dir}",
                              f"{stage}.use_gpu=true", "ray.resource_timeout_s=0", "ray.progress_bars=false",
                              "finetune.folds=[1]", "finetune.mode=none" if stage == "finetune" else "pretrain.epochs=1"])

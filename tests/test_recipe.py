@@ -30,6 +30,7 @@ def _run(*args) -> tuple[int, str]:
     return rc, buf.getvalue()
 
 
+@pytest.mark.slow
 @pytest.mark.ray
 def test_recipe_keys_from_a_yaml_file_and_a_protocol_change_in_the_same_output_dir(ray_session, tmp_path):
     import yaml

@@ -99,7 +99,7 @@ def test_entries_are_complete_and_best_is_highest_val_ua(registry):
         d = Path(e["path"])
         assert (d / "entry.json").is_file() and (d / "config.yaml").is_file()
         assert (model_dir(e) / "state.pt").is_file() and (model_dir(e) / "meta.json").is_file()
-        assert e["labels"] == ["neu", "hap", "sad", "ang"] and e["encoder"]["encoder"] == "fbank"
+        assert e["labels"] == ["neu", "hap", "sad", "ang"] and e["encoder"]["encoder"] == "egemaps"  # make_demo_checkpoint: the default front end
         assert e["created"] and e["source"] == "test"
     assert best_entry(reg)["id"] == ids[1]
     assert get_entry(reg, ids[2][:-2])["id"] == ids[2]  # a unique prefix is enough

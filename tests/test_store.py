@@ -38,6 +38,7 @@ def _tested(run) -> dict:
     return {int(f["fold"]): f for f in json.loads((run / "finetune" / "metrics.json").read_text())["folds"]}
 
 
+@pytest.mark.slow
 @pytest.mark.ray
 def test_two_corpora_in_one_output_dir_are_refused_before_anything_is_replaced(ray_session, trees, tmp_path):
     run = tmp_path / "run"
@@ -56,6 +57,7 @@ def test_two_corpora_in_one_output_dir_are_refused_before_anything_is_replaced(r
     assert rc != 0 and "One feature store holds one corpus" in text
 
 
+@pytest.mark.slow
 @pytest.mark.ray
 def test_labels_and_folds_come_from_the_current_manifest(ray_session, trees, tmp_path):
     """An edited label map (EmoDB's boredom merged into neutral) reaches training although the rows were

@@ -94,7 +94,7 @@ def test_a_run_with_an_unreachable_server_only_warns(featurized, tmp_path, caplo
     """The LOSO fine-tuning writes every file as usual; the dead server costs one warning."""
     from serray.train.finetune import run_finetune
 
-    cfg = load_config(None, [f"output_dir={tmp_path}", f"data.root={featurized.data.root}", "ray.progress_bars=false",
+    cfg = load_config(None, [f"output_dir={tmp_path}", f"data.root={featurized.data.root}", "encoder.name=fbank", "ray.progress_bars=false",
                              f"features.dir={featurized.features.dir}", f"data.manifest={featurized.data.manifest}",
                              "finetune.mode=none", "finetune.folds=[1]", "finetune.epochs=1", "finetune.register=false",
                              f"tracking.uri=http://127.0.0.1:{_closed_port()}", "tracking.experiment=dead-server"])

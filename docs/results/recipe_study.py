@@ -12,6 +12,12 @@ prints one Markdown table: per study and mode, each arm's test UA and validation
 seed x fold runs) and the paired comparisons full - random_init, full - none and full - classical at
 both scopes (these test groups: run-level sign-flip; new test groups: fold-level sign-flip, with the
 smallest p its fold count allows).
+
+``--across ARM`` compares one arm between studies instead (the same corpus, seeds and folds; e.g. two
+epoch-selection schemes or two EMA schedules): each study's ARM against the first study's ARM, paired
+by (seed, fold) run and test utterance, at both scopes::
+
+    python docs/results/recipe_study.py --across full --modes finetune,frozen A=DIR_A L=DIR_L
 """
 
 from __future__ import annotations
@@ -82,9 +88,13 @@ def main(argv=None) -> int:
     ap.add_argument("--modes", default="finetune")
     ap.add_argument("--fractions", default="1")
     ap.add_argument("--json", default=None, help="write every number here too")
+    ap.add_argument("--across", default=None, metavar="ARM",
+                    help="compare this arm between the studies (each against the first) instead of arms within each")
     args = ap.parse_args(argv)
     arms, modes = args.arms.split(","), args.modes.split(",")
     fractions = [float(f) for f in args.fractions.split(",")]
+    if args.across:
+        return across(args.across, modes, fractions, args.studies, args.json)
     rows, record = [], {}
     head = ("| study | mode | labels | " + " | ".join(f"{a} UA % (val)" for a in arms) + " | classical UA % | "
             + " | ".join(f"{a} − {b}: points [95 % CI], run-level p; fold level" for a, b in COMPARISONS
@@ -117,6 +127,41 @@ def main(argv=None) -> int:
     print("\n".join(rows))
     if args.json:
         Path(args.json).write_text(json.dumps(record, indent=1, default=lambda o: o.item() if isinstance(o, np.generic) else str(o)))
+    return 0
+
+
+def across(arm: str, modes, fractions, studies, json_out=None) -> int:
+    """One arm in several studies: each study's arm against the first study's, both scopes (module docstring)."""
+    labels, preds, val, seeds, folds = [], {}, {}, None, None
+    for spec in studies:
+        label, path = spec.split("=", 1)
+        p, v, summary = collect(Path(path), [arm], modes, fractions)
+        if seeds is not None and (summary["seeds"], summary["folds"]) != (seeds, folds):
+            raise SystemExit(f"{label}: seeds {summary['seeds']} / folds {summary['folds']} differ from the first "
+                             f"study's {seeds} / {folds}: nothing to pair")
+        seeds, folds = summary["seeds"], summary["folds"]
+        labels.append(label)
+        for (_, mode, frac), df in p.items():
+            preds[(label, mode, frac)] = df
+            val[(label, mode, frac)] = v[(arm, mode, frac)]
+    comparisons = [(b, labels[0]) for b in labels[1:]]
+    ab = build_ablation(preds, "", folds, seeds, comparisons=comparisons, n_boot=2000, arm_val=val)
+    head = (f"| {arm}: study | mode | labels | UA % | val UA % | Δ vs {labels[0]}: points [95 % CI], run-level p; "
+            "fold level |")
+    rows = [head, "|" + "---|" * (head.count("|") - 1)]
+    for mode in modes:
+        for frac in fractions:
+            for label in labels:
+                e = next(x for x in ab["arms"] if (x["arm"], x["mode"], x["label_fraction"]) == (label, mode, frac))
+                c = next((c for c in ab["comparisons"] if (c["a"], c["mode"], c["label_fraction"]) == (label, mode, frac)),
+                         None)
+                rows.append(f"| {label} | {mode} | {frac:g} | {_pm(e['ua'])} | {_pm(e.get('val_ua'))} | "
+                            f"{'' if label == labels[0] else _cmp(c)} |")
+    print("\n".join(rows))
+    if json_out:
+        Path(json_out).write_text(json.dumps({"arm": arm, "studies": dict(s.split("=", 1) for s in studies),
+                                              "ablation": ab}, indent=1,
+                                             default=lambda o: o.item() if isinstance(o, np.generic) else str(o)))
     return 0
 
 

@@ -109,7 +109,7 @@ def test_pipeline_stages_on_s3(featurized, s3_base, cache, tmp_path):
     run = storage.join(s3_base, "e2e")
     out = tmp_path / "local"
     cfg = load_config(None, [
-        f"output_dir={out}", f"data.root={featurized.data.root}", f"data.manifest={featurized.data.manifest}",
+        f"output_dir={out}", f"data.root={featurized.data.root}", "encoder.name=fbank", f"data.manifest={featurized.data.manifest}",
         "ray.progress_bars=false", "data.sessions=[1,2]", "pretrain.sessions=[1,2]", "finetune.folds=[1]",
         f"features.dir={storage.join(run, 'features')}", f"pretrain.dir={storage.join(run, 'pretrain')}",
         f"finetune.dir={storage.join(run, 'finetune')}",

@@ -138,6 +138,7 @@ def test_rerun_is_noop(featurized, manifest):
 # ---------------------------------------------------------------- resuming (on copies)
 
 
+@pytest.mark.slow
 @pytest.mark.ray
 def test_deleted_partition_is_restored(featurized, make_cfg, stored, tmp_path):
     feats = copy_features(featurized, tmp_path)
@@ -157,6 +158,7 @@ def test_deleted_partition_is_restored(featurized, make_cfg, stored, tmp_path):
     assert read_meta(feats)["num_rows"] == len(stored)
 
 
+@pytest.mark.slow
 @pytest.mark.ray
 def test_half_written_file_is_replaced(featurized, make_cfg, stored, tmp_path):
     feats = copy_features(featurized, tmp_path)
@@ -176,6 +178,7 @@ def test_half_written_file_is_replaced(featurized, make_cfg, stored, tmp_path):
         pq.read_metadata(f)  # every file is readable now
 
 
+@pytest.mark.slow
 @pytest.mark.ray
 def test_unreadable_audio_is_skipped(synthetic_root, featurized, make_cfg, sessions_overrides, tmp_path, capsys):
     """A wav that turned to junk after the manifest was built: skipped, listed, counted; no crash."""
@@ -462,6 +465,7 @@ def test_bucketed_blocks_hold_whole_batches_of_similar_length_longest_block_firs
         assert shorter["duration"].max() <= longer["duration"].min()
 
 
+@pytest.mark.slow
 @pytest.mark.ray
 def test_writes_run_while_cpu_actors_hold_every_cpu(ray_session, tmp_path):
     """Two actors hold every free CPU. Blocks 0-1 encode at once; every later block keeps its actor (and CPU)

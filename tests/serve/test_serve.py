@@ -115,8 +115,8 @@ def test_healthz_and_info(srv):
     assert info["version"] == srv.entry["id"]  # the best entry (ua 0.55), not the other one
     assert info["labels"] == ["neu", "hap", "sad", "ang"]
     assert info["metrics"]["ua"] == pytest.approx(0.55)
-    assert info["encoder"]["encoder"] == "fbank" and info["encoder"]["dim"] == 80
-    assert info["config"]["encoder"]["name"] == "fbank"
+    assert info["encoder"]["encoder"] == "egemaps" and info["encoder"]["dim"] == 26  # the shipped default front end
+    assert info["config"]["encoder"]["name"] == "egemaps"
     assert SECRET_KEY in (srv.checkpoint / "config.yaml").read_text()  # planted: test_info_exposes_no_... checks it
     assert info["serving"]["batching"] is True and info["serving"]["max_batch_size"] == 16
     status, body = request(srv, "GET", "/no-such-route")

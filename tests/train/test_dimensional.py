@@ -94,7 +94,7 @@ SHORT = ["finetune.mode=none", "finetune.epochs=6", "finetune.folds=[1,2]", "fin
 
 
 def _cfg(featurized, out, *overrides):
-    return load_config(None, [f"output_dir={out}", f"data.root={featurized.data.root}", "ray.progress_bars=false",
+    return load_config(None, [f"output_dir={out}", f"data.root={featurized.data.root}", "encoder.name=fbank", "ray.progress_bars=false",
                               f"features.dir={featurized.features.dir}", f"data.manifest={featurized.data.manifest}",
                               *SHORT, *overrides])
 
@@ -157,6 +157,7 @@ def _serve_answers_dimensions(model, wavs, offline):
                                "dimensions": {"names": ["valence", "arousal", "dominance"], "scale": [1.0, 5.0]}}
 
 
+@pytest.mark.slow
 @pytest.mark.ray
 def test_multitask_returns_both_and_keeps_the_splits(featurized, tmp_path):
     from serray.predict import Predictor
@@ -276,7 +277,7 @@ def test_a_nested_sweep_ranks_trials_on_validation_ccc_and_registers_the_task(fe
 
     space = tmp_path / "space.yaml"
     space.write_text("tune:\n  search_space:\n    finetune:\n      lr: {grid: [0.001, 0.003]}\n")
-    cfg = load_config(space, [f"output_dir={tmp_path}", f"data.root={featurized.data.root}", "ray.progress_bars=false",
+    cfg = load_config(space, [f"output_dir={tmp_path}", f"data.root={featurized.data.root}", "encoder.name=fbank", "ray.progress_bars=false",
                               f"features.dir={featurized.features.dir}", f"data.manifest={featurized.data.manifest}",
                               *SHORT, "finetune.epochs=3", "finetune.task=dimensional", "tune.metric=val_ccc_arousal",
                               "tune.scheduler_metric=val_ccc_mean", "tune.folds=[1]", "tune.num_samples=1"])

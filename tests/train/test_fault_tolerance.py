@@ -19,7 +19,7 @@ TINY = ["pretrain.epochs=2", "adapter.d_model=32", "adapter.ff_dim=64", "adapter
 
 
 def _cfg(featurized, out, *overrides):
-    return load_config(None, [f"output_dir={out}", f"data.root={featurized.data.root}", "ray.progress_bars=false",
+    return load_config(None, [f"output_dir={out}", f"data.root={featurized.data.root}", "encoder.name=fbank", "ray.progress_bars=false",
                               f"features.dir={featurized.features.dir}", f"data.manifest={featurized.data.manifest}",
                               *TINY, *overrides])
 

@@ -29,7 +29,7 @@ SHORT = ["pretrain.epochs=3", "finetune.epochs=4", "adapter.d_model=32", "adapte
 
 
 def _cfg(featurized, out, *overrides):
-    return load_config(None, [f"output_dir={out}", f"data.root={featurized.data.root}", "ray.progress_bars=false",
+    return load_config(None, [f"output_dir={out}", f"data.root={featurized.data.root}", "encoder.name=fbank", "ray.progress_bars=false",
                               f"features.dir={featurized.features.dir}", f"data.manifest={featurized.data.manifest}",
                               *SHORT, *overrides])
 

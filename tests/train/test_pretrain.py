@@ -36,7 +36,7 @@ LOSS_KEYS = ("loss", "loss_mask", "loss_distill", "loss_cluster")
 
 def _cfg(featurized, out: Path, *overrides: str):
     """A tiny pre-training config over the shared (read-only) fbank features, writing under ``out``."""
-    return load_config(None, [f"output_dir={out}", f"data.root={featurized.data.root}", "ray.progress_bars=false",
+    return load_config(None, [f"output_dir={out}", f"data.root={featurized.data.root}", "encoder.name=fbank", "ray.progress_bars=false",
                               f"features.dir={featurized.features.dir}", f"data.manifest={featurized.data.manifest}",
                               *TINY, *overrides])
 
@@ -333,7 +333,7 @@ def test_unchanged_config_is_reused_without_training(two_worker_run, featurized)
     assert time.monotonic() - t0 < min(5.0, fit_s / 2)
     assert again["metrics"]["centroid_sync_diff"] == 0.0
     # a change outside the hashed sections still reuses the adapter
-    other = load_config(None, [f"output_dir={Path(cfg.output_dir)}", f"data.root={featurized.data.root}",
+    other = load_config(None, [f"output_dir={Path(cfg.output_dir)}", f"data.root={featurized.data.root}", "encoder.name=fbank",
                                "ray.progress_bars=false", f"features.dir={featurized.features.dir}",
                                f"data.manifest={featurized.data.manifest}", *TINY,
                                "pretrain.num_workers=2", "pretrain.cpus_per_worker=0.5", "features.batch_size=4"])

@@ -19,7 +19,7 @@ TINY = ["pretrain.epochs=2", "finetune.epochs=3", "adapter.d_model=32", "adapter
 
 
 def _cfg(featurized, out, *overrides):
-    return load_config(None, [f"output_dir={out}", f"data.root={featurized.data.root}",
+    return load_config(None, [f"output_dir={out}", f"data.root={featurized.data.root}", "encoder.name=fbank",
                               f"data.manifest={featurized.data.manifest}", *TINY, *overrides])
 
 
@@ -38,6 +38,7 @@ def _fold(cfg, fold=1):
     return res, preds
 
 
+@pytest.mark.slow
 @pytest.mark.ray
 def test_features_written_two_ways_give_identical_fold_results(featurized, tmp_path):
     """One corpus featurized with 2 utterances per forward by one encoder actor, and with 16 per forward

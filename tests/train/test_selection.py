@@ -62,7 +62,7 @@ def test_inner_cv_chooses_the_epoch_count_on_the_training_groups_and_trains_on_a
     from serray.train.finetune import fold_split, run_fold
     from serray.train.folds import labelled_rows
 
-    cfg = load_config(None, [f"output_dir={tmp_path}", f"data.root={featurized.data.root}", "ray.progress_bars=false",
+    cfg = load_config(None, [f"output_dir={tmp_path}", f"data.root={featurized.data.root}", "encoder.name=fbank", "ray.progress_bars=false",
                              f"features.dir={featurized.features.dir}", f"data.manifest={featurized.data.manifest}",
                              "finetune.mode=none", "finetune.epoch_selection=inner_cv", *SHORT])
     res = run_fold(cfg, 1)

@@ -27,7 +27,7 @@ def _space_file(tmp_path: Path, space: str) -> Path:
 
 def _cfg(featurized, tmp_path, space: str, *overrides):
     return load_config(_space_file(tmp_path, space),
-                       [f"output_dir={tmp_path}", f"data.root={featurized.data.root}", "ray.progress_bars=false",
+                       [f"output_dir={tmp_path}", f"data.root={featurized.data.root}", "encoder.name=fbank", "ray.progress_bars=false",
                         f"features.dir={featurized.features.dir}", f"data.manifest={featurized.data.manifest}",
                         *TINY, *overrides])
 
@@ -231,6 +231,7 @@ def _attempts(trial_dir) -> int:
     return len((Path(trial_dir) / "attempts.log").read_text().splitlines())
 
 
+@pytest.mark.slow
 @pytest.mark.ray
 @pytest.mark.sweep
 def test_an_interrupted_nested_sweep_resumes_tests_each_fold_once_and_registers(sweep):
@@ -261,6 +262,7 @@ def test_an_interrupted_nested_sweep_resumes_tests_each_fold_once_and_registers(
     assert "nested selection" in (root / "trials.md").read_text()
 
 
+@pytest.mark.slow
 @pytest.mark.ray
 @pytest.mark.sweep
 def test_a_resumed_sweep_does_not_rerun_finished_trials_and_shares_pretraining(sweep):
@@ -279,6 +281,7 @@ def test_a_resumed_sweep_does_not_rerun_finished_trials_and_shares_pretraining(s
     assert len(list((root / "pretrain").glob("*/fold*/adapter/meta.json"))) == 4
 
 
+@pytest.mark.slow
 @pytest.mark.ray
 @pytest.mark.sweep
 def test_the_sweep_is_tracked_one_run_per_trial_continued_on_resume(sweep, mlflow_server):
