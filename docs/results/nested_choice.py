@@ -15,17 +15,18 @@ import sys
 from pathlib import Path
 
 import numpy as np
-from sklearn.metrics import recall_score
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from recipe_study import collect  # noqa: E402  (this folder's study reader)
+
+from serray.train.metrics import classification_metrics  # noqa: E402
 
 
 def per_run(out: Path, arm: str, mode: str):
     """``({(seed, fold): test UA}, {(seed, fold): validation UA})`` of one arm of one study."""
     preds, val, _ = collect(out, [arm], [mode], [1.0])
     df = preds[(arm, mode, 1.0)]
-    test = {key: recall_score(g["label"], g["pred"], average="macro") for key, g in df.groupby(["seed", "fold"])}
+    test = {key: classification_metrics(g["label"], g["pred"])["ua"] for key, g in df.groupby(["seed", "fold"])}
     return test, val[(arm, mode, 1.0)]
 
 

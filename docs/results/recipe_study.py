@@ -66,6 +66,11 @@ def collect(out: Path, arms, modes, fractions):
     return preds, val, summary
 
 
+def _json_default(o):
+    """numpy scalars as Python numbers, anything else as its string (for json.dumps)."""
+    return o.item() if isinstance(o, np.generic) else str(o)
+
+
 def _pm(s) -> str:
     return "n/a" if not s or s.get("mean") is None else f"{100 * s['mean']:.2f} ± {100 * s['sd']:.2f}"
 
@@ -126,7 +131,7 @@ def main(argv=None) -> int:
                             + " | ".join(_cmp(c) for c in comps) + f" | {vs_text} |")
     print("\n".join(rows))
     if args.json:
-        Path(args.json).write_text(json.dumps(record, indent=1, default=lambda o: o.item() if isinstance(o, np.generic) else str(o)))
+        Path(args.json).write_text(json.dumps(record, indent=1, default=_json_default))
     return 0
 
 
@@ -161,7 +166,7 @@ def across(arm: str, modes, fractions, studies, json_out=None) -> int:
     if json_out:
         Path(json_out).write_text(json.dumps({"arm": arm, "studies": dict(s.split("=", 1) for s in studies),
                                               "ablation": ab}, indent=1,
-                                             default=lambda o: o.item() if isinstance(o, np.generic) else str(o)))
+                                             default=_json_default))
     return 0
 
 
