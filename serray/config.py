@@ -71,6 +71,8 @@ class SyntheticConfig:
     sample_rate: int = 16000
     drop_fraction: float = 0.15
     excited_fraction: float = 0.3
+    scale: float = 1.0  # benchmark preset only: its sizes x this (a smaller study corpus to try the commands on)
+    unlabelled_factor: float = 10.0  # benchmark preset only: the unlabelled pool's hours / the four-class audio's
 
 
 @dataclass
@@ -548,11 +550,19 @@ def _resolve_tracking(cfg: DictConfig) -> None:
         raise _invalid([str(e)]) from None
 
 
+#: where the default ``data.root`` (``output_dir/synthetic/...``) puts the built-in corpus in each other layout
+SYNTHETIC_ROOTS = {"crema-d": "CREMA-D", "ravdess": "RAVDESS", "emodb": "emodb", "msp-podcast": "MSP-Podcast",
+                   "csv": "csv/labels.csv"}
+
+
 def _resolve_corpus(cfg: DictConfig) -> None:
     """Fill ``data.sessions`` and ``finetune.folds`` left null with the corpus's protocol."""
     from serray.data import corpora
 
     corpus = corpora.get(str(cfg.data.corpus))  # an unknown name lists the known ones
+    if str(cfg.data.root) == f"{cfg.output_dir}/synthetic/IEMOCAP_full_release" and cfg.data.corpus in SYNTHETIC_ROOTS:
+        # the default root names the built-in corpus's release directory: in another layout, that layout's name
+        cfg.data.root = f"{cfg.output_dir}/synthetic/{SYNTHETIC_ROOTS[cfg.data.corpus]}"
     if cfg.data.sessions is None:
         cfg.data.sessions = corpus.groups(cfg.data)
     if cfg.finetune.folds is None:
@@ -859,6 +869,7 @@ _DOMAINS = [
     (("synthetic.sample_rate", "encoder.sample_rate", "serve.min_sample_rate", "serve.max_sample_rate"), RATE),
     (("synthetic.drop_fraction",), UNIT_OPEN),
     (("synthetic.excited_fraction",), UNIT_CLOSED),
+    (("synthetic.scale", "synthetic.unlabelled_factor"), POSITIVE),
     (("encoder.num_mel_bins",), AT_LEAST_ONE),
     (("features.batch_size", "features.concurrency", "features.max_concurrency"), AT_LEAST_ONE),
     (("features.num_cpus", "features.max_seconds", "features.resource_timeout_s"), POSITIVE),

@@ -277,12 +277,8 @@ def run_sweep(cfg, echo: Callable[[str], Any] = print) -> Dict[str, Any]:
     check_features(cfg)
     root = Path(cfg.tune.dir) / cfg.tune.name
     space_file = root / SPACE_FILE
-    stored = json.loads(space_file.read_text()) if space_file.is_file() else {}
-    key = {"hash": _space_hash(flat), "selection": cfg.tune.selection, "folds": sweep_folds(cfg)}
-    if stored and {k: stored.get(k) for k in key} != key:
-        raise ConfigError(f"the sweep {root} exists with another search space, selection or folds "
-                          f"({stored.get('space')}, {stored.get('selection')}, folds {stored.get('folds')}); "
-                          "choose another tune.name to start a new sweep")
+    key = sweep_key(cfg, flat)
+    check_same_sweep(cfg, root, key)
     root.mkdir(parents=True, exist_ok=True)
     space_file.write_text(json.dumps({**key, "space": {k: list(v) for k, v in flat.items()}}))
     init_ray(cfg)
@@ -321,6 +317,53 @@ def _sweep(cfg, flat, echo) -> Dict[str, Any]:
     if final.get("registered"):
         out["registered"] = final["registered"]
     return out
+
+
+#: sections and keys a resumed sweep may change (where it runs, how it is logged and served; the search
+#: space, selection and folds are compared on their own)
+_RESUMABLE = ("tracking.", "ray.", "serve.", "segment.", "export.", "tune.", "finetune.folds")
+
+
+def _leaves(d: Any, prefix: str = "") -> Dict[str, Any]:
+    if isinstance(d, dict):
+        return {k: v for key, sub in d.items() for k, v in _leaves(sub, f"{prefix}{key}.").items()}
+    return {prefix[:-1]: d}
+
+
+def sweep_config(cfg) -> Dict[str, Any]:
+    """What a sweep's trials are made of besides the search space: every other config key that is not
+    about where it runs or how it is logged (a resumed sweep must agree on all of them)."""
+    return json.loads(json.dumps({k: v for k, v in _leaves(as_dict(cfg)).items() if not k.startswith(_RESUMABLE)},
+                                 default=str))
+
+
+def sweep_key(cfg, flat) -> Dict[str, Any]:
+    """What identifies a sweep: its search space, selection, folds and the rest of its config."""
+    return {"hash": _space_hash(flat), "selection": cfg.tune.selection, "folds": sweep_folds(cfg),
+            "config": sweep_config(cfg)}
+
+
+def check_same_sweep(cfg, root: Path, key: Dict[str, Any]) -> None:
+    """A sweep directory is resumed only by the config that made it: the same ``tune.name`` with another
+    search space, selection, folds, task, corpus or recipe is refused before any trial runs, naming
+    what differs."""
+    space_file = root / SPACE_FILE
+    stored = json.loads(space_file.read_text()) if space_file.is_file() else {}
+    if not stored:
+        return
+    if {k: stored.get(k) for k in ("hash", "selection", "folds")} != {k: key[k] for k in ("hash", "selection", "folds")}:
+        raise ConfigError(f"the sweep {root} exists with another search space, selection or folds "
+                          f"({stored.get('space')}, {stored.get('selection')}, folds {stored.get('folds')}); "
+                          "choose another tune.name to start a new sweep")
+    before, now = stored.get("config"), key["config"]
+    if before is None:
+        return  # a sweep recorded before the config was: resumed as before
+    differ = sorted(k for k in set(now) | set(before) if now.get(k) != before.get(k))
+    if differ:
+        shown = ", ".join(f"{k}: {before.get(k)!r} -> {now.get(k)!r}" for k in differ[:5])
+        more = f" and {len(differ) - 5} more" if len(differ) > 5 else ""
+        raise ConfigError(f"the sweep {root} was made by another config ({shown}{more}); choose another "
+                          f"tune.name to start a new sweep (e.g. tune.name={cfg.tune.name}-2)")
 
 
 def _fit(cfg, flat, folds: List[int], echo):

@@ -356,3 +356,17 @@ def test_cross_key_and_list_rules_are_checked_at_load(overrides, needle):
     with pytest.raises(ConfigError) as e:
         load_config(None, overrides)
     assert needle in str(e.value)
+
+
+def test_default_root_follows_the_layout(tmp_path):
+    """`serray pipeline data.corpus=crema-d` (documented in docs/corpora.md) made the built-in CREMA-D
+    tree under synthetic/IEMOCAP_full_release; each layout now has its release's name there."""
+    from serray.config import load_config
+
+    roots = {c: load_config(None, [f"output_dir={tmp_path}", f"data.corpus={c}"]).data.root
+             for c in ("iemocap", "crema-d", "ravdess", "emodb", "csv")}
+    assert roots == {"iemocap": f"{tmp_path}/synthetic/IEMOCAP_full_release", "crema-d": f"{tmp_path}/synthetic/CREMA-D",
+                     "ravdess": f"{tmp_path}/synthetic/RAVDESS", "emodb": f"{tmp_path}/synthetic/emodb",
+                     "csv": f"{tmp_path}/synthetic/csv/labels.csv"}
+    given = load_config(None, [f"output_dir={tmp_path}", "data.corpus=crema-d", f"data.root={tmp_path}/mine"])
+    assert given.data.root == f"{tmp_path}/mine"  # a root the user names is kept

@@ -39,6 +39,7 @@ import pandas as pd
 
 from serray import storage
 from serray.config import as_dict, derive
+from serray.train.results import ID_COLUMNS
 
 log = logging.getLogger(__name__)
 
@@ -352,7 +353,7 @@ def _collect(cfg, seeds: List[int], folds: List[int]):
         for seed in seeds:
             acfg = arm_config(cfg, arm, mode, fraction, seed)
             for fold in folds:
-                p = pd.read_csv(Path(acfg.finetune.dir) / f"fold{fold}" / "predictions.csv")
+                p = pd.read_csv(Path(acfg.finetune.dir) / f"fold{fold}" / "predictions.csv", dtype=ID_COLUMNS)
                 frames.append(p.assign(seed=seed, fold=fold)[["seed", "fold", "utt_id", *columns]])
                 vals[(seed, fold)] = float(fold_done(acfg, fold)[val_metric])
         preds = pd.concat(frames, ignore_index=True)

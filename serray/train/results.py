@@ -22,6 +22,10 @@ FOLD_KEYS = ("fold", "test_session", "ua", "wa", "macro_f1", "n_test", "n_train"
 SD_CONVENTION = "sample standard deviation over folds (n - 1)"  # as the ablation's sd over runs
 
 
+#: columns that are names, never numbers (EmoDB's speaker "03", a CSV corpus's "0042" utterance id)
+ID_COLUMNS = {"utt_id": str, "speaker": str}
+
+
 def _sample_sd(v: np.ndarray) -> float:
     v = v[~np.isnan(v)]
     return float(v.std(ddof=1)) if len(v) > 1 else 0.0
@@ -66,7 +70,8 @@ def write_results(folds: List[Dict[str, Any]], out_dir: str | Path, extra: Dict[
     summary = {**summarise(folds), **extra}
     storage.write_text(out / "metrics.json", json.dumps(summary, indent=2))
     storage.write_text(out / "results.md", markdown_table(summary, extra.get("title", "")))
-    preds = pd.concat([pd.read_csv(io.StringIO(storage.read_text(storage.join(src, f"fold{f['fold']}", "predictions.csv"))))
+    preds = pd.concat([pd.read_csv(io.StringIO(storage.read_text(storage.join(src, f"fold{f['fold']}", "predictions.csv"))),
+                                   dtype=ID_COLUMNS)
                        for f in folds], ignore_index=True)
     preds.to_csv(out / "predictions.csv", index=False)
     cm = confusion([LABEL_INDEX[l] for l in preds["label"]], [LABEL_INDEX[l] for l in preds["pred"]], len(LABELS))

@@ -388,14 +388,16 @@ def test_config_and_cli(tmp_path, monkeypatch):
     real = synthetic.make_corpus
     calls = []
 
-    def small(out_dir, **kw):                                      # the full size takes minutes
-        calls.append(kw["preset"])
-        return real(out_dir, **kw, scale=0.075, unlabelled_factor=0.1)
+    def spy(out_dir, **kw):
+        calls.append((kw["preset"], kw["scale"], kw["unlabelled_factor"]))
+        return real(out_dir, **kw)
 
-    monkeypatch.setattr(synthetic, "make_corpus", small)
+    monkeypatch.setattr(synthetic, "make_corpus", spy)
     out = tmp_path / "corpus" / "IEMOCAP_full_release"
-    assert main(["make-corpus", "--out", str(out), "synthetic.preset=benchmark"]) == 0
-    assert calls == ["benchmark"]
+    # the full size takes minutes: the config keys make it small
+    assert main(["make-corpus", "--out", str(out), "synthetic.preset=benchmark", "synthetic.scale=0.075",
+                 "synthetic.unlabelled_factor=0.1"]) == 0
+    assert calls == [("benchmark", 0.075, 0.1)]
     assert benchmark_paths(out).oracle.is_file() and benchmark_paths(out).unlabelled.is_dir()
     assert len(build_manifest(out).kept) == 60
     assert main(["make-corpus", "--out", str(tmp_path / "bad"), "synthetic.preset=nope"]) == 2

@@ -380,3 +380,32 @@ def test_trial_ties_are_broken_by_a_proper_score_before_the_trial_id():
     # a table without the proper score (a sweep recorded before it existed): the plain loss, then the id
     old = pd.DataFrame([{k: v for k, v in r.items() if k != "val_bal_loss"} for r in rows])
     assert best_trial(old, "val_ua", "max")["trial_id"] == "ab_00000"
+
+
+def test_a_sweep_name_is_resumed_only_by_its_own_config(tmp_path):
+    """`serray tune` then `serray tune finetune.task=dimensional` in the same output_dir (both documented)
+    reused the sweep `sweep` and failed after its trials with "no readable selected model"; now the second
+    is refused before any trial runs, naming what differs."""
+    import json
+
+    from serray.config import load_config
+    from serray.errors import ConfigError
+    from serray.tune import SPACE_FILE, check_same_sweep, sweep_key, validate_space
+
+    def key(*overrides):
+        cfg = load_config(None, [f"output_dir={tmp_path}", *overrides])
+        return cfg, sweep_key(cfg, validate_space(cfg))
+
+    root = tmp_path / "tune" / "sweep"
+    root.mkdir(parents=True)
+    cfg, first = key()
+    check_same_sweep(cfg, root, first)  # nothing stored yet
+    (root / SPACE_FILE).write_text(json.dumps(first))
+    cfg2, k2 = key("tracking.enabled=false", "tune.max_concurrent_trials=1")
+    check_same_sweep(cfg2, root, k2)  # where it runs and how it is logged may change
+    cfg3, k3 = key("finetune.task=dimensional")
+    with pytest.raises(ConfigError, match=r"finetune.task: 'categorical' -> 'dimensional'.*tune.name=sweep-2"):
+        check_same_sweep(cfg3, root, k3)
+    cfg4, k4 = key("tune.folds=[1,2]")
+    with pytest.raises(ConfigError, match="another search space, selection or folds"):
+        check_same_sweep(cfg4, root, k4)
