@@ -18,6 +18,9 @@ epoch-selection schemes or two EMA schedules): each study's ARM against the firs
 by (seed, fold) run and test utterance, at both scopes::
 
     python docs/results/recipe_study.py --across full --modes finetune,frozen A=DIR_A L=DIR_L
+
+``LABEL=DIR:ARM`` takes another arm from that study (e.g. the random-init arm beside a longer pre-training
+of ``full``), and ``--seeds 0,1`` keeps the seeds two studies share.
 """
 
 from __future__ import annotations
@@ -46,9 +49,12 @@ def _run_dir(out: Path, arm: str, mode: str, fraction: float, seed: int, main_se
     return out / "ablation" / arm / mode / frac / f"seed{seed}"
 
 
-def collect(out: Path, arms, modes, fractions):
-    """``({(arm, mode, fraction): predictions}, {(arm, mode, fraction): {(seed, fold): val_ua}}, ablation.json)``."""
+def collect(out: Path, arms, modes, fractions, only_seeds=None):
+    """``({(arm, mode, fraction): predictions}, {(arm, mode, fraction): {(seed, fold): val_ua}}, ablation.json)``;
+    ``only_seeds``: keep these seeds (``summary["seeds"]`` is narrowed to them)."""
     summary = json.loads((out / "ablation" / "ablation.json").read_text())
+    if only_seeds is not None:
+        summary["seeds"] = [s for s in summary["seeds"] if s in only_seeds]
     seeds, folds = summary["seeds"], summary["folds"]
     preds, val = {}, {}
     for arm in arms:
@@ -93,13 +99,16 @@ def main(argv=None) -> int:
     ap.add_argument("--modes", default="finetune")
     ap.add_argument("--fractions", default="1")
     ap.add_argument("--json", default=None, help="write every number here too")
+    ap.add_argument("--seeds", default=None, help="with --across: only these seeds (e.g. 0,1), for studies of "
+                                                   "different seed counts")
     ap.add_argument("--across", default=None, metavar="ARM",
                     help="compare this arm between the studies (each against the first) instead of arms within each")
     args = ap.parse_args(argv)
     arms, modes = args.arms.split(","), args.modes.split(",")
     fractions = [float(f) for f in args.fractions.split(",")]
     if args.across:
-        return across(args.across, modes, fractions, args.studies, args.json)
+        return across(args.across, modes, fractions, args.studies, args.json,
+                      [int(x) for x in args.seeds.split(",")] if args.seeds else None)
     rows, record = [], {}
     head = ("| study | mode | labels | " + " | ".join(f"{a} UA % (val)" for a in arms) + " | classical UA % | "
             + " | ".join(f"{a} − {b}: points [95 % CI], run-level p; fold level" for a, b in COMPARISONS
@@ -135,12 +144,13 @@ def main(argv=None) -> int:
     return 0
 
 
-def across(arm: str, modes, fractions, studies, json_out=None) -> int:
+def across(arm: str, modes, fractions, studies, json_out=None, only_seeds=None) -> int:
     """One arm in several studies: each study's arm against the first study's, both scopes (module docstring)."""
     labels, preds, val, seeds, folds = [], {}, {}, None, None
     for spec in studies:
         label, path = spec.split("=", 1)
-        p, v, summary = collect(Path(path), [arm], modes, fractions)
+        path, _, own_arm = path.partition(":")  # LABEL=DIR:ARM compares another arm of that study
+        p, v, summary = collect(Path(path), [own_arm or arm], modes, fractions, only_seeds)
         if seeds is not None and (summary["seeds"], summary["folds"]) != (seeds, folds):
             raise SystemExit(f"{label}: seeds {summary['seeds']} / folds {summary['folds']} differ from the first "
                              f"study's {seeds} / {folds}: nothing to pair")
@@ -148,7 +158,7 @@ def across(arm: str, modes, fractions, studies, json_out=None) -> int:
         labels.append(label)
         for (_, mode, frac), df in p.items():
             preds[(label, mode, frac)] = df
-            val[(label, mode, frac)] = v[(arm, mode, frac)]
+            val[(label, mode, frac)] = v[(own_arm or arm, mode, frac)]
     comparisons = [(b, labels[0]) for b in labels[1:]]
     ab = build_ablation(preds, "", folds, seeds, comparisons=comparisons, n_boot=2000, arm_val=val)
     head = (f"| {arm}: study | mode | labels | UA % | val UA % | Δ vs {labels[0]}: points [95 % CI], run-level p; "

@@ -269,11 +269,17 @@ def _run_ablation(cfg, echo: Callable[[str], Any]) -> Dict[str, Any]:
 
     t0 = time.time()
     seeds, folds = seeds_of(cfg), list(cfg.finetune.folds)
-    if "oracle" in cfg.ablate.arms:
+    from serray.pipeline import is_builtin_root
+
+    root = Path(cfg.data.root)
+    made_here = cfg.synthetic.enabled and not root.exists() and is_builtin_root(cfg, root)  # with its oracle
+    if "oracle" in cfg.ablate.arms and not made_here:
         _oracle_file(cfg)  # a clear error before any work when there is none
     if not storage.is_file(storage.join(cfg.features.dir, "_serray_features.json")):
         prepare_corpus(cfg, echo)
         featurize(cfg)
+    if "oracle" in cfg.ablate.arms and made_here:
+        _oracle_file(cfg)
     check_features(cfg)
     runs = _neural_runs(cfg)
     units = [(s, f) for s in seeds for f in folds]
