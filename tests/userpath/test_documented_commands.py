@@ -107,9 +107,11 @@ class World:
         return self.dir / rel
 
     def best_id(self, run: str = "runs/default") -> str:
-        from serray.registry import best_entry  # the registry's own rule
+        from serray.config import load_config
+        from serray.registry import best_entry, wanted_evaluation  # the registry's own rule, as the CLI asks it
 
-        return best_entry(self.dir / run / "registry")["id"]
+        cfg = load_config(None, [f"output_dir={self.dir / run}", *TINY])
+        return best_entry(self.dir / run / "registry", wanted_evaluation(cfg))["id"]
 
 
 def _serray() -> str:
@@ -427,6 +429,11 @@ STEPS: List[Step] = [
     Step("serray ablate --config configs/benchmark.yaml ablate.arms=[none,random_init,full,classical,oracle] "
          "ablate.classical_features=egemaps", tiny=TINY + BENCH, force=["ablate.label_fractions=[1.0]"],
          check=_check_ablation("runs/benchmark")),
+    Step("serray ablate --config configs/benchmark.yaml output_dir=runs/benchmark-lld-1200 "
+         "data.root=runs/benchmark/synthetic/IEMOCAP_full_release features.dir=runs/benchmark/features "
+         "data.manifest=runs/benchmark/manifest.parquet pretrain.steps=1200 ablate.arms=[full] "
+         "ablate.modes=[finetune,frozen] ablate.label_fractions=[1.0] ablate.seeds=2",
+         tiny=TINY + BENCH, force=["pretrain.steps=2", "ablate.seeds=1"], check=_check_ablation("runs/benchmark-lld-1200")),
     Step("serray ablate --config configs/benchmark.yaml encoder.name=fbank output_dir=runs/benchmark-fbank",
          tiny=TINY + BENCH, force=["ablate.label_fractions=[1.0]"], check=_check_ablation("runs/benchmark-fbank")),
     Step("serray ablate --config configs/benchmark.yaml encoder.name=fbank pretrain.steps=1200 ablate.arms=[random_init,full] "
