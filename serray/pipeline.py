@@ -42,6 +42,13 @@ def is_builtin_root(cfg, root: Path) -> bool:
     return root.resolve() == base or base in root.resolve().parents
 
 
+def makes_synthetic(cfg) -> bool:
+    """Whether :func:`prepare_corpus` will make the built-in corpus (enabled, missing, under
+    ``output_dir/synthetic``): its oracle and unlabelled pool do not exist yet."""
+    root = Path(cfg.data.root)
+    return bool(cfg.synthetic.enabled) and not root.exists() and is_builtin_root(cfg, root)
+
+
 def prepare_corpus(cfg, echo: Callable[[str], Any] = print):
     """Make the synthetic corpus (in ``data.corpus``'s layout) when enabled and missing; build and
     write the manifest."""
@@ -54,7 +61,7 @@ def prepare_corpus(cfg, echo: Callable[[str], Any] = print):
         check_corpus(stored, cfg, f"features.dir {storage.describe(cfg.features.dir)}")
     root = Path(cfg.data.root)
     if cfg.synthetic.enabled and not root.exists():
-        if not is_builtin_root(cfg, root):
+        if not makes_synthetic(cfg):
             from serray.data import corpora
             from serray.errors import DataError
 

@@ -324,17 +324,13 @@ def _sweep(cfg, flat, echo) -> Dict[str, Any]:
 _RESUMABLE = ("tracking.", "ray.", "serve.", "segment.", "export.", "tune.", "finetune.folds")
 
 
-def _leaves(d: Any, prefix: str = "") -> Dict[str, Any]:
-    if isinstance(d, dict):
-        return {k: v for key, sub in d.items() for k, v in _leaves(sub, f"{prefix}{key}.").items()}
-    return {prefix[:-1]: d}
-
-
-def sweep_config(cfg) -> Dict[str, Any]:
+def sweep_config(cfg) -> Dict[str, str]:
     """What a sweep's trials are made of besides the search space: every other config key that is not
-    about where it runs or how it is logged (a resumed sweep must agree on all of them)."""
-    return json.loads(json.dumps({k: v for k, v in _leaves(as_dict(cfg)).items() if not k.startswith(_RESUMABLE)},
-                                 default=str))
+    about where it runs or how it is logged (a resumed sweep must agree on all of them), flat as the
+    MLflow params are (:func:`serray.tracking.config_params`)."""
+    from serray.tracking import config_params
+
+    return {k: v for k, v in config_params(cfg).items() if not k.startswith(_RESUMABLE)}
 
 
 def sweep_key(cfg, flat) -> Dict[str, Any]:

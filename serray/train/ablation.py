@@ -269,10 +269,9 @@ def _run_ablation(cfg, echo: Callable[[str], Any]) -> Dict[str, Any]:
 
     t0 = time.time()
     seeds, folds = seeds_of(cfg), list(cfg.finetune.folds)
-    from serray.pipeline import is_builtin_root
+    from serray.pipeline import makes_synthetic
 
-    root = Path(cfg.data.root)
-    made_here = cfg.synthetic.enabled and not root.exists() and is_builtin_root(cfg, root)  # with its oracle
+    made_here = makes_synthetic(cfg)  # the corpus, with its oracle, is made below
     if "oracle" in cfg.ablate.arms and not made_here:
         _oracle_file(cfg)  # a clear error before any work when there is none
     if not storage.is_file(storage.join(cfg.features.dir, "_serray_features.json")):

@@ -4,7 +4,6 @@ dimension (``dimensions_scatter.png``) and the learning curves."""
 
 from __future__ import annotations
 
-import io
 import json
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
@@ -12,7 +11,7 @@ from typing import Any, Dict, List, Optional, Sequence
 import numpy as np
 import pandas as pd
 
-from serray.train.results import FOLD_KEYS, ID_COLUMNS, SD_CONVENTION, _plot_confusion, _sample_sd
+from serray.train.results import FOLD_KEYS, SD_CONVENTION, _plot_confusion, _sample_sd, read_fold_predictions
 
 
 def metric_keys(names: Sequence[str], multitask: bool) -> List[str]:
@@ -67,9 +66,7 @@ def write_dimensional_results(folds: List[Dict[str, Any]], out_dir: str | Path, 
     summary = {**summarise(folds, metric_keys(names, multitask)), **extra, "dimensions": list(names)}
     storage.write_text(out / "metrics.json", json.dumps(summary, indent=2))
     storage.write_text(out / "results.md", markdown_table(summary, names, multitask, extra.get("title", "")))
-    preds = pd.concat([pd.read_csv(io.StringIO(storage.read_text(storage.join(src, f"fold{f['fold']}", "predictions.csv"))),
-                                   dtype=ID_COLUMNS)
-                       for f in folds], ignore_index=True)
+    preds = read_fold_predictions(src, folds)
     preds.to_csv(out / "predictions.csv", index=False)
     _plot_scatter(preds, names, summary, out / "dimensions_scatter.png")
     if multitask:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
 from typing import Any, Dict, List, Optional
@@ -9,6 +10,7 @@ from typing import Any, Dict, List, Optional
 import numpy as np
 import pandas as pd
 
+from serray import storage
 from serray.data.features import LABEL_INDEX
 from serray.data.iemocap import LABELS
 from serray.train.metrics import confusion
@@ -24,6 +26,12 @@ SD_CONVENTION = "sample standard deviation over folds (n - 1)"  # as the ablatio
 
 #: columns that are names, never numbers (EmoDB's speaker "03", a CSV corpus's "0042" utterance id)
 ID_COLUMNS = {"utt_id": str, "speaker": str}
+
+
+def read_fold_predictions(src: str, folds: List[Dict[str, Any]]) -> pd.DataFrame:
+    """The folds' ``fold<k>/predictions.csv`` under ``src`` (a path or storage URI), one frame; ids as names."""
+    return pd.concat([pd.read_csv(io.StringIO(storage.read_text(storage.join(src, f"fold{f['fold']}", "predictions.csv"))),
+                                  dtype=ID_COLUMNS) for f in folds], ignore_index=True)
 
 
 def _sample_sd(v: np.ndarray) -> float:
@@ -60,9 +68,6 @@ def write_results(folds: List[Dict[str, Any]], out_dir: str | Path, extra: Dict[
 
     The folds' ``fold<k>/predictions.csv`` are read from ``folds_dir`` (default ``out_dir``; a local
     path or a storage URI)."""
-    import io
-
-    from serray import storage
 
     out = Path(out_dir)
     src = folds_dir or str(out)
@@ -70,9 +75,7 @@ def write_results(folds: List[Dict[str, Any]], out_dir: str | Path, extra: Dict[
     summary = {**summarise(folds), **extra}
     storage.write_text(out / "metrics.json", json.dumps(summary, indent=2))
     storage.write_text(out / "results.md", markdown_table(summary, extra.get("title", "")))
-    preds = pd.concat([pd.read_csv(io.StringIO(storage.read_text(storage.join(src, f"fold{f['fold']}", "predictions.csv"))),
-                                   dtype=ID_COLUMNS)
-                       for f in folds], ignore_index=True)
+    preds = read_fold_predictions(src, folds)
     preds.to_csv(out / "predictions.csv", index=False)
     cm = confusion([LABEL_INDEX[l] for l in preds["label"]], [LABEL_INDEX[l] for l in preds["pred"]], len(LABELS))
     _plot_confusion(cm, out / "confusion_matrix.png", summary)
