@@ -400,4 +400,8 @@ def test_config_and_cli(tmp_path, monkeypatch):
     assert calls == [("benchmark", 0.075, 0.1)]
     assert benchmark_paths(out).oracle.is_file() and benchmark_paths(out).unlabelled.is_dir()
     assert len(build_manifest(out).kept) == 60
+    yaml = tmp_path / "small-benchmark.yaml"  # the same keys from a YAML file
+    yaml.write_text("synthetic:\n  preset: benchmark\n  scale: 0.075\n  unlabelled_factor: 0.1\n")
+    assert main(["make-corpus", "--config", str(yaml), "--out", str(tmp_path / "from-yaml" / "IEMOCAP_full_release")]) == 0
+    assert calls[-1] == ("benchmark", 0.075, 0.1)
     assert main(["make-corpus", "--out", str(tmp_path / "bad"), "synthetic.preset=nope"]) == 2
