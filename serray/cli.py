@@ -196,20 +196,26 @@ def cmd_predict(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from serray.export import export_onnx
+    from serray.export import default_path, export_onnx
     from serray.registry import resolve_model
 
     cfg = _cfg(args, [f"serve.model={args.id}"] if args.id else None)
     path, entry = resolve_model(cfg)
-    out = args.out or str(Path(cfg.export.dir) / f"{entry['id']}.onnx")
+    out = args.out or str(default_path(cfg.export.dir, entry))  # refuses an id that would leave export.dir
     s = export_onnx(path, entry, out, include_encoder=cfg.export.include_encoder and not args.no_encoder,
                     int8=cfg.export.int8 or args.int8)
     worst = max(s["parity_max_abs_diff"].values())
+    what = f"labels {s['labels']}" if s.get("task", "categorical") == "categorical" else \
+        f"task {s['task']}, outputs {s['outputs']}, dimensions {s['dimensions']}" + \
+        (f", labels {s['labels']}" if s["labels"] else "")
     print(f"entry {entry['id']} -> {s['path']} ({s['bytes'] / 2**20:.1f} MB, input '{s['input']}', "
-          f"labels {s['labels']}, {s['sample_rate']} Hz) in {s['seconds']} s\n"
+          f"{what}, {s['sample_rate']} Hz) in {s['seconds']} s\n"
           f"parity with torch on random clips of {', '.join(s['parity_max_abs_diff'])} s: max |dp| = {worst:.1e}")
     if "int8_path" in s:
-        print(f"int8: {s['int8_path']} ({s['int8_bytes'] / 2**20:.1f} MB)")
+        c = s["int8_parity"]
+        print(f"int8: {s['int8_path']} ({s['int8_bytes'] / 2**20:.1f} MB), checked on {c['clips']} random clips: "
+              f"max |d| = {c['max_abs_diff']:.1e} (tolerance {c['tolerance']:g})"
+              + (f", labels agree on {c['labels_agree']}" if c.get("labels_agree") else ""))
     print(f"run it: serray predict --onnx {s['path']} FILE...")
     return 0
 
@@ -221,7 +227,8 @@ def cmd_reproduce(args) -> int:
     if args.config is not None:
         raise ConfigError(f"serray reproduce runs the config recorded in {args.run_dir}'s metrics.json, so --config "
                           f"{args.config} would not be used: leave it out (key=value overrides still apply)")
-    return 0 if reproduce(args.run_dir, args.out, args.tolerance, args.overrides, echo=echo) else 1
+    return 0 if reproduce(args.run_dir, args.out, args.tolerance, args.overrides, echo=echo, allow_env=args.allow_env,
+                          allow_outside=args.allow_outside, strict=args.strict) else 1
 
 
 def cmd_serve(args) -> int:
@@ -297,6 +304,14 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--out", default=None, help="where the new run goes (default: RUN_DIR-reproduced)")
             p.add_argument("--tolerance", type=float, default=0.0,
                            help="largest accepted |difference| of a metric (fraction; default 0: exact)")
+            p.add_argument("--strict", action="store_true",
+                           help="refuse to run when the commit, dirty flag or package versions differ from the record "
+                                "(default: print what differs on stderr and run)")
+            p.add_argument("--allow-env", action="store_true",
+                           help="resolve ${oc.env:...} in the recorded config (default: refused)")
+            p.add_argument("--allow-outside", action="store_true",
+                           help="let the recorded config write outside --out (default: refused; key=value on the "
+                                "command line is never refused)")
         if name in ("pretrain",):
             p.add_argument("--force", action="store_true", help="train again even if the output matches the config")
         if name == "models":

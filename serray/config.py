@@ -311,12 +311,14 @@ class ServeConfig:
     min_sample_rate: int = 4000  # other sample rates get 400 (header); every accepted rate is resampled at bounded cost
     max_sample_rate: int = 192000
     body_timeout_s: float = 10.0  # a body not fully received this long after the handler starts reading gets 408
-    request_timeout_s: float = 60.0  # Serve's end-to-end HTTP timeout (http_options): 408 after it
+    request_timeout_s: float = 900.0  # Serve's end-to-end HTTP timeout (http_options): 408 after it; above both body timeouts
     max_ongoing_requests: int = 32  # per replica (>= max_batch_size, so a batch can fill)
     max_queued_requests: int = 64  # per deployment, waiting for a replica; beyond it requests get 503 at once
     start_timeout_s: float = 300.0  # resources + replicas must be up within this, else a clear error
     segments_max_body_mb: float = 256.0  # POST /segments: larger bodies get 413 (streamed, never held in memory)
     segments_body_timeout_s: float = 600.0  # POST /segments: the whole body must arrive within this, else 408
+    segments_max_seconds: Optional[float] = 7200.0  # POST /segments: more decoded audio gets 413 (None: no limit)
+    segments_max_ongoing: int = 2  # POST /segments per replica (receiving, queued or segmenting); more get 503
 
 
 @dataclass
@@ -903,13 +905,13 @@ _DOMAINS = [
     (("ablate.bootstrap",), AT_LEAST_100),
     (("serve.port",), PORT),
     (("serve.max_batch_size", "serve.num_replicas", "serve.max_replicas", "serve.max_channels",
-      "serve.max_ongoing_requests"), AT_LEAST_ONE),
+      "serve.max_ongoing_requests", "serve.segments_max_ongoing"), AT_LEAST_ONE),
     (("serve.batch_wait_timeout_s", "serve.num_cpus", "serve.num_gpus", "serve.min_replicas"), NON_NEGATIVE),
     (("serve.max_body_mb", "serve.max_seconds", "serve.body_timeout_s", "serve.request_timeout_s",
       "serve.start_timeout_s"), POSITIVE),
     (("serve.max_queued_requests",), QUEUE),
     (("tracking.timeout_s",), POSITIVE),
-    (("serve.segments_max_body_mb", "serve.segments_body_timeout_s", "segment.window_s", "segment.hop_s",
+    (("serve.segments_max_body_mb", "serve.segments_body_timeout_s", "serve.segments_max_seconds", "segment.window_s", "segment.hop_s",
       "segment.energy_floor_s"), POSITIVE),
     (("segment.threshold",), UNIT_OPEN),
     (("segment.min_speech_s", "segment.min_silence_s", "segment.pad_s", "segment.energy_margin_db"), NON_NEGATIVE),
@@ -945,13 +947,22 @@ def _validate_domains(cfg: DictConfig) -> List[str]:
              ("serve.max_batch_size", "serve.max_ongoing_requests", "<="),
              ("synthetic.min_duration", "synthetic.max_duration", "<="), ("adapter.ema_decay", "adapter.ema_decay_end", "<="),
              ("features.concurrency", "features.max_concurrency", "<="), ("finetune.freeze_epochs", "finetune.epochs", "<="),
-             ("adapter.distill_top_k", "adapter.num_layers", "<="), ("segment.hop_s", "segment.window_s", "<=")]
+             ("adapter.distill_top_k", "adapter.num_layers", "<="), ("segment.hop_s", "segment.window_s", "<="),
+             # a body still arriving when Serve gives up is Serve's plain-text 408, never the route's own
+             ("serve.body_timeout_s", "serve.request_timeout_s", "<"),
+             ("serve.segments_body_timeout_s", "serve.request_timeout_s", "<")]
     for lo_key, hi_key, rel in pairs:
         lo, hi = _number(cfg, lo_key), _number(cfg, hi_key)
         if lo is None or hi is None or any(f"{k} must" in p for p in problems for k in (lo_key, hi_key)):
             continue
         if not (lo < hi if rel == "<" else lo <= hi):
             problems.append(f"{lo_key} ({lo}) must be {rel} {hi_key} ({hi})")
+    window, speech, silence = (_number(cfg, f"segment.{k}") for k in ("window_s", "min_speech_s", "min_silence_s"))
+    if None not in (window, speech, silence) and speech + silence > 2 * window and not any(
+            f"segment.{k} must" in p for p in problems for k in ("window_s", "min_speech_s", "min_silence_s")):
+        # the detector looks back at most two windows: a region it must wait longer for is never closed
+        problems.append(f"segment.min_speech_s + segment.min_silence_s ({speech + silence:g}) must be <= "
+                        f"2 x segment.window_s ({2 * window:g})")
     sessions = OmegaConf.select(cfg, "data.sessions", default=None) or []
     outside = [s for s in (OmegaConf.select(cfg, "pretrain.sessions", default=None) or []) if s not in sessions]
     if outside:  # checked under per_fold too: a key that names no session is wrong whether or not it is read

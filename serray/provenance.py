@@ -7,7 +7,11 @@ outside a git checkout, e.g. an installed wheel), the resolved config (credentia
 saved config, :func:`serray.config.to_yaml`), the installed versions of the packages that decide the
 numbers, a hash of the manifest's rows and of the feature identity (encoder, layers, dimension,
 frame and sample rate, the featurization's config hash and which utterances each session holds),
-the seed and the folds with each fold's derived generator seeds.
+the seed and the folds with each fold's derived generator seeds, the encoder (a Hugging Face model's
+hub revision and a hash of its weight files), and for every fold the code that trained it
+(``fold_code``: a fold reused from an earlier run keeps the commit it was trained with; ``folds_other_code``
+lists the folds whose commit or dirty state differs from the run's). The command line is recorded with
+every URI's credentials and secret query values masked, as in messages.
 """
 
 from __future__ import annotations
@@ -97,20 +101,69 @@ def features_record(features_dir: str) -> Dict[str, Any]:
             "sha256": _sha256({"identity": identity, "config_hash": meta.get("config_hash"), "utterances": utterances})}
 
 
-def collect(cfg, folds: List[int], fold_seeds: Optional[Dict[int, Dict[str, int]]] = None) -> Dict[str, Any]:
-    """The provenance record of a run of ``cfg`` over ``folds``."""
+def code_record() -> Dict[str, Any]:
+    """What a fold's ``fold_result.json`` keeps of the code that trained it."""
+    return {"git": git_state(), "packages": package_versions(), "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
+
+
+def encoder_record(name: str) -> Dict[str, Any]:
+    """``{"name", "revision", "weights_sha256"}`` of the encoder: a Hugging Face model's hub commit (None
+    for a local directory) and a hash over its weight and config files when they are local (None for a
+    built-in encoder: its code is the package's version). The name of a local directory is its last
+    component, as ``GET /info`` shows it (no machine path in a record)."""
+    from serray.data.encoders import BUILTIN_ENCODERS
+    from serray.storage import public_name
+
+    if name in BUILTIN_ENCODERS:
+        return {"name": name, "revision": None, "weights_sha256": None}
+    revision, digest = None, None
+    try:
+        from transformers import AutoConfig
+
+        revision = getattr(AutoConfig.from_pretrained(name, local_files_only=True), "_commit_hash", None)
+    except Exception:  # not cached here, or not a model: the record says it does not know
+        pass
+    files = sorted(p for p in Path(name).glob("*") if p.is_file() and p.suffix in (".safetensors", ".bin", ".json")) \
+        if Path(name).is_dir() else []
+    if files:
+        h = hashlib.sha256()
+        for f in files:
+            h.update(f.name.encode())
+            with open(f, "rb") as fh:
+                for block in iter(lambda: fh.read(1 << 20), b""):
+                    h.update(block)
+        digest = h.hexdigest()
+    return {"name": public_name(name), "revision": revision, "weights_sha256": digest}
+
+
+def _masked_argv() -> List[str]:
+    from serray.storage import redact_text
+
+    return [Path(sys.argv[0]).name, *(redact_text(a) for a in sys.argv[1:])] if sys.argv else []
+
+
+def collect(cfg, folds: List[int], fold_seeds: Optional[Dict[int, Dict[str, int]]] = None,
+            fold_records: Optional[List[Dict[str, Any]]] = None) -> Dict[str, Any]:
+    """The provenance record of a run of ``cfg`` over ``folds`` (``fold_records``: the folds' results,
+    whose ``code`` says what trained each)."""
     from omegaconf import OmegaConf
 
     from serray.storage import strip_credentials
 
     config = strip_credentials(OmegaConf.to_container(cfg, resolve=True))
+    git = git_state()
+    fold_code = {str(r["fold"]): r["code"] for r in (fold_records or []) if isinstance(r.get("code"), dict)}
+    other = sorted(int(f) for f, c in fold_code.items()
+                   if (c.get("git") or {}).get("commit") != git.get("commit") or (c.get("git") or {}).get("dirty") != git.get("dirty"))
     return {"version": VERSION, "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
-            "git": git_state(), "python": platform.python_version(), "platform": platform.platform(),
-            "argv": [Path(sys.argv[0]).name, *sys.argv[1:]] if sys.argv else [],
+            "git": git, "python": platform.python_version(), "platform": platform.platform(),
+            "argv": _masked_argv(),
             "packages": package_versions(), "config": config, "config_sha256": _sha256(config),
             "manifest": manifest_record(cfg.data.manifest), "features": features_record(str(cfg.features.dir)),
+            "encoder": encoder_record(str(cfg.encoder.name)),
             "seed": int(cfg.seed), "folds": [int(f) for f in folds],
-            "fold_seeds": {str(k): v for k, v in (fold_seeds or {}).items()}}
+            "fold_seeds": {str(k): v for k, v in (fold_seeds or {}).items()},
+            "fold_code": fold_code, "folds_other_code": other}
 
 
 def missing_fields(record: Any) -> List[str]:
@@ -120,5 +173,5 @@ def missing_fields(record: Any) -> List[str]:
     return [k for k in REQUIRED if record.get(k) is None]
 
 
-__all__ = ["KEY_PACKAGES", "REQUIRED", "collect", "features_record", "git_state", "manifest_record",
-           "missing_fields", "package_versions"]
+__all__ = ["KEY_PACKAGES", "REQUIRED", "code_record", "collect", "encoder_record", "features_record", "git_state",
+           "manifest_record", "missing_fields", "package_versions"]

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Any, BinaryIO, Dict, List, Optional, Sequence, Union
+from typing import Any, BinaryIO, Callable, Dict, List, Optional, Sequence, Union
 
 import numpy as np
 
@@ -57,6 +57,7 @@ class _Aggregate:
     def __init__(self, labels: Sequence[str]):
         self.labels = list(labels)
         self.seconds = 0.0
+        self.classified_s = 0.0  # seconds of segments that carry class probabilities (a dimensional-only model: 0)
         self.prob = {k: 0.0 for k in self.labels}
         self.label_s = {k: 0.0 for k in self.labels}
         self.other: Dict[str, Dict[str, float]] = {}  # e.g. dimensions: key -> name -> weighted sum
@@ -64,7 +65,9 @@ class _Aggregate:
     def add(self, rec: Dict[str, Any]) -> None:
         d = rec["end"] - rec["start"]
         self.seconds += d
-        for k, v in rec["probabilities"].items():
+        if rec.get("probabilities"):
+            self.classified_s += d
+        for k, v in (rec.get("probabilities") or {}).items():
             self.prob[k] = self.prob.get(k, 0.0) + d * float(v)
         if rec.get("label") is not None:  # a dimensional-only model has no label
             self.label_s[rec["label"]] = self.label_s.get(rec["label"], 0.0) + d
@@ -78,9 +81,11 @@ class _Aggregate:
     def result(self, n: int) -> Dict[str, Any]:
         if not self.seconds:
             return {"num_segments": 0, "segment_s": 0.0, "distribution": {}, "dominant": None, "label_s": {}}
-        dist = {k: round(v / self.seconds, 6) for k, v in self.prob.items()}
+        # no class probabilities (a dimensional-only model): no distribution and no dominant class, rather
+        # than an all-zero distribution whose first class would be reported as dominant
+        dist = {k: round(v / self.seconds, 6) for k, v in self.prob.items()} if self.classified_s else {}
         out = {"num_segments": n, "segment_s": round(self.seconds, 3), "distribution": dist,
-               "dominant": max(dist, key=dist.get) if dist else None, "label_s": {k: round(v, 3) for k, v in self.label_s.items()}}
+               "dominant": max(dist, key=dist.get) if dist else None, "label_s": {k: round(v, 3) for k, v in self.label_s.items()} if self.classified_s else {}}
         for key, acc in self.other.items():
             out[key] = {name: round(v / self.seconds, 6) for name, v in acc.items()}
         return out
@@ -146,9 +151,12 @@ def segment_stream(predictor, stream: AudioStream, seg: Dict[str, Any], min_seco
 
 
 def segment_file(predictor, source: Union[str, Path, BinaryIO], seg: Dict[str, Any], *, min_seconds: float = 0.25,
-                 total: Optional[int] = None, what: Optional[str] = None, **limits) -> Dict[str, Any]:
-    """Open ``source`` (a path, or a file object of ``total`` bytes) and :func:`segment_stream` it.
-    ``limits``: ``max_channels``, ``min_sample_rate``, ``max_sample_rate`` (the ``serve`` header limits)."""
+                 total: Union[int, Callable[[], int], None] = None, what: Optional[str] = None, **limits
+                 ) -> Dict[str, Any]:
+    """Open ``source`` (a path, or a file object of ``total`` bytes, or of the length ``total()`` gives
+    once its first bytes were checked) and :func:`segment_stream` it. ``limits``: ``max_channels``,
+    ``min_sample_rate``, ``max_sample_rate`` (the ``serve`` header limits), ``max_seconds`` and
+    ``subtypes`` (:func:`serray.data.audio_stream.open_stream`)."""
     sr = int(predictor.features.get("sample_rate", 16000))
     stream = open_stream(source, sr, total=total, what=what, **limits)
     return segment_stream(predictor, stream, seg, min_seconds, name=what or str(source))

@@ -62,12 +62,33 @@ def resolve_uri(value: Optional[str], output_dir: str) -> str:
     if value is None or str(value) == "":
         return default_uri(output_dir)
     text = str(value)
+    if text.startswith("sqlite:///") and not os.path.isabs(text[len("sqlite:///"):].split("?", 1)[0]):
+        # MLflow's relative form (sqlite:///mlflow.db): relative to where the command runs, as a path is
+        return "sqlite:///" + os.path.abspath(os.path.expanduser(text[len("sqlite:///"):]))
     if "://" in text:
         return text
     if text.endswith(".db"):
         return "sqlite:///" + os.path.abspath(os.path.expanduser(text))
     raise ValueError(f"tracking.uri={text} must be a tracking server (http://host:5000), a database URI "
                      "(sqlite:///path/mlflow.db) or a path to a .db file (null: <output_dir>/mlflow.db)")
+
+
+def _credentials_to_environment(uri: str) -> str:
+    """A tracking server URI with ``user:password@`` -> the URI without them; the credentials go where
+    MLflow reads them (``MLFLOW_TRACKING_USERNAME`` / ``MLFLOW_TRACKING_PASSWORD`` of this process, and of
+    the Ray workers it starts), never into a pickled callback, a record or a message."""
+    text = str(uri)
+    if not text.startswith(("http://", "https://")):
+        return text
+    scheme, creds, location, query = storage.split_uri(text)
+    if creds is None:
+        return text
+    from urllib.parse import unquote
+
+    user, _, password = creds.partition(":")
+    os.environ["MLFLOW_TRACKING_USERNAME"] = unquote(user)
+    os.environ["MLFLOW_TRACKING_PASSWORD"] = unquote(password)
+    return f"{scheme}://{location}{'?' + query if query else ''}"
 
 
 def artifact_root(uri: str) -> Optional[str]:
@@ -130,6 +151,7 @@ class Tracker:
 
     def __init__(self, uri: str, experiment: str, enabled: bool = True, timeout_s: float = 5.0,
                  experiment_id: Optional[str] = None):
+        uri = _credentials_to_environment(uri)  # a server's user:password@ never reaches a pickle or a record
         self.uri, self.experiment, self.enabled, self.timeout_s = uri, experiment, enabled, timeout_s
         self.experiment_id = experiment_id
         self._client = None
@@ -180,8 +202,15 @@ class Tracker:
         import urllib.error
         import urllib.request
 
+        probe = urllib.request.Request(self.uri.rstrip("/") + "/health")
+        user, password = os.environ.get("MLFLOW_TRACKING_USERNAME"), os.environ.get("MLFLOW_TRACKING_PASSWORD")
+        if user is not None:  # MLflow's basic auth (a server started with --app-name basic-auth)
+            import base64
+
+            token = base64.b64encode(f"{user}:{password or ''}".encode()).decode()
+            probe.add_header("Authorization", f"Basic {token}")
         try:
-            urllib.request.urlopen(self.uri.rstrip("/") + "/health", timeout=self.timeout_s).close()
+            urllib.request.urlopen(probe, timeout=self.timeout_s).close()
         except urllib.error.HTTPError:
             pass  # it answered
         except (urllib.error.URLError, OSError) as e:
@@ -199,6 +228,8 @@ class Tracker:
                     self._probe()
                 from mlflow import MlflowClient
 
+                if self.uri.startswith("sqlite:///"):  # a new store's directory (MLflow says "unable to open")
+                    Path(self.uri[len("sqlite:///"):].split("?", 1)[0]).parent.mkdir(parents=True, exist_ok=True)
                 client = MlflowClient(tracking_uri=self.uri)
                 if self.experiment_id is None:
                     exp = client.get_experiment_by_name(self.experiment)
@@ -356,6 +387,9 @@ def _trial_callback(tracker: Tracker, parent, key_prefix, params_of, tags):
                 super().setup(*args, **kwargs)
             except Exception as e:
                 tracker.disable("the Tune MLflow callback", e)
+            # the base class sets these last: a failed setup must not leave the sweep's callbacks without them
+            self.tags = self.tags if getattr(self, "tags", None) is not None else {}
+            self._trial_runs = getattr(self, "_trial_runs", None) or {}
 
         def log_trial_start(self, trial):
             if not tracker.enabled or trial in self._trial_runs:

@@ -144,3 +144,75 @@ def test_no_secret_reaches_a_message_a_saved_config_or_a_log_line(secret, tmp_pa
     storage.RedactingFilter().filter(record)
     for shown in (storage.redact(uri), storage.describe(uri), to_yaml(cfg), record.getMessage()):
         assert "KEYID9" not in shown and secret not in shown, shown
+
+
+# ---------------------------------------------------------------------------- POST /segments
+
+
+def _silence_flac(seconds: float, rate: int = 8000) -> bytes:
+    """A FLAC of digital silence written block by block (tens of bytes a second: the work it asks is
+    not its size)."""
+    buf = io.BytesIO()
+    with sf.SoundFile(buf, "w", rate, 1, format="FLAC", subtype="PCM_16") as f:
+        block = np.zeros(rate * 60, np.int16)
+        for _ in range(int(seconds // 60)):
+            f.write(block)
+    return buf.getvalue()
+
+
+def _segments(body: bytes, length: bool = True, **settings):
+    """(status, answer) of POST /segments for ``body`` sent in 64 kB chunks, no server."""
+    import asyncio
+    from concurrent.futures import ThreadPoolExecutor
+    from types import SimpleNamespace
+
+    from serray.segment import settings_of
+    from serray.serve.demo import LevelModel
+    from serray.serve.parsing import RequestError
+    from serray.serve.segments import segments_answer
+
+    s = {"segments_max_body_mb": 4.0, "segments_body_timeout_s": 30.0, "segments_max_seconds": 60.0,
+         "min_seconds": 0.25, "max_channels": 8, "min_sample_rate": 4000, "max_sample_rate": 192000, **settings}
+
+    class Body:
+        headers = {"content-type": "audio/wav", **({"content-length": str(len(body))} if length else {})}
+
+        async def stream(self):
+            for i in range(0, len(body), 65536):
+                yield body[i:i + 65536]
+
+    svc = SimpleNamespace(predictor=LevelModel(), settings=s)
+    pool = ThreadPoolExecutor(1)
+
+    async def go():
+        loop = asyncio.get_running_loop()
+        return await segments_answer(Body(), svc, settings_of(load_config(None, ["segment.vad=energy"])), s,
+                                     lambda fn: loop.run_in_executor(pool, fn))
+
+    try:
+        return asyncio.run(go())
+    except RequestError as e:
+        return e.status, e.message
+    finally:
+        pool.shutdown()
+
+
+SEGMENTS = [  # name, body, with Content-Length, status, words
+    ("20 min of FLAC silence in a few kB", _silence_flac(1200), True, 413, "serve.segments_max_seconds"),
+    ("the same, chunked", _silence_flac(1200), False, 413, "serve.segments_max_seconds"),
+    ("streamed WAV, length unknown, past the cap", _streamed()[:44] + bytes(2 * 16000 * 70), False, 413,
+     "serve.segments_max_seconds"),
+    ("GSM 6.10 inside a WAV", _encoded("WAV", "GSM610", rate=8000), True, 400, "unsupported sample encoding GSM610"),
+    ("IMA ADPCM inside a WAV", _encoded("WAV", "IMA_ADPCM"), True, 400, "unsupported sample encoding IMA_ADPCM"),
+    ("chunked garbage", b"hello " * 300000, False, 400, "unsupported audio format: unknown"),
+    ("chunked Ogg", _encoded("OGG", "VORBIS", seconds=30.0), False, 400, "unsupported audio format: Ogg"),
+]
+
+
+@pytest.mark.parametrize("name, body, length, status, words", SEGMENTS, ids=[r[0] for r in SEGMENTS])
+def test_segments_route_bounds_the_work_of_a_crafted_upload(name, body, length, status, words):
+    """Each answered by its limit within seconds and a few MB, whatever the body claims or holds."""
+    out, err = _bounded(lambda: _segments(body, length), seconds=20.0, mb=64.0)
+    assert err is None, err
+    got, message = out
+    assert got == status and words in message, (got, message)

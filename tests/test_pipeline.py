@@ -279,6 +279,10 @@ def test_metrics_and_registry_entry_record_provenance(pipeline):
         assert "commit" in prov["git"] and "dirty" in prov["git"]
         assert len(prov["manifest"]["sha256"]) == 64 and prov["manifest"]["rows"] == len(pd.read_parquet(run / "manifest.parquet"))
         assert prov["features"]["identity"]["encoder"] == "egemaps" and len(prov["features"]["sha256"]) == 64
+        assert prov["encoder"] == {"name": "egemaps", "revision": None, "weights_sha256": None}
+        # the second run reused both folds: each keeps the code that trained it (here the same)
+        assert set(prov["fold_code"]) == {"1", "2"} and prov["folds_other_code"] == []
+        assert all(c["git"] == prov["git"] for c in prov["fold_code"].values())
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,7 @@ from serray.data.audio import resample
 from serray.data.audio_stream import StreamResampler, open_stream
 from serray.data.vad import EnergyVAD, Segmenter, build_vad
 from serray.errors import AudioError
-from serray.segment import segment_file, segment_stream, settings_of
+from serray.segment import format_table, segment_file, segment_stream, settings_of
 from serray.serve.demo import LevelModel as LoudnessModel, synthetic_recording
 
 #: Largest |found - true| boundary accepted, seconds.
@@ -267,3 +267,38 @@ def test_a_blip_too_short_to_keep_leaves_nothing_behind():
     pieces += s.finish()
     assert [(a, b) for a, b, _ in pieces] == [(252 * frame - 1600, 312 * frame + 1600)]
     assert s.max_kept < 100 * frame
+
+
+def test_a_dimensional_only_model_reports_no_dominant_class(clips, tmp_path):
+    """A model that rates dimensions and predicts no class: the aggregate averages the ratings and says
+    no class (before: an all-zero distribution with ``dominant: "neu"``)."""
+
+    class RatingsOnly(LoudnessModel):
+        def predict_records(self, wavs):
+            return [{"label": None, "probabilities": {},
+                     "dimensions": {"arousal": float(10 * np.log10(np.mean(np.square(w)) + 1e-12)), "valence": 3.0}}
+                    for w in wavs]
+
+    rec, spans = synthetic_recording(clips[:3], gap_s=1.0, noise_db=-60.0)
+    path = tmp_path / "rec.wav"
+    sf.write(path, rec, 16000)
+    res = segment_file(RatingsOnly(), path, _seg(vad="energy"), min_seconds=0.25)
+    agg = res["aggregate"]
+    assert agg["num_segments"] == len(res["segments"]) == 3
+    assert agg["dominant"] is None and agg["distribution"] == {} and agg["label_s"] == {}
+    assert agg["dimensions"]["valence"] == pytest.approx(3.0)
+    assert "dominant: None" in format_table(res)
+
+
+def test_a_detector_that_cannot_close_a_region_is_refused_at_load():
+    """The segmenter holds two windows of an open region: min_speech_s + min_silence_s beyond 2 x window_s
+    made it emit windows of the silence after a region (classified as speech). Refused, naming the keys."""
+    from serray.config import load_config
+    from serray.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"segment.min_speech_s \+ segment.min_silence_s \(2.5\) must be <= "
+                                          r"2 x segment.window_s \(2\)"):
+        load_config(None, ["segment.window_s=1.0", "segment.hop_s=0.5", "segment.min_speech_s=0.5",
+                           "segment.min_silence_s=2.0"])
+    load_config(None, ["segment.window_s=1.0", "segment.hop_s=0.5", "segment.min_speech_s=0.5",
+                       "segment.min_silence_s=1.5"])

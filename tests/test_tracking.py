@@ -117,3 +117,77 @@ def test_curves_are_a_grid_a_person_reads_at_a_glance(tmp_path):
     height, width = mpimg.imread(path).shape[:2]
     assert grid_shape(10) == (3, 4) and grid_shape(1) == (1, 1) and grid_shape(4) == (1, 4)
     assert width <= 1500 and height >= 800, (width, height)
+
+
+def test_a_relative_sqlite_uri_is_a_store_where_the_command_runs(tmp_path, monkeypatch):
+    """MLflow's own relative form ``sqlite:///runs/x/mlflow.db``: a store under the working directory
+    (its directory made), not tracking turned off with an "unable to open database file"."""
+    monkeypatch.chdir(tmp_path)
+    uri = resolve_uri("sqlite:///runs/x/mlflow.db", "ignored")
+    assert uri == "sqlite:///" + str(tmp_path / "runs" / "x" / "mlflow.db")
+    tracker = Tracker(uri, "serray-test")
+    assert tracker.client() is not None and tracker.enabled
+    assert (tmp_path / "runs" / "x" / "mlflow.db").is_file()
+
+
+def test_a_server_uri_with_credentials_probes_with_them_and_pickles_without(monkeypatch):
+    """``http://user:secret@host`` : the probe sends MLflow's basic auth (before, urllib failed on the
+    URI and tracking went off without a word about why), and the tracker, pickled into tuner.pkl with
+    the Tune callback, holds no credential."""
+    import base64
+    import pickle
+    import threading
+    from http.server import BaseHTTPRequestHandler, HTTPServer
+
+    for key in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):
+        monkeypatch.delenv(key, raising=False)
+    seen = []
+
+    class Health(BaseHTTPRequestHandler):
+        def do_GET(self):
+            seen.append((self.path, self.headers.get("Authorization")))
+            self.send_response(200)
+            self.end_headers()
+            self.wfile.write(b"OK")
+
+        def log_message(self, *args):
+            pass
+
+    server = HTTPServer(("127.0.0.1", 0), Health)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        port = server.server_address[1]
+        tracker = Tracker(f"http://alice:s3cr%40t@127.0.0.1:{port}", "serray-test", timeout_s=5.0)
+        tracker._probe()
+    finally:
+        server.shutdown()
+    assert tracker.uri == f"http://127.0.0.1:{port}"
+    assert seen == [("/health", "Basic " + base64.b64encode(b"alice:s3cr@t").decode())]
+    blob = pickle.dumps(tracker)
+    assert b"s3cr" not in blob and b"alice" not in blob
+
+
+def test_a_failing_tune_callback_setup_leaves_the_sweep_running(tmp_path, monkeypatch):
+    """Ray's MLflowLoggerCallback.setup sets its trial table last: when setup fails (a store that
+    refuses), the sweep's next callback calls must not raise AttributeError (they crashed the sweep)."""
+    from ray.air.integrations.mlflow import MLflowLoggerCallback
+
+    from serray.tracking import _trial_callback
+
+    tracker = Tracker("sqlite:///" + str(tmp_path / "mlflow.db"), "serray-test")
+    assert tracker.client() is not None
+    cb = _trial_callback(tracker, None, "trial/x", lambda config: dict(config), {})
+
+    def refuse(self, *args, **kwargs):
+        raise RuntimeError("the store refused")
+
+    monkeypatch.setattr(MLflowLoggerCallback, "setup", refuse)
+    cb.setup()
+    assert not tracker.enabled
+    class Trial:  # hashable, as Tune's trials are
+        trial_id, config = "t1", {"a": 1}
+
+    trial = Trial()
+    cb.log_trial_start(trial)
+    cb.log_trial_result(1, trial, {"training_iteration": 1, "val_ua": 0.5})
+    cb.log_trial_end(trial)

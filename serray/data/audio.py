@@ -16,7 +16,7 @@ import math
 import struct
 from fractions import Fraction
 from pathlib import Path
-from typing import Optional, Tuple, Union
+from typing import Optional, Sequence, Tuple, Union
 
 import numpy as np
 import soundfile as sf
@@ -167,6 +167,24 @@ _UNKNOWN_LENGTH = (1 << 63) - 1  # libsndfile's frame count when the header does
 _TINY = np.finfo(np.float32).tiny  # the smallest normal float32: below it, a sample is flushed to zero
 
 
+#: Sample encodings served (``serve``: ``POST /predict``, ``POST /segments``): linear PCM and float, and
+#: G.711 (u-law / A-law: a per-sample table, as cheap as PCM; telephone recordings use it). Codecs inside
+#: a WAV (GSM 6.10, IMA / MS ADPCM, G.721 / G.723, ...) are refused: their decoders are not what a
+#: server should run on a stranger's bytes, and none of them is a format speech corpora ship.
+SERVED_SUBTYPES = ("PCM_S8", "PCM_U8", "PCM_16", "PCM_24", "PCM_32", "FLOAT", "DOUBLE", "ULAW", "ALAW")
+
+
+class AudioTooLong(AudioError):
+    """Audio longer than a caller's limit (the server answers it with 413, not 400)."""
+
+
+def check_subtype(subtype: str, allowed: Optional[Sequence[str]]) -> None:
+    """Refuse a sample encoding outside ``allowed`` (None: any that libsndfile decodes)."""
+    if allowed is not None and subtype not in allowed:
+        raise AudioError(f"unsupported sample encoding {subtype}: accepted are linear PCM, float and G.711 "
+                         f"({', '.join(allowed)})")
+
+
 def _check_header(sr: int, channels: int, frames: int, max_seconds: Optional[float], max_channels: int,
                   min_sample_rate: int, max_sample_rate: int) -> None:
     """Refuse by the header alone: rate, channel count, declared length (nothing decoded yet)."""
@@ -309,7 +327,8 @@ def audio_header(source: AudioSource) -> Tuple[int, int, int]:
 
 def load_audio(source: AudioSource, target_sr: int = 16000, min_seconds: float = 0.0,
                max_seconds: float | None = None, *, max_channels: int = MAX_CHANNELS,
-               min_sample_rate: int = MIN_SAMPLE_RATE, max_sample_rate: int = MAX_SAMPLE_RATE) -> np.ndarray:
+               min_sample_rate: int = MIN_SAMPLE_RATE, max_sample_rate: int = MAX_SAMPLE_RATE,
+               subtypes: Optional[Sequence[str]] = None) -> np.ndarray:
     """Read audio, mix down to mono, resample to ``target_sr`` and check it.
 
     Work is bounded before decoding: the header's sample rate, channel count and declared length
@@ -322,6 +341,7 @@ def load_audio(source: AudioSource, target_sr: int = 16000, min_seconds: float =
         min_seconds: shorter audio is an error.
         max_seconds: longer audio is an error (None: no limit; decoding still follows the real data).
         max_channels, min_sample_rate, max_sample_rate: header limits.
+        subtypes: sample encodings accepted (None: any; the server passes :data:`SERVED_SUBTYPES`).
 
     Returns:
         float32 mono waveform in [-1, 1]-ish range.
@@ -335,6 +355,7 @@ def load_audio(source: AudioSource, target_sr: int = 16000, min_seconds: float =
         with f:
             sr, channels = int(f.samplerate), int(f.channels)
             _check_header(sr, channels, int(f.frames), max_seconds, max_channels, min_sample_rate, max_sample_rate)
+            check_subtype(str(f.subtype), subtypes)
             max_frames = None if max_seconds is None else int(math.floor(max_seconds * sr))
             mono = _read_mono(f, what, max_frames)
         n = len(mono)

@@ -14,14 +14,14 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import BinaryIO, Iterator, Optional, Union
+from typing import BinaryIO, Callable, Iterator, Optional, Sequence, Union
 
 import numpy as np
 import soundfile as sf
 
 from serray.data.audio import (ALLOWED_FORMATS, MAX_CHANNELS, MAX_SAMPLE_RATE, MAX_SINC_KERNEL_TAPS, MIN_SAMPLE_RATE,
-                               _Patched, _check_header,
-                               _open, _sinc_kernel_taps, check_container, checked_mono, polyphase_ratio, read_block, resample)
+                               AudioTooLong, _UNKNOWN_LENGTH, _Patched, _check_header, check_subtype,
+                               _open, _sinc_kernel_taps, check_container, checked_mono, sniff_format, polyphase_ratio, read_block, resample)
 from serray.errors import AudioError
 
 #: Seconds of audio decoded per block (at the file's own rate): 2 s of 48 kHz stereo float32 is 0.8 MB.
@@ -95,10 +95,11 @@ class AudioStream:
     """An open recording: ``sample_rate``, ``channels``, ``frames`` (the header's count) and
     :meth:`blocks`. Use as a context manager (closes the decoder)."""
 
-    def __init__(self, f: sf.SoundFile, what: str, target_sr: int):
+    def __init__(self, f: sf.SoundFile, what: str, target_sr: int, max_seconds: Optional[float] = None):
         self.f, self.what, self.target_sr = f, what, int(target_sr)
         self.sample_rate, self.channels, self.frames = int(f.samplerate), int(f.channels), int(f.frames)
         self.decoded = 0  # frames decoded so far (at the file's rate)
+        self.max_seconds = max_seconds  # more decoded audio is an AudioTooLong, whatever the header said
 
     def __enter__(self) -> "AudioStream":
         return self
@@ -118,6 +119,9 @@ class AudioStream:
             if len(block) == 0:
                 break
             self.decoded += len(block)
+            if self.max_seconds is not None and self.decoded > self.max_seconds * self.sample_rate:
+                raise AudioTooLong(f"audio too long: more than {self.max_seconds:g} s decoded "
+                                   f"(maximum {self.max_seconds:g} s)")
             out = rs.push(checked_mono(block))
             if len(out):
                 yield out
@@ -128,13 +132,19 @@ class AudioStream:
             yield tail
 
 
-def open_stream(source: Union[str, Path, BinaryIO], target_sr: int, *, total: Optional[int] = None,
+def open_stream(source: Union[str, Path, BinaryIO], target_sr: int, *,
+                total: Union[int, Callable[[], int], None] = None,
                 what: Optional[str] = None, max_channels: int = MAX_CHANNELS, min_sample_rate: int = MIN_SAMPLE_RATE,
-                max_sample_rate: int = MAX_SAMPLE_RATE) -> AudioStream:
+                max_sample_rate: int = MAX_SAMPLE_RATE, max_seconds: Optional[float] = None,
+                subtypes: Optional[Sequence[str]] = None) -> AudioStream:
     """Open a recording for block-wise decoding (raises AudioError naming the problem).
 
     ``source``: a path (checked as ``load_audio`` checks it), or a readable, seekable file object whose
-    length is ``total`` bytes (e.g. an upload being spooled: reads wait for the bytes to arrive).
+    length is ``total`` bytes (e.g. an upload being spooled: reads wait for the bytes to arrive), or a
+    callable giving that length (called after the container check, so an unknown length waits for
+    the body only once its first bytes were found to be WAV / FLAC).
+    ``max_seconds``: longer audio is an :class:`AudioTooLong`, from the header's length before a sample
+    is decoded, else as soon as the decoded audio exceeds it. ``subtypes``: sample encodings accepted.
     """
     if isinstance(source, (str, Path)):
         f, name = _open(source)
@@ -148,6 +158,12 @@ def open_stream(source: Union[str, Path, BinaryIO], target_sr: int, *, total: Op
             head += got
         if not head:
             raise AudioError(f"empty audio: {name} has no bytes")
+        sniffed = sniff_format(bytes(head))
+        if sniffed not in ALLOWED_FORMATS:  # refused from its first bytes, before its length is known
+            raise AudioError(f"cannot decode {name}: unsupported audio format: {sniffed} "
+                             f"(accepted: {', '.join(ALLOWED_FORMATS)})")
+        if callable(total):
+            total = total()
         try:
             _, patch = check_container(bytes(head), total if total is not None else len(head))
         except AudioError as e:
@@ -161,7 +177,11 @@ def open_stream(source: Union[str, Path, BinaryIO], target_sr: int, *, total: Op
     try:
         _check_header(int(f.samplerate), int(f.channels), int(f.frames), None, max_channels, min_sample_rate,
                       max_sample_rate)
+        check_subtype(str(f.subtype), subtypes)
+        if max_seconds is not None and int(f.frames) != _UNKNOWN_LENGTH and int(f.frames) > max_seconds * int(f.samplerate):
+            raise AudioTooLong(f"audio too long: its header declares {int(f.frames) / int(f.samplerate):.1f} s "
+                               f"> maximum {max_seconds:g} s")
     except AudioError:
         f.close()
         raise
-    return AudioStream(f, name, target_sr)
+    return AudioStream(f, name, target_sr, max_seconds)

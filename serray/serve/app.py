@@ -107,6 +107,11 @@ class SERDeployment:
         # POST /segments: one long recording at a time per replica (decode + VAD + its segments' forwards)
         self._segments_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="serray-segments")
         self.segment_settings = dict(settings.get("segment") or {})
+        from serray.serve.segments import SegmentJobs
+
+        # /predict keeps at least one of the replica's max_ongoing_requests slots
+        ongoing = int(settings.get("max_ongoing_requests") or 32)
+        self.segment_jobs = SegmentJobs(max(1, min(int(settings.get("segments_max_ongoing") or 2), ongoing - 1)))
         log.info("serving model %s (%s), labels %s, batching=%s", self.service.version, checkpoint,
                  self.service.predictor.labels, self.batching)
 
@@ -114,6 +119,9 @@ class SERDeployment:
         """Serve's periodic health check: raising marks the replica unhealthy (it gets replaced)."""
         if getattr(self, "service", None) is None:
             raise RuntimeError("serray replica has no usable model")
+        idle = self.segment_jobs.stalled()
+        if idle is not None:  # a segmentation job that neither receives nor decodes: the replica is replaced
+            raise RuntimeError(f"the POST /segments job has made no progress for {idle:.0f} s")
 
     async def _run(self, pool: ThreadPoolExecutor, fn, *args):
         return await asyncio.get_running_loop().run_in_executor(pool, fn, *args)
@@ -161,7 +169,7 @@ class SERDeployment:
         svc.count_request()
         try:
             status, answer = await segments_answer(request, svc, self.segment_settings, svc.settings,
-                                                   lambda fn: self._run(self._segments_pool, fn))
+                                                   lambda fn: self._run(self._segments_pool, fn), self.segment_jobs)
         except RequestError as e:
             status, answer = e.status, e.message
         except Exception as e:  # a bug or a broken model: say so, keep serving

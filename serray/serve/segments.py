@@ -12,7 +12,15 @@ Rules as ``POST /predict`` (:mod:`serray.serve.parsing`), with this route's own 
 the streamed bytes exceed it), a body not received within ``serve.segments_body_timeout_s`` a 408, other
 content types a 415 (a form upload too: send the recording as the raw body), and the container allowlist,
 the header limits and the sample checks of every decode apply (400), found as soon as the bytes that
-show them arrive: an Ogg file is refused after its first chunk, without reading the rest.
+show them arrive: an Ogg file is refused after its first chunk, without reading the rest (with or without
+a Content-Length). Work is bounded too: more than ``serve.segments_max_seconds`` of decoded audio is a
+413 (from the header, else while decoding), only PCM / float / G.711 samples are decoded, and at most
+``serve.segments_max_ongoing`` requests are admitted per replica (:class:`SegmentJobs`; 503 beyond).
+
+However a request ends -- its answer, a client error, Serve cancelling the handler (its
+``request_timeout_s``, a client that went away), a spooling error -- the decoding thread is woken
+(its reads end), and the spooled file and the admission slot are released once both the handler and
+the thread are done with them; the replica's health check fails on a job that makes no progress.
 """
 
 from __future__ import annotations
@@ -22,8 +30,10 @@ import io
 import os
 import tempfile
 import threading
+import time
 from typing import Any, Callable, Dict, Optional, Tuple
 
+from serray.data.audio import SERVED_SUBTYPES, AudioTooLong
 from serray.errors import AudioError
 from serray.serve.parsing import MULTIPART, AUDIO_TYPES, RequestError, check_content_type, declared_length, iter_body
 
@@ -47,6 +57,10 @@ class GrowingFile(io.RawIOBase):
         self._done = False
         self._error: Optional[BaseException] = None
         self._cond = threading.Condition()
+        self.progress = time.monotonic()  # last byte received or read (SegmentJobs.stalled)
+
+    def touch(self) -> None:
+        self.progress = time.monotonic()
 
     # ------------------------------------------------------------------ the writer (the event loop)
 
@@ -54,6 +68,7 @@ class GrowingFile(io.RawIOBase):
         os.pwrite(self._fd, chunk, self.size)
         with self._cond:
             self.size += len(chunk)
+            self.progress = time.monotonic()
             self._cond.notify_all()
 
     def finish(self) -> None:
@@ -99,6 +114,7 @@ class GrowingFile(io.RawIOBase):
         data = os.pread(self._fd, n, self._pos)
         b[:len(data)] = data
         self._pos += len(data)
+        self.progress = time.monotonic()
         return len(data)
 
     def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
@@ -110,21 +126,67 @@ class GrowingFile(io.RawIOBase):
         return self._pos
 
     def close(self) -> None:
+        """Wake a waiting reader (its reads end) and remove the file; call once the reader is done."""
+        if not self._done:
+            self.fail(RuntimeError("the request ended"))
         if not self.closed:
             self._tmp.close()
         super().close()
 
 
+class SegmentJobs:
+    """A replica's ``POST /segments`` work: admission and the job in the segmentation thread.
+
+    At most ``limit`` requests are admitted at once (receiving, waiting for the thread or decoding;
+    ``serve.segments_max_ongoing``); one more is answered 503 at once, so long uploads never take the
+    request slots ``POST /predict`` needs. A slot is released when the request's decoding job has ended,
+    not when its handler returns (a cancelled request's job still holds the thread until it stops).
+    :meth:`stalled` tells the replica's health check that the running job has made no progress (no body
+    byte received, none decoded) for ``stall_s`` seconds.
+    """
+
+    def __init__(self, limit: int, stall_s: float = 120.0):
+        self.limit, self.stall_s = int(limit), float(stall_s)
+        self.active = 0
+        self.running: Optional[GrowingFile] = None  # the body the segmentation thread works on
+        self._lock = threading.Lock()
+
+    def admit(self) -> None:
+        with self._lock:
+            if self.active >= self.limit:
+                raise RequestError(503, f"{self.active} recordings are already being received or segmented on "
+                                        f"this replica (serve.segments_max_ongoing={self.limit}): retry later")
+            self.active += 1
+
+    def release(self) -> None:
+        with self._lock:
+            self.active -= 1
+
+    def stalled(self) -> Optional[float]:
+        """Seconds without progress of the running job when over ``stall_s``, else None."""
+        body = self.running
+        if body is None:
+            return None
+        idle = time.monotonic() - body.progress
+        return idle if idle > self.stall_s else None
+
+
 async def segments_answer(request, svc, seg: Dict[str, Any], settings: Dict[str, Any],
-                          run: Callable[..., "asyncio.Future"]) -> Tuple[int, Any]:
+                          run: Callable[..., "asyncio.Future"], jobs: Optional[SegmentJobs] = None
+                          ) -> Tuple[int, Any]:
     """``(status, answer)`` of one ``POST /segments``: the result dict with 200, else an error message.
 
     ``svc``: the replica's :class:`~serray.serve.service.SERService`; ``run(fn, *args)``: runs ``fn`` in
-    the replica's segmentation thread and returns an awaitable.
+    the replica's segmentation thread and returns an awaitable; ``jobs``: the replica's admission (None:
+    no limit). However the handler ends (an answer, a client error, Serve's request timeout or a client
+    that went away cancelling it, a spooling error), the decoding thread is released and the spooled
+    file removed.
     """
     from serray.segment import segment_file
 
+    jobs = jobs or SegmentJobs(1 << 30)
     max_bytes = int(float(settings["segments_max_body_mb"]) * 2**20)
+    max_seconds = settings.get("segments_max_seconds")
     kind, _ = check_content_type(request.headers.get("content-type"))
     if kind == MULTIPART:
         raise RequestError(415, "POST /segments takes the recording as the raw request body (Content-Type "
@@ -132,15 +194,48 @@ async def segments_answer(request, svc, seg: Dict[str, Any], settings: Dict[str,
                                 "'Content-Type: audio/wav' .../segments), not as a form upload, so it can be "
                                 "decoded while it arrives")
     declared = declared_length(request, max_bytes, SIZE_KEY)
-    body = GrowingFile(declared)
+    jobs.admit()
+    try:
+        body = GrowingFile(declared)
+    except OSError as e:  # no room for a spool file
+        jobs.release()
+        raise RequestError(507, f"the replica cannot store the request body: {e.strerror or e}") from None
 
     def work():
         s = svc.settings
-        return segment_file(svc.predictor, body, seg, min_seconds=float(s["min_seconds"]), total=body.length(),
-                            what="the request body", max_channels=int(s["max_channels"]),
-                            min_sample_rate=int(s["min_sample_rate"]), max_sample_rate=int(s["max_sample_rate"]))
+        jobs.running = body
+        body.touch()
+        try:
+            return segment_file(svc.predictor, body, seg, min_seconds=float(s["min_seconds"]), total=body.length,
+                                what="the request body", max_channels=int(s["max_channels"]),
+                                min_sample_rate=int(s["min_sample_rate"]), max_sample_rate=int(s["max_sample_rate"]),
+                                max_seconds=None if max_seconds is None else float(max_seconds),
+                                subtypes=SERVED_SUBTYPES)
+        finally:
+            jobs.running = None
 
-    task = asyncio.ensure_future(run(work))
+    owners = [2]  # the handler and the decoding job: the file and the slot go when both are done with them
+
+    def drop() -> None:
+        owners[0] -= 1
+        if owners[0] == 0:
+            body.close()
+            jobs.release()
+
+    try:
+        task = asyncio.ensure_future(run(work))
+    except BaseException:
+        body.close()
+        jobs.release()
+        raise
+
+    def ended(t: "asyncio.Future") -> None:
+        if not t.cancelled():
+            t.exception()  # retrieved: a failed job whose request already has its answer is not logged
+        drop()
+
+    task.add_done_callback(ended)
+    nxt: Optional["asyncio.Future"] = None
     try:
         try:
             chunks = iter_body(request, max_bytes, float(settings["segments_body_timeout_s"]), SIZE_KEY, TIME_KEY)
@@ -148,26 +243,35 @@ async def segments_answer(request, svc, seg: Dict[str, Any], settings: Dict[str,
                 nxt = asyncio.ensure_future(chunks.__anext__())
                 await asyncio.wait({nxt, task}, return_when=asyncio.FIRST_COMPLETED)
                 if not nxt.done():
-                    nxt.cancel()
                     break
                 try:
-                    body.append(nxt.result())
+                    chunk = nxt.result()
                 except StopAsyncIteration:
                     break
+                if task.done():  # answered already (e.g. not WAV / FLAC): the rest is not needed
+                    break
+                body.append(chunk)
             if declared is not None and body.size < declared and not task.done():
                 raise RequestError(400, f"the body ended after {body.size} of the {declared} bytes its "
                                         "Content-Length announced")
             body.finish()
         except RequestError as e:
-            body.fail(e)
-            try:
-                await task
-            except Exception:  # the decoder stopped because the body failed: the body's error is the answer
-                pass
+            body.fail(e)  # the decoder stops at once: the body's error is the answer
             raise
+        except OSError as e:  # spooling failed (a full disk, a spool directory gone)
+            body.fail(e)
+            raise RequestError(507, f"the replica cannot store the request body: {e.strerror or e}") from None
+        except BaseException as e:  # cancelled (Serve's request_timeout_s, a client gone) or a bug: release the reader
+            body.fail(e if isinstance(e, Exception) else RuntimeError("the request was cancelled"))
+            raise
+        finally:
+            if nxt is not None and not nxt.done():
+                nxt.cancel()
         try:
             return 200, await task
+        except AudioTooLong as e:
+            return 413, f"{e} (serve.segments_max_seconds)"
         except AudioError as e:
             return 400, str(e)
     finally:
-        body.close()
+        drop()

@@ -19,7 +19,7 @@ from typing import Any, Dict, List, Optional, Sequence
 import numpy as np
 
 from serray import storage
-from serray.data.audio import MAX_CHANNELS, MAX_SAMPLE_RATE, MIN_SAMPLE_RATE, load_audio
+from serray.data.audio import MAX_CHANNELS, MAX_SAMPLE_RATE, MIN_SAMPLE_RATE, SERVED_SUBTYPES, load_audio
 from serray.errors import AudioError
 from serray.serve.parsing import AUDIO_TYPES, MULTIPART
 
@@ -97,7 +97,7 @@ class SERService:
         s = self.settings
         try:
             return load_audio(audio, self.sample_rate, float(s["min_seconds"]), float(s["max_seconds"]),
-                              max_channels=int(s.get("max_channels", MAX_CHANNELS)),
+                              subtypes=SERVED_SUBTYPES, max_channels=int(s.get("max_channels", MAX_CHANNELS)),
                               min_sample_rate=int(s.get("min_sample_rate", MIN_SAMPLE_RATE)),
                               max_sample_rate=int(s.get("max_sample_rate", MAX_SAMPLE_RATE)))
         except AudioError as e:  # libsndfile names the buffer object; the client knows it as its upload
@@ -219,6 +219,9 @@ class SERService:
                         "content_types": [*AUDIO_TYPES, MULTIPART],
                         "device": str(self.predictor.device),
                         "segments_max_body_mb": s.get("segments_max_body_mb"),  # POST /segments
+                        "segments_max_seconds": s.get("segments_max_seconds"),
+                        "segments_max_ongoing": s.get("segments_max_ongoing"),
+                        "segments_body_timeout_s": s.get("segments_body_timeout_s"),
                         "segment": s.get("segment")},
             "stats": self.stats(),
         }, path_keys))

@@ -355,6 +355,7 @@ def _test_fold(cfg, fold: int, fold_dir: Path, model_dir: Path, split, selection
         m = classification_metrics([LABEL_INDEX[l] for l in preds["label"]], [LABEL_INDEX[l] for l in preds["pred"]])
     result = {**{k: v for k, v in selection.items() if k != "history"}, **m, "n_test": int(len(preds)),
               "classes_in_test": sorted(set(preds["label"])), "test_evaluations": test_evaluations,
+              "code": provenance.code_record(),  # a later run that reuses this fold still names this code
               "history": selection.get("history", [])}
     storage.write_text(fold_dir / FOLD_RESULT, json.dumps(result, indent=2))
     return result
@@ -555,12 +556,12 @@ def write_loso(cfg, folds: List[Dict[str, Any]], out_dir: str, extra: Optional[D
                 folds, out, {"mode": cfg.finetune.mode, "task": _task(cfg), "encoder": cfg.encoder.name,
                              "protocol": protocol(cfg), "config_hash": config_hash or finetune_hash(cfg),
                              "title": title, **where, "folds_tested": tested,
-                             **(extra or {}), "provenance": provenance.collect(cfg, tested, seeds)},
+                             **(extra or {}), "provenance": provenance.collect(cfg, tested, seeds, folds)},
                 list(cfg.finetune.dimensions), _task(cfg) == "multitask", folds_dir=storage.absolute(out_dir))
         return write_results(folds, out, {"mode": cfg.finetune.mode, "encoder": cfg.encoder.name,
                                           "protocol": protocol(cfg), "config_hash": config_hash or finetune_hash(cfg),
                                           "title": title, **where, "folds_tested": tested,
-                                          **(extra or {}), "provenance": provenance.collect(cfg, tested, seeds)},
+                                          **(extra or {}), "provenance": provenance.collect(cfg, tested, seeds, folds)},
                              folds_dir=storage.absolute(out_dir))
 
 

@@ -8,6 +8,7 @@ route over real HTTP is in tests/serve/test_serve.py.
 from __future__ import annotations
 
 import asyncio
+import time
 from concurrent.futures import ThreadPoolExecutor
 from types import SimpleNamespace
 
@@ -18,7 +19,7 @@ from serray.config import load_config
 from serray.segment import segment_file, settings_of
 from serray.serve.demo import LevelModel, encode_audio, synthetic_recording
 from serray.serve.parsing import RequestError
-from serray.serve.segments import GrowingFile, segments_answer
+from serray.serve.segments import GrowingFile, SegmentJobs, segments_answer
 
 CHUNK = 65536
 
@@ -45,14 +46,15 @@ SETTINGS = {"segments_max_body_mb": 2.0, "segments_body_timeout_s": 30.0, "min_s
             "min_sample_rate": 4000, "max_sample_rate": 192000}
 
 
-def answer(request):
-    svc = SimpleNamespace(predictor=LevelModel(-25.0, -25.0), settings=SETTINGS)
+def answer(request, settings=None):
+    settings = {**SETTINGS, **(settings or {})}
+    svc = SimpleNamespace(predictor=LevelModel(-25.0, -25.0), settings=settings)
     seg = settings_of(load_config(None, ["segment.vad=energy"]))
     pool = ThreadPoolExecutor(1)
 
     async def go():
         loop = asyncio.get_running_loop()
-        return await segments_answer(request, svc, seg, SETTINGS, lambda fn: loop.run_in_executor(pool, fn))
+        return await segments_answer(request, svc, seg, settings, lambda fn: loop.run_in_executor(pool, fn))
 
     try:
         return asyncio.run(go())
@@ -60,6 +62,41 @@ def answer(request):
         return e.status, e.message
     finally:
         pool.shutdown()
+
+
+class Replica:
+    """What a Serve replica holds for the route: one segmentation thread and its admission, shared by
+    every request answered in :meth:`run` (one event loop, as in a replica)."""
+
+    def __init__(self, limit: int = 2, settings=None):
+        self.settings = {**SETTINGS, **(settings or {})}
+        self.svc = SimpleNamespace(predictor=LevelModel(-25.0, -25.0), settings=self.settings)
+        self.seg = settings_of(load_config(None, ["segment.vad=energy"]))
+        self.pool = ThreadPoolExecutor(1)
+        self.jobs = SegmentJobs(limit)
+
+    async def ask(self, request):
+        loop = asyncio.get_running_loop()
+        try:
+            return await segments_answer(request, self.svc, self.seg, self.settings,
+                                         lambda fn: loop.run_in_executor(self.pool, fn), self.jobs)
+        except RequestError as e:
+            return e.status, e.message
+
+
+class StalledRequest(StreamedRequest):
+    """A client that sends the first ``n`` chunks of its body and then nothing (a trickle, a vanished
+    client): the stream never ends on its own."""
+
+    def __init__(self, body: bytes, n: int = 2, **kw):
+        super().__init__(body, **kw)
+        self.n = n
+
+    async def stream(self):
+        for c in self.chunks[:self.n]:
+            self.sent += 1
+            yield c
+        await asyncio.Event().wait()
 
 
 def _recording():
@@ -84,11 +121,15 @@ def test_segments_of_a_streamed_body_equal_those_of_the_file(tmp_path, length):
     assert res["segments"] == offline["segments"] and res["aggregate"] == offline["aggregate"]
 
 
-def test_an_unsupported_format_is_refused_before_the_body_has_arrived():
-    req = StreamedRequest(b"OggS" + bytes(30 * CHUNK), delay=0.02)
-    status, message = answer(req)
-    assert status == 400 and "unsupported audio format: Ogg" in message
-    assert req.sent < len(req.chunks) / 2, f"read {req.sent} of {len(req.chunks)} chunks before answering"
+@pytest.mark.parametrize("length", [True, False])
+def test_an_unsupported_format_is_refused_before_the_body_has_arrived(length):
+    """From its first bytes, with a Content-Length or without one (chunked: the length is known only
+    at the end, which the refusal does not wait for)."""
+    for head, name in ((b"OggS", "Ogg"), (b"", "unknown")):
+        req = StreamedRequest(head + bytes(30 * CHUNK), delay=0.02, length=length)
+        status, message = answer(req)
+        assert status == 400 and f"unsupported audio format: {name}" in message
+        assert req.sent < len(req.chunks) / 2, f"read {req.sent} of {len(req.chunks)} chunks before answering"
 
 
 def test_route_limits():
@@ -96,7 +137,8 @@ def test_route_limits():
     body = encode_audio(rec)
     status, message = answer(StreamedRequest(bytes(3 * 2**20)))
     assert status == 413 and "serve.segments_max_body_mb" in message and "Content-Length" in message
-    status, message = answer(StreamedRequest(bytes(3 * 2**20), length=False))
+    long_wav = encode_audio(np.zeros(16000 * 100, np.float32))  # 3.2 MB, a valid WAV: refused as it streams
+    status, message = answer(StreamedRequest(long_wav, length=False))
     assert status == 413 and "streamed more than" in message
     status, message = answer(StreamedRequest(body, headers={"content-type": "multipart/form-data; boundary=x"}))
     assert status == 415 and "raw request body" in message
@@ -124,3 +166,146 @@ def test_growing_file_reads_wait_for_the_bytes():
     t.join(5)
     assert got == [b"0123456789"] and f.seek(0, 2) == 10
     f.close()
+
+
+# ---------------------------------------------------------------------------- every way out of a request
+
+
+def test_a_cancelled_request_does_not_wedge_the_next_one():
+    """Serve cancels a handler at serve.request_timeout_s, and when its client goes away: the decoding
+    thread must be released (one per replica), the spool removed, the admission slot given back, and
+    the next recording answered in seconds. Before, the thread waited for the body for good."""
+    rec, spans = _recording()
+    body = encode_audio(rec)
+    replica = Replica(limit=2)
+
+    async def go():
+        stalled = asyncio.ensure_future(replica.ask(StalledRequest(body)))
+        await asyncio.sleep(0.5)  # the first chunks are spooled, the thread waits for the rest
+        assert replica.jobs.active == 1 and replica.jobs.running is not None
+        stalled.cancel()
+        t0 = time.monotonic()
+        status, res = await asyncio.wait_for(replica.ask(StreamedRequest(body)), 20.0)
+        return time.monotonic() - t0, status, res
+
+    try:
+        took, status, res = asyncio.run(go())
+    finally:
+        replica.pool.shutdown(wait=False)
+    assert status == 200 and len(res["segments"]) == len(spans), res
+    assert took < 10.0, f"the next request took {took:.1f} s"
+    assert replica.jobs.active == 0 and replica.jobs.running is None
+
+
+def test_a_spooling_error_is_answered_and_releases_the_thread(monkeypatch):
+    """A full disk while the body is spooled: 507 naming the problem, and the replica goes on."""
+    import errno
+
+    rec, spans = _recording()
+    body = encode_audio(rec)
+    replica = Replica()
+    real = GrowingFile.append
+
+    def append(self, chunk):
+        if self.size >= 2 * CHUNK:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real(self, chunk)
+
+    async def go():
+        monkeypatch.setattr(GrowingFile, "append", append)
+        first = await asyncio.wait_for(replica.ask(StreamedRequest(body)), 20.0)
+        monkeypatch.setattr(GrowingFile, "append", real)
+        second = await asyncio.wait_for(replica.ask(StreamedRequest(body)), 20.0)
+        return first, second
+
+    try:
+        (s1, m1), (s2, res) = asyncio.run(go())
+    finally:
+        replica.pool.shutdown(wait=False)
+    assert s1 == 507 and "No space left on device" in m1
+    assert s2 == 200 and len(res["segments"]) == len(spans)
+    assert replica.jobs.active == 0
+
+
+def test_admission_is_bounded_per_replica():
+    """serve.segments_max_ongoing: a request beyond it is a 503 at once (not a queued upload holding a
+    slot /predict needs); the slot comes back when the request's job has ended."""
+    rec, spans = _recording()
+    body = encode_audio(rec)
+    replica = Replica(limit=1)
+
+    async def go():
+        slow = asyncio.ensure_future(replica.ask(StreamedRequest(body, delay=0.05)))
+        await asyncio.sleep(0.2)
+        t0 = time.monotonic()
+        refused = await replica.ask(StreamedRequest(body))
+        refused_in = time.monotonic() - t0
+        first = await slow
+        again = await replica.ask(StreamedRequest(body))
+        return refused, refused_in, first, again
+
+    try:
+        (s503, m503), refused_in, (s1, _), (s2, _) = asyncio.run(go())
+    finally:
+        replica.pool.shutdown(wait=False)
+    assert s503 == 503 and "serve.segments_max_ongoing=1" in m503 and refused_in < 1.0
+    assert s1 == 200 and s2 == 200
+
+
+def test_decoded_seconds_are_capped():
+    """serve.segments_max_seconds: 413 naming the key, from the header's length, and while decoding when
+    the header does not say (a streamed WAV whose data size is 0). A FLAC of silence is 47 bytes a second:
+    the byte limit alone does not bound the work."""
+    import struct
+
+    rec = np.zeros(16000 * 12, np.float32)
+    for fmt in ("WAV", "FLAC"):
+        status, message = answer(StreamedRequest(encode_audio(rec, fmt=fmt)), {"segments_max_seconds": 5.0})
+        assert status == 413 and "serve.segments_max_seconds" in message and "12.0 s" in message, message
+    streamed = bytearray(encode_audio(rec))
+    at = streamed.index(b"data") + 4
+    streamed[at:at + 4] = struct.pack("<I", 0)  # a streaming writer's unknown length
+    status, message = answer(StreamedRequest(bytes(streamed), length=False), {"segments_max_seconds": 5.0})
+    assert status == 413 and "serve.segments_max_seconds" in message, message
+    status, res = answer(StreamedRequest(encode_audio(rec)), {"segments_max_seconds": 20.0})
+    assert status == 200
+
+
+@pytest.mark.parametrize("subtype, ok", [("GSM610", False), ("IMA_ADPCM", False), ("MS_ADPCM", False),
+                                         ("G721_32", False), ("ULAW", True), ("PCM_16", True), ("FLOAT", True)])
+def test_only_pcm_float_and_g711_samples_are_served(subtype, ok):
+    """WAV codecs (GSM, ADPCM, G.721) pass the container allowlist; the server refuses them (400) on both
+    routes, before decoding a sample."""
+    import io
+
+    import soundfile as sf
+
+    from serray.data.audio import SERVED_SUBTYPES, load_audio
+    from serray.errors import AudioError
+
+    rec, _ = _recording()
+    buf = io.BytesIO()
+    sf.write(buf, rec[::2], 8000, format="WAV", subtype=subtype)
+    data = buf.getvalue()
+    status, res = answer(StreamedRequest(data))
+    if ok:
+        assert status == 200, res
+        load_audio(data, 16000, subtypes=SERVED_SUBTYPES)
+    else:
+        assert status == 400 and f"unsupported sample encoding {subtype}" in res, res
+        with pytest.raises(AudioError, match="unsupported sample encoding"):
+            load_audio(data, 16000, subtypes=SERVED_SUBTYPES)
+        load_audio(data, 16000)  # offline (serray predict, training data) every libsndfile encoding stays readable
+
+
+def test_a_stalled_job_is_seen_by_the_health_check():
+    jobs = SegmentJobs(2, stall_s=0.2)
+    assert jobs.stalled() is None
+    body = GrowingFile(declared=10)
+    jobs.running = body
+    assert jobs.stalled() is None
+    time.sleep(0.3)
+    assert jobs.stalled() > 0.2
+    body.append(b"01234")  # progress
+    assert jobs.stalled() is None
+    body.close()

@@ -640,7 +640,7 @@ def test_segments_route_bad_input(srv):
     form, ctype = multipart([("file", "a.wav", clip_bytes())])
     status, body = request(srv, "POST", "/segments", form, content_type=ctype)
     assert status == 415 and "raw request body" in body["error"]
-    big = bytes(int(SEGMENTS_MAX_BODY_MB * 2**20) + 1)
+    big = encode_audio(np.zeros(int(SEGMENTS_MAX_BODY_MB * 2**20) // 2 + 1, np.float32))  # a WAV over the limit
     for chunked in (False, True):
         status, body = request(srv, "POST", "/segments", big, chunked=chunked)
         assert status == 413 and "serve.segments_max_body_mb" in body["error"], body
@@ -662,3 +662,26 @@ def test_segments_route_answers_before_the_body_has_arrived(srv):
         assert r.status == 400 and "Ogg" in answer["error"] and time.monotonic() - t0 < 20
     finally:
         conn.close()
+
+
+def test_segments_route_answers_after_clients_vanished_mid_body(srv, synthetic_root):
+    """Clients that announce a body, send a little and go away (Serve cancels their handlers): the
+    replica's one segmentation thread is released each time, so a normal recording is answered in
+    seconds afterwards; before, every later /segments on the replica hung until Serve's timeout."""
+    rec, spans = _recording(synthetic_root, n=3)
+    body = encode_audio(rec)
+    for _ in range(3):  # more than serve.segments_max_ongoing (2): slots come back too
+        sock = socket.create_connection(("127.0.0.1", srv.port), timeout=10)
+        sock.sendall(b"POST /segments HTTP/1.1\r\nHost: x\r\nContent-Type: audio/wav\r\n"
+                     b"Content-Length: %d\r\n\r\n" % (2 * 2**20) + body[:100_000])
+        time.sleep(1.0)  # spooled, the decoding thread waits for the rest
+        sock.close()
+    time.sleep(0.5)
+    t0 = time.monotonic()
+    status, res = request(srv, "POST", "/segments", body)
+    took = time.monotonic() - t0
+    print(f"POST /segments after 3 vanished clients: {status} in {took:.2f} s")
+    assert status == 200 and len(res["segments"]) == len(spans), res
+    assert took < 15.0, f"answered after {took:.1f} s"
+    status, health = request(srv, "GET", "/healthz")
+    assert status == 200
