@@ -424,6 +424,8 @@ STEPS: List[Step] = [
          "ablate.arms=[none,random_init,full] output_dir=runs/voices-fbank-pitch", check=_check_ablation("runs/voices-fbank-pitch")),
     Step("serray ablate ablate.arms=[none,random_init,full,classical] ablate.classical_features=egemaps "
          "ablate.label_fractions=[0.1,0.25,1.0] output_dir=runs/labels", check=_check_ablation("runs/labels")),
+    Step("serray ablate data.protocol=leave_one_speaker_out ablate.arms=[none,random_init,full,classical] "
+         "ablate.classical_features=egemaps output_dir=runs/loso", check=_check_ablation("runs/loso")),
     Step("serray make-corpus --config configs/benchmark.yaml",
          tiny=TINY + BENCH, check=lambda w, p: (w.dir / "runs/benchmark/synthetic/synthetic_unlabelled").is_dir()),
     Step("serray ablate --config configs/benchmark.yaml ablate.arms=[none,random_init,full,classical,oracle] "
