@@ -96,7 +96,7 @@ def cmd_pretrain(args) -> int:
 
 
 def cmd_finetune(args) -> int:
-    from serray.train.dim_results import loso_table
+    from serray.train.tasks import loso_table
     from serray.train.finetune import run_finetune
 
     cfg = _cfg(args)

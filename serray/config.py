@@ -678,7 +678,7 @@ def _validate(cfg: DictConfig) -> None:
 
 
 def _validate_task(cfg: DictConfig, corpus) -> List[str]:
-    """``finetune.task`` and its keys (serray.train.dimensional)."""
+    """``finetune.task`` and its keys (serray.train.tasks.dimensional)."""
     from serray.data.corpus import DIMENSION_COLUMNS
 
     f, problems = cfg.finetune, []

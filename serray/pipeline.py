@@ -82,7 +82,7 @@ def run_pipeline(cfg, echo: Callable[[str], Any] = print) -> Dict[str, Any]:
     from serray.data.featurize import featurize, featurize_summary
     from serray.train.finetune import protocol, run_finetune, uses_pretraining
     from serray.train.pretrain import pretrain_summary, run_pretrain
-    from serray.train.dim_results import loso_table
+    from serray.train.tasks import loso_table
 
     t0 = time.time()
     save_config(cfg, cfg.output_dir)

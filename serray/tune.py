@@ -515,7 +515,7 @@ def selected_on(cfg) -> str:
 
 
 def _finish_nested(cfg, flat, results, choices, final_dir: Path, echo) -> Dict[str, Any]:
-    from serray.train.dim_results import loso_table
+    from serray.train.tasks import loso_table
     from serray.train.finetune import write_loso
 
     folds = sweep_folds(cfg)
@@ -561,7 +561,7 @@ def run_final(cfg, hyper: Dict[str, Any], trial_id: str, echo: Callable[[str], A
     """Non-nested: the chosen configuration on ``tune.final_folds``, labelled non-nested, registered
     (pre-trainings shared with the sweep's trials are reused)."""
     from serray.train.finetune import run_finetune
-    from serray.train.dim_results import loso_table
+    from serray.train.tasks import loso_table
 
     exp_dir = Path(cfg.tune.dir) / cfg.tune.name
     hyper = without_faults(hyper)

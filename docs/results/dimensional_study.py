@@ -3,7 +3,7 @@
 
 * CCC (and Pearson r, MAE) per dimension for dimensional and multitask, over the 15 seed x fold runs;
 * multitask vs dimensional on CCC, multitask vs categorical on UA: the run-level paired statistics of
-  serray.train.stats / serray.train.dim_stats (sign-flip over runs, two-level bootstrap interval).
+  serray.train.stats / serray.train.tasks.dimensional (sign-flip over runs, two-level bootstrap interval).
 
 The runs: seed 0 is `serray pipeline` (per-fold pre-training, then fine-tuning); seeds 1 and 2
 fine-tune from seed 0's per-fold adapters (the pre-training seed stays 0, the fine-tuning seed
@@ -28,8 +28,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from serray.train.dim_stats import run_level_test_ccc, run_metrics_ccc
 from serray.train.stats import run_level_test, run_metrics
+from serray.train.tasks.dimensional import run_level_test_ccc, run_metrics_ccc
 
 DIMS = ["valence", "arousal", "dominance"]
 SEEDS = [0, 1, 2]
@@ -61,7 +61,7 @@ def main(root: Path, seeds=SEEDS, write: bool = True) -> None:
             runs = run_metrics_ccc(p, DIMS)
             row.update({f"ccc_{d}": [r[f"ccc_{d}"] for r in runs] for d in DIMS})
             row["ccc_mean"] = [r["ccc_mean"] for r in runs]
-            from serray.train.dim_metrics import dimensional_metrics
+            from serray.train.tasks.dimensional import dimensional_metrics
 
             per = [dimensional_metrics(g[DIMS].to_numpy(), g[[f"pred_{d}" for d in DIMS]].to_numpy(), DIMS)
                    for _, g in p.groupby(["seed", "fold"])]

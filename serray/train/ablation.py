@@ -40,6 +40,7 @@ import pandas as pd
 from serray import storage
 from serray.config import as_dict, derive
 from serray.train.results import ID_COLUMNS
+from serray.train.tasks import get_task, scored_by, task_name, task_of
 
 log = logging.getLogger(__name__)
 
@@ -132,15 +133,13 @@ def _metrics(cfg) -> Tuple[str, str]:
     a CCC metric: finetune.select_metric, by default ``val_ccc_mean``)."""
     metric = str(cfg.ablate.get("metric", "ua") or "ua")
     if metric == "ua":
-        if str(cfg.finetune.get("task", "categorical")) == "dimensional":
+        if task_name(cfg) == "dimensional":
             from serray.errors import ConfigError
 
             raise ConfigError("ablate.metric=ua needs a class head: a finetune.task=dimensional ablation compares "
                               "arms on ablate.metric=ccc_mean (or ccc_<dimension>)")
         return "ua", "val_ua"
-    from serray.train.dimensional import select_metric
-
-    return metric, select_metric(cfg)
+    return metric, task_of(cfg).select_metric(cfg)
 
 
 def _is_ccc(cfg) -> bool:
@@ -248,13 +247,7 @@ def _track_arms(tracker, parent: Optional[str], arm_preds: Dict[Tuple[str, str, 
 def _run_scores(preds: pd.DataFrame) -> Dict[str, float]:
     """One run's test scores from its predictions: UA / WA / macro-F1 (``label``, ``pred``) or, for a
     CCC ablation, CCC / r / MAE per dimension (``<dim>``, ``pred_<dim>``)."""
-    from serray.train.dim_metrics import dimensional_metrics
-    from serray.train.metrics import classification_metrics
-
-    if "label" in preds.columns:
-        return classification_metrics(preds["label"], preds["pred"])
-    dims = [c[len("pred_"):] for c in preds.columns if c.startswith("pred_")]
-    return dimensional_metrics(preds[dims].to_numpy(float), preds[[f"pred_{d}" for d in dims]].to_numpy(float), dims)
+    return get_task("categorical" if "label" in preds.columns else "dimensional").run_scores(preds)
 
 
 def _run_ablation(cfg, echo: Callable[[str], Any]) -> Dict[str, Any]:
@@ -263,7 +256,6 @@ def _run_ablation(cfg, echo: Callable[[str], Any]) -> Dict[str, Any]:
     from serray.data.featurize import featurize
     from serray.pipeline import prepare_corpus
     from serray.ray_utils import init_ray
-    from serray.train.ablation_report import build_ablation, write_ablation
     from serray.train.finetune import _tune_storage, protocol, trial_resources
     from serray.train.pretrain import check_features
 
@@ -302,31 +294,21 @@ def _run_ablation(cfg, echo: Callable[[str], Any]) -> Dict[str, Any]:
         if errors:
             raise errors[0]
     arm_preds, arm_val = _collect(cfg, seeds, folds)
-    if _is_ccc(cfg):  # ablate.metric on CCC: the same run-level statistics (serray.train.dim_stats)
-        from serray.train.dim_stats import build_dim_ablation, write_dim_ablation
-
-        ablation = build_dim_ablation(arm_preds, protocol(cfg), folds, seeds, _metrics(cfg)[0],
-                                      list(cfg.finetune.dimensions), n_boot=cfg.ablate.bootstrap, boot_seed=cfg.seed,
-                                      arm_val=arm_val)
-        ablation.update({"encoder": cfg.encoder.name, "task": str(cfg.finetune.task), "arms_config": list(cfg.ablate.arms),
-                         "modes": list(cfg.ablate.modes), "label_fractions": list(cfg.ablate.label_fractions),
-                         "seconds": round(time.time() - t0, 1)})
-        paths = write_dim_ablation(ablation, Path(cfg.output_dir) / ABLATION_DIR)
-        echo(paths["md"].read_text())
-        echo(f"ablation written to {paths['json']} and {paths['md']} in {(time.time() - t0) / 60:.1f} min")
-        return {**ablation, "_predictions": arm_preds}
-    refs, ref_val = _reference_arms(cfg, seeds, folds, echo)
-    arm_preds.update(refs)
-    arm_val.update(ref_val)
-    ablation = build_ablation(arm_preds, protocol=protocol(cfg), folds=folds, seeds=seeds,
-                              n_boot=cfg.ablate.bootstrap, boot_seed=cfg.seed, arm_val=arm_val)
-    ablation.update({"encoder": cfg.encoder.name, "arms_config": list(cfg.ablate.arms),
+    metric = _metrics(cfg)[0]
+    scoring = scored_by(metric)  # ua: the four-class run-level statistics; ccc_*: the same ones on CCC
+    if not _is_ccc(cfg):  # the reference arms (classical, oracle) are scored on UA only
+        refs, ref_val = _reference_arms(cfg, seeds, folds, echo)
+        arm_preds.update(refs)
+        arm_val.update(ref_val)
+    ablation = scoring.build_ablation(arm_preds, protocol(cfg), folds, seeds, metric, list(cfg.finetune.dimensions),
+                                      n_boot=cfg.ablate.bootstrap, boot_seed=cfg.seed, arm_val=arm_val)
+    ablation.update({"encoder": cfg.encoder.name, **scoring.ablation_record(cfg), "arms_config": list(cfg.ablate.arms),
                      "modes": list(cfg.ablate.modes), "label_fractions": list(cfg.ablate.label_fractions),
                      "seconds": round(time.time() - t0, 1)})
-    out = Path(cfg.output_dir) / ABLATION_DIR
-    paths = write_ablation(ablation, out)
+    paths = scoring.write_ablation(ablation, Path(cfg.output_dir) / ABLATION_DIR)  # json, md (and png on UA)
     echo(paths["md"].read_text())
-    echo(f"ablation written to {paths['json']}, {paths['md']} and {paths['png']} in {(time.time() - t0) / 60:.1f} min")
+    files = [str(p) for p in paths.values()]
+    echo(f"ablation written to {', '.join(files[:-1])} and {files[-1]} in {(time.time() - t0) / 60:.1f} min")
     return {**ablation, "_predictions": arm_preds}
 
 
@@ -350,7 +332,7 @@ def _collect(cfg, seeds: List[int], folds: List[int]):
                           f"result (the first: {arm}, {mode}, labels x{fraction:g}, seed {seed}, fold {fold}); the "
                           "sweep was interrupted or a unit failed. Rerun the same command: finished runs are kept.")
     _, val_metric = _metrics(cfg)
-    columns = ["label", "pred"] if not _is_ccc(cfg) else [c for d in cfg.finetune.dimensions for c in (d, f"pred_{d}")]
+    columns = scored_by(_metrics(cfg)[0]).prediction_columns(cfg)
     out: Dict[Tuple[str, str, float], pd.DataFrame] = {}
     val: Dict[Tuple[str, str, float], Dict[Tuple[int, int], float]] = {}
     for arm, mode, fraction in _neural_runs(cfg):

@@ -33,15 +33,15 @@ import torch
 
 from serray import provenance, storage
 from serray.config import OPERATIONAL_KEYS, as_dict, section_hash, to_yaml
-from serray.data.features import LABEL_INDEX, session_paths, training_data
+from serray.data.features import session_paths, training_data
 from serray.data.featurize import feature_identity, feature_stats
 from serray.data.iemocap import LABELS
 from serray.errors import DataError
 from serray.protocol import evaluation, protocol  # noqa: F401  (protocol: re-exported for the stages)
 from serray.train.checkpoint import META_FILE, load_checkpoint
 from serray.train.loop import fit, run_seed, steps_per_epoch
-from serray.train.finetune_task import SELECTION_KEY, FinetuneTask
-from serray.train.metrics import classification_metrics
+from serray.train.tasks import task_name, task_of
+from serray.train.tasks.categorical import SELECTION_KEY, FinetuneTask  # noqa: F401  (FinetuneTask: re-exported)
 from serray.train.folds import (audit_fold, fold_split, labelled_rows, pool_sessions, split_digest, split_fold,  # noqa: F401
                                 subsample_labels, training_groups)  # (re-exported: the stages' public names)
 from serray.train.pretrain import adapter_kwargs, adapter_path, check_features, run_pretrain
@@ -187,12 +187,9 @@ def _run_fold(cfg, fold: int, report_to_tune: bool = False, report_pretrain: boo
                               params={"fold": fold, "test_session": fold, "n_train": len(split["train"]),
                                       "n_val": len(split["val"]), "val_speakers": sorted(set(split["val"]["speaker"]))}),
     }
-    task_cls = FinetuneTask
-    if _task(cfg) != "categorical":  # finetune.task: the dimensional heads and targets (serray.train.dimensional)
-        from serray.train import dimensional
-
-        loop_config.update(dimensional.loop_config(cfg, split, loop_config["model"]))
-        task_cls = dimensional.DimensionalTask
+    task = task_of(cfg)  # finetune.task: the heads, targets and selection metric (serray.train.tasks)
+    loop_config.update(task.loop_config(cfg, split, loop_config["model"]))
+    task_cls = task.loop_task
     loop_config["select_metric"] = loop_config.get("select_metric") or "val_ua"
     ray_dir = storage.join(storage.absolute(tcfg.dir), "ray")
     inner = None
@@ -210,9 +207,7 @@ def _run_fold(cfg, fold: int, report_to_tune: bool = False, report_pretrain: boo
                  **({"inner_cv": {k: v for k, v in inner.items() if k != "epoch"}} if inner else {}),
                  **{k: float(best_metrics[k]) for k in ("val_ua", "val_wa", "val_macro_f1", "val_loss", "val_bal_loss",
                                                         "val_smoothed") if k in best_metrics},
-                 **({"task": _task(cfg), "dims_dropped": dims_dropped,
-                     **{k: float(v) for k, v in best_metrics.items() if k.startswith("val_ccc_")}}
-                    if _task(cfg) != "categorical" else {}),
+                 **task.selection_record(best_metrics, dims_dropped),
                  "epochs_run": len(history), "config_hash": fhash, "seed": cfg.seed,
                  "pretrain_sessions": audit["pretrain_sessions"], "stats_sessions": audit["stats_sessions"],
                  "val_speakers": sorted(set(val_rows["speaker"])),
@@ -345,14 +340,8 @@ def _test_fold(cfg, fold: int, fold_dir: Path, model_dir: Path, split, selection
     test_evaluations = _count_test_scoring(cfg, fold, fold_dir, selection["config_hash"], len(preds))
     preds.insert(0, "fold", fold)
     preds.insert(1, "seed", cfg.seed)
+    preds, m = task_of(cfg).test_metrics(cfg, preds, split["test"])  # (dimensional: the true ratings beside the predicted)
     preds.to_csv(fold_dir / "predictions.csv", index=False)
-    if _task(cfg) != "categorical":
-        from serray.train.dimensional import test_metrics
-
-        preds, m = test_metrics(cfg, preds, split["test"])
-        preds.to_csv(fold_dir / "predictions.csv", index=False)  # with the true ratings beside the predicted
-    else:
-        m = classification_metrics([LABEL_INDEX[l] for l in preds["label"]], [LABEL_INDEX[l] for l in preds["pred"]])
     result = {**{k: v for k, v in selection.items() if k != "history"}, **m, "n_test": int(len(preds)),
               "classes_in_test": sorted(set(preds["label"])), "test_evaluations": test_evaluations,
               "code": provenance.code_record(),  # a later run that reuses this fold still names this code
@@ -361,19 +350,10 @@ def _test_fold(cfg, fold: int, fold_dir: Path, model_dir: Path, split, selection
     return result
 
 
-def _task(cfg) -> str:
-    return str(cfg.finetune.get("task", "categorical") or "categorical")
-
-
 def _task_split(cfg, fold: int):
     """:func:`fold_split`, and for a dimensional task each row's ratings (rows without valid ones
     dropped, counted per split and group)."""
-    split = fold_split(cfg, fold)
-    if _task(cfg) == "categorical":
-        return split, {}
-    from serray.train.dimensional import attach_dimensions
-
-    return attach_dimensions(cfg, split)
+    return task_of(cfg).prepare_split(cfg, fold_split(cfg, fold))
 
 
 def _fold_path(cfg, fold: int) -> str:
@@ -534,35 +514,26 @@ def write_loso(cfg, folds: List[Dict[str, Any]], out_dir: str, extra: Optional[D
                config_hash: Optional[str] = None) -> Dict[str, Any]:
     """The LOSO outputs of finished folds (their ``fold<k>/`` under ``out_dir``) and the config."""
     from serray.config import save_config
-    from serray.train.results import write_results
-
     from serray.protocol import corpus_protocol
 
     where = corpus_protocol(cfg)
     title = (f"{where['evaluation']}, corpus={where['corpus']}, mode={cfg.finetune.mode}, encoder={cfg.encoder.name}, "
              f"protocol={protocol(cfg)}") if where["corpus"] != "iemocap" else \
         f"leave-one-session-out, mode={cfg.finetune.mode}, encoder={cfg.encoder.name}, protocol={protocol(cfg)}"
-    if _task(cfg) != "categorical":
-        title += f", task={_task(cfg)}"
+    task = task_of(cfg)
+    title += task.title_suffix(cfg)
     tested = [int(f) for f in cfg.finetune.folds]
     seeds = {f: {"pretrain": run_seed(cfg.seed, f, "pretrain"), "finetune": run_seed(cfg.seed, f, "finetune")}
              for f in tested}
     with storage.staged(out_dir) as out:
         save_config(cfg, out)
-        if _task(cfg) != "categorical":
-            from serray.train.dim_results import write_dimensional_results
-
-            return write_dimensional_results(
-                folds, out, {"mode": cfg.finetune.mode, "task": _task(cfg), "encoder": cfg.encoder.name,
-                             "protocol": protocol(cfg), "config_hash": config_hash or finetune_hash(cfg),
-                             "title": title, **where, "folds_tested": tested,
-                             **(extra or {}), "provenance": provenance.collect(cfg, tested, seeds, folds)},
-                list(cfg.finetune.dimensions), _task(cfg) == "multitask", folds_dir=storage.absolute(out_dir))
-        return write_results(folds, out, {"mode": cfg.finetune.mode, "encoder": cfg.encoder.name,
-                                          "protocol": protocol(cfg), "config_hash": config_hash or finetune_hash(cfg),
-                                          "title": title, **where, "folds_tested": tested,
-                                          **(extra or {}), "provenance": provenance.collect(cfg, tested, seeds, folds)},
-                             folds_dir=storage.absolute(out_dir))
+        return task.write_results(cfg, folds, out, {"mode": cfg.finetune.mode, **task.run_record(cfg),
+                                                    "encoder": cfg.encoder.name, "protocol": protocol(cfg),
+                                                    "config_hash": config_hash or finetune_hash(cfg),
+                                                    "title": title, **where, "folds_tested": tested,
+                                                    **(extra or {}),
+                                                    "provenance": provenance.collect(cfg, tested, seeds, folds)},
+                                  folds_dir=storage.absolute(out_dir))
 
 
 def register_result(cfg, summary: Dict[str, Any], source: str, hyperparameters: Optional[Dict[str, Any]] = None,
@@ -584,11 +555,7 @@ def register_result(cfg, summary: Dict[str, Any], source: str, hyperparameters: 
     for entry in list_entries(cfg.registry.dir):
         if entry.get("config_hash") == fhash and entry.get("folds") == ev["folds"]:
             return entry
-    sel = "val_ua"
-    if _task(model_cfg) != "categorical":  # the fold model with the best validation score of the task's metric
-        from serray.train.dimensional import select_metric
-
-        sel = select_metric(model_cfg)
+    sel = task_of(model_cfg).select_metric(model_cfg)  # the fold model with the best validation score of it
     best = max(summary["folds"], key=lambda f: (f.get(sel, 0.0), -f["fold"]))
     base = finetune_dir or storage.absolute(cfg.finetune.dir)
     model = storage.join(base, f"fold{best['fold']}", "model")
@@ -606,7 +573,7 @@ def register_result(cfg, summary: Dict[str, Any], source: str, hyperparameters: 
     record = {"config_hash": fhash, **ev, "model_fold": best["fold"],
               "provenance": summary.get("provenance") or provenance.collect(cfg, [int(f["fold"]) for f in summary["folds"]]),
               "selected_on": selected_on or (f"{sel} (epoch counts by inner cross-validation)" if epoch_selection(model_cfg) == "inner_cv"
-                                             else f"{sel} (epochs)"), "std": dict(summary["std"]), "task": _task(model_cfg),
+                                             else f"{sel} (epochs)"), "std": dict(summary["std"]), "task": task_name(model_cfg),
               "finetune_dir": storage.without_credentials(base), **{k: v for k, v in (extra or {}).items() if k != "config_hash"}}
     return register(cfg.registry.dir, model, metrics=metrics, config_yaml=to_yaml(model_cfg), source=source,
                     hyperparameters=hyperparameters, encoder_files=enc_files, extra=record)

@@ -1,7 +1,7 @@
 """One training loop for pre-training and fine-tuning.
 
 :func:`run_loop` is the loop. A *task* object (:class:`~serray.train.pretrain.PretrainTask` or
-:class:`~serray.train.finetune_task.FinetuneTask`, passed in by the caller, never imported here) supplies
+:class:`~serray.train.tasks.categorical.FinetuneTask`, passed in by the caller, never imported here) supplies
 what differs between the stages: ``build_model``, ``param_groups``, ``lr_scale(group, epoch)``,
 ``collate``, ``before_epoch`` (which parameters train this epoch), ``step(model, batch, step, rank)
 -> (loss, records)``, ``after_step`` (the EMA teacher update), ``evaluate``, ``should_stop`` (early

@@ -13,7 +13,7 @@ import torch
 
 from serray.config import load_config
 from serray.errors import ConfigError
-from serray.train.dim_metrics import ccc, ccc_loss, dimensional_metrics, pearson
+from serray.train.tasks.dimensional import ccc, ccc_loss, dimensional_metrics, pearson
 
 
 def _direct_ccc(y, p):
@@ -218,7 +218,7 @@ def _dim_frame(seeds, folds, noise, rng):
 
 
 def test_run_level_ccc_comparison_pairs_runs_like_ua():
-    from serray.train.dim_stats import _weighted_ccc, run_level_test_ccc, run_metrics_ccc
+    from serray.train.tasks.dimensional import _weighted_ccc, run_level_test_ccc, run_metrics_ccc
 
     rng = np.random.default_rng(0)
     names = ["valence", "arousal"]
@@ -294,7 +294,8 @@ def test_a_nested_sweep_ranks_trials_on_validation_ccc_and_registers_the_task(fe
 def test_the_loso_table_follows_the_task(tmp_path):
     """`serray finetune` / `pipeline` print the CCC table for dimensional runs (the four-class table
     used to raise KeyError 'ua' on them) and the four-class one, unchanged, for categorical runs."""
-    from serray.train.dim_results import loso_table, metric_keys, summarise
+    from serray.train.tasks import loso_table
+    from serray.train.tasks.dimensional import metric_keys, summarise
 
     names = ["valence", "arousal", "dominance"]
     folds = [{"fold": k, "n_test": 30, **{key: 0.1 * k for key in metric_keys(names, True)}} for k in (1, 2)]

@@ -14,7 +14,7 @@ from serray.models.adapter import Adapter
 from serray.models.wap import FeatureNorm
 from serray.train.finetune import split_fold
 from serray.train.metrics import classification_metrics
-from serray.train.results import markdown_table, summarise
+from serray.train.tasks.categorical import markdown_table, summarise
 
 
 @pytest.mark.parametrize("seed", range(5))

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from serray.config import load_config
-from serray.train.finetune_task import SELECTION_KEY, FinetuneTask, class_balanced_nll
+from serray.train.tasks.categorical import SELECTION_KEY, FinetuneTask, class_balanced_nll
 
 SHORT = ["finetune.epochs=3", "finetune.attention_dim=16", "finetune.hidden_dim=16", "tracking.enabled=false"]
 

@@ -1,27 +1,37 @@
-"""The four-class fine-tuning task the shared loop runs (:mod:`serray.train.loop`): the model, the
-parameter groups, the batches, the loss, the validation scores and the checkpoint's metadata.
+"""The four-class task (``finetune.task: categorical``): :class:`Categorical` (UA / WA / macro-F1, the
+LOSO results: metrics.json, results.md, predictions.csv and plots, the run-level statistics of :mod:`serray.train.stats` and
+:mod:`serray.train.ablation_report`) and the loop task every fine-tuning run plugs into the shared loop
+(:mod:`serray.train.loop`): the model, the parameter groups, the batches, the loss, the validation
+scores and the checkpoint's metadata.
 
-:class:`FinetuneTask` is the categorical task; :class:`serray.train.dimensional.DimensionalTask` extends it
-for ``finetune.task: dimensional | multitask``. The fold runner (:mod:`serray.train.finetune`) picks
-one, so the imports run one way: ``finetune`` -> ``dimensional`` -> ``finetune_task``.
+:class:`FinetuneTask` is the categorical loop task; :class:`serray.train.tasks.dimensional.DimensionalTask`
+extends it for ``finetune.task: dimensional | multitask``. The fold runner (:mod:`serray.train.finetune`)
+asks :func:`serray.train.tasks.task_of` for one, so the imports run one way: ``finetune`` -> ``tasks``
+-> ``tasks.dimensional`` -> ``tasks.categorical``.
 """
 
 from __future__ import annotations
 
-from typing import Any, Dict, List
+import json
+from pathlib import Path
+from typing import Any, Dict, List, Optional
 
 import numpy as np
+import pandas as pd
 import torch
 import torch.nn.functional as F
 
-from serray.data.features import PadCollate
+from serray import storage
+from serray.data.features import LABEL_INDEX, PadCollate
 from serray.data.iemocap import LABELS
 from serray.models.adapter import param_groups
 from serray.models.classifier import EmotionClassifier, body_state_from_adapter
 from serray.models.dimensional import build_model
 from serray.train.checkpoint import MODEL_KEY, load_checkpoint
 from serray.train.loop import eval_batches
-from serray.train.metrics import classification_metrics
+from serray.train.metrics import classification_metrics, confusion
+from serray.train.results import FOLD_KEYS, SD_CONVENTION, _plot_confusion, _sample_sd, read_fold_predictions
+from serray.train.tasks import Task
 
 #: checkpoint score: the selection metric (validation UA, or ``finetune.select_metric``), averaged over the
 #: last ``finetune.select_smooth`` epochs; ties go to the later epoch (1e-7 x epoch is far below one utterance)
@@ -155,3 +165,121 @@ class FinetuneTask:
 def cv_estimate(curve: Dict[str, List[float]], epoch: int) -> Dict[str, float]:
     """The validation metrics of ``epoch`` from an inner cross-validation's mean curves."""
     return {k: float(v[min(epoch, len(v) - 1)]) for k, v in curve.items()}
+
+
+class Categorical(Task):
+    """The four classes: UA / WA / macro-F1 per fold, the epoch selected on validation UA."""
+
+    name = "categorical"
+    has_classes, has_dimensions = True, False
+
+    @property
+    def loop_task(self) -> type:
+        return FinetuneTask
+
+    def metric_keys(self, cfg) -> List[str]:
+        return list(METRICS)
+
+    def select_metric(self, cfg) -> str:
+        return "val_ua"
+
+    def test_metrics(self, cfg, preds, test_rows):
+        return preds, classification_metrics([LABEL_INDEX[l] for l in preds["label"]],
+                                             [LABEL_INDEX[l] for l in preds["pred"]])
+
+    def write_results(self, cfg, folds, out_dir, extra, folds_dir=None) -> Dict[str, Any]:
+        return write_results(folds, out_dir, extra, folds_dir=folds_dir)
+
+    def loso_table(self, cfg, summary, title: str = "") -> str:
+        return markdown_table(summary, title)
+
+    def prediction_columns(self, cfg) -> List[str]:
+        return ["label", "pred"]
+
+    def run_scores(self, preds) -> Dict[str, float]:
+        return classification_metrics(preds["label"], preds["pred"])
+
+    def build_ablation(self, cells, protocol, folds, seeds, metric, names, n_boot=2000, boot_seed=0, arm_val=None):
+        """:func:`serray.train.ablation_report.build_ablation` (on UA: ``metric`` is ``ua``; no dimensions)."""
+        from serray.train.ablation_report import build_ablation
+
+        return build_ablation(cells, protocol=protocol, folds=folds, seeds=seeds, n_boot=n_boot, boot_seed=boot_seed,
+                              arm_val=arm_val)
+
+    def write_ablation(self, ablation, out_dir):
+        from serray.train.ablation_report import write_ablation
+
+        return write_ablation(ablation, out_dir)
+
+
+# ------------------------------------------------------------------ LOSO results (metrics.json, results.md, plots)
+
+METRICS = ("ua", "wa", "macro_f1")
+
+
+def summarise(folds: List[Dict[str, Any]]) -> Dict[str, Any]:
+    """Per-fold metrics plus mean and sample standard deviation (n - 1) over folds."""
+    table = {k: np.array([f[k] for f in folds], dtype=float) for k in METRICS}
+    return {"folds": [{k: f[k] for k in FOLD_KEYS if k in f} for f in folds],
+            "mean": {k: float(np.nanmean(v)) for k, v in table.items()},
+            "std": {k: _sample_sd(v) for k, v in table.items()}, "std_convention": SD_CONVENTION}
+
+
+def markdown_table(summary: Dict[str, Any], title: str = "") -> str:
+    """A paper-style table in percent: one row per fold and a mean ± sd (sample, n − 1) row."""
+    lines = [f"### {title}", ""] if title else []
+    lines += [f"| fold (test {summary.get('group_name', 'session')}) | n_test | UA % | WA % | macro-F1 % |",
+              "|---|---:|---:|---:|---:|"]
+    for f in summary["folds"]:
+        lines.append(f"| {f['fold']} | {f['n_test']} | {100 * f['ua']:.2f} | {100 * f['wa']:.2f} | {100 * f['macro_f1']:.2f} |")
+    m, s = summary["mean"], summary["std"]
+    lines.append("| **mean ± sd** | {} | {:.2f} ± {:.2f} | {:.2f} ± {:.2f} | {:.2f} ± {:.2f} |".format(
+        sum(f["n_test"] for f in summary["folds"]), 100 * m["ua"], 100 * s["ua"], 100 * m["wa"], 100 * s["wa"],
+        100 * m["macro_f1"], 100 * s["macro_f1"]))
+    lines += ["", "sd: sample standard deviation over folds (n − 1)."]
+    return "\n".join(lines) + "\n"
+
+
+def write_results(folds: List[Dict[str, Any]], out_dir: str | Path, extra: Dict[str, Any],
+                  folds_dir: Optional[str] = None) -> Dict[str, Any]:
+    """Write metrics.json, results.md, predictions.csv, confusion_matrix.png and learning_curves.png.
+
+    The folds' ``fold<k>/predictions.csv`` are read from ``folds_dir`` (default ``out_dir``; a local
+    path or a storage URI)."""
+
+    out = Path(out_dir)
+    src = folds_dir or str(out)
+    out.mkdir(parents=True, exist_ok=True)
+    summary = {**summarise(folds), **extra}
+    storage.write_text(out / "metrics.json", json.dumps(summary, indent=2))
+    storage.write_text(out / "results.md", markdown_table(summary, extra.get("title", "")))
+    preds = read_fold_predictions(src, folds)
+    preds.to_csv(out / "predictions.csv", index=False)
+    cm = confusion([LABEL_INDEX[l] for l in preds["label"]], [LABEL_INDEX[l] for l in preds["pred"]], len(LABELS))
+    _plot_confusion(cm, out / "confusion_matrix.png", summary)
+    _plot_curves(folds, out / "learning_curves.png")
+    return summary
+
+
+def _plot_curves(folds: List[Dict[str, Any]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(8, 3))
+    for f in folds:
+        h = pd.DataFrame(f.get("history", []))
+        if h.empty:
+            continue
+        axes[0].plot(h["epoch"], h["loss"], label=f"fold {f['fold']}")
+        axes[1].plot(h["epoch"], h["val_ua"], label=f"fold {f['fold']}")
+    axes[0].set_title("train loss", fontsize=9)
+    axes[1].set_title("validation UA", fontsize=9)
+    for ax in axes:
+        ax.set_xlabel("epoch")
+        ax.grid(alpha=0.3)
+    axes[1].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
