@@ -1,5 +1,5 @@
 """What the leave-one-session-out results of every task share (:mod:`serray.train.tasks`): the folds'
-predictions read back, the per-fold keys, the sample standard deviation and the confusion-matrix plot.
+predictions read back, the per-fold keys, the sample standard deviation, the confusion-matrix and learning-curve plots.
 Each task writes its own metrics.json, results.md, predictions.csv and plots
 (:meth:`serray.train.tasks.Task.write_results`)."""
 
@@ -60,4 +60,30 @@ def _plot_confusion(cm: np.ndarray, path: Path, summary: Dict[str, Any]) -> None
     fig.colorbar(im, ax=ax, fraction=0.046)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_curves(folds: List[Dict[str, Any]], path: Path, metric: str, title: str) -> None:
+    """Each fold's training loss and validation ``metric`` per epoch (``learning_curves.png``)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(8, 3))
+    for f in folds:
+        h = pd.DataFrame(f.get("history", []))
+        if h.empty:
+            continue
+        axes[0].plot(h["epoch"], h["loss"], label=f"fold {f['fold']}")
+        if metric in h:
+            axes[1].plot(h["epoch"], h[metric], label=f"fold {f['fold']}")
+    axes[0].set_title("train loss", fontsize=9)
+    axes[1].set_title(title, fontsize=9)
+    for ax in axes:
+        ax.set_xlabel("epoch")
+        ax.grid(alpha=0.3)
+    axes[1].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
     plt.close(fig)

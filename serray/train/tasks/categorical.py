@@ -30,7 +30,7 @@ from serray.models.dimensional import build_model
 from serray.train.checkpoint import MODEL_KEY, load_checkpoint
 from serray.train.loop import eval_batches
 from serray.train.metrics import classification_metrics, confusion
-from serray.train.results import FOLD_KEYS, SD_CONVENTION, _plot_confusion, _sample_sd, read_fold_predictions
+from serray.train.results import FOLD_KEYS, SD_CONVENTION, _plot_confusion, _sample_sd, plot_curves, read_fold_predictions
 from serray.train.tasks import Task
 
 #: checkpoint score: the selection metric (validation UA, or ``finetune.select_metric``), averaged over the
@@ -257,29 +257,5 @@ def write_results(folds: List[Dict[str, Any]], out_dir: str | Path, extra: Dict[
     preds.to_csv(out / "predictions.csv", index=False)
     cm = confusion([LABEL_INDEX[l] for l in preds["label"]], [LABEL_INDEX[l] for l in preds["pred"]], len(LABELS))
     _plot_confusion(cm, out / "confusion_matrix.png", summary)
-    _plot_curves(folds, out / "learning_curves.png")
+    plot_curves(folds, out / "learning_curves.png", "val_ua", "validation UA")
     return summary
-
-
-def _plot_curves(folds: List[Dict[str, Any]], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(8, 3))
-    for f in folds:
-        h = pd.DataFrame(f.get("history", []))
-        if h.empty:
-            continue
-        axes[0].plot(h["epoch"], h["loss"], label=f"fold {f['fold']}")
-        axes[1].plot(h["epoch"], h["val_ua"], label=f"fold {f['fold']}")
-    axes[0].set_title("train loss", fontsize=9)
-    axes[1].set_title("validation UA", fontsize=9)
-    for ax in axes:
-        ax.set_xlabel("epoch")
-        ax.grid(alpha=0.3)
-    axes[1].legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)

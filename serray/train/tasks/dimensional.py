@@ -43,7 +43,7 @@ from serray.errors import DataError
 from serray.train.ablation_report import DEFAULT_COMPARISONS, _plain, _sort_key
 from serray.train.loop import eval_batches
 from serray.train.metrics import classification_metrics, confusion
-from serray.train.results import FOLD_KEYS, SD_CONVENTION, _plot_confusion, _sample_sd, read_fold_predictions
+from serray.train.results import FOLD_KEYS, SD_CONVENTION, _plot_confusion, _sample_sd, plot_curves, read_fold_predictions
 from serray.train.stats import FOLD_LEVEL_TEST, RUN_LEVEL_TEST, scoped_inference, scoped_verdicts, summarise_runs
 from serray.train.tasks import Task, task_name
 from serray.train.tasks.categorical import FinetuneTask, cv_estimate
@@ -324,7 +324,7 @@ def write_dimensional_results(folds: List[Dict[str, Any]], out_dir: str | Path, 
     if multitask:
         cm = confusion([LABEL_INDEX[lab] for lab in preds["label"]], [LABEL_INDEX[lab] for lab in preds["pred"]], len(LABELS))
         _plot_confusion(cm, out / "confusion_matrix.png", summary)
-    _plot_curves(folds, out / "learning_curves.png")
+    plot_curves(folds, out / "learning_curves.png", "val_ccc_mean", "validation CCC (mean over dimensions)")
     return summary
 
 
@@ -344,31 +344,6 @@ def _plot_scatter(preds: pd.DataFrame, names: Sequence[str], summary: Dict[str, 
         ax.set_ylabel(f"predicted {n}", fontsize=8)
         ax.set_title(f"{n}: CCC {summary['mean'][f'ccc_{n}']:.3f} (fold mean)", fontsize=8)
         ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-def _plot_curves(folds: List[Dict[str, Any]], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(8, 3))
-    for f in folds:
-        h = pd.DataFrame(f.get("history", []))
-        if h.empty:
-            continue
-        axes[0].plot(h["epoch"], h["loss"], label=f"fold {f['fold']}")
-        if "val_ccc_mean" in h:
-            axes[1].plot(h["epoch"], h["val_ccc_mean"], label=f"fold {f['fold']}")
-    axes[0].set_title("train loss", fontsize=9)
-    axes[1].set_title("validation CCC (mean over dimensions)", fontsize=9)
-    for ax in axes:
-        ax.set_xlabel("epoch")
-        ax.grid(alpha=0.3)
-    axes[1].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
