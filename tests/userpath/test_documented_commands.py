@@ -429,20 +429,22 @@ STEPS: List[Step] = [
     Step("serray make-corpus --config configs/benchmark.yaml",
          tiny=TINY + BENCH, check=lambda w, p: (w.dir / "runs/benchmark/synthetic/synthetic_unlabelled").is_dir()),
     Step("serray ablate --config configs/benchmark.yaml ablate.arms=[none,random_init,full,classical,oracle] "
-         "ablate.classical_features=egemaps", tiny=TINY + BENCH, force=["ablate.label_fractions=[1.0]"],
+         "ablate.classical_features=egemaps pretrain.steps=150", tiny=TINY + BENCH,
+         force=["ablate.label_fractions=[1.0]", "pretrain.steps=2"],
          check=_check_ablation("runs/benchmark")),
     Step("serray ablate --config configs/benchmark.yaml output_dir=runs/benchmark-lld-1200 "
          "data.root=runs/benchmark/synthetic/IEMOCAP_full_release features.dir=runs/benchmark/features "
-         "data.manifest=runs/benchmark/manifest.parquet pretrain.steps=1200 ablate.arms=[full] "
-         "ablate.modes=[finetune,frozen] ablate.label_fractions=[1.0] ablate.seeds=2",
+         "data.manifest=runs/benchmark/manifest.parquet ablate.arms=[full] "
+         "ablate.modes=[finetune,frozen] ablate.label_fractions=[1.0]",
          tiny=TINY + BENCH, force=["pretrain.steps=2", "ablate.seeds=1"], check=_check_ablation("runs/benchmark-lld-1200")),
-    Step("serray ablate --config configs/benchmark.yaml encoder.name=fbank output_dir=runs/benchmark-fbank",
-         tiny=TINY + BENCH, force=["ablate.label_fractions=[1.0]"], check=_check_ablation("runs/benchmark-fbank")),
+    Step("serray ablate --config configs/benchmark.yaml encoder.name=fbank pretrain.steps=150 output_dir=runs/benchmark-fbank",
+         tiny=TINY + BENCH, force=["ablate.label_fractions=[1.0]", "pretrain.steps=2"], check=_check_ablation("runs/benchmark-fbank")),
     Step("serray ablate --config configs/benchmark.yaml encoder.name=fbank pretrain.steps=1200 ablate.arms=[random_init,full] "
          "ablate.modes=[finetune,frozen] ablate.label_fractions=[1.0] ablate.seeds=2 output_dir=runs/benchmark-1200",
          tiny=TINY + BENCH, force=["pretrain.steps=2", "ablate.seeds=1"], check=_check_ablation("runs/benchmark-1200")),
-    Step("serray ablate --config configs/benchmark.yaml encoder.name=fbank ablate.arms=[full,classical] "
-         "ablate.classical_features=egemaps ablate.modes=[finetune] output_dir=runs/benchmark-fbank", tiny=TINY + BENCH, force=["ablate.label_fractions=[1.0]"],
+    Step("serray ablate --config configs/benchmark.yaml encoder.name=fbank pretrain.steps=150 ablate.arms=[full,classical] "
+         "ablate.classical_features=egemaps ablate.modes=[finetune] output_dir=runs/benchmark-fbank", tiny=TINY + BENCH,
+         force=["ablate.label_fractions=[1.0]", "pretrain.steps=2"],
          check=_check_ablation("runs/benchmark-fbank")),
     Step("serray ablate ablate.arms=[full] adapter.ema_decay=... adapter.ema_decay_end=... [adapter.ema_half_life=0.05]",
          "serray ablate ablate.arms=[full] adapter.ema_decay=0.99 adapter.ema_decay_end=0.999 adapter.ema_half_life=0.05",
