@@ -136,10 +136,19 @@ def encoder_record(name: str) -> Dict[str, Any]:
     return {"name": public_name(name), "revision": revision, "weights_sha256": digest}
 
 
-def _masked_argv() -> List[str]:
-    from serray.storage import redact_text
+def _masked(arg: str) -> str:
+    """One command-line argument with its secrets masked: a ``key=URI`` value as a saved config's URI is
+    (whatever characters its credentials hold), any other text with every URI in it redacted."""
+    from serray.storage import is_uri, redact, redact_text
 
-    return [Path(sys.argv[0]).name, *(redact_text(a) for a in sys.argv[1:])] if sys.argv else []
+    key, eq, value = arg.partition("=")
+    if eq and is_uri(value):
+        return f"{key}={redact(value)}"
+    return redact(arg) if is_uri(arg) else redact_text(arg)
+
+
+def _masked_argv() -> List[str]:
+    return [Path(sys.argv[0]).name, *(_masked(a) for a in sys.argv[1:])] if sys.argv else []
 
 
 def collect(cfg, folds: List[int], fold_seeds: Optional[Dict[int, Dict[str, int]]] = None,

@@ -29,6 +29,12 @@ def init_ray(cfg) -> None:
     DataContext.get_current().enable_progress_bars = progress
     if ray.is_initialized():
         return
+    if cfg.get("tracking") is not None and cfg.tracking.get("uri"):
+        from serray.tracking import credentials_to_environment
+
+        # before the local Ray starts: its workers inherit this process's environment, where MLflow
+        # reads the tracking server's credentials (never passed in runtime_env, which the dashboard shows)
+        credentials_to_environment(str(cfg.tracking.uri))
     env = {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0", "RAY_DATA_DISABLE_PROGRESS_BARS": "0" if progress else "1"}
     kwargs = {"runtime_env": {"env_vars": env}, "log_to_driver": True}
     address = cfg.ray.address or os.environ.get("RAY_ADDRESS")

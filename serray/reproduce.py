@@ -293,16 +293,25 @@ def provenance_differences(old: Dict[str, Any], new: Dict[str, Any]) -> List[str
 
 def environment_differences(prov: Dict[str, Any]) -> Tuple[List[str], List[str]]:
     """``(differences, cautions)`` between a record and this checkout and environment: the commit, the
-    dirty flag, the versions of the packages it recorded and python; cautions: uncommitted changes
+    dirty flag, the versions of the packages it recorded (the run's and each fold's, ``fold_code``) and
+    python; cautions: folds reused from other code, uncommitted changes
     (recorded or here), which no commit comparison can see."""
     from serray.provenance import git_state, package_versions
 
     here = {"git": git_state(), "packages": package_versions(tuple(prov.get("packages") or ())),
             "python": platform.python_version()}
     diffs = _code_differences(prov, here, names=set(prov.get("packages") or ()))
+    for fold, code in sorted((prov.get("fold_code") or {}).items(), key=lambda kv: int(kv[0])):
+        # a fold reused from an earlier run was trained by its own code, not the run's
+        for d in _code_differences(code, here, names=set(code.get("packages") or ())):
+            if d not in diffs:
+                diffs.append(f"fold {fold} (trained by its own run) {d}")
     if prov.get("python") and prov.get("python") != here["python"]:
         diffs.append(f"python: {prov.get('python')} -> {here['python']}")
     cautions = []
+    if prov.get("folds_other_code"):
+        cautions.append(f"folds {prov['folds_other_code']} of the recorded run were reused from a run of other code "
+                        "than the record's commit names (fold_code): the rerun trains them with this checkout")
     if (prov.get("git") or {}).get("dirty"):
         cautions.append("the recorded run was made from a checkout with uncommitted changes: its code cannot be "
                         "checked out again, so the same commit is not the same code")

@@ -73,7 +73,7 @@ def resolve_uri(value: Optional[str], output_dir: str) -> str:
                      "(sqlite:///path/mlflow.db) or a path to a .db file (null: <output_dir>/mlflow.db)")
 
 
-def _credentials_to_environment(uri: str) -> str:
+def credentials_to_environment(uri: str) -> str:
     """A tracking server URI with ``user:password@`` -> the URI without them; the credentials go where
     MLflow reads them (``MLFLOW_TRACKING_USERNAME`` / ``MLFLOW_TRACKING_PASSWORD`` of this process, and of
     the Ray workers it starts), never into a pickled callback, a record or a message."""
@@ -151,7 +151,7 @@ class Tracker:
 
     def __init__(self, uri: str, experiment: str, enabled: bool = True, timeout_s: float = 5.0,
                  experiment_id: Optional[str] = None):
-        uri = _credentials_to_environment(uri)  # a server's user:password@ never reaches a pickle or a record
+        uri = credentials_to_environment(uri)  # a server's user:password@ never reaches a pickle or a record
         self.uri, self.experiment, self.enabled, self.timeout_s = uri, experiment, enabled, timeout_s
         self.experiment_id = experiment_id
         self._client = None

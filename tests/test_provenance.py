@@ -15,11 +15,13 @@ def test_the_command_line_is_recorded_without_credentials(featurized, monkeypatc
     entry and MLflow artifact verbatim."""
     monkeypatch.setattr(sys, "argv", ["/usr/bin/serray", "pipeline",
                                       "features.dir=s3://AKIDPROV:SECRETPROV@bucket/f?secret_key=SKPROV&region=eu",
-                                      "tracking.uri=http://alice:PWPROV@mlflow:5000", "seed=3"])
+                                      "tracking.uri=http://alice:PWPROV@mlflow:5000",
+                                      "pretrain.dir=s3://AKIDPROV:se(cr)PROV@bucket/x",
+                                      "tracking.uri=https://bob:p,ss;PWPROV2@mlflow.corp:5000", "seed=3"])
     record = provenance.collect(featurized, [1])
     text = json.dumps(record["argv"])
     assert record["argv"][:2] == ["serray", "pipeline"] and record["argv"][-1] == "seed=3"
-    for secret in ("AKIDPROV", "SECRETPROV", "SKPROV", "PWPROV", "alice"):
+    for secret in ("AKIDPROV", "SECRETPROV", "SKPROV", "PWPROV", "alice", "se(cr)", "PWPROV2", "bob"):
         assert secret not in text, record["argv"]
     assert "s3://***@bucket/f" in text and "region=eu" in text
 

@@ -39,3 +39,29 @@ def test_training_on_a_gpu_the_cluster_lacks_is_a_config_error_not_a_hang(featur
                                           r"\{CPU: [0-9.]+, GPU: 1\}.*ray.resource_timeout_s"):
         (run_folds if stage == "finetune" else lambda c: run_pretrain(c, 1))(cfg)
     assert not (tmp_path / stage).exists() or not any((tmp_path / stage).rglob("*.pt"))  # nothing trained
+
+
+def test_tracking_credentials_reach_the_workers_environment_before_ray_starts(monkeypatch):
+    """A tracking server's ``user:password@``: moved into MLflow's variables *before* the local Ray
+    starts, so its workers (fold runs log per epoch) inherit them; before, the tracker moved them only
+    after ``serray pipeline`` had started Ray for featurizing, and the workers got 401s."""
+    import ray
+
+    from serray import ray_utils
+    from serray.config import load_config
+
+    for key in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):
+        monkeypatch.delenv(key, raising=False)
+    seen = {}
+
+    def fake_init(**kwargs):
+        import os
+
+        seen.update(user=os.environ.get("MLFLOW_TRACKING_USERNAME"), password=os.environ.get("MLFLOW_TRACKING_PASSWORD"),
+                    runtime_env=kwargs.get("runtime_env"))
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", fake_init)
+    ray_utils.init_ray(load_config(None, ["tracking.uri=http://alice:s3cret@mlflow.internal:5000"]))
+    assert seen["user"] == "alice" and seen["password"] == "s3cret"
+    assert "s3cret" not in str(seen["runtime_env"])  # never in the job's runtime_env (the dashboard shows it)

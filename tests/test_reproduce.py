@@ -340,3 +340,21 @@ def test_reproduce_says_what_differs_from_the_recorded_environment_before_runnin
         assert rc == 2 and "uncommitted changes" in err
     else:
         assert rc == 0 and "differs" not in err, err
+
+
+def test_reproduce_names_the_code_of_folds_reused_from_another_run(tmp_path, fake_pipeline):
+    """A record whose run commit matches this checkout but whose fold 2 was reused from a run of older
+    code (``fold_code``): the notice names that fold's commit, and ``--strict`` refuses (before, only the
+    run-level commit was compared, so the reused fold's code went unseen)."""
+    from serray.provenance import code_record
+
+    def reused(prov):
+        now = code_record()
+        prov["git"], prov["packages"] = now["git"], {**prov["packages"], **now["packages"]}
+        prov["fold_code"] = {"1": now, "2": {**now, "git": {"commit": "1" * 40, "dirty": False}}}
+        prov["folds_other_code"] = [2]
+
+    run, fake_pipeline["recorded"] = _recorded_run(tmp_path, prov_edit=reused)
+    rc, out, err = _run(["reproduce", str(run), "--out", str(tmp_path / "again"), "--strict"])
+    assert rc == 2 and "fold 2 (trained by its own run) git commit: " + "1" * 40 in err, err
+    assert "folds [2]" in err and "Traceback" not in err

@@ -58,6 +58,7 @@ class GrowingFile(io.RawIOBase):
         self._error: Optional[BaseException] = None
         self._cond = threading.Condition()
         self.progress = time.monotonic()  # last byte received or read (SegmentJobs.stalled)
+        self.receiving = False  # the handler is still reading the body (bounded by the body timeout)
 
     def touch(self) -> None:
         self.progress = time.monotonic()
@@ -77,9 +78,15 @@ class GrowingFile(io.RawIOBase):
             self._cond.notify_all()
 
     def fail(self, error: BaseException) -> None:
+        """End the body with ``error``: a waiting reader wakes, and every later read ends (also after
+        :meth:`finish`, e.g. a request cancelled while its recording is decoded)."""
         with self._cond:
             self._error, self._done = error, True
             self._cond.notify_all()
+
+    @property
+    def done(self) -> bool:
+        return self._done
 
     # ------------------------------------------------------------------ the reader (the decoding thread)
 
@@ -104,6 +111,8 @@ class GrowingFile(io.RawIOBase):
 
     def readinto(self, b) -> int:
         want = len(b)
+        if self._error is not None:  # failed (cancelled): the decoder sees the end of the file
+            return 0
         try:
             self._wait(lambda: self.size >= self._pos + want)
         except AudioError:  # called from libsndfile's read callback, which cannot raise: end of file
@@ -165,8 +174,8 @@ class SegmentJobs:
     def stalled(self) -> Optional[float]:
         """Seconds without progress of the running job when over ``stall_s``, else None."""
         body = self.running
-        if body is None:
-            return None
+        if body is None or (body.receiving and not body.done):
+            return None  # waiting for a client that is still sending: the body timeout bounds that, not this
         idle = time.monotonic() - body.progress
         return idle if idle > self.stall_s else None
 
@@ -236,6 +245,7 @@ async def segments_answer(request, svc, seg: Dict[str, Any], settings: Dict[str,
 
     task.add_done_callback(ended)
     nxt: Optional["asyncio.Future"] = None
+    body.receiving = True
     try:
         try:
             chunks = iter_body(request, max_bytes, float(settings["segments_body_timeout_s"]), SIZE_KEY, TIME_KEY)
@@ -265,10 +275,16 @@ async def segments_answer(request, svc, seg: Dict[str, Any], settings: Dict[str,
             body.fail(e if isinstance(e, Exception) else RuntimeError("the request was cancelled"))
             raise
         finally:
+            body.receiving = False
             if nxt is not None and not nxt.done():
                 nxt.cancel()
         try:
-            return 200, await task
+            # shielded: cancelling the handler must not cancel the wrapper of a thread that still reads the
+            # body (its file and slot would be released under it); the body is failed instead, so it stops
+            return 200, await asyncio.shield(task)
+        except asyncio.CancelledError:
+            body.fail(RuntimeError("the request was cancelled"))
+            raise
         except AudioTooLong as e:
             return 413, f"{e} (serve.segments_max_seconds)"
         except AudioError as e:

@@ -212,7 +212,9 @@ def _run_fold(cfg, fold: int, report_to_tune: bool = False, report_pretrain: boo
                  "pretrain_sessions": audit["pretrain_sessions"], "stats_sessions": audit["stats_sessions"],
                  "val_speakers": sorted(set(val_rows["speaker"])),
                  "val_sessions": sorted(int(g) for g in set(val_rows["session"])), "protocol": audit["protocol"],
-                 "val_split": tcfg.val_split, "label_fraction": float(tcfg.label_fraction), "history": history}
+                 "val_split": tcfg.val_split, "label_fraction": float(tcfg.label_fraction),
+                 "code": provenance.code_record(),  # the code that trained it (fold_result.json keeps it)
+                 "history": history}
     with storage.staged(fold_dir) as local:  # a URI: written locally, uploaded when the fold is complete
         model_dir = local / "model"
         shutil.rmtree(model_dir, ignore_errors=True)
@@ -344,7 +346,8 @@ def _test_fold(cfg, fold: int, fold_dir: Path, model_dir: Path, split, selection
     preds.to_csv(fold_dir / "predictions.csv", index=False)
     result = {**{k: v for k, v in selection.items() if k != "history"}, **m, "n_test": int(len(preds)),
               "classes_in_test": sorted(set(preds["label"])), "test_evaluations": test_evaluations,
-              "code": provenance.code_record(),  # a later run that reuses this fold still names this code
+              # the code that trained the fold (a later run reusing it, or scoring it apart, still names it)
+              "code": selection.get("code") or provenance.code_record(),
               "history": selection.get("history", [])}
     storage.write_text(fold_dir / FOLD_RESULT, json.dumps(result, indent=2))
     return result

@@ -309,3 +309,62 @@ def test_a_stalled_job_is_seen_by_the_health_check():
     body.append(b"01234")  # progress
     assert jobs.stalled() is None
     body.close()
+
+
+def test_a_request_cancelled_while_its_recording_is_decoded_keeps_its_slot_until_the_thread_stops():
+    """Serve cancels a handler whose body has all arrived while the thread still decodes (its
+    request_timeout_s, a client's Ctrl-C): the thread is told to stop, and the spool file and the
+    admission slot stay with it until it has (before: both were released at once, under the running
+    thread: a closed file read, another request admitted beside it)."""
+    import threading
+
+    class SlowModel(LevelModel):
+        def predict_waveforms(self, wavs):
+            time.sleep(0.5)
+            return super().predict_waveforms(wavs)
+
+    rec = np.concatenate([_recording()[0]] * 4)
+    body = encode_audio(rec)
+    replica = Replica(limit=1)
+    replica.svc.predictor = SlowModel(-25.0, -25.0)
+    replica.seg = {**replica.seg, "batch_size": 1}
+    errors = []
+    hook = threading.excepthook
+    threading.excepthook = lambda args: errors.append(args.exc_value)
+
+    async def go():
+        handler = asyncio.ensure_future(replica.ask(StreamedRequest(body)))
+        await asyncio.sleep(0.8)  # spooled whole, decoding
+        assert replica.jobs.running is not None
+        handler.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await handler
+        held = replica.jobs.active
+        with pytest.raises(RequestError) as refused:  # the one thread is still busy: no second admission
+            replica.jobs.admit()
+        t0 = time.monotonic()
+        while replica.jobs.active and time.monotonic() - t0 < 20:
+            await asyncio.sleep(0.05)
+        return held, refused.value.status, time.monotonic() - t0
+
+    try:
+        held, status, stopped_in = asyncio.run(go())
+    finally:
+        threading.excepthook = hook
+        replica.pool.shutdown(wait=True)
+    assert held == 1 and status == 503
+    assert replica.jobs.active == 0 and replica.jobs.running is None
+    assert stopped_in < 5.0, f"the thread took {stopped_in:.1f} s to stop"  # it stops, not decodes all of it
+    assert not errors
+
+
+def test_a_client_still_sending_is_not_a_stalled_job():
+    """The health check must not take a replica down for a slow client inside the body timeout."""
+    jobs = SegmentJobs(2, stall_s=0.2)
+    body = GrowingFile(declared=10)
+    jobs.running, body.receiving = body, True
+    time.sleep(0.3)
+    assert jobs.stalled() is None  # waiting for bytes the body timeout bounds
+    body.receiving = False  # the handler is gone and nobody ended the body: a wedge
+    assert jobs.stalled() > 0.2
+    body.close()
