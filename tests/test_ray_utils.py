@@ -51,7 +51,8 @@ def test_tracking_credentials_reach_the_workers_environment_before_ray_starts(mo
     from serray.config import load_config
 
     for key in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):
-        monkeypatch.delenv(key, raising=False)
+        monkeypatch.setenv(key, "")  # recorded, so the value the code under test sets is undone after the test
+        monkeypatch.delenv(key)
     seen = {}
 
     def fake_init(**kwargs):

@@ -140,7 +140,8 @@ def test_a_server_uri_with_credentials_probes_with_them_and_pickles_without(monk
     from http.server import BaseHTTPRequestHandler, HTTPServer
 
     for key in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):
-        monkeypatch.delenv(key, raising=False)
+        monkeypatch.setenv(key, "")  # recorded, so the value the code under test sets is undone after the test
+        monkeypatch.delenv(key)
     seen = []
 
     class Health(BaseHTTPRequestHandler):
