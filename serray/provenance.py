@@ -16,6 +16,7 @@ every URI's credentials and secret query values masked, as in messages.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import platform
@@ -106,6 +107,19 @@ def code_record() -> Dict[str, Any]:
     return {"git": git_state(), "packages": package_versions(), "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
 
 
+@functools.lru_cache(maxsize=8)
+def _files_digest(files: tuple) -> str:
+    """SHA-256 over ``(path, size, mtime)`` files' names and bytes (cached by exactly those: a file
+    changed in place is hashed again)."""
+    h = hashlib.sha256()
+    for path, _, _ in files:
+        h.update(Path(path).name.encode())
+        with open(path, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                h.update(block)
+    return h.hexdigest()
+
+
 def encoder_record(name: str) -> Dict[str, Any]:
     """``{"name", "revision", "weights_sha256"}`` of the encoder: a Hugging Face model's hub commit (None
     for a local directory) and a hash over its weight and config files when they are local (None for a
@@ -125,14 +139,8 @@ def encoder_record(name: str) -> Dict[str, Any]:
         pass
     files = sorted(p for p in Path(name).glob("*") if p.is_file() and p.suffix in (".safetensors", ".bin", ".json")) \
         if Path(name).is_dir() else []
-    if files:
-        h = hashlib.sha256()
-        for f in files:
-            h.update(f.name.encode())
-            with open(f, "rb") as fh:
-                for block in iter(lambda: fh.read(1 << 20), b""):
-                    h.update(block)
-        digest = h.hexdigest()
+    if files:  # every run record of a process (an ablation writes dozens) hashes a large model once
+        digest = _files_digest(tuple((str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files))
     return {"name": public_name(name), "revision": revision, "weights_sha256": digest}
 
 
