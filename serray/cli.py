@@ -61,7 +61,7 @@ def cmd_manifest(args) -> int:
     extra = ([f"data.root={args.root}"] if args.root else []) + ([f"data.manifest={args.out}"] if args.out else [])
     cfg = _cfg(args, extra)
     report = corpora.build_manifest(cfg)
-    path = write_manifest(report.kept, cfg.data.manifest)
+    path = write_manifest(report.kept, cfg.data.manifest, report.classes, report.class_setting)
     print(report.summary())
     print(f"manifest: {len(report.kept)} utterances -> {path}")
     return 0

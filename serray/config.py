@@ -53,8 +53,10 @@ class DataConfig:
     merge_excited: bool = True  # the standard 4-class setup merges excited into happy (IEMOCAP)
     sessions: Optional[List[int]] = None  # fold groups used (None: every group of the corpus's protocol)
     num_folds: int = 5  # speaker-grouped k-fold corpora (crema-d, ravdess, csv): k
-    label_map: Dict[str, str] = field(default_factory=dict)  # raw label -> neu|hap|sad|ang, or '' to drop
+    classes: Any = "four"  # four | native | [class names] (serray.data.corpus.label_space)
+    label_map: Dict[str, str] = field(default_factory=dict)  # raw label -> a class of data.classes, or '' to drop
     protocol: Optional[str] = None  # None: the corpus's own; leave_one_speaker_out (IEMOCAP: 10 folds)
+    corpora: List[Any] = field(default_factory=list)  # data.corpus=pooled: [{corpus, root, label_map}, ...]
 
 
 @dataclass
@@ -73,6 +75,8 @@ class SyntheticConfig:
     excited_fraction: float = 0.3
     scale: float = 1.0  # benchmark preset only: its sizes x this (a smaller study corpus to try the commands on)
     unlabelled_factor: float = 10.0  # benchmark preset only: the unlabelled pool's hours / the four-class audio's
+    classes: Optional[List[str]] = None  # demo preset: raw labels the kept share is balanced over (None: the four,
+    # or, when data.classes asks for more, every class data.corpus's layout has)
 
 
 @dataclass
@@ -554,7 +558,7 @@ def _resolve_tracking(cfg: DictConfig) -> None:
 
 #: where the default ``data.root`` (``output_dir/synthetic/...``) puts the built-in corpus in each other layout
 SYNTHETIC_ROOTS = {"crema-d": "CREMA-D", "ravdess": "RAVDESS", "emodb": "emodb", "msp-podcast": "MSP-Podcast",
-                   "csv": "csv/labels.csv"}
+                   "csv": "csv/labels.csv", "pooled": "pooled"}
 
 
 def _resolve_corpus(cfg: DictConfig) -> None:
@@ -586,12 +590,27 @@ def _validate(cfg: DictConfig) -> None:
     from serray.data import corpora
 
     corpus = corpora.get(str(cfg.data.corpus))
-    from serray.data.corpus import LABELS
+    if corpus.name == "pooled":
+        from serray.data.pooled import members
 
+        try:
+            members(cfg.data)
+        except ConfigError as e:
+            problems.append(str(e))
+    elif cfg.data.get("corpora"):
+        problems.append(f"data.corpora lists corpora to pool, but data.corpus={corpus.name}: set data.corpus=pooled")
+    from serray.data.corpus import LABELS, class_setting
+
+    try:
+        setting = class_setting(cfg.data)
+    except ConfigError as e:
+        problems.append(str(e))
+        setting = "four"
+    allowed = LABELS if setting == "four" else (setting if isinstance(setting, tuple) else None)
     for raw, cls in (cfg.data.label_map or {}).items():
-        if cls is not None and str(cls) not in (*LABELS, ""):
-            problems.append(f"data.label_map: {raw!r} -> {cls!r}: a raw label maps to one of {list(LABELS)} or to '' "
-                            "(dropped)")
+        if allowed is not None and cls is not None and str(cls) not in (*allowed, ""):
+            problems.append(f"data.label_map: {raw!r} -> {cls!r}: a raw label maps to one of {list(allowed)} or to '' "
+                            "(dropped)" + (" (data.classes=native or a list takes other classes)" if setting == "four" else ""))
     if cfg.data.protocol is not None and cfg.data.protocol not in (corpus.protocol, *corpus.other_protocols):
         options = ", ".join(corpus.other_protocols) or "none: its own protocol only"
         problems.append(f"data.protocol={cfg.data.protocol} is not a protocol {corpus.title} offers "

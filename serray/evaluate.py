@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Callable, Dict, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import numpy as np
 import pandas as pd
@@ -77,7 +77,7 @@ def _saved_config(entry: Dict[str, Any]) -> Optional[dict]:
 
 def source_audio(entry: Dict[str, Any], labels) -> Optional[Dict[str, pd.DataFrame]]:
     """What the entry's model was made from, from the source run's manifest and its fold's split record:
-    ``train`` (the four-class utterances its fold trained on: exactly, when the fold recorded its split,
+    ``train`` (the utterances of ``labels`` its fold trained on: exactly, when the fold recorded its split,
     else every group of its run but its test fold) and ``heard`` (everything its training and
     pre-training read: the training groups' utterances, labelled or not, and ``pretrain.extra_audio``).
     None when the source manifest is not on this machine."""
@@ -98,7 +98,7 @@ def source_audio(entry: Dict[str, Any], labels) -> Optional[Dict[str, pd.DataFra
     record = storage.join(str(entry.get("finetune_dir") or ""), f"fold{held}", SPLIT_FILE)
     if entry.get("finetune_dir") and storage.is_file(record):
         ids = set(json.loads(storage.read_text(record))["train"])
-        train = source[source["utt_id"].isin(ids)]
+        train = source[source["utt_id"].isin(ids) & source["label"].isin(labels)]  # of the classes scored
     heard = [groups[["utt_id", "path"]]]
     extra = list((saved.get("pretrain") or {}).get("extra_audio") or [])
     if extra:
@@ -258,6 +258,7 @@ def run_evaluate(cfg, model: Optional[str] = None, echo: Callable[[str], Any] = 
     from serray.predict import Predictor
     from serray.protocol import corpus_protocol
     from serray.registry import entry_evaluation, get_entry, model_dir
+    from serray.data.corpora import classes_of
     from serray.train.folds import labelled_rows
     from serray.train.metrics import confusion
     from serray.train.results import _plot_confusion
@@ -267,7 +268,7 @@ def run_evaluate(cfg, model: Optional[str] = None, echo: Callable[[str], Any] = 
     predictor = Predictor.from_checkpoint(local)
     if not predictor.has_classes:
         raise DataError(f"model {entry['id']} predicts emotion dimensions only (finetune.task=dimensional); "
-                        "cross-corpus evaluation scores the four classes (use a categorical or multitask model)")
+                        "cross-corpus evaluation scores classes (use a categorical or multitask model)")
     folds = [int(f) for f in cfg.finetune.folds]
     base = Path(cfg.output_dir) / "evaluate"
     work = base / target_key(cfg)  # the target's own manifest and features: never a source run's
@@ -285,39 +286,65 @@ def run_evaluate(cfg, model: Optional[str] = None, echo: Callable[[str], Any] = 
     rows = labelled_rows(cfg)
     rows = rows[rows["session"].isin(folds)]
     if rows.empty:
-        raise DataError(f"{target['corpus']} has no four-class utterances in test groups {folds}")
+        raise DataError(f"{target['corpus']} has no utterances of data.classes in test groups {folds}")
+    labels = align_classes(list(predictor.labels), classes_of(cfg), sorted(set(rows["label"])), entry["id"],
+                           target["corpus"])
     from serray.data.iemocap import read_manifest
 
     paths = read_manifest(cfg.data.manifest).set_index("utt_id")["path"].to_dict()
-    made_of = source_audio(entry, list(predictor.labels))
+    made_of = source_audio(entry, labels)
     check_unseen(None if made_of is None else made_of["heard"], [paths[u] for u in rows["utt_id"]], echo,
                  fingerprints=lambda ps: cached_map(cfg, ps, _audio_fingerprint, base / "cache" / "audio_fingerprints.parquet"))
     preds = predictor.predict_parquet(session_paths(cfg.features.dir, folds), utt_ids=rows["utt_id"].tolist())
     preds = preds.drop(columns=[c for c in ("label",) if c in preds.columns]).merge(
         rows[["utt_id", "label", "session"]], on="utt_id").sort_values("utt_id", ignore_index=True)
+    if labels != list(predictor.labels):  # the model's classes the target lacks take no part: argmax over the shared
+        preds["pred"] = preds[[f"p_{c}" for c in labels]].to_numpy().argmax(1)
+        preds["pred"] = [labels[i] for i in preds["pred"]]
     out = base / entry["id"]
     out.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out)
     summary = {"model": entry["id"], "source": {k: source.get(k) for k in ("corpus", "protocol", "folds")},
                "target": {**target, "root": storage.describe(cfg.data.root), "test_groups": folds},
-               "labels": list(predictor.labels), **score(preds, predictor.labels),
+               "labels": labels, "model_labels": list(predictor.labels), **score(preds, labels),
                "plot_title": f"{entry['id']} on {target['corpus']}", "provenance": provenance.collect(cfg, folds)}
     summary["mean"] = {k: summary["pooled"][k] for k in ("ua", "wa", "macro_f1")}
     preds.to_csv(out / "predictions.csv", index=False)
-    index = {l: i for i, l in enumerate(predictor.labels)}
-    cm = confusion([index[l] for l in preds["label"]], [index[l] for l in preds["pred"]], len(predictor.labels))
+    index = {l: i for i, l in enumerate(labels)}
+    cm = confusion([index[l] for l in preds["label"]], [index[l] for l in preds["pred"]], len(labels))
     summary["confusion"] = cm.tolist()
     storage.write_text(out / "metrics.json", json.dumps(summary, indent=2))  # the model's scores first
     if reference_features:
         summary["reference"] = reference(cfg, None if made_of is None else made_of["train"], rows, paths,
-                                         list(predictor.labels), reference_features, echo, base / "cache")
+                                         labels, reference_features, echo, base / "cache")
         storage.write_text(out / "metrics.json", json.dumps(summary, indent=2))
-    _plot_confusion(cm, out / "confusion_matrix.png", summary)
+    _plot_confusion(cm, out / "confusion_matrix.png", summary, labels)
     text = markdown(summary)
     storage.write_text(out / "results.md", text)
     echo(text)
     echo(f"results in {out}: metrics.json, results.md, predictions.csv, confusion_matrix.png")
     return summary
+
+
+def align_classes(model: List[str], target: Sequence[str], present: Sequence[str], model_id: str,
+                  corpus: str) -> List[str]:
+    """The classes a cross-corpus score covers: the model's classes the target has (``data.classes`` of the
+    target), in the model's order. The model's other classes take no part (their outputs are left out of
+    the argmax); a target class the model does not predict is refused.
+
+    Raises:
+        DataError: the target holds classes the model lacks, or shares fewer than two with it.
+    """
+    from serray.errors import DataError
+
+    lacking = [c for c in present if c not in model]
+    shared = [c for c in model if c in set(target)]
+    if lacking or len(shared) < 2:
+        keep = [c for c in target if c in model]
+        raise DataError(f"{corpus} (data.classes: {list(target)}) holds classes model {model_id} does not predict: "
+                        f"{lacking or 'fewer than two shared'} (the model's: {model}); score the shared ones with "
+                        f"data.classes=[{','.join(keep)}], or map the others in data.label_map")
+    return shared
 
 
 def target_key(cfg) -> str:

@@ -9,16 +9,24 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Any, Callable, Dict
+from typing import Any, Callable, Dict, Optional
 
 from serray import storage
 from serray.config import as_dict, save_config
 
 
-def synthetic_kwargs(cfg) -> dict:
-    """``make_corpus`` keyword arguments from the ``synthetic`` section."""
+def synthetic_kwargs(cfg, layout: Optional[str] = None) -> dict:
+    """``make_corpus`` keyword arguments from the ``synthetic`` section (``layout``: the corpus it is written
+    as, default ``data.corpus``)."""
+    from serray.data.corpus import class_setting
+    from serray.data.synthetic_layouts import native_classes
+
     kw = as_dict(cfg.synthetic)
     kw.pop("enabled", None)
+    if kw.get("classes") is None:  # the four, unless the run asks for more: then every class its layout has
+        kw.pop("classes", None)
+        if class_setting(cfg.data) != "four" and kw.get("preset", "demo") == "demo":
+            kw["classes"] = native_classes(layout or str(cfg.data.corpus))
     return kw
 
 
@@ -46,7 +54,7 @@ def makes_synthetic(cfg) -> bool:
     """Whether :func:`prepare_corpus` will make the built-in corpus (enabled, missing, under
     ``output_dir/synthetic``): its oracle and unlabelled pool do not exist yet."""
     root = Path(cfg.data.root)
-    return bool(cfg.synthetic.enabled) and not root.exists() and is_builtin_root(cfg, root)
+    return str(cfg.data.corpus) != "pooled" and bool(cfg.synthetic.enabled) and not root.exists() and is_builtin_root(cfg, root)
 
 
 def prepare_corpus(cfg, echo: Callable[[str], Any] = print):
@@ -60,7 +68,9 @@ def prepare_corpus(cfg, echo: Callable[[str], Any] = print):
     if stored is not None:
         check_corpus(stored, cfg, f"features.dir {storage.describe(cfg.features.dir)}")
     root = Path(cfg.data.root)
-    if cfg.synthetic.enabled and not root.exists():
+    if str(cfg.data.corpus) == "pooled":
+        _make_pooled_synthetic(cfg, echo)
+    elif cfg.synthetic.enabled and not root.exists():
         if not makes_synthetic(cfg):
             from serray.data import corpora
             from serray.errors import DataError
@@ -71,10 +81,31 @@ def prepare_corpus(cfg, echo: Callable[[str], Any] = print):
         echo(f"making the synthetic corpus in {root} ({cfg.data.corpus} layout)")
         make_synthetic(cfg, root, str(cfg.data.corpus))
     report = corpora.build_manifest(cfg, root)
-    write_manifest(report.kept, cfg.data.manifest)
+    write_manifest(report.kept, cfg.data.manifest, report.classes, report.class_setting)
     echo(f"manifest: {len(report.kept)} utterances -> {cfg.data.manifest}")
     echo(report.summary())
     return report
+
+
+def _make_pooled_synthetic(cfg, echo: Callable[[str], Any]) -> None:
+    """The built-in corpus of each member of a pooled run that is missing (under ``output_dir/synthetic``), in
+    its layout and with its own voices (``synthetic.seed`` + the member's position): no two members share
+    a speaker or a recording."""
+    from serray.data.pooled import members
+    from serray.data.synthetic_layouts import make_layout
+    from serray.errors import DataError
+
+    for m in members(cfg.data):
+        root = Path(m["root"])
+        if root.exists():
+            continue
+        if not (cfg.synthetic.enabled and is_builtin_root(cfg, root)):
+            raise DataError(f"{m['corpus']} root not found: {root} (data.corpora[{m['index'] - 1}].root)")
+        if cfg.synthetic.preset != "demo":
+            raise DataError("a pooled run makes its built-in corpora with the demo preset only (synthetic.preset=demo)")
+        echo(f"making the synthetic corpus in {root} ({m['corpus']} layout, synthetic.seed={cfg.synthetic.seed + m['index']})")
+        kw = {**synthetic_kwargs(cfg, m["corpus"]), "seed": int(cfg.synthetic.seed) + m["index"]}
+        make_layout(root.parent if m["corpus"] == "csv" else root, m["corpus"], **kw)
 
 
 def run_pipeline(cfg, echo: Callable[[str], Any] = print) -> Dict[str, Any]:

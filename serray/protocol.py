@@ -21,11 +21,12 @@ SELECTIONS = ("fixed", "nested", "non-nested")
 
 #: The keys of an evaluation record (and of every registry entry).
 EVALUATION_KEYS = ("corpus", "protocol", "folds", "val_split", "val_fraction", "label_fraction", "selection",
-                   "epoch_selection")
+                   "epoch_selection", "classes")
 
 #: Entries registered before corpora were pluggable were all IEMOCAP (or its layout), and before
-#: ``finetune.epoch_selection`` all chose their epochs on a validation part.
-LEGACY = {"corpus": "iemocap", "epoch_selection": "val"}
+#: ``finetune.epoch_selection`` all chose their epochs on a validation part, and before ``data.classes`` all
+#: predicted the four classes.
+LEGACY = {"corpus": "iemocap", "epoch_selection": "val", "classes": "four"}
 
 
 def protocol(cfg) -> str:
@@ -40,13 +41,27 @@ def corpus_protocol(cfg) -> Dict[str, Any]:
     from serray.data import corpora
 
     corpus = corpora.of(cfg)
-    return {"corpus": corpus.name, "evaluation": corpus.evaluation_name(cfg.data), "group_name": corpus.group_name_of(cfg.data)}
+    out = {"corpus": corpus.name, "evaluation": corpus.evaluation_name(cfg.data), "group_name": corpus.group_name_of(cfg.data)}
+    if corpus.name == "pooled":
+        from serray.data.pooled import group_labels, members
+
+        out["corpora"] = [{"key": m["key"], "corpus": m["corpus"]} for m in members(cfg.data)]
+        out["group_labels"] = {str(g): k for g, k in group_labels(cfg.data).items()}
+    return out
 
 
 def grouping_keys(cfg) -> list:
     """Config keys beyond a stage's own that change which utterances form a fold: ``data.protocol`` when
     it is set (left out when null, so the hashes of runs that never set it stay as they were)."""
     return ["data.protocol"] if cfg.data.get("protocol") else []
+
+
+def class_keys(cfg) -> list:
+    """Config keys that change a run's classes: ``data.classes`` when it is not the four and ``data.label_map``
+    when it maps anything (left out otherwise, so the hashes of four-class runs stay as they were)."""
+    classes = cfg.data.get("classes", "four")
+    return ((["data.classes"] if classes not in (None, "", "four") else [])
+            + (["data.label_map"] if cfg.data.get("label_map") else []))
 
 
 def evaluation(cfg, selection: str = "fixed") -> Dict[str, Any]:
@@ -57,7 +72,17 @@ def evaluation(cfg, selection: str = "fixed") -> Dict[str, Any]:
             "folds": [int(f) for f in cfg.finetune.folds],
             "val_split": str(cfg.finetune.val_split), "val_fraction": float(cfg.finetune.val_fraction),
             "label_fraction": float(cfg.finetune.label_fraction), "selection": selection,
-            "epoch_selection": str(cfg.finetune.get("epoch_selection", "val") or "val")}
+            "epoch_selection": str(cfg.finetune.get("epoch_selection", "val") or "val"),
+            "classes": class_record(cfg)}
+
+
+def class_record(cfg):
+    """``data.classes`` as an evaluation record holds it: ``four``, ``native`` or the list (runs over other
+    class sets are not compared: UA over six classes is not UA over four)."""
+    from serray.data.corpus import class_setting
+
+    setting = class_setting(cfg.data)
+    return setting if isinstance(setting, str) else list(setting)
 
 
 def same_evaluation(entry: Dict[str, Any], wanted: Dict[str, Any]) -> bool:

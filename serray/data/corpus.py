@@ -37,7 +37,19 @@ from serray.errors import DataError
 log = logging.getLogger(__name__)
 
 LABELS: Tuple[str, ...] = ("neu", "hap", "sad", "ang")
-"""The standard 4-class label set, in class-index order."""
+"""The standard 4-class label set, in class-index order (``data.classes: four``, the default)."""
+
+#: The class vocabulary of the corpora's own label sets (``data.classes: native``), in class-index order:
+#: corpora that share an emotion share its name, and the four classes come first in every native set.
+CLASS_NAMES: Dict[str, str] = {"neu": "neutral", "hap": "happy", "sad": "sad", "ang": "angry", "fea": "fear",
+                               "dis": "disgust", "sur": "surprise", "con": "contempt", "cal": "calm",
+                               "bor": "boredom"}
+#: Common names of the vocabulary's classes (a labelled CSV's own labels).
+CLASS_ALIASES: Dict[str, str] = {
+    **{c: c for c in CLASS_NAMES}, **{v: c for c, v in CLASS_NAMES.items()}, "happiness": "hap", "joy": "hap",
+    "sadness": "sad", "anger": "ang", "fearful": "fea", "surprised": "sur", "disgusted": "dis", "bored": "bor"}
+#: ``data.classes`` words (or a list of class names).
+CLASS_SETTINGS = ("four", "native")
 
 #: Emotion dimensions (``finetune.dimensions``) -> their manifest column (IEMOCAP's "activation" is arousal).
 DIMENSION_COLUMNS: Dict[str, str] = {"valence": "valence", "arousal": "activation", "dominance": "dominance"}
@@ -53,6 +65,7 @@ PROTOCOLS = {
     "speaker_kfold": "speaker-grouped {k}-fold",
     "leave_one_speaker_out": "leave-one-speaker-out",
     "official_split": "official split",
+    "leave_one_corpus_out": "leave-one-corpus-out",
 }
 
 
@@ -69,14 +82,16 @@ class ManifestReport:
     group_name: str = "session"
     ignored: Dict[str, int] = field(default_factory=dict)  # decoys skipped on purpose (reason -> count)
     notes: List[str] = field(default_factory=list)  # what a user must know about these folds
+    classes: Tuple[str, ...] = LABELS  # the run's classes in index order (data.classes)
+    class_setting: str = "four"  # four | native | list
 
     def summary(self) -> str:
-        """A per-group x class table of kept 4-class utterances plus the drop / missing counts."""
+        """A per-group x class table of kept utterances of the run's classes plus the drop / missing counts."""
         df = self.kept
         lines = [f"{self.corpus} manifest: kept utterances per {self.group_name} x class"]
-        df = df[df["label"].isin(LABELS)]  # the table counts the 4 classes only
+        df = df[df["label"].isin(self.classes)]
         if len(df):
-            table = pd.crosstab(df["session"], df["label"]).reindex(columns=list(LABELS), fill_value=0)
+            table = pd.crosstab(df["session"], df["label"]).reindex(columns=list(self.classes), fill_value=0)
             table.index.name = self.group_name
             table["total"] = table.sum(axis=1)
             table.loc["total"] = table.sum(axis=0)
@@ -88,10 +103,10 @@ class ManifestReport:
             drop.index.name, drop.columns.name = self.group_name, "dropped"
             drop["total"] = drop.sum(axis=1)
             if self.unlabelled_kept:
-                lines.append(f"label outside the 4-class setup: {int(drop['total'].sum())}, "
-                             "kept with no 4-class label (pre-training only)")
+                lines.append(f"label outside the {self._setup()}: {int(drop['total'].sum())}, "
+                             f"kept with no {'4-class label' if self.class_setting == 'four' else 'class'} (pre-training only)")
             else:
-                lines.append(f"dropped (label outside the 4-class setup): {int(drop['total'].sum())}")
+                lines.append(f"dropped (label outside the {self._setup()}): {int(drop['total'].sum())}")
             lines.append(drop.to_string())
         if self.missing_wav:
             shown = ", ".join(self.missing_wav[:5]) + (" ..." if len(self.missing_wav) > 5 else "")
@@ -102,6 +117,9 @@ class ManifestReport:
             lines.append("ignored: " + ", ".join(f"{n} {why}" for why, n in sorted(self.ignored.items())))
         lines += [f"note: {n}" for n in self.notes]
         return "\n".join(lines)
+
+    def _setup(self) -> str:
+        return "4-class setup" if self.class_setting == "four" else f"{len(self.classes)} classes of data.classes"
 
 
 @dataclass(frozen=True)
@@ -138,6 +156,8 @@ class Corpus:
     dimension_range: Optional[Tuple[float, float]] = None  # the V/A/D rating scale (None: no dimensions)
     other_protocols: Tuple[str, ...] = ()  # what data.protocol may choose instead (IEMOCAP: leave_one_speaker_out)
     test_only_groups: Tuple[int, ...] = ()  # official test sets: tested, never trained, validated or pre-trained on
+    native: Optional[Mapping[str, str]] = None  # raw label -> the corpus's own class (data.classes: native);
+    # None: the raw labels found in the data, named by CLASS_ALIASES where they name a known class (a CSV)
 
     def protocol_of(self, data_cfg) -> str:
         """``data.protocol`` when set (one of :attr:`other_protocols`), else the corpus's own."""
@@ -145,7 +165,8 @@ class Corpus:
 
     def group_name_of(self, data_cfg) -> str:
         """What a fold group is under the chosen protocol (``speaker`` for leave-one-speaker-out)."""
-        return "speaker" if self.protocol_of(data_cfg) == "leave_one_speaker_out" else self.group_name
+        return {"leave_one_speaker_out": "speaker", "leave_one_corpus_out": "corpus"}.get(self.protocol_of(data_cfg),
+                                                                                          self.group_name)
 
     def evaluation_name(self, data_cfg) -> str:
         """The protocol in words, e.g. ``speaker-grouped 5-fold``."""
@@ -170,23 +191,109 @@ def kfold_groups(data_cfg) -> List[int]:
 # ---------------------------------------------------------------- labels
 
 
-def label_map(corpus: Corpus, overrides: Optional[Mapping[str, str]] = None) -> Dict[str, str]:
-    """The corpus's raw label -> class map (``""``: dropped) with ``data.label_map`` applied.
+def class_setting(data_cfg) -> Any:
+    """``data.classes``: ``"four"`` (the default), ``"native"`` or a tuple of class names.
 
     Raises:
-        DataError: an override maps to something other than one of :data:`LABELS` or ``""``.
+        ConfigError: another word, a list of fewer than two names, a repeated or empty name.
     """
-    mapping = dict(corpus.raw_labels)
-    for raw, cls in dict(overrides or {}).items():
-        cls = "" if cls is None else str(cls)
-        if cls not in LABELS and cls != "":
-            raise DataError(f"data.label_map: {raw!r} -> {cls!r}: a label maps to one of {list(LABELS)} "
+    from serray.errors import ConfigError
+
+    value = cfg_get(data_cfg, "classes", "four")
+    if value is None or (isinstance(value, str) and value.strip() == ""):
+        return "four"
+    if isinstance(value, str):
+        if value not in CLASS_SETTINGS:
+            raise ConfigError(f"data.classes={value!r}: one of {', '.join(CLASS_SETTINGS)} or a list of class names "
+                              "(e.g. data.classes=[neu,hap,sad,ang,fea])")
+        return value
+    names = tuple(str(c).strip() for c in value)
+    if len(names) < 2 or any(not n for n in names) or len(set(names)) != len(names):
+        raise ConfigError(f"data.classes={list(names)}: a list of at least two distinct, non-empty class names")
+    return names
+
+
+@dataclass(frozen=True)
+class LabelSpace:
+    """The classes of a run on one corpus: ``mapping`` raw label -> class (``""``: no class) and ``classes``
+    in class-index order (what the model's outputs are)."""
+
+    mapping: Dict[str, str]
+    classes: Tuple[str, ...]
+    setting: str  # four | native | list
+
+
+def _native_map(corpus: Corpus, found: Iterable[str]) -> Dict[str, str]:
+    if corpus.native is not None:
+        return dict(corpus.native)
+    return {raw: CLASS_ALIASES.get(raw.lower(), raw) for raw in found}
+
+
+def _ordered(classes: Iterable[str]) -> Tuple[str, ...]:
+    """Classes in index order: the vocabulary's (:data:`CLASS_NAMES`: the four first, and a class has the
+    same rank in every corpus), then the others sorted."""
+    have = set(classes) - {""}
+    order = [c for c in CLASS_NAMES if c in have]
+    return tuple(order + sorted(have - set(order)))
+
+
+def label_space(corpus: Corpus, data_cfg, found: Iterable[str] = ()) -> LabelSpace:
+    """The raw label -> class map of ``data.classes`` with ``data.label_map`` applied, and the class list.
+
+    * ``four``: the corpus's map onto :data:`LABELS` (the classes are always those four, in that order);
+    * ``native``: the corpus's own classes (:attr:`Corpus.native`; a CSV: its own labels), those no raw
+      label reaches after ``data.label_map`` left out;
+    * a list: the native map restricted to the listed classes (the others dropped), in the list's order.
+
+    ``found``: the raw labels the data holds (a CSV's native classes are its labels).
+
+    Raises:
+        DataError: an override maps outside the class list, or a listed class no raw label reaches.
+    """
+    setting = class_setting(data_cfg)
+    overrides = {str(raw): "" if cls is None else str(cls) for raw, cls in dict(cfg_get(data_cfg, "label_map") or {}).items()}
+    found = [str(r) for r in found]
+    if setting == "four":
+        mapping, allowed = dict(corpus.raw_labels), LABELS
+    else:
+        mapping = _native_map(corpus, found)
+        allowed = setting if isinstance(setting, tuple) else None
+        if allowed is not None:
+            mapping = {raw: cls if cls in allowed else "" for raw, cls in mapping.items()}
+    for raw, cls in overrides.items():
+        if allowed is not None and cls not in allowed and cls != "":
+            raise DataError(f"data.label_map: {raw!r} -> {cls!r}: a label maps to one of {list(allowed)} "
                             f"or to '' (dropped)")
-        mapping[str(raw)] = cls
-    return mapping
+        mapping[raw] = cls
+    if setting == "four":
+        return LabelSpace(mapping, LABELS, "four")
+    if corpus.native is None:  # the data's labels: only the labels found make classes
+        reached = {mapping[r] for r in found if r in mapping}
+    else:
+        reached = set(mapping.values())
+    if isinstance(setting, tuple):
+        missing = [c for c in setting if c not in reached]
+        if missing:
+            raise DataError(f"data.classes lists {missing}, which no label of {corpus.title} reaches (its own classes: "
+                            f"{list(_ordered(_native_map(corpus, found).values()))}; data.label_map "
+                            "can map a raw label to one)")
+        return LabelSpace(mapping, setting, "list")
+    return LabelSpace(mapping, _ordered(reached), "native")
 
 
-def check_labels(raws: Iterable[Tuple[str, str]], mapping: Mapping[str, str], corpus: str) -> None:
+def native_classes(corpus: Corpus) -> Tuple[str, ...]:
+    """A corpus's own classes in index order (empty for a CSV: its classes are its labels)."""
+    return _ordered((corpus.native or {}).values())
+
+
+def label_map(corpus: Corpus, overrides: Optional[Mapping[str, str]] = None) -> Dict[str, str]:
+    """The corpus's raw label -> four-class map (``""``: dropped) with ``data.label_map`` applied
+    (:func:`label_space` with ``data.classes: four``)."""
+    return label_space(corpus, {"label_map": dict(overrides or {})}).mapping
+
+
+def check_labels(raws: Iterable[Tuple[str, str]], mapping: Mapping[str, str], corpus: str,
+                 classes: Sequence[str] = LABELS) -> None:
     """Fail on raw labels the map does not list: ``raws`` holds ``(raw_label, where)`` pairs.
 
     Raises:
@@ -200,7 +307,7 @@ def check_labels(raws: Iterable[Tuple[str, str]], mapping: Mapping[str, str], co
         parts = [f"{raw!r} ({len(w)}x, e.g. {w[0]})" for raw, w in sorted(unknown.items())]
         raise DataError(
             f"{corpus}: labels the label map does not list: {', '.join(parts[:8])}"
-            f"{' ...' if len(parts) > 8 else ''}. Map each to one of {list(LABELS)} or drop it with '', "
+            f"{' ...' if len(parts) > 8 else ''}. Map each to one of {list(classes)} or drop it with '', "
             f"e.g. data.label_map={{{next(iter(sorted(unknown)))}: ''}} (known: {sorted(mapping)})")
 
 
@@ -317,12 +424,13 @@ def finish(rows: List[dict], report_kw: dict) -> ManifestReport:
     return ManifestReport(kept=kept, **report_kw)
 
 
-def apply_labels(entries: Iterable[dict], mapping: Mapping[str, str], keep_unlabelled: bool,
+def apply_labels(entries: Iterable[dict], space: LabelSpace, keep_unlabelled: bool,
                   corpus: Corpus, report_kw: dict) -> ManifestReport:
-    """Apply the label map to parsed entries (each a :func:`row` dict plus ``where``), count drops and
-    missing audio, and build the report. Unknown raw labels are an error (:func:`check_labels`)."""
+    """Apply the label space (:func:`label_space`) to parsed entries (each a :func:`row` dict plus ``where``),
+    count drops and missing audio, and build the report. Unknown raw labels are an error (:func:`check_labels`)."""
     entries = list(entries)
-    check_labels(((e["raw_label"], e.pop("where")) for e in entries), mapping, corpus.title)
+    mapping = space.mapping
+    check_labels(((e["raw_label"], e.pop("where")) for e in entries), mapping, corpus.title, space.classes)
     rows, dropped, missing = [], {}, []
     lfs = []
     for e in entries:
@@ -345,4 +453,5 @@ def apply_labels(entries: Iterable[dict], mapping: Mapping[str, str], keep_unlab
     if missing:
         log.warning("%d labelled utterances have no audio (skipped), e.g. %s", len(missing), missing[0])
     return finish(rows, {**report_kw, "dropped": dropped, "missing_wav": missing, "unlabelled_kept": keep_unlabelled,
-                         "corpus": corpus.title, "group_name": corpus.group_name})
+                         "corpus": corpus.title, "group_name": corpus.group_name, "classes": space.classes,
+                         "class_setting": space.setting})

@@ -24,13 +24,15 @@ import csv
 import re
 from pathlib import Path
 
-from serray.data.corpus import (Corpus, ManifestReport, cfg_get, check_root, kfold_groups, label_map, apply_labels,
+from serray.data.corpus import (Corpus, ManifestReport, cfg_get, check_root, kfold_groups, label_space, apply_labels,
                                 no_match, row, speaker_folds, walk_files)
 
 NAME_RE = re.compile(r"^(?P<actor>\d{4})_(?P<sentence>[A-Z]{3})_(?P<emotion>[A-Z]{3})_(?P<level>LO|MD|HI|XX)\.wav$",
                      re.IGNORECASE)
 SENTENCES = ("IEO", "TIE", "IOM", "IWW", "TAI", "MTI", "IWL", "ITH", "DFA", "ITS", "TSI", "WSI")
 EMOTIONS = {"NEU": "neu", "HAP": "hap", "SAD": "sad", "ANG": "ang", "DIS": "", "FEA": ""}
+#: data.classes: native -- the six acted emotions
+NATIVE = {"NEU": "neu", "HAP": "hap", "SAD": "sad", "ANG": "ang", "FEA": "fea", "DIS": "dis"}
 
 
 def _sexes(root: Path) -> dict:
@@ -63,12 +65,12 @@ def build(root, data_cfg, keep_unlabelled: bool = False) -> ManifestReport:
     entries = [{**row(path.stem, groups[m["actor"]], m["actor"], actors[m["actor"]], m["emotion"].upper(), "", path,
                       dialog=m["sentence"].upper(), method=m["level"].upper()), "where": path.name}
                for path, m in parsed]
-    mapping = label_map(CORPUS, cfg_get(data_cfg, "label_map"))
-    return apply_labels(entries, mapping, keep_unlabelled, CORPUS, {"malformed": malformed, "ignored": ignored})
+    return apply_labels(entries, label_space(CORPUS, data_cfg), keep_unlabelled, CORPUS,
+                        {"malformed": malformed, "ignored": ignored})
 
 
 CORPUS = Corpus(
     name="crema-d", title="CREMA-D", group_name="fold", protocol="speaker_kfold",
     layout="AudioWAV/<actor>_<sentence>_<emotion>_<level>.wav (+ VideoDemographics.csv)",
-    raw_labels=EMOTIONS, build=build, groups=kfold_groups,
+    raw_labels=EMOTIONS, native=NATIVE, build=build, groups=kfold_groups,
 )

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import re
 
-from serray.data.corpus import (Corpus, ManifestReport, cfg_get, check_root, label_map, apply_labels, no_match,
+from serray.data.corpus import (Corpus, ManifestReport, cfg_get, check_root, label_space, apply_labels, no_match,
                                 row, walk_files)
 
 NAME_RE = re.compile(r"^(?P<speaker>\d\d)(?P<text>[ab]\d\d)(?P<emotion>[WLEAFTN])(?P<version>[a-z])\.wav$")
@@ -28,6 +28,9 @@ LETTERS = {"W": "anger", "L": "boredom", "E": "disgust", "A": "fear", "F": "happ
            "N": "neutral"}
 EMOTIONS = {"anger": "ang", "boredom": "", "disgust": "", "fear": "", "happiness": "hap", "sadness": "sad",
             "neutral": "neu"}
+#: data.classes: native -- the seven emotions
+NATIVE = {"anger": "ang", "boredom": "bor", "disgust": "dis", "fear": "fea", "happiness": "hap", "sadness": "sad",
+          "neutral": "neu"}
 
 
 def build(root, data_cfg, keep_unlabelled: bool = False) -> ManifestReport:
@@ -52,12 +55,12 @@ def build(root, data_cfg, keep_unlabelled: bool = False) -> ManifestReport:
                       "M" if m["speaker"] in MALE else "F", LETTERS[m["emotion"]], "", path, dialog=m["text"],
                       method=m["version"]), "where": path.name}
                for path, m in parsed]
-    mapping = label_map(CORPUS, cfg_get(data_cfg, "label_map"))
-    return apply_labels(entries, mapping, keep_unlabelled, CORPUS, {"malformed": malformed, "ignored": ignored})
+    return apply_labels(entries, label_space(CORPUS, data_cfg), keep_unlabelled, CORPUS,
+                        {"malformed": malformed, "ignored": ignored})
 
 
 CORPUS = Corpus(
     name="emodb", title="EmoDB", group_name="speaker", protocol="leave_one_speaker_out",
     layout="wav/<speaker><text><emotion><version>.wav, e.g. wav/03a01Fa.wav",
-    raw_labels=EMOTIONS, build=build, groups=lambda data_cfg: list(range(1, len(SPEAKERS) + 1)),
+    raw_labels=EMOTIONS, native=NATIVE, build=build, groups=lambda data_cfg: list(range(1, len(SPEAKERS) + 1)),
 )

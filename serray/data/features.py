@@ -229,12 +229,17 @@ class PadCollate(NumpyBatchCollateFn):
         max_frames: crop longer utterances to this many frames (None: no crop).
         random_crop: pick the crop window at random (training) or take the centre (evaluation).
         seed: seed of the crop RNG.
+        classes: the run's classes in index order (``data.classes``; default the four).
+        with_labels: False: every row's label is -1 (pre-training reads no class).
     """
 
-    def __init__(self, max_frames: Optional[int] = None, random_crop: bool = True, seed: int = 0):
+    def __init__(self, max_frames: Optional[int] = None, random_crop: bool = True, seed: int = 0,
+                 classes: Optional[Sequence[str]] = None, with_labels: bool = True):
+        self.with_labels = with_labels
         self.max_frames = max_frames
         self.random_crop = random_crop
         self.rng = np.random.default_rng(seed)
+        self.index = LABEL_INDEX if classes is None else {label: i for i, label in enumerate(classes)}
 
     def _crop(self, f: np.ndarray) -> np.ndarray:
         t = f.shape[-2]
@@ -249,8 +254,9 @@ class PadCollate(NumpyBatchCollateFn):
             for b, t, d, l in zip(batch["feat"], batch["num_frames"], batch["dim"], batch["num_layers"])
         ]
         x, mask = pad_features(feats)
-        # "" = no 4-class label (pre-training rows): -1
-        labels = torch.tensor([UNLABELLED if str(l) == "" else LABEL_INDEX[str(l)] for l in batch["label"]],
+        # "" = no class (pre-training rows): -1
+        labels = torch.tensor([UNLABELLED if str(l) == "" or not self.with_labels else self.index[str(l)]
+                               for l in batch["label"]],
                               dtype=torch.long)
         return {"x": x, "padding_mask": mask, "labels": labels}
 

@@ -47,6 +47,7 @@ from serray.config import as_dict, section_hash, to_yaml
 from serray.data.audio import load_audio
 from serray.data.encoders import build_encoder, check_identity, describe_encoder
 from serray.data.extra_audio import EXTRA_SESSION, extra_audio_manifest
+from serray.data.corpora import classes_of
 from serray.data.iemocap import LABELS, MANIFEST_COLUMNS, read_manifest
 from serray.data.stored import decode_feature, partial_sums, reduce_partials, session_of  # noqa: F401 (decode_feature re-exported)
 from serray.errors import AudioError, DataError
@@ -389,7 +390,13 @@ def clear_features(features_dir: str) -> List[str]:
 def corpus_identity(cfg) -> dict:
     """The corpus a feature store holds: ``data.corpus`` and the absolute ``data.root``."""
     root = str(cfg.data.root)
-    return {"name": str(cfg.data.corpus), "root": root if storage.is_uri(root) else str(Path(root).expanduser().resolve())}
+    ident = {"name": str(cfg.data.corpus), "root": root if storage.is_uri(root) else str(Path(root).expanduser().resolve())}
+    if ident["name"] == "pooled":  # several corpora: each member's corpus and root
+        from serray.data.pooled import members
+
+        ident["members"] = [{"corpus": m["corpus"], "root": str(Path(m["root"]).expanduser().resolve())}
+                            for m in members(cfg.data)]
+    return ident
 
 
 def _corpus_text(c: dict) -> str:
@@ -595,8 +602,9 @@ def featurize(cfg, overwrite: bool = False) -> Dict[str, object]:
     manifest = manifest[manifest["session"].isin(list(cfg.data.sessions))]
     if manifest.empty:
         raise DataError(f"manifest {cfg.data.manifest} has no utterances in sessions {list(cfg.data.sessions)}")
+    classes = classes_of(cfg)
     if not cfg.pretrain.use_unlabelled:  # a manifest built with keep_unlabelled: store what the config asks for
-        manifest = manifest[manifest["label"].isin(LABELS)]
+        manifest = manifest[manifest["label"].isin(classes)]
     extra_sources = [str(p) for p in cfg.pretrain.extra_audio]
     extra = extra_audio_manifest(extra_sources) if extra_sources else pd.DataFrame(columns=MANIFEST_COLUMNS)
     wanted = pd.concat([manifest[MANIFEST_COLUMNS], extra], ignore_index=True) if len(extra) else manifest
@@ -605,11 +613,11 @@ def featurize(cfg, overwrite: bool = False) -> Dict[str, object]:
     config_hash = section_hash(cfg, *FEATURE_HASH_KEYS)
     # one writer per features.dir (this machine; on object storage, runs on other machines are not seen)
     with storage.lock(out_dir, wait=False, what="another `serray featurize`, or training that reads it"):
-        return _featurize(cfg, overwrite, out_dir, wanted, extra, extra_sources, hashed, config_hash)
+        return _featurize(cfg, overwrite, out_dir, wanted, extra, extra_sources, hashed, config_hash, classes)
 
 
 def _featurize(cfg, overwrite: bool, out_dir: str, wanted: pd.DataFrame, extra: pd.DataFrame, extra_sources: list,
-               hashed: dict, config_hash: str) -> Dict[str, object]:
+               hashed: dict, config_hash: str, classes: tuple = LABELS) -> Dict[str, object]:
     from serray.ray_utils import init_ray, wait_for_node
 
     where = storage.describe(out_dir)
@@ -701,7 +709,7 @@ def _featurize(cfg, overwrite: bool, out_dir: str, wanted: pd.DataFrame, extra: 
         raise DataError(f"featurization wrote no rows to {where}: every utterance was skipped (see {SKIPPED_FILE})")
     by_session = stored.groupby("session")
     rows_per_session = {str(k): int(v) for k, v in by_session.size().items()}
-    labelled = {str(k): int(g["label"].isin(LABELS).sum()) for k, g in by_session}
+    labelled = {str(k): int(g["label"].isin(classes).sum()) for k, g in by_session}
     digests = {str(k): _utt_digest(g["utt_id"]) for k, g in by_session}
     old_stats = old_meta.get("stats") or {}
     stale = [s for s in rows_per_session if old_stats.get(s, {}).get("utt_digest") != digests[s]]
@@ -711,7 +719,7 @@ def _featurize(cfg, overwrite: bool, out_dir: str, wanted: pd.DataFrame, extra: 
     stats = {s: ({**fresh[s], "utt_digest": digests[s]} if s in stale else old_stats[s]) for s in rows_per_session}
     meta = {**encoder_meta, "dtype": "float16", "config_hash": config_hash, "hashed": hashed, "corpus": corpus,
             "num_rows": int(len(stored)), "rows_per_session": rows_per_session,
-            "labelled_rows_per_session": labelled, "extra_audio": extra_sources, "labels": list(LABELS),
+            "labelled_rows_per_session": labelled, "extra_audio": extra_sources, "labels": list(classes),
             "created": time.strftime("%Y-%m-%dT%H:%M:%S"), "stats": stats}
     storage.write_text(storage.join(out_dir, CONFIG_FILE), to_yaml(cfg))  # '_' so Parquet readers skip it
     _write_meta(out_dir, meta)  # last: the "done" marker of the whole directory

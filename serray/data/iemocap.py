@@ -26,7 +26,7 @@ from typing import Callable, Dict, Iterable, List, Mapping, Optional, Sequence, 
 
 import pandas as pd
 
-from serray.data.corpus import LABELS, MANIFEST_COLUMNS, Corpus, ManifestReport, cfg_get
+from serray.data.corpus import LABELS, MANIFEST_COLUMNS, Corpus, LabelSpace, ManifestReport, cfg_get, label_space
 from serray.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -109,7 +109,7 @@ def _line_problem(m: re.Match) -> Optional[str]:
 def build_manifest(
     root: str | Path, sessions: Sequence[int] = (1, 2, 3, 4, 5), merge_excited: bool = True,
     keep_unlabelled: bool = False, overrides: Optional[Mapping[str, str]] = None,
-    group_of: Optional[Callable[[str], int]] = None,
+    group_of: Optional[Callable[[str], int]] = None, space: Optional[LabelSpace] = None,
 ) -> ManifestReport:
     """Parse an IEMOCAP tree into a manifest of the 4-class utterances (or of every labelled one).
 
@@ -122,6 +122,8 @@ def build_manifest(
             They are still counted in ``dropped`` (label outside the 4-class setup).
         overrides: ``data.label_map`` entries (raw label -> class, or ``""`` to drop it).
         group_of: the fold group of a speaker (``session`` column and drop counts); None: the session.
+        space: the run's classes (``data.classes``, :func:`serray.data.corpus.label_space`; its map replaces
+            ``overrides``); None: the four classes.
 
     Returns:
         A :class:`ManifestReport` whose ``kept`` frame has :data:`MANIFEST_COLUMNS`, sorted by
@@ -132,7 +134,11 @@ def build_manifest(
     """
     root = Path(root).expanduser().resolve()
     check_layout(root, sessions)
-    mapping = label_map(merge_excited, overrides)
+    if space is None:
+        mapping = label_map(merge_excited, overrides)
+    else:
+        mapping = {raw: cls for raw, cls in space.mapping.items() if cls and (merge_excited or raw != "exc"
+                                                                               or "exc" in dict(overrides or {}))}
     rows, dropped, missing, malformed = [], {}, [], []
     for session in sessions:
         files = _annotation_files(root, session)
@@ -189,7 +195,8 @@ def build_manifest(
     kept = kept.drop_duplicates("utt_id").sort_values("utt_id", ignore_index=True)
     kept["session"] = kept["session"].astype("int64")
     return ManifestReport(kept=kept, dropped=dropped, missing_wav=missing, malformed=malformed,
-                          unlabelled_kept=keep_unlabelled, group_name="speaker" if group_of else "session")
+                          unlabelled_kept=keep_unlabelled, group_name="speaker" if group_of else "session",
+                          **({"classes": space.classes, "class_setting": space.setting} if space else {}))
 
 
 def speaker_group(speaker: str) -> int:
@@ -203,12 +210,13 @@ def _by_speaker(data_cfg) -> bool:
 
 def _build(root, data_cfg, keep_unlabelled: bool = False) -> ManifestReport:
     groups = list(cfg_get(data_cfg, "sessions") or _groups(data_cfg))
+    space = label_space(CORPUS, data_cfg)
     if not _by_speaker(data_cfg):
         return build_manifest(root, groups, cfg_get(data_cfg, "merge_excited", True), keep_unlabelled,
-                              cfg_get(data_cfg, "label_map"))
+                              cfg_get(data_cfg, "label_map"), space=space)
     # leave-one-speaker-out: the fold group is the speaker (10 folds, each testing one actor)
     report = build_manifest(root, sorted({(g + 1) // 2 for g in groups}), cfg_get(data_cfg, "merge_excited", True),
-                            keep_unlabelled, cfg_get(data_cfg, "label_map"), group_of=speaker_group)
+                            keep_unlabelled, cfg_get(data_cfg, "label_map"), group_of=speaker_group, space=space)
     report.kept = report.kept[report.kept["session"].isin(groups)].reset_index(drop=True)
     report.dropped = {k: n for k, n in report.dropped.items() if k[0] in groups}
     report.notes.append("leave-one-speaker-out (data.protocol): fold group k is speaker k "
@@ -220,23 +228,54 @@ def _groups(data_cfg) -> List[int]:
     return list(range(1, 11)) if _by_speaker(data_cfg) else [1, 2, 3, 4, 5]
 
 
+FOUR_CLASS = {"neu": "neu", "hap": "hap", "exc": "hap", "sad": "sad", "ang": "ang", "fru": "", "sur": "", "fea": "", "dis": "",
+              "oth": "", "xxx": ""}
+
 #: IEMOCAP as a :class:`~serray.data.corpus.Corpus`: leave-one-session-out over its 5 sessions, or
 #: (``data.protocol: leave_one_speaker_out``) over its 10 speakers.
 CORPUS = Corpus(
     name="iemocap", title="IEMOCAP", group_name="session", protocol="leave_one_session_out",
     layout="IEMOCAP_full_release/Session{1..5}/{sentences/wav,dialog/EmoEvaluation}",
-    raw_labels={"neu": "neu", "hap": "hap", "exc": "hap", "sad": "sad", "ang": "ang", "fru": "", "sur": "",
-                "fea": "", "dis": "", "oth": "", "xxx": ""},
+    raw_labels=FOUR_CLASS,
+    native=FOUR_CLASS,  # data.classes: native is the field's four (EmoBox, SUPERB ER): excited merged into happy
     build=_build, groups=_groups, dimension_range=(1.0, 5.0), other_protocols=("leave_one_speaker_out",),
 )
 
 
-def write_manifest(df: pd.DataFrame, path: str | Path) -> Path:
-    """Write a manifest frame to Parquet (parent directories created)."""
+#: Parquet metadata key of a manifest's class list (absent: the four classes).
+CLASSES_KEY = b"serray.classes"
+
+
+def write_manifest(df: pd.DataFrame, path: str | Path, classes: Sequence[str] = LABELS, setting: str = "four") -> Path:
+    """Write a manifest frame to Parquet (parent directories created). A manifest of other classes than
+    the four (``data.classes``) records them, in index order, in the file's metadata."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    df.to_parquet(path, index=False)
+    if setting == "four" and tuple(classes) == LABELS:
+        df.to_parquet(path, index=False)  # the four-class manifest: as it always was
+        return path
+    import json
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    table = pa.Table.from_pandas(df, preserve_index=False)
+    meta = {**(table.schema.metadata or {}), CLASSES_KEY: json.dumps({"classes": list(classes), "setting": setting}).encode()}
+    pq.write_table(table.replace_schema_metadata(meta), path)
     return path
+
+
+def manifest_classes(path: str | Path) -> Tuple[Tuple[str, ...], str]:
+    """The classes (index order) and the ``data.classes`` setting a manifest was built with."""
+    import json
+
+    import pyarrow.parquet as pq
+
+    meta = pq.read_schema(path).metadata or {}
+    if CLASSES_KEY not in meta:
+        return LABELS, "four"
+    record = json.loads(meta[CLASSES_KEY])
+    return tuple(record["classes"]), str(record["setting"])
 
 
 def read_manifest(path: str | Path) -> pd.DataFrame:

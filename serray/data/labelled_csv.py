@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from serray.data.corpus import (Corpus, ManifestReport, cfg_get, kfold_groups, label_map, apply_labels, row,
+from serray.data.corpus import (Corpus, ManifestReport, cfg_get, kfold_groups, label_space, apply_labels, row,
                                 speaker_folds)
 from serray.errors import DataError
 
@@ -107,8 +107,8 @@ def build(root, data_cfg, keep_unlabelled: bool = False) -> ManifestReport:
         audio = Path(p).expanduser()
         audio = audio if audio.is_absolute() else path.parent / audio
         entries.append({**row(utt, g, spk, gender, label, "", audio), "where": f"{path.name}:{i + 2}"})
-    mapping = label_map(CORPUS, cfg_get(data_cfg, "label_map"))
-    report = apply_labels(entries, mapping, keep_unlabelled, CORPUS, {})
+    space = label_space(CORPUS, data_cfg, found=sorted(set(df["label"])))
+    report = apply_labels(entries, space, keep_unlabelled, CORPUS, {})
     if not has_speaker:
         report.notes.append("no speaker column: each file is its own speaker, so the folds are NOT speaker-independent")
     return report

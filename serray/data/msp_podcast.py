@@ -28,7 +28,7 @@ import os
 
 import pandas as pd
 
-from serray.data.corpus import (Corpus, ManifestReport, cfg_get, check_root, label_map, apply_labels, no_match, row)
+from serray.data.corpus import (Corpus, ManifestReport, cfg_get, check_root, label_space, apply_labels, no_match, row)
 from serray.errors import DataError
 
 SPLITS = {"Test1": 1, "Development": 2, "Validation": 2, "Train": 3, "Test2": 4}
@@ -36,6 +36,9 @@ CANONICAL = {"Validation": "Development"}  # the older releases' name
 WITHHELD = ("Test3",)
 CLASSES = {"A": "ang", "H": "hap", "S": "sad", "N": "neu", "U": "", "F": "", "D": "", "C": "", "O": "", "X": "",
            "": ""}  # a blank EmoClass: a turn without a consensus class (kept unlabelled, pre-training only)
+#: data.classes: native -- the eight primary emotions of the MSP-Podcast challenge (Other and no agreement dropped)
+NATIVE = {"A": "ang", "H": "hap", "S": "sad", "N": "neu", "U": "sur", "F": "fea", "D": "dis", "C": "con", "O": "", "X": "",
+          "": ""}
 COLUMNS = ("FileName", "EmoClass", "EmoAct", "EmoVal", "EmoDom", "SpkrID", "Gender", "Split_Set")
 LABEL_FILES = ("labels_consensus.csv", "labels_consensus.json", "labels_concensus.csv", "labels_concensus.json")
 
@@ -99,14 +102,14 @@ def build(root, data_cfg, keep_unlabelled: bool = False) -> ManifestReport:
                         "where": f"{path.name}:{i}"})
     if not entries:
         raise no_match(root, CORPUS, f"{path} lists no turns of {sorted(SPLITS)}")
-    mapping = label_map(CORPUS, cfg_get(data_cfg, "label_map"))
-    return apply_labels(entries, mapping, keep_unlabelled, CORPUS, {"malformed": malformed, "ignored": ignored})
+    return apply_labels(entries, label_space(CORPUS, data_cfg), keep_unlabelled, CORPUS,
+                        {"malformed": malformed, "ignored": ignored})
 
 
 CORPUS = Corpus(
     name="msp-podcast", title="MSP-Podcast", group_name="split", protocol="official_split",
     layout="Audios/*.wav + Labels/labels_consensus.csv (FileName, EmoClass, EmoAct, EmoVal, EmoDom, SpkrID, "
            "Gender, Split_Set)",
-    raw_labels=CLASSES, build=build, groups=lambda data_cfg: [1, 2, 3], test_groups=lambda data_cfg: [1],
+    raw_labels=CLASSES, native=NATIVE, build=build, groups=lambda data_cfg: [1, 2, 3], test_groups=lambda data_cfg: [1],
     extra_groups=(4,), dimension_range=(1.0, 7.0), test_only_groups=(1, 4),
 )

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import re
 
-from serray.data.corpus import (Corpus, ManifestReport, cfg_get, check_root, kfold_groups, label_map, apply_labels,
+from serray.data.corpus import (Corpus, ManifestReport, cfg_get, check_root, kfold_groups, label_space, apply_labels,
                                 no_match, row, speaker_folds, walk_files)
 
 NAME_RE = re.compile(r"^(?P<modality>\d\d)-(?P<channel>\d\d)-(?P<emotion>0[1-8])-(?P<intensity>0[12])-"
@@ -27,6 +27,9 @@ EMOTION_CODES = {"01": "neutral", "02": "calm", "03": "happy", "04": "sad", "05"
                  "07": "disgust", "08": "surprised"}
 EMOTIONS = {"neutral": "neu", "calm": "", "happy": "hap", "sad": "sad", "angry": "ang", "fearful": "",
             "disgust": "", "surprised": ""}
+#: data.classes: native -- the eight emotions, calm its own class
+NATIVE = {"neutral": "neu", "calm": "cal", "happy": "hap", "sad": "sad", "angry": "ang", "fearful": "fea",
+          "disgust": "dis", "surprised": "sur"}
 
 
 def build(root, data_cfg, keep_unlabelled: bool = False) -> ManifestReport:
@@ -56,12 +59,12 @@ def build(root, data_cfg, keep_unlabelled: bool = False) -> ManifestReport:
                       EMOTION_CODES[m["emotion"]], "", path, dialog=f"statement{m['statement']}",
                       method="strong" if m["intensity"] == "02" else "normal"), "where": path.name}
                for path, m in parsed]
-    mapping = label_map(CORPUS, cfg_get(data_cfg, "label_map"))
-    return apply_labels(entries, mapping, keep_unlabelled, CORPUS, {"malformed": malformed, "ignored": ignored})
+    return apply_labels(entries, label_space(CORPUS, data_cfg), keep_unlabelled, CORPUS,
+                        {"malformed": malformed, "ignored": ignored})
 
 
 CORPUS = Corpus(
     name="ravdess", title="RAVDESS", group_name="fold", protocol="speaker_kfold",
     layout="[Audio_Speech_Actors_01-24/]Actor_NN/03-01-EE-II-SS-RR-AA.wav",
-    raw_labels=EMOTIONS, build=build, groups=kfold_groups,
+    raw_labels=EMOTIONS, native=NATIVE, build=build, groups=kfold_groups,
 )

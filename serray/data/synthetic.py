@@ -43,6 +43,7 @@ from __future__ import annotations
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 from scipy.signal import lfilter, sosfilt
@@ -85,6 +86,21 @@ _CLASS = {
     "ang": dict(pitch=2.0, range=3.0, energy=6.0, rate=5.3, bright=0.65, jitter=0.030,
                 shimmer=0.12, rough=0.10, breath=0.05, oq=0.45, pause=0.06),
 }
+# Their own profiles (used only for the labels a corpus balances over, ``make_corpus(classes=...)``; the
+# default corpus keeps them as mixtures, so its audio is what it always was). fru stands for the low-arousal
+# classes of the other layouts (EmoDB boredom, RAVDESS calm, MSP-Podcast contempt).
+_CLASS_OWN = {
+    "fea": dict(pitch=4.5, range=3.5, energy=-1.0, rate=5.6, bright=0.10, jitter=0.022,
+                shimmer=0.08, rough=0.00, breath=0.24, oq=0.60, pause=0.16),
+    "dis": dict(pitch=-1.5, range=2.8, energy=1.5, rate=3.5, bright=-0.15, jitter=0.012,
+                shimmer=0.07, rough=0.07, breath=0.12, oq=0.50, pause=0.18),
+    "sur": dict(pitch=5.5, range=7.0, energy=3.0, rate=4.5, bright=0.30, jitter=0.007,
+                shimmer=0.05, rough=0.00, breath=0.08, oq=0.56, pause=0.10),
+    "fru": dict(pitch=-1.0, range=0.8, energy=-3.0, rate=3.5, bright=-0.30, jitter=0.007,
+                shimmer=0.045, rough=0.00, breath=0.16, oq=0.66, pause=0.20),
+}
+#: Raw labels ``make_corpus(classes=...)`` can balance over (beyond the four, each with its own profile).
+CLASSES_OWN = _BASE_CLASSES + tuple(_CLASS_OWN)
 # Per-utterance spread: ("add", sd) adds N(0, sd); ("mul", sd) multiplies by lognormal(0, sd).
 _SPREAD = {"pitch": ("add", 1.6), "range": ("mul", 0.30), "energy": ("add", 2.5),
            "rate": ("mul", 0.13), "bright": ("add", 0.25), "jitter": ("mul", 0.35),
@@ -114,26 +130,29 @@ def _speaker(seed: int, session: int, gender: str) -> _Speaker:
 
 
 def _session_labels(seed: int, session: int, n: int, drop_fraction: float,
-                    excited_fraction: float) -> list[str]:
+                    excited_fraction: float, classes: Sequence[str] = _BASE_CLASSES) -> list[str]:
     rng = np.random.default_rng([seed, 0x1ABE, session])
     n_drop = int(round(drop_fraction * n))
     n_keep = n - n_drop
-    order = [_BASE_CLASSES[i] for i in rng.permutation(4)]   # who gets the remainder
-    kept = [order[i % 4] for i in range(n_keep)]
+    k = len(classes)
+    order = [classes[i] for i in rng.permutation(k)]   # who gets the remainder
+    kept = [order[i % k] for i in range(n_keep)]
     hap = [i for i, lab in enumerate(kept) if lab == "hap"]
     n_exc = int(round(excited_fraction * len(hap)))
     for i in rng.choice(hap, size=n_exc, replace=False) if n_exc else []:
         kept[int(i)] = "exc"
-    names = list(_DROPPED_P)
+    names = [k for k in _DROPPED_P if k not in classes]
     p = np.array([_DROPPED_P[k] for k in names])
     dropped = [names[i] for i in rng.choice(len(names), size=n_drop, p=p / p.sum())]
     labels = kept + dropped
     return [labels[i] for i in rng.permutation(len(labels))]
 
 
-def _class_params(rng: np.random.Generator, label: str, spk: _Speaker) -> dict:
+def _class_params(rng: np.random.Generator, label: str, spk: _Speaker, own: bool = False) -> dict:
     if label in _CLASS:
         mean = dict(_CLASS[label])
+    elif own:
+        mean = dict(_CLASS_OWN[label])
     else:
         pair = _DROPPED_MIX[label]
         if pair is None:
@@ -154,8 +173,8 @@ def _class_params(rng: np.random.Generator, label: str, spk: _Speaker) -> dict:
 
 
 def _synthesize(rng: np.random.Generator, n: int, sr: int, spk: _Speaker, label: str,
-                params_out: dict | None = None) -> np.ndarray:
-    p = _class_params(rng, label, spk)
+                params_out: dict | None = None, own: bool = False) -> np.ndarray:
+    p = _class_params(rng, label, spk, own)
     if params_out is not None:   # the drawn parameters, for the V/A/D annotation (no extra draws)
         params_out.update(p)
 
@@ -300,7 +319,8 @@ def make_corpus(out_dir, *, seed: int = 0, dialogs_per_session: int = 4,
                 max_duration: float = 2.5, sample_rate: int = 16000,
                 drop_fraction: float = 0.15, excited_fraction: float = 0.3,
                 progress: bool = False, preset: str = "demo", scale: float = 1.0,
-                unlabelled_factor: float = 10.0, processes: int | None = None) -> Path:
+                unlabelled_factor: float = 10.0, processes: int | None = None,
+                classes: Sequence[str] | None = None) -> Path:
     """Write a synthetic IEMOCAP-layout corpus under ``out_dir`` and return ``Path(out_dir)``.
 
     ``out_dir`` becomes the IEMOCAP root (``out_dir/Session1`` ... ``out_dir/Session5``).
@@ -310,7 +330,11 @@ def make_corpus(out_dir, *, seed: int = 0, dialogs_per_session: int = 4,
     ``preset="demo"`` (the default): 5 * ``dialogs_per_session`` * ``utterances_per_dialog``
     utterances, about ``drop_fraction`` of them with a dropped label (fru, sur, fea, dis, oth,
     xxx), the rest balanced over neu/hap/sad/ang with ``excited_fraction`` of the happy ones
-    labelled ``exc``; emotion is carried by utterance-wide offsets.
+    labelled ``exc``; emotion is carried by utterance-wide offsets. ``classes`` (raw labels among
+    :data:`CLASSES_OWN`; None: the four) balances the kept share over more classes, each beyond the
+    four with its own profile (fea, dis, sur, and fru for the low-arousal classes of other layouts),
+    so a layout's native classes (``data.classes: native``) are learnable; None writes the corpus as it
+    always was, byte for byte.
 
     ``preset="benchmark"``: frame-local emotion events, weak offsets, per-session channels,
     IEMOCAP class imbalance, an unlabelled pool of other speakers and an oracle file beside
@@ -326,6 +350,8 @@ def make_corpus(out_dir, *, seed: int = 0, dialogs_per_session: int = 4,
     if preset not in PRESETS:
         raise ConfigError(f"unknown synthetic preset {preset!r}: valid presets are "
                           f"{', '.join(PRESETS)}")
+    if preset == "benchmark" and classes is not None:
+        raise ConfigError("synthetic.classes applies to the demo preset only (the benchmark preset has the four)")
     if preset == "benchmark":
         return make_benchmark_corpus(out_dir, seed=seed, sample_rate=sample_rate, scale=scale,
                                      unlabelled_factor=unlabelled_factor, processes=processes,
@@ -334,6 +360,11 @@ def make_corpus(out_dir, *, seed: int = 0, dialogs_per_session: int = 4,
         raise ConfigError("scale and unlabelled_factor apply to the benchmark preset only")
     _validate(dialogs_per_session, utterances_per_dialog, min_duration, max_duration,
               sample_rate, drop_fraction, excited_fraction)
+    balanced = _BASE_CLASSES if classes is None else tuple(dict.fromkeys(str(c) for c in classes))
+    wrong = [c for c in balanced if c not in CLASSES_OWN]
+    if wrong or len(balanced) < 2:
+        raise ConfigError(f"synthetic.classes: {wrong or list(balanced)}: raw labels among {list(CLASSES_OWN)}, "
+                          "at least two")
     seed, sr = int(seed), int(sample_rate)
     dialogs_per_session, utterances_per_dialog = int(dialogs_per_session), int(utterances_per_dialog)
     root = Path(out_dir)
@@ -348,7 +379,7 @@ def make_corpus(out_dir, *, seed: int = 0, dialogs_per_session: int = 4,
         speakers = {g: _speaker(seed, session, g) for g in "FM"}
         dialogs = _dialog_names(session, dialogs_per_session)
         labels = _session_labels(seed, session, dialogs_per_session * utterances_per_dialog,
-                                 float(drop_fraction), float(excited_fraction))
+                                 float(drop_fraction), float(excited_fraction), balanced)
         sess_dir = root / f"Session{session}"
         emo_dir = sess_dir / "dialog" / "EmoEvaluation"
         n_written = 0
@@ -383,7 +414,8 @@ def make_corpus(out_dir, *, seed: int = 0, dialogs_per_session: int = 4,
             for u in utts:
                 arng = np.random.default_rng([seed, 0x077, u.index, 1])
                 params: dict = {}
-                audio = _synthesize(arng, u.n_samples, sr, speakers[u.gender], u.label, params)
+                audio = _synthesize(arng, u.n_samples, sr, speakers[u.gender], u.label, params,
+                                    own=u.label in balanced)
                 # V/A/D from the drawn parameters, with its own RNG: the audio streams are untouched
                 u.vad = _perceived_vad(params, speakers[u.gender],
                                        np.random.default_rng([seed, 0x7AD, u.index]))

@@ -37,6 +37,16 @@ LAYOUT_LABELS: Dict[str, Dict[str, str]] = {
 }
 
 
+def native_classes(layout: str) -> List[str]:
+    """The synthetic raw labels a layout files as distinct classes of its own (``data.classes: native``):
+    the ones the generator balances over when the run asks for more than the four classes."""
+    from serray.data.synthetic import CLASSES_OWN
+
+    if layout not in LAYOUT_LABELS:  # iemocap: its native classes are the four
+        return ["neu", "hap", "sad", "ang"]
+    return [c for c in CLASSES_OWN if c in LAYOUT_LABELS[layout]]
+
+
 def _place(src: str, dst: Path) -> None:
     dst.parent.mkdir(parents=True, exist_ok=True)
     try:

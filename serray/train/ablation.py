@@ -39,6 +39,7 @@ import pandas as pd
 
 from serray import storage
 from serray.config import as_dict, derive
+from serray.data.corpora import classes_of
 from serray.train.results import ID_COLUMNS
 from serray.train.tasks import get_task, scored_by, task_name, task_of
 
@@ -301,7 +302,8 @@ def _run_ablation(cfg, echo: Callable[[str], Any]) -> Dict[str, Any]:
         arm_preds.update(refs)
         arm_val.update(ref_val)
     ablation = scoring.build_ablation(arm_preds, protocol(cfg), folds, seeds, metric, list(cfg.finetune.dimensions),
-                                      n_boot=cfg.ablate.bootstrap, boot_seed=cfg.seed, arm_val=arm_val)
+                                      n_boot=cfg.ablate.bootstrap, boot_seed=cfg.seed, arm_val=arm_val,
+                                      classes=classes_of(cfg))
     ablation.update({"encoder": cfg.encoder.name, **scoring.ablation_record(cfg), "arms_config": list(cfg.ablate.arms),
                      "modes": list(cfg.ablate.modes), "label_fractions": list(cfg.ablate.label_fractions),
                      "seconds": round(time.time() - t0, 1)})
@@ -368,7 +370,7 @@ def _reference_arms(cfg, seeds: List[int], folds: List[int], echo):
     chosen recipes' cross-validated UA, ``{(arm, mode, fraction): {(seed, fold): val_ua}}``."""
     import numpy as np
 
-    from serray.data.iemocap import LABELS
+    from serray.data.corpora import classes_of
     from serray.train.folds import fold_split, labelled_rows
 
     arms = [a for a in cfg.ablate.arms if a in REFERENCE_ARMS]
@@ -378,6 +380,7 @@ def _reference_arms(cfg, seeds: List[int], folds: List[int], echo):
     from serray.data.iemocap import read_manifest
 
     rows = labelled_rows(cfg)
+    labels = list(classes_of(cfg))  # data.classes, in index order
     feats, recipes = {}, {}
     if "classical" in arms:
         manifest = read_manifest(cfg.data.manifest).set_index("utt_id")
@@ -408,18 +411,18 @@ def _reference_arms(cfg, seeds: List[int], folds: List[int], echo):
                     split = fold_split(scfg, fold)
                     pool = pd.concat([split["train"], split["val"]])  # the training sessions' labelled rows
                     choice = baselines.choose_recipe(feats[arm].loc[pool["utt_id"]].to_numpy(),
-                                                     np.array([LABELS.index(l) for l in pool["label"]]),
+                                                     np.array([labels.index(l) for l in pool["label"]]),
                                                      pool["session"].to_numpy(), columns=recipes[arm], seed=seed)
                     cols = (recipes[arm] or {"all": slice(None)})[choice["columns"]]
                     pred, _ = baselines.fit_predict(feats[arm].loc[split["train"]["utt_id"]].to_numpy()[:, cols],
-                                                    np.array([LABELS.index(l) for l in split["train"]["label"]]),
+                                                    np.array([labels.index(l) for l in split["train"]["label"]]),
                                                     feats[arm].loc[split["test"]["utt_id"]].to_numpy()[:, cols], seed,
                                                     C=choice["C"])
                     vals[(seed, fold)] = choice["val_ua"]
                     chosen.append(f"{choice['columns']}/C={choice['C']:g}")
                     frames.append(pd.DataFrame({"seed": seed, "fold": fold, "utt_id": split["test"]["utt_id"].to_numpy(),
                                                 "label": split["test"]["label"].to_numpy(),
-                                                "pred": [LABELS[i] for i in pred]}))
+                                                "pred": [labels[i] for i in pred]}))
             preds = pd.concat(frames, ignore_index=True)
             for mode in cfg.ablate.modes:
                 out[(arm, mode, float(fraction))] = preds

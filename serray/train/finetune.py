@@ -25,7 +25,7 @@ import logging
 import shutil
 from collections import Counter
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
 import pandas as pd
@@ -35,6 +35,7 @@ from serray import provenance, storage
 from serray.config import OPERATIONAL_KEYS, as_dict, section_hash, to_yaml
 from serray.data.features import session_paths, training_data
 from serray.data.featurize import feature_identity, feature_stats
+from serray.data.corpora import classes_of
 from serray.data.iemocap import LABELS
 from serray.errors import DataError
 from serray.protocol import evaluation, protocol  # noqa: F401  (protocol: re-exported for the stages)
@@ -62,9 +63,10 @@ FOLD_NEUTRAL_KEYS = ("folds", "max_concurrent_folds", "register")
 
 def finetune_hash(cfg) -> str:
     """What makes two fine-tuning runs the same (the adapter and pre-training count unless mode=none)."""
-    from serray.protocol import grouping_keys
+    from serray.protocol import class_keys, grouping_keys
 
-    keys = ["encoder", "finetune", "seed", "data.merge_excited", "pretrain.per_fold", *grouping_keys(cfg)]
+    keys = ["encoder", "finetune", "seed", "data.merge_excited", "pretrain.per_fold", *grouping_keys(cfg),
+            *class_keys(cfg)]
     if cfg.finetune.mode != "none":
         keys += ["adapter", "pretrain"]
     return section_hash(cfg, *keys, exclude=OPERATIONAL_KEYS + FOLD_NEUTRAL_KEYS)
@@ -73,12 +75,12 @@ def finetune_hash(cfg) -> str:
 # ---------------------------------------------------------------- one fold
 
 
-def _class_weights(labels: pd.Series, how: str) -> Optional[List[float]]:
+def _class_weights(labels: pd.Series, how: str, classes: Sequence[str] = LABELS) -> Optional[List[float]]:
     if how == "none":
         return None
     counts = Counter(labels)
-    n, k = len(labels), len(LABELS)
-    return [n / (k * counts[l]) if counts.get(l) else 0.0 for l in LABELS]
+    n, k = len(labels), len(classes)
+    return [n / (k * counts[l]) if counts.get(l) else 0.0 for l in classes]
 
 
 def _body_kwargs(cfg, feat_meta: dict, adapter: Optional[str]) -> Optional[Dict[str, Any]]:
@@ -93,7 +95,7 @@ def _body_kwargs(cfg, feat_meta: dict, adapter: Optional[str]) -> Optional[Dict[
 
 
 def _model_kwargs(cfg, feat_meta: dict, adapter: Optional[str]) -> Dict[str, Any]:
-    return {"input_dim": feat_meta["dim"], "num_classes": len(LABELS), "num_input_layers": feat_meta["num_layers"],
+    return {"input_dim": feat_meta["dim"], "num_classes": len(classes_of(cfg)), "num_input_layers": feat_meta["num_layers"],
             "body": _body_kwargs(cfg, feat_meta, adapter), "freeze_body": cfg.finetune.mode == "frozen",
             "attention_dim": cfg.finetune.attention_dim, "hidden_dim": cfg.finetune.hidden_dim,
             "dropout": cfg.finetune.head_dropout}
@@ -178,7 +180,8 @@ def _run_fold(cfg, fold: int, report_to_tune: bool = False, report_pretrain: boo
         "feature_stats": [a.tolist() for a in feature_stats(feat_meta, stats_sessions)],
         "model": _model_kwargs(cfg, feat_meta, adapter), "audit": audit,
         "init_from": storage.absolute(adapter) if adapter else "",
-        "class_weights": _class_weights(split["train"]["label"], tcfg.class_weighting),
+        "class_weights": _class_weights(split["train"]["label"], tcfg.class_weighting, classes_of(cfg)),
+        "labels": list(classes_of(cfg)),
         **{k: v for k, v in as_dict(tcfg).items() if k in TRAIN_KEYS},
         "steps_per_epoch": steps_per_epoch(len(split["train"]), tcfg.batch_size, tcfg.num_workers),
         "fault_marker": storage.join(fold_dir, "fault_injected.marker"),
@@ -258,7 +261,7 @@ def _inner_cv(cfg, fold: int, split: Dict[str, pd.DataFrame], loop_config: Dict[
     for g in groups:
         inner = {"train": train[train["session"] != g], "val": train[train["session"] == g], "test": split["test"]}
         config = {**loop_config, "run_seed": run_seed(cfg.seed, fold, "finetune", "inner", g), "tracking": None,
-                  "class_weights": _class_weights(inner["train"]["label"], tcfg.class_weighting),
+                  "class_weights": _class_weights(inner["train"]["label"], tcfg.class_weighting, loop_config["labels"]),
                   "steps_per_epoch": steps_per_epoch(len(inner["train"]), tcfg.batch_size, tcfg.num_workers)}
         result = fit(task_cls, config, fold_datasets(cfg, fold, inner), tcfg, storage_path=ray_dir,
                      name=f"{name}-inner{g}", score=(SELECTION_KEY, "max"))

@@ -17,7 +17,7 @@ from typing import Any, Dict, List, Optional, Sequence
 import numpy as np
 import pandas as pd
 
-from serray.data.corpus import LABELS
+from serray.data.corpora import classes_of
 from serray.data.extra_audio import EXTRA_SESSION
 from serray.data.features import read_rows
 
@@ -46,7 +46,7 @@ def manifest_rows(cfg, sessions: Sequence[int], labelled_only: bool) -> pd.DataF
     manifest = read_manifest(cfg.data.manifest)
     rows = manifest[manifest["session"].isin([int(s) for s in sessions])]
     if labelled_only:
-        rows = rows[rows["label"].isin(LABELS)]
+        rows = rows[rows["label"].isin(classes_of(cfg))]
     stored = stored_utterances(cfg.features.dir).rename(columns={"session": "stored_in"})
     rows = rows[["utt_id", "label", "speaker", "dialog", "session"]].merge(stored, on="utt_id", how="inner")
     moved = rows[rows["session"] != rows["stored_in"]]
@@ -58,7 +58,7 @@ def manifest_rows(cfg, sessions: Sequence[int], labelled_only: bool) -> pd.DataF
 
 
 def labelled_rows(cfg) -> pd.DataFrame:
-    """utt_id / label / speaker / dialog / session of the four-class utterances of ``data.sessions``
+    """utt_id / label / speaker / dialog / session of the utterances of ``data.sessions`` with a class
     (:func:`manifest_rows`)."""
     rows = manifest_rows(cfg, cfg.data.sessions, labelled_only=True)
     if str(cfg.data.corpus) == "iemocap":  # IEMOCAP's dialog is the utterance id without its turn

@@ -29,7 +29,6 @@ from serray.config import OPERATIONAL_KEYS, as_dict, section_hash, to_yaml
 from serray.data.encoders import check_identity, describe_encoder
 from serray.data.features import PadCollate, training_data
 from serray.data.featurize import feature_identity, feature_stats, read_meta
-from serray.data.iemocap import LABELS
 from serray.errors import DataError
 from serray.models.adapter import Adapter
 from serray.models.wap import kernel_frames
@@ -112,7 +111,8 @@ class PretrainTask:
         return group.get("lr_scale", 1.0)
 
     def collate(self, train: bool, epoch: int = 0) -> PadCollate:
-        return PadCollate(self.config["max_frames"], random_crop=train, seed=self._seed() * 1000 + epoch)
+        return PadCollate(self.config["max_frames"], random_crop=train, seed=self._seed() * 1000 + epoch,
+                          with_labels=False)
 
     def before_epoch(self, core: Adapter, epoch: int) -> None:
         pass
@@ -296,7 +296,7 @@ def pretrain_inputs(cfg, fold: Optional[int] = None):
     spe = steps_per_epoch(len(rows), tcfg.batch_size, tcfg.num_workers)
     epochs = math.ceil(tcfg.steps / spe) if tcfg.steps else tcfg.epochs
     pool = {"sessions": sessions, "rows": int(len(rows)), "speakers": sorted(set(rows["speaker"])),
-            "labelled_rows": int(rows["label"].isin(LABELS).sum()), "fold": fold, "digest": pool_digest(cfg, fold)}
+            "labelled_rows": int((rows["label"].astype(str) != "").sum()), "fold": fold, "digest": pool_digest(cfg, fold)}
     data = training_data(cfg.features.dir, sessions, rows["utt_id"].tolist(), cfg.features.cache_max_mb, cfg.seed)
     loop_config = {
         "seed": cfg.seed, "run_seed": run_seed(cfg.seed, fold or 0, "pretrain"),

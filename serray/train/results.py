@@ -38,21 +38,23 @@ def _sample_sd(v: np.ndarray) -> float:
     return float(v.std(ddof=1)) if len(v) > 1 else 0.0
 
 
-def _plot_confusion(cm: np.ndarray, path: Path, summary: Dict[str, Any]) -> None:
+def _plot_confusion(cm: np.ndarray, path: Path, summary: Dict[str, Any], labels: Sequence[str] = LABELS) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     norm = cm / np.maximum(cm.sum(axis=1, keepdims=True), 1)
-    fig, ax = plt.subplots(figsize=(4.2, 3.8))
+    labels = list(labels)
+    grow = max(0, len(labels) - 4) * 0.55  # room for more classes; the four-class figure as it was
+    fig, ax = plt.subplots(figsize=(4.2 + grow, 3.8 + grow))
     im = ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
-    ax.set_xticks(range(len(LABELS)), LABELS)
-    ax.set_yticks(range(len(LABELS)), LABELS)
+    ax.set_xticks(range(len(labels)), labels)
+    ax.set_yticks(range(len(labels)), labels)
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
-    for i in range(len(LABELS)):
-        for j in range(len(LABELS)):
+    for i in range(len(labels)):
+        for j in range(len(labels)):
             ax.text(j, i, f"{norm[i, j]:.2f}\n({cm[i, j]})", ha="center", va="center", fontsize=7,
                     color="white" if norm[i, j] > 0.5 else "black")
     m = summary["mean"]

@@ -95,8 +95,10 @@ class Task:
 
     def build_ablation(self, cells, protocol: str, folds: Sequence[int], seeds: Sequence[int], metric: str,
                        names: Sequence[str], n_boot: int = 2000, boot_seed: int = 0,
-                       arm_val: Optional[Dict[Any, Dict[Any, float]]] = None) -> Dict[str, Any]:
-        """Per-arm summaries and paired run-level comparisons of ``metric`` (the ablation dict)."""
+                       arm_val: Optional[Dict[Any, Dict[Any, float]]] = None,
+                       classes: Optional[Sequence[str]] = None) -> Dict[str, Any]:
+        """Per-arm summaries and paired run-level comparisons of ``metric`` (the ablation dict); ``classes``:
+        the run's classes in index order (``data.classes``; None: the four)."""
         raise NotImplementedError
 
     def ablation_record(self, cfg) -> Dict[str, Any]:

@@ -1,4 +1,5 @@
-"""The four-class task (``finetune.task: categorical``): :class:`Categorical` (UA / WA / macro-F1, the
+"""The categorical task (``finetune.task: categorical``, over the classes of ``data.classes``: the four by
+default): :class:`Categorical` (UA / WA / macro-F1, the
 LOSO results: metrics.json, results.md, predictions.csv and plots, the run-level statistics of :mod:`serray.train.stats` and
 :mod:`serray.train.ablation_report`) and the loop task every fine-tuning run plugs into the shared loop
 (:mod:`serray.train.loop`): the model, the parameter groups, the batches, the loss, the validation
@@ -14,7 +15,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
 import pandas as pd
@@ -22,7 +23,8 @@ import torch
 import torch.nn.functional as F
 
 from serray import storage
-from serray.data.features import LABEL_INDEX, PadCollate
+from serray.data.corpora import classes_of
+from serray.data.features import PadCollate
 from serray.data.iemocap import LABELS
 from serray.models.adapter import param_groups
 from serray.models.classifier import EmotionClassifier, body_state_from_adapter
@@ -55,6 +57,7 @@ class FinetuneTask:
     def __init__(self, config: Dict[str, Any]):
         self.config = config
         self.weight = torch.tensor(config["class_weights"], dtype=torch.float32) if config["class_weights"] else None
+        self.classes = tuple(config.get("labels") or LABELS)  # data.classes, in index order
         self._val_rows = None  # compact float16 rows, decoded one batch at a time
 
     def build_model(self) -> EmotionClassifier:
@@ -95,7 +98,7 @@ class FinetuneTask:
 
     def collate(self, train: bool, epoch: int = 0) -> PadCollate:
         return PadCollate(self.config["max_frames"] if train else None, random_crop=train,
-                          seed=self.config.get("run_seed", self.config["seed"]) * 1000 + epoch)
+                          seed=self.config.get("run_seed", self.config["seed"]) * 1000 + epoch, classes=self.classes)
 
     def step(self, model, batch, step: int, rank: int = 0):
         logits = model(batch["x"], batch["padding_mask"])
@@ -157,7 +160,7 @@ class FinetuneTask:
 
     def checkpoint_meta(self, core: EmotionClassifier, step: int, epoch: int) -> Dict[str, Any]:
         return {"kind": "classifier", "model": core.config, "features": self.config["features"],
-                "labels": list(LABELS), "fold": self.config["fold"], "test_session": self.config["fold"],
+                "labels": list(self.classes), "fold": self.config["fold"], "test_session": self.config["fold"],
                 "mode": self.config["mode"], "init": self.config["init"], "config_hash": self.config["config_hash"],
                 "step": step, "epoch": epoch, "audit": self.config["audit"]}
 
@@ -168,7 +171,7 @@ def cv_estimate(curve: Dict[str, List[float]], epoch: int) -> Dict[str, float]:
 
 
 class Categorical(Task):
-    """The four classes: UA / WA / macro-F1 per fold, the epoch selected on validation UA."""
+    """The run's classes (``data.classes``): UA / WA / macro-F1 per fold, the epoch selected on validation UA."""
 
     name = "categorical"
     has_classes, has_dimensions = True, False
@@ -184,11 +187,11 @@ class Categorical(Task):
         return "val_ua"
 
     def test_metrics(self, cfg, preds, test_rows):
-        return preds, classification_metrics([LABEL_INDEX[l] for l in preds["label"]],
-                                             [LABEL_INDEX[l] for l in preds["pred"]])
+        index = class_index(classes_of(cfg))
+        return preds, classification_metrics([index[l] for l in preds["label"]], [index[l] for l in preds["pred"]])
 
     def write_results(self, cfg, folds, out_dir, extra, folds_dir=None) -> Dict[str, Any]:
-        return write_results(folds, out_dir, extra, folds_dir=folds_dir)
+        return write_results(folds, out_dir, extra, folds_dir=folds_dir, classes=classes_of(cfg))
 
     def loso_table(self, cfg, summary, title: str = "") -> str:
         return markdown_table(summary, title)
@@ -199,12 +202,13 @@ class Categorical(Task):
     def run_scores(self, preds) -> Dict[str, float]:
         return classification_metrics(preds["label"], preds["pred"])
 
-    def build_ablation(self, cells, protocol, folds, seeds, metric, names, n_boot=2000, boot_seed=0, arm_val=None):
+    def build_ablation(self, cells, protocol, folds, seeds, metric, names, n_boot=2000, boot_seed=0, arm_val=None,
+                       classes=None):
         """:func:`serray.train.ablation_report.build_ablation` (on UA: ``metric`` is ``ua``; no dimensions)."""
         from serray.train.ablation_report import build_ablation
 
         return build_ablation(cells, protocol=protocol, folds=folds, seeds=seeds, n_boot=n_boot, boot_seed=boot_seed,
-                              arm_val=arm_val)
+                              arm_val=arm_val, labels=tuple(classes or LABELS))
 
     def write_ablation(self, ablation, out_dir):
         from serray.train.ablation_report import write_ablation
@@ -230,8 +234,10 @@ def markdown_table(summary: Dict[str, Any], title: str = "") -> str:
     lines = [f"### {title}", ""] if title else []
     lines += [f"| fold (test {summary.get('group_name', 'session')}) | n_test | UA % | WA % | macro-F1 % |",
               "|---|---:|---:|---:|---:|"]
+    names = summary.get("group_labels") or {}
     for f in summary["folds"]:
-        lines.append(f"| {f['fold']} | {f['n_test']} | {100 * f['ua']:.2f} | {100 * f['wa']:.2f} | {100 * f['macro_f1']:.2f} |")
+        fold = f"{f['fold']} ({names[str(f['fold'])]})" if str(f["fold"]) in names else f["fold"]
+        lines.append(f"| {fold} | {f['n_test']} | {100 * f['ua']:.2f} | {100 * f['wa']:.2f} | {100 * f['macro_f1']:.2f} |")
     m, s = summary["mean"], summary["std"]
     lines.append("| **mean ± sd** | {} | {:.2f} ± {:.2f} | {:.2f} ± {:.2f} | {:.2f} ± {:.2f} |".format(
         sum(f["n_test"] for f in summary["folds"]), 100 * m["ua"], 100 * s["ua"], 100 * m["wa"], 100 * s["wa"],
@@ -240,8 +246,26 @@ def markdown_table(summary: Dict[str, Any], title: str = "") -> str:
     return "\n".join(lines) + "\n"
 
 
+def per_class(cm: np.ndarray, classes: Sequence[str]) -> Dict[str, Dict[str, float]]:
+    """Recall and count of each class over every fold's test predictions (the confusion's rows)."""
+    n = cm.sum(axis=1)
+    return {c: {"recall": float(cm[i, i] / n[i]) if n[i] else float("nan"), "n": int(n[i])} for i, c in enumerate(classes)}
+
+
+def per_class_table(rows: Dict[str, Dict[str, float]]) -> str:
+    """Recall per class (percent) over all folds' test utterances."""
+    lines = ["| class | n | recall % |", "|---|---:|---:|"]
+    lines += [f"| {c} | {r['n']} | {100 * r['recall']:.2f} |" for c, r in rows.items()]
+    return "\n".join(lines + ["", "recall over every fold's test utterances (the confusion matrix's rows)."]) + "\n"
+
+
+def class_index(classes: Sequence[str]) -> Dict[str, int]:
+    """Class name -> its output index."""
+    return {label: i for i, label in enumerate(classes)}
+
+
 def write_results(folds: List[Dict[str, Any]], out_dir: str | Path, extra: Dict[str, Any],
-                  folds_dir: Optional[str] = None) -> Dict[str, Any]:
+                  folds_dir: Optional[str] = None, classes: Sequence[str] = LABELS) -> Dict[str, Any]:
     """Write metrics.json, results.md, predictions.csv, confusion_matrix.png and learning_curves.png.
 
     The folds' ``fold<k>/predictions.csv`` are read from ``folds_dir`` (default ``out_dir``; a local
@@ -250,12 +274,16 @@ def write_results(folds: List[Dict[str, Any]], out_dir: str | Path, extra: Dict[
     out = Path(out_dir)
     src = folds_dir or str(out)
     out.mkdir(parents=True, exist_ok=True)
-    summary = {**summarise(folds), **extra}
-    storage.write_text(out / "metrics.json", json.dumps(summary, indent=2))
-    storage.write_text(out / "results.md", markdown_table(summary, extra.get("title", "")))
     preds = read_fold_predictions(src, folds)
+    index = class_index(classes)
+    cm = confusion([index[l] for l in preds["label"]], [index[l] for l in preds["pred"]], len(classes))
+    summary = {**summarise(folds), **extra, "classes": list(classes), "per_class": per_class(cm, classes)}
+    storage.write_text(out / "metrics.json", json.dumps(summary, indent=2))
+    table = markdown_table(summary, extra.get("title", ""))
+    if tuple(classes) != LABELS:  # another class set: which classes the UA is made of
+        table += "\n" + per_class_table(summary["per_class"])
+    storage.write_text(out / "results.md", table)
     preds.to_csv(out / "predictions.csv", index=False)
-    cm = confusion([LABEL_INDEX[l] for l in preds["label"]], [LABEL_INDEX[l] for l in preds["pred"]], len(LABELS))
-    _plot_confusion(cm, out / "confusion_matrix.png", summary)
+    _plot_confusion(cm, out / "confusion_matrix.png", summary, classes)
     plot_curves(folds, out / "learning_curves.png", "val_ua", "validation UA")
     return summary

@@ -37,7 +37,8 @@ import torch.nn.functional as F
 
 from serray import storage
 from serray.data.corpus import DIMENSION_COLUMNS
-from serray.data.features import LABEL_INDEX, PadCollate
+from serray.data.corpora import classes_of
+from serray.data.features import PadCollate
 from serray.data.iemocap import LABELS
 from serray.errors import DataError
 from serray.train.ablation_report import DEFAULT_COMPARISONS, _plain, _sort_key
@@ -46,7 +47,7 @@ from serray.train.metrics import classification_metrics, confusion
 from serray.train.results import FOLD_KEYS, SD_CONVENTION, _plot_confusion, _sample_sd, plot_curves, read_fold_predictions
 from serray.train.stats import FOLD_LEVEL_TEST, RUN_LEVEL_TEST, scoped_inference, scoped_verdicts, summarise_runs
 from serray.train.tasks import Task, task_name
-from serray.train.tasks.categorical import FinetuneTask, cv_estimate
+from serray.train.tasks.categorical import FinetuneTask, class_index, cv_estimate
 
 log = logging.getLogger(__name__)
 
@@ -260,8 +261,8 @@ def test_metrics(cfg, preds: pd.DataFrame, test_rows: pd.DataFrame) -> Tuple[pd.
     preds = preds.merge(test_rows[["utt_id", *names]], on="utt_id", how="left")
     m = dimensional_metrics(preds[names].to_numpy(), preds[[f"pred_{n}" for n in names]].to_numpy(), names)
     if "pred" in preds.columns:
-        m.update(classification_metrics([LABEL_INDEX[lab] for lab in preds["label"]],
-                                        [LABEL_INDEX[lab] for lab in preds["pred"]]))
+        index = class_index(classes_of(cfg))
+        m.update(classification_metrics([index[lab] for lab in preds["label"]], [index[lab] for lab in preds["pred"]]))
     return preds, m
 
 
@@ -309,7 +310,8 @@ def markdown_table(summary: Dict[str, Any], names: Sequence[str], multitask: boo
 
 
 def write_dimensional_results(folds: List[Dict[str, Any]], out_dir: str | Path, extra: Dict[str, Any],
-                              names: Sequence[str], multitask: bool, folds_dir: Optional[str] = None) -> Dict[str, Any]:
+                              names: Sequence[str], multitask: bool, folds_dir: Optional[str] = None,
+                              classes: Sequence[str] = LABELS) -> Dict[str, Any]:
     """metrics.json, results.md, predictions.csv, dimensions_scatter.png, learning_curves.png (and
     confusion_matrix.png for multitask) of finished folds."""
     out = Path(out_dir)
@@ -322,8 +324,9 @@ def write_dimensional_results(folds: List[Dict[str, Any]], out_dir: str | Path, 
     preds.to_csv(out / "predictions.csv", index=False)
     _plot_scatter(preds, names, summary, out / "dimensions_scatter.png")
     if multitask:
-        cm = confusion([LABEL_INDEX[lab] for lab in preds["label"]], [LABEL_INDEX[lab] for lab in preds["pred"]], len(LABELS))
-        _plot_confusion(cm, out / "confusion_matrix.png", summary)
+        index = class_index(classes)
+        cm = confusion([index[lab] for lab in preds["label"]], [index[lab] for lab in preds["pred"]], len(classes))
+        _plot_confusion(cm, out / "confusion_matrix.png", summary, classes)
     plot_curves(folds, out / "learning_curves.png", "val_ccc_mean", "validation CCC (mean over dimensions)")
     return summary
 
@@ -543,7 +546,7 @@ class Dimensional(Task):
 
     def write_results(self, cfg, folds, out_dir, extra, folds_dir=None) -> Dict[str, Any]:
         return write_dimensional_results(folds, out_dir, extra, list(cfg.finetune.dimensions), self.multitask,
-                                         folds_dir=folds_dir)
+                                         folds_dir=folds_dir, classes=classes_of(cfg) if self.multitask else LABELS)
 
     def loso_table(self, cfg, summary, title: str = "") -> str:
         return markdown_table(summary, list(cfg.finetune.dimensions), self.multitask, title)
@@ -556,7 +559,8 @@ class Dimensional(Task):
         dims = [c[len("pred_"):] for c in preds.columns if c.startswith("pred_")]
         return dimensional_metrics(preds[dims].to_numpy(float), preds[[f"pred_{d}" for d in dims]].to_numpy(float), dims)
 
-    def build_ablation(self, cells, protocol, folds, seeds, metric, names, n_boot=2000, boot_seed=0, arm_val=None):
+    def build_ablation(self, cells, protocol, folds, seeds, metric, names, n_boot=2000, boot_seed=0, arm_val=None,
+                       classes=None):
         return build_dim_ablation(cells, protocol, folds, seeds, metric, names, n_boot=n_boot, boot_seed=boot_seed,
                                   arm_val=arm_val)
 
