@@ -544,7 +544,9 @@ def _register_nested(cfg, summary, choices, selection, run_cfg, sweep_id, final_
     out: Dict[str, Any] = {"dir": str(final_dir.parent.parent), "choices": choices,
                            "final": {"mean": summary["mean"], "std": summary["std"], "folds": folds}}
     if cfg.tune.register_best:
-        sel = "val_ua" if "val_ua" in summary["folds"][0] else "val_ccc_mean"  # (a dimensional task has no UA)
+        from serray.train.tasks import task_of
+
+        sel = task_of(cfg).select_metric(cfg)  # the metric the task selects on (val UA; a dimensional task's CCC)
         best_fold = max(summary["folds"], key=lambda f: (f.get(sel, 0.0), -f["fold"]))["fold"]
         model_cfg = trial_config(cfg, choices[best_fold]["hyperparameters"], final_dir.parent, folds=[best_fold])
         entry = register_result(run_cfg, summary, source="tune", hyperparameters=choices[best_fold]["hyperparameters"],

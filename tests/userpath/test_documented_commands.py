@@ -285,6 +285,33 @@ def _check_evaluate_defaults(world, proc):
     assert "UA" in proc.stdout, proc.stdout[-2000:]
 
 
+def _check_native(run_dir: str, classes: List[str]):
+    """A run over a corpus's own classes: the model, its registry entry and its results hold them all."""
+    def check(world, proc):
+        run = world.dir / run_dir
+        metrics = json.loads((run / "finetune" / "metrics.json").read_text())
+        assert metrics["classes"] == classes and list(metrics["per_class"]) == classes
+        entry = json.loads(next((run / "registry").glob("*/entry.json")).read_text())
+        assert entry["labels"] == classes and entry["classes"] == "native"
+        assert "| class | n | recall % |" in (run / "finetune" / "results.md").read_text()
+    return check
+
+
+def _check_loco(run_dir: str, names: List[str]):
+    """Leave-one-corpus-out: each tested fold holds one corpus, and its model never trained or validated on it."""
+    def check(world, proc):
+        run = world.dir / run_dir
+        metrics = json.loads((run / "finetune" / "metrics.json").read_text())
+        assert metrics["evaluation"] == "leave-one-corpus-out"
+        assert metrics["group_labels"] == {str(i + 1): n for i, n in enumerate(names)}
+        for f in metrics["folds"]:
+            split = json.loads((run / "finetune" / f"fold{f['fold']}" / "split.json").read_text())
+            tested = {u.split("__")[0] for u in split["test"]}
+            assert tested == {names[f["fold"] - 1]}
+            assert not tested & {u.split("__")[0] for u in split["train"] + split["val"]}
+    return check
+
+
 def _check_second_corpus(corpus_root: str, corpus: str, run_dir: str = "runs/default"):
     def check(world, proc):
         _folds_scored(world, run_dir)
@@ -395,6 +422,13 @@ STEPS: List[Step] = [
          check=_check_second_corpus("data/mine/labels.csv", "csv", "runs/mine")),
     Step("serray evaluate registry.dir=runs/default/registry data.corpus=crema-d data.root=/data/CREMA-D output_dir=runs/on-cremad",
          check=_check_evaluate("runs/on-cremad")),
+    Step("serray pipeline data.corpus=crema-d data.classes=native output_dir=runs/crema-native",
+         check=_check_native("runs/crema-native", ["neu", "hap", "sad", "ang", "fea", "dis"])),
+    Step("serray evaluate registry.dir=runs/crema-native/registry data.corpus=emodb \"data.classes=[neu,hap,sad,ang,fea,dis]\" "
+         "synthetic.seed=1 output_dir=runs/crema-on-emodb", check=_check_evaluate("runs/crema-on-emodb", "runs/crema-native")),
+    Step("serray pipeline data.corpus=pooled \"data.corpora=[{corpus: crema-d}, {corpus: emodb}, {corpus: ravdess}]\" "
+         "data.protocol=leave_one_corpus_out output_dir=runs/loco",
+         check=_check_loco("runs/loco", ["crema-d", "emodb", "ravdess"])),
     Step("serray evaluate registry.dir=runs/default/registry data.corpus=iemocap synthetic.seed=1 output_dir=runs/on-voices",
          check=_check_evaluate("runs/on-voices"),
          also=("serray evaluate registry.dir=runs/default/registry data.corpus=<layout> synthetic.seed=1 output_dir=...",)),
