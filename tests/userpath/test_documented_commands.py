@@ -458,6 +458,10 @@ STEPS: List[Step] = [
          "ablate.arms=[none,random_init,full] output_dir=runs/voices-fbank-pitch", check=_check_ablation("runs/voices-fbank-pitch")),
     Step("serray ablate ablate.arms=[none,random_init,full,classical] ablate.classical_features=egemaps "
          "ablate.label_fractions=[0.1,0.25,1.0] output_dir=runs/labels", check=_check_ablation("runs/labels")),
+    Step("serray ablate output_dir=runs/labels-8x data.root=runs/labels/synthetic/IEMOCAP_full_release "
+         "features.dir=runs/labels/features data.manifest=runs/labels/manifest.parquet ablate.arms=[full] "
+         "ablate.label_fractions=[1.0] ablate.seeds=2 pretrain.epochs=80",
+         force=["pretrain.epochs=2", "ablate.seeds=1"], check=_check_ablation("runs/labels-8x")),
     Step("serray ablate data.protocol=leave_one_speaker_out ablate.arms=[none,random_init,full,classical] "
          "ablate.classical_features=egemaps output_dir=runs/loso", check=_check_ablation("runs/loso")),
     Step("serray make-corpus --config configs/benchmark.yaml",
