@@ -47,7 +47,7 @@ class RayConfig:
 class DataConfig:
     """The corpus and its manifest."""
 
-    corpus: str = "iemocap"  # iemocap | crema-d | ravdess | emodb | msp-podcast | csv (serray.data.corpora)
+    corpus: str = "iemocap"  # iemocap | crema-d | ravdess | emodb | msp-podcast | csv | pooled (serray.data.corpora)
     root: str = "${output_dir}/synthetic/IEMOCAP_full_release"
     manifest: str = "${output_dir}/manifest.parquet"
     merge_excited: bool = True  # the standard 4-class setup merges excited into happy (IEMOCAP)
