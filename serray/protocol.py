@@ -52,8 +52,9 @@ def corpus_protocol(cfg) -> Dict[str, Any]:
 
 def grouping_keys(cfg) -> list:
     """Config keys beyond a stage's own that change which utterances form a fold: ``data.protocol`` when
-    it is set (left out when null, so the hashes of runs that never set it stay as they were)."""
-    return ["data.protocol"] if cfg.data.get("protocol") else []
+    it is set, ``data.corpora`` when a run pools corpora (left out when unset, so the hashes of runs that
+    never set them stay as they were)."""
+    return (["data.protocol"] if cfg.data.get("protocol") else []) + (["data.corpora"] if cfg.data.get("corpora") else [])
 
 
 def class_keys(cfg) -> list:
