@@ -32,7 +32,7 @@ from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Seque
 
 import pandas as pd
 
-from serray.errors import DataError
+from serray.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
 
@@ -197,8 +197,6 @@ def class_setting(data_cfg) -> Any:
     Raises:
         ConfigError: another word, a list of fewer than two names, a repeated or empty name.
     """
-    from serray.errors import ConfigError
-
     value = cfg_get(data_cfg, "classes", "four")
     if value is None or (isinstance(value, str) and value.strip() == ""):
         return "four"

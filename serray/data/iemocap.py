@@ -41,18 +41,13 @@ _UTT_ID = re.compile(r"^Ses(?P<session>0[1-5])(?P<lead>[FM])_(?P<method>impro|sc
 def label_map(merge_excited: bool = True, overrides: Optional[Mapping[str, str]] = None) -> Dict[str, str]:
     """Raw IEMOCAP label -> 4-class label; labels absent from the map are dropped (or kept unlabelled).
     ``overrides`` (``data.label_map``) map more raw labels, or drop one with ``""``."""
-    mapping = {"neu": "neu", "hap": "hap", "sad": "sad", "ang": "ang"}
-    if merge_excited:
-        mapping["exc"] = "hap"
-    for raw, cls in dict(overrides or {}).items():
-        cls = "" if cls is None else str(cls)
-        if cls and cls not in LABELS:
-            raise DataError(f"data.label_map: {raw!r} -> {cls!r}: a label maps to one of {list(LABELS)} or to '' (dropped)")
-        if cls:
-            mapping[str(raw)] = cls
-        else:
-            mapping.pop(str(raw), None)
-    return mapping
+    return _kept(label_space(CORPUS, {"label_map": dict(overrides or {})}), merge_excited, overrides)
+
+
+def _kept(space: LabelSpace, merge_excited: bool, overrides: Optional[Mapping[str, str]]) -> Dict[str, str]:
+    """The raw labels a space gives a class (``exc`` only when merged into happy, or mapped by an override)."""
+    return {raw: cls for raw, cls in space.mapping.items()
+            if cls and (merge_excited or raw != "exc" or "exc" in dict(overrides or {}))}
 
 
 def check_layout(root: Path, sessions: Sequence[int]) -> None:
@@ -134,11 +129,7 @@ def build_manifest(
     """
     root = Path(root).expanduser().resolve()
     check_layout(root, sessions)
-    if space is None:
-        mapping = label_map(merge_excited, overrides)
-    else:
-        mapping = {raw: cls for raw, cls in space.mapping.items() if cls and (merge_excited or raw != "exc"
-                                                                               or "exc" in dict(overrides or {}))}
+    mapping = label_map(merge_excited, overrides) if space is None else _kept(space, merge_excited, overrides)
     rows, dropped, missing, malformed = [], {}, [], []
     for session in sessions:
         files = _annotation_files(root, session)
