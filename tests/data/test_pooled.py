@@ -88,3 +88,29 @@ def test_the_built_in_members_get_their_own_roots(tmp_path):
     got = members(cfg.data)
     assert [m["key"] for m in got] == ["crema-d1", "emodb", "crema-d3"]
     assert len({m["root"] for m in got}) == 3 and all(m["root"].startswith(f"{tmp_path}/synthetic/pooled/") for m in got)
+
+
+def test_the_keys_are_set_from_a_yaml_file_too(tmp_path, trees):
+    """data.corpora, data.protocol and data.classes as a user's YAML file sets them."""
+    from serray.data.corpora import build_manifest
+    from serray.data.corpus import class_setting
+
+    path = tmp_path / "pool.yaml"
+    path.write_text(f"""output_dir: {tmp_path}/run
+synthetic:
+  enabled: false
+data:
+  corpus: pooled
+  protocol: leave_one_corpus_out
+  classes: [neu, ang, fea]
+  corpora:
+    - {{corpus: crema-d, root: {trees['crema-d']}}}
+    - {{corpus: ravdess, root: {trees['ravdess']}, label_map: {{calm: neu}}}}
+""")
+    cfg = load_config(str(path), [])
+    assert class_setting(cfg.data) == ("neu", "ang", "fea") and cfg.data.sessions == [1, 2]
+    report = build_manifest(cfg)
+    df = report.kept
+    calm = df[df["raw_label"] == "calm"]
+    assert len(calm) and (calm["label"] == "neu").all()  # the member's own label map
+    assert report.classes == ("neu", "ang", "fea") and set(df["label"]) <= {"neu", "ang", "fea", ""}
