@@ -54,9 +54,9 @@ def model_encoder_overrides(features: Dict[str, Any], model_dir: Path) -> list:
 
 def score(preds: pd.DataFrame, labels) -> Dict[str, Any]:
     """UA / WA / macro-F1 (fractions) of a predictions frame, pooled and per test group."""
-    from serray.train.metrics import classification_metrics
+    from serray.train.metrics import class_index, classification_metrics
 
-    index = {l: i for i, l in enumerate(labels)}
+    index = class_index(labels)
 
     def metrics(df):
         m = classification_metrics([index[l] for l in df["label"]], [index[l] for l in df["pred"]])
@@ -260,7 +260,7 @@ def run_evaluate(cfg, model: Optional[str] = None, echo: Callable[[str], Any] = 
     from serray.registry import entry_evaluation, get_entry, model_dir
     from serray.data.corpora import classes_of
     from serray.train.folds import labelled_rows
-    from serray.train.metrics import confusion
+    from serray.train.metrics import class_index, confusion
     from serray.train.results import _plot_confusion
 
     entry = get_entry(cfg.registry.dir, model, {"selection": None})
@@ -310,7 +310,7 @@ def run_evaluate(cfg, model: Optional[str] = None, echo: Callable[[str], Any] = 
                "plot_title": f"{entry['id']} on {target['corpus']}", "provenance": provenance.collect(cfg, folds)}
     summary["mean"] = {k: summary["pooled"][k] for k in ("ua", "wa", "macro_f1")}
     preds.to_csv(out / "predictions.csv", index=False)
-    index = {l: i for i, l in enumerate(labels)}
+    index = class_index(labels)
     cm = confusion([index[l] for l in preds["label"]], [index[l] for l in preds["pred"]], len(labels))
     summary["confusion"] = cm.tolist()
     storage.write_text(out / "metrics.json", json.dumps(summary, indent=2))  # the model's scores first

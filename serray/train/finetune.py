@@ -94,8 +94,8 @@ def _body_kwargs(cfg, feat_meta: dict, adapter: Optional[str]) -> Optional[Dict[
     return {k: kw.get(k, BODY_DEFAULTS.get(k)) for k in BODY_KEYS}
 
 
-def _model_kwargs(cfg, feat_meta: dict, adapter: Optional[str]) -> Dict[str, Any]:
-    return {"input_dim": feat_meta["dim"], "num_classes": len(classes_of(cfg)), "num_input_layers": feat_meta["num_layers"],
+def _model_kwargs(cfg, feat_meta: dict, adapter: Optional[str], classes: Sequence[str]) -> Dict[str, Any]:
+    return {"input_dim": feat_meta["dim"], "num_classes": len(classes), "num_input_layers": feat_meta["num_layers"],
             "body": _body_kwargs(cfg, feat_meta, adapter), "freeze_body": cfg.finetune.mode == "frozen",
             "attention_dim": cfg.finetune.attention_dim, "hidden_dim": cfg.finetune.hidden_dim,
             "dropout": cfg.finetune.head_dropout}
@@ -173,15 +173,16 @@ def _run_fold(cfg, fold: int, report_to_tune: bool = False, report_pretrain: boo
     # statistics its pre-training used, which are the same sessions under per-fold pre-training)
     stats_sessions = pool_sessions(cfg, fold, feat_meta)
     audit = audit_fold(fold, split, pool, pool["sessions"] if pool else stats_sessions, proto)
+    classes = classes_of(cfg)  # data.classes, as the manifest was built
     loop_config = {
         "seed": cfg.seed, "run_seed": run_seed(cfg.seed, fold, "finetune"), "fold": fold, "mode": tcfg.mode,
         "branch": tcfg.branch, "init": tcfg.init, "config_yaml": to_yaml(cfg), "config_hash": fhash,
         "features": feature_identity(feat_meta),
         "feature_stats": [a.tolist() for a in feature_stats(feat_meta, stats_sessions)],
-        "model": _model_kwargs(cfg, feat_meta, adapter), "audit": audit,
+        "model": _model_kwargs(cfg, feat_meta, adapter, classes), "audit": audit,
         "init_from": storage.absolute(adapter) if adapter else "",
-        "class_weights": _class_weights(split["train"]["label"], tcfg.class_weighting, classes_of(cfg)),
-        "labels": list(classes_of(cfg)),
+        "class_weights": _class_weights(split["train"]["label"], tcfg.class_weighting, classes),
+        "labels": list(classes),
         **{k: v for k, v in as_dict(tcfg).items() if k in TRAIN_KEYS},
         "steps_per_epoch": steps_per_epoch(len(split["train"]), tcfg.batch_size, tcfg.num_workers),
         "fault_marker": storage.join(fold_dir, "fault_injected.marker"),

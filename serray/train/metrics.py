@@ -25,6 +25,11 @@ def classification_metrics(y_true: Sequence[int], y_pred: Sequence[int]) -> Dict
     }
 
 
+def class_index(classes: Sequence[str]) -> Dict[str, int]:
+    """Class name -> its output index (``classes`` in index order)."""
+    return {label: i for i, label in enumerate(classes)}
+
+
 def confusion(y_true: Sequence[int], y_pred: Sequence[int], num_classes: int) -> np.ndarray:
     """Raw confusion counts [true, pred]."""
     return confusion_matrix(y_true, y_pred, labels=list(range(num_classes)))

@@ -31,7 +31,7 @@ from serray.models.classifier import EmotionClassifier, body_state_from_adapter
 from serray.models.dimensional import build_model
 from serray.train.checkpoint import MODEL_KEY, load_checkpoint
 from serray.train.loop import eval_batches
-from serray.train.metrics import classification_metrics, confusion
+from serray.train.metrics import class_index, classification_metrics, confusion
 from serray.train.results import FOLD_KEYS, SD_CONVENTION, _plot_confusion, _sample_sd, plot_curves, read_fold_predictions
 from serray.train.tasks import Task
 
@@ -257,11 +257,6 @@ def per_class_table(rows: Dict[str, Dict[str, float]]) -> str:
     lines = ["| class | n | recall % |", "|---|---:|---:|"]
     lines += [f"| {c} | {r['n']} | {100 * r['recall']:.2f} |" for c, r in rows.items()]
     return "\n".join(lines + ["", "recall over every fold's test utterances (the confusion matrix's rows)."]) + "\n"
-
-
-def class_index(classes: Sequence[str]) -> Dict[str, int]:
-    """Class name -> its output index."""
-    return {label: i for i, label in enumerate(classes)}
 
 
 def write_results(folds: List[Dict[str, Any]], out_dir: str | Path, extra: Dict[str, Any],

@@ -43,11 +43,11 @@ from serray.data.iemocap import LABELS
 from serray.errors import DataError
 from serray.train.ablation_report import DEFAULT_COMPARISONS, _plain, _sort_key
 from serray.train.loop import eval_batches
-from serray.train.metrics import classification_metrics, confusion
+from serray.train.metrics import class_index, classification_metrics, confusion
 from serray.train.results import FOLD_KEYS, SD_CONVENTION, _plot_confusion, _sample_sd, plot_curves, read_fold_predictions
 from serray.train.stats import FOLD_LEVEL_TEST, RUN_LEVEL_TEST, scoped_inference, scoped_verdicts, summarise_runs
 from serray.train.tasks import Task, task_name
-from serray.train.tasks.categorical import FinetuneTask, class_index, cv_estimate
+from serray.train.tasks.categorical import FinetuneTask, cv_estimate
 
 log = logging.getLogger(__name__)
 
