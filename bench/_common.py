@@ -437,7 +437,8 @@ def make_random_hubert(path: Path, size: str = "base") -> str:
 def make_corpus_and_manifest(base: Path, *, keep_unlabelled: bool, **corpus_kw) -> tuple:
     """A demo-preset synthetic corpus under ``base/IEMOCAP_full_release`` and its manifest
     ``base/manifest.parquet``. Returns ``(root, manifest_path, manifest_frame)``."""
-    from serray.data.iemocap import build_manifest, write_manifest
+    from serray.data.corpora.base import write_manifest
+    from serray.data.corpora.iemocap import build_manifest
     from serray.data.synthetic import make_corpus
 
     root = make_corpus(base / "IEMOCAP_full_release", **corpus_kw)

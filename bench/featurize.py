@@ -14,11 +14,11 @@ its four-class manifest) and every encoder (``fbank``, and ``--encoder``: by def
 ``transformers``: the real model's compute, no download), two paths, each in its own subprocess:
 
 * **plain**: one process, ``EncodeBatch`` (the same callable Ray runs) over the same length-bucketed
-  batches (``serray.data.featurize._bucketed_blocks``), the rows written with pyarrow as Parquet
+  batches (``serray.data.features.featurize._bucketed_blocks``), the rows written with pyarrow as Parquet
   partitioned by session, then the same per-session statistics pass that ``featurize`` makes
-  (``serray.data.featurize._session_stats`` runs it on Ray Data, ``session_stats_local`` in-process). Timed: manifest read -> blocks -> encoder build ->
+  (``serray.data.features.featurize._session_stats`` runs it on Ray Data, ``session_stats_local`` in-process). Timed: manifest read -> blocks -> encoder build ->
   encode -> write -> statistics.
-* **ray**: ``serray.data.featurize.featurize(cfg)`` into a fresh directory. ``ray.init`` runs before
+* **ray**: ``serray.data.features.featurize.featurize(cfg)`` into a fresh directory. ``ray.init`` runs before
   the clock starts; everything else (actor start, encoder build in the actor, Ray Data execution,
   Parquet write, bookkeeping, the statistics pass) is timed.
 
@@ -92,8 +92,8 @@ def child_plain(args) -> dict:
     import torch
 
     from serray.config import as_dict
-    from serray.data.featurize import EncodeBatch, _bucketed_blocks, actor_pool_bounds, session_stats_local
-    from serray.data.iemocap import MANIFEST_COLUMNS, read_manifest
+    from serray.data.features.featurize import EncodeBatch, _bucketed_blocks, actor_pool_bounds, session_stats_local
+    from serray.data.corpora.base import MANIFEST_COLUMNS, read_manifest
 
     if args.plain_threads:
         torch.set_num_threads(args.plain_threads)
@@ -145,8 +145,8 @@ def _actor_threads(cfg) -> dict:
 def child_ray(args) -> dict:
     import ray
 
-    from serray.data.featurize import featurize, read_meta, stored_utterances
-    from serray.data.iemocap import read_manifest
+    from serray.data.features.featurize import featurize, read_meta, stored_utterances
+    from serray.data.corpora.base import read_manifest
 
     cfg = _child_cfg(args)
     ray.init(num_cpus=args.num_cpus, runtime_env={"env_vars": dict(RAY_ENV)}, log_to_driver=args.verbose,

@@ -34,7 +34,7 @@
 #              batches or an attention path without flash/SDPA kernels. float32 runs ~5-10x slower.
 #            - "serray HFEncoder.encode (fp32 ...)": what `serray featurize` and Serve run today (fp32, mixed
 #              lengths padded with a mask, features copied to CPU). Its gap to the bf16 row is what adding
-#              autocast to serray.data.encoders.HFEncoder would buy.
+#              autocast to serray.data.features.encoders.HFEncoder would buy.
 #            - "best: X audio-s/s = r x the H100 reference".
 #
 # [adapter]  (bench/gpu_bench.py adapter, cap 180 s) configs/iemocap.yaml's adapter (1024-dim input, d_model
@@ -117,7 +117,7 @@ main() {
   "$PY" - <<'EOF' || { echo "import check failed: a wheel is missing (see bench/gpu_wheels.sh)"; return 1; }
 import sys, torch, ray, omegaconf, pydantic, soundfile, transformers
 import ray.data, ray.train, ray.tune, ray.serve, ray.train.torch  # noqa: F401
-import serray.data.featurize, serray.train.finetune, serray.serve.app  # noqa: F401
+import serray.data.features.featurize, serray.train.finetune, serray.serve.app  # noqa: F401
 print(f"python {sys.version.split()[0]}, torch {torch.__version__} (cuda {torch.cuda.is_available()}"
       f"{', ' + torch.cuda.get_device_name(0) if torch.cuda.is_available() else ''}), ray {ray.__version__} "
       f"({ray.__file__.rsplit('/ray/', 1)[0]}), omegaconf {omegaconf.__version__}, pydantic {pydantic.VERSION}, "

@@ -92,7 +92,7 @@ def part_encoder(args) -> None:
     from torch.utils.flop_counter import FlopCounterMode
     from transformers import HubertModel
 
-    from serray.data.encoders import build_encoder
+    from serray.data.features.encoders import build_encoder
 
     dev = device_of(args)
     t = time.perf_counter()
@@ -250,9 +250,9 @@ def start_ray(cfg, smoke: bool) -> float:
 
 
 def ensure_features(args, cfg) -> dict:
-    """Corpus (``serray.pipeline.prepare_corpus``) and features (``featurize``) unless already there."""
-    from serray.data.featurize import META_FILE, featurize, read_meta
-    from serray.pipeline import prepare_corpus
+    """Corpus (``serray.data.prepare.prepare_corpus``) and features (``featurize``) unless already there."""
+    from serray.data.features.featurize import META_FILE, featurize, read_meta
+    from serray.data.prepare import prepare_corpus
 
     if (Path(cfg.features.dir) / META_FILE).is_file():
         return {"reused": True, **{k: v for k, v in read_meta(cfg.features.dir).items() if k in ("num_rows", "dim")}}

@@ -77,7 +77,7 @@ def main() -> int:
     from serray.config import load_config
     from serray.predict import Predictor
     from serray.predict_onnx import OnnxPredictor
-    from serray.registry import list_entries, resolve_model
+    from serray.train.registry import list_entries, resolve_model
 
     newest = list_entries(run / "registry")[-1]["id"]
     out = run / "export"

@@ -6,7 +6,7 @@
     python bench/pretrain.py --epochs 8 --d-model 256
 
 Set-up (not timed): a synthetic corpus in IEMOCAP layout, its manifest and fbank features in a temp dir
-(``serray.pipeline.prepare_corpus`` + ``serray.data.featurize.featurize``).
+(``serray.data.prepare.prepare_corpus`` + ``serray.data.features.featurize.featurize``).
 
 * **ray**: ``serray.train.pretrain.run_pretrain(cfg, force=True)`` (1 worker, ``cpus_per_worker`` 0.5:
   the config's ``pretrain`` section). ``ray.init`` runs before the clock. Two numbers: the in-worker
@@ -280,8 +280,8 @@ def main(argv=None) -> int:
 
     import ray
 
-    from serray.data.featurize import featurize
-    from serray.pipeline import prepare_corpus
+    from serray.data.features.featurize import featurize
+    from serray.data.prepare import prepare_corpus
 
     tmp_ctx = tempfile.TemporaryDirectory(prefix="serray-bench-pretrain-") if args.keep is None else None
     work = Path(tmp_ctx.name if tmp_ctx else args.keep).resolve()

@@ -21,7 +21,7 @@ f=1/4 gives 14 x 36 x 5 = 2,520. The manifest keeps every utterance (``pretrain.
 not carried over), with the base config's ``fbank`` encoder and defaults except
 ``pretrain.epochs=1`` and ``finetune.epochs=1``:
 
-1. ``featurize``: ``serray.data.featurize.featurize(cfg)`` (Ray Data; ``ray.init`` is done before
+1. ``featurize``: ``serray.data.features.featurize.featurize(cfg)`` (Ray Data; ``ray.init`` is done before
    and timed separately);
 2. ``pretrain``: ``run_pretrain(cfg, fold, force=True)`` for folds 1-5 in the driver, as
    ``serray pretrain`` does (one pre-training epoch per fold on that fold's pool, inductive);
@@ -97,7 +97,7 @@ def parse_fraction(text: str) -> tuple[str, float]:
 def prepare(work: Path, label: str, fraction: float, args) -> dict:
     """Make (or, with --keep, reuse) the corpus and its manifest for one size."""
     from bench._common import make_corpus_and_manifest
-    from serray.data.iemocap import read_manifest
+    from serray.data.corpora.base import read_manifest
 
     dps, upd = corpus_knobs(fraction)
     knobs = {"seed": args.seed, "dialogs_per_session": dps, "utterances_per_dialog": upd,
@@ -146,8 +146,8 @@ def child_main(args) -> dict:
     import ray
     import torch
 
-    from serray.data.featurize import featurize, read_meta, stored_utterances
-    from serray.data.iemocap import read_manifest
+    from serray.data.features.featurize import featurize, read_meta, stored_utterances
+    from serray.data.corpora.base import read_manifest
     from serray.train.finetune import fold_split, run_folds
     from serray.train.pretrain import pool_rows, pool_sessions, run_pretrain
 

@@ -38,7 +38,7 @@ def _quiet(cfg, args):
 
 
 def cmd_make_corpus(args) -> int:
-    from serray.pipeline import make_synthetic
+    from serray.data.prepare import make_synthetic
 
     cfg = _cfg(args, [f"data.root={args.out}"] if args.out else None)
     layout = args.layout or str(cfg.data.corpus)
@@ -56,7 +56,7 @@ def cmd_make_corpus(args) -> int:
 
 def cmd_manifest(args) -> int:
     from serray.data import corpora
-    from serray.data.iemocap import write_manifest
+    from serray.data.corpora.base import write_manifest
 
     extra = ([f"data.root={args.root}"] if args.root else []) + ([f"data.manifest={args.out}"] if args.out else [])
     cfg = _cfg(args, extra)
@@ -68,7 +68,7 @@ def cmd_manifest(args) -> int:
 
 
 def cmd_featurize(args) -> int:
-    from serray.data.featurize import featurize, featurize_summary
+    from serray.data.features.featurize import featurize, featurize_summary
 
     cfg = _cfg(args)
     with _quiet(cfg, args):
@@ -139,7 +139,7 @@ def cmd_tune(args) -> int:
 
 
 def cmd_models(args) -> int:
-    from serray.registry import format_entries, get_entry, scan_entries, wanted_evaluation
+    from serray.train.registry import format_entries, get_entry, scan_entries, wanted_evaluation
 
     cfg = _cfg(args)
     if args.action == "list":
@@ -178,7 +178,7 @@ def cmd_predict(args) -> int:
               f"model {args.onnx} (onnxruntime)\n" + df.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
         return 0
     from serray.predict import Predictor
-    from serray.registry import resolve_model
+    from serray.train.registry import resolve_model
 
     path, entry = resolve_model(cfg)
     predictor = Predictor.from_checkpoint(path)
@@ -197,7 +197,7 @@ def cmd_predict(args) -> int:
 
 def cmd_export(args) -> int:
     from serray.export import default_path, export_onnx
-    from serray.registry import resolve_model
+    from serray.train.registry import resolve_model
 
     cfg = _cfg(args, [f"serve.model={args.id}"] if args.id else None)
     path, entry = resolve_model(cfg)

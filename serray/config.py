@@ -53,7 +53,7 @@ class DataConfig:
     merge_excited: bool = True  # the standard 4-class setup merges excited into happy (IEMOCAP)
     sessions: Optional[List[int]] = None  # fold groups used (None: every group of the corpus's protocol)
     num_folds: int = 5  # speaker-grouped k-fold corpora (crema-d, ravdess, csv): k
-    classes: Any = "four"  # four | native | [class names] (serray.data.corpus.label_space)
+    classes: Any = "four"  # four | native | [class names] (serray.data.corpora.base.label_space)
     label_map: Dict[str, str] = field(default_factory=dict)  # raw label -> a class of data.classes, or '' to drop
     protocol: Optional[str] = None  # None: the corpus's own; leave_one_speaker_out (IEMOCAP: 10 folds)
     corpora: List[Any] = field(default_factory=list)  # data.corpus=pooled: [{corpus, root, label_map}, ...]
@@ -556,19 +556,14 @@ def _resolve_tracking(cfg: DictConfig) -> None:
         raise _invalid([str(e)]) from None
 
 
-#: where the default ``data.root`` (``output_dir/synthetic/...``) puts the built-in corpus in each other layout
-SYNTHETIC_ROOTS = {"crema-d": "CREMA-D", "ravdess": "RAVDESS", "emodb": "emodb", "msp-podcast": "MSP-Podcast",
-                   "csv": "csv/labels.csv", "pooled": "pooled"}
-
-
 def _resolve_corpus(cfg: DictConfig) -> None:
     """Fill ``data.sessions`` and ``finetune.folds`` left null with the corpus's protocol."""
     from serray.data import corpora
 
     corpus = corpora.get(str(cfg.data.corpus))  # an unknown name lists the known ones
-    if str(cfg.data.root) == f"{cfg.output_dir}/synthetic/IEMOCAP_full_release" and cfg.data.corpus in SYNTHETIC_ROOTS:
+    if str(cfg.data.root) == f"{cfg.output_dir}/synthetic/IEMOCAP_full_release":
         # the default root names the built-in corpus's release directory: in another layout, that layout's name
-        cfg.data.root = f"{cfg.output_dir}/synthetic/{SYNTHETIC_ROOTS[cfg.data.corpus]}"
+        cfg.data.root = f"{cfg.output_dir}/synthetic/{corpora.RELEASE_DIRS[str(cfg.data.corpus)]}"
     if cfg.data.sessions is None:
         cfg.data.sessions = corpus.groups(cfg.data)
     if cfg.finetune.folds is None:
@@ -591,7 +586,7 @@ def _validate(cfg: DictConfig) -> None:
 
     corpus = corpora.get(str(cfg.data.corpus))
     if corpus.name == "pooled":
-        from serray.data.pooled import members
+        from serray.data.corpora.pooled import members
 
         try:
             members(cfg.data)
@@ -599,7 +594,7 @@ def _validate(cfg: DictConfig) -> None:
             problems.append(str(e))
     elif cfg.data.get("corpora"):
         problems.append(f"data.corpora lists corpora to pool, but data.corpus={corpus.name}: set data.corpus=pooled")
-    from serray.data.corpus import LABELS, class_setting
+    from serray.data.corpora.base import LABELS, class_setting
 
     try:
         setting = class_setting(cfg.data)
@@ -698,7 +693,7 @@ def _validate(cfg: DictConfig) -> None:
 
 def _validate_task(cfg: DictConfig, corpus) -> List[str]:
     """``finetune.task`` and its keys (serray.train.tasks.dimensional)."""
-    from serray.data.corpus import DIMENSION_COLUMNS
+    from serray.data.corpora.base import DIMENSION_COLUMNS
 
     f, problems = cfg.finetune, []
     if f.task not in ("categorical", "dimensional", "multitask"):

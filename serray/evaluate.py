@@ -38,7 +38,7 @@ from serray import storage
 
 def model_encoder_overrides(features: Dict[str, Any], model_dir: Path) -> list:
     """``encoder.*`` overrides that make the target's features with the model's encoder."""
-    from serray.data.encoders import BUILTIN_ENCODERS, encoder_section
+    from serray.data.features.encoders import BUILTIN_ENCODERS, encoder_section
     from serray.train.checkpoint import ENCODER_DIR
 
     name = str(features["encoder"])
@@ -81,8 +81,8 @@ def source_audio(entry: Dict[str, Any], labels) -> Optional[Dict[str, pd.DataFra
     else every group of its run but its test fold) and ``heard`` (everything its training and
     pre-training read: the training groups' utterances, labelled or not, and ``pretrain.extra_audio``).
     None when the source manifest is not on this machine."""
-    from serray.data.extra_audio import extra_audio_manifest
-    from serray.data.iemocap import read_manifest
+    from serray.data.corpora.extra_audio import extra_audio_manifest
+    from serray.data.corpora.base import read_manifest
     from serray.errors import SerrayError
     from serray.train.finetune import SPLIT_FILE
 
@@ -159,7 +159,7 @@ def check_unseen(heard: Optional[pd.DataFrame], target_paths: Sequence[str], ech
 
 def _functionals_one(path: str, kind: str) -> Optional[list]:
     """One file's openSMILE functionals (None when it cannot be read or is too short)."""
-    from serray.data.opensmile_features import functionals
+    from serray.data.features.opensmile import functionals
     from serray.errors import SerrayError
 
     try:
@@ -216,7 +216,7 @@ def reference(cfg, train: Optional[pd.DataFrame], target_rows: pd.DataFrame, tar
     this machine."""
     from functools import partial
 
-    from serray import baselines
+    from serray.train import baselines
 
     if train is None:
         echo("reference column skipped: the source corpus's manifest is not readable on this machine")
@@ -251,13 +251,13 @@ def run_evaluate(cfg, model: Optional[str] = None, echo: Callable[[str], Any] = 
     with an openSMILE reference column (``reference_features``: egemaps | compare | None)."""
     from serray import provenance
     from serray.config import derive, save_config
-    from serray.data.featurize import featurize, featurize_summary
-    from serray.data.features import session_paths
-    from serray.pipeline import prepare_corpus
+    from serray.data.features.featurize import featurize, featurize_summary
+    from serray.data.features.training import session_paths
+    from serray.data.prepare import prepare_corpus
     from serray.errors import DataError
     from serray.predict import Predictor
-    from serray.protocol import corpus_protocol
-    from serray.registry import entry_evaluation, get_entry, model_dir
+    from serray.train.protocol import corpus_protocol
+    from serray.train.registry import entry_evaluation, get_entry, model_dir
     from serray.data.corpora import classes_of
     from serray.train.folds import labelled_rows
     from serray.train.metrics import class_index, confusion
@@ -289,7 +289,7 @@ def run_evaluate(cfg, model: Optional[str] = None, echo: Callable[[str], Any] = 
         raise DataError(f"{target['corpus']} has no utterances of data.classes in test groups {folds}")
     labels = align_classes(list(predictor.labels), classes_of(cfg), sorted(set(rows["label"])), entry["id"],
                            target["corpus"])
-    from serray.data.iemocap import read_manifest
+    from serray.data.corpora.base import read_manifest
 
     paths = read_manifest(cfg.data.manifest).set_index("utt_id")["path"].to_dict()
     made_of = source_audio(entry, labels)

@@ -79,7 +79,7 @@ def output_names(task: str) -> Tuple[str, ...]:
 
 
 class HFFrontEnd(nn.Module):
-    """A Hugging Face speech encoder as :class:`serray.data.encoders.HFEncoder` runs it on one clip:
+    """A Hugging Face speech encoder as :class:`serray.data.features.encoders.HFEncoder` runs it on one clip:
     optional waveform standardisation, then the chosen hidden states ``[1, T, D]`` / ``[1, L, T, D]``."""
 
     def __init__(self, encoder) -> None:
@@ -130,7 +130,7 @@ def _no_encoder_hint(features: Dict[str, Any]) -> str:
 def build_front_end(predictor) -> tuple[nn.Module, Dict[str, Any]]:
     """The exportable front end of a :class:`~serray.predict.Predictor`'s encoder and its settings
     (for the metadata); :class:`NotExportable` for the openSMILE encoders."""
-    from serray.data.encoders import NEEDS_OPENSMILE
+    from serray.data.features.encoders import NEEDS_OPENSMILE
     from serray.models.fbank import KaldiFbank
 
     f = predictor.features

@@ -88,7 +88,7 @@ def manifest_record(path: str | Path) -> Dict[str, Any]:
 def features_record(features_dir: str) -> Dict[str, Any]:
     """The feature identity of a feature directory and its hash (see the module docstring)."""
     from serray import storage
-    from serray.data.featurize import feature_identity, read_meta
+    from serray.data.features.featurize import feature_identity, read_meta
     from serray.errors import SerrayError
 
     try:
@@ -125,7 +125,7 @@ def encoder_record(name: str) -> Dict[str, Any]:
     for a local directory) and a hash over its weight and config files when they are local (None for a
     built-in encoder: its code is the package's version). The name of a local directory is its last
     component, as ``GET /info`` shows it (no machine path in a record)."""
-    from serray.data.encoders import BUILTIN_ENCODERS
+    from serray.data.features.encoders import BUILTIN_ENCODERS
     from serray.storage import public_name
 
     if name in BUILTIN_ENCODERS:

@@ -264,13 +264,13 @@ def run_sweep(cfg, echo: Callable[[str], Any] = print) -> Dict[str, Any]:
     ``non_nested``: one experiment ranked on the mean over ``tune.folds``, the chosen configuration
     run on ``tune.final_folds`` (labelled non-nested: those folds' test sessions helped choose it).
     """
-    from serray.pipeline import prepare_corpus
+    from serray.data.prepare import prepare_corpus
     from serray.ray_utils import init_ray
-    from serray.train.pretrain import check_features
+    from serray.data.features.featurize import check_features
 
     flat = validate_space(cfg)
     if not storage.is_file(storage.join(cfg.features.dir, "_serray_features.json")):
-        from serray.data.featurize import featurize
+        from serray.data.features.featurize import featurize
 
         prepare_corpus(cfg, echo)
         featurize(cfg)

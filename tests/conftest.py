@@ -118,8 +118,9 @@ def featurized(ray_session, synthetic_root, tmp_path_factory):
 
     The cfg's ``data.manifest`` and ``features.dir`` are shared by every test: do not modify them.
     """
-    from serray.data.featurize import featurize
-    from serray.data.iemocap import build_manifest, write_manifest
+    from serray.data.features.featurize import featurize
+    from serray.data.corpora.base import write_manifest
+    from serray.data.corpora.iemocap import build_manifest
 
     out = tmp_path_factory.mktemp("featurized")
     cfg = _make_cfg(synthetic_root, out)

@@ -1,4 +1,4 @@
-"""Tests for the reference baselines (serray.baselines): features and the logistic-regression arm.
+"""Tests for the reference baselines (serray.train.baselines): features and the logistic-regression arm.
 
 Their use on the synthetic benchmark (classical >> chance, metadata at chance, oracle as a ceiling)
 is tested in tests/data/test_synthetic_benchmark.py.
@@ -11,9 +11,9 @@ import pandas as pd
 import pytest
 import soundfile as sf
 
-from serray.baselines import (C_GRID, CLASSICAL_STATS, classical_features, classical_recipes, fit_predict,
+from serray.train.baselines import (C_GRID, CLASSICAL_STATS, classical_features, classical_recipes, fit_predict,
                               choose_recipe, loso_ua, metadata_features, oracle_features)
-from serray.data.synthetic_benchmark import CONTOURS, ORACLE_FEATURES
+from serray.data.synthetic.benchmark import CONTOURS, ORACLE_FEATURES
 from serray.errors import AudioError, DataError
 
 SR = 16000

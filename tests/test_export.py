@@ -38,7 +38,7 @@ def _checkpoint(path: Path, features: dict, seed: int = 0, num_input_layers: int
     dimensions rated 1-5, as the built-in corpus's)."""
     import torch
 
-    from serray.data.iemocap import LABELS
+    from serray.data.corpora.base import LABELS
     from serray.models.dimensional import build_model
     from serray.train.checkpoint import MODEL_KEY, save_checkpoint
 
@@ -61,7 +61,7 @@ def _checkpoint(path: Path, features: dict, seed: int = 0, num_input_layers: int
 
 
 def _fbank_identity() -> dict:
-    from serray.data.encoders import FbankEncoder
+    from serray.data.features.encoders import FbankEncoder
 
     return FbankEncoder(80, 16000).identity()
 
@@ -194,7 +194,7 @@ def test_an_opensmile_encoder_is_named_with_the_alternative_and_no_encoder_works
 @pytest.mark.slow
 def test_a_hugging_face_encoder_exports_with_several_layers(tiny_hubert, tmp_path):
     """A tiny HuBERT (two stored layers) inside the graph: parity with the torch path on 3 lengths."""
-    from serray.data.encoders import describe_encoder
+    from serray.data.features.encoders import describe_encoder
     from serray.predict import Predictor
     from serray.predict_onnx import OnnxPredictor
     from omegaconf import OmegaConf
@@ -339,7 +339,7 @@ def test_the_int8_graph_is_checked_against_torch(tmp_path, monkeypatch):
 def test_a_crafted_entry_id_cannot_write_outside_export_dir(bad_id, tmp_path):
     """A registry entry whose entry.json says id '../../evil' (edited, or not serray's): `serray
     export ID` refuses with a clear error and writes nothing, inside export.dir or out of it."""
-    from serray.registry import register
+    from serray.train.registry import register
 
     ckpt = _checkpoint(tmp_path / "model", EGEMAPS)
     run = tmp_path / "a" / "run"

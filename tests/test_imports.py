@@ -76,3 +76,32 @@ def test_serray_has_no_import_circle():
     graph = _module_graph()
     assert "serray.train.finetune" in graph and "serray.train.tasks" in graph["serray.train.finetune"]
     assert _cycles(graph) == []
+
+
+#: the floors of the house, bottom up; a module imports (at module level or inside a function) only its
+#: own floor, the floors below it and the services every floor uses
+FLOORS = ("serray.models", "serray.data", "serray.train")
+SERVICES = ("serray.config", "serray.storage", "serray.errors", "serray.progress", "serray.provenance",
+            "serray.ray_utils", "serray.tracking")
+
+
+def _floor(module: str) -> int:
+    return next((i for i, f in enumerate(FLOORS) if module == f or module.startswith(f + ".")), len(FLOORS))
+
+
+def test_imports_never_climb_to_a_higher_floor():
+    """models < data < train < the stages (pipeline, predict, evaluate, serve, ...): scoring a fold's test
+    split does not climb to serray.predict, the feature rows do not reach up into the training loop, and
+    the evaluation protocol lives with training."""
+    graph = _module_graph()
+    climbs = sorted(f"{m} -> {t}" for m, ts in graph.items() for t in ts
+                    if t not in SERVICES and m not in SERVICES and _floor(t) > _floor(m))
+    assert climbs == []
+
+
+def test_data_is_grouped_into_corpora_synthetic_and_features():
+    data = ROOT / "data"
+    assert {p.name for p in data.iterdir() if p.is_dir() and not p.name.startswith("__")} == {"corpora", "features", "synthetic"}
+    corpora = {p.stem for p in (data / "corpora").glob("*.py")}
+    assert {"iemocap", "crema_d", "emodb", "ravdess", "msp_podcast", "labelled_csv", "pooled"} <= corpora
+    assert not any(p.stem.startswith("synthetic") for p in data.glob("*.py"))  # every generator is in synthetic/

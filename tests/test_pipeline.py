@@ -202,7 +202,7 @@ def test_evaluate_refuses_a_target_holding_the_models_training_audio(pipeline, t
     """The pipeline's own corpus re-filed as EmoDB (the same audio under other names): the model
     trained on most of it, so a cross-corpus score would be a training score. Refused, one line."""
     from serray.cli import main
-    from serray.data.synthetic_layouts import make_layout
+    from serray.data.synthetic.layouts import make_layout
 
     run, _ = pipeline
     root = make_layout(tmp_path / "emodb", "emodb", seed=0, utterances_per_dialog=4, dialogs_per_session=2)

@@ -12,7 +12,7 @@ import soundfile as sf
 
 from serray.cli import main
 from serray.errors import DataError
-from serray.registry import best_entry, get_entry, list_entries, model_dir, register
+from serray.train.registry import best_entry, get_entry, list_entries, model_dir, register
 from serray.serve.demo import make_demo_checkpoint, synthetic_clip
 
 
@@ -144,7 +144,7 @@ def test_an_entry_carries_its_hugging_face_encoder(tiny_hubert, tmp_path):
 
     from serray.config import load_config
     from serray.predict import Predictor
-    from serray.registry import encoder_files
+    from serray.train.registry import encoder_files
 
     enc = tmp_path / "hubert"
     shutil.copytree(tiny_hubert, enc)
@@ -236,7 +236,7 @@ def test_best_is_the_best_entry_that_loads_and_names_the_one_it_skipped(registry
         (model / "meta.json").write_text(json.dumps(meta))
         (model / "encoder").mkdir()
         (model / "encoder" / "config.json").write_text("{not json")
-    with caplog.at_level(logging.WARNING, logger="serray.registry"):
+    with caplog.at_level(logging.WARNING, logger="serray.train.registry"):
         assert best_entry(reg, W())["id"] == ids[2]
     assert f"skipping registry entry {ids[1]}" in caplog.text
     # asked for by id, it is a one-line error, not a traceback
@@ -260,7 +260,7 @@ def test_entries_are_never_followed_outside_the_registry_and_stale_temporaries_g
     meta.update(id="20990101-000000-linked", metrics={**meta["metrics"], "val_ua": 0.99})
     (outside / "entry.json").write_text(json.dumps(meta))
     os.symlink(outside, reg / "20990101-000000-linked")
-    entries, problems = __import__("serray.registry", fromlist=["scan_entries"]).scan_entries(reg)
+    entries, problems = __import__("serray.train.registry", fromlist=["scan_entries"]).scan_entries(reg)
     assert "20990101-000000-linked" not in [e["id"] for e in entries]
     assert any("symbolic link" in why for _, why in problems)
     assert best_entry(reg, W())["id"] == ids[1]
@@ -283,7 +283,7 @@ def test_entry_with_non_numeric_metric_ranks_last(registry, tmp_path):
 
 
 def test_models_show_redacts_storage_credentials(registry, capsys, monkeypatch):
-    import serray.registry as registry_mod
+    import serray.train.registry as registry_mod
 
     reg, ids = registry
     real = registry_mod.get_entry

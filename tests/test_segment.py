@@ -200,7 +200,7 @@ def test_registered_model_cli_segments_match_the_clips_alone(clips, tmp_path, ca
     the label and (nearly) the probabilities the same model gives the clip alone."""
     from serray.cli import main
     from serray.predict import Predictor
-    from serray.registry import get_entry, model_dir, register
+    from serray.train.registry import get_entry, model_dir, register
     from serray.serve.demo import make_demo_checkpoint
 
     ck = make_demo_checkpoint(tmp_path / "ck", seed=0)

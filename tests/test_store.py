@@ -27,7 +27,7 @@ def _run(*args):
 
 @pytest.fixture(scope="module")
 def trees(tmp_path_factory):
-    from serray.data.synthetic_layouts import make_layout
+    from serray.data.synthetic.layouts import make_layout
 
     base = tmp_path_factory.mktemp("trees")
     kw = {"seed": 0, "dialogs_per_session": 2, "utterances_per_dialog": 4}

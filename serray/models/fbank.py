@@ -1,7 +1,7 @@
 """The ``fbank`` front end as operators every ONNX exporter knows: one strided ``Conv1d``, a square, a
 matrix product and a log.
 
-``torchaudio.compliance.kaldi.fbank`` (what :class:`serray.data.encoders.FbankEncoder` runs) does not
+``torchaudio.compliance.kaldi.fbank`` (what :class:`serray.data.features.encoders.FbankEncoder` runs) does not
 export: its ``rfft`` has no ONNX symbol in the TorchScript exporter, and the dynamo exporter fixes its
 framing to the example's length (measured with torch 2.14, ``docs/export.md``). Everything it does to a
 frame before the power spectrum is linear: removing the frame's mean, pre-emphasis (0.97), the povey

@@ -259,7 +259,7 @@ def build_app(cfg):
     non-classifier checkpoint is a clear :class:`SerrayError` before any replica starts.
     """
     from serray import storage
-    from serray.registry import model_source, resolve_model
+    from serray.train.registry import model_source, resolve_model
 
     settings = _settings(cfg)
     check_settings(settings)

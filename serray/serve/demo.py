@@ -26,8 +26,8 @@ def make_demo_checkpoint(directory: str | Path, *, adapter: bool = False, seed: 
     import torch
 
     from serray.config import load_config, to_yaml
-    from serray.data.encoders import describe_encoder
-    from serray.data.iemocap import LABELS
+    from serray.data.features.encoders import describe_encoder
+    from serray.data.corpora.base import LABELS
     from serray.models.classifier import EmotionClassifier
     from serray.train.checkpoint import MODEL_KEY, save_checkpoint
 

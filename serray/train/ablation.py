@@ -10,7 +10,7 @@ utterances:
 * ``full``: the adapter pre-trained with all three objectives;
 * ``classical`` and ``oracle`` (reference arms, no neural network): logistic regression on
   utterance statistics of log-mel / MFCC frames, and on a synthetic corpus's own synthesis
-  parameters (the ceiling); see :mod:`serray.baselines`.
+  parameters (the ceiling); see :mod:`serray.train.baselines`.
 
 Every arm runs under every mode of ``ablate.modes`` (``finetune``: the body is trained with the
 head; ``frozen``: only SAP and the head learn) and label fraction of ``ablate.label_fractions``, for
@@ -254,15 +254,15 @@ def _run_scores(preds: pd.DataFrame) -> Dict[str, float]:
 def _run_ablation(cfg, echo: Callable[[str], Any]) -> Dict[str, Any]:
     import ray.tune as tune
 
-    from serray.data.featurize import featurize
-    from serray.pipeline import prepare_corpus
+    from serray.data.features.featurize import featurize
+    from serray.data.prepare import prepare_corpus
     from serray.ray_utils import init_ray
     from serray.train.finetune import _tune_storage, protocol, trial_resources
-    from serray.train.pretrain import check_features
+    from serray.data.features.featurize import check_features
 
     t0 = time.time()
     seeds, folds = seeds_of(cfg), list(cfg.finetune.folds)
-    from serray.pipeline import makes_synthetic
+    from serray.data.prepare import makes_synthetic
 
     made_here = makes_synthetic(cfg)  # the corpus, with its oracle, is made below
     if "oracle" in cfg.ablate.arms and not made_here:
@@ -366,7 +366,7 @@ def _reference_arms(cfg, seeds: List[int], folds: List[int], echo):
     """Predictions of the classical and oracle arms (logistic regression, same folds, seeds, splits and
     label fractions as the neural arms, trained on the training split), each with its recipe (feature
     subset and regularisation) chosen per fold by a leave-one-session-out cross-validation over the
-    fold's training sessions (:func:`serray.baselines.choose_recipe`; never the test session); and the
+    fold's training sessions (:func:`serray.train.baselines.choose_recipe`; never the test session); and the
     chosen recipes' cross-validated UA, ``{(arm, mode, fraction): {(seed, fold): val_ua}}``."""
     import numpy as np
 
@@ -376,8 +376,8 @@ def _reference_arms(cfg, seeds: List[int], folds: List[int], echo):
     arms = [a for a in cfg.ablate.arms if a in REFERENCE_ARMS]
     if not arms:
         return {}, {}
-    from serray import baselines
-    from serray.data.iemocap import read_manifest
+    from serray.train import baselines
+    from serray.data.corpora.base import read_manifest
 
     rows = labelled_rows(cfg)
     labels = list(classes_of(cfg))  # data.classes, in index order
@@ -391,7 +391,7 @@ def _reference_arms(cfg, seeds: List[int], folds: List[int], echo):
             x = baselines.classical_features(paths, cfg.encoder.sample_rate)
             recipes["classical"] = baselines.classical_recipes()
         else:
-            from serray.data.opensmile_features import functionals
+            from serray.data.features.opensmile import functionals
 
             echo(f"[ablate] classical baseline: openSMILE {kind} functionals of {len(rows)} utterances")
             x = functionals(paths, kind, cfg.encoder.sample_rate)

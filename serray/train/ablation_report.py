@@ -35,7 +35,7 @@ from typing import Any, Dict, Hashable, Iterable, Mapping, Optional, Sequence, T
 import numpy as np
 import pandas as pd
 
-from serray.data.iemocap import LABELS
+from serray.data.corpora.base import LABELS
 from serray.train.stats import FOLD_LEVEL_TEST, METRICS, RUN_LEVEL_TEST, compare, run_metrics, scoped_verdicts, summarise_runs
 
 ARM_ORDER: Tuple[str, ...] = ("classical", "none", "random_init", "no_local", "full", "oracle")

@@ -33,26 +33,20 @@ import torch
 
 from serray import provenance, storage
 from serray.config import OPERATIONAL_KEYS, as_dict, section_hash, to_yaml
-from serray.data.features import session_paths, training_data
-from serray.data.featurize import feature_identity, feature_stats
-from serray.data.corpora import classes_of
-from serray.data.iemocap import LABELS
+from serray.data.features.featurize import check_features, feature_identity, reading_features
+from serray.data.corpora.base import LABELS
 from serray.errors import DataError
-from serray.protocol import evaluation, protocol  # noqa: F401  (protocol: re-exported for the stages)
-from serray.train.checkpoint import META_FILE, load_checkpoint
+from serray.train.protocol import evaluation, protocol  # noqa: F401  (protocol: re-exported for the stages)
 from serray.train.loop import fit, run_seed, steps_per_epoch
 from serray.train.tasks import task_name, task_of
 from serray.train.tasks.categorical import SELECTION_KEY, FinetuneTask  # noqa: F401  (FinetuneTask: re-exported)
-from serray.train.folds import (audit_fold, fold_split, labelled_rows, pool_sessions, split_digest, split_fold,  # noqa: F401
-                                subsample_labels, training_groups)  # (re-exported: the stages' public names)
-from serray.train.pretrain import adapter_kwargs, adapter_path, check_features, run_pretrain
+from serray.train.folds import (audit_fold, fold_datasets, fold_split, labelled_rows, plan_fold, pool_sessions, split_digest,  # noqa: F401
+                                split_fold, subsample_labels, task_split, training_groups)  # (re-exported: the stages' public names)
+from serray.train.pretrain import adapter_path, check_adapter, fold_body, run_pretrain, uses_pretraining  # noqa: F401 (re-exported)
 
 log = logging.getLogger(__name__)
 
 FOLD_RESULT = "fold_result.json"
-BODY_KEYS = ("input_dim", "d_model", "num_layers", "num_heads", "ff_dim", "dropout", "num_input_layers",
-             "pos_conv_kernel", "pos_conv_groups", "attention_dropout")
-BODY_DEFAULTS = {"pos_conv_kernel": 0, "pos_conv_groups": 16, "attention_dropout": 0.0}  # adapters from before these keys
 # ---------------------------------------------------------------- protocol
 
 
@@ -63,7 +57,7 @@ FOLD_NEUTRAL_KEYS = ("folds", "max_concurrent_folds", "register")
 
 def finetune_hash(cfg) -> str:
     """What makes two fine-tuning runs the same (the adapter and pre-training count unless mode=none)."""
-    from serray.protocol import class_keys, grouping_keys
+    from serray.train.protocol import class_keys, grouping_keys
 
     keys = ["encoder", "finetune", "seed", "data.merge_excited", "pretrain.per_fold", *grouping_keys(cfg),
             *class_keys(cfg)]
@@ -83,62 +77,17 @@ def _class_weights(labels: pd.Series, how: str, classes: Sequence[str] = LABELS)
     return [n / (k * counts[l]) if counts.get(l) else 0.0 for l in classes]
 
 
-def _body_kwargs(cfg, feat_meta: dict, adapter: Optional[str]) -> Optional[Dict[str, Any]]:
-    if cfg.finetune.mode == "none":
-        return None
-    if cfg.finetune.init == "random":
-        kw = adapter_kwargs(cfg, feat_meta)
-    else:
-        _, ameta = load_checkpoint(adapter)
-        kw = ameta["model"]
-    return {k: kw.get(k, BODY_DEFAULTS.get(k)) for k in BODY_KEYS}
-
-
-def _model_kwargs(cfg, feat_meta: dict, adapter: Optional[str], classes: Sequence[str]) -> Dict[str, Any]:
+def _model_kwargs(cfg, feat_meta: dict, body: Optional[Dict[str, Any]], classes: Sequence[str]) -> Dict[str, Any]:
     return {"input_dim": feat_meta["dim"], "num_classes": len(classes), "num_input_layers": feat_meta["num_layers"],
-            "body": _body_kwargs(cfg, feat_meta, adapter), "freeze_body": cfg.finetune.mode == "frozen",
+            "body": body, "freeze_body": cfg.finetune.mode == "frozen",
             "attention_dim": cfg.finetune.attention_dim, "hidden_dim": cfg.finetune.hidden_dim,
             "dropout": cfg.finetune.head_dropout}
-
-
-def uses_pretraining(cfg) -> bool:
-    return cfg.finetune.mode != "none" and cfg.finetune.init == "pretrained"
-
-
-def check_adapter(cfg, feat_meta: dict, path: str) -> dict:
-    """The pre-trained adapter must exist and match the features (a clear error naming both)."""
-    if not storage.is_file(storage.join(path, META_FILE)):
-        raise DataError(f"no pre-trained adapter at {storage.describe(path)} (run `serray pretrain` first, "
-                        "or use finetune.mode=none for the no-adapter baseline)")
-    _, ameta = load_checkpoint(path)
-    if ameta.get("kind") != "adapter":
-        raise DataError(f"{storage.describe(path)} holds a '{ameta.get('kind')}' checkpoint, not a pre-trained adapter")
-    from serray.data.encoders import check_identity
-
-    check_identity(feat_meta, ameta["features"], f"features in {storage.describe(cfg.features.dir)}",
-                   f"adapter checkpoint {storage.describe(path)}")
-    return ameta
-
-
-def fold_datasets(cfg, fold: int, split: Optional[Dict[str, pd.DataFrame]] = None) -> Dict[str, Any]:
-    """The ``train`` and ``val`` :class:`~serray.data.features.TrainingData` of a fold (validation is
-    always held in memory: compact float16 rows, decoded a batch at a time)."""
-    split = split if split is not None else fold_split(cfg, fold)
-    train_sessions = training_groups(cfg, fold)
-    train = training_data(cfg.features.dir, train_sessions, split["train"]["utt_id"].tolist(),
-                          cfg.features.cache_max_mb, seed=cfg.seed * 31 + fold)
-    if split["val"].empty:  # inner cross-validation's final model: every training speaker trains
-        return {"train": train}
-    val = training_data(cfg.features.dir, train_sessions, split["val"]["utt_id"].tolist(), float("inf"))
-    return {"train": train, "val": val}
 
 
 def run_fold(cfg, fold: int, report_to_tune: bool = False, report_pretrain: bool = False,
              score_test: bool = True, tracking: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
     """Pre-train (if needed), train, select and test one leave-one-session-out fold (see
     :func:`_run_fold`), holding ``features.dir`` against a concurrent re-featurization."""
-    from serray.train.pretrain import reading_features
-
     with reading_features(cfg):
         return _run_fold(cfg, fold, report_to_tune, report_pretrain, score_test, tracking)
 
@@ -158,60 +107,52 @@ def _run_fold(cfg, fold: int, report_to_tune: bool = False, report_pretrain: boo
     from serray.tracking import Tracker, loop_spec, stage_key, test_scores
 
     feat_meta = check_features(cfg)
-    proto = protocol(cfg)
-    pool = None
-    adapter = None
-    if uses_pretraining(cfg):
-        adapter = adapter_path(cfg, fold)
-        if cfg.finetune.init_from is None and cfg.pretrain.per_fold:
-            run_pretrain(cfg, fold, report_to_tune=report_pretrain, tracking=tracking)  # reused when it matches the config
-        pool = check_adapter(cfg, feat_meta, adapter).get("pool") or {}
+    features = feature_identity(feat_meta)
+    body = fold_body(cfg, fold, feat_meta, report_pretrain, tracking)  # pre-trained first if needed (serray.train.pretrain)
     tcfg, fhash = cfg.finetune, finetune_hash(cfg)
     fold_dir = _fold_path(cfg, fold)
-    split, dims_dropped = _task_split(cfg, fold)
-    # every arm normalises with the same sessions: the fold's pool (a pre-trained body brings the
-    # statistics its pre-training used, which are the same sessions under per-fold pre-training)
-    stats_sessions = pool_sessions(cfg, fold, feat_meta)
-    audit = audit_fold(fold, split, pool, pool["sessions"] if pool else stats_sessions, proto)
-    classes = classes_of(cfg)  # data.classes, as the manifest was built
+    plan = plan_fold(cfg, fold, feat_meta, body.pool)  # split, statistics, leakage audit, classes (serray.train.folds)
+    split, audit, classes = plan.split, plan.audit, plan.classes
+    model = _model_kwargs(cfg, feat_meta, body.kwargs, classes)
+    task = task_of(cfg)  # finetune.task: the heads, targets and selection metric (serray.train.tasks)
+    task_keys, task_cls = task.loop_config(cfg, split, model), task.loop_task
+    track = loop_spec(tracking, stage_key("fold", fhash, fold_dir), f"fold {fold}",
+                      tags={"stage": "finetune", "fold": fold, "mode": tcfg.mode},
+                      params={"fold": fold, "test_session": fold, "n_train": len(split["train"]),
+                              "n_val": len(split["val"]), "val_speakers": sorted(set(split["val"]["speaker"]))})
     loop_config = {
         "seed": cfg.seed, "run_seed": run_seed(cfg.seed, fold, "finetune"), "fold": fold, "mode": tcfg.mode,
         "branch": tcfg.branch, "init": tcfg.init, "config_yaml": to_yaml(cfg), "config_hash": fhash,
-        "features": feature_identity(feat_meta),
-        "feature_stats": [a.tolist() for a in feature_stats(feat_meta, stats_sessions)],
-        "model": _model_kwargs(cfg, feat_meta, adapter, classes), "audit": audit,
-        "init_from": storage.absolute(adapter) if adapter else "",
+        "features": features,
+        "feature_stats": [a.tolist() for a in plan.stats],
+        "model": model, "audit": audit,
+        "init_from": storage.absolute(body.adapter) if body.adapter else "",
         "class_weights": _class_weights(split["train"]["label"], tcfg.class_weighting, classes),
         "labels": list(classes),
         **{k: v for k, v in as_dict(tcfg).items() if k in TRAIN_KEYS},
         "steps_per_epoch": steps_per_epoch(len(split["train"]), tcfg.batch_size, tcfg.num_workers),
         "fault_marker": storage.join(fold_dir, "fault_injected.marker"),
-        "tracking": loop_spec(tracking, stage_key("fold", fhash, fold_dir), f"fold {fold}",
-                              tags={"stage": "finetune", "fold": fold, "mode": tcfg.mode},
-                              params={"fold": fold, "test_session": fold, "n_train": len(split["train"]),
-                                      "n_val": len(split["val"]), "val_speakers": sorted(set(split["val"]["speaker"]))}),
+        "tracking": track,
     }
-    task = task_of(cfg)  # finetune.task: the heads, targets and selection metric (serray.train.tasks)
-    loop_config.update(task.loop_config(cfg, split, loop_config["model"]))
-    task_cls = task.loop_task
+    loop_config.update(task_keys)
     loop_config["select_metric"] = loop_config.get("select_metric") or "val_ua"
     ray_dir = storage.join(storage.absolute(tcfg.dir), "ray")
     inner = None
     if epoch_selection(cfg) == "inner_cv":  # the epoch count from the inner folds, then every training speaker trains
         inner = _inner_cv(cfg, fold, split, loop_config, task_cls, ray_dir, f"fold{fold}-{fhash[:8]}")
         loop_config.update(cv_curve=inner["curve"], stop_epoch=inner["epoch"])
-    result = fit(task_cls, loop_config, fold_datasets(cfg, fold, split), tcfg, storage_path=ray_dir,
+    result = fit(task_cls, loop_config, plan.datasets, tcfg, storage_path=ray_dir,
                  name=f"fold{fold}-{fhash[:8]}", score=(SELECTION_KEY, "max"), report_to_tune=report_to_tune)
     best_ckpt, best_metrics = max(result.best_checkpoints, key=lambda cm: cm[1][SELECTION_KEY])
     history = _run_history(result.checkpoint)  # every epoch run (the selected checkpoint's stops at its epoch)
     val_rows = split["train"] if inner else split["val"]  # under inner_cv every training row validated once
-    selection = {"fold": fold, "test_session": fold, "split_digest": split_digest(split),
+    selection = {"fold": fold, "test_session": fold, "split_digest": plan.digest,
                  "n_train": int(len(split["train"])), "n_val": int(len(val_rows)),
                  "best_epoch": int(best_metrics["epoch"]), "epoch_selection": epoch_selection(cfg),
                  **({"inner_cv": {k: v for k, v in inner.items() if k != "epoch"}} if inner else {}),
                  **{k: float(best_metrics[k]) for k in ("val_ua", "val_wa", "val_macro_f1", "val_loss", "val_bal_loss",
                                                         "val_smoothed") if k in best_metrics},
-                 **task.selection_record(best_metrics, dims_dropped),
+                 **task.selection_record(best_metrics, plan.dropped),
                  "epochs_run": len(history), "config_hash": fhash, "seed": cfg.seed,
                  "pretrain_sessions": audit["pretrain_sessions"], "stats_sessions": audit["stats_sessions"],
                  "val_speakers": sorted(set(val_rows["speaker"])),
@@ -228,7 +169,7 @@ def _run_fold(cfg, fold: int, report_to_tune: bool = False, report_pretrain: boo
         storage.write_text(local / SPLIT_FILE, json.dumps({k: sorted(v["utt_id"]) for k, v in split.items()}))
         if not score_test:
             return selection
-        res = _test_fold(cfg, fold, local, model_dir, split, selection)
+        res = _test_fold(cfg, fold, local, model_dir, split, selection, task)
     if loop_config["tracking"]:
         tracker = Tracker.from_target(tracking)
         run_id = tracker.find_run(loop_config["tracking"]["key"])
@@ -286,7 +227,7 @@ def test_fold(cfg, fold: int) -> Dict[str, Any]:
                         f"({FOLD_SELECTION}); run the fold again")
     with storage.staged(fold_dir) as local:
         model_dir = storage.local_copy(storage.join(fold_dir, "model")) if storage.is_uri(fold_dir) else local / "model"
-        return _test_fold(cfg, fold, local, Path(model_dir), _task_split(cfg, fold)[0], selection)
+        return _test_fold(cfg, fold, local, Path(model_dir), task_split(cfg, fold)[0], selection, task_of(cfg))
 
 
 def _run_history(checkpoint) -> List[Dict[str, Any]]:
@@ -332,13 +273,12 @@ def _count_test_scoring(cfg, fold: int, local: Path, fhash: str, n_test: int) ->
     return sum(1 for line in text.splitlines() if line.strip() and json.loads(line).get("config_hash") == fhash)
 
 
-def _test_fold(cfg, fold: int, fold_dir: Path, model_dir: Path, split, selection: Dict[str, Any]) -> Dict[str, Any]:
+def _test_fold(cfg, fold: int, fold_dir: Path, model_dir: Path, split, selection: Dict[str, Any], task) -> Dict[str, Any]:
     """Score the fold's test split with the selected checkpoint, count the scoring, write the result."""
-    from serray.predict import Predictor
+    from serray.train.scoring import Scorer
 
-    predictor = Predictor.from_checkpoint(model_dir)
     test_ids = list(split["test"]["utt_id"])
-    preds = predictor.predict_parquet(session_paths(cfg.features.dir, [fold]), utt_ids=test_ids)
+    preds = Scorer.from_checkpoint(model_dir).predict_stored(cfg.features.dir, [fold], test_ids)
     preds = preds.sort_values("utt_id", kind="stable").reset_index(drop=True)  # not the feature files' order
     assert len(preds) == len(test_ids) and set(preds["utt_id"]) == set(test_ids), "the test split was not scored whole"
     if "label" in preds.columns:  # the class the manifest gives now, not the one stored with the features
@@ -346,7 +286,7 @@ def _test_fold(cfg, fold: int, fold_dir: Path, model_dir: Path, split, selection
     test_evaluations = _count_test_scoring(cfg, fold, fold_dir, selection["config_hash"], len(preds))
     preds.insert(0, "fold", fold)
     preds.insert(1, "seed", cfg.seed)
-    preds, m = task_of(cfg).test_metrics(cfg, preds, split["test"])  # (dimensional: the true ratings beside the predicted)
+    preds, m = task.test_metrics(cfg, preds, split["test"])  # (dimensional: the true ratings beside the predicted)
     preds.to_csv(fold_dir / "predictions.csv", index=False)
     result = {**{k: v for k, v in selection.items() if k != "history"}, **m, "n_test": int(len(preds)),
               "classes_in_test": sorted(set(preds["label"])), "test_evaluations": test_evaluations,
@@ -355,12 +295,6 @@ def _test_fold(cfg, fold: int, fold_dir: Path, model_dir: Path, split, selection
               "history": selection.get("history", [])}
     storage.write_text(fold_dir / FOLD_RESULT, json.dumps(result, indent=2))
     return result
-
-
-def _task_split(cfg, fold: int):
-    """:func:`fold_split`, and for a dimensional task each row's ratings (rows without valid ones
-    dropped, counted per split and group)."""
-    return task_of(cfg).prepare_split(cfg, fold_split(cfg, fold))
 
 
 def _fold_path(cfg, fold: int) -> str:
@@ -381,7 +315,7 @@ def fold_record(cfg, fold: int, name: str) -> Optional[Dict[str, Any]]:
     record = _read_record(storage.join(_fold_path(cfg, fold), name), finetune_hash(cfg))
     if record is None or "split_digest" not in record:  # (records written before the digest: reused as before)
         return record
-    now = split_digest(_task_split(cfg, fold)[0])
+    now = split_digest(task_split(cfg, fold)[0])
     if record.get("split_digest") != now:
         log.info("fold %d's rows changed since %s was written; it is trained again", fold, name)
         return None
@@ -521,7 +455,7 @@ def write_loso(cfg, folds: List[Dict[str, Any]], out_dir: str, extra: Optional[D
                config_hash: Optional[str] = None) -> Dict[str, Any]:
     """The LOSO outputs of finished folds (their ``fold<k>/`` under ``out_dir``) and the config."""
     from serray.config import save_config
-    from serray.protocol import corpus_protocol
+    from serray.train.protocol import corpus_protocol
 
     where = corpus_protocol(cfg)
     title = (f"{where['evaluation']}, corpus={where['corpus']}, mode={cfg.finetune.mode}, encoder={cfg.encoder.name}, "
@@ -550,11 +484,11 @@ def register_result(cfg, summary: Dict[str, Any], source: str, hyperparameters: 
     """Register a finished LOSO run: the fold model with the best validation UA, with the run's LOSO
     test metrics and mean validation UA (an entry with the same config hash and folds is reused).
 
-    ``cfg`` says how the run was evaluated (:func:`serray.protocol.evaluation` with ``selection``);
+    ``cfg`` says how the run was evaluated (:func:`serray.train.protocol.evaluation` with ``selection``);
     ``model_cfg`` is the config the fold models were trained with when it differs (a nested sweep:
     every fold has its own), ``finetune_dir`` where their ``fold<k>/model`` are (default
     ``finetune.dir``); ``extra`` goes into the entry record (it may override ``config_hash``)."""
-    from serray.registry import list_entries, register
+    from serray.train.registry import list_entries, register
 
     model_cfg = model_cfg or cfg
     fhash = (extra or {}).get("config_hash") or finetune_hash(cfg)
@@ -568,10 +502,10 @@ def register_result(cfg, summary: Dict[str, Any], source: str, hyperparameters: 
     model = storage.join(base, f"fold{best['fold']}", "model")
     metrics = {**summary["mean"], sel: float(np.mean([f.get(sel, float("nan")) for f in summary["folds"]]))}
     enc_files = None
-    from serray.data.encoders import BUILTIN_ENCODERS
+    from serray.data.features.encoders import BUILTIN_ENCODERS
 
     if model_cfg.registry.include_encoder and model_cfg.encoder.name not in BUILTIN_ENCODERS:
-        from serray.registry import encoder_files
+        from serray.train.registry import encoder_files
 
         enc_files = encoder_files(model_cfg.encoder.name)
         if enc_files is None:

@@ -3,7 +3,7 @@ split, the adapter's pre-training pool and the leakage audit of a fold.
 
 Pre-training, fine-tuning, the ablation, sweeps and cross-corpus evaluation all call these. A fold
 holds out one *fold group* (``session`` in the manifest and the feature store: an IEMOCAP session,
-a group of speakers, one speaker, an official test set; :mod:`serray.data.corpus`); validation comes
+a group of speakers, one speaker, an official test set; :mod:`serray.data.corpora.base`); validation comes
 from the other groups by speaker, dialog, utterance or a designated group; :func:`audit_fold`
 asserts that no speaker or utterance of the test group reaches training or validation, and under
 the inductive protocol neither the adapter's pre-training pool nor the normalisation statistics.
@@ -12,14 +12,18 @@ the inductive protocol neither the adapter's pre-training pool nor the normalisa
 from __future__ import annotations
 
 import math
-from typing import Any, Dict, List, Optional, Sequence
+from dataclasses import dataclass
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import pandas as pd
 
 from serray.data.corpora import classes_of
-from serray.data.extra_audio import EXTRA_SESSION
-from serray.data.features import read_rows
+from serray.data.corpora.extra_audio import EXTRA_SESSION
+from serray.data.features.featurize import feature_stats
+from serray.data.features.training import read_rows, training_data
+from serray.train.protocol import protocol
+from serray.train.tasks import task_of
 
 
 
@@ -37,9 +41,9 @@ def manifest_rows(cfg, sessions: Sequence[int], labelled_only: bool) -> pd.DataF
         DataError: rows the manifest wants are stored under another fold group than it gives them now
             (run ``serray featurize``: it moves them).
     """
-    from serray.data.featurize import stored_utterances
-    from serray.data.features import session_paths
-    from serray.data.iemocap import read_manifest
+    from serray.data.features.featurize import stored_utterances
+    from serray.data.features.training import session_paths
+    from serray.data.corpora.base import read_manifest
     from serray.errors import DataError
 
     session_paths(cfg.features.dir, sessions)  # a clear error when the store holds none of them
@@ -179,6 +183,12 @@ def fold_split(cfg, fold: int) -> Dict[str, pd.DataFrame]:
 
 
 
+def task_split(cfg, fold: int) -> Tuple[Dict[str, pd.DataFrame], Dict[str, Any]]:
+    """:func:`fold_split` as the run's task needs it (``finetune.task``: a dimensional task keeps the
+    rows with valid ratings), and the rows it dropped, counted per split and group."""
+    return task_of(cfg).prepare_split(cfg, fold_split(cfg, fold))
+
+
 # ---------------------------------------------------------------- pre-training pool
 
 
@@ -243,3 +253,48 @@ def audit_fold(fold: int, split: Dict[str, pd.DataFrame], pretrain_pool: Optiona
         raise AssertionError(f"leakage audit failed for fold {fold}: " + "; ".join(problems))
     return {"protocol": protocol_name, "test_speakers": sorted(test_spk), "pretrain_sessions": pool_sessions_,
             "stats_sessions": list(stats_sessions), "transductive_exposure": transductive}
+
+
+# ---------------------------------------------------------------- one fold, decided in one place
+
+
+@dataclass(frozen=True)
+class FoldPlan:
+    """What a fold trains, validates and tests on, decided and audited in one place: the split (as the
+    task needs it), the sessions and values of its normalisation statistics, the leakage audit, the
+    run's classes and the training data the loop reads."""
+
+    split: Dict[str, pd.DataFrame]
+    digest: str  # :func:`split_digest` of the split
+    dropped: Dict[str, Any]  # rows a dimensional task dropped (no valid ratings), per split and group
+    stats_sessions: List[int]
+    stats: Tuple[Any, ...]  # (mean, std) of the stats sessions' frames
+    audit: Dict[str, Any]
+    classes: Tuple[str, ...]
+    datasets: Dict[str, Any]  # ``train`` (and ``val``) :class:`~serray.data.features.training.TrainingData`
+
+
+def plan_fold(cfg, fold: int, feat_meta: dict, pool: Optional[dict] = None) -> FoldPlan:
+    """The :class:`FoldPlan` of fold ``fold``; raises (:func:`audit_fold`) when its test group reaches
+    anything else. ``pool``: the pre-trained adapter's pool record (its sessions and speakers), or None
+    without one. Every arm of a comparison normalises with the same sessions, the fold's pool (a
+    pre-trained body brings the statistics its pre-training used: the same sessions under per-fold
+    pre-training)."""
+    split, dropped = task_split(cfg, fold)
+    stats_sessions = pool_sessions(cfg, fold, feat_meta)
+    audit = audit_fold(fold, split, pool, pool["sessions"] if pool else stats_sessions, protocol(cfg))
+    return FoldPlan(split, split_digest(split), dropped, stats_sessions, tuple(feature_stats(feat_meta, stats_sessions)), audit,
+                    tuple(classes_of(cfg)), fold_datasets(cfg, fold, split))
+
+
+def fold_datasets(cfg, fold: int, split: Optional[Dict[str, pd.DataFrame]] = None) -> Dict[str, Any]:
+    """The ``train`` and ``val`` :class:`~serray.data.features.training.TrainingData` of a fold (validation is
+    always held in memory: compact float16 rows, decoded a batch at a time)."""
+    split = split if split is not None else fold_split(cfg, fold)
+    train_sessions = training_groups(cfg, fold)
+    train = training_data(cfg.features.dir, train_sessions, split["train"]["utt_id"].tolist(),
+                          cfg.features.cache_max_mb, seed=cfg.seed * 31 + fold)
+    if split["val"].empty:  # inner cross-validation's final model: every training speaker trains
+        return {"train": train}
+    val = training_data(cfg.features.dir, train_sessions, split["val"]["utt_id"].tolist(), float("inf"))
+    return {"train": train, "val": val}

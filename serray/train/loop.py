@@ -23,7 +23,7 @@ Training rows reach the loop in one of two ways (``config["data_mode"]``):
   worker ``r`` of ``w`` takes every ``w``-th row of it (the ``DistributedSampler`` scheme), so the
   shuffle is global and reproducible on CPU;
 * ``stream`` (larger sets): the driver hands Ray Data a dataset sorted by a seeded hash of the
-  utterance id (:func:`serray.data.features.training_data`), split across the workers.
+  utterance id (:func:`serray.data.features.training.training_data`), split across the workers.
 
 Every run seeds every generator it uses (model init, dropout, masking, crops, the epoch order) from
 its own :func:`run_seed` -- ``(seed, fold, stage)`` --, never from what ran before it in the process,
@@ -43,6 +43,7 @@ import numpy as np
 import torch
 
 from serray import storage
+from serray.data.features.training import Rows
 from serray.train.checkpoint import (EPOCH_KEY, MODEL_KEY, OPTIMIZER_KEY, STEP_KEY, load_checkpoint,
                                      save_checkpoint)
 from serray.train.schedules import cosine_schedule
@@ -50,7 +51,6 @@ from serray.train.schedules import cosine_schedule
 log = logging.getLogger(__name__)
 
 HISTORY_KEY = "history"
-ROW_COLUMNS = ("utt_id", "feat", "num_frames", "dim", "num_layers", "label")
 
 
 def run_seed(seed: int, *parts: int | str) -> int:
@@ -65,46 +65,6 @@ def run_seed(seed: int, *parts: int | str) -> int:
 
 class InjectedFault(RuntimeError):
     """Raised by the fault-injection option (tests of FailureConfig)."""
-
-
-# ---------------------------------------------------------------- rows kept in memory
-
-
-class Rows:
-    """Stored feature rows kept compact in memory: float16 bytes plus shape and label columns,
-    in canonical order (sorted by ``utt_id``), so a seeded permutation picks the same utterances
-    however the feature files were cut into blocks.
-
-    ``Rows.take(idx)`` gives the dict of numpy columns that :class:`~serray.data.features.PadCollate`
-    turns into a padded batch, so nothing is decoded or padded before it is needed.
-    """
-
-    def __init__(self, columns: Dict[str, np.ndarray]):
-        ids = columns.get("utt_id")
-        if ids is not None and len(ids) > 1:
-            order = np.argsort(np.asarray(ids, dtype=str), kind="stable")
-            if (order != np.arange(len(order))).any():
-                columns = {k: v[order] for k, v in columns.items()}
-        self.columns = columns
-
-    def __len__(self) -> int:
-        return len(self.columns["num_frames"])
-
-    @classmethod
-    def from_batches(cls, batches: Iterable[Dict[str, Any]]) -> "Rows":
-        parts: Dict[str, list] = defaultdict(list)
-        for b in batches:
-            for k in ROW_COLUMNS:
-                if k in b:
-                    parts[k].append(np.asarray(b[k], dtype=object if k in ("feat", "label", "utt_id") else None))
-        cols = {k: np.concatenate(v) if v else np.empty(0) for k, v in parts.items()}
-        return cls(cols)
-
-    def take(self, idx: np.ndarray) -> Dict[str, np.ndarray]:
-        return {k: v[idx] for k, v in self.columns.items()}
-
-    def lengths(self) -> np.ndarray:
-        return self.columns["num_frames"].astype(np.int64)
 
 
 def epoch_order(n: int, seed: int, epoch: int, rank: int = 0, world: int = 1) -> np.ndarray:
@@ -457,7 +417,7 @@ def fit(task_cls, loop_config: Dict[str, Any], datasets: Dict[str, Any], trainer
     Args:
         task_cls: the task class (constructed on every worker from the loop config).
         loop_config: the worker config (hyper-parameters, steps_per_epoch, config_yaml...).
-        datasets: ``name -> TrainingData`` (:mod:`serray.data.features`); ``train`` sets the data
+        datasets: ``name -> TrainingData`` (:mod:`serray.data.features.training`); ``train`` sets the data
             mode. With ``stream`` only ``train`` is split across Ray Train workers; with ``memory`` every
             worker gets every dataset whole (and shuffles by the seed itself).
         trainer_cfg: a ``pretrain``/``finetune`` config section (backend, num_workers, use_gpu,

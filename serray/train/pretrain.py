@@ -13,12 +13,12 @@ nothing of the test session reaches it. ``per_fold=false`` trains one adapter on
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import math
 import os
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
@@ -26,13 +26,13 @@ import torch
 
 from serray import storage
 from serray.config import OPERATIONAL_KEYS, as_dict, section_hash, to_yaml
-from serray.data.encoders import check_identity, describe_encoder
-from serray.data.features import PadCollate, training_data
-from serray.data.featurize import feature_identity, feature_stats, read_meta
+from serray.data.features.encoders import check_identity
+from serray.data.features.training import PadCollate, training_data
+from serray.data.features.featurize import check_features, feature_identity, feature_stats, reading_features
 from serray.errors import DataError
 from serray.models.adapter import Adapter
 from serray.models.wap import kernel_frames
-from serray.train.checkpoint import META_FILE
+from serray.train.checkpoint import META_FILE, load_checkpoint
 from serray.train.folds import EXTRA_SESSION, pool_rows, pool_sessions  # noqa: F401 (EXTRA_SESSION re-exported)
 from serray.train.loop import fit, run_seed, steps_per_epoch, wait_for_workers
 from serray.train.report import write_history
@@ -180,7 +180,7 @@ def adapter_kwargs(cfg, feat_meta: dict) -> Dict[str, Any]:
 def pretrain_hash(cfg, fold: Optional[int] = None) -> str:
     """What makes two pre-trainings the same: encoder, adapter, the pre-training section, the seed
     and (per fold) the fold."""
-    from serray.protocol import grouping_keys
+    from serray.train.protocol import grouping_keys
 
     h = section_hash(cfg, "encoder", "adapter", "pretrain", "seed", *grouping_keys(cfg), exclude=OPERATIONAL_KEYS)
     return h if fold is None else section_hash_str(h, f"fold{fold}")
@@ -207,38 +207,62 @@ def adapter_path(cfg, fold: Optional[int] = None) -> str:
     return storage.join(pretrain_dir(cfg, fold), ADAPTER_DIR)
 
 
-def check_features(cfg) -> dict:
-    """The feature metadata, checked against the config's encoder (a clear error naming both)."""
-    from serray.data.featurize import check_corpus
+# ---------------------------------------------------------------- the body a fold fine-tunes
 
-    meta = read_meta(cfg.features.dir)
-    check_identity(meta, describe_encoder(cfg.encoder), f"features in {cfg.features.dir}", f"config encoder.name={cfg.encoder.name}")
-    check_corpus(meta, cfg, f"features in {storage.describe(cfg.features.dir)}")
-    return meta
+#: the adapter's constructor kwargs a classifier's body is built from
+BODY_KEYS = ("input_dim", "d_model", "num_layers", "num_heads", "ff_dim", "dropout", "num_input_layers",
+             "pos_conv_kernel", "pos_conv_groups", "attention_dropout")
+BODY_DEFAULTS = {"pos_conv_kernel": 0, "pos_conv_groups": 16, "attention_dropout": 0.0}  # adapters from before these keys
 
 
-@contextlib.contextmanager
-def reading_features(cfg):
-    """A training run's hold on ``features.dir``: a shared lock for its duration (on this machine a
-    concurrent ``serray featurize`` is refused, and this run is refused while one writes), and the
-    feature metadata compared before and after (a re-featurization from another machine, which the
-    lock cannot see, fails the run instead of mixing features)."""
-    before = _meta_text(cfg.features.dir)
-    with storage.lock(cfg.features.dir, shared=True, wait=False, what="a `serray featurize` writing it"):
-        yield
-    if _meta_text(cfg.features.dir) != before:
-        raise DataError(f"the features in {storage.describe(cfg.features.dir)} changed while this run read them "
-                        "(a re-featurization ran meanwhile); run it again")
+def uses_pretraining(cfg) -> bool:
+    """Whether a fine-tuning run starts its body from a pre-trained adapter."""
+    return cfg.finetune.mode != "none" and cfg.finetune.init == "pretrained"
 
 
-def _meta_text(features_dir: str) -> Optional[str]:
-    from serray.data.featurize import META_FILE
+def check_adapter(cfg, feat_meta: dict, path: str) -> dict:
+    """The pre-trained adapter must exist and match the features (a clear error naming both)."""
+    if not storage.is_file(storage.join(path, META_FILE)):
+        raise DataError(f"no pre-trained adapter at {storage.describe(path)} (run `serray pretrain` first, "
+                        "or use finetune.mode=none for the no-adapter baseline)")
+    _, ameta = load_checkpoint(path)
+    if ameta.get("kind") != "adapter":
+        raise DataError(f"{storage.describe(path)} holds a '{ameta.get('kind')}' checkpoint, not a pre-trained adapter")
+    check_identity(feat_meta, ameta["features"], f"features in {storage.describe(cfg.features.dir)}",
+                   f"adapter checkpoint {storage.describe(path)}")
+    return ameta
 
-    path = storage.join(features_dir, META_FILE)
-    return storage.read_text(path) if storage.is_file(path) else None
+
+@dataclass(frozen=True)
+class FoldBody:
+    """The body a fold's classifier starts from."""
+
+    adapter: Optional[str]  # the pre-trained adapter it is initialised from (None: no pre-trained body)
+    pool: Optional[dict]  # that adapter's pre-training pool (sessions, speakers), for the fold's audit
+    kwargs: Optional[Dict[str, Any]]  # the body's constructor kwargs (None: finetune.mode=none, no body)
 
 
-# ---------------------------------------------------------------- the driver
+def fold_body(cfg, fold: int, feat_meta: dict, report_to_tune: bool = False,
+              tracking: Optional[Dict[str, Any]] = None) -> FoldBody:
+    """The :class:`FoldBody` of fold ``fold``: with ``finetune.init=pretrained`` the fold's adapter is
+    pre-trained first when the config pre-trains per fold (reused when it matches the config) and checked
+    against the features; ``init=random`` builds the body from the ``adapter`` section."""
+    if cfg.finetune.mode == "none":
+        return FoldBody(None, None, None)
+    if cfg.finetune.init == "random":
+        return FoldBody(None, None, _body_keys(adapter_kwargs(cfg, feat_meta)))
+    path = adapter_path(cfg, fold)
+    if cfg.finetune.init_from is None and cfg.pretrain.per_fold:
+        run_pretrain(cfg, fold, report_to_tune=report_to_tune, tracking=tracking)
+    meta = check_adapter(cfg, feat_meta, path)
+    return FoldBody(path, meta.get("pool") or {}, _body_keys(meta["model"]))
+
+
+def _body_keys(kw: Dict[str, Any]) -> Dict[str, Any]:
+    return {k: kw.get(k, BODY_DEFAULTS.get(k)) for k in BODY_KEYS}
+
+
+# ---------------------------------------------------------------- pre-training
 
 
 def run_pretrain(cfg, fold: Optional[int] = None, force: bool = False, report_to_tune: bool = False,

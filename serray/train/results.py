@@ -7,13 +7,13 @@ from __future__ import annotations
 
 import io
 from pathlib import Path
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Sequence
 
 import numpy as np
 import pandas as pd
 
 from serray import storage
-from serray.data.iemocap import LABELS
+from serray.data.corpora.base import LABELS
 
 FOLD_KEYS = ("fold", "test_session", "ua", "wa", "macro_f1", "n_test", "n_train", "n_val", "best_epoch", "val_ua",
              "val_loss", "epochs_run", "classes_in_test", "seed", "protocol", "pretrain_sessions", "stats_sessions",

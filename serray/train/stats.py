@@ -6,7 +6,7 @@ frames**: one pandas DataFrame per (arm, mode, label fraction) with the columns
 * ``seed`` -- the training seed of the run,
 * ``fold`` -- the leave-one-session-out fold (the held-out session),
 * ``utt_id`` -- the test utterance,
-* ``label`` -- its true class name (one of :data:`serray.data.iemocap.LABELS`),
+* ``label`` -- its true class name (one of :data:`serray.data.corpora.base.LABELS`),
 * ``pred`` -- the predicted class name,
 
 one row per test utterance per seed per fold. A *run* is one (seed, fold) pair.
@@ -42,7 +42,7 @@ import numpy as np
 import pandas as pd
 from scipy import stats as sps
 
-from serray.data.iemocap import LABELS
+from serray.data.corpora.base import LABELS
 from serray.train.metrics import classification_metrics
 
 PRED_COLUMNS: Tuple[str, ...] = ("seed", "fold", "utt_id", "label", "pred")

@@ -52,8 +52,8 @@ def main(out: Path, overrides: list[str]) -> int:
         report["cluster_up_s"] = round(time.time() - t0, 1)
 
         from serray.config import load_config
-        from serray.data.featurize import featurize
-        from serray.pipeline import prepare_corpus
+        from serray.data.features.featurize import featurize
+        from serray.data.prepare import prepare_corpus
         from serray.ray_utils import init_ray
         from serray.train.pretrain import run_pretrain
 

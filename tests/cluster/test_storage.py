@@ -99,10 +99,10 @@ def test_local_only_keys_refuse_uris(tmp_path, key):
 @pytest.mark.slow
 def test_pipeline_stages_on_s3(featurized, s3_base, cache, tmp_path):
     """featurize -> pretrain -> fine-tune (one fold) -> register -> load for serving, all stored on S3."""
-    from serray.data.featurize import featurize, read_meta
-    from serray.data.features import training_data
+    from serray.data.features.featurize import featurize, read_meta
+    from serray.data.features.training import training_data
     from serray.predict import Predictor
-    from serray.registry import list_entries, model_source, resolve_model
+    from serray.train.registry import list_entries, model_source, resolve_model
     from serray.train.finetune import run_finetune
     from serray.train.pretrain import adapter_path, run_pretrain
 

@@ -11,7 +11,7 @@ import pytest
 
 from serray.config import load_config
 from serray.data import corpora
-from serray.data.corpus import LABELS, label_space, native_classes
+from serray.data.corpora.base import LABELS, label_space, native_classes
 from serray.errors import ConfigError, DataError
 
 
@@ -77,7 +77,7 @@ def test_label_map_targets_are_checked_against_the_classes(tmp_path):
 def crema(tmp_path_factory):
     """The built-in corpus in the CREMA-D layout, balanced over its six classes (what `serray pipeline
     data.corpus=crema-d data.classes=native` makes)."""
-    from serray.data.synthetic_layouts import make_layout, native_classes as layout_classes
+    from serray.data.synthetic.layouts import make_layout, native_classes as layout_classes
 
     root = tmp_path_factory.mktemp("crema") / "CREMA-D"
     return make_layout(root, "crema-d", seed=0, dialogs_per_session=2, utterances_per_dialog=8,
@@ -93,7 +93,7 @@ def _manifest(tmp_path, root, *extra):
 
 
 def test_the_manifest_records_its_classes_and_training_refuses_another_setting(crema, tmp_path, capsys):
-    from serray.data.iemocap import manifest_classes
+    from serray.data.corpora.base import manifest_classes
 
     path = _manifest(tmp_path, crema, "data.classes=native")
     printed = capsys.readouterr().out

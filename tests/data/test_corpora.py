@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 
 from serray.data import corpora
-from serray.data.corpus import LABELS
+from serray.data.corpora.base import LABELS
 from serray.errors import ConfigError, DataError
 
 SMALL = {"seed": 0, "dialogs_per_session": 2, "utterances_per_dialog": 6}
@@ -25,7 +25,7 @@ def data_cfg(**kw):
 @pytest.fixture(scope="module")
 def source(tmp_path_factory):
     """The synthetic corpus's utterances as the IEMOCAP parser reads them (every raw label)."""
-    from serray.data.iemocap import build_manifest
+    from serray.data.corpora.iemocap import build_manifest
     from serray.data.synthetic import make_corpus
 
     root = make_corpus(tmp_path_factory.mktemp("source") / "IEMOCAP_full_release", **SMALL)
@@ -34,7 +34,7 @@ def source(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def layouts(tmp_path_factory):
-    from serray.data.synthetic_layouts import make_layout
+    from serray.data.synthetic.layouts import make_layout
 
     base = tmp_path_factory.mktemp("layouts")
     return {name: make_layout(base / name, name, **SMALL) for name in LAYOUTS}
@@ -47,13 +47,13 @@ def parse(name, root, keep_unlabelled=False, **kw):
 def _expected_counts(source: pd.DataFrame, layout: str) -> pd.Series:
     """4-class counts per class the layout's parser must find: the source's labels through the
     layout's file-name map and back through the corpus's default label map."""
-    from serray.data.synthetic_layouts import LAYOUT_LABELS
+    from serray.data.synthetic.layouts import LAYOUT_LABELS
 
     corpus = corpora.get(layout)
     if layout == "ravdess":
-        from serray.data.ravdess import EMOTION_CODES as codes
+        from serray.data.corpora.ravdess import EMOTION_CODES as codes
     elif layout == "emodb":
-        from serray.data.emodb import LETTERS as codes
+        from serray.data.corpora.emodb import LETTERS as codes
     else:
         codes = {}
     raw = source["raw_label"].map(LAYOUT_LABELS[layout]).dropna().map(lambda r: codes.get(r, r))
@@ -107,7 +107,7 @@ def test_crema_d_speakers_genders_and_decoys(layouts):
 def test_emodb_letters_speakers_and_folder_alias(layouts, tmp_path):
     report = parse("emodb", layouts["emodb"], keep_unlabelled=True)
     df = report.kept
-    from serray.data.emodb import LETTERS
+    from serray.data.corpora.emodb import LETTERS
 
     assert LETTERS["W"] == "anger" and LETTERS["A"] == "fear"  # A is Angst (fear), W is Wut (anger)
     assert (df["raw_label"] == df["utt_id"].str[5].map(LETTERS)).all()
@@ -159,7 +159,7 @@ def test_folds_are_speaker_disjoint(name, layouts):
 
 
 def test_speaker_folds_balance_gender_and_refuse_too_many_folds():
-    from serray.data.corpus import speaker_folds
+    from serray.data.corpora.base import speaker_folds
 
     spk = {f"s{i}": ("F" if i % 2 else "M") for i in range(10)}
     folds = speaker_folds(spk, 5, "x")

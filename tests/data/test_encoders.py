@@ -1,4 +1,4 @@
-"""Tests for serray.data.encoders: fbank and Hugging Face (tiny random HuBERT, loaded by path)."""
+"""Tests for serray.data.features.encoders: fbank and Hugging Face (tiny random HuBERT, loaded by path)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import torch
 from omegaconf import OmegaConf
 
 from serray.data.audio import load_audio
-from serray.data.encoders import (FbankEncoder, HFEncoder, build_encoder, check_identity, describe_encoder,
+from serray.data.features.encoders import (FbankEncoder, HFEncoder, build_encoder, check_identity, describe_encoder,
                                   resolve_device)
 from serray.errors import ConfigError, DataError
 

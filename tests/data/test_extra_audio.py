@@ -1,4 +1,4 @@
-"""Tests for serray.data.extra_audio: extra unlabelled audio (directories, manifest files) -> manifest rows.
+"""Tests for serray.data.corpora.extra_audio: extra unlabelled audio (directories, manifest files) -> manifest rows.
 
 No Ray here; the featurization of extra audio is tested in test_featurize.py.
 """
@@ -14,8 +14,8 @@ import pytest
 import soundfile as sf
 
 from serray.config import load_config
-from serray.data.extra_audio import extra_audio_manifest, source_key
-from serray.data.iemocap import MANIFEST_COLUMNS
+from serray.data.corpora.extra_audio import extra_audio_manifest, source_key
+from serray.data.corpora.base import MANIFEST_COLUMNS
 from serray.errors import ConfigError
 
 #: <speaker>/<chapter>/<file>: samples at 16 kHz (FLAC) ...

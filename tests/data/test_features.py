@@ -1,4 +1,4 @@
-"""Tests for serray.data.features: label handling of PadCollate (no Ray job)."""
+"""Tests for serray.data.features.training: label handling of PadCollate (no Ray job)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from serray.data.features import LABEL_INDEX, UNLABELLED, PadCollate
+from serray.data.features.training import LABEL_INDEX, UNLABELLED, PadCollate
 
 
 def _batch(labels, frames=(3, 5), dim=4):
@@ -35,7 +35,7 @@ def test_unknown_label_is_still_an_error():
 def test_large_selections_keep_only_their_rows(featurized, monkeypatch):
     """A selection from files above SHARED_TABLE_MB is read batch by batch, keeping only its rows, and
     gives the same rows as the cached path."""
-    import serray.data.features as F
+    import serray.data.features.training as F
 
     meta_rows = F.read_rows(featurized.features.dir, [1, 2], columns=("utt_id",))
     ids = meta_rows["utt_id"].tolist()[::3]
@@ -55,8 +55,8 @@ def test_in_memory_rows_hold_the_features_once_in_the_arrow_table():
     IEMOCAP-sized fbank pre-training pool). Its rows must now be views of the table's buffers."""
     import pyarrow as pa
 
-    from serray.data.features import TrainingData
-    from serray.data.stored import decode_feature
+    from serray.data.features.training import TrainingData
+    from serray.data.features.stored import decode_feature
 
     rng = np.random.default_rng(0)
     feats = [rng.standard_normal((t, 3)).astype(np.float16) for t in (4, 7, 1, 5, 2)]

@@ -1,4 +1,4 @@
-"""Tests for serray.data.featurize (Ray Data): layout, dtype, metadata, resumability, bad audio, extra audio.
+"""Tests for serray.data.features.featurize (Ray Data): layout, dtype, metadata, resumability, bad audio, extra audio.
 
 Every Ray Data run costs several seconds, so the modifying tests work on *copies* of the shared
 ``featurized`` output and only recompute one partition / one session.
@@ -17,11 +17,12 @@ import pytest
 import soundfile as sf
 
 from serray.cli import main
-from serray.data.encoders import FbankEncoder
-from serray.data.featurize import (FEATURE_COLUMNS, META_FILE, SKIPPED_FILE, decode_feature, feature_stats,
+from serray.data.features.encoders import FbankEncoder
+from serray.data.features.featurize import (FEATURE_COLUMNS, META_FILE, SKIPPED_FILE, decode_feature, feature_stats,
                                    featurize, parquet_files, read_meta, stored_utterances)
 from serray.data.audio import load_audio
-from serray.data.iemocap import MANIFEST_COLUMNS, build_manifest, read_manifest, write_manifest
+from serray.data.corpora.base import MANIFEST_COLUMNS, read_manifest, write_manifest
+from serray.data.corpora.iemocap import build_manifest
 from serray.errors import ConfigError, DataError
 
 
@@ -421,7 +422,7 @@ def test_use_unlabelled_changes_the_config_hash(featurized, make_cfg, tmp_path):
 def test_actor_pool_bounds(conc, max_conc, num_gpus, cluster, expected):
     from types import SimpleNamespace
 
-    from serray.data.featurize import actor_pool_bounds
+    from serray.data.features.featurize import actor_pool_bounds
 
     fcfg = SimpleNamespace(concurrency=conc, max_concurrency=max_conc, num_gpus=num_gpus, num_cpus=1.0)
     assert actor_pool_bounds(fcfg, cluster) == expected
@@ -430,7 +431,7 @@ def test_actor_pool_bounds(conc, max_conc, num_gpus, cluster, expected):
 def test_a_cpu_pool_counts_actors_by_their_cpus():
     from types import SimpleNamespace
 
-    from serray.data.featurize import actor_pool_bounds
+    from serray.data.features.featurize import actor_pool_bounds
 
     fcfg = SimpleNamespace(concurrency=1, max_concurrency=None, num_gpus=0.0, num_cpus=4.0)
     assert actor_pool_bounds(fcfg, {"CPU": 18.0}) == (1, 4)   # four 4-thread actors, not 18
@@ -442,7 +443,7 @@ def test_writes_beside_cpu_actors_ask_for_no_cpu():
     """CPU actors may hold every CPU: a 1-CPU write task would wait for the end of encoding."""
     from types import SimpleNamespace
 
-    from serray.data.featurize import write_remote_args
+    from serray.data.features.featurize import write_remote_args
 
     cpu = SimpleNamespace(num_gpus=0.0)
     assert write_remote_args(cpu, (1, 2), 8) == {"ray_remote_args": {"num_cpus": 0}, "concurrency": 2}
@@ -451,7 +452,7 @@ def test_writes_beside_cpu_actors_ask_for_no_cpu():
 
 
 def test_bucketed_blocks_hold_whole_batches_of_similar_length_longest_block_first():
-    from serray.data.featurize import _bucketed_blocks
+    from serray.data.features.featurize import _bucketed_blocks
 
     rng = np.random.default_rng(0)
     df = pd.DataFrame({"utt_id": [f"u{i:03d}" for i in range(101)], "duration": rng.uniform(0.5, 20.0, 101)})
@@ -475,7 +476,7 @@ def test_writes_run_while_cpu_actors_hold_every_cpu(ray_session, tmp_path):
     import time
     from types import SimpleNamespace
 
-    from serray.data.featurize import write_remote_args
+    from serray.data.features.featurize import write_remote_args
 
     out = str(tmp_path / "out")
     n, deadline = 12, time.time() + 60.0
@@ -515,7 +516,7 @@ def test_max_concurrency_below_the_minimum_is_a_config_error(tmp_path):
 def test_session_statistics_equal_a_direct_computation(featurized, stored):
     """The statistics in the metadata (a Ray Data map + sum) equal numpy over the stored frames, and
     the in-process path gives the same numbers."""
-    from serray.data.featurize import session_stats_local
+    from serray.data.features.featurize import session_stats_local
 
     stats = read_meta(featurized.features.dir)["stats"]
     assert set(stats) == {str(s) for s in stored["session"].unique()}
@@ -543,8 +544,8 @@ def _parquet_bytes(feats: Path) -> dict:
 def test_identity_is_written_before_the_first_partition(featurized, make_cfg, tmp_path, monkeypatch):
     """Interrupt a run at its first partition: the encoder identity is already there and the old
     metadata no longer vouches for the directory; a rerun with another encoder is then refused."""
-    import serray.data.featurize as fz
-    from serray.data.featurize import IDENTITY_FILE
+    import serray.data.features.featurize as fz
+    from serray.data.features.featurize import IDENTITY_FILE
 
     feats = copy_features(featurized, tmp_path)
     shutil.rmtree(feats / "session=4")
@@ -574,7 +575,7 @@ def test_identity_is_written_before_the_first_partition(featurized, make_cfg, tm
 def test_rows_without_any_identity_are_refused(featurized, make_cfg, tmp_path):
     """Parquet files with neither metadata nor identity (e.g. an older serray interrupted): their
     encoder is unknown, so nothing is added to them."""
-    from serray.data.featurize import IDENTITY_FILE
+    from serray.data.features.featurize import IDENTITY_FILE
 
     feats = copy_features(featurized, tmp_path)
     (feats / META_FILE).unlink()
@@ -588,7 +589,7 @@ def test_overwrite_removes_only_features_and_refuses_a_directory_with_anything_e
     """`serray featurize --overwrite` with features.dir = output_dir and another encoder removed
     registry/, finetune/ and the manifest. Now features.dir cannot be output_dir (or above another
     output), and --overwrite refuses a directory holding anything serray did not write as features."""
-    from serray.data.featurize import clear_features
+    from serray.data.features.featurize import clear_features
     from serray.errors import ConfigError
 
     with pytest.raises(ConfigError, match=r"features.dir \(.*\) must not be output_dir or a directory above it"):
@@ -620,7 +621,7 @@ def test_overwrite_removes_only_features_and_refuses_a_directory_with_anything_e
 def test_a_transient_read_error_never_deletes_a_partition(featurized, make_cfg, tmp_path, monkeypatch):
     import pyarrow as pa
 
-    import serray.data.featurize as fz
+    import serray.data.features.featurize as fz
     from serray import storage
 
     feats = copy_features(featurized, tmp_path)
@@ -705,7 +706,7 @@ def test_a_file_that_cannot_be_read_is_skipped_and_reported_not_fatal(synthetic_
     import errno
 
     import serray.data.audio as audio
-    from serray.data.featurize import EncodeBatch, _skip_reason
+    from serray.data.features.featurize import EncodeBatch, _skip_reason
     from serray.errors import AudioError
 
     wavs = sorted(p for p in synthetic_root.glob("Session1/sentences/wav/*/*.wav") if not p.name.startswith("._"))[:3]
@@ -733,7 +734,7 @@ def test_statistics_leave_out_missing_values_and_the_normalisation_maps_them_to_
     are those of the defined values, and FeatureNorm turns a NaN into 0 (the mean) instead of NaN."""
     import torch
 
-    from serray.data.stored import partial_sums, reduce_partials
+    from serray.data.features.stored import partial_sums, reduce_partials
     from serray.models.wap import FeatureNorm
 
     a = np.array([[1.0, 10.0], [3.0, 12.0]], dtype=np.float16)

@@ -1,4 +1,4 @@
-"""Tests for the IEMOCAP manifest parser (serray.data.iemocap) on the synthetic corpus."""
+"""Tests for the IEMOCAP manifest parser (serray.data.corpora.iemocap) on the synthetic corpus."""
 
 from __future__ import annotations
 
@@ -11,7 +11,8 @@ import pandas as pd
 import pytest
 
 from serray.cli import main
-from serray.data.iemocap import LABELS, MANIFEST_COLUMNS, build_manifest, label_map, read_manifest, write_manifest
+from serray.data.corpora.base import LABELS, MANIFEST_COLUMNS, read_manifest, write_manifest
+from serray.data.corpora.iemocap import build_manifest, label_map
 from serray.errors import DataError
 
 # An utterance line of EmoEvaluation/<dialog>.txt, parsed independently of serray's regex.

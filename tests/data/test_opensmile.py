@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from serray.data.encoders import BUILTIN_ENCODERS, OpenSmileEncoder, build_encoder, describe_encoder
+from serray.data.features.encoders import BUILTIN_ENCODERS, OpenSmileEncoder, build_encoder, describe_encoder
 
 
 def _tone(seconds: float, f0: float = 140.0, sr: int = 16000) -> np.ndarray:
@@ -45,7 +45,7 @@ def test_lld_sentinels_are_replaced_before_any_statistic_and_voicing_is_a_channe
     """openSMILE writes 0 (F0, jitter, shimmer, HNR, H1-H2, H1-A3) and -201 (formant amplitudes) in
     unvoiced frames; the encoder interpolates them from the voiced frames, says voicing in its own
     channel, and gives NaN (missing, not 0) to an utterance with no voiced frame."""
-    from serray.data.opensmile_features import RAW_LLD_DIMS, SENTINEL_COLUMNS, smile_for
+    from serray.data.features.opensmile import RAW_LLD_DIMS, SENTINEL_COLUMNS, smile_for
 
     enc = OpenSmileEncoder("egemaps")
     wav = _voiced_then_silent()
@@ -95,7 +95,7 @@ def test_fbank_pitch_tracks_log_f0_on_the_fbank_grid_for_low_and_high_voices():
 
 
 def test_egemaps_functionals_are_88_deterministic_and_tell_pitch_apart(tmp_path):
-    from serray.data.opensmile_features import functionals
+    from serray.data.features.opensmile import functionals
 
     paths = []
     for i, f0 in enumerate((110, 110, 240)):
@@ -111,7 +111,7 @@ def test_egemaps_functionals_are_88_deterministic_and_tell_pitch_apart(tmp_path)
 
 def test_unknown_feature_set_and_wrong_keys_are_config_errors():
     from serray.config import load_config
-    from serray.data.opensmile_features import functionals
+    from serray.data.features.opensmile import functionals
     from serray.errors import ConfigError
 
     with pytest.raises(ConfigError, match="unknown openSMILE feature set 'gemaps'"):

@@ -6,14 +6,14 @@ from __future__ import annotations
 import pytest
 
 from serray.config import load_config
-from serray.data.corpus import LABELS
+from serray.data.corpora.base import LABELS
 from serray.errors import ConfigError, DataError
 
 
 @pytest.fixture(scope="module")
 def trees(tmp_path_factory):
     """Two layouts of the built-in corpus with different voices (seeds), balanced over their own classes."""
-    from serray.data.synthetic_layouts import make_layout, native_classes
+    from serray.data.synthetic.layouts import make_layout, native_classes
 
     base = tmp_path_factory.mktemp("pool")
     kw = {"dialogs_per_session": 2, "utterances_per_dialog": 6}
@@ -28,7 +28,7 @@ def _data(trees, **kw):
 
 
 def test_leave_one_corpus_out_keeps_ids_speakers_and_groups_per_corpus(trees):
-    from serray.data.pooled import build
+    from serray.data.corpora.pooled import build
 
     report = build(None, _data(trees, protocol="leave_one_corpus_out"))
     df = report.kept
@@ -41,7 +41,7 @@ def test_leave_one_corpus_out_keeps_ids_speakers_and_groups_per_corpus(trees):
 
 
 def test_pooled_folds_deal_the_speakers_of_every_corpus(trees):
-    from serray.data.pooled import build
+    from serray.data.corpora.pooled import build
 
     df = build(None, _data(trees)).kept
     assert sorted(set(df["session"])) == [1, 2, 3]
@@ -51,7 +51,7 @@ def test_pooled_folds_deal_the_speakers_of_every_corpus(trees):
 
 
 def test_the_shared_label_space(trees):
-    from serray.data.pooled import build
+    from serray.data.corpora.pooled import build
 
     native = build(None, _data(trees, classes="native"))
     # CREMA-D's six are all in RAVDESS's eight: the intersection; surprise and calm are left out, and said so
@@ -81,7 +81,7 @@ def test_corpora_without_pooled_is_refused(tmp_path):
 
 
 def test_the_built_in_members_get_their_own_roots(tmp_path):
-    from serray.data.pooled import members
+    from serray.data.corpora.pooled import members
 
     cfg = load_config(None, [f"output_dir={tmp_path}", "data.corpus=pooled",
                              "data.corpora=[{corpus: crema-d}, {corpus: emodb}, {corpus: crema-d}]"])
@@ -93,7 +93,7 @@ def test_the_built_in_members_get_their_own_roots(tmp_path):
 def test_the_keys_are_set_from_a_yaml_file_too(tmp_path, trees):
     """data.corpora, data.protocol and data.classes as a user's YAML file sets them."""
     from serray.data.corpora import build_manifest
-    from serray.data.corpus import class_setting
+    from serray.data.corpora.base import class_setting
 
     path = tmp_path / "pool.yaml"
     path.write_text(f"""output_dir: {tmp_path}/run

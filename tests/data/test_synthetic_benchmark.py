@@ -1,4 +1,4 @@
-"""Tests for the ``benchmark`` preset of the synthetic corpus (serray.data.synthetic_benchmark).
+"""Tests for the ``benchmark`` preset of the synthetic corpus (serray.data.synthetic.benchmark).
 
 One reduced corpus (``scale=0.25``: 40 four-class utterances per session, 335 in the release, a pool of
 half their duration) serves most tests; the determinism and pool-size tests make tinier ones.
@@ -15,9 +15,9 @@ import pandas as pd
 import pytest
 import soundfile as sf
 
-from serray.data.iemocap import build_manifest
+from serray.data.corpora.iemocap import build_manifest
 from serray.data.synthetic import PRESETS, benchmark_paths, make_corpus
-from serray.data.synthetic_benchmark import (CLASS_SHARES, EVENT_RATES, EVENTS, ORACLE_FEATURES,
+from serray.data.synthetic.benchmark import (CLASS_SHARES, EVENT_RATES, EVENTS, ORACLE_FEATURES,
                                              session_label_counts)
 from serray.errors import ConfigError
 
@@ -159,7 +159,7 @@ def test_event_rates_match_the_configuration(oracle):
     assert (present > 0).sum().sum() >= 22                        # of 24 (class, event) cells
     assert (present > 0).sum(axis=0).min() >= 3                   # every event in >= 3 classes
     # no single event type gives the class away; all of them together nearly do
-    from serray.baselines import fit_predict
+    from serray.train.baselines import fit_predict
     from serray.train.metrics import classification_metrics
 
     y = four["label"].map(CLASS_INDEX).to_numpy()
@@ -295,7 +295,7 @@ def test_blind_detector_follows_the_configured_rates(oracle, tracks):
 
 
 def test_learnable_from_audio_not_from_metadata(manifest, bench):
-    from serray.baselines import classical_features, loso_ua, metadata_features, oracle_features
+    from serray.train.baselines import classical_features, loso_ua, metadata_features, oracle_features
 
     y = manifest["label"].map(CLASS_INDEX).to_numpy()
     sessions = manifest["session"].to_numpy()
@@ -379,7 +379,7 @@ def test_config_and_cli(tmp_path, monkeypatch):
     from serray.cli import main
     from serray.config import load_config
     from serray.data import synthetic
-    from serray.pipeline import synthetic_kwargs
+    from serray.data.prepare import synthetic_kwargs
 
     cfg = load_config(None, [f"output_dir={tmp_path}"])
     assert cfg.synthetic.preset == "demo" and synthetic_kwargs(cfg)["preset"] == "demo"

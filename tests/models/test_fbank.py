@@ -9,7 +9,7 @@ import torch
 
 @pytest.mark.parametrize("num_mel_bins,sample_rate", [(80, 16000), (40, 8000)])
 def test_kaldi_fbank_matches_torchaudio_on_noise_tones_and_near_silence(num_mel_bins, sample_rate):
-    from serray.data.encoders import FbankEncoder
+    from serray.data.features.encoders import FbankEncoder
     from serray.models.fbank import KaldiFbank
 
     ref_enc, fb = FbankEncoder(num_mel_bins, sample_rate), KaldiFbank(num_mel_bins, sample_rate)

@@ -69,7 +69,7 @@ def srv(ray_session, tmp_path_factory):
     from ray import serve
 
     from serray.config import load_config
-    from serray.registry import model_dir, register
+    from serray.train.registry import model_dir, register
     from serray.serve.app import run_server
     from serray.serve.demo import make_demo_checkpoint
 
@@ -93,7 +93,7 @@ def srv(ray_session, tmp_path_factory):
                  f"serve.segments_max_body_mb={SEGMENTS_MAX_BODY_MB}"]
     cfg = load_config(None, overrides)
     run_server(cfg, blocking=False, logging_config={"enable_access_log": False})
-    from serray.registry import get_entry
+    from serray.train.registry import get_entry
 
     yield SimpleNamespace(port=port, cfg=cfg, overrides=overrides, entry=best, other=other,
                           checkpoint=model_dir(get_entry(reg, best["id"])), tmp=base)

@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from serray.data.iemocap import LABELS
+from serray.data.corpora.base import LABELS
 from serray.train import stats
 from serray.train.ablation_report import ablation_markdown, build_ablation, write_ablation
 

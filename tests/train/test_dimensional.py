@@ -77,7 +77,7 @@ def test_synthetic_ratings_follow_the_audio(synthetic_root):
     """Arousal follows the recording's level (an audio measurement), across the corpus."""
     import soundfile as sf
 
-    from serray.data.iemocap import build_manifest
+    from serray.data.corpora.iemocap import build_manifest
 
     df = build_manifest(synthetic_root, [1, 2, 3, 4, 5], True, keep_unlabelled=True).kept
     assert df[["valence", "activation", "dominance"]].notna().all().all()
@@ -102,7 +102,7 @@ def _cfg(featurized, out, *overrides):
 @pytest.mark.ray
 def test_dimensional_loso_learns_the_ratings_and_writes_its_results(featurized, tmp_path):
     from serray.predict import Predictor
-    from serray.registry import list_entries
+    from serray.train.registry import list_entries
     from serray.train.finetune import run_finetune
 
     cfg = _cfg(featurized, tmp_path, "finetune.task=dimensional")
@@ -272,7 +272,7 @@ def test_ablation_compares_arms_on_ccc(featurized, tmp_path):
 @pytest.mark.slow
 @pytest.mark.ray
 def test_a_nested_sweep_ranks_trials_on_validation_ccc_and_registers_the_task(featurized, tmp_path):
-    from serray.registry import list_entries
+    from serray.train.registry import list_entries
     from serray.tune import run_sweep
 
     space = tmp_path / "space.yaml"
@@ -313,7 +313,7 @@ def test_the_loso_table_follows_the_task(tmp_path):
 @pytest.mark.slow
 def test_benchmark_ratings_follow_its_events(tmp_path):
     """The benchmark preset's V/A/D come from its realised local events (oracle file), not the class."""
-    from serray.data.iemocap import build_manifest
+    from serray.data.corpora.iemocap import build_manifest
     from serray.data.synthetic import benchmark_paths, make_corpus
 
     root = make_corpus(tmp_path / "IEMOCAP_full_release", seed=0, preset="benchmark", scale=0.1,

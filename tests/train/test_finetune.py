@@ -17,7 +17,7 @@ from sklearn.metrics import balanced_accuracy_score
 
 from serray.config import load_config
 from serray.errors import DataError
-from serray.registry import list_entries
+from serray.train.registry import list_entries
 
 #: Mean LOSO UA (folds 1-3, two seeds) the trained arms must reach on the test corpus (chance = 0.25);
 #: this fixture's short schedule gives 0.45-0.65 depending on arm and seed.

@@ -8,7 +8,7 @@ import pytest
 import torch
 from sklearn.metrics import accuracy_score, f1_score, recall_score
 
-from serray.data.featurize import feature_stats
+from serray.data.features.featurize import feature_stats
 from serray.models.classifier import EmotionClassifier, body_state_from_adapter
 from serray.models.adapter import Adapter
 from serray.models.wap import FeatureNorm

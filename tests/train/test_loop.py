@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from serray.train.loop import LocalRuntime, Rows, epoch_order, memory_batches, run_loop
+from serray.data.features.training import Rows
+from serray.train.loop import LocalRuntime, epoch_order, memory_batches, run_loop
 
 D = 8
 
@@ -48,7 +49,7 @@ def test_workers_take_disjoint_equal_slices_of_one_global_permutation() -> None:
 
 
 def test_memory_batches_decode_the_rows_in_order() -> None:
-    from serray.data.features import PadCollate
+    from serray.data.features.training import PadCollate
 
     rng = np.random.default_rng(0)
     feats = [rng.normal(size=(t, D)).astype(np.float16) for t in (5, 9, 3)]

@@ -204,7 +204,7 @@ def test_empty_features_dir_fails_fast(featurized, tmp_path) -> None:
 @pytest.mark.ray
 def test_metadata_without_parquet_fails_fast(featurized, tmp_path) -> None:
     """Metadata that promises rows but no Parquet files: an error before any Train run, not a hang."""
-    from serray.data.featurize import META_FILE as FEATURES_META
+    from serray.data.features.featurize import META_FILE as FEATURES_META
 
     broken = tmp_path / "features"
     broken.mkdir()
@@ -381,7 +381,7 @@ def test_per_fold_adapter_never_sees_its_test_session(featurized, tmp_path) -> N
     """Fold 2's adapter is pre-trained on sessions 1, 3, 4, 5 only (every utterance, labelled or not):
     no Session-2 speaker in its pool, and its input statistics are those of the pool, not of all
     sessions (centroids are fitted on the pool's frames by construction)."""
-    from serray.data.featurize import feature_stats, read_meta
+    from serray.data.features.featurize import feature_stats, read_meta
 
     cfg = _cfg(featurized, tmp_path, "pretrain.per_fold=true", "pretrain.epochs=1")
     out = run_pretrain(cfg, fold=2)

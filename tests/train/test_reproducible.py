@@ -24,7 +24,7 @@ def _cfg(featurized, out, *overrides):
 
 
 def _stored_order(features_dir) -> list:
-    from serray.data.featurize import parquet_files
+    from serray.data.features.featurize import parquet_files
 
     return [u for s in range(1, 6) for f in parquet_files(features_dir, s)
             for u in pq.read_table(f, columns=["utt_id"]).column("utt_id").to_pylist()]
@@ -44,7 +44,7 @@ def test_features_written_two_ways_give_identical_fold_results(featurized, tmp_p
     """One corpus featurized with 2 utterances per forward by one encoder actor, and with 16 per forward
     by the all-core pool: the files hold the rows in another order, the fold results are identical
     (pre-training and fine-tuning, every metric and every prediction)."""
-    from serray.data.featurize import featurize
+    from serray.data.features.featurize import featurize
 
     cfgs = {}
     for name, how in (("small", ["features.batch_size=2", "features.max_concurrency=1"]),
@@ -55,7 +55,7 @@ def test_features_written_two_ways_give_identical_fold_results(featurized, tmp_p
     assert sorted(orders["small"]) == sorted(orders["large"])
     assert orders["small"] != orders["large"], "the two featurizations wrote the rows in the same order: no test"
     # streamed sets (above features.cache_max_mb) come in one seeded order too, whatever the files
-    from serray.data.features import STREAM_KEY, training_data
+    from serray.data.features.training import STREAM_KEY, training_data
 
     streamed = [[r["utt_id"] for r in training_data(cfg.features.dir, [2, 3], None, 0.0, seed=7).ray_dataset()
                  .select_columns(["utt_id", STREAM_KEY]).take_all()] for cfg in cfgs.values()]
@@ -143,10 +143,10 @@ def test_training_holds_the_features_against_a_concurrent_featurization(featuriz
     import shutil
 
     from serray import storage
-    from serray.data.featurize import META_FILE, featurize
+    from serray.data.features.featurize import META_FILE, featurize
     from serray.errors import DataError
     from serray.train.finetune import run_fold
-    from serray.train.pretrain import reading_features
+    from serray.data.features.featurize import reading_features
 
     feats = tmp_path / "features"
     shutil.copytree(featurized.features.dir, feats)

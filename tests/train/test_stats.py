@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 from scipy import stats as sps
 
-from serray.data.iemocap import LABELS
+from serray.data.corpora.base import LABELS
 from serray.train import stats
 from serray.train.metrics import classification_metrics
 

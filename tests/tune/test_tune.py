@@ -11,7 +11,7 @@ import pytest
 
 from serray.config import load_config
 from serray.errors import ConfigError, SerrayError
-from serray.registry import list_entries
+from serray.train.registry import list_entries
 from serray.tune import best_trial, flatten_space, validate_space
 
 TINY = ["pretrain.epochs=1", "finetune.epochs=3", "adapter.d_model=32", "adapter.ff_dim=64", "adapter.num_layers=1",
@@ -152,7 +152,7 @@ def test_a_non_nested_sweep_is_labelled_as_such_end_to_end(tmp_path, monkeypatch
     cfg = load_config(None, [f"output_dir={tmp_path}", "tune.selection=non_nested", "tune.folds=[1]",
                              "tune.final_folds=[1,2]"])
     monkeypatch.setattr(st, "validate_space", lambda c: {"adapter.mask_ratio": ("choice", [0.3, 0.6])})
-    monkeypatch.setattr("serray.train.pretrain.check_features", lambda c: {})
+    monkeypatch.setattr("serray.data.features.featurize.check_features", lambda c: {})
     monkeypatch.setattr("serray.ray_utils.init_ray", lambda c: None)
     monkeypatch.setattr(st.storage, "is_file", lambda p: True)
     grid = [_fake_result("a", 0.8, [2, 3], {"adapter.mask_ratio": 0.3}),

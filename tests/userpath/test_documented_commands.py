@@ -108,7 +108,7 @@ class World:
 
     def best_id(self, run: str = "runs/default") -> str:
         from serray.config import load_config
-        from serray.registry import best_entry, wanted_evaluation  # the registry's own rule, as the CLI asks it
+        from serray.train.registry import best_entry, wanted_evaluation  # the registry's own rule, as the CLI asks it
 
         cfg = load_config(None, [f"output_dir={self.dir / run}", *TINY])
         return best_entry(self.dir / run / "registry", wanted_evaluation(cfg))["id"]

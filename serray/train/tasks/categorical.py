@@ -24,8 +24,8 @@ import torch.nn.functional as F
 
 from serray import storage
 from serray.data.corpora import classes_of
-from serray.data.features import PadCollate
-from serray.data.iemocap import LABELS
+from serray.data.features.training import PadCollate
+from serray.data.corpora.base import LABELS
 from serray.models.adapter import param_groups
 from serray.models.classifier import EmotionClassifier, body_state_from_adapter
 from serray.models.dimensional import build_model

@@ -6,7 +6,7 @@ changes is the target and the head:
 
 * the targets are the corpus's valence / arousal / dominance ratings (the manifest's ``valence``,
   ``activation``, ``dominance`` columns) mapped to [0, 1] from the scale the corpus declares
-  (:attr:`serray.data.corpus.Corpus.dimension_range`: IEMOCAP 1-5, MSP-Podcast 1-7); an utterance
+  (:attr:`serray.data.corpora.base.Corpus.dimension_range`: IEMOCAP 1-5, MSP-Podcast 1-7); an utterance
   whose rating is missing or outside the scale is dropped from its split and counted per group;
 * the loss is ``1 - CCC`` per dimension (``finetune.dim_loss: mse`` for mean squared error), plus the
   weighted cross-entropy of the class head for ``multitask`` (``finetune.dim_loss_weight`` weighs the
@@ -36,10 +36,10 @@ import torch
 import torch.nn.functional as F
 
 from serray import storage
-from serray.data.corpus import DIMENSION_COLUMNS
+from serray.data.corpora.base import DIMENSION_COLUMNS
 from serray.data.corpora import classes_of
-from serray.data.features import PadCollate
-from serray.data.iemocap import LABELS
+from serray.data.features.training import PadCollate
+from serray.data.corpora.base import LABELS
 from serray.errors import DataError
 from serray.train.ablation_report import DEFAULT_COMPARISONS, _plain, _sort_key
 from serray.train.loop import eval_batches

@@ -12,21 +12,23 @@ import functools
 import math
 
 from pathlib import Path
-from typing import Dict, Iterable, List, Optional, Sequence
+from collections import defaultdict
+from typing import Any, Dict, Iterable, List, Optional, Sequence
 
 import numpy as np
 import torch
 from ray.data.collate_fn import NumpyBatchCollateFn
 
 from serray import storage
-from serray.data.featurize import parquet_files, read_meta
-from serray.data.stored import decode_feature
-from serray.data.iemocap import LABELS
+from serray.data.features.featurize import parquet_files, read_meta
+from serray.data.features.stored import decode_feature
+from serray.data.corpora.base import LABELS
 from serray.errors import DataError
 
 TRAIN_COLUMNS = ["utt_id", "label", "speaker", "num_frames", "dim", "num_layers", "feat"]
 LABEL_INDEX = {label: i for i, label in enumerate(LABELS)}
 UNLABELLED = -1  # label index of rows without a 4-class label (label "")
+ROW_COLUMNS = ("utt_id", "feat", "num_frames", "dim", "num_layers", "label")
 
 
 def session_paths(features_dir: str | Path, sessions: Iterable[int]) -> List[str]:
@@ -37,6 +39,43 @@ def session_paths(features_dir: str | Path, sessions: Iterable[int]) -> List[str
         raise DataError(f"no feature files for sessions {sorted(set(sessions))} in {storage.describe(features_dir)} "
                         f"(it holds sessions {sorted(meta.get('rows_per_session', {}))})")
     return files
+
+
+class Rows:
+    """Stored feature rows kept compact in memory: float16 bytes plus shape and label columns,
+    in canonical order (sorted by ``utt_id``), so a seeded permutation picks the same utterances
+    however the feature files were cut into blocks.
+
+    ``Rows.take(idx)`` gives the dict of numpy columns that :class:`~serray.data.features.training.PadCollate`
+    turns into a padded batch, so nothing is decoded or padded before it is needed.
+    """
+
+    def __init__(self, columns: Dict[str, np.ndarray]):
+        ids = columns.get("utt_id")
+        if ids is not None and len(ids) > 1:
+            order = np.argsort(np.asarray(ids, dtype=str), kind="stable")
+            if (order != np.arange(len(order))).any():
+                columns = {k: v[order] for k, v in columns.items()}
+        self.columns = columns
+
+    def __len__(self) -> int:
+        return len(self.columns["num_frames"])
+
+    @classmethod
+    def from_batches(cls, batches: Iterable[Dict[str, Any]]) -> "Rows":
+        parts: Dict[str, list] = defaultdict(list)
+        for b in batches:
+            for k in ROW_COLUMNS:
+                if k in b:
+                    parts[k].append(np.asarray(b[k], dtype=object if k in ("feat", "label", "utt_id") else None))
+        cols = {k: np.concatenate(v) if v else np.empty(0) for k, v in parts.items()}
+        return cls(cols)
+
+    def take(self, idx: np.ndarray) -> Dict[str, np.ndarray]:
+        return {k: v[idx] for k, v in self.columns.items()}
+
+    def lengths(self) -> np.ndarray:
+        return self.columns["num_frames"].astype(np.int64)
 
 
 class TrainingData:
@@ -68,9 +107,7 @@ class TrainingData:
                                    or [self.table])
 
     def rows(self):
-        """The rows in this process (memory mode): a :class:`serray.train.loop.Rows`."""
-        from serray.train.loop import Rows
-
+        """The rows in this process (memory mode): a :class:`Rows`."""
         if self.table is None:
             raise ValueError("stream-mode training data has no in-memory rows")
         t = self.table
@@ -267,7 +304,7 @@ def read_rows(features_dir: str | Path, sessions: Iterable[int], columns: Sequen
     ``session`` (fold group, from its partition). Columns the files do not store are left out."""
     import pandas as pd
 
-    from serray.data.stored import session_of
+    from serray.data.features.stored import session_of
 
     columns = list(columns) if "utt_id" in columns else ["utt_id", *columns]
     frames = []

@@ -28,7 +28,7 @@ import os
 
 import pandas as pd
 
-from serray.data.corpus import (Corpus, ManifestReport, cfg_get, check_root, label_space, apply_labels, no_match, row)
+from serray.data.corpora.base import (Corpus, ManifestReport, cfg_get, check_root, label_space, apply_labels, no_match, row)
 from serray.errors import DataError
 
 SPLITS = {"Test1": 1, "Development": 2, "Validation": 2, "Train": 3, "Test2": 4}

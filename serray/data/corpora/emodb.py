@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import re
 
-from serray.data.corpus import (Corpus, ManifestReport, cfg_get, check_root, label_space, apply_labels, no_match,
+from serray.data.corpora.base import (Corpus, ManifestReport, cfg_get, check_root, label_space, apply_labels, no_match,
                                 row, walk_files)
 
 NAME_RE = re.compile(r"^(?P<speaker>\d\d)(?P<text>[ab]\d\d)(?P<emotion>[WLEAFTN])(?P<version>[a-z])\.wav$")

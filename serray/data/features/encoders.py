@@ -9,7 +9,7 @@ Four kinds behind one interface (:class:`Encoder`):
   harmonic ripple (nearly none for low voices);
 * ``egemaps`` / ``compare``: openSMILE's low-level descriptors made for emotion (100 frames/s), their
   unvoiced-frame sentinels replaced and a voicing channel added
-  (:func:`serray.data.opensmile_features.clean_llds`);
+  (:func:`serray.data.features.opensmile.clean_llds`);
 * a Hugging Face HuBERT / wav2vec2 / WavLM checkpoint, by hub name or local directory
   (50 frames/s), keeping a configurable list of hidden layers.
 
@@ -81,17 +81,17 @@ class FbankEncoder(Encoder):
 
 class FbankPitchEncoder(FbankEncoder):
     """Kaldi fbank + [log-F0 in semitones, voicing probability] per frame
-    (:func:`serray.data.opensmile_features.pitch_track`, on the fbank's own 25 ms / 10 ms grid)."""
+    (:func:`serray.data.features.opensmile.pitch_track`, on the fbank's own 25 ms / 10 ms grid)."""
 
     def __init__(self, num_mel_bins: int = 80, sample_rate: int = 16000):
-        from serray.data.opensmile_features import pitch_smile
+        from serray.data.features.opensmile import pitch_smile
 
         super().__init__(num_mel_bins, sample_rate)
         self.name, self.dim = "fbank_pitch", num_mel_bins + PITCH_CHANNELS
         self.smile = pitch_smile()
 
     def encode(self, wavs: Sequence[np.ndarray]) -> List[np.ndarray]:
-        from serray.data.opensmile_features import pitch_track
+        from serray.data.features.opensmile import pitch_track
 
         out = []
         for w, fb in zip(wavs, super().encode(wavs)):
@@ -106,25 +106,25 @@ PITCH_CHANNELS = 2
 
 class OpenSmileEncoder(Encoder):
     """openSMILE low-level descriptors (``egemaps``: 25, ``compare``: 65 per frame, 100 frames/s),
-    features made for emotion (:mod:`serray.data.opensmile_features`), sentinels replaced and a voicing
+    features made for emotion (:mod:`serray.data.features.opensmile`), sentinels replaced and a voicing
     channel added (26 / 66 per frame); each signal processed alone."""
 
     def __init__(self, name: str, sample_rate: int = 16000):
-        from serray.data.opensmile_features import FRAME_RATE, LLD_DIMS, smile_for
+        from serray.data.features.opensmile import FRAME_RATE, LLD_DIMS, smile_for
 
         self.smile = smile_for(name, "LowLevelDescriptors")
         self.name, self.num_layers, self.layers = name, 1, []
         self.dim, self.frame_rate, self.sample_rate = LLD_DIMS[name], FRAME_RATE, sample_rate
 
     def num_frames(self, num_samples: int) -> int:
-        from serray.data.opensmile_features import lld_frames
+        from serray.data.features.opensmile import lld_frames
 
         return lld_frames(num_samples, self.sample_rate)
 
     def encode(self, wavs: Sequence[np.ndarray]) -> List[np.ndarray]:
         import warnings
 
-        from serray.data.opensmile_features import clean_llds
+        from serray.data.features.opensmile import clean_llds
 
         out = []
         for w in wavs:
@@ -243,7 +243,7 @@ def describe_encoder(cfg) -> dict:
         extra = PITCH_CHANNELS if cfg.name == "fbank_pitch" else 0
         return {**enc.identity(), "encoder": cfg.name, "dim": enc.dim + extra}
     if cfg.name in OPENSMILE_ENCODERS:
-        from serray.data.opensmile_features import identity
+        from serray.data.features.opensmile import identity
 
         return identity(cfg.name, cfg.sample_rate)
     config = _hf_config(cfg.name, cfg.local_files_only)

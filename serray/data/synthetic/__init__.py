@@ -16,7 +16,7 @@ IEMOCAP parser reads exactly like the real thing::
 This is the ``demo`` preset (the default). ``make_corpus(..., preset="benchmark")`` writes a harder
 corpus in the same layout, with frame-local emotion events, per-session channels, IEMOCAP class
 imbalance, an unlabelled pool of other speakers and an oracle file: see
-:mod:`serray.data.synthetic_benchmark`.
+:mod:`serray.data.synthetic.benchmark`.
 
 Both actors of a session speak in every dialog: ``Ses01F_impro01_M000`` is the *male* actor of
 session 1 although the dialog name says ``F``. The speaker is ``Ses0N`` + the letter of the last
@@ -48,8 +48,8 @@ from typing import Sequence
 import numpy as np
 from scipy.signal import lfilter, sosfilt
 
-from serray.data.synthetic_benchmark import benchmark_paths, make_benchmark_corpus
-from serray.data.synthetic_common import (_APPLEDOUBLE, _F4, _VOWELS, _WORDS, LABELS_DROPPED,
+from serray.data.synthetic.benchmark import benchmark_paths, make_benchmark_corpus
+from serray.data.synthetic.common import (_APPLEDOUBLE, _F4, _VOWELS, _WORDS, LABELS_DROPPED,
                                           LABELS_KEPT, N_SESSIONS, _annotation_block, _dialog_names,
                                           _moving_average, _resonator_sos, _Utt, _write_text,
                                           _write_wav)
@@ -58,7 +58,7 @@ from serray.errors import ConfigError
 __all__ = ["LABELS_KEPT", "LABELS_DROPPED", "N_SESSIONS", "PRESETS", "benchmark_paths", "make_corpus"]
 
 #: ``make_corpus`` presets: ``demo`` (utterance-wide cues, small) and ``benchmark`` (local events,
-#: channels, imbalance, unlabelled pool, oracle; :mod:`serray.data.synthetic_benchmark`).
+#: channels, imbalance, unlabelled pool, oracle; :mod:`serray.data.synthetic.benchmark`).
 PRESETS = ("demo", "benchmark")
 
 
@@ -338,7 +338,7 @@ def make_corpus(out_dir, *, seed: int = 0, dialogs_per_session: int = 4,
 
     ``preset="benchmark"``: frame-local emotion events, weak offsets, per-session channels,
     IEMOCAP class imbalance, an unlabelled pool of other speakers and an oracle file beside
-    ``out_dir`` (see :mod:`serray.data.synthetic_benchmark` and :func:`benchmark_paths`). It uses
+    ``out_dir`` (see :mod:`serray.data.synthetic.benchmark` and :func:`benchmark_paths`). It uses
     ``seed``, ``sample_rate``, ``progress``, ``scale`` (sizes x scale), ``unlabelled_factor``
     (pool duration / four-class duration) and ``processes``; it has its own sizes, durations and
     label shares, so ``dialogs_per_session``, ``utterances_per_dialog``, ``min_duration``,

@@ -29,14 +29,9 @@ from typing import Any, Dict, List, Tuple
 
 import pandas as pd
 
-from serray.data.corpus import (LABELS, Corpus, ManifestReport, cfg_get, class_setting, finish, kfold_groups,
+from serray.data.corpora.base import (LABELS, Corpus, ManifestReport, cfg_get, class_setting, finish, kfold_groups,
                                 speaker_folds)
 from serray.errors import ConfigError, DataError
-
-#: the release directory each layout's built-in corpus is written to under ``data.root`` of a pooled run
-RELEASE_DIRS = {"iemocap": "IEMOCAP_full_release", "crema-d": "CREMA-D", "ravdess": "RAVDESS", "emodb": "emodb",
-                "csv": "csv/labels.csv"}
-
 
 def _plain(value: Any) -> Any:
     try:
@@ -79,7 +74,7 @@ def members(data_cfg) -> List[Dict[str, Any]]:
             raise ConfigError(f"data.corpora[{i}]: {corpus.title} has official test sets, which a pooled protocol "
                               "would train on; run it alone (or list its parts as a csv)")
         seen[name] = seen.get(name, 0) + 1
-        root = item.get("root") or str(Path(str(cfg_get(data_cfg, "root"))) / f"{name}-{i + 1}" / RELEASE_DIRS[name])
+        root = item.get("root") or str(Path(str(cfg_get(data_cfg, "root"))) / f"{name}-{i + 1}" / corpora.RELEASE_DIRS[name])
         out.append({"corpus": name, "root": str(root), "label_map": dict(item.get("label_map") or {}), "index": i + 1})
     for m in out:
         m["key"] = m["corpus"] if seen[m["corpus"]] == 1 else f"{m['corpus']}{m['index']}"

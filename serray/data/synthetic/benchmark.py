@@ -68,7 +68,7 @@ at 60-250 Hz, 4th-order low-pass at 3.6-7.5 kHz, two peaking filters of +-8 dB a
 (+-5 dB) and noise floor (-65..-48 dBFS, coloured, plus 50 or 60 Hz hum), so an unseen session is an
 unseen channel.
 
-Reference LOSO UA on the full corpus, seed 0 (:mod:`serray.baselines`, logistic regression, C=0.1):
+Reference LOSO UA on the full corpus, seed 0 (:mod:`serray.train.baselines`, logistic regression, C=0.1):
 classical utterance statistics 0.466, oracle synthesis parameters 0.858 (its event counts alone
 0.788, its drawn offsets alone 0.577), metadata 0.241; on the default demo corpus classical gets
 0.765 and metadata 0.222.
@@ -96,7 +96,7 @@ import numpy as np
 import soundfile as sf
 from scipy.signal import butter, lfilter, oaconvolve, sosfilt
 
-from serray.data import synthetic_common as _common
+from serray.data.synthetic import common as _common
 from serray.errors import ConfigError
 
 __all__ = ["EVENTS", "CONTOURS", "EVENT_RATES", "CONTOUR_P", "CLASS_SHARES", "ORACLE_FEATURES",
@@ -155,7 +155,7 @@ _POOL_DURATION = (8.0, 0.4, 3.0, 16.0)
 _POOL_SECONDS_PER_SPEAKER = 600.0
 _POOL_MAX_SPEAKERS = 40
 
-#: Oracle columns that :func:`serray.baselines.oracle_features` uses (all numeric synthesis
+#: Oracle columns that :func:`serray.train.baselines.oracle_features` uses (all numeric synthesis
 #: parameters; the ``contour`` string is one-hot encoded there, the label never used).
 ORACLE_FEATURES = ("duration", "spk_expressive", *(f"off_{k}" for k in _OFFSET_KEYS),
                    *(f"n_{e}" for e in EVENTS))

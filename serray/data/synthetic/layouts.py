@@ -66,7 +66,7 @@ def _speakers(df: pd.DataFrame) -> List[tuple]:
 
 
 def _crema_d(df: pd.DataFrame, out: Path) -> int:
-    from serray.data.crema_d import SENTENCES
+    from serray.data.corpora.crema_d import SENTENCES
 
     slots = [(s, "XX") for s in SENTENCES[1:]] + [("IEO", lv) for lv in ("LO", "MD", "HI", "XX")]
     actors = {spk: (str(1001 + i), g) for i, (spk, g) in enumerate(_speakers(df))}
@@ -125,7 +125,7 @@ def _ravdess(df: pd.DataFrame, out: Path) -> int:
 
 
 def _emodb(df: pd.DataFrame, out: Path) -> int:
-    from serray.data.emodb import MALE, SPEAKERS
+    from serray.data.corpora.emodb import MALE, SPEAKERS
 
     males = [s for s, g in _speakers(df) if g == "M"]
     females = [s for s, g in _speakers(df) if g != "M"]
@@ -205,7 +205,7 @@ def make_layout(out_dir, layout: str, **synthetic_kwargs) -> Path:
     Raises:
         ConfigError: an unknown layout, or ``out_dir`` exists and is not empty.
     """
-    from serray.data.iemocap import build_manifest
+    from serray.data.corpora.iemocap import build_manifest
     from serray.data.synthetic import make_corpus
 
     if layout not in LAYOUTS:

@@ -43,7 +43,7 @@ def corpus_protocol(cfg) -> Dict[str, Any]:
     corpus = corpora.of(cfg)
     out = {"corpus": corpus.name, "evaluation": corpus.evaluation_name(cfg.data), "group_name": corpus.group_name_of(cfg.data)}
     if corpus.name == "pooled":
-        from serray.data.pooled import group_labels, members
+        from serray.data.corpora.pooled import group_labels, members
 
         out["corpora"] = [{"key": m["key"], "corpus": m["corpus"]} for m in members(cfg.data)]
         out["group_labels"] = {str(g): k for g, k in group_labels(cfg.data).items()}
@@ -80,7 +80,7 @@ def evaluation(cfg, selection: str = "fixed") -> Dict[str, Any]:
 def class_record(cfg):
     """``data.classes`` as an evaluation record holds it: ``four``, ``native`` or the list (runs over other
     class sets are not compared: UA over six classes is not UA over four)."""
-    from serray.data.corpus import class_setting
+    from serray.data.corpora.base import class_setting
 
     setting = class_setting(cfg.data)
     return setting if isinstance(setting, str) else list(setting)

@@ -15,7 +15,7 @@ Facts of the release this parser relies on (``CheyneyComputerScience/CREMA-D``):
 
 Protocol: speaker-grouped k-fold over actors (``data.num_folds``, 5 by default; the release has no
 official split). Fold groups are the actors dealt round-robin by sex then id
-(:func:`serray.data.corpus.speaker_folds`).
+(:func:`serray.data.corpora.base.speaker_folds`).
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import csv
 import re
 from pathlib import Path
 
-from serray.data.corpus import (Corpus, ManifestReport, cfg_get, check_root, kfold_groups, label_space, apply_labels,
+from serray.data.corpora.base import (Corpus, ManifestReport, cfg_get, check_root, kfold_groups, label_space, apply_labels,
                                 no_match, row, speaker_folds, walk_files)
 
 NAME_RE = re.compile(r"^(?P<actor>\d{4})_(?P<sentence>[A-Z]{3})_(?P<emotion>[A-Z]{3})_(?P<level>LO|MD|HI|XX)\.wav$",

@@ -9,7 +9,7 @@ Each stored row has the manifest columns plus ``num_frames`` (T), ``dim`` (D), `
 and ``feat``: the float16 features as raw bytes of shape [T, D] (or [L, T, D]); binary + shape
 columns read back about twice as fast as nested lists (see ``shared/ray-notes.md``).
 
-The extra unlabelled audio of ``pretrain.extra_audio`` (:mod:`serray.data.extra_audio`) is featurized
+The extra unlabelled audio of ``pretrain.extra_audio`` (:mod:`serray.data.corpora.extra_audio`) is featurized
 with the same encoder into the partition ``session=0``; rows of sources no longer listed are removed
 from it, so adding or removing a source later only computes (or drops) the rows that changed.
 
@@ -28,6 +28,7 @@ session leaks into a fold.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -45,11 +46,11 @@ from omegaconf import OmegaConf
 from serray import storage
 from serray.config import as_dict, section_hash, to_yaml
 from serray.data.audio import load_audio
-from serray.data.encoders import build_encoder, check_identity, describe_encoder
-from serray.data.extra_audio import EXTRA_SESSION, extra_audio_manifest
+from serray.data.features.encoders import build_encoder, check_identity, describe_encoder
+from serray.data.corpora.extra_audio import EXTRA_SESSION, extra_audio_manifest
 from serray.data.corpora import classes_of
-from serray.data.iemocap import LABELS, MANIFEST_COLUMNS, read_manifest
-from serray.data.stored import decode_feature, partial_sums, reduce_partials, session_of  # noqa: F401 (decode_feature re-exported)
+from serray.data.corpora.base import LABELS, MANIFEST_COLUMNS, read_manifest
+from serray.data.features.stored import decode_feature, partial_sums, reduce_partials, session_of  # noqa: F401 (decode_feature re-exported)
 from serray.errors import AudioError, DataError
 
 log = logging.getLogger(__name__)
@@ -392,7 +393,7 @@ def corpus_identity(cfg) -> dict:
     root = str(cfg.data.root)
     ident = {"name": str(cfg.data.corpus), "root": root if storage.is_uri(root) else str(Path(root).expanduser().resolve())}
     if ident["name"] == "pooled":  # several corpora: each member's corpus and root
-        from serray.data.pooled import members
+        from serray.data.corpora.pooled import members
 
         ident["members"] = [{"corpus": m["corpus"], "root": str(Path(m["root"]).expanduser().resolve())}
                             for m in members(cfg.data)]
@@ -738,3 +739,38 @@ def featurize_summary(s: dict) -> str:
             f"{s['written']} computed now in {s['seconds']} s, {s['skipped']} skipped"
             + ("; S0 = pretrain.extra_audio (pre-training only)" if s.get("extra_rows") else "") + "\n"
             f"encoder: {enc['encoder']} layers={enc['layers']} dim={enc['dim']} frame_rate={enc['frame_rate']} Hz, float16")
+
+
+# ---------------------------------------------------------------- a training run's hold on the store
+
+
+def check_features(cfg) -> dict:
+    """The feature metadata, checked against the config's encoder (a clear error naming both)."""
+    meta = read_meta(cfg.features.dir)
+    check_identity(meta, describe_encoder(cfg.encoder), f"features in {cfg.features.dir}", f"config encoder.name={cfg.encoder.name}")
+    check_corpus(meta, cfg, f"features in {storage.describe(cfg.features.dir)}")
+    return meta
+
+
+@contextlib.contextmanager
+def reading_features(cfg):
+    """A training run's hold on ``features.dir``: a shared lock for its duration (on this machine a
+    concurrent ``serray featurize`` is refused, and this run is refused while one writes), and the
+    feature metadata compared before and after (a re-featurization from another machine, which the
+    lock cannot see, fails the run instead of mixing features)."""
+    before = _meta_text(cfg.features.dir)
+    with storage.lock(cfg.features.dir, shared=True, wait=False, what="a `serray featurize` writing it"):
+        yield
+    if _meta_text(cfg.features.dir) != before:
+        raise DataError(f"the features in {storage.describe(cfg.features.dir)} changed while this run read them "
+                        "(a re-featurization ran meanwhile); run it again")
+
+
+def _meta_text(features_dir: str) -> Optional[str]:
+    from serray.data.features.featurize import META_FILE
+
+    path = storage.join(features_dir, META_FILE)
+    return storage.read_text(path) if storage.is_file(path) else None
+
+
+# ---------------------------------------------------------------- the driver

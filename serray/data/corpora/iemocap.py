@@ -26,7 +26,7 @@ from typing import Callable, Dict, Iterable, List, Mapping, Optional, Sequence, 
 
 import pandas as pd
 
-from serray.data.corpus import LABELS, MANIFEST_COLUMNS, Corpus, LabelSpace, ManifestReport, cfg_get, label_space
+from serray.data.corpora.base import MANIFEST_COLUMNS, Corpus, LabelSpace, ManifestReport, cfg_get, label_space
 from serray.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -117,7 +117,7 @@ def build_manifest(
             They are still counted in ``dropped`` (label outside the 4-class setup).
         overrides: ``data.label_map`` entries (raw label -> class, or ``""`` to drop it).
         group_of: the fold group of a speaker (``session`` column and drop counts); None: the session.
-        space: the run's classes (``data.classes``, :func:`serray.data.corpus.label_space`; its map replaces
+        space: the run's classes (``data.classes``, :func:`serray.data.corpora.base.label_space`; its map replaces
             ``overrides``); None: the four classes.
 
     Returns:
@@ -222,7 +222,7 @@ def _groups(data_cfg) -> List[int]:
 FOUR_CLASS = {"neu": "neu", "hap": "hap", "exc": "hap", "sad": "sad", "ang": "ang", "fru": "", "sur": "", "fea": "", "dis": "",
               "oth": "", "xxx": ""}
 
-#: IEMOCAP as a :class:`~serray.data.corpus.Corpus`: leave-one-session-out over its 5 sessions, or
+#: IEMOCAP as a :class:`~serray.data.corpora.base.Corpus`: leave-one-session-out over its 5 sessions, or
 #: (``data.protocol: leave_one_speaker_out``) over its 10 speakers.
 CORPUS = Corpus(
     name="iemocap", title="IEMOCAP", group_name="session", protocol="leave_one_session_out",
@@ -231,51 +231,3 @@ CORPUS = Corpus(
     native=FOUR_CLASS,  # data.classes: native is the field's four (EmoBox, SUPERB ER): excited merged into happy
     build=_build, groups=_groups, dimension_range=(1.0, 5.0), other_protocols=("leave_one_speaker_out",),
 )
-
-
-#: Parquet metadata key of a manifest's class list (absent: the four classes).
-CLASSES_KEY = b"serray.classes"
-
-
-def write_manifest(df: pd.DataFrame, path: str | Path, classes: Sequence[str] = LABELS, setting: str = "four") -> Path:
-    """Write a manifest frame to Parquet (parent directories created). A manifest of other classes than
-    the four (``data.classes``) records them, in index order, in the file's metadata."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if setting == "four" and tuple(classes) == LABELS:
-        df.to_parquet(path, index=False)  # the four-class manifest: as it always was
-        return path
-    import json
-
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    table = pa.Table.from_pandas(df, preserve_index=False)
-    meta = {**(table.schema.metadata or {}), CLASSES_KEY: json.dumps({"classes": list(classes), "setting": setting}).encode()}
-    pq.write_table(table.replace_schema_metadata(meta), path)
-    return path
-
-
-def manifest_classes(path: str | Path) -> Tuple[Tuple[str, ...], str]:
-    """The classes (index order) and the ``data.classes`` setting a manifest was built with."""
-    import json
-
-    import pyarrow.parquet as pq
-
-    meta = pq.read_schema(path).metadata or {}
-    if CLASSES_KEY not in meta:
-        return LABELS, "four"
-    record = json.loads(meta[CLASSES_KEY])
-    return tuple(record["classes"]), str(record["setting"])
-
-
-def read_manifest(path: str | Path) -> pd.DataFrame:
-    """Read a manifest written by :func:`write_manifest`, checking its columns."""
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"manifest not found: {path} (run `serray manifest` first)")
-    df = pd.read_parquet(path)
-    missing = [c for c in MANIFEST_COLUMNS if c not in df.columns]
-    if missing:
-        raise DataError(f"{path} is not a serray manifest: missing columns {missing}")
-    return df

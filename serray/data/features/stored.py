@@ -1,7 +1,7 @@
 """The stored feature rows themselves: decoding, the session of a file, per-session statistics.
 
 numpy (and :mod:`serray.storage`) only: the Ray Data tasks of the statistics pass import this module,
-and importing :mod:`serray.data.featurize` (torch, torchaudio, the encoders) would add seconds to every
+and importing :mod:`serray.data.features.featurize` (torch, torchaudio, the encoders) would add seconds to every
 fresh worker's first task.
 """
 
@@ -31,7 +31,7 @@ def session_of(path: str) -> Optional[int]:
 def partial_sums(batch: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
     """Per-session frame count, and per dimension ([L, D], float64) the count of defined values, their sum
     and sum of squares, of one batch of stored rows. A NaN (a descriptor with no value in an utterance,
-    e.g. F0 where nothing is voiced: :func:`serray.data.opensmile_features.clean_llds`) is left out."""
+    e.g. F0 where nothing is voiced: :func:`serray.data.features.opensmile.clean_llds`) is left out."""
     acc: Dict[int, list] = {}
     for path, b, t, d, l in zip(batch["path"], batch["feat"], batch["num_frames"], batch["dim"], batch["num_layers"]):
         t, d, l = int(t), int(d), int(l)

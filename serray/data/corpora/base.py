@@ -1,9 +1,9 @@
 """What a corpus is to serray: a root directory turned into the manifest table, a label map to the
 four classes, and an evaluation protocol expressed as integer *fold groups*.
 
-Every corpus module (:mod:`serray.data.iemocap`, :mod:`serray.data.crema_d`,
-:mod:`serray.data.ravdess`, :mod:`serray.data.emodb`, :mod:`serray.data.msp_podcast`,
-:mod:`serray.data.labelled_csv`) defines one :class:`Corpus`; :mod:`serray.data.corpora` looks them
+Every corpus module (:mod:`serray.data.corpora.iemocap`, :mod:`serray.data.corpora.crema_d`,
+:mod:`serray.data.corpora.ravdess`, :mod:`serray.data.corpora.emodb`, :mod:`serray.data.corpora.msp_podcast`,
+:mod:`serray.data.corpora.labelled_csv`) defines one :class:`Corpus`; :mod:`serray.data.corpora` looks them
 up by ``data.corpus``. Downstream code sees only the manifest:
 
 * ``session`` is the **fold group** (1..K), the unit the protocol holds out: an IEMOCAP session, a
@@ -453,3 +453,53 @@ def apply_labels(entries: Iterable[dict], space: LabelSpace, keep_unlabelled: bo
     return finish(rows, {**report_kw, "dropped": dropped, "missing_wav": missing, "unlabelled_kept": keep_unlabelled,
                          "corpus": corpus.title, "group_name": corpus.group_name, "classes": space.classes,
                          "class_setting": space.setting})
+
+
+# ---------------------------------------------------------------- the manifest file
+
+#: Parquet metadata key of a manifest's class list (absent: the four classes).
+CLASSES_KEY = b"serray.classes"
+
+
+def write_manifest(df: pd.DataFrame, path: str | Path, classes: Sequence[str] = LABELS, setting: str = "four") -> Path:
+    """Write a manifest frame to Parquet (parent directories created). A manifest of other classes than
+    the four (``data.classes``) records them, in index order, in the file's metadata."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if setting == "four" and tuple(classes) == LABELS:
+        df.to_parquet(path, index=False)  # the four-class manifest: as it always was
+        return path
+    import json
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    table = pa.Table.from_pandas(df, preserve_index=False)
+    meta = {**(table.schema.metadata or {}), CLASSES_KEY: json.dumps({"classes": list(classes), "setting": setting}).encode()}
+    pq.write_table(table.replace_schema_metadata(meta), path)
+    return path
+
+
+def manifest_classes(path: str | Path) -> Tuple[Tuple[str, ...], str]:
+    """The classes (index order) and the ``data.classes`` setting a manifest was built with."""
+    import json
+
+    import pyarrow.parquet as pq
+
+    meta = pq.read_schema(path).metadata or {}
+    if CLASSES_KEY not in meta:
+        return LABELS, "four"
+    record = json.loads(meta[CLASSES_KEY])
+    return tuple(record["classes"]), str(record["setting"])
+
+
+def read_manifest(path: str | Path) -> pd.DataFrame:
+    """Read a manifest written by :func:`write_manifest`, checking its columns."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"manifest not found: {path} (run `serray manifest` first)")
+    df = pd.read_parquet(path)
+    missing = [c for c in MANIFEST_COLUMNS if c not in df.columns]
+    if missing:
+        raise DataError(f"{path} is not a serray manifest: missing columns {missing}")
+    return df

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import re
 
-from serray.data.corpus import (Corpus, ManifestReport, cfg_get, check_root, kfold_groups, label_space, apply_labels,
+from serray.data.corpora.base import (Corpus, ManifestReport, cfg_get, check_root, kfold_groups, label_space, apply_labels,
                                 no_match, row, speaker_folds, walk_files)
 
 NAME_RE = re.compile(r"^(?P<modality>\d\d)-(?P<channel>\d\d)-(?P<emotion>0[1-8])-(?P<intensity>0[12])-"

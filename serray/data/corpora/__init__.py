@@ -1,6 +1,6 @@
 """The corpora serray reads, by ``data.corpus`` name, and the manifest of the configured one.
 
-A corpus is a module beside its peers that defines ``CORPUS`` (:class:`serray.data.corpus.Corpus`);
+A corpus is a module beside its peers that defines ``CORPUS`` (:class:`serray.data.corpora.base.Corpus`);
 adding one is a module plus a line here.
 """
 
@@ -10,20 +10,26 @@ import importlib
 from pathlib import Path
 from typing import Dict, List, Tuple
 
-from serray.data.corpus import LABELS, Corpus, ManifestReport, cfg_get, class_setting
+from serray.data.corpora.base import LABELS, Corpus, ManifestReport, cfg_get, class_setting
 from serray.errors import ConfigError, DataError
 
 #: ``data.corpus`` -> the module that defines it.
 MODULES: Dict[str, str] = {
-    "iemocap": "serray.data.iemocap",
-    "crema-d": "serray.data.crema_d",
-    "ravdess": "serray.data.ravdess",
-    "emodb": "serray.data.emodb",
-    "msp-podcast": "serray.data.msp_podcast",
-    "csv": "serray.data.labelled_csv",
-    "pooled": "serray.data.pooled",  # several of the above in one run (data.corpora)
+    "iemocap": "serray.data.corpora.iemocap",
+    "crema-d": "serray.data.corpora.crema_d",
+    "ravdess": "serray.data.corpora.ravdess",
+    "emodb": "serray.data.corpora.emodb",
+    "msp-podcast": "serray.data.corpora.msp_podcast",
+    "csv": "serray.data.corpora.labelled_csv",
+    "pooled": "serray.data.corpora.pooled",  # several of the above in one run (data.corpora)
 }
 NAMES: List[str] = list(MODULES)
+
+#: where the built-in corpus of each layout lives under ``output_dir/synthetic/`` (the default ``data.root``
+#: of a run of that corpus, and of a pooled run's members without a root under ``<name>-<i>/``)
+RELEASE_DIRS: Dict[str, str] = {"iemocap": "IEMOCAP_full_release", "crema-d": "CREMA-D", "ravdess": "RAVDESS",
+                                "emodb": "emodb", "msp-podcast": "MSP-Podcast", "csv": "csv/labels.csv",
+                                "pooled": "pooled"}
 
 
 def get(name: str) -> Corpus:
@@ -51,7 +57,7 @@ def classes_of(cfg) -> Tuple[str, ...]:
         DataError: the manifest was built for another ``data.classes`` than the config asks for (run
             ``serray manifest`` or the pipeline again).
     """
-    from serray.data.iemocap import manifest_classes
+    from serray.data.corpora.base import manifest_classes
 
     setting = class_setting(cfg.data)
     path = Path(str(cfg.data.manifest))

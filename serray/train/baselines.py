@@ -82,7 +82,7 @@ def oracle_features(oracle_csv: str | Path, utt_ids: Sequence[str]) -> np.ndarra
     """Synthesis parameters of utterances, from the benchmark preset's ``synthetic_oracle.csv``.
 
     Only numeric synthesis parameters are used (never the ``label`` column, nor any class-level
-    constant): :data:`serray.data.synthetic_benchmark.ORACLE_FEATURES` -- duration, the speaker's
+    constant): :data:`serray.data.synthetic.benchmark.ORACLE_FEATURES` -- duration, the speaker's
     expressiveness (the factor on every event rate), the drawn utterance offsets ``off_*`` and the
     realised event counts ``n_*`` --, the exposure ``duration * spk_expressive`` (with the counts,
     the sufficient statistic of a Poisson rate) and a one-hot of the utterance ``contour``.
@@ -97,7 +97,7 @@ def oracle_features(oracle_csv: str | Path, utt_ids: Sequence[str]) -> np.ndarra
     Raises:
         DataError: the file is missing or lacks some of the utterances or columns.
     """
-    from serray.data.synthetic_benchmark import CONTOURS, ORACLE_FEATURES
+    from serray.data.synthetic.benchmark import CONTOURS, ORACLE_FEATURES
 
     path = Path(oracle_csv)
     if not path.is_file():
@@ -121,7 +121,7 @@ def metadata_features(manifest: pd.DataFrame) -> np.ndarray:
     """Features a classifier must not be able to use: ids, speaker, dialog, timing and session.
 
     Args:
-        manifest: rows of :func:`serray.data.iemocap.build_manifest` (``utt_id``, ``session``,
+        manifest: rows of :func:`serray.data.corpora.iemocap.build_manifest` (``utt_id``, ``session``,
             ``dialog``, ``method``, ``gender``, ``start``, ``duration``).
 
     Returns:

@@ -17,7 +17,7 @@ validation UA. Every entry records ``protocol`` (inductive / transductive), ``fo
 ``selected_on`` (how its configuration was chosen).
 
 ``best`` never looks at test metrics: it is the entry with the highest mean *validation* UA among the
-entries evaluated like the config asking (:func:`serray.protocol.evaluation`: the same protocol,
+entries evaluated like the config asking (:func:`serray.train.protocol.evaluation`: the same protocol,
 folds, validation split and label fraction; comparing a one-fold sweep entry with a five-fold run, or
 an inductive with a transductive one, would compare different things), and never an entry of a
 ``non-nested`` sweep (its test sessions helped choose its configuration).
@@ -36,7 +36,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 from serray import storage
 from serray.errors import DataError
-from serray.protocol import EVALUATION_KEYS, same_evaluation
+from serray.train.protocol import EVALUATION_KEYS, same_evaluation
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +47,7 @@ MODEL_DIR = "model"
 def encoder_files(name: str) -> Optional[Path]:
     """The local directory holding a Hugging Face encoder's files (``name`` a directory, or a hub id in
     this machine's cache); None for the built-in encoders or when the files are not on this machine."""
-    from serray.data.encoders import BUILTIN_ENCODERS
+    from serray.data.features.encoders import BUILTIN_ENCODERS
 
     if name in BUILTIN_ENCODERS:
         return None
@@ -208,7 +208,7 @@ BEST_METRIC = "val_ua"
 
 
 def entry_evaluation(entry: Dict[str, Any]) -> Dict[str, Any]:
-    """An entry's evaluation record (:data:`serray.protocol.EVALUATION_KEYS`). Entries registered before
+    """An entry's evaluation record (:data:`serray.train.protocol.EVALUATION_KEYS`). Entries registered before
     a key was recorded get it from their saved ``config.yaml`` (``selection``: ``fixed`` unless the
     entry came from a sweep)."""
     out = {k: entry.get(k) for k in EVALUATION_KEYS}
@@ -243,7 +243,7 @@ def _describe_wanted(wanted: Optional[Dict[str, Any]]) -> str:
 def best_entry(registry_dir: str | Path, wanted: Optional[Dict[str, Any]] = None,
                metric: str = BEST_METRIC) -> Dict[str, Any]:
     """The entry with the highest mean validation UA among those evaluated as ``wanted`` asks
-    (:func:`serray.protocol.evaluation` of the asking config, usually without ``selection``; ties: the
+    (:func:`serray.train.protocol.evaluation` of the asking config, usually without ``selection``; ties: the
     newest) whose model loads. Test metrics are never used to choose; ``non-nested`` sweep entries are
     never chosen (give their id)."""
     entries = list_entries(registry_dir)
@@ -284,18 +284,18 @@ def loadable(entry: Dict[str, Any]) -> Optional[str]:
     """Why an entry's model cannot be served (None: it loads): its weights, ``meta.json`` and model
     arguments, and the encoder files it carries. One line, for warnings and errors."""
     from serray.errors import SerrayError
-    from serray.predict import Predictor
+    from serray.train.scoring import Scorer
 
     source = model_source(entry)
     if not storage.is_file(storage.join(source, "meta.json")):
         return f"it has no {MODEL_DIR}/meta.json"
     try:
         local = model_dir(entry)
-        predictor = Predictor.from_checkpoint(local)
+        predictor = Scorer.from_checkpoint(local)
     except SerrayError as e:
         return str(e).splitlines()[0]
     encoder = Path(local) / "encoder"
-    from serray.data.encoders import BUILTIN_ENCODERS
+    from serray.data.features.encoders import BUILTIN_ENCODERS
 
     if predictor.features.get("encoder") not in (None, *BUILTIN_ENCODERS) and encoder.is_dir():
         try:
@@ -352,7 +352,7 @@ def resolve_model(cfg) -> tuple[Path, Dict[str, Any]]:
 def wanted_evaluation(cfg) -> Dict[str, Any]:
     """What the registry's "best" must have been evaluated like, for a config: its protocol, folds,
     validation split and label fraction (any selection but ``non-nested``)."""
-    from serray.protocol import evaluation
+    from serray.train.protocol import evaluation
 
     return {**evaluation(cfg), "selection": None}
 

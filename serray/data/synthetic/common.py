@@ -1,7 +1,7 @@
 """What both synthetic presets share: the IEMOCAP label sets, the annotation block, formants, writers.
 
 :mod:`serray.data.synthetic` (the ``demo`` preset and ``make_corpus``) and
-:mod:`serray.data.synthetic_benchmark` (the ``benchmark`` preset) both import from here, so the
+:mod:`serray.data.synthetic.benchmark` (the ``benchmark`` preset) both import from here, so the
 imports run one way: ``synthetic`` -> ``synthetic_benchmark`` -> ``synthetic_common``.
 """
 

@@ -35,7 +35,7 @@ from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 import pandas as pd
 import soundfile as sf
 
-from serray.data.iemocap import MANIFEST_COLUMNS
+from serray.data.corpora.base import MANIFEST_COLUMNS
 from serray.errors import ConfigError
 from serray.storage import redact as _redact
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from serray.data.corpus import (Corpus, ManifestReport, cfg_get, kfold_groups, label_space, apply_labels, row,
+from serray.data.corpora.base import (Corpus, ManifestReport, cfg_get, kfold_groups, label_space, apply_labels, row,
                                 speaker_folds)
 from serray.errors import DataError
 

@@ -3,7 +3,7 @@
 * :func:`functionals` -- the utterance-level eGeMAPS v02 (88 features) or ComParE 2016 (6,373)
   functionals: the field's standard baseline with a linear classifier (the ``classical`` arm with
   ``ablate.classical_features: egemaps``, and the reference column of ``serray evaluate``);
-* :class:`serray.data.encoders.OpenSmileEncoder` -- their frame-level low-level descriptors (eGeMAPS 25, ComParE 65, at
+* :class:`serray.data.features.encoders.OpenSmileEncoder` -- their frame-level low-level descriptors (eGeMAPS 25, ComParE 65, at
   100 frames/s) as a frozen encoder (``encoder.name: egemaps`` / ``compare``), so the adapter can be
   tried on features made for emotion, cleaned by :func:`clean_llds` (below) and with a voicing
   channel added (26 / 66 per frame);
@@ -125,7 +125,7 @@ def clean_llds(frame: "pd.DataFrame", name: str) -> np.ndarray:
 
 
 #: openSMILE's pitch chain of ComParE 2016 alone (sub-harmonic summation, Viterbi smoothing: F0 from
-#: 52 to 620 Hz and a voicing probability; ``serray/data/opensmile_pitch.conf``). Its frame ``i`` is
+#: 52 to 620 Hz and a voicing probability; ``serray/data/features/opensmile_pitch.conf``). Its frame ``i`` is
 #: the 60 ms from ``i`` x 10 ms, centred 30 ms in; the fbank's frame ``j`` (25 ms from ``j`` x 10 ms) is
 #: centred 12.5 ms in, so it takes the pitch frame centred nearest to it, ``j - 2`` (held at the ends).
 PITCH_CONFIG = Path(__file__).with_name("opensmile_pitch.conf")
