@@ -208,6 +208,8 @@ class FinetuneConfig(TrainerConfig):
     epoch_selection: str = "val"  # val: the best epoch on held-out training speakers | inner_cv: the epoch count by
     #                               cross-validation over the training groups, then one model trained on all of them
     select_smooth: int = 1  # val: the selection metric averaged over this many trailing epochs (ties: the later epoch)
+    inner_cv_lrs: List[float] = field(default_factory=list)  # inner_cv: learning rates the inner folds choose among
+    #                                                           (with the epoch count); empty: finetune.lr only
 
 
 def _default_search_space() -> Dict[str, Any]:
@@ -641,10 +643,14 @@ def _validate(cfg: DictConfig) -> None:
         problems.append(f"finetune.branch must be teacher or student, got '{cfg.finetune.branch}'")
     if cfg.finetune.epoch_selection not in ("val", "inner_cv"):
         problems.append(f"finetune.epoch_selection must be val or inner_cv, got '{cfg.finetune.epoch_selection}'")
+    elif cfg.finetune.epoch_selection != "inner_cv" and len(cfg.finetune.inner_cv_lrs):
+        problems.append("finetune.inner_cv_lrs are chosen among by the inner folds: set finetune.epoch_selection=inner_cv")
     elif cfg.finetune.epoch_selection == "inner_cv":
         if cfg.finetune.patience:
             problems.append("finetune.patience (early stopping on a validation part) and finetune.epoch_selection=inner_cv "
                             "(no validation part: the epoch count comes from the inner folds) exclude each other")
+        if any(not (isinstance(v, (int, float)) and _finite(v) and v > 0) for v in cfg.finetune.inner_cv_lrs):
+            problems.append(f"finetune.inner_cv_lrs must be positive learning rates, got {list(cfg.finetune.inner_cv_lrs)}")
         for f in cfg.finetune.folds or []:
             train = [s for s in cfg.data.sessions if s != f and s not in corpus.test_only_groups]
             if len(train) < 2:

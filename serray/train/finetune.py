@@ -63,7 +63,8 @@ def finetune_hash(cfg) -> str:
             *class_keys(cfg)]
     if cfg.finetune.mode != "none":
         keys += ["adapter", "pretrain"]
-    return section_hash(cfg, *keys, exclude=OPERATIONAL_KEYS + FOLD_NEUTRAL_KEYS)
+    unset = () if cfg.finetune.get("inner_cv_lrs") else ("inner_cv_lrs",)  # (hashes from before the key unchanged)
+    return section_hash(cfg, *keys, exclude=OPERATIONAL_KEYS + FOLD_NEUTRAL_KEYS + unset)
 
 
 # ---------------------------------------------------------------- one fold
@@ -140,7 +141,7 @@ def _run_fold(cfg, fold: int, report_to_tune: bool = False, report_pretrain: boo
     inner = None
     if epoch_selection(cfg) == "inner_cv":  # the epoch count from the inner folds, then every training speaker trains
         inner = _inner_cv(cfg, fold, split, loop_config, task_cls, ray_dir, f"fold{fold}-{fhash[:8]}")
-        loop_config.update(cv_curve=inner["curve"], stop_epoch=inner["epoch"])
+        loop_config.update(cv_curve=inner["curve"], stop_epoch=inner["epoch"], lr=inner.get("lr", loop_config["lr"]))
     result = fit(task_cls, loop_config, plan.datasets, tcfg, storage_path=ray_dir,
                  name=f"fold{fold}-{fhash[:8]}", score=(SELECTION_KEY, "max"), report_to_tune=report_to_tune)
     best_ckpt, best_metrics = max(result.best_checkpoints, key=lambda cm: cm[1][SELECTION_KEY])
@@ -158,6 +159,7 @@ def _run_fold(cfg, fold: int, report_to_tune: bool = False, report_pretrain: boo
                  "val_speakers": sorted(set(val_rows["speaker"])),
                  "val_sessions": sorted(int(g) for g in set(val_rows["session"])), "protocol": audit["protocol"],
                  "val_split": tcfg.val_split, "label_fraction": float(tcfg.label_fraction),
+                 "lr": float(loop_config["lr"]),  # the rate the model trained at (inner_cv_lrs: the inner folds' choice)
                  "code": provenance.code_record(),  # the code that trained it (fold_result.json keeps it)
                  "history": history}
     with storage.staged(fold_dir) as local:  # a URI: written locally, uploaded when the fold is complete
@@ -190,31 +192,45 @@ CV_KEYS = ("val_ua", "val_wa", "val_macro_f1", "val_loss", "val_bal_loss")
 
 def _inner_cv(cfg, fold: int, split: Dict[str, pd.DataFrame], loop_config: Dict[str, Any], task_cls, ray_dir: str,
               name: str) -> Dict[str, Any]:
-    """The epoch count of a fold chosen by cross-validation over its training groups: one fit per
-    training group held out (trained on the others, validated on it, with the fold's recipe, adapter and
-    statistics), their per-epoch validation metrics averaged, the best epoch of the mean curve taken
-    (ties: the later epoch). Nothing of the fold's test group takes part (asserted)."""
+    """The epoch count (and, with ``finetune.inner_cv_lrs``, the learning rate) of a fold chosen by
+    cross-validation over its training groups: one fit per training group held out (trained on the
+    others, validated on it, with the fold's recipe, adapter and statistics) and per candidate rate,
+    their per-epoch validation metrics averaged over the groups, the best (rate, epoch) of the mean
+    curves taken (ties: the later epoch, then the lower rate). Every rate sees the same inner splits
+    and seeds. Nothing of the fold's test group takes part (asserted)."""
     train = split["train"]
     groups = sorted(int(g) for g in set(train["session"]))
     if fold in groups or set(train["speaker"]) & set(split["test"]["speaker"]):
         raise AssertionError(f"leakage: fold {fold}'s inner cross-validation holds its test group")
     tcfg = cfg.finetune
-    histories = {}
-    for g in groups:
-        inner = {"train": train[train["session"] != g], "val": train[train["session"] == g], "test": split["test"]}
-        config = {**loop_config, "run_seed": run_seed(cfg.seed, fold, "finetune", "inner", g), "tracking": None,
-                  "class_weights": _class_weights(inner["train"]["label"], tcfg.class_weighting, loop_config["labels"]),
-                  "steps_per_epoch": steps_per_epoch(len(inner["train"]), tcfg.batch_size, tcfg.num_workers)}
-        result = fit(task_cls, config, fold_datasets(cfg, fold, inner), tcfg, storage_path=ray_dir,
-                     name=f"{name}-inner{g}", score=(SELECTION_KEY, "max"))
-        histories[g] = _run_history(result.checkpoint)
-    keys = [k for k in (*CV_KEYS, loop_config["select_metric"]) if all(k in h[0] for h in histories.values())]
-    epochs = min(len(h) for h in histories.values())
-    curve = {k: [float(np.nanmean([h[e][k] for h in histories.values()])) for e in range(epochs)] for k in dict.fromkeys(keys)}
-    score = curve[loop_config["select_metric"]]
-    best = max(range(epochs), key=lambda e: (score[e], e))  # ties: the later epoch
-    return {"epoch": best, "groups": groups, "curve": curve,
-            "per_group": {str(g): [float(h[e][loop_config["select_metric"]]) for e in range(epochs)] for g, h in histories.items()}}
+    lrs = [float(v) for v in (tcfg.get("inner_cv_lrs") or [])] or [float(loop_config["lr"])]
+    metric = loop_config["select_metric"]
+    per_lr = {}
+    for i, lr in enumerate(lrs):
+        histories = {}
+        for g in groups:
+            inner = {"train": train[train["session"] != g], "val": train[train["session"] == g], "test": split["test"]}
+            config = {**loop_config, "lr": lr, "run_seed": run_seed(cfg.seed, fold, "finetune", "inner", g), "tracking": None,
+                      "class_weights": _class_weights(inner["train"]["label"], tcfg.class_weighting, loop_config["labels"]),
+                      "steps_per_epoch": steps_per_epoch(len(inner["train"]), tcfg.batch_size, tcfg.num_workers)}
+            run_name = f"{name}-inner{g}" if len(lrs) == 1 else f"{name}-lr{i}-inner{g}"
+            result = fit(task_cls, config, fold_datasets(cfg, fold, inner), tcfg, storage_path=ray_dir,
+                         name=run_name, score=(SELECTION_KEY, "max"))
+            histories[g] = _run_history(result.checkpoint)
+        keys = [k for k in (*CV_KEYS, metric) if all(k in h[0] for h in histories.values())]
+        epochs = min(len(h) for h in histories.values())
+        curve = {k: [float(np.nanmean([h[e][k] for h in histories.values()])) for e in range(epochs)]
+                 for k in dict.fromkeys(keys)}
+        per_group = {str(g): [float(h[e][metric]) for e in range(epochs)] for g, h in histories.items()}
+        per_lr[lr] = (curve, per_group)
+    # the best mean score; ties: the later epoch, then the lower learning rate
+    lr, best = max(((lr, e) for lr, (curve, _) in per_lr.items() for e in range(len(curve[metric]))),
+                   key=lambda p: (per_lr[p[0]][0][metric][p[1]], p[1], -p[0]))
+    curve, per_group = per_lr[lr]
+    out = {"epoch": best, "groups": groups, "curve": curve, "per_group": per_group}
+    if len(lrs) > 1:
+        out.update(lr=lr, lr_curves={repr(v): c[metric] for v, (c, _) in per_lr.items()})
+    return out
 
 
 def test_fold(cfg, fold: int) -> Dict[str, Any]:

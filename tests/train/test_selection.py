@@ -54,6 +54,22 @@ def test_inner_cv_needs_two_training_groups_and_no_patience():
         load_config(None, ["finetune.epoch_selection=cv"])
 
 
+def test_inner_cv_lrs_need_inner_cv_and_positive_rates_and_leave_other_hashes_alone():
+    from serray.errors import ConfigError
+    from serray.train.finetune import finetune_hash
+
+    with pytest.raises(ConfigError, match="set finetune.epoch_selection=inner_cv"):
+        load_config(None, ["finetune.inner_cv_lrs=[0.001,0.003]"])
+    with pytest.raises(ConfigError, match="positive learning rates"):
+        load_config(None, ["finetune.epoch_selection=inner_cv", "finetune.inner_cv_lrs=[0.001,-1]"])
+    plain = load_config(None, ["output_dir=/tmp/x"])
+    inner = load_config(None, ["output_dir=/tmp/x", "finetune.epoch_selection=inner_cv"])
+    lrs = load_config(None, ["output_dir=/tmp/x", "finetune.epoch_selection=inner_cv", "finetune.inner_cv_lrs=[0.001,0.003]"])
+    # the hashes of 212b8a8, before the key existed: runs made then are reused, not retrained
+    assert (finetune_hash(plain), finetune_hash(inner)) == ("1732331238f3f07b", "89a974ab47658af2")
+    assert finetune_hash(lrs) != finetune_hash(inner)
+
+
 @pytest.mark.ray
 def test_inner_cv_chooses_the_epoch_count_on_the_training_groups_and_trains_on_all_of_them(featurized, tmp_path):
     """Fold 1 under inner_cv: four inner fits (sessions 2-5 each held out once), the mean curve's best
@@ -82,3 +98,25 @@ def test_inner_cv_chooses_the_epoch_count_on_the_training_groups_and_trains_on_a
     assert split["val"].empty and sorted(split["train"]["utt_id"]) == sorted(train["utt_id"])
     assert 1 not in sel["val_sessions"] and res["test_evaluations"] == 1
     assert res["n_test"] == int((rows["session"] == 1).sum())
+
+
+@pytest.mark.ray
+def test_inner_cv_chooses_the_learning_rate_with_the_epoch_count(featurized, tmp_path):
+    """With two candidate rates every inner fold trains once per rate (same splits, same seeds); the
+    (rate, epoch) with the best mean curve is taken, and the final model trains at that rate."""
+    from serray.train.finetune import run_fold
+
+    lrs = [1e-4, 3e-2]
+    cfg = load_config(None, [f"output_dir={tmp_path}", f"data.root={featurized.data.root}", "encoder.name=fbank", "ray.progress_bars=false",
+                             f"features.dir={featurized.features.dir}", f"data.manifest={featurized.data.manifest}",
+                             "finetune.mode=none", "finetune.epoch_selection=inner_cv", f"finetune.inner_cv_lrs=[{lrs[0]},{lrs[1]}]",
+                             "data.sessions=[1,2,3]", "finetune.folds=[1]", "pretrain.sessions=[1,2,3]", *SHORT])
+    res = run_fold(cfg, 1)
+    inner = json.loads((Path(cfg.finetune.dir) / "fold1" / "selection.json").read_text())["inner_cv"]
+    curves = {float(k): v for k, v in inner["lr_curves"].items()}
+    assert sorted(curves) == lrs and curves[lrs[0]] != curves[lrs[1]]  # the two rates really trained apart
+    best = max(((lr, e) for lr, c in curves.items() for e in range(len(c))), key=lambda p: (curves[p[0]][p[1]], p[1], -p[0]))
+    assert (inner["lr"], res["best_epoch"]) == best and inner["curve"]["val_ua"] == curves[best[0]]
+    # the final model trained at the chosen rate (its epochs' mean scheduled rate, 300x apart between the two)
+    peak = max(h["lr"] for h in res["history"])
+    assert res["lr"] == best[0] and best[0] / 10 < peak <= best[0] * (1 + 1e-9)
