@@ -49,10 +49,9 @@ import numpy as np
 from scipy.signal import lfilter, sosfilt
 
 from serray.data.synthetic.benchmark import benchmark_paths, make_benchmark_corpus
-from serray.data.synthetic.common import (_APPLEDOUBLE, _F4, _VOWELS, _WORDS, LABELS_DROPPED,
-                                          LABELS_KEPT, N_SESSIONS, _annotation_block, _dialog_names,
-                                          _moving_average, _resonator_sos, _Utt, _write_text,
-                                          _write_wav)
+from serray.data.synthetic.common import (_F4, _VOWELS, LABELS_DROPPED, LABELS_KEPT, N_SESSIONS, _dialog_names,
+                                          _moving_average, _resonator_sos, _Utt, _write_text, _write_wav, annotate,
+                                          write_dialog)
 from serray.errors import ConfigError
 
 __all__ = ["LABELS_KEPT", "LABELS_DROPPED", "N_SESSIONS", "PRESETS", "benchmark_paths", "make_corpus"]
@@ -285,7 +284,7 @@ def _perceived_vad(p: dict, spk: _Speaker, rng: np.random.Generator) -> tuple:
     plus a per-utterance expression noise (sd 0.25) from ``rng``, clipped to 1..5. The weights are
     set by hand so the class means land near IEMOCAP's (``_VAD_MEAN``: angry high arousal and low
     valence, sad low both, happy high valence). The evaluators' integer ratings around this value
-    (:func:`_annotation_block`) add the annotator spread."""
+    (:func:`serray.data.synthetic.common._annotation_block`) add the annotator spread."""
     energy = p["energy"] - spk.loud_db
     rate = p["rate"] / spk.rate
     movement = np.log(p["range"] / spk.range / 2.5)
@@ -381,7 +380,6 @@ def make_corpus(out_dir, *, seed: int = 0, dialogs_per_session: int = 4,
         labels = _session_labels(seed, session, dialogs_per_session * utterances_per_dialog,
                                  float(drop_fraction), float(excited_fraction), balanced)
         sess_dir = root / f"Session{session}"
-        emo_dir = sess_dir / "dialog" / "EmoEvaluation"
         n_written = 0
         for d, dialog in enumerate(dialogs):
             drng = np.random.default_rng([seed, 0xD1A, session, d])
@@ -422,44 +420,9 @@ def make_corpus(out_dir, *, seed: int = 0, dialogs_per_session: int = 4,
                 _write_wav(wav_dir / f"{u.utt_id}.wav", audio, sr)
                 if len(first_audio) < 2:
                     first_audio.append(audio)
-                end = u.start + u.n_samples / sr
-                block, ev = _annotation_block(drng, u, end)
-                emo += block + [""]
-                cat.append(f"{u.utt_id} :{ev['words'][0].replace('Neutral', 'Neutral state')}; ()")
-                v, a, dm = ev["evals"][0]
-                atr.append(f"{u.utt_id} :act {a}; val {v}; dom  {dm}; ()")
-                n_words = max(1, int(round((end - u.start) * drng.uniform(1.5, 3.0))))
-                text = " ".join(drng.choice(_WORDS, size=n_words)).capitalize() + "."
-                trans.append(f"{u.utt_id} [{u.start:08.4f}-{end:08.4f}]: {text}")
+                annotate(drng, u, u.start + u.n_samples / sr, emo, cat, atr, trans)
                 n_written += 1
-            # a non-utterance turn (breathing/laughter), as in the real transcriptions
-            last_end = utts[-1].start + utts[-1].n_samples / sr
-            trans.append(f"{dialog}_{lead}XX0 [{last_end + 0.1:08.4f}-{last_end + 0.6:08.4f}]: "
-                         "[LAUGHTER]")
-
-            _write_text(emo_dir / f"{dialog}.txt", emo)
-            _write_text(emo_dir / "Categorical" / f"{dialog}_e1_cat.txt", cat)
-            _write_text(emo_dir / "Attribute" / f"{dialog}_e1_atr.txt", atr)
-            _write_text(emo_dir / "Self-evaluation" / f"{dialog}.anvil", [
-                '<?xml version="1.0" encoding="ISO-8859-1"?>',
-                "<annotation>",
-                f'  <head><video src="{dialog}.avi"/></head>',
-                "  <body>",
-                *(f'    <el index="{i}" start="{u.start:.4f}" end="{u.start + u.n_samples / sr:.4f}">'
-                  f'<attribute name="utterance">{u.utt_id}</attribute></el>'
-                  for i, u in enumerate(utts)),
-                "  </body>",
-                "</annotation>"])
-            _write_text(sess_dir / "dialog" / "transcriptions" / f"{dialog}.txt", trans)
-            gap = np.zeros(int(0.2 * sr))
-            _write_wav(sess_dir / "dialog" / "wav" / f"{dialog}.wav",
-                       np.concatenate([first_audio[0], gap, first_audio[1]]), sr)
-            # macOS AppleDouble junk beside real files (not audio, not annotations)
-            (wav_dir / f"._{utts[0].utt_id}.wav").write_bytes(_APPLEDOUBLE)
-            if d == 0:
-                (emo_dir / f"._{dialog}.txt").write_bytes(_APPLEDOUBLE)
-                (sess_dir / "sentences" / "wav" / f"._{dialog}").write_bytes(_APPLEDOUBLE)
-                (sess_dir / "dialog" / "wav" / f"._{dialog}.wav").write_bytes(_APPLEDOUBLE)
+            write_dialog(sess_dir, dialog, utts, sr, emo, cat, atr, trans, first_audio, junk=d == 0)
         if progress:
             print(f"[synthetic] Session{session}: {len(dialogs)} dialogs, {n_written} utterances",
                   file=sys.stderr, flush=True)

@@ -598,7 +598,7 @@ def _perceived_vad(params: dict, duration: float, rng: np.random.Generator) -> t
     * dominance from energy, pitch range, accents and creak (sobs lower it);
 
     plus an expression noise (sd 0.25) from ``rng``, clipped to 1..5; the evaluators' integer ratings
-    around it add the annotator spread (:func:`serray.data.synthetic._annotation_block`). The weights
+    around it add the annotator spread (:func:`serray.data.synthetic.common._annotation_block`). The weights
     put the class means near IEMOCAP's (the demo preset's ``_VAD_MEAN``)."""
     r = {e: params[f"n_{e}"] / max(duration, 0.5) for e in EVENTS}
     energy, pitch = params["off_energy"], params["off_pitch"]
@@ -813,7 +813,6 @@ def make_benchmark_corpus(out_dir, *, seed: int = 0, sample_rate: int = 16000, s
     by_index = {j[3]: m for j, m in zip(jobs, meta)}
     for session, d, dialog, drng, utts in plan:
         sess_dir = root / f"Session{session}"
-        emo_dir = sess_dir / "dialog" / "EmoEvaluation"
         wav_dir = sess_dir / "sentences" / "wav" / dialog
         emo = ["% [START_TIME - END_TIME] TURN_NAME EMOTION [V, A, D]", ""]
         cat, atr, trans = [], [], []
@@ -821,44 +820,14 @@ def make_benchmark_corpus(out_dir, *, seed: int = 0, sample_rate: int = 16000, s
             end = u.start + u.n_samples / sr
             # V/A/D from the drawn parameters and realised events, with its own RNG (audio untouched)
             u.vad = _perceived_vad(by_index[u.index], u.n_samples / sr, np.random.default_rng([seed, 0x7AD, u.index]))
-            block, ev = _common._annotation_block(drng, u, end)
-            emo += block + [""]
-            cat.append(f"{u.utt_id} :{ev['words'][0].replace('Neutral', 'Neutral state')}; ()")
-            v, a, dm = ev["evals"][0]
-            atr.append(f"{u.utt_id} :act {a}; val {v}; dom  {dm}; ()")
-            n_words = max(1, int(round((end - u.start) * drng.uniform(1.5, 3.0))))
-            text = " ".join(drng.choice(_common._WORDS, size=n_words)).capitalize() + "."
-            trans.append(f"{u.utt_id} [{u.start:08.4f}-{end:08.4f}]: {text}")
+            _common.annotate(drng, u, end, emo, cat, atr, trans)
             if u.label in _common.LABELS_KEPT:
                 oracle_rows.append({"utt_id": u.utt_id, "session": session, "dialog": dialog,
                                     "speaker": f"Ses{session:02d}{u.gender}", "gender": u.gender,
                                     "label": u.label, "duration": round(u.n_samples / sr, 4),
                                     **by_index[u.index]})
-        last_end = utts[-1].start + utts[-1].n_samples / sr
-        lead = dialog[5]
-        trans.append(f"{dialog}_{lead}XX0 [{last_end + 0.1:08.4f}-{last_end + 0.6:08.4f}]: [LAUGHTER]")
-        _common._write_text(emo_dir / f"{dialog}.txt", emo)
-        _common._write_text(emo_dir / "Categorical" / f"{dialog}_e1_cat.txt", cat)
-        _common._write_text(emo_dir / "Attribute" / f"{dialog}_e1_atr.txt", atr)
-        _common._write_text(emo_dir / "Self-evaluation" / f"{dialog}.anvil", [
-            '<?xml version="1.0" encoding="ISO-8859-1"?>',
-            "<annotation>",
-            f'  <head><video src="{dialog}.avi"/></head>',
-            "  <body>",
-            *(f'    <el index="{i}" start="{u.start:.4f}" end="{u.start + u.n_samples / sr:.4f}">'
-              f'<attribute name="utterance">{u.utt_id}</attribute></el>'
-              for i, u in enumerate(utts)),
-            "  </body>",
-            "</annotation>"])
-        _common._write_text(sess_dir / "dialog" / "transcriptions" / f"{dialog}.txt", trans)
         first = [sf.read(str(wav_dir / f"{u.utt_id}.wav"))[0] for u in utts[:2]]
-        _common._write_wav(sess_dir / "dialog" / "wav" / f"{dialog}.wav",
-                         np.concatenate([first[0], np.zeros(int(0.2 * sr)), first[1]]), sr)
-        (wav_dir / f"._{utts[0].utt_id}.wav").write_bytes(_common._APPLEDOUBLE)
-        if d == 0:
-            (emo_dir / f"._{dialog}.txt").write_bytes(_common._APPLEDOUBLE)
-            (sess_dir / "sentences" / "wav" / f"._{dialog}").write_bytes(_common._APPLEDOUBLE)
-            (sess_dir / "dialog" / "wav" / f"._{dialog}.wav").write_bytes(_common._APPLEDOUBLE)
+        _common.write_dialog(sess_dir, dialog, utts, sr, emo, cat, atr, trans, first, junk=d == 0)
     oracle_rows.sort(key=lambda r: r["utt_id"])
     _write_csv(paths.oracle, oracle_rows)
 

@@ -2,7 +2,7 @@
 
 :mod:`serray.data.synthetic` (the ``demo`` preset and ``make_corpus``) and
 :mod:`serray.data.synthetic.benchmark` (the ``benchmark`` preset) both import from here, so the
-imports run one way: ``synthetic`` -> ``synthetic_benchmark`` -> ``synthetic_common``.
+imports run one way: ``synthetic`` -> ``synthetic.benchmark`` -> ``synthetic.common``.
 """
 
 from __future__ import annotations
@@ -135,3 +135,47 @@ def _write_text(path: Path, lines: list[str]) -> None:
 def _write_wav(path: Path, audio: np.ndarray, sr: int) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     sf.write(str(path), audio, sr, subtype="PCM_16", format="WAV")
+
+
+def annotate(rng: np.random.Generator, u: _Utt, end: float, emo: list, cat: list, atr: list, trans: list) -> None:
+    """One utterance's lines in its dialog's EmoEvaluation, Categorical, Attribute and transcription files."""
+    block, ev = _annotation_block(rng, u, end)
+    emo += block + [""]
+    cat.append(f"{u.utt_id} :{ev['words'][0].replace('Neutral', 'Neutral state')}; ()")
+    v, a, dm = ev["evals"][0]
+    atr.append(f"{u.utt_id} :act {a}; val {v}; dom  {dm}; ()")
+    n_words = max(1, int(round((end - u.start) * rng.uniform(1.5, 3.0))))
+    text = " ".join(rng.choice(_WORDS, size=n_words)).capitalize() + "."
+    trans.append(f"{u.utt_id} [{u.start:08.4f}-{end:08.4f}]: {text}")
+
+
+def write_dialog(sess_dir: Path, dialog: str, utts: list, sr: int, emo: list, cat: list, atr: list, trans: list,
+                 first_two: list, junk: bool) -> None:
+    """A dialog's files beside its utterances' wavs, as the release has them: the annotations
+    (EmoEvaluation, Categorical, Attribute, the Self-evaluation ANVIL), the transcription with a
+    non-utterance turn, the dialog's wav (its first two utterances here), and macOS AppleDouble junk
+    beside real files (``junk``: also beside the dialog's annotation and wav)."""
+    emo_dir, wav_dir = sess_dir / "dialog" / "EmoEvaluation", sess_dir / "sentences" / "wav" / dialog
+    last_end = utts[-1].start + utts[-1].n_samples / sr
+    trans.append(f"{dialog}_{dialog[5]}XX0 [{last_end + 0.1:08.4f}-{last_end + 0.6:08.4f}]: [LAUGHTER]")
+    _write_text(emo_dir / f"{dialog}.txt", emo)
+    _write_text(emo_dir / "Categorical" / f"{dialog}_e1_cat.txt", cat)
+    _write_text(emo_dir / "Attribute" / f"{dialog}_e1_atr.txt", atr)
+    _write_text(emo_dir / "Self-evaluation" / f"{dialog}.anvil", [
+        '<?xml version="1.0" encoding="ISO-8859-1"?>',
+        "<annotation>",
+        f'  <head><video src="{dialog}.avi"/></head>',
+        "  <body>",
+        *(f'    <el index="{i}" start="{u.start:.4f}" end="{u.start + u.n_samples / sr:.4f}">'
+          f'<attribute name="utterance">{u.utt_id}</attribute></el>'
+          for i, u in enumerate(utts)),
+        "  </body>",
+        "</annotation>"])
+    _write_text(sess_dir / "dialog" / "transcriptions" / f"{dialog}.txt", trans)
+    _write_wav(sess_dir / "dialog" / "wav" / f"{dialog}.wav",
+               np.concatenate([first_two[0], np.zeros(int(0.2 * sr)), first_two[1]]), sr)
+    (wav_dir / f"._{utts[0].utt_id}.wav").write_bytes(_APPLEDOUBLE)
+    if junk:
+        (emo_dir / f"._{dialog}.txt").write_bytes(_APPLEDOUBLE)
+        (sess_dir / "sentences" / "wav" / f"._{dialog}").write_bytes(_APPLEDOUBLE)
+        (sess_dir / "dialog" / "wav" / f"._{dialog}.wav").write_bytes(_APPLEDOUBLE)
