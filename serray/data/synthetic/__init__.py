@@ -51,7 +51,7 @@ from scipy.signal import lfilter, sosfilt
 from serray.data.synthetic.benchmark import benchmark_paths, make_benchmark_corpus
 from serray.data.synthetic.common import (_F4, _VOWELS, LABELS_DROPPED, LABELS_KEPT, N_SESSIONS, _dialog_names,
                                           _moving_average, _resonator_sos, _Utt, _write_text, _write_wav, annotate,
-                                          write_dialog)
+                                          turn_genders, write_dialog)
 from serray.errors import ConfigError
 
 __all__ = ["LABELS_KEPT", "LABELS_DROPPED", "N_SESSIONS", "PRESETS", "benchmark_paths", "make_corpus"]
@@ -383,13 +383,7 @@ def make_corpus(out_dir, *, seed: int = 0, dialogs_per_session: int = 4,
         n_written = 0
         for d, dialog in enumerate(dialogs):
             drng = np.random.default_rng([seed, 0xD1A, session, d])
-            lead = dialog[5]
-            other = "M" if lead == "F" else "F"
-            # turns: the lead starts, the other answers, then alternating-ish
-            genders = [lead, other]
-            for _ in range(utterances_per_dialog - 2):
-                genders.append(genders[-1] if drng.random() < 0.25 else
-                               ("M" if genders[-1] == "F" else "F"))
+            genders = turn_genders(drng, dialog, utterances_per_dialog)
             counters = {"F": 0, "M": 0}
             utts: list[_Utt] = []
             t = float(drng.uniform(0.5, 4.0))

@@ -783,12 +783,7 @@ def make_benchmark_corpus(out_dir, *, seed: int = 0, sample_rate: int = 16000, s
         k_lab = 0
         for d, dialog in enumerate(dialogs):
             drng = np.random.default_rng([seed, 0xBED1, session, d])
-            lead = dialog[5]
-            other = "M" if lead == "F" else "F"
-            genders = [lead, other]
-            for _ in range(sizes[d] - 2):
-                genders.append(genders[-1] if drng.random() < 0.25 else
-                               ("M" if genders[-1] == "F" else "F"))
+            genders = _common.turn_genders(drng, dialog, sizes[d])
             counters = {"F": 0, "M": 0}
             t = float(drng.uniform(0.5, 4.0))
             utts = []

@@ -137,6 +137,16 @@ def _write_wav(path: Path, audio: np.ndarray, sr: int) -> None:
     sf.write(str(path), audio, sr, subtype="PCM_16", format="WAV")
 
 
+def turn_genders(rng: np.random.Generator, dialog: str, n: int) -> list[str]:
+    """Who speaks each of a dialog's ``n`` turns: the lead (the dialog name's ``F``/``M``) starts, the
+    other answers, then a quarter of the turns keep the speaker and the rest alternate."""
+    lead = dialog[5]
+    genders = [lead, "M" if lead == "F" else "F"]
+    for _ in range(n - 2):
+        genders.append(genders[-1] if rng.random() < 0.25 else ("M" if genders[-1] == "F" else "F"))
+    return genders
+
+
 def annotate(rng: np.random.Generator, u: _Utt, end: float, emo: list, cat: list, atr: list, trans: list) -> None:
     """One utterance's lines in its dialog's EmoEvaluation, Categorical, Attribute and transcription files."""
     block, ev = _annotation_block(rng, u, end)
