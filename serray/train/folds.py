@@ -1,5 +1,6 @@
 """Folds, corpus-agnostic: the rows of a run's fold groups, one fold's train / validation / test
-split, the adapter's pre-training pool and the leakage audit of a fold.
+split, the adapter's pre-training pool and the leakage audit of a fold, and the fold's plan that
+brings them together (:func:`plan_fold`).
 
 Pre-training, fine-tuning, the ablation, sweeps and cross-corpus evaluation all call these. A fold
 holds out one *fold group* (``session`` in the manifest and the feature store: an IEMOCAP session,
@@ -24,8 +25,6 @@ from serray.data.features.featurize import feature_stats
 from serray.data.features.training import read_rows, training_data
 from serray.train.protocol import protocol
 from serray.train.tasks import task_of
-
-
 
 
 # ---------------------------------------------------------------- rows and splits
@@ -217,7 +216,6 @@ def pool_rows(cfg, sessions: List[int]):
     if EXTRA_SESSION in sessions:
         parts.append(read_rows(cfg.features.dir, [EXTRA_SESSION], columns=("utt_id", "label", "speaker")))
     return pd.concat(parts, ignore_index=True).sort_values("utt_id", kind="stable").reset_index(drop=True)
-
 
 
 # ---------------------------------------------------------------- the audit
