@@ -1,7 +1,7 @@
 """The recipe's keys as a user reaches them: a YAML file and ``serray pipeline`` on a release-shaped tree.
 
 One run sets every key this recipe added (a front end that hears pitch, the data2vec EMA, epoch counts
-by inner cross-validation, leave-one-speaker-out folds); a second run in the same ``output_dir`` goes
+and learning rates by inner cross-validation, leave-one-speaker-out folds); a second run in the same ``output_dir`` goes
 back to leave-one-session-out, so the stored rows change fold group and must be encoded again.
 """
 
@@ -40,7 +40,7 @@ def test_recipe_keys_from_a_yaml_file_and_a_protocol_change_in_the_same_output_d
               "data": {"protocol": "leave_one_speaker_out", "sessions": [1, 2, 3, 4]},
               "pretrain": {**TINY["pretrain"], "sessions": [1, 2, 3, 4]},
               "adapter": {**TINY["adapter"], "ema_layers_only": True},
-              "finetune": {**TINY["finetune"], "folds": [1], "epoch_selection": "inner_cv"}}
+              "finetune": {**TINY["finetune"], "folds": [1], "epoch_selection": "inner_cv", "inner_cv_lrs": [0.001, 0.003]}}
     cfg_file = tmp_path / "recipe.yaml"
     cfg_file.write_text(yaml.safe_dump(recipe))
     rc, text = _run("pipeline", "--config", str(cfg_file), f"output_dir={out}")
@@ -52,6 +52,8 @@ def test_recipe_keys_from_a_yaml_file_and_a_protocol_change_in_the_same_output_d
     sel = json.loads((out / "finetune" / "fold1" / "selection.json").read_text())
     assert sel["epoch_selection"] == "inner_cv" and sel["inner_cv"]["groups"] == [2, 3, 4]
     assert sel["val_speakers"] == ["Ses01_M", "Ses02_F", "Ses02_M"]  # every training speaker validated once
+    assert sorted(float(k) for k in sel["inner_cv"]["lr_curves"]) == [0.001, 0.003]  # the rates from the file
+    assert sel["lr"] == sel["inner_cv"]["lr"] in (0.001, 0.003)
     preds = pd.read_csv(out / "finetune" / "fold1" / "predictions.csv")
     manifest = pd.read_parquet(out / "manifest.parquet").set_index("utt_id")
     assert set(manifest.loc[preds["utt_id"], "speaker"]) == {"Ses01_F"}  # one actor tested
@@ -60,13 +62,13 @@ def test_recipe_keys_from_a_yaml_file_and_a_protocol_change_in_the_same_output_d
     assert pool["features"]["encoder"] == "fbank_pitch" and pool["features"]["dim"] == 82
     rc, shown = _run("models", "show", f"output_dir={out}", "data.protocol=leave_one_speaker_out",
                      "data.sessions=[1,2,3,4]", "pretrain.sessions=[1,2,3,4]", "finetune.folds=[1]",
-                     "finetune.epoch_selection=inner_cv", "encoder.name=fbank_pitch")
+                     "finetune.epoch_selection=inner_cv", "finetune.inner_cv_lrs=[0.001,0.003]", "encoder.name=fbank_pitch")
     entry = json.loads(shown)
     assert rc == 0 and entry["epoch_selection"] == "inner_cv" and "inner cross-validation" in entry["chosen_as"]
 
     # back to leave-one-session-out in the same output_dir: every row of sessions 1-2 moves to its session's group
     rc, text = _run("pipeline", "--config", str(cfg_file), f"output_dir={out}", "data.protocol=null",
-                    "data.sessions=[1,2]", "pretrain.sessions=[1,2]", "finetune.epoch_selection=val")
+                    "data.sessions=[1,2]", "pretrain.sessions=[1,2]", "finetune.epoch_selection=val", "finetune.inner_cv_lrs=[]")
     assert rc == 0, text
     stored = pd.concat([pd.read_parquet(p, columns=["utt_id"]).assign(group=int(p.parent.name.split("=")[1]))
                         for p in (out / "features").glob("session=*/*.parquet")])
