@@ -51,7 +51,9 @@ def main() -> None:
             print(f"  {arm:<12} UA {100 * ua[arm]:6.2f} %")
     for c in ab["comparisons"]:
         if c["mode"] == "finetune" and c["label_fraction"] == 1.0:
-            print(f"  {c['a']} - {c['b']}: {100 * c['delta']:+.2f} points; these test groups p={c['p_value']:.3f} "
+            ci = c.get("ci95") or (float("nan"), float("nan"))
+            print(f"  {c['a']} - {c['b']}: {100 * c['delta']:+.2f} points [{100 * ci[0]:+.2f}, {100 * ci[1]:+.2f}]; "
+                  f"these test groups p={c['p_value']:.3f} "
                   f"({c['verdict']}); new test groups p={c.get('fold_p_value', float('nan')):.3f} "
                   f"({c.get('fold_verdict', 'n/a')})")
     best = max(NEURAL, key=lambda a: ua.get(a, float("-inf")))

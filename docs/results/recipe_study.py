@@ -11,7 +11,7 @@ from its ``ablation.json``. Usage::
 prints one Markdown table: per study and mode, each arm's test UA and validation UA (mean ± sd over the
 seed x fold runs) and the paired comparisons full - random_init, full - none and full - classical at
 both scopes (these test groups: run-level sign-flip; new test groups: fold-level sign-flip, with the
-smallest p its fold count allows).
+smallest p its fold count allows), and ``full`` / ``random_init`` − ``classical`` when ``--arms`` names it.
 
 ``--across ARM`` compares one arm between studies instead (the same corpus, seeds and folds; e.g. two
 epoch-selection schemes or two EMA schedules): each study's ARM against the first study's ARM, paired
@@ -19,7 +19,9 @@ by (seed, fold) run and test utterance, at both scopes::
 
     python docs/results/recipe_study.py --across full --modes finetune,frozen A=DIR_A L=DIR_L
 
-``LABEL=DIR:ARM`` takes another arm from that study (e.g. the random-init arm beside a longer pre-training
+``--arms random_init,classical`` pairs the reference arm too (its runs' predictions, written by
+``serray ablate`` under ``ablation/classical/``), so ``random_init`` − ``classical`` and ``full`` −
+``classical`` get both scopes. ``LABEL=DIR:ARM`` takes another arm from that study (e.g. the random-init arm beside a longer pre-training
 of ``full``), and ``--seeds 0,1`` keeps the seeds two studies share.
 """
 
@@ -36,12 +38,16 @@ import pandas as pd
 from serray.train.ablation_report import build_ablation
 from serray.train.stats import scoped_verdicts
 
-COMPARISONS = (("full", "random_init"), ("full", "none"), ("random_init", "none"))
+COMPARISONS = (("full", "random_init"), ("full", "none"), ("random_init", "none"), ("full", "classical"),
+               ("random_init", "classical"))
+REFERENCE_ARMS = ("classical", "oracle")
 
 
 def _run_dir(out: Path, arm: str, mode: str, fraction: float, seed: int, main_seed: int = 0) -> Path:
     """Where ``serray ablate`` put one arm x mode x fraction x seed run (serray.train.ablation.arm_overrides)."""
     frac = f"frac{fraction:g}"
+    if arm in REFERENCE_ARMS:  # serray.train.ablation.reference_dir
+        return out / "ablation" / arm / frac / f"seed{seed}"
     if arm == "none":
         return out / "ablation" / "none" / frac / f"seed{seed}"
     if arm == "full" and seed == main_seed and mode == "finetune" and fraction == 1.0:
@@ -62,11 +68,15 @@ def collect(out: Path, arms, modes, fractions, only_seeds=None):
             for frac in fractions:
                 frames, v = [], {}
                 for s in seeds:
-                    d = _run_dir(out, arm, mode if arm != "none" else "finetune", frac, s)
+                    d = _run_dir(out, arm, mode if arm not in ("none",) + REFERENCE_ARMS else "finetune", frac, s)
                     for k in folds:
                         p = pd.read_csv(d / f"fold{k}" / "predictions.csv")
                         frames.append(p.assign(seed=s, fold=k)[["seed", "fold", "utt_id", "label", "pred"]])
-                        v[(s, k)] = json.loads((d / f"fold{k}" / "fold_result.json").read_text())["val_ua"]
+                        if arm in REFERENCE_ARMS and not (d / f"fold{k}").is_dir():
+                            raise SystemExit(f"{out}: no per-utterance runs of the {arm} arm ({d / f'fold{k}'}); "
+                                             "rerun its `serray ablate` command with today's code to write them")
+                        record = "reference.json" if arm in REFERENCE_ARMS else "fold_result.json"
+                        v[(s, k)] = json.loads((d / f"fold{k}" / record).read_text())["val_ua"]
                 preds[(arm, mode, frac)] = pd.concat(frames, ignore_index=True)
                 val[(arm, mode, frac)] = v
     return preds, val, summary
@@ -110,9 +120,11 @@ def main(argv=None) -> int:
         return across(args.across, modes, fractions, args.studies, args.json,
                       [int(x) for x in args.seeds.split(",")] if args.seeds else None)
     rows, record = [], {}
-    head = ("| study | mode | labels | " + " | ".join(f"{a} UA % (val)" for a in arms) + " | classical UA % | "
+    paired_ref = "classical" in arms  # the reference's own runs are paired; else its summary from ablation.json
+    head = ("| study | mode | labels | " + " | ".join(f"{a} UA % (val)" for a in arms)
+            + ("" if paired_ref else " | classical UA %") + " | "
             + " | ".join(f"{a} − {b}: points [95 % CI], run-level p; fold level" for a, b in COMPARISONS
-                         if a in arms and b in arms) + " | full − classical (run-level) |")
+                         if a in arms and b in arms) + ("" if paired_ref else " | full − classical (run-level)") + " |")
     rows += [head, "|" + "---|" * (head.count("|") - 1)]
     for spec in args.studies:
         label, path = spec.split("=", 1)
@@ -136,8 +148,9 @@ def main(argv=None) -> int:
                            ("full", "classical", frac) and c["mode"] == mode), None)
                 vs_text = "-" if vs is None else (f"{100 * vs['delta']:+.2f} [{100 * vs['ci95'][0]:+.2f}, "
                                                   f"{100 * vs['ci95'][1]:+.2f}], p {vs['p_value']:.3f}")
-                rows.append(f"| {label} | {mode} | {frac:g} | " + " | ".join(cells) + f" | {_pm(ref['ua']) if ref else '-'} | "
-                            + " | ".join(_cmp(c) for c in comps) + f" | {vs_text} |")
+                ref_cell = "" if paired_ref else f" | {_pm(ref['ua']) if ref else '-'}"
+                rows.append(f"| {label} | {mode} | {frac:g} | " + " | ".join(cells) + ref_cell + " | "
+                            + " | ".join(_cmp(c) for c in comps) + ("" if paired_ref else f" | {vs_text}") + " |")
     print("\n".join(rows))
     if args.json:
         Path(args.json).write_text(json.dumps(record, indent=1, default=_json_default))

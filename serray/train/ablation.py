@@ -362,6 +362,21 @@ def _oracle_file(cfg) -> str:
     return path
 
 
+def reference_dir(cfg, arm: str, fraction: float, seed: int) -> str:
+    """Where a reference arm's runs of one label fraction and seed are written, one ``fold<k>/`` each
+    (``predictions.csv``: the test utterances' labels and predictions; ``reference.json``: the recipe
+    chosen on the training sessions and its cross-validated UA), beside the neural arms' run
+    directories, so that studies can pair them with other directories' runs utterance by utterance."""
+    return storage.join(str(cfg.output_dir), ABLATION_DIR, arm, _frac_name(fraction), f"seed{seed}")
+
+
+def _write_reference_run(fold_dir: str, preds: pd.DataFrame, record: Dict[str, Any]) -> None:
+    import json
+
+    storage.write_text(storage.join(fold_dir, "predictions.csv"), preds[["utt_id", "label", "pred"]].to_csv(index=False))
+    storage.write_text(storage.join(fold_dir, "reference.json"), json.dumps(record, indent=1))
+
+
 def _reference_arms(cfg, seeds: List[int], folds: List[int], echo):
     """Predictions of the classical and oracle arms (logistic regression, same folds, seeds, splits and
     label fractions as the neural arms, trained on the training split), each with its recipe (feature
@@ -420,9 +435,15 @@ def _reference_arms(cfg, seeds: List[int], folds: List[int], echo):
                                                     C=choice["C"])
                     vals[(seed, fold)] = choice["val_ua"]
                     chosen.append(f"{choice['columns']}/C={choice['C']:g}")
-                    frames.append(pd.DataFrame({"seed": seed, "fold": fold, "utt_id": split["test"]["utt_id"].to_numpy(),
-                                                "label": split["test"]["label"].to_numpy(),
-                                                "pred": [labels[i] for i in pred]}))
+                    frame = pd.DataFrame({"seed": seed, "fold": fold, "utt_id": split["test"]["utt_id"].to_numpy(),
+                                          "label": split["test"]["label"].to_numpy(),
+                                          "pred": [labels[i] for i in pred]})
+                    _write_reference_run(storage.join(reference_dir(cfg, arm, float(fraction), seed), f"fold{fold}"), frame,
+                                         {"arm": arm, "seed": seed, "fold": fold, "label_fraction": float(fraction),
+                                          "val_ua": float(choice["val_ua"]), "C": float(choice["C"]), "columns": str(choice["columns"]),
+                                          "features": str(cfg.ablate.classical_features) if arm == "classical"
+                                          else "synthesis parameters"})
+                    frames.append(frame)
             preds = pd.concat(frames, ignore_index=True)
             for mode in cfg.ablate.modes:
                 out[(arm, mode, float(fraction))] = preds

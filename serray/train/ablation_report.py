@@ -42,7 +42,8 @@ ARM_ORDER: Tuple[str, ...] = ("classical", "none", "random_init", "no_local", "f
 """Display order of the known arms (unknown arms follow, alphabetically)."""
 
 DEFAULT_COMPARISONS: Tuple[Tuple[str, str], ...] = (("full", "random_init"), ("full", "no_local"),
-                                                     ("random_init", "none"), ("full", "none"), ("full", "classical"))
+                                                     ("random_init", "none"), ("full", "none"), ("full", "classical"),
+                                                     ("random_init", "classical"))
 """(a, b) pairs compared by default, in every mode x label fraction where both arms exist."""
 
 _METRIC_NAMES = {"ua": "UA", "wa": "WA", "macro_f1": "macro-F1"}

@@ -139,3 +139,18 @@ def test_classical_arm_on_egemaps_chooses_C_on_training_sessions_and_learns(feat
     assert 0.25 < v[(0, 1)] <= 1.0  # the chosen C's cross-validated UA over sessions 2-5
     ua = run_metrics(preds)[0]["ua"]
     assert ua > 0.45, ua
+    # the run is on disk beside the neural arms' runs, so other studies can pair with it utterance by utterance
+    import json
+    from pathlib import Path
+
+    import pandas as pd
+
+    from serray.train.ablation import reference_dir
+
+    fold_dir = Path(reference_dir(cfg, "classical", 1.0, 0)) / "fold1"
+    assert fold_dir == Path(cfg.output_dir) / "ablation" / "classical" / "frac1" / "seed0" / "fold1"
+    on_disk = pd.read_csv(fold_dir / "predictions.csv", dtype={"utt_id": str})
+    pd.testing.assert_frame_equal(on_disk, preds[["utt_id", "label", "pred"]].reset_index(drop=True))
+    record = json.loads((fold_dir / "reference.json").read_text())
+    assert record["val_ua"] == pytest.approx(v[(0, 1)]) and record["features"] == "egemaps"
+    assert record["C"] > 0 and (record["seed"], record["fold"]) == (0, 1)

@@ -335,7 +335,26 @@ def _check_ablation(run_dir: str):
         abl = json.loads((world.dir / run_dir / "ablation" / "ablation.json").read_text())
         assert abl, "empty ablation.json"
         assert "| arm |" in proc.stdout or "| arm " in proc.stdout, proc.stdout[-2000:]
+        _check_reference_runs(world.dir / run_dir, abl)
     return check
+
+
+def _check_reference_runs(out: Path, abl: dict) -> None:
+    """Every reference arm's run is on disk beside the neural runs (docs/protocol.md), and scores as
+    ``ablation.json`` says: its test predictions give the run's UA, its record the recipe's CV estimate."""
+    from serray.train.stats import run_metrics
+
+    for entry in abl["arms"]:
+        if entry["arm"] not in ("classical", "oracle") or entry["mode"] != abl["modes"][0]:
+            continue
+        for run in entry["runs"]:
+            d = out / "ablation" / entry["arm"] / f"frac{entry['label_fraction']:g}" / f"seed{run['seed']}" / f"fold{run['fold']}"
+            import pandas as pd
+
+            preds = pd.read_csv(d / "predictions.csv", dtype={"utt_id": str}).assign(seed=run["seed"], fold=run["fold"])
+            classes = sorted(set(preds["label"]) | set(preds["pred"]))
+            assert abs(run_metrics(preds, classes)[0]["ua"] - run["ua"]) < 1e-9, (d, run)
+            assert json.loads((d / "reference.json").read_text())["arm"] == entry["arm"]
 
 
 def _check_json_segments(out: str):
