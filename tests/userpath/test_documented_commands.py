@@ -483,6 +483,8 @@ STEPS: List[Step] = [
          force=["pretrain.epochs=2", "ablate.seeds=1"], check=_check_ablation("runs/labels-8x")),
     Step("serray ablate ablate.arms=[none,random_init,classical] ablate.classical_features=egemaps "
          "finetune.epoch_selection=inner_cv output_dir=runs/select-cv", check=_check_ablation("runs/select-cv")),
+    Step("serray ablate ablate.arms=[full] finetune.epoch_selection=inner_cv output_dir=runs/select-cv-full",
+         check=_check_ablation("runs/select-cv-full")),
     Step("serray ablate ablate.arms=[random_init] finetune.epoch_selection=inner_cv finetune.inner_cv_lrs=[0.001,0.003] "
          "output_dir=runs/select-lr", check=_check_ablation("runs/select-lr")),
     Step("serray ablate data.protocol=leave_one_speaker_out ablate.arms=[none,random_init,full,classical] "
