@@ -505,6 +505,11 @@ STEPS: List[Step] = [
          "data.manifest=runs/benchmark/manifest.parquet ablate.arms=[random_init,full,classical] "
          "ablate.classical_features=egemaps ablate.modes=[finetune] ablate.label_fractions=[0.1,0.25]",
          tiny=TINY + BENCH, force=["pretrain.steps=2", "ablate.seeds=1"], check=_check_ablation("runs/benchmark-lld-1200")),
+    Step("serray ablate --config configs/benchmark.yaml output_dir=runs/benchmark-lld-nolocal "
+         "data.root=runs/benchmark/synthetic/IEMOCAP_full_release features.dir=runs/benchmark/features "
+         "data.manifest=runs/benchmark/manifest.parquet ablate.arms=[no_local] "
+         "ablate.modes=[finetune,frozen] ablate.label_fractions=[1.0]",
+         tiny=TINY + BENCH, force=["pretrain.steps=2", "ablate.seeds=1"], check=_check_ablation("runs/benchmark-lld-nolocal")),
     Step("serray ablate --config configs/benchmark.yaml encoder.name=fbank pretrain.steps=150 output_dir=runs/benchmark-fbank",
          tiny=TINY + BENCH, force=["ablate.label_fractions=[1.0]", "pretrain.steps=2"], check=_check_ablation("runs/benchmark-fbank")),
     Step("serray ablate --config configs/benchmark.yaml encoder.name=fbank pretrain.steps=1200 ablate.arms=[random_init,full] "
