@@ -70,11 +70,11 @@ def collect(out: Path, arms, modes, fractions, only_seeds=None):
                 for s in seeds:
                     d = _run_dir(out, arm, mode if arm not in ("none",) + REFERENCE_ARMS else "finetune", frac, s)
                     for k in folds:
-                        p = pd.read_csv(d / f"fold{k}" / "predictions.csv")
-                        frames.append(p.assign(seed=s, fold=k)[["seed", "fold", "utt_id", "label", "pred"]])
-                        if arm in REFERENCE_ARMS and not (d / f"fold{k}").is_dir():
+                        if arm in REFERENCE_ARMS and not (d / f"fold{k}" / "predictions.csv").is_file():
                             raise SystemExit(f"{out}: no per-utterance runs of the {arm} arm ({d / f'fold{k}'}); "
                                              "rerun its `serray ablate` command with today's code to write them")
+                        p = pd.read_csv(d / f"fold{k}" / "predictions.csv")
+                        frames.append(p.assign(seed=s, fold=k)[["seed", "fold", "utt_id", "label", "pred"]])
                         record = "reference.json" if arm in REFERENCE_ARMS else "fold_result.json"
                         v[(s, k)] = json.loads((d / f"fold{k}" / record).read_text())["val_ua"]
                 preds[(arm, mode, frac)] = pd.concat(frames, ignore_index=True)

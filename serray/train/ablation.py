@@ -22,7 +22,7 @@ The unit of work is one (seed, fold): a Ray Tune trial that pre-trains that fold
 fine-tunes every arm x mode x fraction, all resumable (a rerun reuses what is finished). The
 driver then pairs the arms' test predictions: ``ablation.json`` (per-arm mean / sd / 95 % interval and
 every run; paired comparisons full vs random_init, full vs no_local, random_init vs none, full vs
-none and full vs classical: a run-level sign-flip test, with an utterance bootstrap and a Wilcoxon
+none, and full and random_init vs classical: a run-level sign-flip test, with an utterance bootstrap and a Wilcoxon
 test over seed x fold beside it), ``ablation.md`` and
 ``ablation.png`` (:mod:`serray.train.ablation_report`).
 """
