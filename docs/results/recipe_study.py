@@ -35,19 +35,19 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from serray.train.ablation import REFERENCE_ARMS, reference_dir
 from serray.train.ablation_report import build_ablation
 from serray.train.stats import scoped_verdicts
 
 COMPARISONS = (("full", "random_init"), ("full", "none"), ("random_init", "none"), ("full", "classical"),
                ("random_init", "classical"))
-REFERENCE_ARMS = ("classical", "oracle")
 
 
 def _run_dir(out: Path, arm: str, mode: str, fraction: float, seed: int, main_seed: int = 0) -> Path:
     """Where ``serray ablate`` put one arm x mode x fraction x seed run (serray.train.ablation.arm_overrides)."""
     frac = f"frac{fraction:g}"
-    if arm in REFERENCE_ARMS:  # serray.train.ablation.reference_dir
-        return out / "ablation" / arm / frac / f"seed{seed}"
+    if arm in REFERENCE_ARMS:
+        return Path(reference_dir(out, arm, fraction, seed))
     if arm == "none":
         return out / "ablation" / "none" / frac / f"seed{seed}"
     if arm == "full" and seed == main_seed and mode == "finetune" and fraction == 1.0:

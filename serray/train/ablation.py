@@ -362,12 +362,12 @@ def _oracle_file(cfg) -> str:
     return path
 
 
-def reference_dir(cfg, arm: str, fraction: float, seed: int) -> str:
+def reference_dir(output_dir, arm: str, fraction: float, seed: int) -> str:
     """Where a reference arm's runs of one label fraction and seed are written, one ``fold<k>/`` each
     (``predictions.csv``: the test utterances' labels and predictions; ``reference.json``: the recipe
     chosen on the training sessions and its cross-validated UA), beside the neural arms' run
     directories, so that studies can pair them with other directories' runs utterance by utterance."""
-    return storage.join(str(cfg.output_dir), ABLATION_DIR, arm, _frac_name(fraction), f"seed{seed}")
+    return storage.join(str(output_dir), ABLATION_DIR, arm, _frac_name(fraction), f"seed{seed}")
 
 
 def _write_reference_run(fold_dir: str, preds: pd.DataFrame, record: Dict[str, Any]) -> None:
@@ -438,7 +438,7 @@ def _reference_arms(cfg, seeds: List[int], folds: List[int], echo):
                     frame = pd.DataFrame({"seed": seed, "fold": fold, "utt_id": split["test"]["utt_id"].to_numpy(),
                                           "label": split["test"]["label"].to_numpy(),
                                           "pred": [labels[i] for i in pred]})
-                    _write_reference_run(storage.join(reference_dir(cfg, arm, float(fraction), seed), f"fold{fold}"), frame,
+                    _write_reference_run(storage.join(reference_dir(cfg.output_dir, arm, float(fraction), seed), f"fold{fold}"), frame,
                                          {"arm": arm, "seed": seed, "fold": fold, "label_fraction": float(fraction),
                                           "val_ua": float(choice["val_ua"]), "C": float(choice["C"]), "columns": str(choice["columns"]),
                                           "features": str(cfg.ablate.classical_features) if arm == "classical"

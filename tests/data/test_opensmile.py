@@ -147,7 +147,7 @@ def test_classical_arm_on_egemaps_chooses_C_on_training_sessions_and_learns(feat
 
     from serray.train.ablation import reference_dir
 
-    fold_dir = Path(reference_dir(cfg, "classical", 1.0, 0)) / "fold1"
+    fold_dir = Path(reference_dir(cfg.output_dir, "classical", 1.0, 0)) / "fold1"
     assert fold_dir == Path(cfg.output_dir) / "ablation" / "classical" / "frac1" / "seed0" / "fold1"
     on_disk = pd.read_csv(fold_dir / "predictions.csv", dtype={"utt_id": str})
     pd.testing.assert_frame_equal(on_disk, preds[["utt_id", "label", "pred"]].reset_index(drop=True))

@@ -342,6 +342,8 @@ def _check_ablation(run_dir: str):
 def _check_reference_runs(out: Path, abl: dict) -> None:
     """Every reference arm's run is on disk beside the neural runs (docs/protocol.md), and scores as
     ``ablation.json`` says: its test predictions give the run's UA, its record the recipe's CV estimate."""
+    import pandas as pd
+
     from serray.train.stats import run_metrics
 
     for entry in abl["arms"]:
@@ -349,8 +351,6 @@ def _check_reference_runs(out: Path, abl: dict) -> None:
             continue
         for run in entry["runs"]:
             d = out / "ablation" / entry["arm"] / f"frac{entry['label_fraction']:g}" / f"seed{run['seed']}" / f"fold{run['fold']}"
-            import pandas as pd
-
             preds = pd.read_csv(d / "predictions.csv", dtype={"utt_id": str}).assign(seed=run["seed"], fold=run["fold"])
             classes = sorted(set(preds["label"]) | set(preds["pred"]))
             assert abs(run_metrics(preds, classes)[0]["ua"] - run["ua"]) < 1e-9, (d, run)
